@@ -1,0 +1,139 @@
+"""The `difftune` command: verbs mapped to API calls, no training logic here."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from difftune.config import ConfigError
+
+console = Console(stderr=True)
+
+# Errors a user can fix: printed as one clear message, exit code 2, no traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from difftune.data.sources import DataError
+    from difftune.training.checkpoint import ResumeError
+    from difftune.training.optim import MissingExtra
+
+    return (ConfigError, DataError, ResumeError, MissingExtra)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from difftune.config import load_config
+    from difftune.export import push_to_hub
+    from difftune.training.loop import train
+
+    overrides = list(args.set or [])
+    if args.resume:
+        overrides.append(f'train.resume="{args.resume}"')
+    config = load_config(args.config, overrides)
+    final = train(config, console)
+    console.print(f"[green]done[/green]: {final}")
+    if config.hub.push and _is_main_process():
+        repo = push_to_hub(Path(config.train.output_dir), config)
+        console.print(f"pushed to https://huggingface.co/{repo}")
+    return 0
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from difftune.generate import generate_controlnet
+
+    out = generate_controlnet(
+        base=args.base,
+        controlnet=args.controlnet,
+        image=args.image,
+        prompt=args.prompt,
+        out=args.out,
+        steps=args.steps,
+        seed=args.seed,
+        guidance_scale=args.guidance_scale,
+        conditioning_scale=args.conditioning_scale,
+        negative_prompt=args.negative_prompt,
+        resolution=args.resolution,
+    )
+    console.print(f"wrote {out}")
+    return 0
+
+
+def cmd_fill_circles(args: argparse.Namespace) -> int:
+    from difftune.data.synthetic import write_fill_circles
+
+    out = write_fill_circles(args.out, args.n, args.resolution, args.seed)
+    console.print(f"wrote {args.n} fill-circles samples to {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from difftune.demo import prepare_demo, run_demo
+
+    if args.prepare_only:
+        prepare_demo(Path(args.workdir))
+        return 0
+    final = run_demo(Path(args.workdir), args.output_dir, list(args.set or []), console)
+    console.print(f"[green]demo done[/green]: {final}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="difftune", description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    train = verbs.add_parser("train", help="train from a TOML config")
+    train.add_argument("config")
+    train.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key")
+    train.add_argument("--resume", help='"latest" or a checkpoint folder')
+    train.set_defaults(run=cmd_train)
+
+    gen = verbs.add_parser("generate", help="generate an image with a trained ControlNet")
+    gen.add_argument("--base", required=True, help="base pipeline (Hub id or folder)")
+    gen.add_argument("--controlnet", required=True, help="ControlNet folder, run directory or Hub id")
+    gen.add_argument("--image", required=True, help="conditioning image")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--guidance-scale", type=float, default=7.5)
+    gen.add_argument("--conditioning-scale", type=float, default=1.0)
+    gen.add_argument("--resolution", type=int, help="resize the conditioning image to this square size")
+    gen.add_argument("--out", required=True)
+    gen.set_defaults(run=cmd_generate)
+
+    data = verbs.add_parser("data", help="dataset tools").add_subparsers(dest="data_verb", required=True)
+    circles = data.add_parser("fill-circles", help="write a fill50k-style synthetic dataset")
+    circles.add_argument("out")
+    circles.add_argument("--n", type=int, default=1000)
+    circles.add_argument("--resolution", type=int, default=64)
+    circles.add_argument("--seed", type=int, default=0)
+    circles.set_defaults(run=cmd_fill_circles)
+
+    demo = verbs.add_parser("demo", help="build a tiny base and fill-circles data, train a ControlNet")
+    demo.add_argument("--workdir", default=".difftune/demo", help="where the tiny base and data go")
+    demo.add_argument("--output-dir", default="runs/demo", help="run directory")
+    demo.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
+    demo.add_argument("--prepare-only", action="store_true")
+    demo.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except _user_errors() as error:
+        console.print(f"[bold red]error:[/bold red] {error}", highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Training samples with reproducible order and randomness.
+
+The sampler yields (epoch, index) pairs from a permutation seeded by (seed, epoch), and
+every random choice a sample makes (crop, flip, caption, empty prompt) comes from a
+generator seeded by (seed, epoch, index). So a resumed run sees the same batches, in
+the same order, with the same augmentations, as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Iterator
+
+import datasets
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from difftune.config import DataConfig
+from difftune.data.sources import Columns, DataError, open_image
+from difftune.data.transforms import paired_transform
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    return random.Random(f"{seed}/{epoch}/{index}")
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """A seeded permutation per epoch that can start part-way through (for resume)."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+        self.skip = 0
+
+    def start_epoch(self, epoch: int, skip: int = 0) -> None:
+        # Not named set_epoch: accelerate's DataLoaderShard calls set_epoch with its own
+        # iteration count, which would override the resumed position.
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        for index in order[self.skip :]:
+            yield self.epoch, index
+
+    def __len__(self) -> int:
+        return self.size - self.skip
+
+
+class TrainingSamples(Dataset):
+    """Rows of a `datasets.Dataset` turned into tensors and a caption."""
+
+    def __init__(
+        self, rows: datasets.Dataset, columns: Columns, config: DataConfig, seed: int
+    ) -> None:
+        self.rows = rows
+        self.columns = columns
+        self.config = config
+        self.seed = seed
+        self.root = Path(config.path)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key
+        row = self.rows[index]
+        rng = sample_rng(self.seed, epoch, index)
+        image = open_image(row[self.columns.image], self.root, self._where(index, self.columns.image))
+        conditioning = None
+        if self.columns.conditioning is not None:
+            where = self._where(index, self.columns.conditioning)
+            conditioning = open_image(row[self.columns.conditioning], self.root, where)
+        pixels, conditioning_pixels = paired_transform(
+            image,
+            conditioning,
+            self.config.resolution,
+            self.config.center_crop,
+            self.config.random_flip,
+            rng,
+        )
+        sample = {"pixels": pixels, "caption": self._caption(row, index, rng)}
+        if conditioning_pixels is not None:
+            sample["conditioning_pixels"] = conditioning_pixels
+        return sample
+
+    def _caption(self, row: dict[str, Any], index: int, rng: random.Random) -> str:
+        caption = row[self.columns.caption]
+        if isinstance(caption, (list, tuple)):
+            if not caption:
+                raise DataError(f"{self._where(index, self.columns.caption)}: empty caption list")
+            caption = rng.choice(list(caption))
+        if not isinstance(caption, str):
+            raise DataError(
+                f"{self._where(index, self.columns.caption)}: caption must be text, "
+                f"got {type(caption).__name__}"
+            )
+        if rng.random() < self.config.proportion_empty_prompts:
+            return ""
+        return caption
+
+    def _where(self, index: int, column: str) -> str:
+        return f"{self.config.path}, row {index}, column {column!r}"
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    batch: dict[str, Any] = {"captions": [s["caption"] for s in samples]}
+    for key in ("pixels", "conditioning_pixels"):
+        if key in samples[0]:
+            batch[key] = torch.stack([s[key] for s in samples]).contiguous()
+    return batch

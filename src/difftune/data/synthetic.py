@@ -1,0 +1,87 @@
+"""fill-circles: a fill50k-style synthetic ControlNet dataset (Zhang et al. 2023, fill50k).
+
+The conditioning image is a white circle outline on black; the target is the same
+circle filled with one colour on a background of another; the caption names both.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageColor, ImageDraw
+
+
+def pil_colour_names() -> list[str]:
+    """PIL's named colours, one name per distinct RGB value (so grey/gray count once)."""
+    by_rgb: dict[tuple[int, int, int], str] = {}
+    for name in sorted(ImageColor.colormap):
+        by_rgb.setdefault(ImageColor.getrgb(name)[:3], name)
+    return sorted(by_rgb.values())
+
+
+@dataclass(frozen=True)
+class Circle:
+    x: int
+    y: int
+    radius: int
+    foreground: str
+    background: str
+
+    @property
+    def caption(self) -> str:
+        return f"{self.foreground} circle with {self.background} background"
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        return (self.x - self.radius, self.y - self.radius, self.x + self.radius, self.y + self.radius)
+
+
+def random_circle(rng: random.Random, resolution: int, colours: list[str]) -> Circle:
+    radius = rng.randint(resolution // 8, resolution // 3)
+    x = rng.randint(radius, resolution - radius)
+    y = rng.randint(radius, resolution - radius)
+    foreground, background = rng.sample(colours, 2)
+    return Circle(x, y, radius, foreground, background)
+
+
+def draw_target(circle: Circle, resolution: int) -> Image.Image:
+    image = Image.new("RGB", (resolution, resolution), circle.background)
+    ImageDraw.Draw(image).ellipse(circle.box, fill=circle.foreground)
+    return image
+
+
+def draw_conditioning(circle: Circle, resolution: int) -> Image.Image:
+    image = Image.new("RGB", (resolution, resolution), "black")
+    width = max(1, resolution // 64)
+    ImageDraw.Draw(image).ellipse(circle.box, outline="white", width=width)
+    return image
+
+
+def write_fill_circles(
+    out_dir: str | Path, count: int, resolution: int, seed: int, colours: list[str] | None = None
+) -> Path:
+    """Write images/, conditioning_images/ and metadata.jsonl (imagefolder layout)."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "conditioning_images").mkdir(exist_ok=True)
+    rng = random.Random(seed)
+    palette = colours or pil_colour_names()
+    rows = []
+    for index in range(count):
+        circle = random_circle(rng, resolution, palette)
+        name = f"{index:06d}.png"
+        draw_target(circle, resolution).save(out / "images" / name)
+        draw_conditioning(circle, resolution).save(out / "conditioning_images" / name)
+        rows.append(
+            {
+                "file_name": f"images/{name}",
+                "conditioning_image": f"conditioning_images/{name}",
+                "text": circle.caption,
+            }
+        )
+    with open(out / "metadata.jsonl", "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    return out

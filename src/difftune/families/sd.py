@@ -1,0 +1,127 @@
+"""Stable Diffusion 1.x / 2.x: CLIP text encoder, KL VAE, UNet2DConditionModel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DDPMScheduler,
+    StableDiffusionControlNetPipeline,
+    UNet2DConditionModel,
+    UniPCMultistepScheduler,
+)
+from torch import nn
+from transformers import AutoTokenizer, CLIPTextModel
+
+from difftune.config import ModelConfig
+from difftune.families.base import ModelInputs, Parts
+
+# The ControlNet conditioning embedding downsamples by 2 per channel stage after the
+# first; its stride must equal the VAE's or the residuals miss the latent grid.
+_CONDITIONING_CHANNELS = (16, 32, 96, 256)
+
+
+class StableDiffusion:
+    name = "sd"
+    supports = frozenset({"controlnet"})
+
+    def load(self, config: ModelConfig) -> Parts:
+        common = {"revision": config.revision}
+        source = config.pretrained
+        tokenizer = AutoTokenizer.from_pretrained(
+            config.tokenizer or source,
+            subfolder=None if config.tokenizer else "tokenizer",
+            **common,
+        )
+        weights = {**common, "variant": config.variant}
+        return Parts(
+            source=source,
+            tokenizer=tokenizer,
+            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights),
+            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **weights),
+            denoiser=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights),
+            noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common),
+        )
+
+    def tokenize(self, parts: Parts, captions: list[str]) -> torch.Tensor:
+        tokenizer = parts.tokenizer
+        return tokenizer(
+            captions,
+            max_length=tokenizer.model_max_length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+
+    def encode_prompts(self, parts: Parts, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenize(parts, captions).to(parts.text_encoder.device)
+        return parts.text_encoder(ids, return_dict=False)[0]
+
+    def encode_images(
+        self, parts: Parts, pixels: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        vae = parts.vae
+        posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        return posterior.sample(generator=generator) * vae.config.scaling_factor
+
+    def predict(self, parts: Parts, inputs: ModelInputs) -> torch.Tensor:
+        unet = parts.denoiser
+        dtype = unet.dtype
+        down = inputs.extra.get("down_block_additional_residuals")
+        mid = inputs.extra.get("mid_block_additional_residual")
+        return unet(
+            inputs.noisy.to(dtype),
+            inputs.timesteps,
+            encoder_hidden_states=inputs.text.to(dtype),
+            down_block_additional_residuals=None if down is None else [d.to(dtype) for d in down],
+            mid_block_additional_residual=None if mid is None else mid.to(dtype),
+            return_dict=False,
+        )[0]
+
+    def vae_scale_factor(self, parts: Parts) -> int:
+        return 2 ** (len(parts.vae.config.block_out_channels) - 1)
+
+    def make_controlnet(
+        self, parts: Parts, source: str | None, conditioning_channels: int
+    ) -> nn.Module:
+        if source is not None:
+            return self.load_controlnet(source)
+        stages = self.vae_scale_factor(parts).bit_length()
+        return ControlNetModel.from_unet(
+            parts.denoiser,
+            conditioning_embedding_out_channels=_CONDITIONING_CHANNELS[:stages],
+            conditioning_channels=conditioning_channels,
+        )
+
+    def load_controlnet(self, path: str) -> nn.Module:
+        return ControlNetModel.from_pretrained(path, torch_dtype=torch.float32)
+
+    def controlnet_residuals(
+        self, controlnet: nn.Module, inputs: ModelInputs, conditioning: torch.Tensor
+    ) -> dict[str, Any]:
+        down, mid = controlnet(
+            inputs.noisy,
+            inputs.timesteps,
+            encoder_hidden_states=inputs.text,
+            controlnet_cond=conditioning,
+            return_dict=False,
+        )
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+    def controlnet_pipeline(self, parts: Parts, controlnet: nn.Module) -> Any:
+        """An inference pipeline that reuses the loaded parts (nothing re-read from disk)."""
+        scheduler = UniPCMultistepScheduler.from_config(parts.noise_scheduler.config)
+        return StableDiffusionControlNetPipeline(
+            vae=parts.vae,
+            text_encoder=parts.text_encoder,
+            tokenizer=parts.tokenizer,
+            unet=parts.denoiser,
+            controlnet=controlnet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )

@@ -1,0 +1,46 @@
+"""The seam between the training loop and a training method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from PIL import Image
+from torch import nn
+
+from difftune.config import MethodConfig
+from difftune.families.base import Family, ModelInputs, Parts
+
+
+class Method(Protocol):
+    """A training method: what trains, what it adds to the model inputs, what it saves."""
+
+    name: str
+    needs_conditioning: bool
+    """Whether batches carry a conditioning image."""
+    weights_subfolder: str
+    """Where a checkpoint keeps the trained weights in diffusers format."""
+
+    def build(self, family: Family, parts: Parts, config: MethodConfig) -> nn.Module:
+        """Freeze what stays frozen and return the module that trains."""
+        ...
+
+    def condition(
+        self, family: Family, parts: Parts, model: nn.Module, batch: dict[str, Any], inputs: ModelInputs
+    ) -> ModelInputs: ...
+
+    def reduce(self, per_sample_loss: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor: ...
+
+    def save(self, model: nn.Module, out_dir: Path) -> None: ...
+
+    def generate(
+        self,
+        family: Family,
+        parts: Parts,
+        model: nn.Module,
+        prompt: str,
+        image: Image.Image | None,
+        settings: dict[str, Any],
+        generator: torch.Generator,
+    ) -> list[Image.Image]: ...

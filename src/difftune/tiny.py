@@ -1,0 +1,141 @@
+"""Tiny Stable-Diffusion-architecture pipelines built locally, with no download.
+
+The tests and the demo need a base model; a real one is gigabytes behind a network we
+may not have. These are the same diffusers/transformers classes at toy sizes, saved
+with save_pretrained so the real from_pretrained path reads them back.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+SPECIALS = ("<|startoftext|>", "<|endoftext|>")
+LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+# Sizes: "test" is diffusers' own fast-test configuration; "demo" is a little wider.
+SIZES = {
+    "test": {"unet": (4, 8), "vae": (4, 8), "vae_groups": 2, "unet_groups": 1, "text": 32, "heads": 2},
+    "demo": {"unet": (32, 64), "vae": (16, 32), "vae_groups": 8, "unet_groups": 8, "text": 64, "heads": 8},
+}
+
+
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's byte-pair merge of one lowercase word (lowest-ranked pair first)."""
+    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(parts) > 1:
+        pairs = [(ranks.get(p, 1 << 30), i) for i, p in enumerate(zip(parts, parts[1:]))]
+        rank, index = min(pairs)
+        if rank == 1 << 30:
+            break
+        parts[index : index + 2] = [parts[index] + parts[index + 1]]
+    return parts
+
+
+def word_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Merges that turn every word into one token, repaired until no word splits."""
+    merges: list[tuple[str, str]] = []
+    for _ in range(64):
+        ranks = {pair: i for i, pair in enumerate(merges)}
+        split = [(w, _bpe(w, ranks)) for w in words if len(_bpe(w, ranks)) > 1]
+        if not split:
+            return merges
+        for _, parts in split:
+            current = parts[0]
+            for part in parts[1:]:
+                if (current, part) not in ranks:
+                    ranks[(current, part)] = len(merges)
+                    merges.append((current, part))
+                current += part
+    raise RuntimeError("could not build word merges")
+
+
+def write_word_tokenizer(out_dir: Path, words: list[str]) -> CLIPTokenizer:
+    """A CLIP tokenizer whose vocabulary holds every letter and every given word."""
+    words = sorted({w.lower() for w in words if w})
+    merges = word_merges(words)
+    vocab: dict[str, int] = {}
+    for token in [*SPECIALS, *LETTERS, *(c + "</w>" for c in LETTERS)]:
+        vocab.setdefault(token, len(vocab))
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vocab.json").write_text(json.dumps(vocab))
+    lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
+    (out_dir / "merges.txt").write_text("\n".join(lines) + "\n")
+    return CLIPTokenizer(
+        str(out_dir / "vocab.json"),
+        str(out_dir / "merges.txt"),
+        model_max_length=77,
+        bos_token=SPECIALS[0],
+        eos_token=SPECIALS[1],
+        pad_token=SPECIALS[1],
+        unk_token=SPECIALS[1],
+    )
+
+
+def build_tiny_sd(out_dir: str | Path, words: list[str], size: str = "test", seed: int = 0) -> Path:
+    """Build and save a random-weight SD pipeline (VAE x2, UNet, CLIP) to out_dir."""
+    out = Path(out_dir)
+    dims = SIZES[size]
+    scratch = out / "_tokenizer_files"
+    tokenizer = write_word_tokenizer(scratch, words)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=dims["unet"],
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=dims["text"],
+        attention_head_dim=dims["heads"],
+        norm_num_groups=dims["unet_groups"],
+    )
+    vae = AutoencoderKL(
+        block_out_channels=list(dims["vae"]),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        norm_num_groups=dims["vae_groups"],
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            hidden_size=dims["text"],
+            intermediate_size=dims["text"] * 2,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=2 if size == "test" else 4,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+        )
+    )
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, steps_offset=1,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(out)
+    for leftover in scratch.iterdir():
+        leftover.unlink()
+    scratch.rmdir()
+    return out

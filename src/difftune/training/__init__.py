@@ -1,0 +1,1 @@
+"""Training: setup, the one loop, the step, optimizers, checkpoints, events."""

@@ -1,0 +1,113 @@
+"""Checkpoints: accelerate state plus the trained weights in diffusers format.
+
+A checkpoint is written to a hidden temporary folder and renamed into place once it
+holds everything, with a COMPLETE marker last; a folder without the marker (a save cut
+short) is never picked for resume. Old checkpoints are pruned only after a new one is
+complete, so a crash during a save never leaves fewer than the limit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+PREFIX = "step-"
+MARKER = "COMPLETE"
+STATE_FILE = "trainer_state.json"
+
+
+class ResumeError(ValueError):
+    """train.resume names something that cannot be resumed from."""
+
+
+@dataclass
+class TrainState:
+    """Where training stands: optimizer steps done, and the position in the data."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"{PREFIX}{step:06d}"
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
+
+
+def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint to continue from: a given one, or the newest complete one.
+
+    With resume unset, a run directory that already has checkpoints continues from the
+    newest: re-running the same command never throws finished work away.
+    """
+    if resume is None or resume == "latest":
+        found = complete_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.is_absolute() and not path.exists():
+        path = run_dir / "checkpoints" / resume
+    if not (path / MARKER).is_file():
+        reason = "does not exist" if not path.exists() else "is not a complete checkpoint"
+        raise ResumeError(f"train.resume = {resume!r}: {path} {reason}")
+    return path
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    run_dir: Path,
+    state: TrainState,
+    save_weights: Any,
+    total_limit: int | None,
+) -> Path:
+    """Write accelerate state + weights + trainer state atomically; prune old ones."""
+    final = checkpoint_dir(run_dir, state.step)
+    staging = final.with_name(f".{final.name}.partial")
+    if accelerator.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    if accelerator.is_main_process:
+        save_weights(staging)
+        (staging / STATE_FILE).write_text(json.dumps(asdict(state)))
+        _fsync_tree(staging)
+        (staging / MARKER).write_text("")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        _prune(run_dir, total_limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainState:
+    accelerator.load_state(str(path))
+    return TrainState(**json.loads((path / STATE_FILE).read_text()))
+
+
+def _prune(run_dir: Path, total_limit: int | None) -> None:
+    if total_limit is None:
+        return
+    found = complete_checkpoints(run_dir)
+    for old in found[: max(0, len(found) - total_limit)]:
+        shutil.rmtree(old)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())

@@ -1,0 +1,178 @@
+"""The training loop: one for every family and method; it never asks which one it runs."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from rich.console import Console
+
+from difftune.config import RunConfig
+from difftune.objectives import DiscreteDiffusion
+from difftune.training import setup
+from difftune.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from difftune.training.events import EventLog, Throughput, peak_memory_mb, progress_bar
+from difftune.training.optim import make_lr_scheduler, make_optimizer, steps_per_epoch, total_steps
+from difftune.training.step import Trainee, step_generator, training_loss
+from difftune.validation import ValidationPair, log_to_trackers, run_validation
+
+
+class Run:
+    """A training run in its run directory: set up once, then `fit`."""
+
+    def __init__(self, config: RunConfig, console: Console | None = None) -> None:
+        self.config = config
+        self.console = console or Console(stderr=True)
+        self.run_dir = Path(config.train.output_dir)
+        checked = setup.preflight(config)  # before any model loads
+        self.validation_pairs: list[ValidationPair] = checked.validation_pairs
+        self.resume_from = checked.resume_from
+        self.accelerator: Accelerator = setup.make_accelerator(config)
+        setup.write_run_config(config, self.accelerator)
+        self.events = EventLog(self.run_dir, self.accelerator.is_main_process)
+        self.trainee = self._load_models(checked)
+        self.loader, self.sampler = setup.make_dataloader(checked.samples, config)
+        self._prepare()
+
+    def _load_models(self, checked: setup.Preflight) -> Trainee:
+        parts = checked.family.load(self.config.model)
+        model = checked.method.build(checked.family, parts, self.config.method)
+        setup.place_frozen_parts(parts, self.accelerator)
+        setup.apply_memory_options(self.config, parts, model)
+        objective = DiscreteDiffusion(parts.noise_scheduler)
+        return Trainee(checked.family, parts, checked.method, objective, model)
+
+    def _prepare(self) -> None:
+        train, processes = self.config.train, self.accelerator.num_processes
+        params = [p for p in self.trainee.model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(params, train, processes)
+        batches = math.ceil(len(self.loader.dataset) / (train.batch_size * processes))
+        self.max_steps = total_steps(train, batches)
+        schedule = make_lr_scheduler(optimizer, train, self.max_steps, processes)
+        model, self.optimizer, self.loader, self.schedule = self.accelerator.prepare(
+            self.trainee.model, optimizer, self.loader, schedule
+        )
+        self.trainee.model = model
+        self.batches_per_epoch = batches
+        self.samples_per_step = train.batch_size * train.gradient_accumulation_steps * processes
+
+    def fit(self) -> Path:
+        """Train to max_steps (continuing from a checkpoint if there is one); return final/."""
+        state = self._restore()
+        if self.accelerator.is_main_process:
+            self.accelerator.init_trackers(self.config.train.tracker_project_name, config=_flat(self.config))
+        self.events.write("start", step=state.step, max_steps=self.max_steps,
+                          resumed_from=str(self.resume_from) if self.resume_from else None)
+        with progress_bar(self.console, self.accelerator.is_main_process) as bar:
+            task = bar.add_task("train", total=self.max_steps, completed=state.step, loss=0.0, rate=0.0)
+            self._train(state, lambda **kw: bar.update(task, **kw))
+        final = self._finish(state)
+        self.accelerator.end_training()
+        return final
+
+    def _restore(self) -> TrainState:
+        if self.resume_from is None:
+            return TrainState()
+        state = load_checkpoint(self.accelerator, self.resume_from)
+        self.console.log(f"resuming from {self.resume_from} at step {state.step}")
+        return state
+
+    def _train(self, state: TrainState, show: Any) -> None:
+        clock, model, train = Throughput(), self.trainee.model, self.config.train
+        while state.step < self.max_steps:
+            if state.batches_in_epoch >= self.batches_per_epoch:
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            skip = state.batches_in_epoch * train.batch_size * self.accelerator.num_processes
+            self.sampler.start_epoch(state.epoch, skip)
+            for batch in self.loader:
+                generator = step_generator(self.accelerator.device, train.seed, state.epoch,
+                                           state.batches_in_epoch, self.accelerator.process_index)
+                with self.accelerator.accumulate(model):
+                    loss = training_loss(self.trainee, batch, generator)
+                    self.accelerator.backward(loss)
+                    if self.accelerator.sync_gradients:
+                        self.accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+                    self.optimizer.step()
+                    self.schedule.step()
+                    self.optimizer.zero_grad(set_to_none=train.set_grads_to_none)
+                state.batches_in_epoch += 1
+                if self.accelerator.sync_gradients:
+                    state.step += 1
+                    self._after_step(state, loss.detach().item(), clock, show)
+                    if state.step >= self.max_steps:
+                        return
+            state.batches_in_epoch = self.batches_per_epoch
+
+    def _after_step(self, state: TrainState, loss: float, clock: Throughput, show: Any) -> None:
+        rate = clock.update(self.samples_per_step)
+        show(advance=1, loss=loss, rate=rate)
+        if state.step % self.config.train.log_every == 0 or state.step == self.max_steps:
+            lr = self.schedule.get_last_lr()[0]
+            eta = (self.max_steps - state.step) * self.samples_per_step / max(rate, 1e-9)
+            self.accelerator.log({"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate}, step=state.step)
+            self.events.write("step", step=state.step, epoch=state.epoch, loss=loss, lr=lr,
+                              samples_per_s=round(rate, 3), eta_s=round(eta, 1),
+                              peak_memory_mb=round(peak_memory_mb(self.accelerator.device), 1))
+        if state.step % self.config.validation.every == 0 and state.step < self.max_steps:
+            self._validate(state.step)
+        if state.step % self.config.train.checkpoint_every == 0:
+            self._checkpoint(state)
+        clock.restart()
+
+    def _checkpoint(self, state: TrainState) -> None:
+        started = time.perf_counter()
+        method, accelerator = self.trainee.method, self.accelerator
+        model = accelerator.unwrap_model(self.trainee.model)
+        path = save_checkpoint(
+            accelerator, self.run_dir, state,
+            lambda folder: method.save(model, folder / method.weights_subfolder),
+            self.config.train.checkpoints_total_limit,
+        )
+        self.events.write("checkpoint", path=str(path),
+                          seconds=round(time.perf_counter() - started, 2), **asdict(state))
+
+    def _validate(self, step: int) -> None:
+        if not self.validation_pairs:
+            return
+        if self.accelerator.is_main_process:
+            started = time.perf_counter()
+            out_dir = self.run_dir / "validation" / f"step-{step:06d}"
+            model = self.accelerator.unwrap_model(self.trainee.model)
+            with self.accelerator.autocast():
+                results = run_validation(self.trainee.family, self.trainee.parts, self.trainee.method,
+                                         model, self.validation_pairs, self.config, out_dir)
+            log_to_trackers(self.accelerator.trackers, results, step)
+            self.events.write("validation", step=step, path=str(out_dir), pairs=len(results),
+                              seconds=round(time.perf_counter() - started, 2))
+        # Everyone waits for the main process here, never inside its generation.
+        self.accelerator.wait_for_everyone()
+
+    def _finish(self, state: TrainState) -> Path:
+        final = self.run_dir / "final"
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            model = self.accelerator.unwrap_model(self.trainee.model)
+            self.trainee.method.save(model, final)
+            self.events.write("final", step=state.step, path=str(final))
+        self._validate(state.step)
+        self.accelerator.wait_for_everyone()
+        return final
+
+
+def _flat(config: RunConfig) -> dict[str, Any]:
+    """Scalar hyperparameters for trackers (tensorboard stores no lists)."""
+    flat = {}
+    for section, values in config.model_dump().items():
+        for key, value in values.items():
+            if isinstance(value, (bool, int, float, str)):
+                flat[f"{section}.{key}"] = value
+    return flat
+
+
+def train(config: RunConfig, console: Console | None = None) -> Path:
+    return Run(config, console).fit()

@@ -1,0 +1,118 @@
+"""Everything before the first step: checks, accelerator, models, data, optimizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader
+
+from difftune.config import ConfigError, RunConfig, to_toml
+from difftune.data import EpochSampler, TrainingSamples, collate, open_training_data
+from difftune.families import FAMILIES, Family, Parts
+from difftune.methods import METHODS, Method
+from difftune.training.checkpoint import resolve_resume
+from difftune.training.optim import MissingExtra, require_bitsandbytes
+from difftune.validation import ValidationPair, load_validation_pairs
+
+TRACKERS = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"], "none": []}
+
+
+@dataclass
+class Preflight:
+    """What is known to be sound before any model loads."""
+
+    family: Family
+    method: Method
+    samples: TrainingSamples
+    validation_pairs: list[ValidationPair]
+    resume_from: Path | None
+
+
+def preflight(config: RunConfig) -> Preflight:
+    """Check pairing, extras, data, validation images and resume target; load no model."""
+    family = FAMILIES[config.model.family]
+    method = METHODS[config.method.kind]
+    if method.name not in family.supports:
+        raise ConfigError([f"method.kind = {method.name!r} is not supported by family {family.name!r}"])
+    check_extras(config)
+    run_dir = Path(config.train.output_dir)
+    resume_from = resolve_resume(run_dir, config.train.resume)
+    samples = open_training_data(config.data, config.train.seed, method.needs_conditioning)
+    pairs = load_validation_pairs(config.validation, config.data.resolution)
+    return Preflight(family, method, samples, pairs, resume_from)
+
+
+def check_extras(config: RunConfig) -> None:
+    if config.train.use_8bit_adam:
+        require_bitsandbytes()
+    if config.train.attention == "xformers":
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise MissingExtra('train.attention = "xformers" needs xformers: pip install xformers') from None
+    if "wandb" in TRACKERS[config.train.report_to]:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise MissingExtra(f"train.report_to = {config.train.report_to!r} needs wandb: pip install 'difftune[wandb]'") from None
+
+
+def make_accelerator(config: RunConfig) -> Accelerator:
+    run_dir = Path(config.train.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+        mixed_precision=config.train.mixed_precision,
+        log_with=TRACKERS[config.train.report_to] or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+    )
+    if config.train.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    set_seed(config.train.seed, device_specific=True)
+    return accelerator
+
+
+def write_run_config(config: RunConfig, accelerator: Accelerator) -> None:
+    if accelerator.is_main_process:
+        run_dir = Path(config.train.output_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(config))
+
+
+def compute_dtype(accelerator: Accelerator) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def place_frozen_parts(parts: Parts, accelerator: Accelerator) -> None:
+    """Frozen parts live on the device in the compute dtype, in eval mode."""
+    dtype = compute_dtype(accelerator)
+    for module in parts.frozen_modules():
+        module.to(accelerator.device).eval()
+        if dtype != torch.float32:
+            module.to(dtype=dtype)
+
+
+def apply_memory_options(config: RunConfig, parts: Parts, model: torch.nn.Module) -> None:
+    if config.train.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if config.train.attention == "xformers":
+        for module in (parts.denoiser, model):
+            module.enable_xformers_memory_efficient_attention()
+
+
+def make_dataloader(samples: TrainingSamples, config: RunConfig) -> tuple[DataLoader, EpochSampler]:
+    sampler = EpochSampler(len(samples), config.train.seed)
+    loader = DataLoader(
+        samples,
+        batch_size=config.train.batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=config.data.num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+    )
+    return loader, sampler

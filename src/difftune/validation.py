@@ -1,0 +1,96 @@
+"""Validation: fixed prompts and conditioning images -> PNGs, one grid per pair, tracker images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from difftune.config import RunConfig, ValidationConfig
+from difftune.data.sources import DataError
+from difftune.families.base import Family, Parts
+from difftune.methods.base import Method
+
+
+@dataclass(frozen=True)
+class ValidationPair:
+    prompt: str
+    image_path: str | None
+    image: Image.Image | None
+
+
+def load_validation_pairs(config: ValidationConfig, resolution: int) -> list[ValidationPair]:
+    """Open every validation image now, so a bad path fails before any model loads."""
+    pairs = []
+    for index, (prompt, path) in enumerate(config.pairs()):
+        try:
+            with Image.open(path) as opened:
+                image = opened.convert("RGB").resize((resolution, resolution), Image.Resampling.BILINEAR)
+        except FileNotFoundError:
+            raise DataError(f"validation.images[{index}]: no such file {path}") from None
+        except Exception as error:
+            raise DataError(f"validation.images[{index}]: unreadable image {path} ({error})") from None
+        pairs.append(ValidationPair(prompt, path, image))
+    return pairs
+
+
+def grid(images: list[Image.Image]) -> Image.Image:
+    """Images side by side, left to right."""
+    width, height = images[0].size
+    canvas = Image.new("RGB", (width * len(images), height))
+    for column, image in enumerate(images):
+        canvas.paste(image.resize((width, height)), (column * width, 0))
+    return canvas
+
+
+def run_validation(
+    family: Family,
+    parts: Parts,
+    method: Method,
+    model: nn.Module,
+    pairs: list[ValidationPair],
+    config: RunConfig,
+    out_dir: Path,
+) -> list[dict[str, Any]]:
+    """Generate num_images per pair; write PNGs and a (conditioning | generated...) grid."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "num_inference_steps": config.validation.steps,
+        "guidance_scale": config.validation.guidance_scale,
+        "height": config.data.resolution,
+        "width": config.data.resolution,
+        "num_images_per_prompt": config.validation.num_images,
+    }
+    seed = config.validation.seed if config.validation.seed is not None else config.train.seed
+    results = []
+    was_training = model.training
+    model.eval()
+    try:
+        for index, pair in enumerate(pairs):
+            generator = torch.Generator(parts.denoiser.device).manual_seed(seed)
+            with torch.no_grad():
+                images = method.generate(family, parts, model, pair.prompt, pair.image, settings, generator)
+            for number, image in enumerate(images):
+                image.save(out_dir / f"pair-{index:02d}-image-{number}.png")
+            row = ([pair.image] if pair.image is not None else []) + images
+            grid(row).save(out_dir / f"pair-{index:02d}-grid.png")
+            results.append({"prompt": pair.prompt, "image": pair.image_path, "images": images, "row": row})
+    finally:
+        model.train(was_training)
+    return results
+
+
+def log_to_trackers(trackers: list[Any], results: list[dict[str, Any]], step: int) -> None:
+    for tracker in trackers:
+        for index, result in enumerate(results):
+            key = f"validation/{index:02d} {result['prompt']}"
+            if tracker.name == "tensorboard":
+                stack = np.stack([np.asarray(image) for image in result["row"]])
+                tracker.log_images({key: stack}, step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                tracker.log_images({key: result["row"]}, step)
