@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny SD pipeline and fill-circles data, built locally (no network)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+_CACHE = tempfile.mkdtemp(prefix="difftune-hf-")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(_CACHE, "datasets"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+
+from difftune.data.synthetic import pil_colour_names, write_fill_circles  # noqa: E402
+from difftune.tiny import build_tiny_sd  # noqa: E402
+
+WORDS = pil_colour_names() + ["circle", "with", "background"]
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """diffusers' fast-test SD configuration, saved so from_pretrained reads it."""
+    return build_tiny_sd(tmp_path_factory.mktemp("base") / "tiny-sd", WORDS, size="test", seed=0)
+
+
+@pytest.fixture(scope="session")
+def circles(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_fill_circles(tmp_path_factory.mktemp("data") / "circles", 12, 64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def held_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_fill_circles(tmp_path_factory.mktemp("held") / "circles", 2, 64, seed=1)
+
+
+def run_config(base: Path, data: Path, out: Path, held: Path | None = None, **sections: Any) -> dict:
+    """A small, fast ControlNet run config as a raw dict; sections override keys."""
+    raw: dict[str, Any] = {
+        "model": {"pretrained": str(base)},
+        "method": {"kind": "controlnet"},
+        "data": {"path": str(data), "resolution": 64},
+        "train": {
+            "output_dir": str(out),
+            "batch_size": 2,
+            "max_steps": 4,
+            "learning_rate": 1e-3,
+            "lr_warmup_steps": 0,
+            "checkpoint_every": 2,
+            "report_to": "none",
+        },
+        "validation": {"every": 2, "num_images": 1, "steps": 2},
+    }
+    if held is not None:
+        raw["validation"]["prompts"] = ["red circle with blue background"]
+        raw["validation"]["images"] = [str(held / "conditioning_images" / "000000.png")]
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
