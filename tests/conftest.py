@@ -38,12 +38,12 @@ def held_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_fill_circles(tmp_path_factory.mktemp("held") / "circles", 2, 64, seed=1)
 
 
-def run_config(base: Path, data: Path, out: Path, held: Path | None = None, **sections: Any) -> dict:
+def run_config(base: Path, data_dir: Path, out: Path, held: Path | None = None, **sections: Any) -> dict:
     """A small, fast ControlNet run config as a raw dict; sections override keys."""
     raw: dict[str, Any] = {
         "model": {"pretrained": str(base)},
         "method": {"kind": "controlnet"},
-        "data": {"path": str(data), "resolution": 64},
+        "data": {"path": str(data_dir), "resolution": 64},
         "train": {
             "output_dir": str(out),
             "batch_size": 2,

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from difftune.config import ConfigError
 
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except _user_errors() as error:
-        console.print(f"[bold red]error:[/bold red] {error}", highlight=False)
+        console.print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False, soft_wrap=True)
         return 2
 
 
