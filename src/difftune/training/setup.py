@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 
@@ -63,6 +64,10 @@ def check_extras(config: RunConfig) -> None:
 
 def make_accelerator(config: RunConfig) -> Accelerator:
     run_dir = Path(config.train.output_dir)
+    # accelerate keeps mixed precision in a process-wide singleton; forget the last run's
+    # so several runs can share one Python process (notebooks, tests). The process group
+    # (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         mixed_precision=config.train.mixed_precision,

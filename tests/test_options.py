@@ -1,0 +1,73 @@
+"""train_controlnet.py's options do what they say on the tiny pipeline."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_config
+from difftune.config import build_config
+from difftune.training.events import read_events
+from difftune.training.loop import Run
+from difftune.training.optim import learning_rate
+
+
+def _steps(run_dir: Path) -> list[dict]:
+    return [e for e in read_events(run_dir) if e["event"] == "step"]
+
+
+def test_accumulation_checkpointing_and_schedule(tiny_base: Path, circles: Path, tmp_path: Path) -> None:
+    raw = run_config(tiny_base, circles, tmp_path / "run", train={
+        "gradient_accumulation_steps": 2, "gradient_checkpointing": True, "set_grads_to_none": True,
+        "lr_scheduler": "linear", "lr_warmup_steps": 1, "max_steps": 3, "checkpoint_every": 10,
+    })
+    run = Run(build_config(raw))
+    assert run.trainee.model.is_gradient_checkpointing
+    run.fit()
+    steps = _steps(tmp_path / "run")
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    # linear warmup over 1 step, then linear decay to 0 at step 3
+    assert [round(s["lr"], 6) for s in steps] == [0.001, 0.0005, 0.0]
+    # 2 micro-batches of 2 per optimizer step: 6 of the 12 samples in 3 steps, one epoch
+    assert all(s["epoch"] == 0 for s in steps)
+
+
+def test_epochs_set_the_length(tiny_base: Path, circles: Path, tmp_path: Path) -> None:
+    raw = run_config(tiny_base, circles, tmp_path / "run", train={"max_steps": None, "epochs": 2, "batch_size": 6})
+    del raw["train"]["max_steps"]
+    run = Run(build_config(raw))
+    assert run.max_steps == 4  # 12 samples / batch 6 = 2 steps an epoch, 2 epochs
+    run.fit()
+    assert [s["epoch"] for s in _steps(tmp_path / "run")] == [0, 0, 1, 1]
+
+
+def test_bf16_mixed_precision_keeps_controlnet_fp32(tiny_base: Path, circles: Path, tmp_path: Path) -> None:
+    raw = run_config(tiny_base, circles, tmp_path / "run", train={"mixed_precision": "bf16", "max_steps": 1})
+    run = Run(build_config(raw))
+    assert run.trainee.parts.denoiser.dtype == torch.bfloat16
+    assert run.trainee.parts.vae.dtype == torch.bfloat16
+    run.fit()
+    trained = run.accelerator.unwrap_model(run.trainee.model)
+    assert all(p.dtype == torch.float32 for p in trained.parameters())
+    assert torch.isfinite(torch.tensor(_steps(tmp_path / "run")[0]["loss"]))
+
+
+def test_continue_from_existing_controlnet(tiny_base: Path, circles: Path, tmp_path: Path) -> None:
+    first = run_config(tiny_base, circles, tmp_path / "first", train={"max_steps": 1})
+    Run(build_config(first)).fit()
+    second = run_config(tiny_base, circles, tmp_path / "second", train={"max_steps": 1},
+                        method={"kind": "controlnet", "controlnet": str(tmp_path / "first" / "final")})
+    run = Run(build_config(second))
+    loaded = run.accelerator.unwrap_model(run.trainee.model).state_dict()
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "first" / "final" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+
+
+@pytest.mark.parametrize("scale_lr,expected", [(False, 1e-4), (True, 1e-4 * 3 * 2 * 1)])
+def test_scale_lr(scale_lr: bool, expected: float) -> None:
+    config = build_config({"model": {"pretrained": "b"}, "data": {"path": "d"}, "train": {
+        "output_dir": "o", "learning_rate": 1e-4, "batch_size": 2, "gradient_accumulation_steps": 3,
+        "scale_lr": scale_lr}})
+    assert learning_rate(config.train, num_processes=1) == pytest.approx(expected)
