@@ -36,8 +36,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f'train.resume="{args.resume}"')
     config = load_config(args.config, overrides)
     final = train(config, console)
+    if not _is_main_process():
+        return 0
     console.print(f"[green]done[/green]: {final}")
-    if config.hub.push and _is_main_process():
+    if config.hub.push:
         repo = push_to_hub(Path(config.train.output_dir), config)
         console.print(f"pushed to https://huggingface.co/{repo}")
     return 0

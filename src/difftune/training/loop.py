@@ -103,7 +103,8 @@ class Run:
                 state.batches_in_epoch += 1
                 if self.accelerator.sync_gradients:
                     state.step += 1
-                    self._after_step(state, loss.detach().item(), clock, show)
+                    mean_loss = self.accelerator.reduce(loss.detach(), reduction="mean").item()
+                    self._after_step(state, mean_loss, clock, show)
                     if state.step >= self.max_steps:
                         return
             state.batches_in_epoch = self.batches_per_epoch

@@ -69,6 +69,9 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     # (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
+        # Without an accelerator, say so: only then does accelerate run several CPU
+        # processes (torchrun, mpirun) as one gloo job instead of N separate runs.
+        cpu=torch.accelerator.current_accelerator() is None,
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         mixed_precision=config.train.mixed_precision,
         log_with=TRACKERS[config.train.report_to] or None,
