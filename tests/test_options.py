@@ -41,8 +41,8 @@ def test_epochs_set_the_length(tiny_base: Path, circles: Path, tmp_path: Path) -
     assert [s["epoch"] for s in _steps(tmp_path / "run")] == [0, 0, 1, 1]
 
 
-def test_bf16_mixed_precision_keeps_controlnet_fp32(tiny_base: Path, circles: Path, tmp_path: Path) -> None:
-    raw = run_config(tiny_base, circles, tmp_path / "run", train={"mixed_precision": "bf16", "max_steps": 1})
+def test_bf16_mixed_precision_keeps_controlnet_fp32(tiny_base: Path, circles: Path, held_out: Path, tmp_path: Path) -> None:
+    raw = run_config(tiny_base, circles, tmp_path / "run", held_out, train={"mixed_precision": "bf16", "max_steps": 1})
     run = Run(build_config(raw))
     assert run.trainee.parts.denoiser.dtype == torch.bfloat16
     assert run.trainee.parts.vae.dtype == torch.bfloat16
@@ -50,6 +50,7 @@ def test_bf16_mixed_precision_keeps_controlnet_fp32(tiny_base: Path, circles: Pa
     trained = run.accelerator.unwrap_model(run.trainee.model)
     assert all(p.dtype == torch.float32 for p in trained.parameters())
     assert torch.isfinite(torch.tensor(_steps(tmp_path / "run")[0]["loss"]))
+    assert (tmp_path / "run" / "validation" / "step-000001" / "pair-00-grid.png").is_file()
 
 
 def test_continue_from_existing_controlnet(tiny_base: Path, circles: Path, tmp_path: Path) -> None:

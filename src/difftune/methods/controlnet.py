@@ -52,6 +52,20 @@ class ControlNet:
         settings: dict[str, Any],
         generator: torch.Generator,
     ) -> list[Image.Image]:
-        pipeline = family.controlnet_pipeline(parts, model)
+        pipeline = family.controlnet_pipeline(parts, _in_dtype(model, parts.denoiser.dtype))
         pipeline.set_progress_bar_config(disable=True)
         return pipeline(prompt, image=image, generator=generator, **settings).images
+
+
+def _in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The model in the frozen parts' dtype, for inference.
+
+    A fresh copy: the fp32 master weights are never rounded, and the copy does not carry
+    accelerate's mixed-precision forward wrapper, which returns fp32 residuals that a
+    half-precision UNet cannot take.
+    """
+    if next(model.parameters()).dtype == dtype:
+        return model
+    fresh = type(model).from_config(model.config)
+    fresh.load_state_dict(model.state_dict())
+    return fresh.to(next(model.parameters()).device, dtype=dtype).eval()

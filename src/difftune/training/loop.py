@@ -144,9 +144,8 @@ class Run:
             started = time.perf_counter()
             out_dir = self.run_dir / "validation" / f"step-{step:06d}"
             model = self.accelerator.unwrap_model(self.trainee.model)
-            with self.accelerator.autocast():
-                results = run_validation(self.trainee.family, self.trainee.parts, self.trainee.method,
-                                         model, self.validation_pairs, self.config, out_dir)
+            results = run_validation(self.trainee.family, self.trainee.parts, self.trainee.method,
+                                     model, self.validation_pairs, self.config, out_dir)
             log_to_trackers(self.accelerator.trackers, results, step)
             self.events.write("validation", step=step, path=str(out_dir), pairs=len(results),
                               seconds=round(time.perf_counter() - started, 2))
