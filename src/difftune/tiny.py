@@ -8,6 +8,7 @@ with save_pretrained so the real from_pretrained path reads them back.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -78,14 +79,8 @@ def write_word_tokenizer(out_dir: Path, words: list[str]) -> CLIPTokenizer:
     )
 
 
-def build_tiny_sd(out_dir: str | Path, words: list[str], size: str = "test", seed: int = 0) -> Path:
-    """Build and save a random-weight SD pipeline (VAE x2, UNet, CLIP) to out_dir."""
-    out = Path(out_dir)
-    dims = SIZES[size]
-    scratch = out / "_tokenizer_files"
-    tokenizer = write_word_tokenizer(scratch, words)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+def tiny_unet(dims: dict) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
         block_out_channels=dims["unet"],
         layers_per_block=2,
         sample_size=32,
@@ -97,7 +92,11 @@ def build_tiny_sd(out_dir: str | Path, words: list[str], size: str = "test", see
         attention_head_dim=dims["heads"],
         norm_num_groups=dims["unet_groups"],
     )
-    vae = AutoencoderKL(
+
+
+def tiny_vae(dims: dict) -> AutoencoderKL:
+    """Two blocks: latents at half the image size (the ControlNet stride must match)."""
+    return AutoencoderKL(
         block_out_channels=list(dims["vae"]),
         in_channels=3,
         out_channels=3,
@@ -106,36 +105,43 @@ def build_tiny_sd(out_dir: str | Path, words: list[str], size: str = "test", see
         latent_channels=4,
         norm_num_groups=dims["vae_groups"],
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-            hidden_size=dims["text"],
-            intermediate_size=dims["text"] * 2,
-            layer_norm_eps=1e-05,
-            num_attention_heads=4,
-            num_hidden_layers=2 if size == "test" else 4,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=77,
-        )
+
+
+def tiny_text_encoder(dims: dict, vocab_size: int, layers: int) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=dims["text"],
+        intermediate_size=dims["text"] * 2,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=layers,
+        vocab_size=vocab_size,
+        max_position_embeddings=77,
     )
-    scheduler = DDPMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, steps_offset=1,
-    )
+    return CLIPTextModel(config)
+
+
+def build_tiny_sd(out_dir: str | Path, words: list[str], size: str = "test", seed: int = 0) -> Path:
+    """Build and save a random-weight SD pipeline (VAE x2, UNet, CLIP) to out_dir."""
+    out = Path(out_dir)
+    dims = SIZES[size]
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = write_word_tokenizer(Path(scratch), words)
+    torch.manual_seed(seed)
     pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
+        vae=tiny_vae(dims),
+        text_encoder=tiny_text_encoder(dims, len(tokenizer), 2 if size == "test" else 4),
         tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
+        unet=tiny_unet(dims),
+        scheduler=DDPMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            clip_sample=False, steps_offset=1,
+        ),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
     pipeline.save_pretrained(out)
-    for leftover in scratch.iterdir():
-        leftover.unlink()
-    scratch.rmdir()
     return out
