@@ -52,7 +52,7 @@ def test_missing_required_keys_named() -> None:
 @pytest.mark.parametrize(
     "prompts,images,ok",
     [(["a"], ["1", "2"], True), (["a", "b"], ["1"], True), (["a", "b"], ["1", "2"], True),
-     (["a"], [], False), ([], ["1"], False), (["a", "b"], ["1", "2", "3"], False)],
+     (["a"], [], True), ([], ["1"], False), (["a", "b"], ["1", "2", "3"], False)],
 )
 def test_validation_prompt_image_counts(prompts: list, images: list, ok: bool) -> None:
     raw = _with(validation={"prompts": prompts, "images": images})

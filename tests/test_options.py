@@ -72,3 +72,28 @@ def test_scale_lr(scale_lr: bool, expected: float) -> None:
         "output_dir": "o", "learning_rate": 1e-4, "batch_size": 2, "gradient_accumulation_steps": 3,
         "scale_lr": scale_lr}})
     assert learning_rate(config.train, num_processes=1) == pytest.approx(expected)
+
+
+def test_full_method_trains_the_unet_and_saves_a_pipeline(tiny_base: Path, circles: Path, tmp_path: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    raw = run_config(tiny_base, circles, tmp_path / "run", method={"kind": "full"}, train={"max_steps": 2})
+    raw["validation"] = {"every": 1, "prompts": ["red circle with blue background"], "num_images": 1, "steps": 2}
+    Run(build_config(raw)).fit()
+    trained = StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "final")
+    base = StableDiffusionPipeline.from_pretrained(tiny_base)
+    changed = [k for k, v in base.unet.state_dict().items() if not torch.equal(v, trained.unet.state_dict()[k])]
+    assert len(changed) > 0.9 * len(base.unet.state_dict())
+    assert all(torch.equal(v, trained.vae.state_dict()[k]) for k, v in base.vae.state_dict().items())
+    grid = tmp_path / "run" / "validation" / "step-000001" / "pair-00-grid.png"
+    assert grid.is_file()
+    assert (tmp_path / "run" / "checkpoints" / "step-000002" / "pipeline" / "unet").is_dir()
+
+
+def test_controlnet_validation_prompts_need_images(tiny_base: Path, circles: Path, tmp_path: Path) -> None:
+    from difftune.config import ConfigError
+
+    raw = run_config(tiny_base, circles, tmp_path / "run")
+    raw["validation"]["prompts"] = ["red circle with blue background"]
+    with pytest.raises(ConfigError, match="validation.images: method 'controlnet' needs a conditioning image"):
+        Run(build_config(raw))

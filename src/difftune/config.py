@@ -49,8 +49,8 @@ class ModelConfig(_Section):
 
 
 class MethodConfig(_Section):
-    kind: Literal["controlnet"] = "controlnet"
-    """Training method."""
+    kind: Literal["controlnet", "full"] = "controlnet"
+    """Training method: "controlnet", or "full" (every denoiser weight; a whole pipeline out)."""
     controlnet: str | None = None
     """Existing ControlNet (Hub id or folder) to continue from; None starts from the UNet."""
     conditioning_channels: int = Field(3, ge=1)
@@ -148,10 +148,10 @@ class ValidationConfig(_Section):
     @model_validator(mode="after")
     def _prompts_match_images(self) -> ValidationConfig:
         n_prompts, n_images = len(self.prompts), len(self.images)
-        if n_prompts == n_images == 0:
+        if n_images == 0:
             return self
-        if n_prompts == 0 or n_images == 0:
-            raise ValueError("prompts and images must be given together")
+        if n_prompts == 0:
+            raise ValueError("images need prompts")
         if n_prompts != n_images and 1 not in (n_prompts, n_images):
             raise ValueError(
                 f"{n_prompts} prompts and {n_images} images: give one of them once, "
@@ -159,8 +159,10 @@ class ValidationConfig(_Section):
             )
         return self
 
-    def pairs(self) -> list[tuple[str, str]]:
-        """(prompt, conditioning image path) pairs, broadcasting a single one."""
+    def pairs(self) -> list[tuple[str, str | None]]:
+        """(prompt, conditioning image path or None) pairs, broadcasting a single one."""
+        if not self.images:
+            return [(prompt, None) for prompt in self.prompts]
         count = max(len(self.prompts), len(self.images))
         prompts = self.prompts * count if len(self.prompts) == 1 else self.prompts
         images = self.images * count if len(self.images) == 1 else self.images

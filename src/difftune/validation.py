@@ -28,6 +28,9 @@ def load_validation_pairs(config: ValidationConfig, resolution: int) -> list[Val
     """Open every validation image now, so a bad path fails before any model loads."""
     pairs = []
     for index, (prompt, path) in enumerate(config.pairs()):
+        if path is None:
+            pairs.append(ValidationPair(prompt, None, None))
+            continue
         try:
             with Image.open(path) as opened:
                 image = opened.convert("RGB").resize((resolution, resolution), Image.Resampling.BILINEAR)

@@ -35,8 +35,23 @@ class Parts:
     denoiser: nn.Module
     noise_scheduler: Any
 
-    def frozen_modules(self) -> list[nn.Module]:
+    def modules(self) -> list[nn.Module]:
         return [self.text_encoder, self.vae, self.denoiser]
+
+
+def inference_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A trained diffusers model in the frozen parts' dtype, for generation.
+
+    A fresh copy: the fp32 master weights are never rounded, and the copy does not carry
+    accelerate's mixed-precision forward wrapper (which returns fp32 outputs that a
+    half-precision pipeline cannot take).
+    """
+    weight = next(model.parameters())
+    if weight.dtype == dtype:
+        return model
+    fresh = type(model).from_config(model.config)
+    fresh.load_state_dict(model.state_dict())
+    return fresh.to(weight.device, dtype=dtype).eval()
 
 
 class Family(Protocol):
@@ -68,3 +83,5 @@ class Family(Protocol):
     ) -> dict[str, Any]: ...
 
     def controlnet_pipeline(self, parts: Parts, controlnet: nn.Module) -> Any: ...
+
+    def text_to_image_pipeline(self, parts: Parts) -> Any: ...

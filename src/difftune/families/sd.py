@@ -10,6 +10,7 @@ from diffusers import (
     ControlNetModel,
     DDPMScheduler,
     StableDiffusionControlNetPipeline,
+    StableDiffusionPipeline,
     UNet2DConditionModel,
     UniPCMultistepScheduler,
 )
@@ -26,7 +27,7 @@ _CONDITIONING_CHANNELS = (16, 32, 96, 256)
 
 class StableDiffusion:
     name = "sd"
-    supports = frozenset({"controlnet"})
+    supports = frozenset({"controlnet", "full"})
 
     def load(self, config: ModelConfig) -> Parts:
         common = {"revision": config.revision}
@@ -68,8 +69,8 @@ class StableDiffusion:
         return posterior.sample(generator=generator) * vae.config.scaling_factor
 
     def predict(self, parts: Parts, inputs: ModelInputs) -> torch.Tensor:
-        unet = parts.denoiser
-        dtype = unet.dtype
+        unet = parts.denoiser  # possibly wrapped by accelerate (DDP): no .dtype there
+        dtype = next(unet.parameters()).dtype
         down = inputs.extra.get("down_block_additional_residuals")
         mid = inputs.extra.get("mid_block_additional_residual")
         return unet(
@@ -121,6 +122,19 @@ class StableDiffusion:
             unet=parts.denoiser,
             controlnet=controlnet,
             scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    def text_to_image_pipeline(self, parts: Parts) -> Any:
+        """The plain pipeline over the loaded parts (UniPC for sampling)."""
+        return StableDiffusionPipeline(
+            vae=parts.vae,
+            text_encoder=parts.text_encoder,
+            tokenizer=parts.tokenizer,
+            unet=parts.denoiser,
+            scheduler=UniPCMultistepScheduler.from_config(parts.noise_scheduler.config),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,

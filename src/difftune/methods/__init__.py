@@ -2,7 +2,8 @@
 
 from difftune.methods.base import Method
 from difftune.methods.controlnet import ControlNet
+from difftune.methods.full import FullFineTune
 
-METHODS: dict[str, Method] = {"controlnet": ControlNet()}
+METHODS: dict[str, Method] = {"controlnet": ControlNet(), "full": FullFineTune()}
 
 __all__ = ["METHODS", "Method"]

@@ -26,13 +26,19 @@ class Method(Protocol):
         """Freeze what stays frozen and return the module that trains."""
         ...
 
+    def training_parts(self, parts: Parts, model: nn.Module) -> Parts:
+        """The parts the step runs with, given the accelerate-prepared trainable model."""
+        ...
+
     def condition(
         self, family: Family, parts: Parts, model: nn.Module, batch: dict[str, Any], inputs: ModelInputs
     ) -> ModelInputs: ...
 
     def reduce(self, per_sample_loss: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor: ...
 
-    def save(self, model: nn.Module, out_dir: Path) -> None: ...
+    def save(self, family: Family, parts: Parts, model: nn.Module, out_dir: Path) -> None:
+        """Write the trained result in diffusers format."""
+        ...
 
     def generate(
         self,

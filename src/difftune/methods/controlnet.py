@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 
 from difftune.config import MethodConfig
-from difftune.families.base import Family, ModelInputs, Parts
+from difftune.families.base import Family, ModelInputs, Parts, inference_copy
 
 
 class ControlNet:
@@ -20,15 +20,17 @@ class ControlNet:
     weights_subfolder = "controlnet"
 
     def build(self, family: Family, parts: Parts, config: MethodConfig) -> nn.Module:
-        for module in parts.frozen_modules():
+        for module in parts.modules():
             module.requires_grad_(False)
         controlnet = family.make_controlnet(parts, config.controlnet, config.conditioning_channels)
         # Trainable weights stay fp32; mixed precision comes from autocast, as in diffusers.
         if any(p.dtype != torch.float32 for p in controlnet.parameters()):
             controlnet.to(torch.float32)
-        controlnet.train()
-        controlnet.requires_grad_(True)
+        controlnet.requires_grad_(True).train()
         return controlnet
+
+    def training_parts(self, parts: Parts, model: nn.Module) -> Parts:
+        return parts
 
     def condition(
         self, family: Family, parts: Parts, model: nn.Module, batch: dict[str, Any], inputs: ModelInputs
@@ -39,7 +41,7 @@ class ControlNet:
     def reduce(self, per_sample_loss: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         return per_sample_loss.mean()
 
-    def save(self, model: nn.Module, out_dir: Path) -> None:
+    def save(self, family: Family, parts: Parts, model: nn.Module, out_dir: Path) -> None:
         model.save_pretrained(out_dir, safe_serialization=True)
 
     def generate(
@@ -52,20 +54,7 @@ class ControlNet:
         settings: dict[str, Any],
         generator: torch.Generator,
     ) -> list[Image.Image]:
-        pipeline = family.controlnet_pipeline(parts, _in_dtype(model, parts.denoiser.dtype))
+        controlnet = inference_copy(model, next(parts.denoiser.parameters()).dtype)
+        pipeline = family.controlnet_pipeline(parts, controlnet)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline(prompt, image=image, generator=generator, **settings).images
-
-
-def _in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """The model in the frozen parts' dtype, for inference.
-
-    A fresh copy: the fp32 master weights are never rounded, and the copy does not carry
-    accelerate's mixed-precision forward wrapper, which returns fp32 residuals that a
-    half-precision UNet cannot take.
-    """
-    if next(model.parameters()).dtype == dtype:
-        return model
-    fresh = type(model).from_config(model.config)
-    fresh.load_state_dict(model.state_dict())
-    return fresh.to(next(model.parameters()).device, dtype=dtype).eval()

@@ -58,6 +58,7 @@ class Run:
             self.trainee.model, optimizer, self.loader, schedule
         )
         self.trainee.model = model
+        self.trainee.step_parts = self.trainee.method.training_parts(self.trainee.parts, model)
         self.batches_per_epoch = batches
         self.samples_per_step = train.batch_size * train.gradient_accumulation_steps * processes
 
@@ -131,7 +132,8 @@ class Run:
         model = accelerator.unwrap_model(self.trainee.model)
         path = save_checkpoint(
             accelerator, self.run_dir, state,
-            lambda folder: method.save(model, folder / method.weights_subfolder),
+            lambda folder: method.save(self.trainee.family, self.trainee.parts, model,
+                                       folder / method.weights_subfolder),
             self.config.train.checkpoints_total_limit,
         )
         self.events.write("checkpoint", path=str(path),
@@ -157,7 +159,7 @@ class Run:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             model = self.accelerator.unwrap_model(self.trainee.model)
-            self.trainee.method.save(model, final)
+            self.trainee.method.save(self.trainee.family, self.trainee.parts, model, final)
             self.events.write("final", step=state.step, path=str(final))
         self._validate(state.step)
         self.accelerator.wait_for_everyone()

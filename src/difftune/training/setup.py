@@ -40,6 +40,8 @@ def preflight(config: RunConfig) -> Preflight:
     if method.name not in family.supports:
         raise ConfigError([f"method.kind = {method.name!r} is not supported by family {family.name!r}"])
     check_extras(config)
+    if method.needs_conditioning and config.validation.prompts and not config.validation.images:
+        raise ConfigError([f"validation.images: method {method.name!r} needs a conditioning image per prompt"])
     run_dir = Path(config.train.output_dir)
     resume_from = resolve_resume(run_dir, config.train.resume)
     samples = open_training_data(config.data, config.train.seed, method.needs_conditioning)
@@ -96,10 +98,14 @@ def compute_dtype(accelerator: Accelerator) -> torch.dtype:
 
 
 def place_frozen_parts(parts: Parts, accelerator: Accelerator) -> None:
-    """Frozen parts live on the device in the compute dtype, in eval mode."""
+    """Frozen parts live on the device in the compute dtype, in eval mode; a part the
+    method trains stays fp32 (accelerate's autocast does the mixed precision)."""
     dtype = compute_dtype(accelerator)
-    for module in parts.frozen_modules():
-        module.to(accelerator.device).eval()
+    for module in parts.modules():
+        module.to(accelerator.device)
+        if any(p.requires_grad for p in module.parameters()):
+            continue
+        module.eval()
         if dtype != torch.float32:
             module.to(dtype=dtype)
 

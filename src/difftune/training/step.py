@@ -22,6 +22,8 @@ class Trainee:
     method: Method
     objective: DiscreteDiffusion
     model: nn.Module
+    step_parts: Parts | None = None
+    """The parts the step runs with (the method may swap in the prepared model)."""
 
 
 def step_generator(device: torch.device, seed: int, epoch: int, batch: int, rank: int) -> torch.Generator:
@@ -30,7 +32,8 @@ def step_generator(device: torch.device, seed: int, epoch: int, batch: int, rank
 
 
 def training_loss(trainee: Trainee, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-    family, parts, method = trainee.family, trainee.parts, trainee.method
+    family, method = trainee.family, trainee.method
+    parts = trainee.step_parts or trainee.parts
     with torch.no_grad():
         latents = family.encode_images(parts, batch["pixels"], generator)
         text = family.encode_prompts(parts, batch["captions"])
