@@ -144,6 +144,18 @@ class ValidationConfig(_Section):
     guidance_scale: float = Field(7.5, ge=0)
     seed: int | None = None
     """Generator seed; defaults to train.seed."""
+    metric: Literal["none", "fill_circles"] = "none"
+    """Control-fidelity metric computed at each validation (and for the uncontrolled floor)."""
+    metric_data: str | None = None
+    """Held-out dataset (same columns as [data]) whose conditionings and captions are scored."""
+    metric_samples: int = Field(32, gt=0)
+    """How many held-out rows the metric scores."""
+
+    @model_validator(mode="after")
+    def _metric_needs_data(self) -> ValidationConfig:
+        if self.metric != "none" and not self.metric_data:
+            raise ValueError(f"metric = {self.metric!r} needs metric_data (a held-out dataset)")
+        return self
 
     @model_validator(mode="after")
     def _prompts_match_images(self) -> ValidationConfig:

@@ -22,6 +22,9 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
 SIZES = {
     "test": {"unet": (4, 8), "vae": (4, 8), "vae_groups": 2, "unet_groups": 1, "text": 32, "heads": 2},
     "demo": {"unet": (32, 64), "vae": (16, 32), "vae_groups": 8, "unet_groups": 8, "text": 64, "heads": 8},
+    # The fill-circles base (benchmarks/fill_circles/train_base.py): attention at 8x8 and 4x4.
+    "base": {"unet": (32, 64, 64), "vae": (16, 32), "vae_groups": 8, "unet_groups": 8, "text": 64, "heads": 8,
+             "down": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), "text_layers": 4},
 }
 
 
@@ -55,7 +58,7 @@ def word_merges(words: list[str]) -> list[tuple[str, str]]:
     raise RuntimeError("could not build word merges")
 
 
-def write_word_tokenizer(out_dir: Path, words: list[str]) -> CLIPTokenizer:
+def write_word_tokenizer(out_dir: Path, words: list[str], max_length: int = 77) -> CLIPTokenizer:
     """A CLIP tokenizer whose vocabulary holds every letter and every given word."""
     words = sorted({w.lower() for w in words if w})
     merges = word_merges(words)
@@ -71,7 +74,7 @@ def write_word_tokenizer(out_dir: Path, words: list[str]) -> CLIPTokenizer:
     return CLIPTokenizer(
         str(out_dir / "vocab.json"),
         str(out_dir / "merges.txt"),
-        model_max_length=77,
+        model_max_length=max_length,
         bos_token=SPECIALS[0],
         eos_token=SPECIALS[1],
         pad_token=SPECIALS[1],
@@ -80,14 +83,15 @@ def write_word_tokenizer(out_dir: Path, words: list[str]) -> CLIPTokenizer:
 
 
 def tiny_unet(dims: dict) -> UNet2DConditionModel:
+    down = dims.get("down", ("DownBlock2D", "CrossAttnDownBlock2D"))
     return UNet2DConditionModel(
         block_out_channels=dims["unet"],
         layers_per_block=2,
         sample_size=32,
         in_channels=4,
         out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=down,
+        up_block_types=tuple(name.replace("Down", "Up") for name in reversed(down)),
         cross_attention_dim=dims["text"],
         attention_head_dim=dims["heads"],
         norm_num_groups=dims["unet_groups"],
@@ -123,16 +127,18 @@ def tiny_text_encoder(dims: dict, vocab_size: int, layers: int) -> CLIPTextModel
     return CLIPTextModel(config)
 
 
-def build_tiny_sd(out_dir: str | Path, words: list[str], size: str = "test", seed: int = 0) -> Path:
+def build_tiny_sd(
+    out_dir: str | Path, words: list[str], size: str = "test", seed: int = 0, max_length: int = 77
+) -> Path:
     """Build and save a random-weight SD pipeline (VAE x2, UNet, CLIP) to out_dir."""
     out = Path(out_dir)
     dims = SIZES[size]
     with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = write_word_tokenizer(Path(scratch), words)
+        tokenizer = write_word_tokenizer(Path(scratch), words, max_length)
     torch.manual_seed(seed)
     pipeline = StableDiffusionPipeline(
         vae=tiny_vae(dims),
-        text_encoder=tiny_text_encoder(dims, len(tokenizer), 2 if size == "test" else 4),
+        text_encoder=tiny_text_encoder(dims, len(tokenizer), dims.get("text_layers", 2)),
         tokenizer=tokenizer,
         unet=tiny_unet(dims),
         scheduler=DDPMScheduler(

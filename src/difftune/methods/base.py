@@ -21,6 +21,8 @@ class Method(Protocol):
     """Whether batches carry a conditioning image."""
     weights_subfolder: str
     """Where a checkpoint keeps the trained weights in diffusers format."""
+    floor_settings: dict[str, Any] | None
+    """Generation settings that switch the method's effect off (the metric floor), if any."""
 
     def build(self, family: Family, parts: Parts, config: MethodConfig) -> nn.Module:
         """Freeze what stays frozen and return the module that trains."""
@@ -45,8 +47,8 @@ class Method(Protocol):
         family: Family,
         parts: Parts,
         model: nn.Module,
-        prompt: str,
-        image: Image.Image | None,
+        prompt: str | list[str],
+        image: Image.Image | list[Image.Image] | None,
         settings: dict[str, Any],
         generator: torch.Generator,
     ) -> list[Image.Image]: ...

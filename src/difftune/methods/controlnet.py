@@ -18,6 +18,8 @@ class ControlNet:
     name = "controlnet"
     needs_conditioning = True
     weights_subfolder = "controlnet"
+    floor_settings = {"controlnet_conditioning_scale": 0.0}
+    """Generation settings that switch the method off: the base alone, for the metric floor."""
 
     def build(self, family: Family, parts: Parts, config: MethodConfig) -> nn.Module:
         for module in parts.modules():
@@ -49,8 +51,8 @@ class ControlNet:
         family: Family,
         parts: Parts,
         model: nn.Module,
-        prompt: str,
-        image: Image.Image | None,
+        prompt: str | list[str],
+        image: Image.Image | list[Image.Image] | None,
         settings: dict[str, Any],
         generator: torch.Generator,
     ) -> list[Image.Image]:

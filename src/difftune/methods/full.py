@@ -21,11 +21,14 @@ class FullFineTune:
     name = "full"
     needs_conditioning = False
     weights_subfolder = "pipeline"
+    floor_settings = None
 
     def build(self, family: Family, parts: Parts, config: MethodConfig) -> nn.Module:
         for module in parts.modules():
             module.requires_grad_(False)
-        denoiser = parts.denoiser.to(torch.float32)
+        denoiser = parts.denoiser
+        if any(p.dtype != torch.float32 for p in denoiser.parameters()):
+            denoiser.to(torch.float32)  # trainable weights stay fp32 under mixed precision
         denoiser.requires_grad_(True).train()
         return denoiser
 
@@ -51,8 +54,8 @@ class FullFineTune:
         family: Family,
         parts: Parts,
         model: nn.Module,
-        prompt: str,
-        image: Image.Image | None,
+        prompt: str | list[str],
+        image: Image.Image | list[Image.Image] | None,
         settings: dict[str, Any],
         generator: torch.Generator,
     ) -> list[Image.Image]:

@@ -19,6 +19,7 @@ from difftune.training.checkpoint import TrainState, load_checkpoint, save_check
 from difftune.training.events import EventLog, Throughput, peak_memory_mb, progress_bar
 from difftune.training.optim import make_lr_scheduler, make_optimizer, steps_per_epoch, total_steps
 from difftune.training.step import Trainee, step_generator, training_loss
+from difftune.scoring import score_control
 from difftune.validation import ValidationPair, log_to_trackers, run_validation
 
 
@@ -31,6 +32,8 @@ class Run:
         self.run_dir = Path(config.train.output_dir)
         checked = setup.preflight(config)  # before any model loads
         self.validation_pairs: list[ValidationPair] = checked.validation_pairs
+        self.metric_set = checked.metric_set
+        self.floor: dict[str, float] | None = None
         self.resume_from = checked.resume_from
         self.accelerator: Accelerator = setup.make_accelerator(config)
         setup.write_run_config(config, self.accelerator)
@@ -140,19 +143,35 @@ class Run:
                           seconds=round(time.perf_counter() - started, 2), **asdict(state))
 
     def _validate(self, step: int) -> None:
-        if not self.validation_pairs:
+        if not self.validation_pairs and self.metric_set is None:
             return
         if self.accelerator.is_main_process:
             started = time.perf_counter()
             out_dir = self.run_dir / "validation" / f"step-{step:06d}"
-            model = self.accelerator.unwrap_model(self.trainee.model)
-            results = run_validation(self.trainee.family, self.trainee.parts, self.trainee.method,
+            trainee = self.trainee
+            model = self.accelerator.unwrap_model(trainee.model)
+            results = run_validation(trainee.family, trainee.parts, trainee.method,
                                      model, self.validation_pairs, self.config, out_dir)
             log_to_trackers(self.accelerator.trackers, results, step)
+            scores = self._score(model, out_dir, step)
             self.events.write("validation", step=step, path=str(out_dir), pairs=len(results),
-                              seconds=round(time.perf_counter() - started, 2))
+                              seconds=round(time.perf_counter() - started, 2), **scores)
         # Everyone waits for the main process here, never inside its generation.
         self.accelerator.wait_for_everyone()
+
+    def _score(self, model: torch.nn.Module, out_dir: Path, step: int) -> dict[str, Any]:
+        """Control metric on the held-out set, and once per run its floor (control off)."""
+        if self.metric_set is None:
+            return {}
+        trainee, floor_settings = self.trainee, self.trainee.method.floor_settings
+        args = (trainee.family, trainee.parts, trainee.method, model, self.metric_set, self.config)
+        metrics = score_control(*args, out_dir)
+        if self.floor is None and floor_settings is not None:
+            self.floor = score_control(*args, self.run_dir / "validation" / "floor", floor_settings)
+        logged = {f"validation/{k}": v for k, v in metrics.items()}
+        logged |= {f"validation/floor_{k}": v for k, v in (self.floor or {}).items()}
+        self.accelerator.log(logged, step=step)
+        return {"metrics": metrics, "floor": self.floor}
 
     def _finish(self, state: TrainState) -> Path:
         final = self.run_dir / "final"

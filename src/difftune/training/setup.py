@@ -17,6 +17,7 @@ from difftune.families import FAMILIES, Family, Parts
 from difftune.methods import METHODS, Method
 from difftune.training.checkpoint import resolve_resume
 from difftune.training.optim import MissingExtra, require_bitsandbytes
+from difftune.scoring import MetricSet, load_metric_set
 from difftune.validation import ValidationPair, load_validation_pairs
 
 TRACKERS = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"], "none": []}
@@ -30,6 +31,7 @@ class Preflight:
     method: Method
     samples: TrainingSamples
     validation_pairs: list[ValidationPair]
+    metric_set: MetricSet | None
     resume_from: Path | None
 
 
@@ -46,7 +48,7 @@ def preflight(config: RunConfig) -> Preflight:
     resume_from = resolve_resume(run_dir, config.train.resume)
     samples = open_training_data(config.data, config.train.seed, method.needs_conditioning)
     pairs = load_validation_pairs(config.validation, config.data.resolution)
-    return Preflight(family, method, samples, pairs, resume_from)
+    return Preflight(family, method, samples, pairs, load_metric_set(config), resume_from)
 
 
 def check_extras(config: RunConfig) -> None:

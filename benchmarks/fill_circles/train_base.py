@@ -1,0 +1,125 @@
+"""Train the tiny fill-circles base model from scratch on the CPU.
+
+1. fill-circles images at 32 px in an 8-colour palette;
+2. a word-level CLIP tokenizer (one token per colour) and a random CLIP text encoder;
+3. a small KL VAE (x2 downsampling) trained to reconstruct those images;
+4. the UNet trained from random weights with difftune's own `full` method.
+
+The result is a diffusers pipeline folder (safetensors) that the demo ControlNet uses.
+
+    python benchmarks/fill_circles/train_base.py OUT_DIR [--unet-steps 4000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+
+from difftune.config import build_config
+from difftune.data.synthetic import write_fill_circles
+from difftune.tiny import build_tiny_sd
+from difftune.training.loop import train
+
+PALETTE = ["red", "green", "blue", "yellow", "white", "black", "orange", "purple"]
+WORDS = PALETTE + ["circle", "with", "background"]
+RESOLUTION = 32
+
+
+def load_images(folder: Path, limit: int) -> torch.Tensor:
+    """Target images in [-1, 1], N x 3 x H x W."""
+    import numpy as np
+    from PIL import Image
+
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()][:limit]
+    arrays = [np.asarray(Image.open(folder / r["file_name"]).convert("RGB"), dtype=np.float32) for r in rows]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def train_vae(vae: AutoencoderKL, images: torch.Tensor, steps: int, batch: int, seed: int) -> float:
+    """Reconstruction (L1 + L2) with a light KL term; returns the final L1 error."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    vae.train()
+    for step in range(steps):
+        pick = torch.randint(0, len(images), (batch,), generator=generator)
+        x = images[pick]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=generator)).sample
+        l1 = (recon - x).abs().mean()
+        loss = l1 + ((recon - x) ** 2).mean() + 1e-6 * posterior.kl().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"vae step {step}: l1 {l1.item():.4f}", flush=True)
+    vae.eval()
+    return l1.item()
+
+
+def set_latent_scale(vae: AutoencoderKL, images: torch.Tensor) -> float:
+    """scaling_factor = 1 / std of the latents, as SD's VAE was calibrated (Rombach et al. 2022)."""
+    with torch.no_grad():
+        latents = vae.encode(images[:512]).latent_dist.mode()
+    scale = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scale)
+    return scale
+
+
+def unet_config(base: Path, data: Path, out: Path, steps: int) -> dict:
+    return {
+        "model": {"pretrained": str(base)},
+        "method": {"kind": "full"},
+        "data": {"path": str(data), "resolution": RESOLUTION, "proportion_empty_prompts": 0.1},
+        "train": {
+            "output_dir": str(out), "seed": 0, "batch_size": 32, "max_steps": steps,
+            "learning_rate": 5e-4, "lr_scheduler": "cosine", "lr_warmup_steps": 200,
+            "adam_weight_decay": 0.0, "checkpoint_every": 1000, "checkpoints_total_limit": 1,
+            "log_every": 50, "report_to": "tensorboard",
+        },
+        "validation": {
+            "every": 1000, "num_images": 2, "steps": 20, "guidance_scale": 4.0,
+            "prompts": ["red circle with blue background", "yellow circle with black background",
+                        "white circle with purple background", "green circle with orange background"],
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--samples", type=int, default=20000)
+    parser.add_argument("--vae-steps", type=int, default=800)
+    parser.add_argument("--unet-steps", type=int, default=4000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    work = args.out / "work"
+    data = work / "fill-circles"
+    if not (data / "metadata.jsonl").is_file():
+        write_fill_circles(data, args.samples, RESOLUTION, args.seed, colours=PALETTE)
+    initial = build_tiny_sd(work / "initial", WORDS, size="base", seed=args.seed, max_length=8)
+    vae = AutoencoderKL.from_pretrained(initial, subfolder="vae")
+    images = load_images(data, 4096)
+    vae_l1 = train_vae(vae, images, args.vae_steps, 32, args.seed)
+    scale = set_latent_scale(vae, images)
+    vae.save_pretrained(initial / "vae")
+    print(f"vae done: l1 {vae_l1:.4f}, scaling_factor {scale:.4f}, {time.perf_counter() - started:.0f}s", flush=True)
+    final = train(build_config(unet_config(initial, data, work / "unet-run", args.unet_steps)))
+    final_dir = args.out / "base"
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.from_pretrained(final).save_pretrained(final_dir, safe_serialization=True)
+    summary = {"minutes": round((time.perf_counter() - started) / 60, 1), "vae_l1": vae_l1,
+               "scaling_factor": scale, "unet_steps": args.unet_steps, "samples": args.samples}
+    (args.out / "base-training.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The control-fidelity metric on images with known answers, and in a run."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from conftest import run_config
+from difftune.config import build_config
+from difftune.data.synthetic import Circle, draw_conditioning, draw_target
+from difftune.metrics import FillCirclesIoU, enclosed_region, iou, mean_scores
+from difftune.training.events import read_events
+from difftune.training.loop import Run
+
+METRIC = FillCirclesIoU()
+CIRCLE = Circle(32, 32, 16, "red", "blue")
+
+
+def _disc_iou(radius: float, shift: float) -> float:
+    """Analytic IoU of two equal discs whose centres are `shift` apart."""
+    overlap = 2 * radius**2 * math.acos(shift / (2 * radius)) - shift / 2 * math.sqrt(4 * radius**2 - shift**2)
+    return overlap / (2 * math.pi * radius**2 - overlap)
+
+
+def test_perfect_disc_scores_one() -> None:
+    scores = METRIC.score(draw_target(CIRCLE, 64), draw_conditioning(CIRCLE, 64), CIRCLE.caption)
+    assert scores == {"control_iou": 1.0, "colour_iou": 1.0}
+
+
+@pytest.mark.parametrize("shift", [4, 8, 16])
+def test_shifted_disc_scores_its_true_iou(shift: int) -> None:
+    moved = Circle(32 + shift, 32, 16, "red", "blue")
+    scores = METRIC.score(draw_target(moved, 64), draw_conditioning(CIRCLE, 64), CIRCLE.caption)
+    assert scores["control_iou"] == pytest.approx(_disc_iou(16, shift), abs=0.03)
+    assert scores["colour_iou"] == pytest.approx(_disc_iou(16, shift), abs=0.03)
+
+
+def test_wrong_colours_keep_control_but_lose_colour() -> None:
+    for fg, bg in [("blue", "red"), ("green", "yellow")]:
+        drawn = Circle(32, 32, 16, fg, bg)
+        scores = METRIC.score(draw_target(drawn, 64), draw_conditioning(CIRCLE, 64), CIRCLE.caption)
+        assert scores["control_iou"] == 1.0
+        assert scores["colour_iou"] < 0.05
+
+
+def test_no_disc_and_unparsable_prompt() -> None:
+    plain = Image.new("RGB", (64, 64), "blue")
+    scores = METRIC.score(plain, draw_conditioning(CIRCLE, 64), "")
+    assert scores["control_iou"] == 0.0 and math.isnan(scores["colour_iou"])
+    assert mean_scores([scores, {"control_iou": 1.0, "colour_iou": 0.5}]) == {"control_iou": 0.5, "colour_iou": 0.5}
+
+
+def test_enclosed_region_of_a_circle_touching_two_edges() -> None:
+    corner = Circle(16, 16, 16, "white", "black")
+    outline = np.asarray(draw_conditioning(corner, 64).convert("L")) > 127
+    filled = np.asarray(draw_target(corner, 64).convert("L")) > 127
+    assert iou(enclosed_region(outline), filled) > 0.95
+    assert not enclosed_region(outline)[0, 0] and not enclosed_region(outline)[63, 63]
+
+
+def test_run_logs_metric_and_floor(tiny_base: Path, circles: Path, held_out: Path, tmp_path: Path) -> None:
+    raw = run_config(tiny_base, circles, tmp_path / "run", train={"max_steps": 2})
+    raw["validation"] |= {"metric": "fill_circles", "metric_data": str(held_out), "metric_samples": 2}
+    Run(build_config(raw)).fit()
+    validations = [e for e in read_events(tmp_path / "run") if e["event"] == "validation"]
+    assert [v["step"] for v in validations] == [2]
+    assert set(validations[0]["metrics"]) == {"control_iou", "colour_iou"}
+    assert set(validations[0]["floor"]) == {"control_iou", "colour_iou"}
+    assert 0.0 <= validations[0]["metrics"]["control_iou"] <= 1.0
+    assert Image.open(tmp_path / "run" / "validation" / "step-000002" / "metric-grid.png").size == (128, 128)
+    assert (tmp_path / "run" / "validation" / "floor" / "metric-grid.png").is_file()
+
+
+def test_metric_needs_data() -> None:
+    from difftune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="metric = 'fill_circles' needs metric_data"):
+        build_config({"model": {"pretrained": "b"}, "data": {"path": "d"}, "train": {"output_dir": "o"},
+                      "validation": {"metric": "fill_circles"}})
