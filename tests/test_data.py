@@ -127,3 +127,22 @@ def test_fill_circles_is_reproducible(tmp_path: Path) -> None:
     b = write_fill_circles(tmp_path / "b", 3, 32, seed=7)
     assert (a / "metadata.jsonl").read_text() == (b / "metadata.jsonl").read_text()
     assert (a / "images" / "000002.png").read_bytes() == (b / "images" / "000002.png").read_bytes()
+
+
+def test_bad_target_images_in_imagefolder_are_named(tmp_path: Path, circles: Path) -> None:
+    broken = _copy_circles(circles, tmp_path / "broken")
+    (broken / "images" / "000003.png").write_bytes(b"\x89PNG truncated")
+    with pytest.raises(DataError, match=r"row 3, image = '.*000003.png': unreadable image"):
+        open_training_data(DataConfig(path=str(broken)), seed=0, needs_conditioning=True)
+
+
+def test_binary_image_columns_are_read(tmp_path: Path, circles: Path) -> None:
+    rows = _rows(circles)
+    table = datasets.Dataset.from_dict({
+        "image": [(circles / r["file_name"]).read_bytes() for r in rows],
+        "conditioning_image": [(circles / r["conditioning_image"]).read_bytes() for r in rows],
+        "text": [r["text"] for r in rows],
+    })
+    table.to_parquet(str(tmp_path / "train.parquet"))
+    samples = open_training_data(DataConfig(path=str(tmp_path), resolution=32), seed=0, needs_conditioning=True)
+    assert samples[(0, 0)]["conditioning_pixels"].shape == (3, 32, 32)

@@ -87,7 +87,7 @@ def test_full_method_trains_the_unet_and_saves_a_pipeline(tiny_base: Path, circl
     assert all(torch.equal(v, trained.vae.state_dict()[k]) for k, v in base.vae.state_dict().items())
     grid = tmp_path / "run" / "validation" / "step-000001" / "pair-00-grid.png"
     assert grid.is_file()
-    assert (tmp_path / "run" / "checkpoints" / "step-000002" / "pipeline" / "unet").is_dir()
+    assert (tmp_path / "run" / "checkpoints" / "step-000002" / "unet" / "config.json").is_file()
 
 
 def test_controlnet_validation_prompts_need_images(tiny_base: Path, circles: Path, tmp_path: Path) -> None:

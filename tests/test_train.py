@@ -33,6 +33,7 @@ def test_run_directory_holds_everything(finished_run: Run) -> None:
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000004"]  # limit 1 pruned step 2
     checkpoint = out / "checkpoints" / "step-000004"
     assert (checkpoint / "COMPLETE").is_file() and (checkpoint / "optimizer.bin").is_file()
+    assert not list(checkpoint.glob("model*.safetensors"))  # weights stored once, in diffusers format
     assert (checkpoint / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
     for step in ("step-000002", "step-000004"):
         folder = out / "validation" / step

@@ -21,11 +21,11 @@ import torch
 from diffusers import AutoencoderKL
 
 from difftune.config import build_config
-from difftune.data.synthetic import write_fill_circles
+from difftune.data.synthetic import DEMO_PALETTE, write_fill_circles
 from difftune.tiny import build_tiny_sd
 from difftune.training.loop import train
 
-PALETTE = ["red", "green", "blue", "yellow", "white", "black", "orange", "purple"]
+PALETTE = DEMO_PALETTE
 WORDS = PALETTE + ["circle", "with", "background"]
 RESOLUTION = 32
 

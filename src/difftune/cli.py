@@ -31,10 +31,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from difftune.export import push_to_hub
     from difftune.training.loop import train
 
-    overrides = list(args.set or [])
-    if args.resume:
-        overrides.append(f'train.resume="{args.resume}"')
-    config = load_config(args.config, overrides)
+    values = {"train.resume": args.resume} if args.resume else {}
+    config = load_config(args.config, list(args.set or []), values)
     final = train(config, console)
     if not _is_main_process():
         return 0
@@ -70,9 +68,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_fill_circles(args: argparse.Namespace) -> int:
-    from difftune.data.synthetic import write_fill_circles
+    from difftune.data.synthetic import DEMO_PALETTE, write_fill_circles, write_fill_circles_parquet
 
-    out = write_fill_circles(args.out, args.n, args.resolution, args.seed)
+    palette = DEMO_PALETTE if args.palette == "demo" else None
+    writer = write_fill_circles_parquet if args.parquet else write_fill_circles
+    out = writer(args.out, args.n, args.resolution, args.seed, palette)
     console.print(f"wrote {args.n} fill-circles samples to {out}")
     return 0
 
@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     circles.add_argument("--n", type=int, default=1000)
     circles.add_argument("--resolution", type=int, default=64)
     circles.add_argument("--seed", type=int, default=0)
+    circles.add_argument("--palette", choices=["pil", "demo"], default="pil",
+                         help="colour names: all of PIL's, or the demo base's eight")
+    circles.add_argument("--parquet", action="store_true", help="one parquet file instead of PNGs + metadata.jsonl")
     circles.set_defaults(run=cmd_fill_circles)
 
     demo = verbs.add_parser("demo", help="build a tiny base and fill-circles data, train a ControlNet")

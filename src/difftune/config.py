@@ -53,8 +53,6 @@ class MethodConfig(_Section):
     """Training method: "controlnet", or "full" (every denoiser weight; a whole pipeline out)."""
     controlnet: str | None = None
     """Existing ControlNet (Hub id or folder) to continue from; None starts from the UNet."""
-    conditioning_channels: int = Field(3, ge=1)
-    """Channels of the conditioning image."""
 
 
 class DataConfig(_Section):
@@ -95,7 +93,7 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     output_dir: str
     """Run directory: config, events, logs, checkpoints, validation, final weights."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     batch_size: int = Field(4, gt=0)
     """Per-device batch size."""
     gradient_accumulation_steps: int = Field(1, gt=0)
@@ -222,15 +220,22 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply "section.key=value" strings (values read as TOML literals)."""
     for text in overrides:
         keys, value = parse_override(text)
-        node = raw
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ConfigError([f"--set {text}: {key} is not a section"])
-        node[keys[-1]] = value
+        set_key(raw, keys, value, where=f"--set {text}")
     return raw
+
+
+def set_key(raw: dict[str, Any], keys: list[str], value: Any, where: str = "") -> None:
+    """Set raw[k1][k2]... = value, creating sections; for values that are not TOML text
+    (paths with quotes or backslashes come through unchanged)."""
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError([f"{where or '.'.join(keys)}: {key} is not a section"])
+    node[keys[-1]] = value
 
 
 def build_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
@@ -240,8 +245,11 @@ def build_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
         raise ConfigError([_format_error(e) for e in error.errors()], source) from None
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    """Read a TOML run config, apply --set overrides and validate it whole."""
+def load_config(
+    path: str | Path, overrides: list[str] = (), values: dict[str, Any] | None = None
+) -> RunConfig:
+    """Read a TOML run config, apply --set overrides and exact `values` ("section.key":
+    value), and validate it whole."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"{path}: no such config file"], str(path))
@@ -249,7 +257,10 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
         raise ConfigError([f"{path}: not valid TOML: {error}"], str(path)) from None
-    return build_config(apply_overrides(raw, list(overrides)), str(path))
+    raw = apply_overrides(raw, list(overrides))
+    for dotted, value in (values or {}).items():
+        set_key(raw, dotted.split("."), value)
+    return build_config(raw, str(path))
 
 
 def to_toml(config: RunConfig) -> str:

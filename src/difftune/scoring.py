@@ -12,7 +12,9 @@ from PIL import Image
 from torch import nn
 
 from difftune.config import DataConfig, RunConfig
-from difftune.data.sources import Columns, DataError, check_columns, check_files, load_rows, open_image
+from difftune.data.sources import (
+    Columns, DataError, check_columns, check_files, load_rows, open_image, undecoded,
+)
 from difftune.families.base import Family, Parts
 from difftune.methods.base import Method
 from difftune.metrics import METRICS, ControlMetric, mean_scores
@@ -45,9 +47,9 @@ def load_metric_set(config: RunConfig) -> MetricSet | None:
     rows = load_rows(data, seed=0)
     columns = check_columns(rows, data, needs_conditioning=True)
     count = min(validation.metric_samples, len(rows))
-    rows = rows.select(range(count))
-    check_files(rows, Columns(image=columns.conditioning, caption=columns.caption, conditioning=None),
-                Path(data.path))
+    only_conditioning = Columns(image=columns.conditioning, caption=columns.caption, conditioning=None)
+    rows = undecoded(rows.select(range(count)), only_conditioning)
+    check_files(rows, only_conditioning, Path(data.path))
     size = (config.data.resolution, config.data.resolution)
     conditionings, captions = [], []
     for index in range(count):

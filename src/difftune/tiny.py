@@ -111,7 +111,7 @@ def tiny_vae(dims: dict) -> AutoencoderKL:
     )
 
 
-def tiny_text_encoder(dims: dict, vocab_size: int, layers: int) -> CLIPTextModel:
+def tiny_text_encoder(dims: dict, vocab_size: int, layers: int, max_length: int) -> CLIPTextModel:
     config = CLIPTextConfig(
         bos_token_id=0,
         eos_token_id=1,
@@ -122,7 +122,7 @@ def tiny_text_encoder(dims: dict, vocab_size: int, layers: int) -> CLIPTextModel
         num_attention_heads=4,
         num_hidden_layers=layers,
         vocab_size=vocab_size,
-        max_position_embeddings=77,
+        max_position_embeddings=max_length,
     )
     return CLIPTextModel(config)
 
@@ -138,7 +138,7 @@ def build_tiny_sd(
     torch.manual_seed(seed)
     pipeline = StableDiffusionPipeline(
         vae=tiny_vae(dims),
-        text_encoder=tiny_text_encoder(dims, len(tokenizer), dims.get("text_layers", 2)),
+        text_encoder=tiny_text_encoder(dims, len(tokenizer), dims.get("text_layers", 2), max_length),
         tokenizer=tokenizer,
         unet=tiny_unet(dims),
         scheduler=DDPMScheduler(

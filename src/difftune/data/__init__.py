@@ -6,7 +6,7 @@ from pathlib import Path
 
 from difftune.config import DataConfig
 from difftune.data.samples import EpochSampler, TrainingSamples, collate
-from difftune.data.sources import DataError, check_columns, check_files, load_rows
+from difftune.data.sources import DataError, check_columns, check_files, load_rows, undecoded
 
 
 def open_training_data(config: DataConfig, seed: int, needs_conditioning: bool) -> TrainingSamples:
@@ -15,6 +15,7 @@ def open_training_data(config: DataConfig, seed: int, needs_conditioning: bool) 
     if len(rows) == 0:
         raise DataError(f"data.path {config.path!r}: the {config.split!r} split has no rows")
     columns = check_columns(rows, config, needs_conditioning)
+    rows = undecoded(rows, columns)
     check_files(rows, columns, Path(config.path))
     return TrainingSamples(rows, columns, config, seed)
 

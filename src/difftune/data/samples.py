@@ -8,6 +8,7 @@ the same order, with the same augmentations, as one that never stopped.
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,11 +27,17 @@ def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
-    """A seeded permutation per epoch that can start part-way through (for resume)."""
+    """A seeded permutation per epoch that can start part-way through (for resume).
 
-    def __init__(self, size: int, seed: int) -> None:
+    The permutation is padded with its own head to a multiple of the global batch, so
+    every process gets whole batches and accelerate never pads on its own (its padding
+    depends on where iteration started, which would make a resumed epoch differ).
+    """
+
+    def __init__(self, size: int, seed: int, multiple: int = 1) -> None:
         self.size = size
         self.seed = seed
+        self.padded = math.ceil(size / multiple) * multiple
         self.epoch = 0
         self.skip = 0
 
@@ -42,11 +49,12 @@ class EpochSampler(Sampler[tuple[int, int]]):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
+        order = (order * math.ceil(self.padded / self.size))[: self.padded]
         for index in order[self.skip :]:
             yield self.epoch, index
 
     def __len__(self) -> int:
-        return self.size - self.skip
+        return self.padded - self.skip
 
 
 class TrainingSamples(Dataset):

@@ -3,6 +3,7 @@ save_to_disk) and Hub datasets, all through `datasets`, with the column mapping 
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,50 +64,74 @@ def check_columns(rows: datasets.Dataset, config: DataConfig, needs_conditioning
     )
 
 
-def check_files(rows: datasets.Dataset, columns: Columns, root: Path) -> None:
-    """Columns that hold file paths (as metadata.jsonl folders do) point at readable images."""
+def undecoded(rows: datasets.Dataset, columns: Columns) -> datasets.Dataset:
+    """Image columns left undecoded ({"bytes", "path"}), so decoding happens where a bad
+    file can be reported by row and name instead of failing inside `datasets`."""
     for column in (columns.image, columns.conditioning):
-        if column is None or not _holds_paths(rows, column):
+        if column is not None and isinstance(rows.features[column], datasets.Image):
+            rows = rows.cast_column(column, datasets.Image(decode=False))
+    return rows
+
+
+def check_files(rows: datasets.Dataset, columns: Columns, root: Path) -> None:
+    """Every image cell (a path, bytes, or an undecoded Image) opens as an image.
+
+    Expects `undecoded(rows)`; reads headers only (PIL's verify), not whole images.
+    """
+    for column in (columns.image, columns.conditioning):
+        if column is None:
             continue
         problems = []
         for index, value in enumerate(rows[column]):
-            problem = _image_file_problem(root / value)
+            problem = _image_problem(value, root)
             if problem:
-                problems.append(f"row {index}, {column} = {value!r}: {problem}")
+                problems.append(f"row {index}, {column} = {_short(value)}: {problem}")
         if problems:
             shown = "\n".join(problems[:20])
             more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
             raise DataError(f"{len(problems)} bad file(s) in {root}:\n{shown}{more}")
 
 
-def _holds_paths(rows: datasets.Dataset, column: str) -> bool:
-    feature = rows.features[column]
-    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+def _short(value: Any) -> str:
+    if isinstance(value, dict):
+        return repr(value.get("path") or "<bytes>")
+    return repr(value) if isinstance(value, str) else f"<{type(value).__name__}>"
 
 
-def _image_file_problem(path: Path) -> str | None:
-    if not path.is_file():
-        return f"no such file {path}"
+def _image_problem(value: Any, root: Path) -> str | None:
+    source = _image_source(value, root)
+    if source is None:
+        return f"expected an image, bytes or a path, got {type(value).__name__}"
+    if isinstance(source, Path) and not source.is_file():
+        return f"no such file {source}"
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image.verify()
     except Exception as error:  # PIL raises many types for a bad file
-        return f"unreadable image {path} ({type(error).__name__}: {error})"
+        return f"unreadable image ({type(error).__name__}: {error})"
+    return None
+
+
+def _image_source(value: Any, root: Path) -> Path | io.BytesIO | None:
+    """What PIL should open for a cell: a file under root, or in-memory bytes."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return io.BytesIO(value)
+    if isinstance(value, str):
+        return root / value
     return None
 
 
 def open_image(value: Any, root: Path, where: str) -> Image.Image:
-    """A row's image as RGB, whether the column holds decoded images or paths."""
+    """A cell's image as RGB: a decoded image, bytes, a path, or an undecoded Image."""
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    source = _image_source(value, root)
+    if source is None:
+        raise DataError(f"{where}: expected an image, bytes or a path, got {type(value).__name__}")
     try:
-        if isinstance(value, Image.Image):
-            return value.convert("RGB")
-        if isinstance(value, str):
-            with Image.open(root / value) as image:
-                return image.convert("RGB")
-        if isinstance(value, dict) and value.get("bytes") is not None:
-            import io
-
-            return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
+        with Image.open(source) as image:
+            return image.convert("RGB")
     except Exception as error:
-        raise DataError(f"{where}: unreadable image ({type(error).__name__}: {error})") from None
-    raise DataError(f"{where}: expected an image or a path, got {type(value).__name__}")
+        raise DataError(f"{where}: unreadable image {_short(value)} ({type(error).__name__}: {error})") from None

@@ -14,6 +14,11 @@ from pathlib import Path
 from PIL import Image, ImageColor, ImageDraw
 
 
+# Eight well-separated colours, one tokenizer word each: the palette the demo base
+# (benchmarks/fill_circles/train_base.py) learned. PIL's ~140 names proved too many for it.
+DEMO_PALETTE = ["red", "green", "blue", "yellow", "white", "black", "orange", "purple"]
+
+
 def pil_colour_names() -> list[str]:
     """PIL's named colours, one name per distinct RGB value (so grey/gray count once)."""
     by_rgb: dict[tuple[int, int, int], str] = {}
@@ -84,4 +89,32 @@ def write_fill_circles(
         )
     with open(out / "metadata.jsonl", "w") as handle:
         handle.writelines(json.dumps(row) + "\n" for row in rows)
+    return out
+
+
+def fill_circles_rows(count: int, resolution: int, seed: int, colours: list[str]) -> dict[str, list]:
+    """Columns image, conditioning_image (PIL) and text, drawn in memory."""
+    rng = random.Random(seed)
+    columns: dict[str, list] = {"image": [], "conditioning_image": [], "text": []}
+    for _ in range(count):
+        circle = random_circle(rng, resolution, colours)
+        columns["image"].append(draw_target(circle, resolution))
+        columns["conditioning_image"].append(draw_conditioning(circle, resolution))
+        columns["text"].append(circle.caption)
+    return columns
+
+
+def write_fill_circles_parquet(
+    out_dir: str | Path, count: int, resolution: int, seed: int, colours: list[str] | None = None
+) -> Path:
+    """The same samples as one parquet file with Image columns (a folder load_dataset reads)."""
+    import datasets
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = fill_circles_rows(count, resolution, seed, colours or pil_colour_names())
+    features = datasets.Features(
+        {"image": datasets.Image(), "conditioning_image": datasets.Image(), "text": datasets.Value("string")}
+    )
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(out / "data.parquet"))
     return out

@@ -24,7 +24,7 @@ class ControlNet:
     def build(self, family: Family, parts: Parts, config: MethodConfig) -> nn.Module:
         for module in parts.modules():
             module.requires_grad_(False)
-        controlnet = family.make_controlnet(parts, config.controlnet, config.conditioning_channels)
+        controlnet = family.make_controlnet(parts, config.controlnet, conditioning_channels=3)
         # Trainable weights stay fp32; mixed precision comes from autocast, as in diffusers.
         if any(p.dtype != torch.float32 for p in controlnet.parameters()):
             controlnet.to(torch.float32)

@@ -20,7 +20,7 @@ from difftune.families.base import Family, ModelInputs, Parts, inference_copy
 class FullFineTune:
     name = "full"
     needs_conditioning = False
-    weights_subfolder = "pipeline"
+    weights_subfolder = "unet"
     floor_settings = None
 
     def build(self, family: Family, parts: Parts, config: MethodConfig) -> nn.Module:

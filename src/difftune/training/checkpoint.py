@@ -32,7 +32,8 @@ class TrainState:
 
     step: int = 0
     epoch: int = 0
-    batches_in_epoch: int = 0
+    samples_in_epoch: int = 0
+    """Samples of this epoch's (padded) order consumed by all processes together."""
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -66,22 +67,47 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
+def store_weights_in_diffusers_format(accelerator: Accelerator, subfolder: str) -> None:
+    """Make accelerate's save_state/load_state keep the trained model as a diffusers
+    folder (loadable with from_pretrained) instead of a second, anonymous copy."""
+
+    def save(models: list[Any], weights: list[Any], output_dir: str) -> None:
+        if accelerator.is_main_process:
+            for model in models:
+                accelerator.unwrap_model(model).save_pretrained(Path(output_dir) / subfolder)
+        weights.clear()
+
+    def load(models: list[Any], input_dir: str) -> None:
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            saved = type(model).from_pretrained(Path(input_dir) / subfolder)
+            model.load_state_dict(saved.state_dict())
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+def remove_partial_checkpoints(run_dir: Path) -> None:
+    """Folders left by saves that never finished (the process was killed mid-write)."""
+    for partial in (run_dir / "checkpoints").glob(".*.partial"):
+        shutil.rmtree(partial)
+
+
 def save_checkpoint(
-    accelerator: Accelerator,
-    run_dir: Path,
-    state: TrainState,
-    save_weights: Any,
-    total_limit: int | None,
+    accelerator: Accelerator, run_dir: Path, state: TrainState, total_limit: int | None
 ) -> Path:
-    """Write accelerate state + weights + trainer state atomically; prune old ones."""
+    """Write accelerate state (weights in diffusers format) + trainer state atomically;
+    prune old checkpoints after the new one is complete."""
     final = checkpoint_dir(run_dir, state.step)
     staging = final.with_name(f".{final.name}.partial")
     if accelerator.is_main_process and staging.exists():
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
+    # save_state ends without a barrier: every rank must have written its RNG state
+    # before the main process marks the folder complete and renames it.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_weights(staging)
         (staging / STATE_FILE).write_text(json.dumps(asdict(state)))
         _fsync_tree(staging)
         (staging / MARKER).write_text("")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -15,10 +14,17 @@ from rich.console import Console
 from difftune.config import RunConfig
 from difftune.objectives import DiscreteDiffusion
 from difftune.training import setup
-from difftune.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from difftune.training.checkpoint import (
+    TrainState,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    save_checkpoint,
+    store_weights_in_diffusers_format,
+)
 from difftune.training.events import EventLog, Throughput, peak_memory_mb, progress_bar
 from difftune.training.optim import make_lr_scheduler, make_optimizer, steps_per_epoch, total_steps
 from difftune.training.step import Trainee, step_generator, training_loss
+from difftune.report import write_report
 from difftune.scoring import score_control
 from difftune.validation import ValidationPair, log_to_trackers, run_validation
 
@@ -39,7 +45,9 @@ class Run:
         setup.write_run_config(config, self.accelerator)
         self.events = EventLog(self.run_dir, self.accelerator.is_main_process)
         self.trainee = self._load_models(checked)
-        self.loader, self.sampler = setup.make_dataloader(checked.samples, config)
+        self.loader, self.sampler = setup.make_dataloader(
+            checked.samples, config, self.accelerator.num_processes
+        )
         self._prepare()
 
     def _load_models(self, checked: setup.Preflight) -> Trainee:
@@ -54,15 +62,17 @@ class Run:
         train, processes = self.config.train, self.accelerator.num_processes
         params = [p for p in self.trainee.model.parameters() if p.requires_grad]
         optimizer = make_optimizer(params, train, processes)
-        batches = math.ceil(len(self.loader.dataset) / (train.batch_size * processes))
+        self.global_batch = train.batch_size * processes
+        batches = self.sampler.padded // self.global_batch
         self.max_steps = total_steps(train, batches)
         schedule = make_lr_scheduler(optimizer, train, self.max_steps, processes)
         model, self.optimizer, self.loader, self.schedule = self.accelerator.prepare(
             self.trainee.model, optimizer, self.loader, schedule
         )
         self.trainee.model = model
+        store_weights_in_diffusers_format(self.accelerator, self.trainee.method.weights_subfolder)
         self.trainee.step_parts = self.trainee.method.training_parts(self.trainee.parts, model)
-        self.batches_per_epoch = batches
+        self.samples_per_epoch = self.sampler.padded
         self.samples_per_step = train.batch_size * train.gradient_accumulation_steps * processes
 
     def fit(self) -> Path:
@@ -80,6 +90,8 @@ class Run:
         return final
 
     def _restore(self) -> TrainState:
+        if self.accelerator.is_main_process:
+            remove_partial_checkpoints(self.run_dir)
         if self.resume_from is None:
             return TrainState()
         state = load_checkpoint(self.accelerator, self.resume_from)
@@ -89,13 +101,13 @@ class Run:
     def _train(self, state: TrainState, show: Any) -> None:
         clock, model, train = Throughput(), self.trainee.model, self.config.train
         while state.step < self.max_steps:
-            if state.batches_in_epoch >= self.batches_per_epoch:
-                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-            skip = state.batches_in_epoch * train.batch_size * self.accelerator.num_processes
-            self.sampler.start_epoch(state.epoch, skip)
+            if state.samples_in_epoch >= self.samples_per_epoch:
+                state.epoch, state.samples_in_epoch = state.epoch + 1, 0
+            self.sampler.start_epoch(state.epoch, state.samples_in_epoch)
             for batch in self.loader:
                 generator = step_generator(self.accelerator.device, train.seed, state.epoch,
-                                           state.batches_in_epoch, self.accelerator.process_index)
+                                           state.samples_in_epoch // self.global_batch,
+                                           self.accelerator.process_index)
                 with self.accelerator.accumulate(model):
                     loss = training_loss(self.trainee, batch, generator)
                     self.accelerator.backward(loss)
@@ -104,14 +116,14 @@ class Run:
                     self.optimizer.step()
                     self.schedule.step()
                     self.optimizer.zero_grad(set_to_none=train.set_grads_to_none)
-                state.batches_in_epoch += 1
+                state.samples_in_epoch += self.global_batch
                 if self.accelerator.sync_gradients:
                     state.step += 1
                     mean_loss = self.accelerator.reduce(loss.detach(), reduction="mean").item()
                     self._after_step(state, mean_loss, clock, show)
                     if state.step >= self.max_steps:
                         return
-            state.batches_in_epoch = self.batches_per_epoch
+            state.samples_in_epoch = self.samples_per_epoch
 
     def _after_step(self, state: TrainState, loss: float, clock: Throughput, show: Any) -> None:
         rate = clock.update(self.samples_per_step)
@@ -131,14 +143,8 @@ class Run:
 
     def _checkpoint(self, state: TrainState) -> None:
         started = time.perf_counter()
-        method, accelerator = self.trainee.method, self.accelerator
-        model = accelerator.unwrap_model(self.trainee.model)
-        path = save_checkpoint(
-            accelerator, self.run_dir, state,
-            lambda folder: method.save(self.trainee.family, self.trainee.parts, model,
-                                       folder / method.weights_subfolder),
-            self.config.train.checkpoints_total_limit,
-        )
+        path = save_checkpoint(self.accelerator, self.run_dir, state,
+                               self.config.train.checkpoints_total_limit)
         self.events.write("checkpoint", path=str(path),
                           seconds=round(time.perf_counter() - started, 2), **asdict(state))
 
@@ -156,6 +162,7 @@ class Run:
             scores = self._score(model, out_dir, step)
             self.events.write("validation", step=step, path=str(out_dir), pairs=len(results),
                               seconds=round(time.perf_counter() - started, 2), **scores)
+            write_report(self.run_dir, f"{trainee.method.name} - {self.run_dir.name}")
         # Everyone waits for the main process here, never inside its generation.
         self.accelerator.wait_for_everyone()
 
@@ -181,6 +188,8 @@ class Run:
             self.trainee.method.save(self.trainee.family, self.trainee.parts, model, final)
             self.events.write("final", step=state.step, path=str(final))
         self._validate(state.step)
+        if self.accelerator.is_main_process:
+            write_report(self.run_dir, f"{self.trainee.method.name} - {self.run_dir.name}")
         self.accelerator.wait_for_everyone()
         return final
 

@@ -120,8 +120,10 @@ def apply_memory_options(config: RunConfig, parts: Parts, model: torch.nn.Module
             module.enable_xformers_memory_efficient_attention()
 
 
-def make_dataloader(samples: TrainingSamples, config: RunConfig) -> tuple[DataLoader, EpochSampler]:
-    sampler = EpochSampler(len(samples), config.train.seed)
+def make_dataloader(
+    samples: TrainingSamples, config: RunConfig, num_processes: int
+) -> tuple[DataLoader, EpochSampler]:
+    sampler = EpochSampler(len(samples), config.train.seed, config.train.batch_size * num_processes)
     loader = DataLoader(
         samples,
         batch_size=config.train.batch_size,
