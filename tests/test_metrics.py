@@ -79,3 +79,22 @@ def test_metric_needs_data() -> None:
     with pytest.raises(ConfigError, match="metric = 'fill_circles' needs metric_data"):
         build_config({"model": {"pretrained": "b"}, "data": {"path": "d"}, "train": {"output_dir": "o"},
                       "validation": {"metric": "fill_circles"}})
+
+
+def _scene(offset: int = 0) -> Image.Image:
+    image = Image.new("RGB", (64, 64), "black")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((10 + offset, 12, 40 + offset, 50), fill="white")
+    draw.ellipse((30, 5, 58, 30), fill="gray")
+    return image
+
+
+def test_canny_edge_f1_known_answers() -> None:
+    from difftune.metrics import CannyEdgeF1, canny_edges
+
+    metric = CannyEdgeF1()
+    edges = Image.fromarray((canny_edges(_scene()) * 255).astype(np.uint8)).convert("RGB")
+    assert metric.score(_scene(), edges, "")["edge_f1"] == pytest.approx(1.0)
+    shifted = metric.score(_scene(offset=8), edges, "")["edge_f1"]
+    assert 0.2 < shifted < 0.8  # the ellipse still matches, the moved rectangle does not
+    assert metric.score(Image.new("RGB", (64, 64), "black"), edges, "")["edge_f1"] == 0.0

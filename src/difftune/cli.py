@@ -78,12 +78,9 @@ def cmd_fill_circles(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from difftune.demo import prepare_demo, run_demo
+    from difftune.demo import run_demo
 
-    if args.prepare_only:
-        prepare_demo(Path(args.workdir))
-        return 0
-    final = run_demo(Path(args.workdir), args.output_dir, list(args.set or []), console)
+    final = run_demo(args.output_dir, list(args.set or []), console)
     console.print(f"[green]demo done[/green]: {final}")
     return 0
 
@@ -123,11 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     circles.add_argument("--parquet", action="store_true", help="one parquet file instead of PNGs + metadata.jsonl")
     circles.set_defaults(run=cmd_fill_circles)
 
-    demo = verbs.add_parser("demo", help="build a tiny base and fill-circles data, train a ControlNet")
-    demo.add_argument("--workdir", default=".difftune/demo", help="where the tiny base and data go")
+    demo = verbs.add_parser("demo", help="train a ControlNet on the tiny fill-circles base (CPU, no downloads)")
     demo.add_argument("--output-dir", default="runs/demo", help="run directory")
     demo.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
-    demo.add_argument("--prepare-only", action="store_true")
     demo.set_defaults(run=cmd_demo)
     return parser
 

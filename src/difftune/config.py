@@ -142,7 +142,7 @@ class ValidationConfig(_Section):
     guidance_scale: float = Field(7.5, ge=0)
     seed: int | None = None
     """Generator seed; defaults to train.seed."""
-    metric: Literal["none", "fill_circles"] = "none"
+    metric: Literal["none", "fill_circles", "canny"] = "none"
     """Control-fidelity metric computed at each validation (and for the uncontrolled floor)."""
     metric_data: str | None = None
     """Held-out dataset (same columns as [data]) whose conditionings and captions are scored."""

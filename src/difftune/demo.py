@@ -1,4 +1,4 @@
-"""The built-in demo: a tiny base and fill-circles data made locally, then a ControlNet run."""
+"""The built-in demo: a ControlNet on the committed tiny fill-circles base and data."""
 
 from __future__ import annotations
 
@@ -7,35 +7,23 @@ from pathlib import Path
 from rich.console import Console
 
 from difftune.config import load_config
-from difftune.data.synthetic import pil_colour_names, write_fill_circles
-from difftune.tiny import build_tiny_sd
 
-# The presets live in the repository's configs/ (an editable install sees them).
-PRESET = Path(__file__).resolve().parents[2] / "configs" / "demo" / "fill_circles_controlnet.toml"
-CAPTION_WORDS = ["circle", "with", "background"]
+# The repository root: the preset's paths (assets/...) are relative to it.
+ROOT = Path(__file__).resolve().parents[2]
+PRESET = ROOT / "configs" / "demo" / "fill_circles_controlnet.toml"
 
 
-def prepare_demo(workdir: Path, samples: int = 512, resolution: int = 64) -> tuple[Path, Path]:
-    """Build (once) the tiny random-weight base and the fill-circles data under workdir."""
-    base, data = workdir / "base", workdir / "fill-circles"
-    if not (base / "model_index.json").is_file():
-        build_tiny_sd(base, pil_colour_names() + CAPTION_WORDS, size="demo", seed=0)
-    if not (data / "metadata.jsonl").is_file():
-        write_fill_circles(data, samples, resolution, seed=0)
-        write_fill_circles(workdir / "held-out", 8, resolution, seed=1)
-    return base, data
+def run_demo(output_dir: str, overrides: list[str], console: Console) -> Path:
+    """Train the demo preset from the repository root; returns the final ControlNet folder."""
+    import os
 
-
-def run_demo(workdir: Path, output_dir: str, overrides: list[str], console: Console) -> Path:
     from difftune.training.loop import train
 
-    base, data = prepare_demo(workdir)
-    held_out = workdir / "held-out" / "conditioning_images"
-    settings = [
-        f'model.pretrained="{base}"',
-        f'data.path="{data}"',
-        f'train.output_dir="{output_dir}"',
-        f'validation.images=["{held_out / "000000.png"}", "{held_out / "000001.png"}"]',
-    ]
-    config = load_config(PRESET, settings + overrides)
-    return train(config, console)
+    output = Path(output_dir).resolve()
+    config = load_config(PRESET, overrides, {"train.output_dir": str(output)})
+    previous = Path.cwd()
+    os.chdir(ROOT)
+    try:
+        return train(config, console)
+    finally:
+        os.chdir(previous)

@@ -101,7 +101,43 @@ class FillCirclesIoU:
         return scores
 
 
-METRICS: dict[str, ControlMetric] = {"fill_circles": FillCirclesIoU()}
+def canny_edges(image: Image.Image, low: int = 100, high: int = 200) -> np.ndarray:
+    """Canny edges (Canny 1986) with the thresholds of ControlNet's canny annotator."""
+    import cv2
+
+    gray = np.asarray(image.convert("L"), dtype=np.uint8)
+    return cv2.Canny(gray, low, high) > 0
+
+
+def _near(mask: np.ndarray, tolerance: int) -> np.ndarray:
+    import cv2
+
+    kernel = np.ones((2 * tolerance + 1, 2 * tolerance + 1), np.uint8)
+    return cv2.dilate(mask.astype(np.uint8), kernel) > 0
+
+
+def edge_f1(predicted: np.ndarray, reference: np.ndarray, tolerance: int = 2) -> float:
+    """F1 of edge maps where a pixel within `tolerance` of an edge counts as a match
+    (the boundary-matching idea of the BSDS benchmark, Martin et al. 2004, simplified)."""
+    if not predicted.any() or not reference.any():
+        return float(predicted.any() == reference.any())
+    precision = (predicted & _near(reference, tolerance)).sum() / predicted.sum()
+    recall = (reference & _near(predicted, tolerance)).sum() / reference.sum()
+    return 0.0 if precision + recall == 0 else float(2 * precision * recall / (precision + recall))
+
+
+class CannyEdgeF1:
+    """Canny conditioning: F1 between the generated image's Canny edges and the
+    conditioning edge map (white edges on black)."""
+
+    name = "canny_edge_f1"
+
+    def score(self, generated: Image.Image, conditioning: Image.Image, prompt: str) -> dict[str, float]:
+        reference = _rgb(conditioning, generated.size).mean(axis=-1) > 0.5
+        return {"edge_f1": edge_f1(canny_edges(generated), reference)}
+
+
+METRICS: dict[str, ControlMetric] = {"fill_circles": FillCirclesIoU(), "canny": CannyEdgeF1()}
 
 
 def mean_scores(scores: list[dict[str, float]]) -> dict[str, float]:

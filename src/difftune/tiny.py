@@ -18,10 +18,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 SPECIALS = ("<|startoftext|>", "<|endoftext|>")
 LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
 
-# Sizes: "test" is diffusers' own fast-test configuration; "demo" is a little wider.
+# Sizes: "test" is diffusers' own fast-test configuration; "base" is the fill-circles base.
 SIZES = {
     "test": {"unet": (4, 8), "vae": (4, 8), "vae_groups": 2, "unet_groups": 1, "text": 32, "heads": 2},
-    "demo": {"unet": (32, 64), "vae": (16, 32), "vae_groups": 8, "unet_groups": 8, "text": 64, "heads": 8},
     # The fill-circles base (benchmarks/fill_circles/train_base.py): attention at 8x8 and 4x4.
     "base": {"unet": (32, 64, 64), "vae": (16, 32), "vae_groups": 8, "unet_groups": 8, "text": 64, "heads": 8,
              "down": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), "text_layers": 4},

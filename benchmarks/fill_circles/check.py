@@ -1,0 +1,62 @@
+"""Score a trained fill-circles ControlNet with diffusers' own pipeline, apart from training.
+
+Loads StableDiffusionControlNetPipeline from the base and RUN/final, generates for every
+held-out outline with its caption, once with the ControlNet (scale 1) and once without
+(scale 0, the floor), and prints mean control and colour IoU for both.
+
+    python benchmarks/fill_circles/check.py RUN_DIR [--base assets/fill-circles-base]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import datasets
+import torch
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+
+from difftune.metrics import FillCirclesIoU, mean_scores
+
+
+def evaluate(base: str, controlnet_dir: Path, held_out: str, steps: int, guidance: float, seed: int) -> dict:
+    rows = datasets.load_dataset(held_out, split="train")
+    controlnet = ControlNetModel.from_pretrained(controlnet_dir)
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(
+        base, controlnet=controlnet, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    metric = FillCirclesIoU()
+    results = {}
+    for label, scale in (("controlnet", 1.0), ("floor", 0.0)):
+        images = pipe(
+            list(rows["text"]),
+            image=[image.convert("RGB") for image in rows["conditioning_image"]],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            controlnet_conditioning_scale=scale,
+            generator=torch.Generator().manual_seed(seed),
+        ).images
+        scores = [metric.score(g, c, t) for g, c, t in zip(images, rows["conditioning_image"], rows["text"])]
+        results[label] = mean_scores(scores)
+    results["samples"] = len(rows)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--base", default="assets/fill-circles-base")
+    parser.add_argument("--held-out", default="assets/fill-circles/held-out")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance-scale", type=float, default=4.0)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    results = evaluate(args.base, args.run_dir / "final", args.held_out, args.steps, args.guidance_scale, args.seed)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
