@@ -9,8 +9,9 @@ from typing import Any
 from huggingface_hub import HfApi, ModelCardData
 
 from difftune.config import RunConfig
+from difftune.methods import METHODS
 
-TAGS = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "controlnet", "difftune"]
+TAGS = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "difftune"]
 
 
 def latest_validation(run_dir: Path) -> Path | None:
@@ -25,7 +26,7 @@ def write_model_card(run_dir: Path, config: RunConfig, folder: Path) -> Path:
         license="creativeml-openrail-m",
         base_model=config.model.pretrained,
         datasets=[config.data.path],
-        tags=TAGS,
+        tags=TAGS + METHODS[config.method.kind].card_tags,
         library_name="diffusers",
         inference=True,
     )
@@ -39,15 +40,13 @@ A {config.method.kind} trained with [difftune](https://pypi.org/project/difftune
 ({config.data.resolution} px, batch {config.train.batch_size} x {config.train.gradient_accumulation_steps} accumulation,
 learning rate {config.train.learning_rate}, {config.train.mixed_precision} precision).
 
-Each grid shows the conditioning image, then the generated images.
+Each grid shows the validation images for one prompt (after the conditioning image, if any).
 
 {gallery}
 ## Use
 
 ```python
-from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
-controlnet = ControlNetModel.from_pretrained("{_repo_name(config)}")
-pipe = StableDiffusionControlNetPipeline.from_pretrained("{config.model.pretrained}", controlnet=controlnet)
+{METHODS[config.method.kind].usage(_repo_name(config), config.model.pretrained)}
 ```
 """
     path = folder / "README.md"

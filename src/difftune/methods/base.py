@@ -23,6 +23,12 @@ class Method(Protocol):
     """Where a checkpoint keeps the trained weights in diffusers format."""
     floor_settings: dict[str, Any] | None
     """Generation settings that switch the method's effect off (the metric floor), if any."""
+    card_tags: list[str]
+    """Extra Hub tags for the model card."""
+
+    def usage(self, repo: str, base: str) -> str:
+        """Python that loads the result with diffusers, for the model card."""
+        ...
 
     def build(self, family: Family, parts: Parts, config: MethodConfig) -> nn.Module:
         """Freeze what stays frozen and return the module that trains."""

@@ -19,6 +19,7 @@ class ControlNet:
     needs_conditioning = True
     weights_subfolder = "controlnet"
     floor_settings = {"controlnet_conditioning_scale": 0.0}
+    card_tags = ["controlnet"]
     """Generation settings that switch the method off: the base alone, for the metric floor."""
 
     def build(self, family: Family, parts: Parts, config: MethodConfig) -> nn.Module:
@@ -45,6 +46,13 @@ class ControlNet:
 
     def save(self, family: Family, parts: Parts, model: nn.Module, out_dir: Path) -> None:
         model.save_pretrained(out_dir, safe_serialization=True)
+
+    def usage(self, repo: str, base: str) -> str:
+        return (
+            "from diffusers import ControlNetModel, StableDiffusionControlNetPipeline\n"
+            f'controlnet = ControlNetModel.from_pretrained("{repo}")\n'
+            f'pipe = StableDiffusionControlNetPipeline.from_pretrained("{base}", controlnet=controlnet)'
+        )
 
     def generate(
         self,

@@ -22,6 +22,7 @@ class FullFineTune:
     needs_conditioning = False
     weights_subfolder = "unet"
     floor_settings = None
+    card_tags = ["full-fine-tune"]
 
     def build(self, family: Family, parts: Parts, config: MethodConfig) -> nn.Module:
         for module in parts.modules():
@@ -48,6 +49,9 @@ class FullFineTune:
     def save(self, family: Family, parts: Parts, model: nn.Module, out_dir: Path) -> None:
         pipeline = family.text_to_image_pipeline(replace(parts, denoiser=model))
         pipeline.save_pretrained(out_dir, safe_serialization=True)
+
+    def usage(self, repo: str, base: str) -> str:
+        return f'from diffusers import StableDiffusionPipeline\npipe = StableDiffusionPipeline.from_pretrained("{repo}")'
 
     def generate(
         self,
