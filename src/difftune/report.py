@@ -50,9 +50,10 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float]]], y_range
     return "\n".join(parts)
 
 
-def _image_tag(path: Path) -> str:
+def _image_tag(path: Path, height: int = 96) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img src="data:image/png;base64,{data}" style="image-rendering:pixelated;height:128px">'
+    return (f'<img src="data:image/png;base64,{data}" title="{html.escape(path.name)}" '
+            f'style="image-rendering:pixelated;height:{height}px;margin:0 8px 8px 0">')
 
 
 def _metric_series(validations: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
@@ -96,12 +97,13 @@ def write_report(run_dir: Path, title: str) -> Path:
 def _grids(run_dir: Path) -> str:
     folders = sorted((run_dir / "validation").glob("step-*"))
     floor = run_dir / "validation" / "floor" / "metric-grid.png"
-    rows = ["<h2>validation over time</h2><table>"]
+    rows = ["<h2>validation over time</h2>",
+            "<p>Per step: one grid per validation prompt (conditioning, then generated images), "
+            "then the held-out metric set (conditionings above, generated below).</p>"]
     if floor.is_file():
-        rows.append(f"<tr><td>floor (control off)</td><td>{_image_tag(floor)}</td></tr>")
+        rows.append(f"<h3>floor (control off)</h3><div>{_image_tag(floor, 128)}</div>")
     for folder in folders:
         images = sorted(folder.glob("pair-*-grid.png")) + sorted(folder.glob("metric-grid.png"))
-        cells = "".join(f"<td>{_image_tag(p)}</td>" for p in images)
-        rows.append(f"<tr><td>{folder.name}</td>{cells}</tr>")
-    rows.append("</table>")
+        tags = "".join(_image_tag(p, 128 if p.name == "metric-grid.png" else 64) for p in images)
+        rows.append(f"<h3>{folder.name}</h3><div>{tags}</div>")
     return "\n".join(rows)
