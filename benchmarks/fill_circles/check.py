@@ -14,10 +14,34 @@ import json
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
+from PIL import ImageColor
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UniPCMultistepScheduler
 
-from difftune.metrics import FillCirclesIoU, mean_scores
+from difftune.data.synthetic import DEMO_PALETTE
+from difftune.metrics import CAPTION, FillCirclesIoU, mean_scores, standout_mask
+
+
+def nearest_palette_colour(pixels: np.ndarray) -> str:
+    """The palette name nearest the median colour of some pixels (N x 3, in [0, 1])."""
+    median = np.median(pixels, axis=0)
+    rgb = {name: np.array(ImageColor.getrgb(name), dtype=np.float32) / 255 for name in DEMO_PALETTE}
+    return min(rgb, key=lambda name: float(np.linalg.norm(rgb[name] - median)))
+
+
+def colour_accuracy(images: list, captions: list[str]) -> dict[str, float]:
+    """How often the disc and the background have the prompted colours (nearest palette
+    colour of the disc's and the rest's median), the base model's text conditioning check."""
+    disc_hits, background_hits = 0, 0
+    for image, caption in zip(images, captions):
+        array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+        disc = standout_mask(array)
+        match = CAPTION.match(caption)
+        if disc.any():
+            disc_hits += nearest_palette_colour(array[disc]) == match["fg"]
+        background_hits += nearest_palette_colour(array[~disc]) == match["bg"]
+    return {"disc_colour_accuracy": disc_hits / len(images), "background_colour_accuracy": background_hits / len(images)}
 
 
 def evaluate(base: str, controlnet_dir: Path, held_out: str, steps: int, guidance: float, seed: int) -> dict:
@@ -40,7 +64,7 @@ def evaluate(base: str, controlnet_dir: Path, held_out: str, steps: int, guidanc
             generator=torch.Generator().manual_seed(seed),
         ).images
         scores = [metric.score(g, c, t) for g, c, t in zip(images, rows["conditioning_image"], rows["text"])]
-        results[label] = mean_scores(scores)
+        results[label] = mean_scores(scores) | colour_accuracy(images, list(rows["text"]))
     results["samples"] = len(rows)
     return results
 

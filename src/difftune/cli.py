@@ -23,7 +23,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from difftune.training.checkpoint import ResumeError
     from difftune.training.optim import MissingExtra
 
-    return (ConfigError, DataError, ResumeError, MissingExtra)
+    from difftune.training.guards import NonFiniteLoss
+
+    return (ConfigError, DataError, ResumeError, MissingExtra, NonFiniteLoss)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -35,6 +37,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, list(args.set or []), values)
     final = train(config, console)
     if not _is_main_process():
+        return 0
+    if final is None:
+        console.print("stopped early; run the same command again to continue")
         return 0
     console.print(f"[green]done[/green]: {final}")
     if config.hub.push:

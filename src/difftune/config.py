@@ -124,6 +124,8 @@ class TrainConfig(_Section):
     resume: str | None = None
     """"latest" or a checkpoint folder to continue from."""
     report_to: Literal["tensorboard", "wandb", "all", "none"] = "tensorboard"
+    max_nonfinite_steps: int = Field(10, ge=0)
+    """Optimizer steps in a row with a NaN/inf loss (each skipped) before the run stops."""
     log_every: int = Field(1, gt=0)
     """Write an events.jsonl line every N optimizer steps."""
     tracker_project_name: str = "difftune"

@@ -21,6 +21,7 @@ from difftune.training.checkpoint import (
     save_checkpoint,
     store_weights_in_diffusers_format,
 )
+from difftune.training.guards import NonFiniteGuard, NonFiniteLoss, StopSignals, agreed, all_finite
 from difftune.training.events import EventLog, Throughput, peak_memory_mb, progress_bar
 from difftune.training.optim import make_lr_scheduler, make_optimizer, steps_per_epoch, total_steps
 from difftune.training.step import Trainee, step_generator, training_loss
@@ -45,6 +46,8 @@ class Run:
         setup.write_run_config(config, self.accelerator)
         self.events = EventLog(self.run_dir, self.accelerator.is_main_process)
         self.trainee = self._load_models(checked)
+        self.nonfinite = NonFiniteGuard(config.train.max_nonfinite_steps)
+        self.stop = StopSignals()
         self.loader, self.sampler = setup.make_dataloader(
             checked.samples, config, self.accelerator.num_processes
         )
@@ -75,17 +78,18 @@ class Run:
         self.samples_per_epoch = self.sampler.padded
         self.samples_per_step = train.batch_size * train.gradient_accumulation_steps * processes
 
-    def fit(self) -> Path:
-        """Train to max_steps (continuing from a checkpoint if there is one); return final/."""
+    def fit(self) -> Path | None:
+        """Train to max_steps (continuing from a checkpoint if there is one); return final/,
+        or None when a stop signal ended the run early (after a checkpoint)."""
         state = self._restore()
         if self.accelerator.is_main_process:
             self.accelerator.init_trackers(self.config.train.tracker_project_name, config=_flat(self.config))
         self.events.write("start", step=state.step, max_steps=self.max_steps,
                           resumed_from=str(self.resume_from) if self.resume_from else None)
-        with progress_bar(self.console, self.accelerator.is_main_process) as bar:
+        with StopSignals() as self.stop, progress_bar(self.console, self.accelerator.is_main_process) as bar:
             task = bar.add_task("train", total=self.max_steps, completed=state.step, loss=0.0, rate=0.0)
-            self._train(state, lambda **kw: bar.update(task, **kw))
-        final = self._finish(state)
+            finished = self._train(state, lambda **kw: bar.update(task, **kw))
+        final = self._finish(state) if finished else None
         self.accelerator.end_training()
         return final
 
@@ -98,32 +102,55 @@ class Run:
         self.console.log(f"resuming from {self.resume_from} at step {state.step}")
         return state
 
-    def _train(self, state: TrainState, show: Any) -> None:
-        clock, model, train = Throughput(), self.trainee.model, self.config.train
+    def _train(self, state: TrainState, show: Any) -> bool:
+        """Run optimizer steps to max_steps; False if a stop signal ended it early."""
+        clock = Throughput()
         while state.step < self.max_steps:
             if state.samples_in_epoch >= self.samples_per_epoch:
                 state.epoch, state.samples_in_epoch = state.epoch + 1, 0
             self.sampler.start_epoch(state.epoch, state.samples_in_epoch)
             for batch in self.loader:
-                generator = step_generator(self.accelerator.device, train.seed, state.epoch,
-                                           state.samples_in_epoch // self.global_batch,
-                                           self.accelerator.process_index)
-                with self.accelerator.accumulate(model):
-                    loss = training_loss(self.trainee, batch, generator)
-                    self.accelerator.backward(loss)
-                    if self.accelerator.sync_gradients:
-                        self.accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
-                    self.optimizer.step()
-                    self.schedule.step()
-                    self.optimizer.zero_grad(set_to_none=train.set_grads_to_none)
+                loss = self._micro_step(batch, state)
                 state.samples_in_epoch += self.global_batch
-                if self.accelerator.sync_gradients:
-                    state.step += 1
-                    mean_loss = self.accelerator.reduce(loss.detach(), reduction="mean").item()
-                    self._after_step(state, mean_loss, clock, show)
-                    if state.step >= self.max_steps:
-                        return
+                if not self.accelerator.sync_gradients:
+                    continue
+                state.step += 1
+                self._after_step(state, loss, clock, show)
+                if agreed(self.accelerator, self.stop.requested):
+                    self._stop(state)
+                    return False
+                if state.step >= self.max_steps:
+                    return True
             state.samples_in_epoch = self.samples_per_epoch
+        return True
+
+    def _micro_step(self, batch: dict[str, Any], state: TrainState) -> float:
+        """Forward, backward and (on sync steps) an optimizer step; a non-finite loss
+        skips the update and drops the gradients gathered so far."""
+        model, train, accelerator = self.trainee.model, self.config.train, self.accelerator
+        generator = step_generator(accelerator.device, train.seed, state.epoch,
+                                   state.samples_in_epoch // self.global_batch, accelerator.process_index)
+        with accelerator.accumulate(model):
+            loss = training_loss(self.trainee, batch, generator)
+            if not self.nonfinite.finite(accelerator, loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.events.write("nonfinite", step=state.step + 1, in_a_row=self.nonfinite.in_a_row,
+                                  total=self.nonfinite.total)
+                return float("nan")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+            self.optimizer.step()
+            self.schedule.step()
+            self.optimizer.zero_grad(set_to_none=train.set_grads_to_none)
+        return accelerator.reduce(loss.detach(), reduction="mean").item()
+
+    def _stop(self, state: TrainState) -> None:
+        """A stop signal: keep the work (a checkpoint at this step) and leave cleanly."""
+        if not (self.run_dir / "checkpoints" / f"step-{state.step:06d}").is_dir():
+            self._checkpoint(state)
+        self.events.write("stopped", step=state.step, reason="signal")
+        self.console.log(f"stopped at step {state.step}; run the same command again to resume")
 
     def _after_step(self, state: TrainState, loss: float, clock: Throughput, show: Any) -> None:
         rate = clock.update(self.samples_per_step)
@@ -142,6 +169,8 @@ class Run:
         clock.restart()
 
     def _checkpoint(self, state: TrainState) -> None:
+        if not all_finite(self.trainee.model):
+            raise NonFiniteLoss(f"step {state.step}: the weights are not finite; not saving them")
         started = time.perf_counter()
         path = save_checkpoint(self.accelerator, self.run_dir, state,
                                self.config.train.checkpoints_total_limit)
@@ -204,5 +233,5 @@ def _flat(config: RunConfig) -> dict[str, Any]:
     return flat
 
 
-def train(config: RunConfig, console: Console | None = None) -> Path:
+def train(config: RunConfig, console: Console | None = None) -> Path | None:
     return Run(config, console).fit()

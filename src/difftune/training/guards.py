@@ -1,0 +1,76 @@
+"""Guards that keep a run from losing work: stop signals and non-finite losses."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many optimizer steps in a row had a NaN or infinite loss."""
+
+
+def agreed(accelerator: Accelerator, flag: bool) -> bool:
+    """True when the flag is set on any process, so every rank takes the same branch."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+
+
+class StopSignals:
+    """SIGTERM or a first Ctrl+C asks the run to stop after the current step (it then
+    checkpoints and exits cleanly); a second Ctrl+C stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGTERM, signal.SIGINT):
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+    def _handle(self, number: int, frame: FrameType | None) -> None:
+        if self.requested and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+class NonFiniteGuard:
+    """Counts steps whose loss is NaN or infinite; too many in a row ends the run."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_a_row = 0
+        self.total = 0
+
+    def finite(self, accelerator: Accelerator, loss: torch.Tensor) -> bool:
+        bad = agreed(accelerator, not bool(torch.isfinite(loss.detach()).all()))
+        if not bad:
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row > self.limit:
+            raise NonFiniteLoss(
+                f"{self.in_a_row} steps in a row had a non-finite loss (train.max_nonfinite_steps = "
+                f"{self.limit}); stopping. Checkpoints hold only finite weights: lower "
+                "train.learning_rate or use bf16 instead of fp16, then resume."
+            )
+        return False
+
+
+def all_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())

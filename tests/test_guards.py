@@ -1,0 +1,76 @@
+"""Never lose a run: non-finite losses are skipped, never saved; SIGTERM checkpoints and exits 0."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import difftune.training.loop as loop_module
+from conftest import run_config
+from difftune.config import build_config, to_toml
+from difftune.training.events import read_events
+from difftune.training.guards import NonFiniteLoss
+from difftune.training.loop import Run
+
+
+def _poison(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int]) -> None:
+    """Make the loss NaN on the given (1-based) calls of the training loss."""
+    real = loop_module.training_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] in bad_calls else loss
+
+    monkeypatch.setattr(loop_module, "training_loss", poisoned)
+
+
+def test_nonfinite_steps_are_skipped(monkeypatch, tiny_base: Path, circles: Path, tmp_path: Path) -> None:
+    _poison(monkeypatch, {2, 3})
+    Run(build_config(run_config(tiny_base, circles, tmp_path / "run", train={"max_steps": 5}))).fit()
+    events = read_events(tmp_path / "run")
+    assert [e["step"] for e in events if e["event"] == "nonfinite"] == [2, 3]
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4, 5]
+    weights = load_file(tmp_path / "run" / "final" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_too_many_nonfinite_steps_stop_the_run(monkeypatch, tiny_base: Path, circles: Path, tmp_path: Path) -> None:
+    _poison(monkeypatch, set(range(3, 100)))
+    raw = run_config(tiny_base, circles, tmp_path / "run", train={"max_steps": 10, "max_nonfinite_steps": 2})
+    with pytest.raises(NonFiniteLoss, match="3 steps in a row"):
+        Run(build_config(raw)).fit()
+    saved = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    # steps 3 and 4 were skipped (no update), so step 4's checkpoint equals step 2's weights
+    assert [p.name for p in saved] == ["step-000002", "step-000004"]
+    two, four = (load_file(p / "controlnet" / "diffusion_pytorch_model.safetensors") for p in saved)
+    assert all(torch.isfinite(v).all() and torch.equal(v, four[k]) for k, v in two.items())
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tiny_base: Path, circles: Path, tmp_path: Path) -> None:
+    raw = run_config(tiny_base, circles, tmp_path / "run", train={"max_steps": 400, "checkpoint_every": 1000})
+    config = tmp_path / "c.toml"
+    config.write_text(to_toml(build_config(raw)))
+    process = subprocess.Popen([sys.executable, "-m", "difftune", "train", str(config)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    events = tmp_path / "run" / "events.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and '"event": "step"' not in (events.read_text() if events.exists() else ""):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-2000:]
+    stopped = [e for e in read_events(tmp_path / "run") if e["event"] == "stopped"]
+    assert len(stopped) == 1 and 0 < stopped[0]["step"] < 400
+    checkpoint = tmp_path / "run" / "checkpoints" / f"step-{stopped[0]['step']:06d}"
+    assert (checkpoint / "COMPLETE").is_file()
+    assert not (tmp_path / "run" / "final").exists()
+    assert "run the same command again" in stderr
