@@ -2,7 +2,8 @@
 
 Loads StableDiffusionControlNetPipeline from the base and RUN/final, generates for every
 held-out outline with its caption, once with the ControlNet (scale 1) and once without
-(scale 0, the floor), and prints mean control and colour IoU for both.
+(scale 0, the floor), and prints for both the mean control and colour IoU and how often
+the disc and the background have the prompted palette colour.
 
     python benchmarks/fill_circles/check.py RUN_DIR [--base assets/fill-circles-base]
 """

@@ -7,7 +7,7 @@
 
 The result is a diffusers pipeline folder (safetensors) that the demo ControlNet uses.
 
-    python benchmarks/fill_circles/train_base.py OUT_DIR [--unet-steps 4000]
+    python benchmarks/fill_circles/train_base.py OUT_DIR [--unet-steps 6000]
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--samples", type=int, default=20000)
     parser.add_argument("--vae-steps", type=int, default=800)
-    parser.add_argument("--unet-steps", type=int, default=4000)
+    parser.add_argument("--unet-steps", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
