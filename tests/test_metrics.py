@@ -71,6 +71,9 @@ def test_run_logs_metric_and_floor(tiny_base: Path, circles: Path, held_out: Pat
     assert 0.0 <= validations[0]["metrics"]["control_iou"] <= 1.0
     assert Image.open(tmp_path / "run" / "validation" / "step-000002" / "metric-grid.png").size == (128, 128)
     assert (tmp_path / "run" / "validation" / "floor" / "metric-grid.png").is_file()
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert report.count("<svg") == 2  # loss, metrics against the floor
+    assert "floor control_iou" in report and report.count("data:image/png;base64,") >= 3
 
 
 def test_metric_needs_data() -> None:

@@ -56,6 +56,18 @@ def _image_tag(path: Path, height: int = 96) -> str:
             f'style="image-rendering:pixelated;height:{height}px;margin:0 8px 8px 0">')
 
 
+def _moving_mean(points: list[tuple[float, float]], window: int) -> list[tuple[float, float]]:
+    """Each point's mean over the last `window` finite values (the loss is noisy: each
+    step draws other timesteps)."""
+    smoothed, recent = [], []
+    for x, y in points:
+        if math.isfinite(y):
+            recent = (recent + [y])[-window:]
+        if recent:
+            smoothed.append((x, sum(recent) / len(recent)))
+    return smoothed
+
+
 def _metric_series(validations: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
     series: dict[str, list[tuple[float, float]]] = {}
     for event in validations:
@@ -78,7 +90,8 @@ def write_report(run_dir: Path, title: str) -> Path:
         last = steps[-1]
         body.append(f"<p>step {last['step']}, loss {last['loss']:.4f}, "
                     f"{last['samples_per_s']:.1f} samples/s, peak memory {last['peak_memory_mb']:.0f} MB</p>")
-        body.append(line_chart("training loss", {"loss": [(e["step"], e["loss"]) for e in steps]}))
+        losses = [(e["step"], e["loss"]) for e in steps]
+        body.append(line_chart("training loss", {"loss": losses, "loss, mean of 10": _moving_mean(losses, 10)}))
     if any(e.get("metrics") for e in validations):
         latest = validations[-1]
         summary = ", ".join(f"{k} {v:.3f}" for k, v in (latest.get("metrics") or {}).items())
