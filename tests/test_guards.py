@@ -74,3 +74,15 @@ def test_sigterm_checkpoints_and_exits_cleanly(tiny_base: Path, circles: Path, t
     assert (checkpoint / "COMPLETE").is_file()
     assert not (tmp_path / "run" / "final").exists()
     assert "run the same command again" in stderr
+
+
+def test_nonfinite_micro_batch_skips_its_whole_accumulation_window(monkeypatch, tiny_base: Path, circles: Path, tmp_path: Path) -> None:
+    _poison(monkeypatch, {1, 3})  # the first micro-batch of windows 1 and 2
+    raw = run_config(tiny_base, circles, tmp_path / "run",
+                     train={"max_steps": 4, "gradient_accumulation_steps": 2, "max_nonfinite_steps": 1})
+    with pytest.raises(NonFiniteLoss, match="2 steps in a row"):
+        Run(build_config(raw)).fit()
+    events = read_events(tmp_path / "run")
+    assert [(e["step"], e["in_a_row"]) for e in events if e["event"] == "nonfinite"] == [(1, 1), (2, 2)]
+    lines = (tmp_path / "run" / "events.jsonl").read_text()
+    assert "NaN" not in lines  # strict JSON: a skipped step's loss is null

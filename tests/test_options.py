@@ -97,3 +97,15 @@ def test_controlnet_validation_prompts_need_images(tiny_base: Path, circles: Pat
     raw["validation"]["prompts"] = ["red circle with blue background"]
     with pytest.raises(ConfigError, match="validation.images: method 'controlnet' needs a conditioning image"):
         Run(build_config(raw))
+
+
+def test_full_method_under_bf16_saves_an_fp32_pipeline_that_generates(tiny_base: Path, circles: Path, tmp_path: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    raw = run_config(tiny_base, circles, tmp_path / "run", method={"kind": "full"},
+                     train={"max_steps": 1, "mixed_precision": "bf16"})
+    Run(build_config(raw)).fit()
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "final")
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
+    image = pipe("red circle with blue background", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 64, 64, 3)

@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image, ImageColor
 
-CAPTION = re.compile(r"^\s*(?P<fg>[a-z]+) circle with (?P<bg>[a-z]+) background\s*$")
+CAPTION = re.compile(r"^\s*(?P<fg>[a-z ]+?) circle with (?P<bg>[a-z ]+?) background\s*$")
 
 
 class ControlMetric(Protocol):
@@ -75,7 +75,8 @@ def caption_colours(prompt: str) -> tuple[np.ndarray, np.ndarray] | None:
     if match is None:
         return None
     try:
-        fg, bg = (np.array(ImageColor.getrgb(match[k])[:3], dtype=np.float32) / 255 for k in ("fg", "bg"))
+        fg, bg = (np.array(ImageColor.getrgb(match[k].replace(" ", ""))[:3], dtype=np.float32) / 255
+                  for k in ("fg", "bg"))
     except ValueError:
         return None
     return fg, bg

@@ -56,6 +56,11 @@ def _image_tag(path: Path, height: int = 96) -> str:
             f'style="image-rendering:pixelated;height:{height}px;margin:0 8px 8px 0">')
 
 
+def _number(value: float | None) -> float:
+    """events.jsonl writes a non-finite value as null."""
+    return float("nan") if value is None else float(value)
+
+
 def _moving_mean(points: list[tuple[float, float]], window: int) -> list[tuple[float, float]]:
     """Each point's mean over the last `window` finite values (the loss is noisy: each
     step draws other timesteps)."""
@@ -72,11 +77,11 @@ def _metric_series(validations: list[dict[str, Any]]) -> dict[str, list[tuple[fl
     series: dict[str, list[tuple[float, float]]] = {}
     for event in validations:
         for name, value in (event.get("metrics") or {}).items():
-            series.setdefault(name, []).append((event["step"], value))
+            series.setdefault(name, []).append((event["step"], _number(value)))
     last_step = validations[-1]["step"] if validations else 0
     floor = next((e["floor"] for e in validations if e.get("floor")), None) or {}
     for name, value in floor.items():
-        series[f"floor {name}"] = [(0, value), (last_step, value)]
+        series[f"floor {name}"] = [(0, _number(value)), (last_step, _number(value))]
     return series
 
 
@@ -88,14 +93,14 @@ def write_report(run_dir: Path, title: str) -> Path:
     body = [f"<h1>{html.escape(title)}</h1>"]
     if steps:
         last = steps[-1]
-        body.append(f"<p>step {last['step']}, loss {last['loss']:.4f}, "
+        body.append(f"<p>step {last['step']}, loss {_number(last['loss']):.4f}, "
                     f"{last['samples_per_s']:.1f} samples/s, peak memory {last['peak_memory_mb']:.0f} MB</p>")
-        losses = [(e["step"], e["loss"]) for e in steps]
+        losses = [(e["step"], _number(e["loss"])) for e in steps]
         body.append(line_chart("training loss", {"loss": losses, "loss, mean of 10": _moving_mean(losses, 10)}))
     if any(e.get("metrics") for e in validations):
         latest = validations[-1]
-        summary = ", ".join(f"{k} {v:.3f}" for k, v in (latest.get("metrics") or {}).items())
-        floor = ", ".join(f"{k} {v:.3f}" for k, v in (latest.get("floor") or {}).items())
+        summary = ", ".join(f"{k} {_number(v):.3f}" for k, v in (latest.get("metrics") or {}).items())
+        floor = ", ".join(f"{k} {_number(v):.3f}" for k, v in (latest.get("floor") or {}).items())
         body.append(f"<p>latest metrics: {summary}; floor (control off): {floor or 'n/a'}</p>")
         body.append(line_chart("control metrics (dashed: floor)", _metric_series(validations), (0.0, 1.0)))
     body.append(_grids(run_dir))

@@ -34,7 +34,7 @@ class StableDiffusion:
         source = config.pretrained
         tokenizer = AutoTokenizer.from_pretrained(
             config.tokenizer or source,
-            subfolder=None if config.tokenizer else "tokenizer",
+            subfolder="" if config.tokenizer else "tokenizer",
             **common,
         )
         weights = {**common, "variant": config.variant}

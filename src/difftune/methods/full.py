@@ -5,6 +5,7 @@ On a random-weight base this is training from scratch (how the demo base is made
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,9 @@ class FullFineTune:
         return per_sample_loss.mean()
 
     def save(self, family: Family, parts: Parts, model: nn.Module, out_dir: Path) -> None:
-        pipeline = family.text_to_image_pipeline(replace(parts, denoiser=model))
+        # Frozen parts may sit in bf16/fp16 for training; the saved pipeline is fp32 throughout.
+        full_precision = replace(parts, denoiser=model, vae=_fp32(parts.vae), text_encoder=_fp32(parts.text_encoder))
+        pipeline = family.text_to_image_pipeline(full_precision)
         pipeline.save_pretrained(out_dir, safe_serialization=True)
 
     def usage(self, repo: str, base: str) -> str:
@@ -67,3 +70,9 @@ class FullFineTune:
         pipeline = family.text_to_image_pipeline(replace(parts, denoiser=inference_copy(model, frozen_dtype)))
         pipeline.set_progress_bar_config(disable=True)
         return pipeline(prompt, generator=generator, **settings).images
+
+
+def _fp32(module: nn.Module) -> nn.Module:
+    if all(p.dtype == torch.float32 for p in module.parameters()):
+        return module
+    return copy.deepcopy(module).to(torch.float32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 import time
 from pathlib import Path
@@ -50,9 +51,18 @@ class EventLog:
     def write(self, kind: str, **fields: Any) -> None:
         if not self.enabled:
             return
-        record = {"event": kind, "time": round(time.time(), 3), **fields}
+        record = {"event": kind, "time": round(time.time(), 3), **_json_safe(fields)}
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+def _json_safe(value: Any) -> Any:
+    """JSON has no NaN or infinity: such values (a skipped step's loss) become null."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def read_events(run_dir: Path) -> list[dict[str, Any]]:

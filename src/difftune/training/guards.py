@@ -56,11 +56,11 @@ class NonFiniteGuard:
         self.in_a_row = 0
         self.total = 0
 
-    def finite(self, accelerator: Accelerator, loss: torch.Tensor) -> bool:
-        bad = agreed(accelerator, not bool(torch.isfinite(loss.detach()).all()))
-        if not bad:
-            self.in_a_row = 0
-            return True
+    def good(self) -> None:
+        self.in_a_row = 0
+
+    def bad(self) -> None:
+        """Count a skipped optimizer step; raise when there were too many in a row."""
         self.in_a_row += 1
         self.total += 1
         if self.in_a_row > self.limit:
@@ -69,7 +69,6 @@ class NonFiniteGuard:
                 f"{self.limit}); stopping. Checkpoints hold only finite weights: lower "
                 "train.learning_rate or use bf16 instead of fp16, then resume."
             )
-        return False
 
 
 def all_finite(model: torch.nn.Module) -> bool:

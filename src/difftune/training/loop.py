@@ -47,6 +47,8 @@ class Run:
         self.events = EventLog(self.run_dir, self.accelerator.is_main_process)
         self.trainee = self._load_models(checked)
         self.nonfinite = NonFiniteGuard(config.train.max_nonfinite_steps)
+        self.window_bad = False  # a non-finite loss in the current accumulation window
+        self.saved_step = -1  # the step of this process's last checkpoint
         self.stop = StopSignals()
         self.loader, self.sampler = setup.make_dataloader(
             checked.samples, config, self.accelerator.num_processes
@@ -115,8 +117,9 @@ class Run:
                 if not self.accelerator.sync_gradients:
                     continue
                 state.step += 1
-                self._after_step(state, loss, clock, show)
-                if agreed(self.accelerator, self.stop.requested):
+                stopping = agreed(self.accelerator, self.stop.requested)
+                self._after_step(state, loss, clock, show, validate=not stopping)
+                if stopping:
                     self._stop(state)
                     return False
                 if state.step >= self.max_steps:
@@ -125,34 +128,54 @@ class Run:
         return True
 
     def _micro_step(self, batch: dict[str, Any], state: TrainState) -> float:
-        """Forward, backward and (on sync steps) an optimizer step; a non-finite loss
-        skips the update and drops the gradients gathered so far."""
-        model, train, accelerator = self.trainee.model, self.config.train, self.accelerator
+        """Forward and backward; on the window's last micro-batch, the optimizer step.
+        A non-finite loss anywhere in the accumulation window skips that whole step."""
+        train, accelerator = self.config.train, self.accelerator
         generator = step_generator(accelerator.device, train.seed, state.epoch,
                                    state.samples_in_epoch // self.global_batch, accelerator.process_index)
-        with accelerator.accumulate(model):
+        with accelerator.accumulate(self.trainee.model):
             loss = training_loss(self.trainee, batch, generator)
-            if not self.nonfinite.finite(accelerator, loss):
-                self.optimizer.zero_grad(set_to_none=True)
-                self.events.write("nonfinite", step=state.step + 1, in_a_row=self.nonfinite.in_a_row,
-                                  total=self.nonfinite.total)
-                return float("nan")
-            accelerator.backward(loss)
+            finite = not agreed(accelerator, not bool(torch.isfinite(loss.detach()).all()))
+            if finite:
+                accelerator.backward(loss)
+            self.window_bad |= not finite
             if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+                self._optimizer_step(state)
+                self.window_bad = False
+            else:
+                self.schedule.step()  # as accelerate expects on every micro-batch
+        return accelerator.reduce(loss.detach(), reduction="mean").item() if finite else float("nan")
+
+    def _optimizer_step(self, state: TrainState) -> None:
+        """Clip and step, unless the window's loss or gradient norm was not finite: then
+        the gradients are dropped, the step is skipped and counted."""
+        model, train, accelerator = self.trainee.model, self.config.train, self.accelerator
+        good = not self.window_bad
+        if good:
+            norm = accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+            good = norm is None or not agreed(accelerator, not bool(torch.isfinite(norm).all()))
+        if good:
             self.optimizer.step()
             self.schedule.step()
             self.optimizer.zero_grad(set_to_none=train.set_grads_to_none)
-        return accelerator.reduce(loss.detach(), reduction="mean").item()
+            self.nonfinite.good()
+            return
+        # accelerate's zero_grad does nothing off a sync step; clear the real optimizer's
+        self.optimizer.optimizer.zero_grad(set_to_none=True)
+        self.events.write("nonfinite", step=state.step + 1, in_a_row=self.nonfinite.in_a_row + 1,
+                          total=self.nonfinite.total + 1)
+        self.nonfinite.bad()
 
     def _stop(self, state: TrainState) -> None:
         """A stop signal: keep the work (a checkpoint at this step) and leave cleanly."""
-        if not (self.run_dir / "checkpoints" / f"step-{state.step:06d}").is_dir():
+        if self.saved_step != state.step:
             self._checkpoint(state)
         self.events.write("stopped", step=state.step, reason="signal")
         self.console.log(f"stopped at step {state.step}; run the same command again to resume")
 
-    def _after_step(self, state: TrainState, loss: float, clock: Throughput, show: Any) -> None:
+    def _after_step(
+        self, state: TrainState, loss: float, clock: Throughput, show: Any, validate: bool = True
+    ) -> None:
         rate = clock.update(self.samples_per_step)
         show(advance=1, loss=loss, rate=rate)
         if state.step % self.config.train.log_every == 0 or state.step == self.max_steps:
@@ -162,7 +185,7 @@ class Run:
             self.events.write("step", step=state.step, epoch=state.epoch, loss=loss, lr=lr,
                               samples_per_s=round(rate, 3), eta_s=round(eta, 1),
                               peak_memory_mb=round(peak_memory_mb(self.accelerator.device), 1))
-        if state.step % self.config.validation.every == 0 and state.step < self.max_steps:
+        if validate and state.step % self.config.validation.every == 0 and state.step < self.max_steps:
             self._validate(state.step)
         if state.step % self.config.train.checkpoint_every == 0:
             self._checkpoint(state)
@@ -174,6 +197,7 @@ class Run:
         started = time.perf_counter()
         path = save_checkpoint(self.accelerator, self.run_dir, state,
                                self.config.train.checkpoints_total_limit)
+        self.saved_step = state.step
         self.events.write("checkpoint", path=str(path),
                           seconds=round(time.perf_counter() - started, 2), **asdict(state))
 
@@ -212,6 +236,8 @@ class Run:
     def _finish(self, state: TrainState) -> Path:
         final = self.run_dir / "final"
         self.accelerator.wait_for_everyone()
+        if not all_finite(self.trainee.model):
+            raise NonFiniteLoss(f"step {state.step}: the weights are not finite; final/ not written")
         if self.accelerator.is_main_process:
             model = self.accelerator.unwrap_model(self.trainee.model)
             self.trainee.method.save(self.trainee.family, self.trainee.parts, model, final)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 
 from difftune.config import ConfigError, RunConfig, to_toml
@@ -79,6 +80,8 @@ def make_accelerator(config: RunConfig) -> Accelerator:
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         mixed_precision=config.train.mixed_precision,
         log_with=TRACKERS[config.train.report_to] or None,
+        # Other ranks wait at a barrier while rank 0 validates; NCCL's default 10 min is short.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
     )
     if config.train.allow_tf32 and torch.cuda.is_available():
