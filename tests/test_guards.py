@@ -1,6 +1,5 @@
 """Never lose a run: non-finite losses are skipped, never saved; SIGTERM checkpoints and exits 0."""
 
-import json
 import signal
 import subprocess
 import sys

@@ -23,7 +23,7 @@ from difftune.training.checkpoint import (
 )
 from difftune.training.guards import NonFiniteGuard, NonFiniteLoss, StopSignals, agreed, all_finite
 from difftune.training.events import EventLog, Throughput, peak_memory_mb, progress_bar
-from difftune.training.optim import make_lr_scheduler, make_optimizer, steps_per_epoch, total_steps
+from difftune.training.optim import make_lr_scheduler, make_optimizer, total_steps
 from difftune.training.step import Trainee, step_generator, training_loss
 from difftune.report import write_report
 from difftune.scoring import score_control
