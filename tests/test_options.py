@@ -22,7 +22,7 @@ def test_accumulation_checkpointing_and_schedule(tiny_base: Path, circles: Path,
         "lr_scheduler": "linear", "lr_warmup_steps": 1, "max_steps": 3, "checkpoint_every": 10,
     })
     run = Run(build_config(raw))
-    assert run.trainee.model.is_gradient_checkpointing
+    assert run.trainee.trained["controlnet"].is_gradient_checkpointing
     run.fit()
     steps = _steps(tmp_path / "run")
     assert [s["step"] for s in steps] == [1, 2, 3]
@@ -47,7 +47,7 @@ def test_bf16_mixed_precision_keeps_controlnet_fp32(tiny_base: Path, circles: Pa
     assert run.trainee.parts.denoiser.dtype == torch.bfloat16
     assert run.trainee.parts.vae.dtype == torch.bfloat16
     run.fit()
-    trained = run.accelerator.unwrap_model(run.trainee.model)
+    trained = run.accelerator.unwrap_model(run.trainee.trained["controlnet"])
     assert all(p.dtype == torch.float32 for p in trained.parameters())
     assert torch.isfinite(torch.tensor(_steps(tmp_path / "run")[0]["loss"]))
     assert (tmp_path / "run" / "validation" / "step-000001" / "pair-00-grid.png").is_file()
@@ -59,7 +59,7 @@ def test_continue_from_existing_controlnet(tiny_base: Path, circles: Path, tmp_p
     second = run_config(tiny_base, circles, tmp_path / "second", train={"max_steps": 1},
                         method={"kind": "controlnet", "controlnet": str(tmp_path / "first" / "final")})
     run = Run(build_config(second))
-    loaded = run.accelerator.unwrap_model(run.trainee.model).state_dict()
+    loaded = run.accelerator.unwrap_model(run.trainee.trained["controlnet"]).state_dict()
     from safetensors.torch import load_file
 
     saved = load_file(tmp_path / "first" / "final" / "diffusion_pytorch_model.safetensors")

@@ -1,4 +1,10 @@
-"""Noise, timesteps and regression targets for denoising training."""
+"""Noise, timesteps, regression targets and per-sample loss weights for denoising training.
+
+Every random draw is made per sample, from that sample's own generator (seeded by where
+the sample sits in the data, see training/step.py). So a sample gets the same noise
+whatever batch it is in: a resumed run, a run split over more processes, or a
+DreamBooth batch with class images appended all see identical noise per sample.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers.training_utils import compute_snr
+
+from difftune.config import ObjectiveConfig
 
 
 @dataclass(frozen=True)
@@ -20,29 +29,57 @@ class DiscreteDiffusion:
     """DDPM-style training (Ho et al. 2020): t ~ U{0..T-1}, x_t = sqrt(a_t) x0 + sqrt(1-a_t) eps.
 
     The target is eps, or v = sqrt(a_t) eps - sqrt(1-a_t) x0 (Salimans & Ho 2022), as the
-    scheduler's prediction_type says.
+    scheduler's prediction_type says (or the config overrides; the scheduler is then
+    updated so saved pipelines sample with the type they were trained for).
     """
 
-    def __init__(self, scheduler: Any) -> None:
+    def __init__(self, scheduler: Any, options: ObjectiveConfig | None = None) -> None:
+        self.options = options or ObjectiveConfig()
+        if self.options.prediction_type is not None:
+            scheduler.register_to_config(prediction_type=self.options.prediction_type)
         self.scheduler = scheduler
         self.prediction_type = scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
 
-    def sample(self, latents: torch.Tensor, generator: torch.Generator) -> NoisedBatch:
+    def sample(self, latents: torch.Tensor, generators: list[torch.Generator]) -> NoisedBatch:
         latents = latents.float()
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-        steps = self.scheduler.config.num_train_timesteps
-        timesteps = torch.randint(
-            0, steps, (latents.shape[0],), generator=generator, device=latents.device
-        ).long()
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        timesteps, noise, input_noise = self._draw(latents, generators)
+        noisy = self.scheduler.add_noise(latents, input_noise, timesteps)
         if self.prediction_type == "epsilon":
             target = noise
         else:
             target = self.scheduler.get_velocity(latents, noise, timesteps)
-        weight = torch.ones(latents.shape[0], device=latents.device)
-        return NoisedBatch(noisy, timesteps, target, weight)
+        return NoisedBatch(noisy, timesteps, target, self._weight(timesteps))
+
+    def _draw(
+        self, latents: torch.Tensor, generators: list[torch.Generator]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per sample, in a fixed order: timestep, noise, offset, perturbation."""
+        steps = self.scheduler.config.num_train_timesteps
+        shape, device = latents.shape[1:], latents.device
+        offset, perturbation = self.options.noise_offset, self.options.input_perturbation
+        timesteps, noise, input_noise = [], [], []
+        for generator in generators:
+            timesteps.append(torch.randint(0, steps, (1,), generator=generator, device=device))
+            eps = torch.randn(shape, generator=generator, device=device)
+            if offset:  # one shift per channel (Guttenberg 2023)
+                eps = eps + offset * torch.randn((shape[0], 1, 1), generator=generator, device=device)
+            noise.append(eps)
+            if perturbation:
+                eps = eps + perturbation * torch.randn(shape, generator=generator, device=device)
+            input_noise.append(eps)
+        return torch.cat(timesteps).long(), torch.stack(noise), torch.stack(input_noise)
+
+    def _weight(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma: min(SNR, gamma) / SNR for eps, / (SNR + 1) for v."""
+        gamma = self.options.snr_gamma
+        if gamma is None:
+            return torch.ones(timesteps.shape[0], device=timesteps.device)
+        snr = compute_snr(self.scheduler, timesteps).float()
+        clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+        denominator = snr if self.prediction_type == "epsilon" else snr + 1
+        return clipped / denominator
 
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

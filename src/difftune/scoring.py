@@ -9,14 +9,13 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch import nn
 
 from difftune.config import DataConfig, RunConfig
 from difftune.data.sources import (
     Columns, DataError, check_columns, check_files, load_rows, open_image, undecoded,
 )
 from difftune.families.base import Family, Parts
-from difftune.methods.base import Method
+from difftune.methods.base import Method, Trained, evaluating
 from difftune.metrics import METRICS, ControlMetric, mean_scores
 from difftune.validation import grid
 
@@ -67,7 +66,7 @@ def score_control(
     family: Family,
     parts: Parts,
     method: Method,
-    model: nn.Module,
+    trained: Trained,
     metric_set: MetricSet,
     config: RunConfig,
     out_dir: Path | None,
@@ -83,17 +82,13 @@ def score_control(
     }
     seed = config.validation.seed if config.validation.seed is not None else config.train.seed
     generated: list[Image.Image] = []
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(trained):
         for start in range(0, len(metric_set.captions), CHUNK):
             generator = torch.Generator(parts.vae.device).manual_seed(seed + start)
             prompts = metric_set.captions[start : start + CHUNK]
             images = metric_set.conditionings[start : start + CHUNK]
             with torch.no_grad():
-                generated += method.generate(family, parts, model, prompts, images, settings, generator)
-    finally:
-        model.train(was_training)
+                generated += method.generate(family, parts, trained, prompts, images, settings, generator)
     scores = [metric_set.metric.score(g, c, p) for g, c, p in
               zip(generated, metric_set.conditionings, metric_set.captions)]
     if out_dir is not None:

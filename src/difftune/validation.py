@@ -9,12 +9,11 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 
 from difftune.config import RunConfig, ValidationConfig
 from difftune.data.sources import DataError
 from difftune.families.base import Family, Parts
-from difftune.methods.base import Method
+from difftune.methods.base import Method, Trained, evaluating
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ def run_validation(
     family: Family,
     parts: Parts,
     method: Method,
-    model: nn.Module,
+    trained: Trained,
     pairs: list[ValidationPair],
     config: RunConfig,
     out_dir: Path,
@@ -71,20 +70,16 @@ def run_validation(
     }
     seed = config.validation.seed if config.validation.seed is not None else config.train.seed
     results = []
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(trained):
         for index, pair in enumerate(pairs):
             generator = torch.Generator(parts.denoiser.device).manual_seed(seed)
             with torch.no_grad():
-                images = method.generate(family, parts, model, pair.prompt, pair.image, settings, generator)
+                images = method.generate(family, parts, trained, pair.prompt, pair.image, settings, generator)
             for number, image in enumerate(images):
                 image.save(out_dir / f"pair-{index:02d}-image-{number}.png")
             row = ([pair.image] if pair.image is not None else []) + images
             grid(row).save(out_dir / f"pair-{index:02d}-grid.png")
             results.append({"prompt": pair.prompt, "image": pair.image_path, "images": images, "row": row})
-    finally:
-        model.train(was_training)
     return results
 
 

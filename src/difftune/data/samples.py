@@ -61,13 +61,19 @@ class TrainingSamples(Dataset):
     """Rows of a `datasets.Dataset` turned into tensors and a caption."""
 
     def __init__(
-        self, rows: datasets.Dataset, columns: Columns, config: DataConfig, seed: int
+        self,
+        rows: datasets.Dataset,
+        columns: Columns,
+        config: DataConfig,
+        seed: int,
+        fixed_caption: str | None = None,
     ) -> None:
         self.rows = rows
         self.columns = columns
         self.config = config
         self.seed = seed
         self.root = Path(config.path)
+        self.fixed_caption = fixed_caption
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -89,12 +95,20 @@ class TrainingSamples(Dataset):
             self.config.random_flip,
             rng,
         )
-        sample = {"pixels": pixels, "caption": self._caption(row, index, rng)}
+        # The key seeds this sample's noise in the training step (see training/step.py).
+        sample = {"pixels": pixels, "caption": self._caption(row, index, rng), "key": (epoch, index, 0)}
         if conditioning_pixels is not None:
             sample["conditioning_pixels"] = conditioning_pixels
         return sample
 
+    @staticmethod
+    def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate(samples)
+
     def _caption(self, row: dict[str, Any], index: int, rng: random.Random) -> str:
+        if self.columns.caption is None:
+            caption = self.fixed_caption or ""
+            return "" if rng.random() < self.config.proportion_empty_prompts else caption
         caption = row[self.columns.caption]
         if isinstance(caption, (list, tuple)):
             if not caption:
@@ -113,8 +127,37 @@ class TrainingSamples(Dataset):
         return f"{self.config.path}, row {index}, column {column!r}"
 
 
+class PriorPreservationSamples(Dataset):
+    """DreamBooth pairs: each index gives an instance sample and a class sample; an
+    epoch is as long as the larger set, the smaller one repeating (as in diffusers)."""
+
+    CLASS_ROLE = 1
+
+    def __init__(self, instances: TrainingSamples, classes: TrainingSamples) -> None:
+        self.instances = instances
+        self.classes = classes
+
+    def __len__(self) -> int:
+        return max(len(self.instances), len(self.classes))
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key
+        instance = self.instances[(epoch, index % len(self.instances))]
+        prior = self.classes[(epoch, index % len(self.classes))]
+        instance["key"] = (epoch, index, 0)
+        prior["key"] = (epoch, index, self.CLASS_ROLE)
+        return {"instance": instance, "class": prior}
+
+    @staticmethod
+    def collate(pairs: list[dict[str, Any]]) -> dict[str, Any]:
+        """Instances first, then their class samples; `prior` marks the second half."""
+        batch = collate([p["instance"] for p in pairs] + [p["class"] for p in pairs])
+        batch["prior"] = torch.tensor([False] * len(pairs) + [True] * len(pairs))
+        return batch
+
+
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    batch: dict[str, Any] = {"captions": [s["caption"] for s in samples]}
+    batch: dict[str, Any] = {"captions": [s["caption"] for s in samples], "keys": [s["key"] for s in samples]}
     for key in ("pixels", "conditioning_pixels"):
         if key in samples[0]:
             batch[key] = torch.stack([s[key] for s in samples]).contiguous()

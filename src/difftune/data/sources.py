@@ -18,18 +18,61 @@ class DataError(ValueError):
     """A dataset problem, naming the dataset, column, row or file."""
 
 
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+DATA_FILE_SUFFIXES = frozenset({".jsonl", ".json", ".csv", ".parquet", ".arrow"})
+
+
 @dataclass(frozen=True)
 class Columns:
     image: str
-    caption: str
+    caption: str | None
+    """None when every sample takes one fixed prompt (DreamBooth's instance/class prompt)."""
     conditioning: str | None
+
+
+def is_caption_folder(path: Path) -> bool:
+    """A folder of images (any depth) and no data files: kohya/DreamBooth style, each
+    image's caption, if any, in a .txt file of the same name."""
+    if not path.is_dir():
+        return False
+    files = [f for f in path.rglob("*") if f.is_file() and not _hidden(f, path)]
+    if any(f.suffix.lower() in DATA_FILE_SUFFIXES for f in files):
+        return False
+    return any(f.suffix.lower() in IMAGE_SUFFIXES for f in files)
+
+
+def _hidden(file: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in file.relative_to(root).parts)
+
+
+def caption_folder_rows(path: Path, config: DataConfig) -> datasets.Dataset:
+    """Rows of (image path relative to the folder, caption from image.txt).
+
+    Either every image has a caption file or none has: a partial set is reported, not
+    silently trained with empty captions."""
+    images = sorted(
+        f for f in path.rglob("*")
+        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not _hidden(f, path)
+    )
+    captions = [f.with_suffix(".txt") for f in images]
+    present = [c.is_file() for c in captions]
+    columns = {config.image_column: [str(f.relative_to(path)) for f in images]}
+    if any(present) and not all(present):
+        missing = [str(c.relative_to(path)) for c, ok in zip(captions, present) if not ok]
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise DataError(f"data.path {config.path!r}: {len(missing)} image(s) lack a caption file: {shown}")
+    if all(present):
+        columns[config.caption_column] = [c.read_text(encoding="utf-8").strip() for c in captions]
+    return datasets.Dataset.from_dict(columns)
 
 
 def load_rows(config: DataConfig, seed: int) -> datasets.Dataset:
     """Open the dataset split, keep max_samples (shuffled with the seed first)."""
     path = Path(config.path)
     try:
-        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+        if is_caption_folder(path):
+            rows = caption_folder_rows(path, config)
+        elif (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
             rows = datasets.load_from_disk(str(path))
             if isinstance(rows, datasets.DatasetDict):
                 rows = rows[config.split]
@@ -37,6 +80,8 @@ def load_rows(config: DataConfig, seed: int) -> datasets.Dataset:
             rows = datasets.load_dataset(
                 config.path, config.config_name, split=config.split, cache_dir=config.cache_dir
             )
+    except DataError:
+        raise
     except (FileNotFoundError, ValueError, KeyError) as error:
         raise DataError(f"data.path {config.path!r}: cannot open dataset: {error}") from None
     if config.max_samples is not None and config.max_samples < len(rows):
@@ -44,9 +89,13 @@ def load_rows(config: DataConfig, seed: int) -> datasets.Dataset:
     return rows
 
 
-def check_columns(rows: datasets.Dataset, config: DataConfig, needs_conditioning: bool) -> Columns:
+def check_columns(
+    rows: datasets.Dataset, config: DataConfig, needs_conditioning: bool, needs_captions: bool = True
+) -> Columns:
     """Every configured column exists; say which key names a missing one."""
-    wanted = {"data.image_column": config.image_column, "data.caption_column": config.caption_column}
+    wanted = {"data.image_column": config.image_column}
+    if needs_captions:
+        wanted["data.caption_column"] = config.caption_column
     if needs_conditioning:
         wanted["data.conditioning_image_column"] = config.conditioning_image_column
     available = list(rows.column_names)
@@ -59,7 +108,7 @@ def check_columns(rows: datasets.Dataset, config: DataConfig, needs_conditioning
         raise DataError("\n".join(problems))
     return Columns(
         image=config.image_column,
-        caption=config.caption_column,
+        caption=config.caption_column if needs_captions else None,
         conditioning=config.conditioning_image_column if needs_conditioning else None,
     )
 

@@ -9,7 +9,7 @@ from typing import Any
 from huggingface_hub import HfApi, ModelCardData
 
 from difftune.config import RunConfig
-from difftune.methods import METHODS
+from difftune.methods import make_method
 
 TAGS = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "difftune"]
 
@@ -26,7 +26,7 @@ def write_model_card(run_dir: Path, config: RunConfig, folder: Path) -> Path:
         license="creativeml-openrail-m",
         base_model=config.model.pretrained,
         datasets=[config.data.path],
-        tags=TAGS + METHODS[config.method.kind].card_tags,
+        tags=TAGS + make_method(config.method).card_tags,
         library_name="diffusers",
         inference=True,
     )
@@ -46,7 +46,7 @@ Each grid shows the validation images for one prompt (after the conditioning ima
 ## Use
 
 ```python
-{METHODS[config.method.kind].usage(_repo_name(config), config.model.pretrained)}
+{make_method(config.method).usage(_repo_name(config), config.model.pretrained)}
 ```
 """
     path = folder / "README.md"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -40,18 +42,20 @@ class Parts:
 
 
 def inference_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A trained diffusers model in the frozen parts' dtype, for generation.
+    """A trained model in the frozen parts' dtype, for generation.
 
-    A fresh copy: the fp32 master weights are never rounded, and the copy does not carry
-    accelerate's mixed-precision forward wrapper (which returns fp32 outputs that a
-    half-precision pipeline cannot take).
+    A copy when anything differs: the fp32 master weights are never rounded, and the copy
+    drops accelerate's mixed-precision forward wrapper (an instance attribute that makes
+    outputs fp32, which a half-precision pipeline cannot take). Works alike for diffusers,
+    transformers and peft-adapted modules.
     """
-    weight = next(model.parameters())
-    if weight.dtype == dtype:
+    patched = "forward" in vars(model)
+    if not patched and all(p.dtype == dtype for p in model.parameters()):
         return model
-    fresh = type(model).from_config(model.config)
-    fresh.load_state_dict(model.state_dict())
-    return fresh.to(weight.device, dtype=dtype).eval()
+    fresh = copy.deepcopy(model)
+    vars(fresh).pop("forward", None)
+    vars(fresh).pop("_original_forward", None)
+    return fresh.to(dtype=dtype).eval()
 
 
 class Family(Protocol):
@@ -59,13 +63,15 @@ class Family(Protocol):
 
     name: str
     supports: frozenset[str]
+    lora_targets: tuple[str, ...]
+    """Denoiser module names a LoRA adapts by default."""
 
     def load(self, config: ModelConfig) -> Parts: ...
 
     def encode_prompts(self, parts: Parts, captions: list[str]) -> torch.Tensor: ...
 
     def encode_images(
-        self, parts: Parts, pixels: torch.Tensor, generator: torch.Generator | None
+        self, parts: Parts, pixels: torch.Tensor, generators: list[torch.Generator] | None
     ) -> torch.Tensor: ...
 
     def predict(self, parts: Parts, inputs: ModelInputs) -> torch.Tensor: ...
@@ -85,3 +91,7 @@ class Family(Protocol):
     def controlnet_pipeline(self, parts: Parts, controlnet: nn.Module) -> Any: ...
 
     def text_to_image_pipeline(self, parts: Parts) -> Any: ...
+
+    def save_lora(self, out_dir: Path, unet: nn.Module, text_encoder: nn.Module | None) -> None:
+        """Adapter weights in the file the family's pipeline `load_lora_weights` reads."""
+        ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +15,8 @@ from diffusers import (
     UNet2DConditionModel,
     UniPCMultistepScheduler,
 )
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import get_peft_model_state_dict
 from torch import nn
 from transformers import AutoTokenizer, CLIPTextModel
 
@@ -27,7 +30,7 @@ _CONDITIONING_CHANNELS = (16, 32, 96, 256)
 
 class StableDiffusion:
     name = "sd"
-    supports = frozenset({"controlnet", "full"})
+    supports = frozenset({"controlnet", "full", "lora", "dreambooth"})
 
     def load(self, config: ModelConfig) -> Parts:
         common = {"revision": config.revision}
@@ -57,16 +60,32 @@ class StableDiffusion:
             return_tensors="pt",
         ).input_ids
 
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    """UNet attention projections, as diffusers' SD LoRA scripts adapt."""
+
     def encode_prompts(self, parts: Parts, captions: list[str]) -> torch.Tensor:
-        ids = self.tokenize(parts, captions).to(parts.text_encoder.device)
+        # The encoder may be wrapped for training (DDP): ask a parameter for the device.
+        device = next(parts.text_encoder.parameters()).device
+        ids = self.tokenize(parts, captions).to(device)
         return parts.text_encoder(ids, return_dict=False)[0]
 
     def encode_images(
-        self, parts: Parts, pixels: torch.Tensor, generator: torch.Generator | None
+        self, parts: Parts, pixels: torch.Tensor, generators: list[torch.Generator] | None
     ) -> torch.Tensor:
+        """Latents drawn from the VAE posterior, each sample with its own generator
+        (None: the posterior mean, as for validation)."""
         vae = parts.vae
         posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-        return posterior.sample(generator=generator) * vae.config.scaling_factor
+        if generators is None:
+            latents = posterior.mean
+        else:
+            mean, std = posterior.mean, posterior.std
+            eps = torch.stack([
+                torch.randn(mean.shape[1:], generator=g, device=mean.device, dtype=mean.dtype)
+                for g in generators
+            ])
+            latents = mean + std * eps
+        return latents * vae.config.scaling_factor
 
     def predict(self, parts: Parts, inputs: ModelInputs) -> torch.Tensor:
         unet = parts.denoiser  # possibly wrapped by accelerate (DDP): no .dtype there
@@ -126,6 +145,18 @@ class StableDiffusion:
             feature_extractor=None,
             requires_safety_checker=False,
         )
+
+    def save_lora(self, out_dir: Path, unet: nn.Module, text_encoder: nn.Module | None) -> None:
+        """diffusers' LoRA file (pytorch_lora_weights.safetensors) with each adapter's
+        config as metadata, so load_lora_weights restores alpha and rank exactly."""
+        layers, metadata = {}, {}
+        for prefix, module in (("unet", unet), ("text_encoder", text_encoder)):
+            if module is None:
+                continue
+            state = get_peft_model_state_dict(module, save_embedding_layers=False)
+            layers[f"{prefix}_lora_layers"] = convert_state_dict_to_diffusers(state)
+            metadata[f"{prefix}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
+        StableDiffusionPipeline.save_lora_weights(out_dir, safe_serialization=True, **layers, **metadata)
 
     def text_to_image_pipeline(self, parts: Parts) -> Any:
         """The plain pipeline over the loaded parts (UniPC for sampling)."""

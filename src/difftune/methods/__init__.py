@@ -1,9 +1,24 @@
-"""Training methods, by config name."""
+"""Training methods, by config name; each is built from its [method] section."""
 
-from difftune.methods.base import Method
+from typing import Callable
+
+from difftune.config import MethodConfig
+from difftune.methods.base import Method, Trained
 from difftune.methods.controlnet import ControlNet
+from difftune.methods.dreambooth import DreamBooth
 from difftune.methods.full import FullFineTune
+from difftune.methods.lora import Lora
 
-METHODS: dict[str, Method] = {"controlnet": ControlNet(), "full": FullFineTune()}
+METHODS: dict[str, Callable[[MethodConfig], Method]] = {
+    "controlnet": ControlNet,
+    "full": FullFineTune,
+    "lora": Lora,
+    "dreambooth": DreamBooth,
+}
 
-__all__ = ["METHODS", "Method"]
+
+def make_method(config: MethodConfig) -> Method:
+    return METHODS[config.kind](config)
+
+
+__all__ = ["METHODS", "Method", "Trained", "make_method"]

@@ -2,59 +2,117 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 from PIL import Image
 from torch import nn
+from torch.utils.data import Dataset
 
-from difftune.config import MethodConfig
 from difftune.families.base import Family, ModelInputs, Parts
+
+Trained = dict[str, nn.Module]
+"""The modules a method trains, by name ("controlnet", "unet", "text_encoder"); the
+name is also their folder in a checkpoint."""
 
 
 class Method(Protocol):
-    """A training method: what trains, what it adds to the model inputs, what it saves."""
+    """A training method: what trains, what it adds to the model inputs, what it saves.
+
+    A method is built from its [method] config section (see methods/__init__.py).
+    """
 
     name: str
     needs_conditioning: bool
     """Whether batches carry a conditioning image."""
-    weights_subfolder: str
-    """Where a checkpoint keeps the trained weights in diffusers format."""
     floor_settings: dict[str, Any] | None
     """Generation settings that switch the method's effect off (the metric floor), if any."""
     card_tags: list[str]
     """Extra Hub tags for the model card."""
+    fixed_caption: str | None
+    """One prompt for every training image (DreamBooth), instead of a caption column."""
 
-    def usage(self, repo: str, base: str) -> str:
-        """Python that loads the result with diffusers, for the model card."""
+    def build(self, family: Family, parts: Parts) -> Trained:
+        """Freeze what stays frozen and return the modules that train."""
         ...
 
-    def build(self, family: Family, parts: Parts, config: MethodConfig) -> nn.Module:
-        """Freeze what stays frozen and return the module that trains."""
+    def training_data(
+        self, family: Family, parts: Parts, trained: Trained, samples: Dataset, accelerator: Any
+    ) -> Dataset:
+        """The dataset the loop draws from, given the checked training rows (DreamBooth
+        adds class images here, generating the missing ones)."""
         ...
 
-    def training_parts(self, parts: Parts, model: nn.Module) -> Parts:
-        """The parts the step runs with, given the accelerate-prepared trainable model."""
+    def training_parts(self, parts: Parts, trained: Trained) -> Parts:
+        """The parts the step runs with, given the accelerate-prepared trained modules."""
         ...
 
     def condition(
-        self, family: Family, parts: Parts, model: nn.Module, batch: dict[str, Any], inputs: ModelInputs
+        self, family: Family, parts: Parts, trained: Trained, batch: dict[str, Any], inputs: ModelInputs
     ) -> ModelInputs: ...
 
     def reduce(self, per_sample_loss: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor: ...
 
-    def save(self, family: Family, parts: Parts, model: nn.Module, out_dir: Path) -> None:
+    def store(self, name: str, module: nn.Module, folder: Path) -> None:
+        """Write one trained module's weights into a checkpoint folder."""
+        ...
+
+    def restore(self, name: str, module: nn.Module, folder: Path) -> None:
+        """Load what `store` wrote back into the module, in place."""
+        ...
+
+    def save(self, family: Family, parts: Parts, trained: Trained, out_dir: Path) -> None:
         """Write the trained result in diffusers format."""
+        ...
+
+    def usage(self, repo: str, base: str) -> str:
+        """Python that loads the result with diffusers, for the model card."""
         ...
 
     def generate(
         self,
         family: Family,
         parts: Parts,
-        model: nn.Module,
+        trained: Trained,
         prompt: str | list[str],
         image: Image.Image | list[Image.Image] | None,
         settings: dict[str, Any],
         generator: torch.Generator,
     ) -> list[Image.Image]: ...
+
+
+def freeze(parts: Parts) -> None:
+    for module in parts.modules():
+        module.requires_grad_(False)
+
+
+def trainable_fp32(module: nn.Module) -> nn.Module:
+    """Trainable weights stay fp32; mixed precision comes from autocast, as in diffusers."""
+    if any(p.dtype != torch.float32 for p in module.parameters()):
+        module.to(torch.float32)
+    return module.requires_grad_(True).train()
+
+
+def store_pretrained(name: str, module: nn.Module, folder: Path) -> None:
+    """A checkpoint's weights as a diffusers/transformers folder (from_pretrained reads it)."""
+    module.save_pretrained(folder / name, safe_serialization=True)
+
+
+def restore_pretrained(name: str, module: nn.Module, folder: Path) -> None:
+    saved = type(module).from_pretrained(folder / name)
+    module.load_state_dict(saved.state_dict())
+
+
+@contextmanager
+def evaluating(trained: Trained) -> Iterator[None]:
+    """Eval mode for generation (no dropout), each module's mode restored after."""
+    modes = {name: module.training for name, module in trained.items()}
+    for module in trained.values():
+        module.eval()
+    try:
+        yield
+    finally:
+        for name, module in trained.items():
+            module.train(modes[name])

@@ -9,43 +9,52 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
+from torch.utils.data import Dataset
 
 from difftune.config import MethodConfig
 from difftune.families.base import Family, ModelInputs, Parts, inference_copy
+from difftune.methods.base import Trained, freeze, restore_pretrained, store_pretrained, trainable_fp32
 
 
 class ControlNet:
     name = "controlnet"
     needs_conditioning = True
-    weights_subfolder = "controlnet"
+    fixed_caption = None
     floor_settings = {"controlnet_conditioning_scale": 0.0}
-    card_tags = ["controlnet"]
     """Generation settings that switch the method off: the base alone, for the metric floor."""
+    card_tags = ["controlnet"]
 
-    def build(self, family: Family, parts: Parts, config: MethodConfig) -> nn.Module:
-        for module in parts.modules():
-            module.requires_grad_(False)
-        controlnet = family.make_controlnet(parts, config.controlnet, conditioning_channels=3)
-        # Trainable weights stay fp32; mixed precision comes from autocast, as in diffusers.
-        if any(p.dtype != torch.float32 for p in controlnet.parameters()):
-            controlnet.to(torch.float32)
-        controlnet.requires_grad_(True).train()
-        return controlnet
+    def __init__(self, config: MethodConfig) -> None:
+        self.config = config
 
-    def training_parts(self, parts: Parts, model: nn.Module) -> Parts:
+    def build(self, family: Family, parts: Parts) -> Trained:
+        freeze(parts)
+        controlnet = family.make_controlnet(parts, self.config.controlnet, conditioning_channels=3)
+        return {"controlnet": trainable_fp32(controlnet)}
+
+    def training_data(
+        self, family: Family, parts: Parts, trained: Trained, samples: Dataset, accelerator: Any
+    ) -> Dataset:
+        return samples
+
+    def training_parts(self, parts: Parts, trained: Trained) -> Parts:
         return parts
 
     def condition(
-        self, family: Family, parts: Parts, model: nn.Module, batch: dict[str, Any], inputs: ModelInputs
+        self, family: Family, parts: Parts, trained: Trained, batch: dict[str, Any], inputs: ModelInputs
     ) -> ModelInputs:
         conditioning = batch["conditioning_pixels"].to(inputs.noisy.device)
-        return inputs.with_extra(**family.controlnet_residuals(model, inputs, conditioning))
+        residuals = family.controlnet_residuals(trained["controlnet"], inputs, conditioning)
+        return inputs.with_extra(**residuals)
 
     def reduce(self, per_sample_loss: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         return per_sample_loss.mean()
 
-    def save(self, family: Family, parts: Parts, model: nn.Module, out_dir: Path) -> None:
-        model.save_pretrained(out_dir, safe_serialization=True)
+    store = staticmethod(store_pretrained)
+    restore = staticmethod(restore_pretrained)
+
+    def save(self, family: Family, parts: Parts, trained: Trained, out_dir: Path) -> None:
+        trained["controlnet"].save_pretrained(out_dir, safe_serialization=True)
 
     def usage(self, repo: str, base: str) -> str:
         return (
@@ -58,13 +67,13 @@ class ControlNet:
         self,
         family: Family,
         parts: Parts,
-        model: nn.Module,
+        trained: Trained,
         prompt: str | list[str],
         image: Image.Image | list[Image.Image] | None,
         settings: dict[str, Any],
         generator: torch.Generator,
     ) -> list[Image.Image]:
-        controlnet = inference_copy(model, next(parts.denoiser.parameters()).dtype)
+        controlnet = inference_copy(trained["controlnet"], next(parts.denoiser.parameters()).dtype)
         pipeline = family.controlnet_pipeline(parts, controlnet)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline(prompt, image=image, generator=generator, **settings).images

@@ -1,4 +1,5 @@
-"""Full fine-tuning: every weight of the denoiser trains; the result is a whole pipeline.
+"""Full fine-tuning: every weight of the denoiser (and optionally the text encoder)
+trains; the result is a whole pipeline.
 
 On a random-weight base this is training from scratch (how the demo base is made).
 """
@@ -13,45 +14,59 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
+from torch.utils.data import Dataset
 
 from difftune.config import MethodConfig
 from difftune.families.base import Family, ModelInputs, Parts, inference_copy
+from difftune.methods.base import Trained, freeze, restore_pretrained, store_pretrained, trainable_fp32
 
 
 class FullFineTune:
     name = "full"
     needs_conditioning = False
-    weights_subfolder = "unet"
+    fixed_caption = None
     floor_settings = None
     card_tags = ["full-fine-tune"]
 
-    def build(self, family: Family, parts: Parts, config: MethodConfig) -> nn.Module:
-        for module in parts.modules():
-            module.requires_grad_(False)
-        denoiser = parts.denoiser
-        if any(p.dtype != torch.float32 for p in denoiser.parameters()):
-            denoiser.to(torch.float32)  # trainable weights stay fp32 under mixed precision
-        denoiser.requires_grad_(True).train()
-        return denoiser
+    def __init__(self, config: MethodConfig) -> None:
+        self.config = config
 
-    def training_parts(self, parts: Parts, model: nn.Module) -> Parts:
-        # The step must call the accelerate-prepared (possibly DDP-wrapped) denoiser so
+    def build(self, family: Family, parts: Parts) -> Trained:
+        freeze(parts)
+        trained = {"unet": trainable_fp32(parts.denoiser)}
+        if self.config.train_text_encoder:
+            trained["text_encoder"] = trainable_fp32(parts.text_encoder)
+        return trained
+
+    def training_data(
+        self, family: Family, parts: Parts, trained: Trained, samples: Dataset, accelerator: Any
+    ) -> Dataset:
+        return samples
+
+    def training_parts(self, parts: Parts, trained: Trained) -> Parts:
+        # The step must call the accelerate-prepared (possibly DDP-wrapped) modules so
         # gradients are synchronised across processes.
-        return replace(parts, denoiser=model)
+        return with_trained(parts, trained)
 
     def condition(
-        self, family: Family, parts: Parts, model: nn.Module, batch: dict[str, Any], inputs: ModelInputs
+        self, family: Family, parts: Parts, trained: Trained, batch: dict[str, Any], inputs: ModelInputs
     ) -> ModelInputs:
         return inputs
 
     def reduce(self, per_sample_loss: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         return per_sample_loss.mean()
 
-    def save(self, family: Family, parts: Parts, model: nn.Module, out_dir: Path) -> None:
+    store = staticmethod(store_pretrained)
+    restore = staticmethod(restore_pretrained)
+
+    def save(self, family: Family, parts: Parts, trained: Trained, out_dir: Path) -> None:
         # Frozen parts may sit in bf16/fp16 for training; the saved pipeline is fp32 throughout.
-        full_precision = replace(parts, denoiser=model, vae=_fp32(parts.vae), text_encoder=_fp32(parts.text_encoder))
-        pipeline = family.text_to_image_pipeline(full_precision)
-        pipeline.save_pretrained(out_dir, safe_serialization=True)
+        full_precision = replace(
+            with_trained(parts, trained),
+            vae=_fp32(parts.vae),
+            text_encoder=_fp32(trained.get("text_encoder", parts.text_encoder)),
+        )
+        family.text_to_image_pipeline(full_precision).save_pretrained(out_dir, safe_serialization=True)
 
     def usage(self, repo: str, base: str) -> str:
         return f'from diffusers import StableDiffusionPipeline\npipe = StableDiffusionPipeline.from_pretrained("{repo}")'
@@ -60,16 +75,38 @@ class FullFineTune:
         self,
         family: Family,
         parts: Parts,
-        model: nn.Module,
+        trained: Trained,
         prompt: str | list[str],
         image: Image.Image | list[Image.Image] | None,
         settings: dict[str, Any],
         generator: torch.Generator,
     ) -> list[Image.Image]:
-        frozen_dtype = next(parts.vae.parameters()).dtype
-        pipeline = family.text_to_image_pipeline(replace(parts, denoiser=inference_copy(model, frozen_dtype)))
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline(prompt, generator=generator, **settings).images
+        return generate_text_to_image(family, parts, trained, prompt, settings, generator)
+
+
+def with_trained(parts: Parts, trained: Trained) -> Parts:
+    """The parts with the trained UNet and text encoder (when trained) swapped in."""
+    return replace(
+        parts,
+        denoiser=trained.get("unet", parts.denoiser),
+        text_encoder=trained.get("text_encoder", parts.text_encoder),
+    )
+
+
+def generate_text_to_image(
+    family: Family,
+    parts: Parts,
+    trained: Trained,
+    prompt: str | list[str],
+    settings: dict[str, Any],
+    generator: torch.Generator,
+) -> list[Image.Image]:
+    """The plain pipeline over the parts, trained modules in the frozen parts' dtype."""
+    dtype = next(parts.vae.parameters()).dtype
+    copies = {name: inference_copy(module, dtype) for name, module in trained.items()}
+    pipeline = family.text_to_image_pipeline(with_trained(parts, copies))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline(prompt, generator=generator, **settings).images
 
 
 def _fp32(module: nn.Module) -> nn.Module:

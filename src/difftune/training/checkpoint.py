@@ -67,21 +67,21 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
-def store_weights_in_diffusers_format(accelerator: Accelerator, subfolder: str) -> None:
-    """Make accelerate's save_state/load_state keep the trained model as a diffusers
-    folder (loadable with from_pretrained) instead of a second, anonymous copy."""
+def store_trained_weights(accelerator: Accelerator, method: Any, names: list[str]) -> None:
+    """Make accelerate's save_state/load_state keep each trained module the method's way
+    (a diffusers folder for whole models, the adapter file for LoRA) under its name,
+    instead of a second, anonymous copy. `names` follows the order given to prepare."""
 
     def save(models: list[Any], weights: list[Any], output_dir: str) -> None:
         if accelerator.is_main_process:
-            for model in models:
-                accelerator.unwrap_model(model).save_pretrained(Path(output_dir) / subfolder)
+            for name, model in zip(names, models):
+                method.store(name, accelerator.unwrap_model(model), Path(output_dir))
         weights.clear()
 
     def load(models: list[Any], input_dir: str) -> None:
-        while models:
-            model = accelerator.unwrap_model(models.pop())
-            saved = type(model).from_pretrained(Path(input_dir) / subfolder)
-            model.load_state_dict(saved.state_dict())
+        for name, model in zip(names, models):
+            method.restore(name, accelerator.unwrap_model(model), Path(input_dir))
+        models.clear()
 
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)

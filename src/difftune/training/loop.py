@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,12 +20,13 @@ from difftune.training.checkpoint import (
     load_checkpoint,
     remove_partial_checkpoints,
     save_checkpoint,
-    store_weights_in_diffusers_format,
+    store_trained_weights,
 )
+from difftune.training.ema import WeightAverage
 from difftune.training.guards import NonFiniteGuard, NonFiniteLoss, StopSignals, agreed, all_finite
 from difftune.training.events import EventLog, Throughput, peak_memory_mb, progress_bar
 from difftune.training.optim import make_lr_scheduler, make_optimizer, total_steps
-from difftune.training.step import Trainee, step_generator, training_loss
+from difftune.training.step import Trainee, training_loss
 from difftune.report import write_report
 from difftune.scoring import score_control
 from difftune.validation import ValidationPair, log_to_trackers, run_validation
@@ -50,33 +52,41 @@ class Run:
         self.window_bad = False  # a non-finite loss in the current accumulation window
         self.saved_step = -1  # the step of this process's last checkpoint
         self.stop = StopSignals()
-        self.loader, self.sampler = setup.make_dataloader(
-            checked.samples, config, self.accelerator.num_processes
-        )
+        trainee = self.trainee
+        samples = trainee.method.training_data(trainee.family, trainee.parts, trainee.trained,
+                                               checked.samples, self.accelerator)
+        self.loader, self.sampler = setup.make_dataloader(samples, config, self.accelerator.num_processes)
         self._prepare()
 
     def _load_models(self, checked: setup.Preflight) -> Trainee:
         parts = checked.family.load(self.config.model)
-        model = checked.method.build(checked.family, parts, self.config.method)
+        trained = checked.method.build(checked.family, parts)
         setup.place_frozen_parts(parts, self.accelerator)
-        setup.apply_memory_options(self.config, parts, model)
-        objective = DiscreteDiffusion(parts.noise_scheduler)
-        return Trainee(checked.family, parts, checked.method, objective, model)
+        setup.apply_memory_options(self.config, parts, trained)
+        objective = DiscreteDiffusion(parts.noise_scheduler, self.config.objective)
+        return Trainee(checked.family, parts, checked.method, objective, trained)
 
     def _prepare(self) -> None:
         train, processes = self.config.train, self.accelerator.num_processes
-        params = [p for p in self.trainee.model.parameters() if p.requires_grad]
+        trainee = self.trainee
+        params = [p for m in trainee.trained.values() for p in m.parameters() if p.requires_grad]
         optimizer = make_optimizer(params, train, processes)
         self.global_batch = train.batch_size * processes
         batches = self.sampler.padded // self.global_batch
         self.max_steps = total_steps(train, batches)
         schedule = make_lr_scheduler(optimizer, train, self.max_steps, processes)
-        model, self.optimizer, self.loader, self.schedule = self.accelerator.prepare(
-            self.trainee.model, optimizer, self.loader, schedule
+        names = list(trainee.trained)
+        *modules, self.optimizer, self.loader, self.schedule = self.accelerator.prepare(
+            *trainee.trained.values(), optimizer, self.loader, schedule
         )
-        self.trainee.model = model
-        store_weights_in_diffusers_format(self.accelerator, self.trainee.method.weights_subfolder)
-        self.trainee.step_parts = self.trainee.method.training_parts(self.trainee.parts, model)
+        trainee.trained = dict(zip(names, modules))
+        self.params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        store_trained_weights(self.accelerator, trainee.method, names)
+        trainee.step_parts = trainee.method.training_parts(trainee.parts, trainee.trained)
+        ema = self.config.method.ema
+        self.ema = WeightAverage(trainee.trained, ema) if ema is not None else None
+        if self.ema is not None:
+            self.accelerator.register_for_checkpointing(self.ema)
         self.samples_per_epoch = self.sampler.padded
         self.samples_per_step = train.batch_size * train.gradient_accumulation_steps * processes
 
@@ -131,10 +141,8 @@ class Run:
         """Forward and backward; on the window's last micro-batch, the optimizer step.
         A non-finite loss anywhere in the accumulation window skips that whole step."""
         train, accelerator = self.config.train, self.accelerator
-        generator = step_generator(accelerator.device, train.seed, state.epoch,
-                                   state.samples_in_epoch // self.global_batch, accelerator.process_index)
-        with accelerator.accumulate(self.trainee.model):
-            loss = training_loss(self.trainee, batch, generator)
+        with accelerator.accumulate(*self.trainee.trained.values()):
+            loss = training_loss(self.trainee, batch, train.seed)
             finite = not agreed(accelerator, not bool(torch.isfinite(loss.detach()).all()))
             if finite:
                 accelerator.backward(loss)
@@ -149,16 +157,18 @@ class Run:
     def _optimizer_step(self, state: TrainState) -> None:
         """Clip and step, unless the window's loss or gradient norm was not finite: then
         the gradients are dropped, the step is skipped and counted."""
-        model, train, accelerator = self.trainee.model, self.config.train, self.accelerator
+        train, accelerator = self.config.train, self.accelerator
         good = not self.window_bad
         if good:
-            norm = accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+            norm = accelerator.clip_grad_norm_(self.params, train.max_grad_norm)
             good = norm is None or not agreed(accelerator, not bool(torch.isfinite(norm).all()))
         if good:
             self.optimizer.step()
             self.schedule.step()
             self.optimizer.zero_grad(set_to_none=train.set_grads_to_none)
             self.nonfinite.good()
+            if self.ema is not None:
+                self.ema.after_step(state.step + 1)
             return
         # accelerate's zero_grad does nothing off a sync step; clear the real optimizer's
         self.optimizer.optimizer.zero_grad(set_to_none=True)
@@ -192,7 +202,7 @@ class Run:
         clock.restart()
 
     def _checkpoint(self, state: TrainState) -> None:
-        if not all_finite(self.trainee.model):
+        if not self._finite():
             raise NonFiniteLoss(f"step {state.step}: the weights are not finite; not saving them")
         started = time.perf_counter()
         path = save_checkpoint(self.accelerator, self.run_dir, state,
@@ -207,24 +217,34 @@ class Run:
         if self.accelerator.is_main_process:
             started = time.perf_counter()
             out_dir = self.run_dir / "validation" / f"step-{step:06d}"
-            trainee = self.trainee
-            model = self.accelerator.unwrap_model(trainee.model)
-            results = run_validation(trainee.family, trainee.parts, trainee.method,
-                                     model, self.validation_pairs, self.config, out_dir)
+            trainee, trained = self.trainee, self._unwrapped()
+            with self._averaged():
+                results = run_validation(trainee.family, trainee.parts, trainee.method,
+                                         trained, self.validation_pairs, self.config, out_dir)
+                scores = self._score(trained, out_dir, step)
             log_to_trackers(self.accelerator.trackers, results, step)
-            scores = self._score(model, out_dir, step)
             self.events.write("validation", step=step, path=str(out_dir), pairs=len(results),
                               seconds=round(time.perf_counter() - started, 2), **scores)
             write_report(self.run_dir, f"{trainee.method.name} - {self.run_dir.name}")
         # Everyone waits for the main process here, never inside its generation.
         self.accelerator.wait_for_everyone()
 
-    def _score(self, model: torch.nn.Module, out_dir: Path, step: int) -> dict[str, Any]:
+    def _unwrapped(self) -> dict[str, torch.nn.Module]:
+        return {name: self.accelerator.unwrap_model(m) for name, m in self.trainee.trained.items()}
+
+    def _finite(self) -> bool:
+        return all(all_finite(module) for module in self.trainee.trained.values())
+
+    def _averaged(self) -> Any:
+        """The EMA weights swapped in (validation and export see them), if there is an EMA."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
+    def _score(self, trained: dict[str, torch.nn.Module], out_dir: Path, step: int) -> dict[str, Any]:
         """Control metric on the held-out set, and once per run its floor (control off)."""
         if self.metric_set is None:
             return {}
         trainee, floor_settings = self.trainee, self.trainee.method.floor_settings
-        args = (trainee.family, trainee.parts, trainee.method, model, self.metric_set, self.config)
+        args = (trainee.family, trainee.parts, trainee.method, trained, self.metric_set, self.config)
         metrics = score_control(*args, out_dir)
         if self.floor is None and floor_settings is not None:
             self.floor = score_control(*args, self.run_dir / "validation" / "floor", floor_settings)
@@ -236,12 +256,12 @@ class Run:
     def _finish(self, state: TrainState) -> Path:
         final = self.run_dir / "final"
         self.accelerator.wait_for_everyone()
-        if not all_finite(self.trainee.model):
+        if not self._finite():
             raise NonFiniteLoss(f"step {state.step}: the weights are not finite; final/ not written")
         if self.accelerator.is_main_process:
-            model = self.accelerator.unwrap_model(self.trainee.model)
-            self.trainee.method.save(self.trainee.family, self.trainee.parts, model, final)
-            self.events.write("final", step=state.step, path=str(final))
+            with self._averaged():
+                self.trainee.method.save(self.trainee.family, self.trainee.parts, self._unwrapped(), final)
+            self.events.write("final", step=state.step, path=str(final), ema=self.ema is not None)
         self._validate(state.step)
         if self.accelerator.is_main_process:
             write_report(self.run_dir, f"{self.trainee.method.name} - {self.run_dir.name}")

@@ -10,12 +10,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from difftune.config import ConfigError, RunConfig, to_toml
-from difftune.data import EpochSampler, TrainingSamples, collate, open_training_data
+from difftune.data import EpochSampler, open_training_data
 from difftune.families import FAMILIES, Family, Parts
-from difftune.methods import METHODS, Method
+from difftune.methods import Method, Trained, make_method
 from difftune.training.checkpoint import resolve_resume
 from difftune.training.optim import MissingExtra, require_bitsandbytes
 from difftune.scoring import MetricSet, load_metric_set
@@ -30,7 +30,7 @@ class Preflight:
 
     family: Family
     method: Method
-    samples: TrainingSamples
+    samples: Dataset
     validation_pairs: list[ValidationPair]
     metric_set: MetricSet | None
     resume_from: Path | None
@@ -39,7 +39,7 @@ class Preflight:
 def preflight(config: RunConfig) -> Preflight:
     """Check pairing, extras, data, validation images and resume target; load no model."""
     family = FAMILIES[config.model.family]
-    method = METHODS[config.method.kind]
+    method = make_method(config.method)
     if method.name not in family.supports:
         raise ConfigError([f"method.kind = {method.name!r} is not supported by family {family.name!r}"])
     check_extras(config)
@@ -47,7 +47,8 @@ def preflight(config: RunConfig) -> Preflight:
         raise ConfigError([f"validation.images: method {method.name!r} needs a conditioning image per prompt"])
     run_dir = Path(config.train.output_dir)
     resume_from = resolve_resume(run_dir, config.train.resume)
-    samples = open_training_data(config.data, config.train.seed, method.needs_conditioning)
+    samples = open_training_data(config.data, config.train.seed, method.needs_conditioning,
+                                 method.fixed_caption)
     pairs = load_validation_pairs(config.validation, config.data.resolution)
     return Preflight(family, method, samples, pairs, load_metric_set(config), resume_from)
 
@@ -103,35 +104,43 @@ def compute_dtype(accelerator: Accelerator) -> torch.dtype:
 
 
 def place_frozen_parts(parts: Parts, accelerator: Accelerator) -> None:
-    """Frozen parts live on the device in the compute dtype, in eval mode; a part the
-    method trains stays fp32 (accelerate's autocast does the mixed precision)."""
+    """Frozen weights live on the device in the compute dtype; weights the method trains
+    (a whole part, or LoRA adapters inside one) stay fp32, as accelerate's autocast
+    expects. Wholly frozen parts go to eval mode."""
     dtype = compute_dtype(accelerator)
     for module in parts.modules():
         module.to(accelerator.device)
-        if any(p.requires_grad for p in module.parameters()):
+        if not any(p.requires_grad for p in module.parameters()):
+            module.eval()
+        if dtype == torch.float32:
             continue
-        module.eval()
-        if dtype != torch.float32:
-            module.to(dtype=dtype)
+        for parameter in module.parameters():
+            if not parameter.requires_grad:
+                parameter.data = parameter.data.to(dtype)
 
 
-def apply_memory_options(config: RunConfig, parts: Parts, model: torch.nn.Module) -> None:
+def apply_memory_options(config: RunConfig, parts: Parts, trained: Trained) -> None:
     if config.train.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+        for module in trained.values():
+            if hasattr(module, "enable_gradient_checkpointing"):  # diffusers models
+                module.enable_gradient_checkpointing()
+            else:  # transformers models
+                module.gradient_checkpointing_enable()
     if config.train.attention == "xformers":
-        for module in (parts.denoiser, model):
-            module.enable_xformers_memory_efficient_attention()
+        for module in {id(m): m for m in (parts.denoiser, *trained.values())}.values():
+            if hasattr(module, "enable_xformers_memory_efficient_attention"):
+                module.enable_xformers_memory_efficient_attention()
 
 
 def make_dataloader(
-    samples: TrainingSamples, config: RunConfig, num_processes: int
+    samples: Dataset, config: RunConfig, num_processes: int
 ) -> tuple[DataLoader, EpochSampler]:
     sampler = EpochSampler(len(samples), config.train.seed, config.train.batch_size * num_processes)
     loader = DataLoader(
         samples,
         batch_size=config.train.batch_size,
         sampler=sampler,
-        collate_fn=collate,
+        collate_fn=samples.collate,  # type: ignore[attr-defined]
         num_workers=config.data.num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,

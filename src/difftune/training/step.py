@@ -6,10 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from difftune.families.base import Family, ModelInputs, Parts
-from difftune.methods.base import Method
+from difftune.methods.base import Method, Trained
 from difftune.objectives import DiscreteDiffusion, per_sample_mse
 
 
@@ -21,25 +20,35 @@ class Trainee:
     parts: Parts
     method: Method
     objective: DiscreteDiffusion
-    model: nn.Module
+    trained: Trained
     step_parts: Parts | None = None
-    """The parts the step runs with (the method may swap in the prepared model)."""
+    """The parts the step runs with (the method may swap in the prepared modules)."""
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return "text_encoder" in self.trained
 
 
-def step_generator(device: torch.device, seed: int, epoch: int, batch: int, rank: int) -> torch.Generator:
-    """Noise and timesteps depend only on where the step is, so resume replays them."""
-    return torch.Generator(device).manual_seed(hash((seed, epoch, batch, rank)) & 0x7FFF_FFFF_FFFF)
+def sample_generators(device: torch.device, seed: int, keys: list[tuple[int, ...]]) -> list[torch.Generator]:
+    """One generator per sample, seeded by where the sample sits in the data (epoch,
+    index, role). Its noise and timestep then do not depend on the batch it is in, the
+    process that runs it, or whether the run was resumed. (Tuples of ints hash the same
+    in every process.)"""
+    return [torch.Generator(device).manual_seed(hash((seed, *key)) & 0x7FFF_FFFF_FFFF) for key in keys]
 
 
-def training_loss(trainee: Trainee, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+def training_loss(trainee: Trainee, batch: dict[str, Any], seed: int) -> torch.Tensor:
     family, method = trainee.family, trainee.method
     parts = trainee.step_parts or trainee.parts
+    device = next(parts.vae.parameters()).device
+    generators = sample_generators(device, seed, batch["keys"])
     with torch.no_grad():
-        latents = family.encode_images(parts, batch["pixels"], generator)
+        latents = family.encode_images(parts, batch["pixels"], generators)
+    with torch.set_grad_enabled(trainee.trains_text_encoder):
         text = family.encode_prompts(parts, batch["captions"])
-    noised = trainee.objective.sample(latents, generator)
+    noised = trainee.objective.sample(latents, generators)
     inputs = ModelInputs(noised.noisy, noised.timesteps, text)
-    inputs = method.condition(family, parts, trainee.model, batch, inputs)
+    inputs = method.condition(family, parts, trainee.trained, batch, inputs)
     prediction = family.predict(parts, inputs)
     per_sample = noised.weight * per_sample_mse(prediction, noised.target)
     return method.reduce(per_sample, batch)

@@ -1,0 +1,157 @@
+"""DreamBooth (Ruiz et al. 2022): teach the model a subject from a few instance images
+under one prompt ("a photo of sks dog"), optionally keeping its idea of the class with a
+prior-preservation loss on class images that the base model generates itself.
+
+What trains is the full UNet, or LoRA adapters when [method.lora] is given: DreamBooth
+wraps the full or LoRA method and adds only its data and its loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset
+
+from difftune.config import DreamBoothSettings, MethodConfig
+from difftune.data import open_training_data
+from difftune.data.samples import PriorPreservationSamples, TrainingSamples
+from difftune.data.sources import IMAGE_SUFFIXES
+from difftune.families.base import Family, ModelInputs, Parts
+from difftune.methods.base import Trained
+from difftune.methods.full import FullFineTune
+from difftune.methods.lora import Lora
+
+
+class DreamBooth:
+    name = "dreambooth"
+    needs_conditioning = False
+    floor_settings = None
+
+    def __init__(self, config: MethodConfig) -> None:
+        assert config.dreambooth is not None  # the config requires the section
+        self.settings: DreamBoothSettings = config.dreambooth
+        self.inner: Lora | FullFineTune = Lora(config) if config.uses_lora else FullFineTune(config)
+        self.card_tags = ["dreambooth", *self.inner.card_tags]
+
+    @property
+    def fixed_caption(self) -> str | None:
+        """The prompt every instance image takes, unless the dataset's captions are used."""
+        return None if self.settings.use_captions else self.settings.instance_prompt
+
+    def build(self, family: Family, parts: Parts) -> Trained:
+        return self.inner.build(family, parts)
+
+    def training_data(
+        self, family: Family, parts: Parts, trained: Trained, samples: Dataset, accelerator: Any
+    ) -> Dataset:
+        """With prior preservation: fill the class folder up to num_class_images with the
+        base model's images (before any training step), then pair them with the instances."""
+        if not self.settings.prior_preservation:
+            return samples
+        assert isinstance(samples, TrainingSamples)
+        folder = Path(self.settings.class_data or "")
+        missing = self.settings.num_class_images - len(class_images(folder))
+        if missing > 0:
+            self._generate_class_images(family, parts, trained, folder, missing, samples, accelerator)
+        accelerator.wait_for_everyone()
+        config = samples.config.model_copy(
+            update={"path": str(folder), "max_samples": None, "proportion_empty_prompts": 0.0}
+        )
+        classes = open_training_data(config, samples.seed, False, fixed_caption=self.settings.class_prompt)
+        return PriorPreservationSamples(samples, classes)
+
+    def _generate_class_images(
+        self, family: Family, parts: Parts, trained: Trained, folder: Path, missing: int,
+        samples: TrainingSamples, accelerator: Any,
+    ) -> None:
+        """Each process draws its share; image i always comes from seed + i, so the set
+        does not depend on how many processes made it."""
+        folder.mkdir(parents=True, exist_ok=True)
+        start = len(class_images(folder)) if accelerator.is_main_process else 0
+        start = _broadcast_int(accelerator, start)
+        mine = list(range(start, start + missing))[accelerator.process_index :: accelerator.num_processes]
+        resolution = samples.config.resolution
+        settings = {"num_inference_steps": self.settings.class_generation_steps,
+                    "height": resolution, "width": resolution}
+        batch = self.settings.sample_batch_size
+        device, prompt = parts.denoiser.device, self.settings.class_prompt or ""
+        for first in range(0, len(mine), batch):
+            indices = mine[first : first + batch]
+            generators = [torch.Generator(device).manual_seed(samples.seed + i) for i in indices]
+            with torch.no_grad():
+                images = self.inner.generate(family, parts, trained, [prompt] * len(indices),
+                                             None, settings, generators)  # type: ignore[arg-type]
+            for index, image in zip(indices, images):
+                save_class_image(folder, index, image)
+
+    def training_parts(self, parts: Parts, trained: Trained) -> Parts:
+        return self.inner.training_parts(parts, trained)
+
+    def condition(
+        self, family: Family, parts: Parts, trained: Trained, batch: dict[str, Any], inputs: ModelInputs
+    ) -> ModelInputs:
+        return inputs
+
+    def reduce(self, per_sample_loss: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """Instance loss + prior_loss_weight x class loss (each a mean over its half)."""
+        prior = batch.get("prior")
+        if prior is None:
+            return per_sample_loss.mean()
+        prior = prior.to(per_sample_loss.device)
+        instance_loss = per_sample_loss[~prior].mean()
+        return instance_loss + self.settings.prior_loss_weight * per_sample_loss[prior].mean()
+
+    def store(self, name: str, module: nn.Module, folder: Path) -> None:
+        self.inner.store(name, module, folder)
+
+    def restore(self, name: str, module: nn.Module, folder: Path) -> None:
+        self.inner.restore(name, module, folder)
+
+    def save(self, family: Family, parts: Parts, trained: Trained, out_dir: Path) -> None:
+        self.inner.save(family, parts, trained, out_dir)
+
+    def usage(self, repo: str, base: str) -> str:
+        return self.inner.usage(repo, base) + f'\nimage = pipe("{self.settings.instance_prompt}").images[0]'
+
+    def generate(
+        self,
+        family: Family,
+        parts: Parts,
+        trained: Trained,
+        prompt: str | list[str],
+        image: Image.Image | list[Image.Image] | None,
+        settings: dict[str, Any],
+        generator: torch.Generator,
+    ) -> list[Image.Image]:
+        return self.inner.generate(family, parts, trained, prompt, image, settings, generator)
+
+
+def class_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def save_class_image(folder: Path, index: int, image: Image.Image) -> Path:
+    """{index}-{sha1}.png, written under a temporary name first so a killed run never
+    leaves a half-written image that would count as done."""
+    digest = hashlib.sha1(image.tobytes()).hexdigest()[:16]
+    path = folder / f"{index:05d}-{digest}.png"
+    partial = folder / f".{path.name}.partial"
+    image.save(partial, format="PNG")
+    partial.replace(path)
+    return path
+
+
+def _broadcast_int(accelerator: Any, value: int) -> int:
+    """The main process's value on every process."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]

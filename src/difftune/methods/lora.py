@@ -1,0 +1,119 @@
+"""LoRA (Hu et al. 2021): low-rank adapters on the denoiser's attention projections
+(and optionally the text encoder's), through peft; only the adapters train and are saved.
+
+The result is diffusers' `pytorch_lora_weights.safetensors`, which
+`pipe.load_lora_weights` reads; `difftune export lora --format kohya` converts it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import Dataset
+
+from difftune.config import LoraSettings, MethodConfig
+from difftune.families.base import Family, ModelInputs, Parts
+from difftune.methods.base import Trained, freeze
+from difftune.methods.full import generate_text_to_image, with_trained
+
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def lora_config(settings: LoraSettings, targets: list[str] | tuple[str, ...]) -> LoraConfig:
+    return LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha if settings.alpha is not None else settings.rank,
+        lora_dropout=settings.dropout,
+        init_lora_weights="gaussian" if settings.init == "gaussian" else True,
+        target_modules=list(targets),
+    )
+
+
+def add_lora(module: nn.Module, config: LoraConfig) -> nn.Module:
+    """Inject adapters; only they require grad, and they stay fp32 (the base may be
+    cast to the compute dtype later)."""
+    module.add_adapter(config)
+    for parameter in module.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    return module
+
+
+def adapter_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights in peft's naming, contiguous (safetensors needs it)."""
+    return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(module, save_embedding_layers=False).items()}
+
+
+class Lora:
+    name = "lora"
+    needs_conditioning = False
+    fixed_caption = None
+    floor_settings = None
+    card_tags = ["lora"]
+
+    def __init__(self, config: MethodConfig) -> None:
+        assert config.lora is not None  # the config fills in defaults for kind "lora"
+        self.config = config
+        self.settings = config.lora
+
+    def build(self, family: Family, parts: Parts) -> Trained:
+        freeze(parts)
+        targets = self.settings.target_modules or family.lora_targets
+        trained = {"unet": add_lora(parts.denoiser, lora_config(self.settings, targets))}
+        if self.config.train_text_encoder:
+            config = lora_config(self.settings, self.settings.text_encoder_target_modules)
+            trained["text_encoder"] = add_lora(parts.text_encoder, config)
+        return trained
+
+    def training_data(
+        self, family: Family, parts: Parts, trained: Trained, samples: Dataset, accelerator: Any
+    ) -> Dataset:
+        return samples
+
+    def training_parts(self, parts: Parts, trained: Trained) -> Parts:
+        return with_trained(parts, trained)
+
+    def condition(
+        self, family: Family, parts: Parts, trained: Trained, batch: dict[str, Any], inputs: ModelInputs
+    ) -> ModelInputs:
+        return inputs
+
+    def reduce(self, per_sample_loss: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        return per_sample_loss.mean()
+
+    def store(self, name: str, module: nn.Module, folder: Path) -> None:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        save_file(adapter_state(module), folder / name / ADAPTER_FILE)
+
+    def restore(self, name: str, module: nn.Module, folder: Path) -> None:
+        result = set_peft_model_state_dict(module, load_file(folder / name / ADAPTER_FILE))
+        if result is not None and getattr(result, "unexpected_keys", None):
+            raise ValueError(f"{folder / name / ADAPTER_FILE}: keys the model lacks: {result.unexpected_keys[:5]}")
+
+    def save(self, family: Family, parts: Parts, trained: Trained, out_dir: Path) -> None:
+        family.save_lora(out_dir, trained["unet"], trained.get("text_encoder"))
+
+    def usage(self, repo: str, base: str) -> str:
+        return (
+            "from diffusers import StableDiffusionPipeline\n"
+            f'pipe = StableDiffusionPipeline.from_pretrained("{base}")\n'
+            f'pipe.load_lora_weights("{repo}")'
+        )
+
+    def generate(
+        self,
+        family: Family,
+        parts: Parts,
+        trained: Trained,
+        prompt: str | list[str],
+        image: Image.Image | list[Image.Image] | None,
+        settings: dict[str, Any],
+        generator: torch.Generator,
+    ) -> list[Image.Image]:
+        return generate_text_to_image(family, parts, trained, prompt, settings, generator)
