@@ -11,7 +11,10 @@ import pytest
 import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+)
 from safetensors.torch import load_file
 
 from difftune.export import single_file
@@ -46,8 +49,24 @@ def assert_same_weights(expected: dict[str, torch.Tensor], model: torch.nn.Modul
 
 def two_step_images(pipe: StableDiffusionPipeline) -> np.ndarray:
     generator = torch.Generator().manual_seed(0)
-    return pipe("red circle", num_inference_steps=2, height=64, width=64, generator=generator,
-                output_type="np").images
+    return pipe(
+        "red circle",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=generator,
+        output_type="np",
+    ).images
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Toy-sized tensors gain nothing from threads, and on a shared 2-core machine OpenMP's
+    spin-waiting made these tests ~50x slower (0.2 s -> 11 s) whenever another process ran."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +113,19 @@ def make_sd2_variant(tiny_base: Path, dest: Path) -> Path:
     shutil.copytree(tiny_base, dest)
     torch.manual_seed(1)
     unet = UNet2DConditionModel(
-        block_out_channels=(4, 8), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True,
-        transformer_layers_per_block=2, norm_num_groups=1,
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        upcast_attention=True,
+        transformer_layers_per_block=2,
+        norm_num_groups=1,
     )
     shutil.rmtree(dest / "unet")
     unet.save_pretrained(dest / "unet")
@@ -107,7 +134,8 @@ def make_sd2_variant(tiny_base: Path, dest: Path) -> Path:
     (text / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
     weights = load_file(str(text / "model.safetensors"))
     legacy = {f"text_model.{k}": v for k, v in weights.items()}
-    legacy["text_model.embeddings.position_ids"] = torch.arange(config["max_position_embeddings"])[None]
+    positions = torch.arange(config["max_position_embeddings"])[None]
+    legacy["text_model.embeddings.position_ids"] = positions
     (text / "model.safetensors").unlink()
     torch.save(legacy, text / "pytorch_model.bin")
     return dest
@@ -120,8 +148,8 @@ def test_sd2_open_clip_layout_round_trips(tiny_base: Path, tmp_path: Path) -> No
     assert not any(k.startswith("cond_stage_model.transformer.") for k in state)
     assert "model.diffusion_model.output_blocks.1.1.conv.weight" in state  # no attention before it
     assert "model.diffusion_model.input_blocks.1.1.transformer_blocks.1.attn2.to_k.weight" in state
-    source = {k.removeprefix("text_model."): v for k, v in
-              torch.load(variant / "text_encoder" / "pytorch_model.bin", weights_only=True).items()}
+    legacy = torch.load(variant / "text_encoder" / "pytorch_model.bin", weights_only=True)
+    source = {k.removeprefix("text_model."): v for k, v in legacy.items()}
     layer = "encoder.layers.1.self_attn"
     fused = state["cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight"]
     assert torch.equal(fused, torch.cat([source[f"{layer}.{p}_proj.weight"] for p in "qkv"]))
@@ -158,12 +186,19 @@ def test_unmapped_key_is_named(tiny_base: Path, tmp_path: Path) -> None:
         single_file_state_dict(extra)
 
 
-@pytest.mark.parametrize("unet_kwargs", [
-    {"cross_attention_dim": 768, "attention_head_dim": 8},  # SD 1.5
-    {"cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True},  # SD 2.1
-])
+@pytest.mark.parametrize(
+    "unet_kwargs",
+    [
+        {"cross_attention_dim": 768, "attention_head_dim": 8},  # SD 1.5
+        {
+            "cross_attention_dim": 1024,
+            "attention_head_dim": [5, 10, 20, 20],
+            "use_linear_projection": True,
+        },  # SD 2.1
+    ],
+)
 def test_full_size_layout_matches_diffusers_reader(unet_kwargs: dict) -> None:
-    """Real SD shapes (4 blocks x 2 layers, 12 input blocks) on the meta device: no weights, no time.
+    """Real SD shapes (4 blocks x 2 layers, 12 input blocks) on the meta device, so no weights.
 
     The tiny models never reach two-digit block numbers, where a prefix slip
     (input_blocks.1 vs input_blocks.11) would show; 686 and 248 are the UNet and VAE key
@@ -171,8 +206,13 @@ def test_full_size_layout_matches_diffusers_reader(unet_kwargs: dict) -> None:
     """
     with init_empty_weights():
         unet = UNet2DConditionModel(**unet_kwargs)
-        vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
-                            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+        vae = AutoencoderKL(
+            block_out_channels=[128, 256, 512, 512],
+            layers_per_block=2,
+            latent_channels=4,
+            down_block_types=["DownEncoderBlock2D"] * 4,
+            up_block_types=["UpDecoderBlock2D"] * 4,
+        )
     for model, rules, prefix, reader, count in [
         (unet, single_file._unet_rules, single_file.UNET_PREFIX, convert_ldm_unet_checkpoint, 686),
         (vae, single_file._vae_rules, single_file.VAE_PREFIX, convert_ldm_vae_checkpoint, 248),

@@ -25,7 +25,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
     from difftune.training.guards import NonFiniteLoss
 
-    return (ConfigError, DataError, ResumeError, MissingExtra, NonFiniteLoss)
+    return (ConfigError, DataError, ResumeError, MissingExtra, NonFiniteLoss, InputError)
+
+
+class InputError(ValueError):
+    """A path or file given on the command line that cannot be used."""
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -53,14 +57,18 @@ def _is_main_process() -> bool:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from difftune.generate import generate_controlnet
+    from difftune.generate import generate
 
-    out = generate_controlnet(
+    if (args.controlnet is None) != (args.image is None):
+        raise InputError("--controlnet and --image go together")
+    out = generate(
         base=args.base,
-        controlnet=args.controlnet,
-        image=args.image,
         prompt=args.prompt,
         out=args.out,
+        controlnet=args.controlnet,
+        image=args.image,
+        lora=args.lora,
+        lora_scale=args.lora_scale,
         steps=args.steps,
         seed=args.seed,
         guidance_scale=args.guidance_scale,
@@ -68,6 +76,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt,
         resolution=args.resolution,
     )
+    console.print(f"wrote {out}")
+    return 0
+
+
+def cmd_export_lora(args: argparse.Namespace) -> int:
+    from difftune.export.lora import export_lora
+
+    try:
+        out = export_lora(args.source, args.out, args.format)
+    except (ValueError, FileNotFoundError) as error:
+        raise InputError(str(error)) from None
+    console.print(f"wrote {out} ({args.format} format)")
+    return 0
+
+
+def cmd_export_single_file(args: argparse.Namespace) -> int:
+    from difftune.export.single_file import export_single_file
+    from difftune.generate import run_output
+
+    try:
+        out = export_single_file(run_output(args.pipeline), args.out, half=args.half)
+    except (ValueError, FileNotFoundError) as error:
+        raise InputError(str(error)) from None
     console.print(f"wrote {out}")
     return 0
 
@@ -100,19 +131,37 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", help='"latest" or a checkpoint folder')
     train.set_defaults(run=cmd_train)
 
-    gen = verbs.add_parser("generate", help="generate an image with a trained ControlNet")
-    gen.add_argument("--base", required=True, help="base pipeline (Hub id or folder)")
-    gen.add_argument("--controlnet", required=True, help="ControlNet folder, run directory or Hub id")
-    gen.add_argument("--image", required=True, help="conditioning image")
+    gen = verbs.add_parser("generate", help="generate an image with trained weights")
+    gen.add_argument("--base", required=True,
+                     help="base pipeline (Hub id or folder), or a full fine-tune's run directory")
+    gen.add_argument("--controlnet", help="ControlNet folder, run directory or Hub id (needs --image)")
+    gen.add_argument("--image", help="conditioning image for --controlnet")
+    gen.add_argument("--lora", help="LoRA run directory, folder or .safetensors file")
+    gen.add_argument("--lora-scale", type=float, default=1.0)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt")
     gen.add_argument("--steps", type=int, default=20)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--guidance-scale", type=float, default=7.5)
     gen.add_argument("--conditioning-scale", type=float, default=1.0)
-    gen.add_argument("--resolution", type=int, help="resize the conditioning image to this square size")
+    gen.add_argument("--resolution", type=int,
+                     help="square output size (the conditioning image is resized to it)")
     gen.add_argument("--out", required=True)
     gen.set_defaults(run=cmd_generate)
+
+    export = verbs.add_parser("export", help="convert trained weights").add_subparsers(
+        dest="export_verb", required=True)
+    lora = export.add_parser("lora", help="a LoRA in another key format")
+    lora.add_argument("source", help="LoRA run directory, its final/, or a .safetensors file")
+    lora.add_argument("out", help="output .safetensors file")
+    lora.add_argument("--format", choices=["kohya", "diffusers"], default="kohya",
+                      help="kohya: sd-scripts / AUTOMATIC1111 / ComfyUI keys")
+    lora.set_defaults(run=cmd_export_lora)
+    single = export.add_parser("single-file", help="an SD1.x/2.x pipeline as one original-layout checkpoint")
+    single.add_argument("pipeline", help="diffusers pipeline folder, or a full fine-tune's run directory")
+    single.add_argument("out", help="output .safetensors file")
+    single.add_argument("--half", action="store_true", help="store fp16 weights")
+    single.set_defaults(run=cmd_export_single_file)
 
     data = verbs.add_parser("data", help="dataset tools").add_subparsers(dest="data_verb", required=True)
     circles = data.add_parser("fill-circles", help="write a fill50k-style synthetic dataset")

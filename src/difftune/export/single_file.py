@@ -50,7 +50,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -71,15 +70,33 @@ WEIGHT_NAMES = (
 
 # Leaf-module renames inside one block (diffusers name -> LDM name).
 UNET_RESNET = {
-    "norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection",
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
 }
-VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
-              "conv_shortcut": "nin_shortcut"}
-VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+VAE_RESNET = {
+    "norm1": "norm1",
+    "conv1": "conv1",
+    "norm2": "norm2",
+    "conv2": "conv2",
+    "conv_shortcut": "nin_shortcut",
+}
+VAE_ATTENTION = {
+    "group_norm": "norm",
+    "to_q": "q",
+    "to_k": "k",
+    "to_v": "v",
+    "to_out.0": "proj_out",
+}
 OPEN_CLIP_LAYER = {
-    "layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
-    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "self_attn.out_proj": "attn.out_proj",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
 }
 OPEN_CLIP_TOP = {
     "embeddings.token_embedding.weight": "token_embedding.weight",
@@ -99,7 +116,11 @@ Rule = tuple[str, str, dict[str, str] | None]
 
 
 def export_single_file(
-    pipeline_dir: str | Path, out_file: str | Path, half: bool = False, *, text_layout: str | None = None
+    pipeline_dir: str | Path,
+    out_file: str | Path,
+    half: bool = False,
+    *,
+    text_layout: str | None = None,
 ) -> Path:
     """Write the pipeline folder's UNet, VAE and text encoder as one LDM-layout safetensors file.
 
@@ -112,7 +133,9 @@ def export_single_file(
     return _save_atomic(state, Path(out_file))
 
 
-def single_file_state_dict(pipeline_dir: str | Path, *, text_layout: str | None = None) -> dict[str, torch.Tensor]:
+def single_file_state_dict(
+    pipeline_dir: str | Path, *, text_layout: str | None = None
+) -> dict[str, torch.Tensor]:
     """The whole LDM-layout state dict of a diffusers SD 1.x/2.x folder (nothing written)."""
     root = Path(pipeline_dir)
     if not root.is_dir():
@@ -140,7 +163,9 @@ def _load_component(root: Path, name: str) -> tuple[dict, dict[str, torch.Tensor
     """(config, state dict) of one component folder, with errors naming what is missing."""
     folder = root / name
     if not folder.is_dir():
-        raise ValueError(f"component folder {folder} is missing (a diffusers SD pipeline needs {name}/)")
+        raise ValueError(
+            f"component folder {folder} is missing (a diffusers SD pipeline needs {name}/)"
+        )
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ValueError(f"{config_path} is missing")
@@ -160,8 +185,8 @@ def _text_layout(config: dict, folder: Path) -> str:
     act = config.get("hidden_act")
     if act not in TEXT_LAYOUTS:
         raise ValueError(
-            f"{folder}/config.json has hidden_act={act!r}; cannot tell OpenAI CLIP (quick_gelu, SD 1.x) "
-            "from OpenCLIP (gelu, SD 2.x): pass text_layout='clip' or 'open_clip'"
+            f"{folder}/config.json has hidden_act={act!r}; cannot tell OpenAI CLIP (quick_gelu, "
+            "SD 1.x) from OpenCLIP (gelu, SD 2.x): pass text_layout='clip' or 'open_clip'"
         )
     return TEXT_LAYOUTS[act]
 
@@ -173,7 +198,9 @@ def _block_kinds(types: list[str], known: dict[str, bool], folder: str) -> list[
     """Per block, whether it holds attentions; unknown types have no place in the LDM layout."""
     unknown = [t for t in types if t not in known]
     if unknown:
-        raise ValueError(f"{folder}: block types {unknown} have no LDM single-file layout (known: {list(known)})")
+        raise ValueError(
+            f"{folder}: block types {unknown} have no LDM single-file layout (known: {list(known)})"
+        )
     return [known[t] for t in types]
 
 
@@ -183,7 +210,9 @@ def _uniform_layers(config: dict) -> int:
     if isinstance(layers, int):
         return layers
     if len(set(layers)) != 1:
-        raise ValueError(f"unet layers_per_block={layers}: the single-file layout needs one count for all blocks")
+        raise ValueError(
+            f"unet layers_per_block={layers}: the single-file layout needs one count for all blocks"
+        )
     return layers[0]
 
 
@@ -218,7 +247,9 @@ def _unet_rules(config: dict) -> list[Rule]:
                 rules.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{k}.1.", None))
             if j == layers and i < len(up) - 1:  # upsampler sits after the block's last layer
                 slot = 2 if attends else 1
-                rules.append((f"up_blocks.{i}.upsamplers.0.conv.", f"output_blocks.{k}.{slot}.conv.", None))
+                rules.append(
+                    (f"up_blocks.{i}.upsamplers.0.conv.", f"output_blocks.{k}.{slot}.conv.", None)
+                )
             k += 1
     return rules
 
@@ -242,7 +273,10 @@ def _vae_rules(config: dict) -> list[Rule]:
     _block_kinds(config["down_block_types"], dict.fromkeys(VAE_DOWN, False), "vae")
     _block_kinds(config["up_block_types"], dict.fromkeys(VAE_UP, False), "vae")
     layers, n = config["layers_per_block"], len(config["down_block_types"])
-    rules: list[Rule] = [("quant_conv.", "quant_conv.", None), ("post_quant_conv.", "post_quant_conv.", None)]
+    rules: list[Rule] = [
+        ("quant_conv.", "quant_conv.", None),
+        ("post_quant_conv.", "post_quant_conv.", None),
+    ]
     for part in ("encoder", "decoder"):
         rules += [
             (f"{part}.conv_in.", f"{part}.conv_in.", None),
@@ -255,15 +289,35 @@ def _vae_rules(config: dict) -> list[Rule]:
             rules.append((f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", VAE_ATTENTION))
     for i in range(n):
         for j in range(layers):
-            rules.append((f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.", VAE_RESNET))
+            rules.append(
+                (
+                    f"encoder.down_blocks.{i}.resnets.{j}.",
+                    f"encoder.down.{i}.block.{j}.",
+                    VAE_RESNET,
+                )
+            )
         if i < n - 1:
-            rules.append((f"encoder.down_blocks.{i}.downsamplers.0.conv.", f"encoder.down.{i}.downsample.conv.", None))
+            rules.append(
+                (
+                    f"encoder.down_blocks.{i}.downsamplers.0.conv.",
+                    f"encoder.down.{i}.downsample.conv.",
+                    None,
+                )
+            )
     for i in range(len(config["up_block_types"])):
         ldm = n - 1 - i  # LDM numbers decoder levels by resolution, lowest first
         for j in range(layers + 1):
-            rules.append((f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{ldm}.block.{j}.", VAE_RESNET))
+            rules.append(
+                (f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{ldm}.block.{j}.", VAE_RESNET)
+            )
         if i < n - 1:
-            rules.append((f"decoder.up_blocks.{i}.upsamplers.0.conv.", f"decoder.up.{ldm}.upsample.conv.", None))
+            rules.append(
+                (
+                    f"decoder.up_blocks.{i}.upsamplers.0.conv.",
+                    f"decoder.up.{ldm}.upsample.conv.",
+                    None,
+                )
+            )
     return rules
 
 
@@ -285,16 +339,18 @@ def _apply_rules(
     _check_consumed(state, out, unmapped, folder)
     empty = [source for source, _, _ in rules if source not in used]
     if empty:
-        raise ValueError(f"{folder}: config.json implies weights under {empty[:5]} but the weight file has none")
+        raise ValueError(
+            f"{folder}: config.json implies weights under {empty[:5]} but the weight file has none"
+        )
     return out
 
 
 def _place(key: str, rules: list[Rule]) -> tuple[str, str, dict[str, str] | None] | None:
-    """(LDM name, matched diffusers prefix, its leaf table) of one key, or None if nothing places it."""
+    """(LDM name, matched diffusers prefix, its leaf table) of one key; None if unplaced."""
     for source, target, leaves in rules:
         if not key.startswith(source):
             continue
-        rest = key[len(source):]
+        rest = key[len(source) :]
         if leaves is None:
             return target + rest, source, leaves
         module, _, param = rest.rpartition(".")
@@ -303,16 +359,24 @@ def _place(key: str, rules: list[Rule]) -> tuple[str, str, dict[str, str] | None
 
 
 def _as_conv(tensor: torch.Tensor) -> torch.Tensor:
-    """LDM's VAE attention uses 1x1 convs where diffusers has linears: [out, in] -> [out, in, 1, 1]."""
+    """LDM's VAE attention has 1x1 convs where diffusers has linears: [o, i] -> [o, i, 1, 1]."""
     return tensor[:, :, None, None] if tensor.ndim == 2 else tensor
 
 
-def _check_consumed(source: dict, out: dict, unmapped: list[str], folder: Path, count: bool = True) -> None:
+def _check_consumed(
+    source: dict, out: dict, unmapped: list[str], folder: Path, count: bool = True
+) -> None:
     """Never drop a weight silently: no unplaced keys, and (count) one output key per input key."""
     if unmapped:
-        shown = ", ".join(unmapped[:10]) + (f" (+{len(unmapped) - 10} more)" if len(unmapped) > 10 else "")
-        raise ValueError(f"{folder}: {len(unmapped)} diffusers keys have no place in the LDM layout: {shown}")
-    assert not count or len(out) == len(source), f"{folder}: {len(source)} keys in, {len(out)} out (keys collided)"
+        shown = ", ".join(unmapped[:10]) + (
+            f" (+{len(unmapped) - 10} more)" if len(unmapped) > 10 else ""
+        )
+        raise ValueError(
+            f"{folder}: {len(unmapped)} diffusers keys have no place in the LDM layout: {shown}"
+        )
+    assert not count or len(out) == len(source), (
+        f"{folder}: {len(source)} keys in, {len(out)} out (keys collided)"
+    )
 
 
 # ---------------------------------------------------------------- text encoders
@@ -360,7 +424,9 @@ def _open_clip_state(state: dict[str, torch.Tensor], folder: Path) -> dict[str, 
     assert count == len(state), f"{folder}: {len(state)} keys in, {count} placed (keys collided)"
     for target, parts in fused.items():
         if sorted(parts) != ["k", "q", "v"]:
-            raise ValueError(f"{folder}: {target} needs q, k and v projections, found {sorted(parts)}")
+            raise ValueError(
+                f"{folder}: {target} needs q, k and v projections, found {sorted(parts)}"
+            )
         # OpenCLIP's nn.MultiheadAttention stores [q; k; v] stacked along the output dimension.
         out[OPEN_CLIP_PREFIX + target] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     return out
@@ -371,7 +437,7 @@ QKV = re.compile(r"self_attn\.([qkv])_proj")
 
 
 def _open_clip_name(name: str) -> tuple[str, str | None] | None:
-    """(OpenCLIP name, q/k/v part or None) of one diffusers text-encoder key; None if it has none."""
+    """(OpenCLIP name, q/k/v part or None) of one diffusers text-encoder key, or None."""
     if name in OPEN_CLIP_TOP:
         return OPEN_CLIP_TOP[name], None
     match = LAYER.fullmatch(name)
@@ -382,28 +448,36 @@ def _open_clip_name(name: str) -> tuple[str, str | None] | None:
     qkv = QKV.fullmatch(module)
     if qkv:
         return f"{block}attn.in_proj_{param}", qkv.group(1)
-    return (f"{block}{OPEN_CLIP_LAYER[module]}.{param}", None) if module in OPEN_CLIP_LAYER else None
+    return (
+        (f"{block}{OPEN_CLIP_LAYER[module]}.{param}", None) if module in OPEN_CLIP_LAYER else None
+    )
 
 
 def _check_position_ids(tensor: torch.Tensor, folder: Path) -> None:
     """Dropping position_ids is only lossless if it is the plain 0..n-1 it is meant to be."""
     if not torch.equal(tensor.flatten().long(), torch.arange(tensor.numel())):
-        raise ValueError(f"{folder}: embeddings.position_ids is not 0..n-1 and OpenCLIP has no place for it")
+        raise ValueError(
+            f"{folder}: embeddings.position_ids is not 0..n-1 and OpenCLIP has no place for it"
+        )
 
 
 # ---------------------------------------------------------------- writing
 
 
 def _save_atomic(state: dict[str, torch.Tensor], out: Path) -> Path:
-    """Write to a temporary name beside out, then rename: readers never see half a file."""
+    """Write to a temporary name beside out, then rename: readers never see half a file.
+
+    Same folder, so os.replace is an atomic rename on one filesystem. The pid keeps two
+    concurrent exports apart; save_file creates the file itself, so it gets the usual
+    umask permissions (mkstemp's would be 0600).
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in state.items()}  # safetensors refuses strided views
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        save_file(state, tmp, metadata={"format": "pt"})
+        save_file(state, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, out)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return out

@@ -117,7 +117,7 @@ class StableDiffusion:
         )
 
     def load_controlnet(self, path: str) -> nn.Module:
-        return ControlNetModel.from_pretrained(path, torch_dtype=torch.float32)
+        return ControlNetModel.from_pretrained(path, dtype=torch.float32)
 
     def controlnet_residuals(
         self, controlnet: nn.Module, inputs: ModelInputs, conditioning: torch.Tensor

@@ -1,0 +1,115 @@
+"""LoRA files in other key formats.
+
+A LoRA run's final/ holds diffusers' `pytorch_lora_weights.safetensors`. The kohya
+format (sd-scripts, AUTOMATIC1111, ComfyUI, InvokeAI) names each adapted module by its
+path with dots turned to underscores, with `lora_down`/`lora_up` weights and an `alpha`
+scalar per module. diffusers' own `convert_state_dict_to_kohya` writes alpha = rank and
+`lora_te1_` (the SDXL name) for the text encoder, which loses a trained alpha and the
+SD1.x/2.x text-encoder name, hence this small converter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+# "<component>.<module path>.<which matrix>.weight", in the layouts diffusers writes
+# (lora.down / lora_linear_layer.down) or reads (peft's lora_A / lora_B).
+_KEY = re.compile(
+    r"^(?P<component>unet|text_encoder)\.(?P<module>.+)\."
+    r"(?P<matrix>lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up|lora_A|lora_B)\.weight$"
+)
+_DOWN = {"lora.down", "lora_linear_layer.down", "lora_A"}
+_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+
+
+def lora_file(run_or_file: str | Path) -> Path:
+    """The LoRA file of a run directory, of its final/ folder, or the file itself."""
+    path = Path(run_or_file)
+    for candidate in (path, path / LORA_FILE, path / "final" / LORA_FILE):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{path}: no {LORA_FILE} here, in it or in its final/")
+
+
+def adapter_alphas(path: Path) -> dict[str, dict]:
+    """Per component: the LoRA alpha and any per-module alpha pattern, from the file's
+    adapter metadata (written by difftune and diffusers' save_lora_weights)."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    found: dict[str, dict] = {}
+    for component in _PREFIX:
+        if f"{component}.lora_alpha" in config:
+            found[component] = {
+                "alpha": float(config[f"{component}.lora_alpha"]),
+                "pattern": config.get(f"{component}.alpha_pattern") or {},
+            }
+    return found
+
+
+def kohya_module_name(component: str, module: str) -> str:
+    """`lora_unet_down_blocks_0_..._to_q`, `lora_te_text_model_encoder_layers_0_..._q_proj`."""
+    if component == "text_encoder" and not module.startswith("text_model."):
+        module = "text_model." + module  # transformers 5 dropped the text_model level
+    return _PREFIX[component] + module.replace(".", "_")
+
+
+def to_kohya(state: dict[str, torch.Tensor], alphas: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """Every key converted, or an error naming the ones that cannot be."""
+    converted: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, tensor in state.items():
+        match = _KEY.match(key)
+        if match is None:
+            unknown.append(key)
+            continue
+        component, module = match["component"], match["module"]
+        name = kohya_module_name(component, module)
+        is_down = match["matrix"] in _DOWN
+        converted[f"{name}.{'lora_down' if is_down else 'lora_up'}.weight"] = tensor.contiguous()
+        if is_down:
+            converted[f"{name}.alpha"] = torch.tensor(_alpha(alphas.get(component), module, tensor))
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise ValueError(f"{len(unknown)} key(s) are not UNet or text-encoder LoRA weights: {shown}")
+    return converted
+
+
+def _alpha(found: dict | None, module: str, down: torch.Tensor) -> float:
+    """The module's alpha: its pattern entry, the adapter's alpha, or (no metadata)
+    the rank, which is what diffusers assumes for a file without alphas."""
+    if found is None:
+        return float(down.shape[0])
+    for pattern, value in found["pattern"].items():
+        if module == pattern or module.endswith("." + pattern):
+            return float(value)
+    return found["alpha"]
+
+
+def export_lora(run_or_file: str | Path, out_file: str | Path, format: str = "kohya") -> Path:
+    """Write a run's LoRA in `format` ("kohya" or "diffusers"), atomically."""
+    source = lora_file(run_or_file)
+    state = load_file(source)
+    if format == "kohya":
+        state = to_kohya(state, adapter_alphas(source))
+        metadata = {"format": "pt", "ss_network_module": "networks.lora"}
+    elif format == "diffusers":
+        with safe_open(str(source), framework="pt") as handle:
+            metadata = handle.metadata() or {"format": "pt"}
+    else:
+        raise ValueError(f"unknown LoRA format {format!r} (kohya or diffusers)")
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    save_file(state, partial, metadata=metadata)
+    os.replace(partial, out)
+    return out
