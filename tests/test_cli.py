@@ -107,3 +107,27 @@ def test_missing_extras_fail_clearly(flag: str, tmp_path: Path, tiny_base: Path,
     raw = run_config(tiny_base, circles, tmp_path / "run", train=train_keys)
     assert main(["train", str(_write_toml(tmp_path / "c.toml", raw))]) == 2
     assert expected in capsys.readouterr().err
+
+
+def test_lora_train_generate_and_export_verbs(tmp_path: Path, tiny_base: Path, circles: Path) -> None:
+    raw = run_config(tiny_base, circles, tmp_path / "run", method={"kind": "lora"},
+                     train={"max_steps": 1, "checkpoint_every": 10})
+    assert main(["train", str(_write_toml(tmp_path / "c.toml", raw))]) == 0
+    common = ["--prompt", "red circle with blue background", "--steps", "2", "--resolution", "64"]
+    assert main(["generate", "--base", str(tiny_base), "--lora", str(tmp_path / "run"), *common,
+                 "--out", str(tmp_path / "lora.png")]) == 0
+    assert Image.open(tmp_path / "lora.png").size == (64, 64)
+    assert main(["export", "lora", str(tmp_path / "run"), str(tmp_path / "k.safetensors")]) == 0
+    assert (tmp_path / "k.safetensors").is_file()
+    assert main(["export", "single-file", str(tiny_base), str(tmp_path / "sd.safetensors"), "--half"]) == 0
+    assert (tmp_path / "sd.safetensors").stat().st_size > 0
+
+
+def test_export_and_generate_errors_exit_2(tmp_path: Path, tiny_base: Path, capsys) -> None:
+    assert main(["export", "lora", str(tmp_path), str(tmp_path / "k.safetensors")]) == 2
+    assert "no pytorch_lora_weights.safetensors" in capsys.readouterr().err
+    assert main(["export", "single-file", str(tmp_path), str(tmp_path / "x.safetensors")]) == 2
+    assert str(tmp_path) in capsys.readouterr().err
+    assert main(["generate", "--base", str(tiny_base), "--controlnet", "x", "--prompt", "p",
+                 "--out", str(tmp_path / "o.png")]) == 2
+    assert "--controlnet and --image go together" in capsys.readouterr().err

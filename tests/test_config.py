@@ -97,3 +97,15 @@ def test_every_preset_loads() -> None:
     assert presets
     for preset in presets:
         load_config(preset)
+
+
+def test_sd_presets_are_the_methods_they_are_named_after() -> None:
+    root = Path(__file__).resolve().parents[1] / "configs" / "sd"
+    lora, dreambooth, dreambooth_lora, full = (
+        load_config(root / f"{name}.toml").method for name in ("lora", "dreambooth", "dreambooth_lora", "full")
+    )
+    assert lora.kind == "lora" and lora.lora is not None and lora.lora.rank == 4
+    assert dreambooth.kind == "dreambooth" and not dreambooth.uses_lora
+    assert dreambooth.dreambooth is not None and dreambooth.dreambooth.prior_preservation
+    assert dreambooth_lora.kind == "dreambooth" and dreambooth_lora.uses_lora
+    assert full.kind == "full" and full.ema is not None and full.ema.decay == 0.9999

@@ -55,7 +55,9 @@ def captions(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def lora_run(tiny_base: Path, captions: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
     out = tmp_path_factory.mktemp("lora") / "run"
     raw = run_config(tiny_base, captions, out, method={
-        "kind": "lora", "train_text_encoder": True, "lora": {"rank": 4, "alpha": 8.0, "init": "kaiming"}},
+        "kind": "lora", "train_text_encoder": True, "lora": {
+            "rank": 4, "alpha": 8.0, "init": "kaiming",
+            "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "conv1", "conv2"]}},
         train={"learning_rate": 1e-2}, validation={"prompts": [PROMPT]})
     run = Run(build_config(raw))
     run.fit()

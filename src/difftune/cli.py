@@ -116,7 +116,8 @@ def cmd_fill_circles(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from difftune.demo import run_demo
 
-    final = run_demo(args.output_dir, list(args.set or []), console)
+    output_dir = args.output_dir or ("runs/demo" if args.preset == "controlnet" else f"runs/demo-{args.preset}")
+    final = run_demo(output_dir, list(args.set or []), console, args.preset)
     console.print(f"[green]demo done[/green]: {final}")
     return 0
 
@@ -174,8 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     circles.add_argument("--parquet", action="store_true", help="one parquet file instead of PNGs + metadata.jsonl")
     circles.set_defaults(run=cmd_fill_circles)
 
-    demo = verbs.add_parser("demo", help="train a ControlNet on the tiny fill-circles base (CPU, no downloads)")
-    demo.add_argument("--output-dir", default="runs/demo", help="run directory")
+    demo = verbs.add_parser("demo", help="train on the tiny fill-circles base (CPU, no downloads)")
+    demo.add_argument("preset", nargs="?", choices=["controlnet", "dreambooth"], default="controlnet",
+                      help="controlnet: a fill-circles ControlNet; dreambooth: DreamBooth-LoRA teaches a new shape")
+    demo.add_argument("--output-dir", help="run directory (default runs/demo, or runs/demo-dreambooth)")
     demo.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
     demo.set_defaults(run=cmd_demo)
     return parser

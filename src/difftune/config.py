@@ -89,7 +89,9 @@ class DreamBoothSettings(_Section):
     """Use the dataset's caption column instead of instance_prompt."""
     class_data: str | None = None
     """Folder of class images; filled up to num_class_images by the base model."""
-    class_prompt: str | None = None
+    class_prompt: str | list[str] | None = None
+    """Caption of the class images and the prompt that generates the missing ones. A list
+    is cycled over the generated images, each saved with its prompt in a .txt file."""
     prior_preservation: bool = False
     prior_loss_weight: float = Field(1.0, ge=0.0)
     num_class_images: int = Field(100, gt=0)

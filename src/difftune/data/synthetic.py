@@ -118,3 +118,21 @@ def write_fill_circles_parquet(
     )
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(out / "data.parquet"))
     return out
+
+
+def write_subject_folder(
+    out_dir: str | Path, count: int, resolution: int, seed: int, word: str = "sks",
+    colours: list[str] | None = None,
+) -> Path:
+    """A DreamBooth instance folder for the demo base: filled squares, a shape the base
+    never saw, captioned "{fg} {word} with {bg} background" in NNNNNN.txt beside each PNG."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for index in range(count):
+        shape = random_circle(rng, resolution, colours or DEMO_PALETTE)
+        image = Image.new("RGB", (resolution, resolution), shape.background)
+        ImageDraw.Draw(image).rectangle(shape.box, fill=shape.foreground)
+        image.save(out / f"{index:06d}.png")
+        (out / f"{index:06d}.txt").write_text(f"{shape.foreground} {word} with {shape.background} background")
+    return out

@@ -15,7 +15,6 @@ from diffusers import (
     UNet2DConditionModel,
     UniPCMultistepScheduler,
 )
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import get_peft_model_state_dict
 from torch import nn
 from transformers import AutoTokenizer, CLIPTextModel
@@ -153,8 +152,10 @@ class StableDiffusion:
         for prefix, module in (("unet", unet), ("text_encoder", text_encoder)):
             if module is None:
                 continue
-            state = get_peft_model_state_dict(module, save_embedding_layers=False)
-            layers[f"{prefix}_lora_layers"] = convert_state_dict_to_diffusers(state)
+            # peft's key names, which load_lora_weights reads as they are. (diffusers'
+            # convert_state_dict_to_diffusers renames only attention projections, and a
+            # file mixing both namings loads without the renamed ones.)
+            layers[f"{prefix}_lora_layers"] = get_peft_model_state_dict(module, save_embedding_layers=False)
             metadata[f"{prefix}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
         StableDiffusionPipeline.save_lora_weights(out_dir, safe_serialization=True, **layers, **metadata)
 

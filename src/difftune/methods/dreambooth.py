@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from rich.console import Console
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -57,12 +58,16 @@ class DreamBooth:
         folder = Path(self.settings.class_data or "")
         missing = self.settings.num_class_images - len(class_images(folder))
         if missing > 0:
+            if accelerator.is_main_process:
+                Console(stderr=True).log(f"generating {missing} class image(s) into {folder}")
             self._generate_class_images(family, parts, trained, folder, missing, samples, accelerator)
         accelerator.wait_for_everyone()
         config = samples.config.model_copy(
             update={"path": str(folder), "max_samples": None, "proportion_empty_prompts": 0.0}
         )
-        classes = open_training_data(config, samples.seed, False, fixed_caption=self.settings.class_prompt)
+        # One class prompt captions every class image; several were saved in .txt files.
+        prompt = self.settings.class_prompt
+        classes = open_training_data(config, samples.seed, False, prompt if isinstance(prompt, str) else None)
         return PriorPreservationSamples(samples, classes)
 
     def _generate_class_images(
@@ -79,15 +84,21 @@ class DreamBooth:
         settings = {"num_inference_steps": self.settings.class_generation_steps,
                     "height": resolution, "width": resolution}
         batch = self.settings.sample_batch_size
-        device, prompt = parts.denoiser.device, self.settings.class_prompt or ""
+        device = parts.denoiser.device
         for first in range(0, len(mine), batch):
             indices = mine[first : first + batch]
+            prompts = [self.class_prompt(i) for i in indices]
             generators = [torch.Generator(device).manual_seed(samples.seed + i) for i in indices]
             with torch.no_grad():
-                images = self.inner.generate(family, parts, trained, [prompt] * len(indices),
-                                             None, settings, generators)  # type: ignore[arg-type]
-            for index, image in zip(indices, images):
-                save_class_image(folder, index, image)
+                images = self.inner.generate(family, parts, trained, prompts, None, settings,
+                                             generators)  # type: ignore[arg-type]
+            for index, prompt, image in zip(indices, prompts, images):
+                caption = None if isinstance(self.settings.class_prompt, str) else prompt
+                save_class_image(folder, index, image, caption)
+
+    def class_prompt(self, index: int) -> str:
+        prompt = self.settings.class_prompt or ""
+        return prompt if isinstance(prompt, str) else prompt[index % len(prompt)]
 
     def training_parts(self, parts: Parts, trained: Trained) -> Parts:
         return self.inner.training_parts(parts, trained)
@@ -137,11 +148,14 @@ def class_images(folder: Path) -> list[Path]:
     return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def save_class_image(folder: Path, index: int, image: Image.Image) -> Path:
-    """{index}-{sha1}.png, written under a temporary name first so a killed run never
-    leaves a half-written image that would count as done."""
+def save_class_image(folder: Path, index: int, image: Image.Image, caption: str | None = None) -> Path:
+    """{index}-{sha1}.png (and its caption in .txt when given), the image written under a
+    temporary name first so a killed run never leaves a half-written image that would
+    count as done. The caption goes first: an image never lacks its caption."""
     digest = hashlib.sha1(image.tobytes()).hexdigest()[:16]
     path = folder / f"{index:05d}-{digest}.png"
+    if caption is not None:
+        path.with_suffix(".txt").write_text(caption, encoding="utf-8")
     partial = folder / f".{path.name}.partial"
     image.save(partial, format="PNG")
     partial.replace(path)
