@@ -85,3 +85,39 @@ def test_nonfinite_micro_batch_skips_its_whole_accumulation_window(monkeypatch, 
     assert [(e["step"], e["in_a_row"]) for e in events if e["event"] == "nonfinite"] == [(1, 1), (2, 2)]
     lines = (tmp_path / "run" / "events.jsonl").read_text()
     assert "NaN" not in lines  # strict JSON: a skipped step's loss is null
+
+
+def test_full_disk_stops_before_writing_a_checkpoint(monkeypatch, tiny_base: Path, circles: Path, tmp_path: Path) -> None:
+    import shutil
+    from collections import namedtuple
+
+    import difftune.training.checkpoint as checkpoint_module
+    from difftune.training.checkpoint import DiskSpaceError
+
+    real = shutil.disk_usage
+    usage = namedtuple("usage", "total used free")
+    space = {"free": None}
+
+    def disk_usage(path):
+        found = real(path)
+        return found if space["free"] is None else usage(found.total, found.used, space["free"])
+
+    monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", disk_usage)
+    out = tmp_path / "run"
+    raw = run_config(tiny_base, circles, out, train={"max_steps": 4, "checkpoint_every": 2})
+    run = Run(build_config(raw))
+    real_checkpoint = run._checkpoint
+
+    def fill_disk_after_first(state):
+        real_checkpoint(state)
+        space["free"] = 1024  # 1 kB left after the step-2 checkpoint
+
+    run._checkpoint = fill_disk_after_first
+    with pytest.raises(DiskSpaceError, match="not enough disk space for the step-4 checkpoint.*step-000002"):
+        run.fit()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]  # nothing half-written
+    assert [e for e in read_events(out) if e["event"] == "disk_full"][0]["step"] == 4
+    space["free"] = None
+    resumed = Run(build_config(raw))
+    assert resumed.fit() == out / "final"
+    assert [e["step"] for e in read_events(out) if e["event"] == "start"] == [0, 2]

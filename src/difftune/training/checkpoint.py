@@ -26,6 +26,35 @@ class ResumeError(ValueError):
     """train.resume names something that cannot be resumed from."""
 
 
+class DiskSpaceError(RuntimeError):
+    """Too little free disk space to write a whole checkpoint."""
+
+
+def checkpoint_bytes(run_dir: Path, trainable_parameters: int) -> int:
+    """What the next checkpoint will take: the size of the newest one, or before the
+    first, 16 bytes a trainable parameter (fp32 weights plus AdamW's two fp32 moments,
+    and a fp32 EMA or spare), plus 10 MB for RNG, scheduler and trainer state."""
+    found = complete_checkpoints(run_dir)
+    if found:
+        return sum(f.stat().st_size for f in found[-1].rglob("*") if f.is_file())
+    return trainable_parameters * 16 + 10 * 2**20
+
+
+def check_disk_space(run_dir: Path, needed: int, step: int) -> str | None:
+    """A message when the run directory's disk cannot hold `needed` bytes (with 10% to spare)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(run_dir).free
+    if free >= needed * 1.1:
+        return None
+    found = complete_checkpoints(run_dir)
+    last = f"the last complete checkpoint is {found[-1].name}" if found else "there is no checkpoint yet"
+    return (
+        f"not enough disk space for the step-{step} checkpoint: it needs about {needed / 2**20:.0f} MB "
+        f"and {free / 2**20:.0f} MB are free in {run_dir}. Nothing was written; {last}. "
+        "Free some space (or lower train.checkpoints_total_limit) and run the same command to resume."
+    )
+
+
 @dataclass
 class TrainState:
     """Where training stands: optimizer steps done, and the position in the data."""

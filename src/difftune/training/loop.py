@@ -16,7 +16,10 @@ from difftune.config import RunConfig
 from difftune.objectives import DiscreteDiffusion
 from difftune.training import setup
 from difftune.training.checkpoint import (
+    DiskSpaceError,
     TrainState,
+    check_disk_space,
+    checkpoint_bytes,
     load_checkpoint,
     remove_partial_checkpoints,
     save_checkpoint,
@@ -204,12 +207,24 @@ class Run:
     def _checkpoint(self, state: TrainState) -> None:
         if not self._finite():
             raise NonFiniteLoss(f"step {state.step}: the weights are not finite; not saving them")
+        self._check_disk_space(state.step)
         started = time.perf_counter()
         path = save_checkpoint(self.accelerator, self.run_dir, state,
                                self.config.train.checkpoints_total_limit)
         self.saved_step = state.step
         self.events.write("checkpoint", path=str(path),
                           seconds=round(time.perf_counter() - started, 2), **asdict(state))
+
+    def _check_disk_space(self, step: int) -> None:
+        """Stop before a save that cannot fit, on every rank together (not half-way
+        through writing, and not with some ranks waiting in save_state)."""
+        problem = None
+        if self.accelerator.is_main_process:
+            needed = checkpoint_bytes(self.run_dir, sum(p.numel() for p in self.params))
+            problem = check_disk_space(self.run_dir, needed, step)
+        if agreed(self.accelerator, problem is not None):
+            self.events.write("disk_full", step=step, message=problem)
+            raise DiskSpaceError(problem or "not enough disk space on the main process for a checkpoint")
 
     def _validate(self, step: int) -> None:
         if not self.validation_pairs and self.metric_set is None:
