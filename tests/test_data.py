@@ -97,9 +97,9 @@ def test_missing_and_unreadable_conditioning_files_are_named(tmp_path: Path, cir
     with pytest.raises(DataError) as caught:
         open_training_data(DataConfig(path=str(broken)), seed=0, needs_conditioning=True)
     message = str(caught.value)
-    assert "2 bad file(s)" in message
-    assert "row 2" in message and "000002.png" in message and "no such file" in message
-    assert "row 5" in message and "000005.png" in message and "unreadable image" in message
+    assert "2 row(s)" in message and "bad rows: 2, 5" in message
+    assert "row 2, conditioning_image, conditioning_images/000002.png: no such file" in message
+    assert "row 5, conditioning_image, conditioning_images/000005.png" in message and "unreadable" in message
 
 
 def test_empty_prompt_proportion_and_determinism(circles: Path) -> None:
@@ -132,7 +132,7 @@ def test_fill_circles_is_reproducible(tmp_path: Path) -> None:
 def test_bad_target_images_in_imagefolder_are_named(tmp_path: Path, circles: Path) -> None:
     broken = _copy_circles(circles, tmp_path / "broken")
     (broken / "images" / "000003.png").write_bytes(b"\x89PNG truncated")
-    with pytest.raises(DataError, match=r"row 3, image = '.*000003.png': unreadable image"):
+    with pytest.raises(DataError, match=r"row 3, image, images/000003.png: not an image"):
         open_training_data(DataConfig(path=str(broken)), seed=0, needs_conditioning=True)
 
 

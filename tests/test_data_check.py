@@ -240,3 +240,55 @@ def test_sixteen_bit_rgb_png_is_noted(full: bool) -> None:
     report = scan_rows(rows, Columns("image", "text", None), _config(Path(".")), Path("."), full=full)
     [finding] = report.findings
     assert (finding.kind, finding.fatal) == ("sixteen_bit", False) and "high byte" in finding.message
+
+
+def _three_bad_files(circles: Path, target: Path) -> Path:
+    """A truncated PNG (row 1), a zero-byte file (row 2), a missing conditioning file (row 3)."""
+    broken = shutil.copytree(circles, target)
+    png = (broken / "images" / "000001.png").read_bytes()
+    (broken / "images" / "000001.png").write_bytes(png[: len(png) // 2])
+    (broken / "images" / "000002.png").write_bytes(b"")
+    (broken / "conditioning_images" / "000003.png").unlink()
+    return broken
+
+
+def test_training_stops_before_any_model_loads_naming_each_bad_file(
+    monkeypatch, tiny_base: Path, circles: Path, tmp_path: Path
+) -> None:
+    from conftest import run_config
+    from difftune.config import build_config
+    from difftune.families.sd import StableDiffusion
+    from difftune.training.loop import Run
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("a model loaded before the data check")
+
+    monkeypatch.setattr(StableDiffusion, "load", no_models)
+    broken = _three_bad_files(circles, tmp_path / "broken")
+    with pytest.raises(DataError) as caught:
+        Run(build_config(run_config(tiny_base, broken, tmp_path / "run")))
+    message = str(caught.value)
+    assert "bad rows: 1, 2, 3" in message
+    for expected in ("row 1, image, images/000001.png", "row 2, image, images/000002.png: the file is empty",
+                     "row 3, conditioning_image, conditioning_images/000003.png: no such file"):
+        assert expected in message
+
+
+def test_on_bad_skip_trains_on_the_rest_and_logs_every_skipped_file(
+    tiny_base: Path, circles: Path, tmp_path: Path
+) -> None:
+    from conftest import run_config
+    from difftune.config import build_config
+    from difftune.training.events import read_events
+    from difftune.training.loop import Run
+
+    broken = _three_bad_files(circles, tmp_path / "broken")
+    raw = run_config(tiny_base, broken, tmp_path / "run", data={"on_bad": "skip"}, train={"max_steps": 2})
+    run = Run(build_config(raw))
+    assert run.sampler.size == 9
+    run.fit()
+    check = [e for e in read_events(tmp_path / "run") if e["event"] == "data_check"][0]
+    assert check["skipped_rows"] == [1, 2, 3] and check["trained_rows"] == 9
+    assert {(f["row"], f["kind"]) for f in check["skipped"]} == {(1, "truncated"), (2, "zero_byte"), (3, "missing_file")}
+    report = json.loads((tmp_path / "run" / "data-check.json").read_text())
+    assert report["bad_rows"] == [1, 2, 3]

@@ -113,6 +113,32 @@ def cmd_fill_circles(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_check(args: argparse.Namespace) -> int:
+    """Exit 0 when every row can be trained on, 1 when some cannot, 2 on a usage error."""
+    from difftune.data.check import check_dataset, write_report
+
+    source = Path(args.source)
+    if source.suffix == ".toml" and source.is_file():
+        from difftune.config import load_config
+        from difftune.methods import make_method
+
+        run = load_config(source, list(args.set or []))
+        method = make_method(run.method)
+        data, needs_conditioning, fixed = run.data, method.needs_conditioning, method.fixed_caption
+    else:
+        from difftune.config import DataConfig
+
+        data = DataConfig(path=args.source, resolution=args.resolution, split=args.split,
+                          image_column=args.image_column, caption_column=args.caption_column,
+                          conditioning_image_column=args.conditioning_image_column)
+        needs_conditioning, fixed = None, None
+    report = check_dataset(data, needs_conditioning, fixed, full=not args.fast)
+    out = write_report(report, Path(args.report))
+    console.print(escape(report.summary()), highlight=False, soft_wrap=True)
+    console.print(f"report: {out}")
+    return 0 if report.ok else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from difftune.demo import run_demo
 
@@ -174,6 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
                          help="colour names: all of PIL's, or the demo base's eight")
     circles.add_argument("--parquet", action="store_true", help="one parquet file instead of PNGs + metadata.jsonl")
     circles.set_defaults(run=cmd_fill_circles)
+
+    check = data.add_parser("check", help="scan a dataset for files and captions training cannot use")
+    check.add_argument("source", help="a run config (.toml: its [data] and method) or a dataset path / Hub name")
+    check.add_argument("--fast", action="store_true", help="headers only, as before every training run")
+    check.add_argument("--report", default="data-check.json", help="where the JSON report goes")
+    check.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key")
+    check.add_argument("--resolution", type=int, default=512, help="for a dataset path: the training size")
+    check.add_argument("--split", default="train")
+    check.add_argument("--image-column", default="image")
+    check.add_argument("--caption-column", default="text")
+    check.add_argument("--conditioning-image-column", default="conditioning_image")
+    check.set_defaults(run=cmd_data_check)
 
     demo = verbs.add_parser("demo", help="train on the tiny fill-circles base (CPU, no downloads)")
     demo.add_argument("preset", nargs="?", choices=["controlnet", "dreambooth"], default="controlnet",

@@ -181,6 +181,10 @@ class DataConfig(_Section):
     """Fraction of captions replaced by "" (classifier-free guidance dropout)."""
     max_samples: int | None = Field(None, gt=0)
     """Keep only this many samples (shuffled with the seed first), for debugging."""
+    on_bad: Literal["error", "skip"] = "error"
+    """A row with a file that cannot be trained on (missing, empty, unreadable, truncated,
+    image and conditioning of different sizes, bad caption): stop with the list, or skip
+    those rows and log each one. `difftune data check` gives the full report."""
     num_workers: int = Field(0, ge=0)
     """DataLoader worker processes."""
     cache_dir: str | None = None

@@ -12,10 +12,11 @@ from PIL import Image
 
 from difftune.config import DataConfig, RunConfig
 from difftune.data.sources import (
-    Columns, DataError, check_columns, check_files, load_rows, open_image, undecoded,
+    Columns, DataError, check_columns, load_rows, open_image, undecoded,
 )
 from difftune.families.base import Family, Parts
 from difftune.methods.base import Method, Trained, evaluating
+from difftune.data.check import scan_rows
 from difftune.metrics import METRICS, ControlMetric, mean_scores
 from difftune.validation import grid
 
@@ -48,7 +49,9 @@ def load_metric_set(config: RunConfig) -> MetricSet | None:
     count = min(validation.metric_samples, len(rows))
     only_conditioning = Columns(image=columns.conditioning, caption=columns.caption, conditioning=None)
     rows = undecoded(rows.select(range(count)), only_conditioning)
-    check_files(rows, only_conditioning, Path(data.path))
+    report = scan_rows(rows, only_conditioning, data, Path(data.path), full=False)
+    if not report.ok:
+        raise DataError(f"validation.metric_data has rows that cannot be read:\n{report.summary(fatal_only=True)}")
     size = (config.data.resolution, config.data.resolution)
     conditionings, captions = [], []
     for index in range(count):

@@ -1,28 +1,50 @@
-"""Datasets for training: sources, transforms, reproducible samples, synthetic data."""
+"""Datasets for training: sources, checks, transforms, reproducible samples, synthetic data."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from difftune.config import DataConfig
+from difftune.data.check import DataReport, scan_rows
 from difftune.data.samples import EpochSampler, TrainingSamples, collate
-from difftune.data.sources import DataError, check_columns, check_files, load_rows, undecoded
+from difftune.data.sources import DataError, check_columns, load_rows, undecoded
 
 
 def open_training_data(
     config: DataConfig, seed: int, needs_conditioning: bool, fixed_caption: str | None = None
 ) -> TrainingSamples:
-    """Open and check the dataset (columns, referenced files) before any model loads.
+    """Open and check the dataset (columns, and every file's header) before any model loads.
 
-    With `fixed_caption`, every sample takes that prompt and no caption column is needed.
+    Rows that cannot be trained on stop the run with the list, or with data.on_bad =
+    "skip" are left out (the report, on `samples.report`, names each). max_samples then
+    keeps a seeded random subset of the good rows. Rows keep their number in the dataset
+    for every message. With `fixed_caption`, every sample takes that prompt and no caption
+    column is needed.
     """
-    rows = load_rows(config, seed)
+    whole = config.model_copy(update={"max_samples": None})
+    rows = load_rows(whole, seed)
     if len(rows) == 0:
         raise DataError(f"data.path {config.path!r}: the {config.split!r} split has no rows")
     columns = check_columns(rows, config, needs_conditioning, needs_captions=fixed_caption is None)
     rows = undecoded(rows, columns)
-    check_files(rows, columns, Path(config.path))
-    return TrainingSamples(rows, columns, config, seed, fixed_caption)
+    report = scan_rows(rows, columns, config, Path(config.path), full=False)
+    bad = set(report.bad_rows())
+    if bad and config.on_bad == "error":
+        raise DataError(
+            f"{len(bad)} row(s) of {config.path} cannot be trained on (data.on_bad = \"skip\" leaves them "
+            f"out; `difftune data check` writes the full report):\n{report.summary(fatal_only=True)}"
+        )
+    keep = [index for index in range(len(rows)) if index not in bad]
+    if not keep:
+        raise DataError(f"data.path {config.path!r}: every row is bad:\n{report.summary(fatal_only=True)}")
+    if config.max_samples is not None and config.max_samples < len(keep):
+        order = torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed)).tolist()
+        keep = sorted(keep[i] for i in order[: config.max_samples])
+    samples = TrainingSamples(rows, columns, config, seed, fixed_caption, row_numbers=keep)
+    samples.report = report
+    return samples
 
 
-__all__ = ["DataError", "EpochSampler", "TrainingSamples", "collate", "open_training_data"]
+__all__ = ["DataError", "DataReport", "EpochSampler", "TrainingSamples", "collate", "open_training_data"]

@@ -8,8 +8,9 @@ Two depths, one report format (`DataReport`, a list of `Finding`s by row, column
   small images, modes that get converted, and captions. PIL's `verify()` walks a PNG's
   chunks and checks their CRCs, so a truncated PNG is caught too (reported as
   `truncated`); but for JPEG, WebP, GIF, BMP and TIFF it checks nothing past the
-  header, so a JPEG cut short passes. Duplicates are not looked for (that needs
-  every byte).
+  header, so a JPEG cut short passes. The other way round, a PNG that lacks only its
+  final IEND chunk fails verify() (reported `truncated`) though it decodes fine.
+  Duplicates are not looked for (that needs every byte).
 - full (``full=True``, `difftune data check`): every file is read once, hashed (for
   byte-identical duplicate targets) and decoded completely (`Image.load()`), so any
   file that would fail during training fails here.
@@ -104,7 +105,9 @@ class DataReport:
             "findings": [asdict(f) for f in self.findings],
         }
 
-    def summary(self) -> str:
+    def summary(self, fatal_only: bool = False) -> str:
+        """Counts per kind, then findings (what stops training first; with fatal_only,
+        only those)."""
         bad = self.bad_rows()
         depth = "full scan (every file decoded)" if self.full else "fast scan (headers only)"
         lines = [f"{self.path}: {self.rows} rows, {len(bad)} bad, {depth}"]
@@ -114,12 +117,15 @@ class DataReport:
         fatal_kinds = {f.kind for f in self.findings if f.fatal}
         for kind, count in self.counts().items():
             lines.append(f"  {kind}: {count}{'' if kind in fatal_kinds else ' (note)'}")
-        for finding in self.findings[:SUMMARY_FINDINGS]:
+        # What stops training first, then the notes.
+        listed = [f for f in self.findings if f.fatal or not fatal_only]
+        shown = sorted(listed, key=lambda f: not f.fatal)[:SUMMARY_FINDINGS]
+        for finding in shown:
             where = "dataset" if finding.row < 0 else f"row {finding.row}"
             file = f", {finding.file}" if finding.file else ""
             lines.append(f"  {where}, {finding.column}{file}: {finding.message}")
-        if len(self.findings) > SUMMARY_FINDINGS:
-            lines.append(f"  ... and {len(self.findings) - SUMMARY_FINDINGS} more findings")
+        if len(listed) > SUMMARY_FINDINGS:
+            lines.append(f"  ... and {len(listed) - SUMMARY_FINDINGS} more findings")
         if not self.findings:
             lines.append("  no problems found")
         return "\n".join(lines)
@@ -127,7 +133,7 @@ class DataReport:
 
 def check_dataset(
     config: DataConfig,
-    needs_conditioning: bool,
+    needs_conditioning: bool | None,
     fixed_caption: str | None = None,
     full: bool = True,
 ) -> DataReport:
@@ -135,11 +141,17 @@ def check_dataset(
 
     data.max_samples is ignored: the whole split is scanned in its original order, so
     row numbers are those of the dataset on disk, not of a shuffled subset. Missing
-    columns raise DataError, as when training opens the data.
+    columns raise DataError, as when training opens the data. needs_conditioning None
+    (a dataset checked without a run config) checks the conditioning and caption
+    columns where the dataset has them.
     """
     whole = config.model_copy(update={"max_samples": None})
     rows = load_rows(whole, seed=0)
-    columns = check_columns(rows, whole, needs_conditioning, needs_captions=fixed_caption is None)
+    needs_captions = fixed_caption is None
+    if needs_conditioning is None:
+        needs_conditioning = config.conditioning_image_column in rows.column_names
+        needs_captions = config.caption_column in rows.column_names
+    columns = check_columns(rows, whole, needs_conditioning, needs_captions=needs_captions)
     return scan_rows(undecoded(rows, columns), columns, whole, Path(config.path), full)
 
 
@@ -328,10 +340,9 @@ class _Header:
             )))
         if mode.startswith("I;16") or mode in ("I", "F"):
             depth = {"I": "32-bit integer", "F": "32-bit float"}.get(mode, "16-bit")
-            black = " and a 0-1 float image turns black" if mode == "F" else ""
             notes.append(("sixteen_bit", (
-                f"{depth} image (mode {mode}): converted to RGB by clipping values to 0-255, "
-                f"not rescaling, so everything above 255 becomes white{black}"
+                f"{depth} greyscale image (mode {mode}): rescaled to 8 bits (values above 255 "
+                "divided by 257; a 0-1 float image times 255) and converted to RGB"
             )))
         elif self.format == "PNG" and ";16" in self.rawmode:
             notes.append(("sixteen_bit", (
@@ -388,7 +399,8 @@ def _duplicates(images: list[_Scanned | None], column: str) -> list[Finding]:
         if earlier != row:
             original = images[earlier]
             named = f" ({original.file})" if original is not None and original.file else ""
-            message = f"same bytes as the target of row {earlier}{named}: this sample is seen twice per epoch"
+            message = (f"same bytes as the target of row {earlier}{named}: "
+                       "this picture is trained on more than once per epoch")
             findings.append(Finding(row, column, image.file, "duplicate", message, False))
     return findings
 
@@ -437,8 +449,11 @@ def _unidentified(error: BaseException, source: Path | bytes) -> str:
     # Git LFS pointer, ...).
     start = source[:16] if isinstance(source, bytes) else b""
     if isinstance(source, Path):
-        with source.open("rb") as handle:
-            start = handle.read(16)
+        try:
+            with source.open("rb") as handle:
+                start = handle.read(16)
+        except OSError:
+            pass
     return f"not an image PIL recognises (it starts with {start!r})"
 
 

@@ -67,6 +67,7 @@ class TrainingSamples(Dataset):
         config: DataConfig,
         seed: int,
         fixed_caption: str | None = None,
+        row_numbers: list[int] | None = None,
     ) -> None:
         self.rows = rows
         self.columns = columns
@@ -74,13 +75,17 @@ class TrainingSamples(Dataset):
         self.seed = seed
         self.root = Path(config.path)
         self.fixed_caption = fixed_caption
+        self.row_numbers = row_numbers if row_numbers is not None else list(range(len(rows)))
+        """The dataset rows trained on (bad ones skipped, max_samples applied), by number."""
+        self.report: Any = None
+        """The data check of these rows (a DataReport), when open_training_data made them."""
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.row_numbers)
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, index = key
-        row = self.rows[index]
+        row = self.rows[self.row_numbers[index]]
         rng = sample_rng(self.seed, epoch, index)
         image = open_image(row[self.columns.image], self.root, self._where(index, self.columns.image))
         conditioning = None
@@ -124,7 +129,7 @@ class TrainingSamples(Dataset):
         return caption
 
     def _where(self, index: int, column: str) -> str:
-        return f"{self.config.path}, row {index}, column {column!r}"
+        return f"{self.config.path}, row {self.row_numbers[index]}, column {column!r}"
 
 
 class PriorPreservationSamples(Dataset):

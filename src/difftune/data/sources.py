@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 from difftune.config import DataConfig
 
@@ -122,43 +123,10 @@ def undecoded(rows: datasets.Dataset, columns: Columns) -> datasets.Dataset:
     return rows
 
 
-def check_files(rows: datasets.Dataset, columns: Columns, root: Path) -> None:
-    """Every image cell (a path, bytes, or an undecoded Image) opens as an image.
-
-    Expects `undecoded(rows)`; reads headers only (PIL's verify), not whole images.
-    """
-    for column in (columns.image, columns.conditioning):
-        if column is None:
-            continue
-        problems = []
-        for index, value in enumerate(rows[column]):
-            problem = _image_problem(value, root)
-            if problem:
-                problems.append(f"row {index}, {column} = {_short(value)}: {problem}")
-        if problems:
-            shown = "\n".join(problems[:20])
-            more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
-            raise DataError(f"{len(problems)} bad file(s) in {root}:\n{shown}{more}")
-
-
 def _short(value: Any) -> str:
     if isinstance(value, dict):
         return repr(value.get("path") or "<bytes>")
     return repr(value) if isinstance(value, str) else f"<{type(value).__name__}>"
-
-
-def _image_problem(value: Any, root: Path) -> str | None:
-    source = _image_source(value, root)
-    if source is None:
-        return f"expected an image, bytes or a path, got {type(value).__name__}"
-    if isinstance(source, Path) and not source.is_file():
-        return f"no such file {source}"
-    try:
-        with Image.open(source) as image:
-            image.verify()
-    except Exception as error:  # PIL raises many types for a bad file
-        return f"unreadable image ({type(error).__name__}: {error})"
-    return None
 
 
 def _image_source(value: Any, root: Path) -> Path | io.BytesIO | None:
@@ -175,12 +143,27 @@ def _image_source(value: Any, root: Path) -> Path | io.BytesIO | None:
 def open_image(value: Any, root: Path, where: str) -> Image.Image:
     """A cell's image as RGB: a decoded image, bytes, a path, or an undecoded Image."""
     if isinstance(value, Image.Image):
-        return value.convert("RGB")
+        return to_rgb(value)
     source = _image_source(value, root)
     if source is None:
         raise DataError(f"{where}: expected an image, bytes or a path, got {type(value).__name__}")
     try:
         with Image.open(source) as image:
-            return image.convert("RGB")
+            return to_rgb(image)
     except Exception as error:
         raise DataError(f"{where}: unreadable image {_short(value)} ({type(error).__name__}: {error})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB, upright. EXIF orientation is applied (as diffusers' DreamBooth does), so
+    a phone photo trains the way it displays; 16- and 32-bit images are rescaled to 8 bits
+    (PIL's own convert would clip everything above 255 to white)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        if image.mode == "F" and array.max(initial=0.0) <= 1.0:
+            array = array * 255.0  # float images in [0, 1]
+        elif image.mode != "F" and array.max(initial=0.0) > 255:
+            array = array / 257.0  # 16-bit range onto 8 bits
+        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")

@@ -13,6 +13,7 @@ from accelerate import Accelerator
 from rich.console import Console
 
 from difftune.config import RunConfig
+from difftune.data.check import write_report as write_data_report
 from difftune.objectives import DiscreteDiffusion
 from difftune.training import setup
 from difftune.training.checkpoint import (
@@ -50,6 +51,7 @@ class Run:
         self.accelerator: Accelerator = setup.make_accelerator(config)
         setup.write_run_config(config, self.accelerator)
         self.events = EventLog(self.run_dir, self.accelerator.is_main_process)
+        self._log_data_check(checked.samples)
         self.trainee = self._load_models(checked)
         self.nonfinite = NonFiniteGuard(config.train.max_nonfinite_steps)
         self.window_bad = False  # a non-finite loss in the current accumulation window
@@ -60,6 +62,24 @@ class Run:
                                                checked.samples, self.accelerator)
         self.loader, self.sampler = setup.make_dataloader(samples, config, self.accelerator.num_processes)
         self._prepare()
+
+    def _log_data_check(self, samples: Any) -> None:
+        """The pre-training data check in the run directory (data-check.json) and events:
+        every skipped row by file and reason, and the notes (conversions, upscaling)."""
+        report = samples.report
+        if report is None or not self.accelerator.is_main_process:
+            return
+        write_data_report(report, self.run_dir / "data-check.json")
+        skipped = [asdict(f) for f in report.findings if f.fatal]
+        self.events.write("data_check", rows=report.rows, trained_rows=len(samples),
+                          skipped_rows=report.bad_rows(), counts=report.counts(), skipped=skipped)
+        if skipped:
+            self.console.log(f"data: skipping {len(report.bad_rows())} bad row(s) of {report.rows} "
+                             f"(data.on_bad = \"skip\"); each is listed in {self.run_dir / 'data-check.json'}")
+        notes = {kind: n for kind, n in report.counts().items() if kind not in {f["kind"] for f in skipped}}
+        if notes:
+            described = ", ".join(f"{kind} {n}" for kind, n in notes.items())
+            self.console.log(f"data notes ({described}): see {self.run_dir / 'data-check.json'}")
 
     def _load_models(self, checked: setup.Preflight) -> Trainee:
         parts = checked.family.load(self.config.model)
