@@ -11,13 +11,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(_CACHE, "datasets"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from pathlib import Path
+from typing import Any
 
-import pytest  # noqa: E402
+import pytest
 
-from difftune.data.synthetic import pil_colour_names, write_fill_circles  # noqa: E402
-from difftune.tiny import build_tiny_sd  # noqa: E402
+from difftune.data.synthetic import pil_colour_names, write_fill_circles
+from difftune.tiny import build_tiny_sd
 
 WORDS = pil_colour_names() + ["circle", "with", "background"]
 

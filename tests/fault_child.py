@@ -9,8 +9,8 @@ import os
 import signal
 import sys
 
-import difftune.training.checkpoint as checkpoint
 from difftune.cli import main
+from difftune.training import checkpoint
 
 
 def kill_during_save(step: int) -> None:

@@ -5,9 +5,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_config
 from PIL import Image
 
-from conftest import run_config
 from difftune.cli import main
 from difftune.config import build_config
 from difftune.export import push_to_hub

@@ -10,7 +10,12 @@ from PIL import Image
 
 from difftune.config import DataConfig
 from difftune.data import DataError, EpochSampler, collate, open_training_data
-from difftune.data.synthetic import draw_conditioning, draw_target, random_circle, write_fill_circles
+from difftune.data.synthetic import (
+    draw_conditioning,
+    draw_target,
+    random_circle,
+    write_fill_circles,
+)
 from difftune.data.transforms import paired_transform
 
 

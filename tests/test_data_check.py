@@ -256,6 +256,7 @@ def test_training_stops_before_any_model_loads_naming_each_bad_file(
     monkeypatch, tiny_base: Path, circles: Path, tmp_path: Path
 ) -> None:
     from conftest import run_config
+
     from difftune.config import build_config
     from difftune.families.sd import StableDiffusion
     from difftune.training.loop import Run
@@ -278,6 +279,7 @@ def test_on_bad_skip_trains_on_the_rest_and_logs_every_skipped_file(
     tiny_base: Path, circles: Path, tmp_path: Path
 ) -> None:
     from conftest import run_config
+
     from difftune.config import build_config
     from difftune.training.events import read_events
     from difftune.training.loop import Run

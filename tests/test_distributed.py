@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from conftest import run_config
+
 from difftune.config import build_config, to_toml
 
 

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import torch
+from conftest import run_config
 from safetensors.torch import load_file
 
-from conftest import run_config
 from difftune.config import build_config, to_toml
 from difftune.training.checkpoint import complete_checkpoints
 from difftune.training.loop import train

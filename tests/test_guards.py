@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_config
 from safetensors.torch import load_file
 
 import difftune.training.loop as loop_module
-from conftest import run_config
 from difftune.config import build_config, to_toml
 from difftune.training.events import read_events
 from difftune.training.guards import NonFiniteLoss

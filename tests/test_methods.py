@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_config
 from diffusers import StableDiffusionPipeline, UniPCMultistepScheduler
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import run_config
 from difftune.config import EmaSettings, build_config
 from difftune.data.synthetic import fill_circles_rows
 from difftune.export.lora import export_lora

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_config
 from PIL import Image, ImageDraw
 
-from conftest import run_config
 from difftune.config import build_config
 from difftune.data.synthetic import Circle, draw_conditioning, draw_target
 from difftune.metrics import FillCirclesIoU, enclosed_region, iou, mean_scores

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_config
+
 from difftune.config import build_config
 from difftune.training.events import read_events
 from difftune.training.loop import Run

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_config
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import run_config
 from difftune.config import build_config
 from difftune.data import DataError
 from difftune.families import FAMILIES, ModelInputs

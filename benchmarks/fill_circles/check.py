@@ -17,8 +17,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from PIL import ImageColor
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+from PIL import ImageColor
 
 from difftune.data.synthetic import DEMO_PALETTE
 from difftune.metrics import CAPTION, FillCirclesIoU, mean_scores, standout_mask

@@ -21,9 +21,8 @@ USER_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
 def _user_errors() -> tuple[type[Exception], ...]:
     from difftune.data.sources import DataError
     from difftune.training.checkpoint import DiskSpaceError, ResumeError
-    from difftune.training.optim import MissingExtra
-
     from difftune.training.guards import NonFiniteLoss
+    from difftune.training.optim import MissingExtra
 
     return (ConfigError, DataError, ResumeError, MissingExtra, NonFiniteLoss, DiskSpaceError, InputError)
 

@@ -189,6 +189,20 @@ class DataConfig(_Section):
     """DataLoader worker processes."""
     cache_dir: str | None = None
     """Where datasets caches downloads."""
+    cache_latents: bool = False
+    """Encode every image with the VAE once (both flips with random_flip) and train from
+    the cached latents; needs center_crop. Keyed on everything that changes them."""
+    cache_text: bool = False
+    """Encode every distinct caption (and "") once; not with a trained text encoder."""
+    encoded_cache_dir: str | None = None
+    """Where cached latents and embeddings live; default ~/.cache/difftune/encoded
+    (or $DIFFTUNE_CACHE/encoded)."""
+
+    @model_validator(mode="after")
+    def _latent_cache_needs_fixed_crop(self) -> DataConfig:
+        if self.cache_latents and not self.center_crop:
+            raise ValueError("cache_latents needs center_crop = true (a random crop changes every epoch)")
+        return self
 
     @field_validator("resolution")
     @classmethod
@@ -304,6 +318,14 @@ class RunConfig(_Section):
     train: TrainConfig
     validation: ValidationConfig = ValidationConfig()
     hub: HubConfig = HubConfig()
+
+    @model_validator(mode="after")
+    def _caches_fit_the_method(self) -> RunConfig:
+        if self.data.cache_text and self.method.train_text_encoder:
+            raise ValueError("data.cache_text cannot be used with method.train_text_encoder (the embeddings change)")
+        if (self.data.cache_latents or self.data.cache_text) and self.method.kind == "dreambooth":
+            raise ValueError("data.cache_latents / cache_text are not available for dreambooth yet")
+        return self
 
 
 def _format_error(error: dict[str, Any]) -> str:

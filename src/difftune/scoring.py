@@ -11,12 +11,17 @@ import torch
 from PIL import Image
 
 from difftune.config import DataConfig, RunConfig
+from difftune.data.check import scan_rows
 from difftune.data.sources import (
-    Columns, DataError, check_columns, load_rows, open_image, undecoded,
+    Columns,
+    DataError,
+    check_columns,
+    load_rows,
+    open_image,
+    undecoded,
 )
 from difftune.families.base import Family, Parts
 from difftune.methods.base import Method, Trained, evaluating
-from difftune.data.check import scan_rows
 from difftune.metrics import METRICS, ControlMetric, mean_scores
 from difftune.validation import grid
 

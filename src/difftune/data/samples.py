@@ -8,13 +8,17 @@ the same order, with the same augmentations, as one that never stopped.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
+from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import datasets
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from difftune.config import DataConfig
@@ -57,6 +61,16 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return self.padded - self.skip
 
 
+@dataclass(frozen=True)
+class SamplePlan:
+    row: int
+    """The row's number in the dataset."""
+    flip: bool
+    caption: str
+    rng: random.Random
+    """The sample's generator, for the choices left (a random crop)."""
+
+
 class TrainingSamples(Dataset):
     """Rows of a `datasets.Dataset` turned into tensors and a caption."""
 
@@ -83,38 +97,46 @@ class TrainingSamples(Dataset):
     def __len__(self) -> int:
         return len(self.row_numbers)
 
+    def plan(self, epoch: int, index: int) -> SamplePlan:
+        """This sample's random choices, made without decoding an image (a cache of
+        encoded images needs them too): flip, then caption, then (later) the crop."""
+        rng = sample_rng(self.seed, epoch, index)
+        flip = self.config.random_flip and rng.random() < 0.5
+        caption = self._caption(index, rng)
+        return SamplePlan(self.row_numbers[index], flip, caption, rng)
+
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, index = key
-        row = self.rows[self.row_numbers[index]]
-        rng = sample_rng(self.seed, epoch, index)
+        plan = self.plan(epoch, index)
+        image, conditioning = self.images(plan.row, index)
+        pixels, conditioning_pixels = paired_transform(
+            image, conditioning, self.config.resolution, self.config.center_crop, plan.flip, plan.rng
+        )
+        # The key seeds this sample's noise in the training step (see training/step.py).
+        sample = {"pixels": pixels, "caption": plan.caption, "key": (epoch, index, 0)}
+        if conditioning_pixels is not None:
+            sample["conditioning_pixels"] = conditioning_pixels
+        return sample
+
+    def images(self, row_number: int, index: int) -> tuple[Image.Image, Image.Image | None]:
+        """The row's target and conditioning image (None without one), as RGB."""
+        row = self.rows[row_number]
         image = open_image(row[self.columns.image], self.root, self._where(index, self.columns.image))
         conditioning = None
         if self.columns.conditioning is not None:
             where = self._where(index, self.columns.conditioning)
             conditioning = open_image(row[self.columns.conditioning], self.root, where)
-        pixels, conditioning_pixels = paired_transform(
-            image,
-            conditioning,
-            self.config.resolution,
-            self.config.center_crop,
-            self.config.random_flip,
-            rng,
-        )
-        # The key seeds this sample's noise in the training step (see training/step.py).
-        sample = {"pixels": pixels, "caption": self._caption(row, index, rng), "key": (epoch, index, 0)}
-        if conditioning_pixels is not None:
-            sample["conditioning_pixels"] = conditioning_pixels
-        return sample
+        return image, conditioning
 
     @staticmethod
     def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         return collate(samples)
 
-    def _caption(self, row: dict[str, Any], index: int, rng: random.Random) -> str:
+    def _caption(self, index: int, rng: random.Random) -> str:
         if self.columns.caption is None:
             caption = self.fixed_caption or ""
             return "" if rng.random() < self.config.proportion_empty_prompts else caption
-        caption = row[self.columns.caption]
+        caption = self._captions[self.row_numbers[index]]
         if isinstance(caption, (list, tuple)):
             if not caption:
                 raise DataError(f"{self._where(index, self.columns.caption)}: empty caption list")
@@ -127,6 +149,21 @@ class TrainingSamples(Dataset):
         if rng.random() < self.config.proportion_empty_prompts:
             return ""
         return caption
+
+    @functools.cached_property
+    def _captions(self) -> list[Any]:
+        """The caption column, read once (not with every row's image bytes)."""
+        return self.rows[self.columns.caption]
+
+    def caption_options(self) -> set[str]:
+        """Every caption a sample can draw, and "" (caption dropout), for a text cache."""
+        if self.columns.caption is None:
+            return {self.fixed_caption or "", ""}
+        options = {""}
+        for row in self.row_numbers:
+            caption = self._captions[row]
+            options.update(caption if isinstance(caption, (list, tuple)) else [caption])
+        return {c for c in options if isinstance(c, str)}
 
     def _where(self, index: int, column: str) -> str:
         return f"{self.config.path}, row {self.row_numbers[index]}, column {column!r}"
@@ -163,7 +200,7 @@ class PriorPreservationSamples(Dataset):
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch: dict[str, Any] = {"captions": [s["caption"] for s in samples], "keys": [s["key"] for s in samples]}
-    for key in ("pixels", "conditioning_pixels"):
+    for key in ("pixels", "conditioning_pixels", "latent_mean", "latent_std", "text"):
         if key in samples[0]:
             batch[key] = torch.stack([s[key] for s in samples]).contiguous()
     return batch

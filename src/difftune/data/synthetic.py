@@ -13,7 +13,6 @@ from pathlib import Path
 
 from PIL import Image, ImageColor, ImageDraw
 
-
 # Eight well-separated colours, one tokenizer word each: the palette the demo base
 # (benchmarks/fill_circles/train_base.py) learned. PIL's ~140 names proved too many for it.
 DEMO_PALETTE = ["red", "green", "blue", "yellow", "white", "black", "orange", "purple"]

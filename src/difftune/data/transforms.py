@@ -43,13 +43,13 @@ def paired_transform(
     conditioning: Image.Image | None,
     resolution: int,
     center_crop: bool,
-    random_flip: bool,
+    flip: bool,
     rng: random.Random,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Target in [-1, 1] and conditioning in [0, 1], cropped and flipped alike."""
+    """Target in [-1, 1] and conditioning in [0, 1], cropped (at the centre, or where rng
+    says) and flipped alike."""
     image = resize_shorter_side(image, resolution)
     box = crop_box(image.size, resolution, center_crop, rng)
-    flip = random_flip and rng.random() < 0.5
     pixels = _finish(image, box, flip) * 2.0 - 1.0
     if conditioning is None:
         return pixels, None

@@ -74,6 +74,20 @@ class Family(Protocol):
         self, parts: Parts, pixels: torch.Tensor, generators: list[torch.Generator] | None
     ) -> torch.Tensor: ...
 
+    def latent_distribution(self, parts: Parts, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image encoder's posterior (mean, std), before any scaling."""
+        ...
+
+    def sample_latents(
+        self, parts: Parts, mean: torch.Tensor, std: torch.Tensor, generators: list[torch.Generator] | None
+    ) -> torch.Tensor:
+        """Scaled latents drawn from a posterior, one generator per sample (None: the mean)."""
+        ...
+
+    def text_cache_identity(self, parts: Parts) -> dict[str, Any]:
+        """Everything besides the weights that changes a prompt's embedding (tokenizer)."""
+        ...
+
     def predict(self, parts: Parts, inputs: ModelInputs) -> torch.Tensor: ...
 
     def vae_scale_factor(self, parts: Parts) -> int: ...

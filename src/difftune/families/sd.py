@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,12 @@ class StableDiffusion:
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     """UNet attention projections, as diffusers' SD LoRA scripts adapt."""
 
+    def text_cache_identity(self, parts: Parts) -> dict[str, Any]:
+        tokenizer = parts.tokenizer
+        vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+        return {"tokenizer": hashlib.blake2b(vocab.encode()).hexdigest(),
+                "max_length": tokenizer.model_max_length, "padding": "max_length"}
+
     def encode_prompts(self, parts: Parts, captions: list[str]) -> torch.Tensor:
         # The encoder may be wrapped for training (DDP): ask a parameter for the device.
         device = next(parts.text_encoder.parameters()).device
@@ -73,18 +81,27 @@ class StableDiffusion:
     ) -> torch.Tensor:
         """Latents drawn from the VAE posterior, each sample with its own generator
         (None: the posterior mean, as for validation)."""
+        mean, std = self.latent_distribution(parts, pixels)
+        return self.sample_latents(parts, mean, std, generators)
+
+    def latent_distribution(self, parts: Parts, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE posterior's mean and std (what a latent cache stores)."""
         vae = parts.vae
         posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        return posterior.mean, posterior.std
+
+    def sample_latents(
+        self, parts: Parts, mean: torch.Tensor, std: torch.Tensor, generators: list[torch.Generator] | None
+    ) -> torch.Tensor:
         if generators is None:
-            latents = posterior.mean
+            latents = mean
         else:
-            mean, std = posterior.mean, posterior.std
             eps = torch.stack([
                 torch.randn(mean.shape[1:], generator=g, device=mean.device, dtype=mean.dtype)
                 for g in generators
             ])
             latents = mean + std * eps
-        return latents * vae.config.scaling_factor
+        return latents * parts.vae.config.scaling_factor
 
     def predict(self, parts: Parts, inputs: ModelInputs) -> torch.Tensor:
         unet = parts.denoiser  # possibly wrapped by accelerate (DDP): no .dtype there

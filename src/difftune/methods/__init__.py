@@ -1,6 +1,6 @@
 """Training methods, by config name; each is built from its [method] section."""
 
-from typing import Callable
+from collections.abc import Callable
 
 from difftune.config import MethodConfig
 from difftune.methods.base import Method, Trained

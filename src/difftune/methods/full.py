@@ -18,7 +18,13 @@ from torch.utils.data import Dataset
 
 from difftune.config import MethodConfig
 from difftune.families.base import Family, ModelInputs, Parts, inference_copy
-from difftune.methods.base import Trained, freeze, restore_pretrained, store_pretrained, trainable_fp32
+from difftune.methods.base import (
+    Trained,
+    freeze,
+    restore_pretrained,
+    store_pretrained,
+    trainable_fp32,
+)
 
 
 class FullFineTune:

@@ -3,8 +3,9 @@ beside training, saved in every checkpoint, and swapped in for validation and ex
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from diffusers.training_utils import EMAModel
 

@@ -13,8 +13,11 @@ from accelerate import Accelerator
 from rich.console import Console
 
 from difftune.config import RunConfig
+from difftune.data.cache import build_cache, default_cache_dir
 from difftune.data.check import write_report as write_data_report
 from difftune.objectives import DiscreteDiffusion
+from difftune.report import write_report
+from difftune.scoring import score_control
 from difftune.training import setup
 from difftune.training.checkpoint import (
     DiskSpaceError,
@@ -27,12 +30,10 @@ from difftune.training.checkpoint import (
     store_trained_weights,
 )
 from difftune.training.ema import WeightAverage
-from difftune.training.guards import NonFiniteGuard, NonFiniteLoss, StopSignals, agreed, all_finite
 from difftune.training.events import EventLog, Throughput, peak_memory_mb, progress_bar
+from difftune.training.guards import NonFiniteGuard, NonFiniteLoss, StopSignals, agreed, all_finite
 from difftune.training.optim import make_lr_scheduler, make_optimizer, total_steps
 from difftune.training.step import Trainee, training_loss
-from difftune.report import write_report
-from difftune.scoring import score_control
 from difftune.validation import ValidationPair, log_to_trackers, run_validation
 
 
@@ -60,6 +61,7 @@ class Run:
         trainee = self.trainee
         samples = trainee.method.training_data(trainee.family, trainee.parts, trainee.trained,
                                                checked.samples, self.accelerator)
+        samples = self._encoded(samples)
         self.loader, self.sampler = setup.make_dataloader(samples, config, self.accelerator.num_processes)
         self._prepare()
 
@@ -80,6 +82,35 @@ class Run:
         if notes:
             described = ", ".join(f"{kind} {n}" for kind, n in notes.items())
             self.console.log(f"data notes ({described}): see {self.run_dir / 'data-check.json'}")
+
+    def _encoded(self, samples: Any) -> Any:
+        """With data.cache_latents / cache_text: encode what the cache lacks once, train
+        from the cache, and take the frozen encoders it replaces off the accelerator."""
+        data, trainee = self.config.data, self.trainee
+        self.offloaded: list[torch.nn.Module] = []
+        if not (data.cache_latents or data.cache_text):
+            return samples
+        folder = Path(data.encoded_cache_dir).expanduser() if data.encoded_cache_dir else default_cache_dir()
+        started = time.perf_counter()
+        encoded, stats = build_cache(samples, trainee.family, trainee.parts, data.cache_latents, data.cache_text,
+                                     folder, self.config.train.batch_size, self.accelerator.is_main_process,
+                                     self.accelerator.wait_for_everyone)
+        self.events.write("cache", path=str(folder), seconds=round(time.perf_counter() - started, 2), **stats)
+        if self.accelerator.device.type != "cpu":
+            cached = [(data.cache_latents, trainee.parts.vae), (data.cache_text, trainee.parts.text_encoder)]
+            self.offloaded = [module.to("cpu") for done, module in cached if done]
+        return encoded
+
+    @contextlib.contextmanager
+    def _encoders_on_device(self) -> Any:
+        """Validation generates with the whole pipeline: offloaded encoders come back for it."""
+        for module in self.offloaded:
+            module.to(self.accelerator.device)
+        try:
+            yield
+        finally:
+            for module in self.offloaded:
+                module.to("cpu")
 
     def _load_models(self, checked: setup.Preflight) -> Trainee:
         parts = checked.family.load(self.config.model)
@@ -253,7 +284,7 @@ class Run:
             started = time.perf_counter()
             out_dir = self.run_dir / "validation" / f"step-{step:06d}"
             trainee, trained = self.trainee, self._unwrapped()
-            with self._averaged():
+            with self._averaged(), self._encoders_on_device():
                 results = run_validation(trainee.family, trainee.parts, trainee.method,
                                          trained, self.validation_pairs, self.config, out_dir)
                 scores = self._score(trained, out_dir, step)

@@ -16,9 +16,9 @@ from difftune.config import ConfigError, RunConfig, to_toml
 from difftune.data import EpochSampler, open_training_data
 from difftune.families import FAMILIES, Family, Parts
 from difftune.methods import Method, Trained, make_method
+from difftune.scoring import MetricSet, load_metric_set
 from difftune.training.checkpoint import resolve_resume
 from difftune.training.optim import MissingExtra, require_bitsandbytes
-from difftune.scoring import MetricSet, load_metric_set
 from difftune.validation import ValidationPair, load_validation_pairs
 
 TRACKERS = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"], "none": []}

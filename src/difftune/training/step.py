@@ -43,9 +43,16 @@ def training_loss(trainee: Trainee, batch: dict[str, Any], seed: int) -> torch.T
     device = next(parts.vae.parameters()).device
     generators = sample_generators(device, seed, batch["keys"])
     with torch.no_grad():
-        latents = family.encode_images(parts, batch["pixels"], generators)
-    with torch.set_grad_enabled(trainee.trains_text_encoder):
-        text = family.encode_prompts(parts, batch["captions"])
+        if "latent_mean" in batch:  # from the latent cache
+            mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+            latents = family.sample_latents(parts, mean, std, generators)
+        else:
+            latents = family.encode_images(parts, batch["pixels"], generators)
+    if "text" in batch:  # from the text cache
+        text = batch["text"].to(device)
+    else:
+        with torch.set_grad_enabled(trainee.trains_text_encoder):
+            text = family.encode_prompts(parts, batch["captions"])
     noised = trainee.objective.sample(latents, generators)
     inputs = ModelInputs(noised.noisy, noised.timesteps, text)
     inputs = method.condition(family, parts, trainee.trained, batch, inputs)

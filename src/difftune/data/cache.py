@@ -1,0 +1,267 @@
+"""Encode once: VAE latents, text embeddings and conditioning images cached on disk.
+
+diffusers' train_controlnet.py decodes every image and runs the VAE and the text encoder
+at every step. With `data.cache_latents` / `data.cache_text`, difftune encodes each
+sample once into safetensors shards and trains from them.
+
+Never stale: every entry's key is a hash of everything that changes it.
+- latents: the VAE weights (a hash of its tensors), its dtype, the family, resolution,
+  crop, flip setting, and the bytes of the target and conditioning image files;
+- text: the text-encoder weights and dtype, the tokenizer's vocabulary and length, and
+  the caption text.
+A changed image, caption or model re-encodes just the entries it changes; the rest are
+read back. Shards are only ever added (and written under a temporary name, then
+renamed), and the index is replaced atomically, so a killed run leaves a usable cache.
+
+What is stored: the VAE posterior's mean and std, not a sample, so each step still
+draws its own latent with the sample's generator (as without the cache); with
+random_flip, both orientations; the conditioning image after its transform, as uint8;
+one embedding per distinct caption, including "" for caption dropout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import Dataset
+
+from difftune.data.samples import TrainingSamples, collate
+from difftune.data.sources import _image_source
+from difftune.data.transforms import paired_transform
+
+CACHE_VERSION = 1
+SHARD_ENTRIES = 256
+INDEX = "index.json"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DIFFTUNE_CACHE", Path.home() / ".cache" / "difftune")) / "encoded"
+
+
+def fingerprint(module: nn.Module) -> str:
+    """A hash of a module's weights: names, dtypes, shapes and bytes."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _hash(*parts: Any) -> str:
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
+
+
+class CacheStore:
+    """Entries (a few named tensors each) in append-only safetensors shards, found
+    through index.json: {key: shard file name}."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        index = folder / INDEX
+        self.index: dict[str, str] = json.loads(index.read_text()) if index.is_file() else {}
+        self._pending: dict[str, dict[str, torch.Tensor]] = {}
+        self._handles: dict[str, Any] = {}  # opened lazily, per process (DataLoader workers)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index or key in self._pending
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        # clone: rows of one batch share storage, which safetensors refuses to save
+        self._pending[key] = {name: t.detach().cpu().clone(memory_format=torch.contiguous_format)
+                              for name, t in tensors.items()}
+        if len(self._pending) >= SHARD_ENTRIES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the pending entries as one new shard, then the index that names it."""
+        if not self._pending:
+            return
+        name = f"shard-{_hash(sorted(self._pending))}.safetensors"
+        flat = {f"{key}/{field}": t for key, entry in self._pending.items() for field, t in entry.items()}
+        partial = self.folder / f".{name}.partial"
+        save_file(flat, partial)
+        os.replace(partial, self.folder / name)
+        self.index.update(dict.fromkeys(self._pending, name))
+        self._pending.clear()
+        index_partial = self.folder / f".{INDEX}.partial"
+        index_partial.write_text(json.dumps(self.index))
+        os.replace(index_partial, self.folder / INDEX)
+
+    def get(self, key: str) -> dict[str, torch.Tensor]:
+        shard = self.index[key]
+        handle = self._handles.get(shard)
+        if handle is None:
+            handle = self._handles[shard] = safe_open(str(self.folder / shard), framework="pt")
+        prefix = f"{key}/"
+        return {name[len(prefix):]: handle.get_tensor(name) for name in self._names(handle, shard)
+                if name.startswith(prefix)}
+
+    def _names(self, handle: Any, shard: str) -> list[str]:
+        names = self._handles.get(f"{shard}#names")
+        if names is None:
+            names = self._handles[f"{shard}#names"] = list(handle.keys())
+        return names
+
+    def __getstate__(self) -> dict[str, Any]:
+        # safetensors handles do not pickle; each DataLoader worker opens its own.
+        return {**self.__dict__, "_handles": {}}
+
+
+class EncodedSamples(Dataset):
+    """Training samples read from the cache: latent mean/std (for the sample's flip),
+    the text embedding of its caption, the conditioning image. The random choices are
+    the TrainingSamples' own (`plan`), so a cached run sees the same samples."""
+
+    def __init__(self, samples: TrainingSamples, latents: CacheStore | None, latent_keys: list[str],
+                 texts: CacheStore | None, text_keys: dict[str, str]) -> None:
+        self.samples = samples
+        self.latents, self.latent_keys = latents, latent_keys
+        self.texts, self.text_keys = texts, text_keys
+        self.report = samples.report
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key
+        if self.latents is None:
+            sample = self.samples[key]
+            plan_caption = sample["caption"]
+        else:
+            plan = self.samples.plan(epoch, index)
+            entry = self.latents.get(self.latent_keys[index])
+            side = "flipped" if plan.flip else "plain"
+            sample = {"latent_mean": entry[f"{side}_mean"], "latent_std": entry[f"{side}_std"],
+                      "caption": plan.caption, "key": (epoch, index, 0)}
+            if "conditioning" in entry:
+                conditioning = entry["conditioning"].float() / 255.0
+                sample["conditioning_pixels"] = conditioning.flip(-1) if plan.flip else conditioning
+            plan_caption = plan.caption
+        if self.texts is not None:
+            sample["text"] = self.texts.get(self.text_keys[plan_caption])["embedding"]
+        return sample
+
+    @staticmethod
+    def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate(samples)
+
+
+def build_cache(
+    samples: TrainingSamples,
+    family: Any,
+    parts: Any,
+    cache_latents: bool,
+    cache_text: bool,
+    folder: Path,
+    batch_size: int,
+    is_main_process: bool,
+    wait_for_everyone: Any,
+) -> tuple[EncodedSamples, dict[str, int]]:
+    """Encode what the cache lacks (on the main process), then read it everywhere.
+    Returns the cached dataset and {"latents_encoded", "latents_reused", "texts_encoded",
+    "texts_reused"}."""
+    stats = {"latents_encoded": 0, "latents_reused": 0, "texts_encoded": 0, "texts_reused": 0}
+    latent_keys, text_keys = [], {}
+    latents = texts = None
+    if cache_latents:
+        latent_folder = folder / "latents" / _latent_context(samples, family, parts)
+        latent_keys = [_latent_key(samples, i) for i in range(len(samples))]
+        if is_main_process:
+            store = CacheStore(latent_folder)
+            missing = [i for i, k in enumerate(latent_keys) if k not in store]
+            stats["latents_reused"] = len(latent_keys) - len(missing)
+            stats["latents_encoded"] = len(missing)
+            _encode_latents(samples, family, parts, store, latent_keys, missing, batch_size)
+        wait_for_everyone()
+        latents = CacheStore(latent_folder)
+    if cache_text:
+        text_folder = folder / "text" / _text_context(family, parts)
+        text_keys = {caption: _hash(caption) for caption in samples.caption_options()}
+        if is_main_process:
+            store = CacheStore(text_folder)
+            missing = [c for c, k in text_keys.items() if k not in store]
+            stats["texts_reused"] = len(text_keys) - len(missing)
+            stats["texts_encoded"] = len(missing)
+            _encode_texts(family, parts, store, text_keys, missing, batch_size)
+        wait_for_everyone()
+        texts = CacheStore(text_folder)
+    return EncodedSamples(samples, latents, latent_keys, texts, text_keys), stats
+
+
+def _latent_context(samples: TrainingSamples, family: Any, parts: Any) -> str:
+    config = samples.config
+    return _hash(CACHE_VERSION, family.name, fingerprint(parts.vae), str(next(parts.vae.parameters()).dtype),
+                 config.resolution, config.center_crop, config.random_flip)
+
+
+def _text_context(family: Any, parts: Any) -> str:
+    encoder = parts.text_encoder
+    return _hash(CACHE_VERSION, family.name, fingerprint(encoder), str(next(encoder.parameters()).dtype),
+                 family.text_cache_identity(parts))
+
+
+def _latent_key(samples: TrainingSamples, index: int) -> str:
+    """A hash of the bytes of the sample's image files (or embedded images)."""
+    row = samples.rows[samples.row_numbers[index]]
+    digest = hashlib.blake2b(digest_size=16)
+    for column in (samples.columns.image, samples.columns.conditioning):
+        if column is not None:
+            digest.update(_cell_bytes(row[column], samples.root))
+            digest.update(b"|")
+    return digest.hexdigest()
+
+
+def _cell_bytes(value: Any, root: Path) -> bytes:
+    source = _image_source(value, root)
+    if isinstance(source, Path):
+        return source.read_bytes()
+    return source.getvalue() if source is not None else repr(value).encode()
+
+
+def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def _encode_latents(samples: TrainingSamples, family: Any, parts: Any, store: CacheStore,
+                    keys: list[str], missing: list[int], batch_size: int) -> None:
+    config = samples.config
+    for chunk in _batches(missing, batch_size):
+        plain, flipped, conditionings = [], [], []
+        for index in chunk:
+            image, conditioning = samples.images(samples.row_numbers[index], index)
+            pixels, cond = paired_transform(image, conditioning, config.resolution, True, False, None)
+            plain.append(pixels)
+            flipped.append(pixels.flip(-1))
+            conditionings.append(cond)
+        entries: list[dict[str, torch.Tensor]] = [{} for _ in chunk]
+        sides = [("plain", plain)] + ([("flipped", flipped)] if config.random_flip else [])
+        for side, images in sides:
+            mean, std = family.latent_distribution(parts, torch.stack(images))
+            for entry, m, s in zip(entries, mean, std):
+                entry[f"{side}_mean"], entry[f"{side}_std"] = m, s
+        for index, entry, cond in zip(chunk, entries, conditionings):
+            if cond is not None:
+                entry["conditioning"] = (cond * 255.0).round().to(torch.uint8)
+            store.put(keys[index], entry)
+    store.flush()
+
+
+@torch.no_grad()
+def _encode_texts(family: Any, parts: Any, store: CacheStore, keys: dict[str, str],
+                  missing: list[str], batch_size: int) -> None:
+    for chunk in _batches(missing, batch_size):
+        embeddings = family.encode_prompts(parts, chunk)
+        for caption, embedding in zip(chunk, embeddings):
+            store.put(keys[caption], {"embedding": embedding})
+    store.flush()

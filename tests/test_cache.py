@@ -1,0 +1,77 @@
+"""The latent and text cache: same training as without it, reused when nothing changed,
+re-encoding exactly what changed."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_config
+from difftune.config import ConfigError, build_config
+from difftune.training.events import read_events
+from difftune.training.loop import Run
+
+
+def _cache_stats(run: Path) -> dict:
+    return [e for e in read_events(run) if e["event"] == "cache"][-1]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "final" / "diffusion_pytorch_model.safetensors")
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_cached_training_matches_uncached(tiny_base: Path, circles: Path, tmp_path: Path, flip: bool) -> None:
+    data = {"random_flip": flip, "proportion_empty_prompts": 0.3}
+    plain = run_config(tiny_base, circles, tmp_path / "plain", data=data)
+    cached = run_config(tiny_base, circles, tmp_path / "cached", data={
+        **data, "cache_latents": True, "cache_text": True, "encoded_cache_dir": str(tmp_path / "cache")})
+    Run(build_config(plain)).fit()
+    Run(build_config(cached)).fit()
+    stats = _cache_stats(tmp_path / "cached")
+    assert stats["latents_encoded"] == 12 and stats["latents_reused"] == 0
+    assert stats["texts_encoded"] == len({*_captions(circles), ""})
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "cached")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5  # only batching order differs
+    losses = [[e["loss"] for e in read_events(tmp_path / r) if e["event"] == "step"] for r in ("plain", "cached")]
+    assert max(abs(x - y) for x, y in zip(*losses)) < 1e-5
+
+
+def _captions(folder: Path) -> list[str]:
+    import json
+
+    return [json.loads(line)["text"] for line in (folder / "metadata.jsonl").read_text().splitlines()]
+
+
+def test_cache_is_reused_and_reencodes_only_what_changed(tiny_base: Path, circles: Path, tmp_path: Path) -> None:
+    data_dir = shutil.copytree(circles, tmp_path / "data")
+    cache = {"cache_latents": True, "cache_text": True, "encoded_cache_dir": str(tmp_path / "cache")}
+    raw = run_config(tiny_base, data_dir, tmp_path / "a", data=cache, train={"max_steps": 1})
+    Run(build_config(raw)).fit()
+    raw["train"]["output_dir"] = str(tmp_path / "b")
+    Run(build_config(raw)).fit()
+    stats = _cache_stats(tmp_path / "b")
+    assert (stats["latents_encoded"], stats["latents_reused"], stats["texts_encoded"]) == (0, 12, 0)
+    # one image edited: one latent entry is encoded again, nothing else
+    (data_dir / "images" / "000004.png").write_bytes((data_dir / "images" / "000005.png").read_bytes())
+    raw["train"]["output_dir"] = str(tmp_path / "c")
+    Run(build_config(raw)).fit()
+    stats = _cache_stats(tmp_path / "c")
+    assert stats["latents_encoded"] == 1 and stats["latents_reused"] == 11 and stats["texts_encoded"] == 0
+    # another resolution is another cache
+    raw["train"]["output_dir"] = str(tmp_path / "d")
+    raw["data"]["resolution"] = 32
+    Run(build_config(raw)).fit()
+    assert _cache_stats(tmp_path / "d")["latents_encoded"] == 12
+
+
+def test_cache_settings_that_cannot_work_are_config_errors(tiny_base: Path, circles: Path, tmp_path: Path) -> None:
+    raw = run_config(tiny_base, circles, tmp_path / "run", data={"cache_latents": True, "center_crop": False})
+    with pytest.raises(ConfigError, match="cache_latents needs center_crop"):
+        build_config(raw)
+    raw = run_config(tiny_base, circles, tmp_path / "run", data={"cache_text": True},
+                     method={"kind": "full", "train_text_encoder": True})
+    with pytest.raises(ConfigError, match="cache_text cannot be used with method.train_text_encoder"):
+        build_config(raw)
