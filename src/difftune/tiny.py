@@ -21,6 +21,9 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
 # Sizes: "test" is diffusers' own fast-test configuration; "base" is the fill-circles base.
 SIZES = {
     "test": {"unet": (4, 8), "vae": (4, 8), "vae_groups": 2, "unet_groups": 1, "text": 32, "heads": 2},
+    # "test" with an SD-like VAE that downsamples x8 (4 blocks): diffusers' train_controlnet.py
+    # builds its ControlNet with SD's x8 conditioning embedding, so it needs this one.
+    "test-x8": {"unet": (4, 8), "vae": (4, 8, 8, 8), "vae_groups": 2, "unet_groups": 1, "text": 32, "heads": 2},
     # The fill-circles base (benchmarks/fill_circles/train_base.py): attention at 8x8 and 4x4.
     "base": {"unet": (32, 64, 64), "vae": (16, 32), "vae_groups": 8, "unet_groups": 8, "text": 64, "heads": 8,
              "down": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), "text_layers": 4},
@@ -98,13 +101,15 @@ def tiny_unet(dims: dict) -> UNet2DConditionModel:
 
 
 def tiny_vae(dims: dict) -> AutoencoderKL:
-    """Two blocks: latents at half the image size (the ControlNet stride must match)."""
+    """One block per entry of dims["vae"]: latents at 1/2 the image size for two blocks,
+    1/8 for four (the ControlNet stride must match)."""
+    blocks = len(dims["vae"])
     return AutoencoderKL(
         block_out_channels=list(dims["vae"]),
         in_channels=3,
         out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
+        down_block_types=["DownEncoderBlock2D"] * blocks,
+        up_block_types=["UpDecoderBlock2D"] * blocks,
         latent_channels=4,
         norm_num_groups=dims["vae_groups"],
     )
@@ -129,7 +134,7 @@ def tiny_text_encoder(dims: dict, vocab_size: int, layers: int, max_length: int)
 def build_tiny_sd(
     out_dir: str | Path, words: list[str], size: str = "test", seed: int = 0, max_length: int = 77
 ) -> Path:
-    """Build and save a random-weight SD pipeline (VAE x2, UNet, CLIP) to out_dir."""
+    """Build and save a random-weight SD pipeline (VAE, UNet, CLIP) to out_dir."""
     out = Path(out_dir)
     dims = SIZES[size]
     with tempfile.TemporaryDirectory() as scratch:
