@@ -241,6 +241,12 @@ class TrainConfig(_Section):
     set_grads_to_none: bool = False
     allow_tf32: bool = False
     attention: Literal["sdpa", "xformers"] = "sdpa"
+    channels_last: bool = True
+    """Denoiser and trained modules in channels_last memory format (conv-heavy models run
+    faster so: 15% a step on the CPU benchmark, benchmarks/README.md)."""
+    compile: bool = False
+    """torch.compile the denoiser and trained modules (in place): faster steps after a
+    compile of a minute or more at the start, and again for new shapes (validation)."""
     checkpoint_every: int = Field(500, gt=0)
     checkpoints_total_limit: int | None = Field(None, gt=0)
     resume: str | None = None

@@ -152,8 +152,9 @@ class TrainingSamples(Dataset):
 
     @functools.cached_property
     def _captions(self) -> list[Any]:
-        """The caption column, read once (not with every row's image bytes)."""
-        return self.rows[self.columns.caption]
+        """The caption column as a list, read once (not with every row's image bytes;
+        indexing `datasets`' lazy column costs ~0.5 ms a time)."""
+        return list(self.rows[self.columns.caption])
 
     def caption_options(self) -> set[str]:
         """Every caption a sample can draw, and "" (caption dropout), for a text cache."""

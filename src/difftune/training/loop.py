@@ -116,7 +116,7 @@ class Run:
         parts = checked.family.load(self.config.model)
         trained = checked.method.build(checked.family, parts)
         setup.place_frozen_parts(parts, self.accelerator)
-        setup.apply_memory_options(self.config, parts, trained)
+        setup.apply_model_options(self.config, parts, trained)
         objective = DiscreteDiffusion(parts.noise_scheduler, self.config.objective)
         return Trainee(checked.family, parts, checked.method, objective, trained)
 

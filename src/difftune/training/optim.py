@@ -47,7 +47,12 @@ def make_optimizer(
     }
     if config.use_8bit_adam:
         return require_bitsandbytes().optim.AdamW8bit(parameters, **settings)
-    return torch.optim.AdamW(parameters, **settings)
+    try:
+        # One fused kernel for all parameters (CPU and CUDA): on the tiny benchmark the
+        # per-tensor loop diffusers' scripts get cost ~6 ms a step.
+        return torch.optim.AdamW(parameters, fused=True, **settings)
+    except RuntimeError:
+        return torch.optim.AdamW(parameters, foreach=True, **settings)
 
 
 def steps_per_epoch(batches_per_epoch: int, accumulation: int) -> int:

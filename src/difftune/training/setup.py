@@ -119,13 +119,28 @@ def place_frozen_parts(parts: Parts, accelerator: Accelerator) -> None:
                 parameter.data = parameter.data.to(dtype)
 
 
-def apply_memory_options(config: RunConfig, parts: Parts, trained: Trained) -> None:
+def apply_model_options(config: RunConfig, parts: Parts, trained: Trained) -> None:
+    """Memory and speed options: gradient checkpointing, channels_last, compile, xformers."""
     if config.train.gradient_checkpointing:
         for module in trained.values():
             if hasattr(module, "enable_gradient_checkpointing"):  # diffusers models
                 module.enable_gradient_checkpointing()
             else:  # transformers models
                 module.gradient_checkpointing_enable()
+    speed_up = {id(m): m for m in (parts.denoiser, *trained.values())}.values()
+    if config.train.channels_last:
+        for module in speed_up:
+            module.to(memory_format=torch.channels_last)
+    if config.train.compile:
+        for module in speed_up:
+            module.compile()  # in place: names, state dicts and saving stay as they are
+    speed_up = {id(m): m for m in (parts.denoiser, *trained.values())}.values()
+    if config.train.channels_last:
+        for module in speed_up:
+            module.to(memory_format=torch.channels_last)
+    if config.train.compile:
+        for module in speed_up:
+            module.compile()  # in place: names, state dicts and saving stay as they are
     if config.train.attention == "xformers":
         for module in {id(m): m for m in (parts.denoiser, *trained.values())}.values():
             if hasattr(module, "enable_xformers_memory_efficient_attention"):
