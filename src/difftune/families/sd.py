@@ -172,7 +172,8 @@ class StableDiffusion:
             # peft's key names, which load_lora_weights reads as they are. (diffusers'
             # convert_state_dict_to_diffusers renames only attention projections, and a
             # file mixing both namings loads without the renamed ones.)
-            layers[f"{prefix}_lora_layers"] = get_peft_model_state_dict(module, save_embedding_layers=False)
+            state = get_peft_model_state_dict(module, save_embedding_layers=False)
+            layers[f"{prefix}_lora_layers"] = {k: v.contiguous() for k, v in state.items()}  # channels_last
             metadata[f"{prefix}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
         StableDiffusionPipeline.save_lora_weights(out_dir, safe_serialization=True, **layers, **metadata)
 

@@ -117,3 +117,20 @@ def evaluating(trained: Trained) -> Iterator[None]:
     finally:
         for name, module in trained.items():
             module.train(modes[name])
+
+
+# The common case of three Method members, shared by the methods that add nothing there.
+def same_samples(family: Family, parts: Parts, trained: Trained, samples: Dataset, accelerator: Any) -> Dataset:
+    """training_data that trains on the checked rows as they are."""
+    return samples
+
+
+def no_extra_inputs(
+    family: Family, parts: Parts, trained: Trained, batch: dict[str, Any], inputs: ModelInputs
+) -> ModelInputs:
+    """condition for a method that changes weights, not the denoiser's inputs."""
+    return inputs
+
+
+def mean_loss(per_sample_loss: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    return per_sample_loss.mean()

@@ -8,14 +8,15 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from difftune.config import MethodConfig
 from difftune.families.base import Family, ModelInputs, Parts, inference_copy
 from difftune.methods.base import (
     Trained,
     freeze,
+    mean_loss,
     restore_pretrained,
+    same_samples,
     store_pretrained,
     trainable_fp32,
 )
@@ -37,10 +38,7 @@ class ControlNet:
         controlnet = family.make_controlnet(parts, self.config.controlnet, conditioning_channels=3)
         return {"controlnet": trainable_fp32(controlnet)}
 
-    def training_data(
-        self, family: Family, parts: Parts, trained: Trained, samples: Dataset, accelerator: Any
-    ) -> Dataset:
-        return samples
+    training_data = staticmethod(same_samples)
 
     def training_parts(self, parts: Parts, trained: Trained) -> Parts:
         return parts
@@ -52,8 +50,7 @@ class ControlNet:
         residuals = family.controlnet_residuals(trained["controlnet"], inputs, conditioning)
         return inputs.with_extra(**residuals)
 
-    def reduce(self, per_sample_loss: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        return per_sample_loss.mean()
+    reduce = staticmethod(mean_loss)
 
     store = staticmethod(store_pretrained)
     restore = staticmethod(restore_pretrained)

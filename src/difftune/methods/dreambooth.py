@@ -22,8 +22,8 @@ from difftune.config import DreamBoothSettings, MethodConfig
 from difftune.data import open_training_data
 from difftune.data.samples import PriorPreservationSamples, TrainingSamples
 from difftune.data.sources import IMAGE_SUFFIXES
-from difftune.families.base import Family, ModelInputs, Parts
-from difftune.methods.base import Trained
+from difftune.families.base import Family, Parts
+from difftune.methods.base import Trained, no_extra_inputs
 from difftune.methods.full import FullFineTune
 from difftune.methods.lora import Lora
 
@@ -103,10 +103,7 @@ class DreamBooth:
     def training_parts(self, parts: Parts, trained: Trained) -> Parts:
         return self.inner.training_parts(parts, trained)
 
-    def condition(
-        self, family: Family, parts: Parts, trained: Trained, batch: dict[str, Any], inputs: ModelInputs
-    ) -> ModelInputs:
-        return inputs
+    condition = staticmethod(no_extra_inputs)
 
     def reduce(self, per_sample_loss: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         """Instance loss + prior_loss_weight x class loss (each a mean over its half)."""

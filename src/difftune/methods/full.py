@@ -14,14 +14,16 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import Dataset
 
 from difftune.config import MethodConfig
-from difftune.families.base import Family, ModelInputs, Parts, inference_copy
+from difftune.families.base import Family, Parts, inference_copy
 from difftune.methods.base import (
     Trained,
     freeze,
+    mean_loss,
+    no_extra_inputs,
     restore_pretrained,
+    same_samples,
     store_pretrained,
     trainable_fp32,
 )
@@ -44,23 +46,16 @@ class FullFineTune:
             trained["text_encoder"] = trainable_fp32(parts.text_encoder)
         return trained
 
-    def training_data(
-        self, family: Family, parts: Parts, trained: Trained, samples: Dataset, accelerator: Any
-    ) -> Dataset:
-        return samples
+    training_data = staticmethod(same_samples)
 
     def training_parts(self, parts: Parts, trained: Trained) -> Parts:
         # The step must call the accelerate-prepared (possibly DDP-wrapped) modules so
         # gradients are synchronised across processes.
         return with_trained(parts, trained)
 
-    def condition(
-        self, family: Family, parts: Parts, trained: Trained, batch: dict[str, Any], inputs: ModelInputs
-    ) -> ModelInputs:
-        return inputs
+    condition = staticmethod(no_extra_inputs)
 
-    def reduce(self, per_sample_loss: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        return per_sample_loss.mean()
+    reduce = staticmethod(mean_loss)
 
     store = staticmethod(store_pretrained)
     restore = staticmethod(restore_pretrained)

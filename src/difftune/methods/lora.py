@@ -15,11 +15,10 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import Dataset
 
 from difftune.config import LoraSettings, MethodConfig
-from difftune.families.base import Family, ModelInputs, Parts
-from difftune.methods.base import Trained, freeze
+from difftune.families.base import Family, Parts
+from difftune.methods.base import Trained, freeze, mean_loss, no_extra_inputs, same_samples
 from difftune.methods.full import generate_text_to_image, with_trained
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -71,21 +70,14 @@ class Lora:
             trained["text_encoder"] = add_lora(parts.text_encoder, config)
         return trained
 
-    def training_data(
-        self, family: Family, parts: Parts, trained: Trained, samples: Dataset, accelerator: Any
-    ) -> Dataset:
-        return samples
+    training_data = staticmethod(same_samples)
 
     def training_parts(self, parts: Parts, trained: Trained) -> Parts:
         return with_trained(parts, trained)
 
-    def condition(
-        self, family: Family, parts: Parts, trained: Trained, batch: dict[str, Any], inputs: ModelInputs
-    ) -> ModelInputs:
-        return inputs
+    condition = staticmethod(no_extra_inputs)
 
-    def reduce(self, per_sample_loss: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        return per_sample_loss.mean()
+    reduce = staticmethod(mean_loss)
 
     def store(self, name: str, module: nn.Module, folder: Path) -> None:
         (folder / name).mkdir(parents=True, exist_ok=True)
