@@ -134,13 +134,6 @@ def apply_model_options(config: RunConfig, parts: Parts, trained: Trained) -> No
     if config.train.compile:
         for module in speed_up:
             module.compile()  # in place: names, state dicts and saving stay as they are
-    speed_up = {id(m): m for m in (parts.denoiser, *trained.values())}.values()
-    if config.train.channels_last:
-        for module in speed_up:
-            module.to(memory_format=torch.channels_last)
-    if config.train.compile:
-        for module in speed_up:
-            module.compile()  # in place: names, state dicts and saving stay as they are
     if config.train.attention == "xformers":
         for module in {id(m): m for m in (parts.denoiser, *trained.values())}.values():
             if hasattr(module, "enable_xformers_memory_efficient_attention"):
