@@ -76,3 +76,16 @@ def test_two_process_resume_is_exact(tiny_base: Path, circles: Path, tmp_path: P
     _torchrun(straight, 2, "--set", f"train.output_dir={tmp_path / 'b'}")
     wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert all((wa[k] == wb[k]).all() for k in wa)
+
+
+def test_two_processes_with_aspect_buckets(tiny_base: Path, tmp_path: Path) -> None:
+    from test_buckets import _three_shapes
+
+    data = _three_shapes(tmp_path / "shapes")
+    raw = run_config(tiny_base, data, tmp_path / "run", method={"kind": "full"},
+                     data={"buckets": True, "bucket_step": 16},
+                     train={"batch_size": 2, "max_steps": 3, "checkpoint_every": 10})
+    _torchrun(_write(raw, tmp_path / "c.toml"), 2)
+    events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3]
+    assert sum(e["event"] == "buckets" for e in events) == 1

@@ -181,6 +181,15 @@ class DataConfig(_Section):
     """Fraction of captions replaced by "" (classifier-free guidance dropout)."""
     max_samples: int | None = Field(None, gt=0)
     """Keep only this many samples (shuffled with the seed first), for debugging."""
+    buckets: bool = False
+    """Aspect-ratio buckets: each image trains near its own shape, at about resolution^2
+    pixels, every batch from one bucket (instead of a square crop)."""
+    bucket_step: int = Field(64, gt=0)
+    """Bucket sides are multiples of this (a multiple of 8)."""
+    bucket_max_aspect: float = Field(2.0, ge=1.0)
+    """Longest side over shortest side, at most."""
+    bucket_no_upscale: bool = False
+    """Put an image only in buckets it covers (no upscaling), where one exists."""
     on_bad: Literal["error", "skip"] = "error"
     """A row with a file that cannot be trained on (missing, empty, unreadable, truncated,
     image and conditioning of different sizes, bad caption): stop with the list, or skip
@@ -203,6 +212,13 @@ class DataConfig(_Section):
         if self.cache_latents and not self.center_crop:
             raise ValueError("cache_latents needs center_crop = true (a random crop changes every epoch)")
         return self
+
+    @field_validator("bucket_step")
+    @classmethod
+    def _step_divisible_by_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"must be divisible by 8 (got {value})")
+        return value
 
     @field_validator("resolution")
     @classmethod
@@ -329,6 +345,8 @@ class RunConfig(_Section):
     def _caches_fit_the_method(self) -> RunConfig:
         if self.data.cache_text and self.method.train_text_encoder:
             raise ValueError("data.cache_text cannot be used with method.train_text_encoder (the embeddings change)")
+        if self.data.buckets and self.method.kind == "dreambooth":
+            raise ValueError("data.buckets is not available for dreambooth yet (instance and class images share a batch)")
         if (self.data.cache_latents or self.data.cache_text) and self.method.kind == "dreambooth":
             raise ValueError("data.cache_latents / cache_text are not available for dreambooth yet")
         return self

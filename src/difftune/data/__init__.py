@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from difftune.config import DataConfig
+from difftune.data.buckets import BucketBatchSampler, assign_bucket, bucket_sizes, image_size
 from difftune.data.check import DataReport, scan_rows
 from difftune.data.samples import EpochSampler, TrainingSamples, collate
 from difftune.data.sources import DataError, check_columns, load_rows, undecoded
@@ -42,9 +44,24 @@ def open_training_data(
     if config.max_samples is not None and config.max_samples < len(keep):
         order = torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed)).tolist()
         keep = sorted(keep[i] for i in order[: config.max_samples])
-    samples = TrainingSamples(rows, columns, config, seed, fixed_caption, row_numbers=keep)
+    sizes = bucket_of_rows(rows, columns, config, keep) if config.buckets else None
+    samples = TrainingSamples(rows, columns, config, seed, fixed_caption, row_numbers=keep, sizes=sizes)
     samples.report = report
     return samples
 
 
-__all__ = ["DataError", "DataReport", "EpochSampler", "TrainingSamples", "collate", "open_training_data"]
+def bucket_of_rows(rows: Any, columns: Any, config: DataConfig, keep: list[int]) -> list[tuple[int, int]]:
+    """Each kept row's (width, height) bucket, from its target image's header."""
+    sizes = bucket_sizes(config.resolution, config.bucket_step, config.bucket_max_aspect)
+    if not sizes:
+        raise DataError(f"data.bucket_step {config.bucket_step} leaves no bucket at resolution {config.resolution}")
+    images = rows[columns.image]
+    root = Path(config.path)
+    return [
+        assign_bucket(image_size(images[row], root, f"{config.path}, row {row}, column {columns.image!r}"),
+                      sizes, config.bucket_no_upscale, config.bucket_step)
+        for row in keep
+    ]
+
+
+__all__ = ["BucketBatchSampler", "DataError", "DataReport", "EpochSampler", "TrainingSamples", "collate", "open_training_data"]

@@ -127,6 +127,7 @@ class EncodedSamples(Dataset):
         self.latents, self.latent_keys = latents, latent_keys
         self.texts, self.text_keys = texts, text_keys
         self.report = samples.report
+        self.sizes = samples.sizes  # aspect buckets, for the batch sampler
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -210,9 +211,11 @@ def _text_context(family: Any, parts: Any) -> str:
 
 
 def _latent_key(samples: TrainingSamples, index: int) -> str:
-    """A hash of the bytes of the sample's image files (or embedded images)."""
+    """A hash of the sample's size (square or bucket) and the bytes of its image files
+    (or embedded images)."""
     row = samples.rows[samples.row_numbers[index]]
     digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr(samples.size_of(index)).encode())
     for column in (samples.columns.image, samples.columns.conditioning):
         if column is not None:
             digest.update(_cell_bytes(row[column], samples.root))
@@ -236,11 +239,15 @@ def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
 def _encode_latents(samples: TrainingSamples, family: Any, parts: Any, store: CacheStore,
                     keys: list[str], missing: list[int], batch_size: int) -> None:
     config = samples.config
-    for chunk in _batches(missing, batch_size):
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for index in missing:  # one VAE batch holds one size (aspect buckets)
+        by_size.setdefault(samples.size_of(index), []).append(index)
+    chunks = [chunk for group in by_size.values() for chunk in _batches(group, batch_size)]
+    for chunk in chunks:
         plain, flipped, conditionings = [], [], []
         for index in chunk:
             image, conditioning = samples.images(samples.row_numbers[index], index)
-            pixels, cond = paired_transform(image, conditioning, config.resolution, True, False, None)
+            pixels, cond = paired_transform(image, conditioning, samples.size_of(index), True, False, None)
             plain.append(pixels)
             flipped.append(pixels.flip(-1))
             conditionings.append(cond)

@@ -82,6 +82,7 @@ class TrainingSamples(Dataset):
         seed: int,
         fixed_caption: str | None = None,
         row_numbers: list[int] | None = None,
+        sizes: list[tuple[int, int]] | None = None,
     ) -> None:
         self.rows = rows
         self.columns = columns
@@ -91,6 +92,8 @@ class TrainingSamples(Dataset):
         self.fixed_caption = fixed_caption
         self.row_numbers = row_numbers if row_numbers is not None else list(range(len(rows)))
         """The dataset rows trained on (bad ones skipped, max_samples applied), by number."""
+        self.sizes = sizes
+        """Each sample's (width, height) bucket; None: all data.resolution squares."""
         self.report: Any = None
         """The data check of these rows (a DataReport), when open_training_data made them."""
 
@@ -110,13 +113,19 @@ class TrainingSamples(Dataset):
         plan = self.plan(epoch, index)
         image, conditioning = self.images(plan.row, index)
         pixels, conditioning_pixels = paired_transform(
-            image, conditioning, self.config.resolution, self.config.center_crop, plan.flip, plan.rng
+            image, conditioning, self.size_of(index), self.config.center_crop, plan.flip, plan.rng
         )
         # The key seeds this sample's noise in the training step (see training/step.py).
         sample = {"pixels": pixels, "caption": plan.caption, "key": (epoch, index, 0)}
         if conditioning_pixels is not None:
             sample["conditioning_pixels"] = conditioning_pixels
         return sample
+
+    def size_of(self, index: int) -> tuple[int, int]:
+        """(width, height) the sample trains at."""
+        if self.sizes is not None:
+            return self.sizes[index]
+        return (self.config.resolution, self.config.resolution)
 
     def images(self, row_number: int, index: int) -> tuple[Image.Image, Image.Image | None]:
         """The row's target and conditioning image (None without one), as RGB."""

@@ -1,7 +1,8 @@
 """Geometry and scaling for image pairs, in PIL and numpy (no torchvision).
 
 As in diffusers' train_controlnet.py: resize the shorter side to the resolution
-(bilinear), crop a square, the target scaled to [-1, 1] and the conditioning image,
+(bilinear; with aspect buckets, until the image covers its bucket), crop a square (or
+the bucket), the target scaled to [-1, 1] and the conditioning image,
 with the very same geometry, kept in [0, 1].
 """
 
@@ -14,22 +15,26 @@ import torch
 from PIL import Image
 
 
-def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+def resize_to_cover(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Scale (keeping the aspect ratio) until the image covers width x height: for a
+    square size, the shorter side becomes that size."""
     width, height = image.size
-    scale = size / min(width, height)
-    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+    scale = max(size[0] / width, size[1] / height)
+    new_size = (max(size[0], round(width * scale)), max(size[1], round(height * scale)))
     if new_size == image.size:
         return image
     return image.resize(new_size, Image.Resampling.BILINEAR)
 
 
-def crop_box(size: tuple[int, int], crop: int, center: bool, rng: random.Random) -> tuple[int, int, int, int]:
-    width, height = size
-    if center:
-        left, top = (width - crop) // 2, (height - crop) // 2
+def crop_box(
+    size: tuple[int, int], crop: tuple[int, int], center: bool, rng: random.Random | None
+) -> tuple[int, int, int, int]:
+    (width, height), (crop_w, crop_h) = size, crop
+    if center or rng is None:
+        left, top = (width - crop_w) // 2, (height - crop_h) // 2
     else:
-        left, top = rng.randint(0, width - crop), rng.randint(0, height - crop)
-    return left, top, left + crop, top + crop
+        left, top = rng.randint(0, width - crop_w), rng.randint(0, height - crop_h)
+    return left, top, left + crop_w, top + crop_h
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -41,15 +46,17 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 def paired_transform(
     image: Image.Image,
     conditioning: Image.Image | None,
-    resolution: int,
+    size: int | tuple[int, int],
     center_crop: bool,
     flip: bool,
-    rng: random.Random,
+    rng: random.Random | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Target in [-1, 1] and conditioning in [0, 1], cropped (at the centre, or where rng
-    says) and flipped alike."""
-    image = resize_shorter_side(image, resolution)
-    box = crop_box(image.size, resolution, center_crop, rng)
+    """Target in [-1, 1] and conditioning in [0, 1], resized to cover `size` (a square
+    resolution, or a bucket's (width, height)), cropped to it (at the centre, or where
+    rng says) and flipped alike."""
+    size = (size, size) if isinstance(size, int) else size
+    image = resize_to_cover(image, size)
+    box = crop_box(image.size, size, center_crop, rng)
     pixels = _finish(image, box, flip) * 2.0 - 1.0
     if conditioning is None:
         return pixels, None

@@ -63,6 +63,8 @@ class Run:
                                                checked.samples, self.accelerator)
         samples = self._encoded(samples)
         self.loader, self.sampler = setup.make_dataloader(samples, config, self.accelerator.num_processes)
+        if hasattr(self.sampler, "summary"):
+            self.events.write("buckets", samples_per_bucket=self.sampler.summary())
         self._prepare()
 
     def _log_data_check(self, samples: Any) -> None:

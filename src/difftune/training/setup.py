@@ -13,7 +13,7 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_s
 from torch.utils.data import DataLoader, Dataset
 
 from difftune.config import ConfigError, RunConfig, to_toml
-from difftune.data import EpochSampler, open_training_data
+from difftune.data import BucketBatchSampler, EpochSampler, open_training_data
 from difftune.families import FAMILIES, Family, Parts
 from difftune.methods import Method, Trained, make_method
 from difftune.scoring import MetricSet, load_metric_set
@@ -142,15 +142,18 @@ def apply_model_options(config: RunConfig, parts: Parts, trained: Trained) -> No
 
 def make_dataloader(
     samples: Dataset, config: RunConfig, num_processes: int
-) -> tuple[DataLoader, EpochSampler]:
+) -> tuple[DataLoader, EpochSampler | BucketBatchSampler]:
+    """Seeded, resumable order: single samples padded to the global batch, or with
+    aspect buckets whole batches of one bucket each."""
+    common = {
+        "collate_fn": samples.collate,  # type: ignore[attr-defined]
+        "num_workers": config.data.num_workers,
+        "pin_memory": torch.cuda.is_available(),
+        "persistent_workers": False,
+    }
+    sizes = getattr(samples, "sizes", None)
+    if sizes is not None:
+        batches = BucketBatchSampler(sizes, config.train.seed, config.train.batch_size, num_processes)
+        return DataLoader(samples, batch_sampler=batches, **common), batches
     sampler = EpochSampler(len(samples), config.train.seed, config.train.batch_size * num_processes)
-    loader = DataLoader(
-        samples,
-        batch_size=config.train.batch_size,
-        sampler=sampler,
-        collate_fn=samples.collate,  # type: ignore[attr-defined]
-        num_workers=config.data.num_workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,
-    )
-    return loader, sampler
+    return DataLoader(samples, batch_size=config.train.batch_size, sampler=sampler, **common), sampler
