@@ -119,15 +119,21 @@ def test_kohya_export_maps_to_modules_and_loads(lora_run: Run, tiny_base: Path, 
 
 
 def test_resumed_lora_run_matches(tiny_base: Path, captions: Path, tmp_path: Path) -> None:
+    # Dropout makes the step depend on the DataLoader's and the global RNG: resumed
+    # mid-epoch (step 1 of 2 an epoch), after a validation, it must still replay exactly.
     settings = {"batch_size": 4, "checkpoint_every": 1, "max_steps": 3, "learning_rate": 1e-2}
-    method = {"kind": "lora", "lora": {"rank": 2, "init": "kaiming"}}
-    straight = Run(build_config(run_config(tiny_base, captions, tmp_path / "a", method=method, train=settings)))
+    method = {"kind": "lora", "lora": {"rank": 2, "init": "kaiming", "dropout": 0.3}}
+    validation = {"prompts": [PROMPT], "every": 2}
+    straight = Run(build_config(run_config(tiny_base, captions, tmp_path / "a", method=method, train=settings,
+                                           validation=validation)))
     straight.fit()
     cut = Run(build_config(run_config(tiny_base, captions, tmp_path / "b", method=method,
                                       train={**settings, "max_steps": 1})))
     cut.fit()
-    resumed = Run(build_config(run_config(tiny_base, captions, tmp_path / "b", method=method, train=settings)))
+    resumed = Run(build_config(run_config(tiny_base, captions, tmp_path / "b", method=method, train=settings,
+                                          validation=validation)))
     resumed.fit()
+    assert straight.trainee.trained["unet"].training  # train mode: dropout on (also after validation)
     a = load_file(tmp_path / "a" / "final" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "b" / "final" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

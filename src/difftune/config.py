@@ -55,7 +55,7 @@ class LoraSettings(_Section):
     alpha: float | None = Field(None, gt=0)
     """Scale numerator (alpha / rank); None means alpha = rank, as in diffusers' scripts."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    init: Literal["gaussian", "kaiming", "pissa", "olora"] = "gaussian"
+    init: Literal["gaussian", "kaiming"] = "gaussian"
     """peft init_lora_weights: "gaussian" as diffusers' SD scripts, "kaiming" is peft's default."""
     target_modules: list[str] | None = None
     """Module names to adapt; None takes the family's (SD UNet: to_q, to_k, to_v, to_out.0)."""
@@ -345,6 +345,11 @@ class RunConfig(_Section):
     def _caches_fit_the_method(self) -> RunConfig:
         if self.data.cache_text and self.method.train_text_encoder:
             raise ValueError("data.cache_text cannot be used with method.train_text_encoder (the embeddings change)")
+        if self.objective.prediction_type is not None and (self.method.kind in ("controlnet", "lora") or self.method.uses_lora):
+            raise ValueError(
+                "objective.prediction_type is saved only with a whole pipeline (full, DreamBooth without "
+                "LoRA); a ControlNet or LoRA trained for another type would sample wrongly on its base"
+            )
         if self.data.buckets and self.method.kind == "dreambooth":
             raise ValueError("data.buckets is not available for dreambooth yet (instance and class images share a batch)")
         if (self.data.cache_latents or self.data.cache_text) and self.method.kind == "dreambooth":

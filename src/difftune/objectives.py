@@ -79,7 +79,8 @@ class DiscreteDiffusion:
         snr = compute_snr(self.scheduler, timesteps).float()
         clipped = torch.minimum(snr, torch.full_like(snr, gamma))
         denominator = snr if self.prediction_type == "epsilon" else snr + 1
-        return clipped / denominator
+        # A zero-terminal-SNR schedule has SNR 0 at its last step: weight 1 there, as diffusers does.
+        return torch.where(denominator == 0, torch.ones_like(snr), clipped / denominator.clamp_min(1e-12))
 
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

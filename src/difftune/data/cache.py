@@ -21,9 +21,11 @@ one embedding per distinct caption, including "" for caption dropout.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -82,19 +84,28 @@ class CacheStore:
             self.flush()
 
     def flush(self) -> None:
-        """Write the pending entries as one new shard, then the index that names it."""
+        """Write the pending entries as one new shard, then add them to the index.
+
+        Several runs may share a cache: temporary names are this writer's own, and the
+        index is re-read and merged under a lock, so no run's entries are lost."""
         if not self._pending:
             return
-        name = f"shard-{_hash(sorted(self._pending))}.safetensors"
+        token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        name = f"shard-{_hash(sorted(self._pending), token)}.safetensors"
         flat = {f"{key}/{field}": t for key, entry in self._pending.items() for field, t in entry.items()}
         partial = self.folder / f".{name}.partial"
         save_file(flat, partial)
         os.replace(partial, self.folder / name)
-        self.index.update(dict.fromkeys(self._pending, name))
+        with open(self.folder / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            index = self.folder / INDEX
+            merged = json.loads(index.read_text()) if index.is_file() else {}
+            merged.update(dict.fromkeys(self._pending, name))
+            index_partial = self.folder / f".{INDEX}.{token}.partial"
+            index_partial.write_text(json.dumps(merged))
+            os.replace(index_partial, index)
+        self.index = merged
         self._pending.clear()
-        index_partial = self.folder / f".{INDEX}.partial"
-        index_partial.write_text(json.dumps(self.index))
-        os.replace(index_partial, self.folder / INDEX)
 
     def get(self, key: str) -> dict[str, torch.Tensor]:
         shard = self.index[key]

@@ -63,7 +63,9 @@ class DreamBooth:
             self._generate_class_images(family, parts, trained, folder, missing, samples, accelerator)
         accelerator.wait_for_everyone()
         config = samples.config.model_copy(
-            update={"path": str(folder), "max_samples": None, "proportion_empty_prompts": 0.0}
+            # a fuller folder is cut to num_class_images (a seeded subset), as diffusers does
+            update={"path": str(folder), "max_samples": self.settings.num_class_images,
+                    "proportion_empty_prompts": 0.0}
         )
         # One class prompt captions every class image; several were saved in .txt files.
         prompt = self.settings.class_prompt

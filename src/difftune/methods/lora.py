@@ -41,7 +41,8 @@ def add_lora(module: nn.Module, config: LoraConfig) -> nn.Module:
     for parameter in module.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
-    return module
+    # from_pretrained returns eval mode; dropout and gradient checkpointing need train mode
+    return module.train()
 
 
 def adapter_state(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -53,4 +53,6 @@ class WeightAverage:
         return self.average.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # accelerate loads custom state onto the CPU; the average lives beside the weights.
         self.average.load_state_dict(state)
+        self.average.to(device=self.params[0].device)

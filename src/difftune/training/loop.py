@@ -218,6 +218,9 @@ class Run:
         if good:
             norm = accelerator.clip_grad_norm_(self.params, train.max_grad_norm)
             good = norm is None or not agreed(accelerator, not bool(torch.isfinite(norm).all()))
+            if not good and accelerator.scaler is not None:
+                self._gradient_overflow(state)  # fp16: the loss scale was too high
+                return
         if good:
             self.optimizer.step()
             self.schedule.step()
@@ -231,6 +234,16 @@ class Run:
         self.events.write("nonfinite", step=state.step + 1, in_a_row=self.nonfinite.in_a_row + 1,
                           total=self.nonfinite.total + 1)
         self.nonfinite.bad()
+
+    def _gradient_overflow(self, state: TrainState) -> None:
+        """fp16's loss scale overflowed (a finite loss, inf gradients after unscaling).
+        The scaler's own step skips the update and lowers the scale; without it the
+        scaler would never update and the next unscale would fail. This is normal early
+        in fp16 training, so it is logged but not counted as a non-finite step."""
+        self.optimizer.step()  # GradScaler: skipped, scale lowered
+        self.schedule.step()  # accelerate skips it too when the optimizer step was skipped
+        self.optimizer.zero_grad(set_to_none=self.config.train.set_grads_to_none)
+        self.events.write("overflow", step=state.step + 1, scale=float(self.accelerator.scaler.get_scale()))
 
     def _stop(self, state: TrainState) -> None:
         """A stop signal: keep the work (a checkpoint at this step) and leave cleanly."""

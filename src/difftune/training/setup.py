@@ -150,6 +150,9 @@ def make_dataloader(
         "num_workers": config.data.num_workers,
         "pin_memory": torch.cuda.is_available(),
         "persistent_workers": False,
+        # Workers' base seed from the run's seed, not the global RNG (which a resumed run
+        # reaches in another state): dropout and other worker randomness replay exactly.
+        "generator": torch.Generator().manual_seed(config.train.seed),
     }
     sizes = getattr(samples, "sizes", None)
     if sizes is not None:

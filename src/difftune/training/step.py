@@ -40,7 +40,8 @@ def sample_generators(device: torch.device, seed: int, keys: list[tuple[int, ...
 def training_loss(trainee: Trainee, batch: dict[str, Any], seed: int) -> torch.Tensor:
     family, method = trainee.family, trainee.method
     parts = trainee.step_parts or trainee.parts
-    device = next(parts.vae.parameters()).device
+    # The denoiser's device: with a latent cache the VAE may have left the accelerator.
+    device = next(parts.denoiser.parameters()).device
     generators = sample_generators(device, seed, batch["keys"])
     with torch.no_grad():
         if "latent_mean" in batch:  # from the latent cache
