@@ -148,7 +148,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="difftune", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="difftune",
+        description="Train and fine-tune diffusion image models (ControlNet, LoRA, DreamBooth, full) "
+        "from a TOML config; generate with and export the results; check datasets.",
+    )
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     train = verbs.add_parser("train", help="train from a TOML config")
