@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -154,13 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
         "from a TOML config; generate with and export the results; check datasets.",
     )
     verbs = parser.add_subparsers(dest="verb", required=True)
+    for add in (_add_train, _add_generate, _add_export, _add_data, _add_demo):
+        add(verbs)
+    return parser
 
+
+def _add_train(verbs: Any) -> None:
     train = verbs.add_parser("train", help="train from a TOML config")
     train.add_argument("config")
     train.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key")
     train.add_argument("--resume", help='"latest" or a checkpoint folder')
     train.set_defaults(run=cmd_train)
 
+
+def _add_generate(verbs: Any) -> None:
     gen = verbs.add_parser("generate", help="generate an image with trained weights")
     gen.add_argument("--base", required=True,
                      help="base pipeline (Hub id or folder), or a full fine-tune's run directory")
@@ -179,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True)
     gen.set_defaults(run=cmd_generate)
 
+
+def _add_export(verbs: Any) -> None:
     export = verbs.add_parser("export", help="convert trained weights").add_subparsers(
         dest="export_verb", required=True)
     lora = export.add_parser("lora", help="a LoRA in another key format")
@@ -193,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     single.add_argument("--half", action="store_true", help="store fp16 weights")
     single.set_defaults(run=cmd_export_single_file)
 
+
+def _add_data(verbs: Any) -> None:
     data = verbs.add_parser("data", help="dataset tools").add_subparsers(dest="data_verb", required=True)
     circles = data.add_parser("fill-circles", help="write a fill50k-style synthetic dataset")
     circles.add_argument("out")
@@ -216,13 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--conditioning-image-column", default="conditioning_image")
     check.set_defaults(run=cmd_data_check)
 
+
+def _add_demo(verbs: Any) -> None:
     demo = verbs.add_parser("demo", help="train on the tiny fill-circles base (CPU, no downloads)")
     demo.add_argument("preset", nargs="?", choices=["controlnet", "dreambooth"], default="controlnet",
                       help="controlnet: a fill-circles ControlNet; dreambooth: DreamBooth-LoRA teaches a new shape")
     demo.add_argument("--output-dir", help="run directory (default runs/demo, or runs/demo-dreambooth)")
     demo.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
     demo.set_defaults(run=cmd_demo)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

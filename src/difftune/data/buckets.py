@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Sampler
 
-from difftune.data.sources import DataError, _image_source
+from difftune.data.sources import DataError, image_source
 
 
 def bucket_sizes(resolution: int, step: int, max_aspect: float) -> list[tuple[int, int]]:
@@ -56,7 +56,7 @@ def assign_bucket(
 
 def image_size(value: Any, root: Path, where: str) -> tuple[int, int]:
     """Width and height from the file's header (nothing decoded)."""
-    source = _image_source(value, root)
+    source = image_source(value, root)
     if source is None:
         raise DataError(f"{where}: expected an image, bytes or a path")
     try:

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from difftune.data.samples import TrainingSamples, collate
-from difftune.data.sources import _image_source
+from difftune.data.sources import image_source
 from difftune.data.transforms import paired_transform
 
 CACHE_VERSION = 1
@@ -108,19 +108,19 @@ class CacheStore:
         self._pending.clear()
 
     def get(self, key: str) -> dict[str, torch.Tensor]:
-        shard = self.index[key]
-        handle = self._handles.get(shard)
-        if handle is None:
-            handle = self._handles[shard] = safe_open(str(self.folder / shard), framework="pt")
-        prefix = f"{key}/"
-        return {name[len(prefix):]: handle.get_tensor(name) for name in self._names(handle, shard)
-                if name.startswith(prefix)}
+        handle, fields = self._open(self.index[key])
+        return {name.split("/", 1)[1]: handle.get_tensor(name) for name in fields[key]}
 
-    def _names(self, handle: Any, shard: str) -> list[str]:
-        names = self._handles.get(f"{shard}#names")
-        if names is None:
-            names = self._handles[f"{shard}#names"] = list(handle.keys())
-        return names
+    def _open(self, shard: str) -> tuple[Any, dict[str, list[str]]]:
+        """A shard's handle and its tensor names by entry key, read once per process
+        (so a lookup on the training hot path does not scan the shard's names)."""
+        if shard not in self._handles:
+            handle = safe_open(str(self.folder / shard), framework="pt")
+            fields: dict[str, list[str]] = {}
+            for name in handle.keys():
+                fields.setdefault(name.split("/", 1)[0], []).append(name)
+            self._handles[shard] = (handle, fields)
+        return self._handles[shard]
 
     def __getstate__(self) -> dict[str, Any]:
         # safetensors handles do not pickle; each DataLoader worker opens its own.
@@ -235,7 +235,7 @@ def _latent_key(samples: TrainingSamples, index: int) -> str:
 
 
 def _cell_bytes(value: Any, root: Path) -> bytes:
-    source = _image_source(value, root)
+    source = image_source(value, root)
     if isinstance(source, Path):
         return source.read_bytes()
     return source.getvalue() if source is not None else repr(value).encode()

@@ -129,7 +129,7 @@ def _short(value: Any) -> str:
     return repr(value) if isinstance(value, str) else f"<{type(value).__name__}>"
 
 
-def _image_source(value: Any, root: Path) -> Path | io.BytesIO | None:
+def image_source(value: Any, root: Path) -> Path | io.BytesIO | None:
     """What PIL should open for a cell: a file under root, or in-memory bytes."""
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
@@ -144,7 +144,7 @@ def open_image(value: Any, root: Path, where: str) -> Image.Image:
     """A cell's image as RGB: a decoded image, bytes, a path, or an undecoded Image."""
     if isinstance(value, Image.Image):
         return to_rgb(value)
-    source = _image_source(value, root)
+    source = image_source(value, root)
     if source is None:
         raise DataError(f"{where}: expected an image, bytes or a path, got {type(value).__name__}")
     try:

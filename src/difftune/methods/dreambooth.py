@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from PIL import Image
 from rich.console import Console
-from torch import nn
 from torch.utils.data import Dataset
 
 from difftune.config import DreamBoothSettings, MethodConfig
@@ -38,14 +37,17 @@ class DreamBooth:
         self.settings: DreamBoothSettings = config.dreambooth
         self.inner: Lora | FullFineTune = Lora(config) if config.uses_lora else FullFineTune(config)
         self.card_tags = ["dreambooth", *self.inner.card_tags]
+        # What trains, how it is stored, saved and sampled: the inner method's, unchanged.
+        self.build = self.inner.build
+        self.training_parts = self.inner.training_parts
+        self.store, self.restore = self.inner.store, self.inner.restore
+        self.save = self.inner.save
+        self.generate = self.inner.generate
 
     @property
     def fixed_caption(self) -> str | None:
         """The prompt every instance image takes, unless the dataset's captions are used."""
         return None if self.settings.use_captions else self.settings.instance_prompt
-
-    def build(self, family: Family, parts: Parts) -> Trained:
-        return self.inner.build(family, parts)
 
     def training_data(
         self, family: Family, parts: Parts, trained: Trained, samples: Dataset, accelerator: Any
@@ -102,9 +104,6 @@ class DreamBooth:
         prompt = self.settings.class_prompt or ""
         return prompt if isinstance(prompt, str) else prompt[index % len(prompt)]
 
-    def training_parts(self, parts: Parts, trained: Trained) -> Parts:
-        return self.inner.training_parts(parts, trained)
-
     condition = staticmethod(no_extra_inputs)
 
     def reduce(self, per_sample_loss: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
@@ -116,29 +115,8 @@ class DreamBooth:
         instance_loss = per_sample_loss[~prior].mean()
         return instance_loss + self.settings.prior_loss_weight * per_sample_loss[prior].mean()
 
-    def store(self, name: str, module: nn.Module, folder: Path) -> None:
-        self.inner.store(name, module, folder)
-
-    def restore(self, name: str, module: nn.Module, folder: Path) -> None:
-        self.inner.restore(name, module, folder)
-
-    def save(self, family: Family, parts: Parts, trained: Trained, out_dir: Path) -> None:
-        self.inner.save(family, parts, trained, out_dir)
-
     def usage(self, repo: str, base: str) -> str:
         return self.inner.usage(repo, base) + f'\nimage = pipe("{self.settings.instance_prompt}").images[0]'
-
-    def generate(
-        self,
-        family: Family,
-        parts: Parts,
-        trained: Trained,
-        prompt: str | list[str],
-        image: Image.Image | list[Image.Image] | None,
-        settings: dict[str, Any],
-        generator: torch.Generator,
-    ) -> list[Image.Image]:
-        return self.inner.generate(family, parts, trained, prompt, image, settings, generator)
 
 
 def class_images(folder: Path) -> list[Path]:

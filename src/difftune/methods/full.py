@@ -29,6 +29,33 @@ from difftune.methods.base import (
 )
 
 
+def with_trained(parts: Parts, trained: Trained) -> Parts:
+    """The parts with the trained UNet and text encoder (when trained) swapped in."""
+    return replace(
+        parts,
+        denoiser=trained.get("unet", parts.denoiser),
+        text_encoder=trained.get("text_encoder", parts.text_encoder),
+    )
+
+
+def generate_text_to_image(
+    family: Family,
+    parts: Parts,
+    trained: Trained,
+    prompt: str | list[str],
+    image: Image.Image | list[Image.Image] | None,
+    settings: dict[str, Any],
+    generator: torch.Generator,
+) -> list[Image.Image]:
+    """Method.generate for methods that change weights: the plain pipeline over the
+    parts, trained modules in the frozen parts' dtype (`image` is not used)."""
+    dtype = next(parts.vae.parameters()).dtype
+    copies = {name: inference_copy(module, dtype) for name, module in trained.items()}
+    pipeline = family.text_to_image_pipeline(with_trained(parts, copies))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline(prompt, generator=generator, **settings).images
+
+
 class FullFineTune:
     name = "full"
     needs_conditioning = False
@@ -72,42 +99,7 @@ class FullFineTune:
     def usage(self, repo: str, base: str) -> str:
         return f'from diffusers import StableDiffusionPipeline\npipe = StableDiffusionPipeline.from_pretrained("{repo}")'
 
-    def generate(
-        self,
-        family: Family,
-        parts: Parts,
-        trained: Trained,
-        prompt: str | list[str],
-        image: Image.Image | list[Image.Image] | None,
-        settings: dict[str, Any],
-        generator: torch.Generator,
-    ) -> list[Image.Image]:
-        return generate_text_to_image(family, parts, trained, prompt, settings, generator)
-
-
-def with_trained(parts: Parts, trained: Trained) -> Parts:
-    """The parts with the trained UNet and text encoder (when trained) swapped in."""
-    return replace(
-        parts,
-        denoiser=trained.get("unet", parts.denoiser),
-        text_encoder=trained.get("text_encoder", parts.text_encoder),
-    )
-
-
-def generate_text_to_image(
-    family: Family,
-    parts: Parts,
-    trained: Trained,
-    prompt: str | list[str],
-    settings: dict[str, Any],
-    generator: torch.Generator,
-) -> list[Image.Image]:
-    """The plain pipeline over the parts, trained modules in the frozen parts' dtype."""
-    dtype = next(parts.vae.parameters()).dtype
-    copies = {name: inference_copy(module, dtype) for name, module in trained.items()}
-    pipeline = family.text_to_image_pipeline(with_trained(parts, copies))
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline(prompt, generator=generator, **settings).images
+    generate = staticmethod(generate_text_to_image)
 
 
 def _fp32(module: nn.Module) -> nn.Module:

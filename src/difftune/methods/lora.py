@@ -8,11 +8,9 @@ The result is diffusers' `pytorch_lora_weights.safetensors`, which
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -99,14 +97,4 @@ class Lora:
             f'pipe.load_lora_weights("{repo}")'
         )
 
-    def generate(
-        self,
-        family: Family,
-        parts: Parts,
-        trained: Trained,
-        prompt: str | list[str],
-        image: Image.Image | list[Image.Image] | None,
-        settings: dict[str, Any],
-        generator: torch.Generator,
-    ) -> list[Image.Image]:
-        return generate_text_to_image(family, parts, trained, prompt, settings, generator)
+    generate = staticmethod(generate_text_to_image)

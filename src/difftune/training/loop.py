@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,7 @@ class Run:
         if skipped:
             self.console.log(f"data: skipping {len(report.bad_rows())} bad row(s) of {report.rows} "
                              f"(data.on_bad = \"skip\"); each is listed in {self.run_dir / 'data-check.json'}")
-        notes = {kind: n for kind, n in report.counts().items() if kind not in {f["kind"] for f in skipped}}
+        notes = Counter(f.kind for f in report.findings if not f.fatal)
         if notes:
             described = ", ".join(f"{kind} {n}" for kind, n in notes.items())
             self.console.log(f"data notes ({described}): see {self.run_dir / 'data-check.json'}")
