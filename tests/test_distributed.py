@@ -78,14 +78,22 @@ def test_two_process_resume_is_exact(tiny_base: Path, circles: Path, tmp_path: P
     assert all((wa[k] == wb[k]).all() for k in wa)
 
 
-def test_two_processes_with_aspect_buckets(tiny_base: Path, tmp_path: Path) -> None:
+def test_two_processes_with_aspect_buckets_and_a_shared_cache(tiny_base: Path, tmp_path: Path) -> None:
     from test_buckets import _three_shapes
 
     data = _three_shapes(tmp_path / "shapes")
+    cache = tmp_path / "cache"
     raw = run_config(tiny_base, data, tmp_path / "run", method={"kind": "full"},
-                     data={"buckets": True, "bucket_step": 16},
+                     data={"buckets": True, "bucket_step": 16, "cache_latents": True, "cache_text": True,
+                           "encoded_cache_dir": str(cache)},
                      train={"batch_size": 2, "max_steps": 3, "checkpoint_every": 10})
     _torchrun(_write(raw, tmp_path / "c.toml"), 2)
     events = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3]
     assert sum(e["event"] == "buckets" for e in events) == 1
+    stats = [e for e in events if e["event"] == "cache"][0]
+    assert stats["latents_encoded"] == 12 and stats["texts_encoded"] == 5  # 4 captions and ""
+    # each process encoded its half into its own shard; the merged index holds all
+    (latents,) = (cache / "latents").iterdir()
+    assert len(list(latents.glob("shard-*.safetensors"))) == 2
+    assert len(json.loads((latents / "index.json").read_text())) == 12

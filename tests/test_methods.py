@@ -223,3 +223,36 @@ def test_v_prediction_override_is_saved_with_the_pipeline(tiny_base: Path, capti
                      train={"max_steps": 1, "checkpoint_every": 10})
     final = Run(build_config(raw)).fit()
     assert load_base(final).scheduler.config.prediction_type == "v_prediction"
+
+
+def test_dreambooth_with_buckets_and_cache(tiny_base: Path, tmp_path: Path) -> None:
+    """Instances of three shapes in aspect buckets; each class image (square) takes its
+    instance's bucket, so a batch stacks. The cache of both halves trains the same."""
+    from test_buckets import _three_shapes
+
+    instances = _three_shapes(tmp_path / "instances")
+    classes = caption_folder(tmp_path / "classes", 5, seed=5)
+    for caption in classes.glob("*.txt"):
+        caption.unlink()
+
+    def config(out: str, **data) -> dict:
+        raw = _dreambooth(tiny_base, instances, tmp_path / out, classes, prior_preservation=True, num_class_images=5)
+        raw["data"].update({"buckets": True, "bucket_step": 16, **data})
+        raw["train"]["max_steps"] = 3
+        return raw
+
+    plain = Run(build_config(config("plain")))
+    batch = next(iter(plain.loader))
+    assert batch["pixels"].shape[0] == 4 and batch["prior"].tolist() == [False, False, True, True]
+    sizes = {tuple(s) for s in plain.sampler.buckets}
+    assert sizes == {(80, 48), (48, 80), (64, 64)}  # the instances' buckets; class images take them
+    plain.fit()
+    cached = Run(build_config(config("cached", cache_latents=True, cache_text=True,
+                                     encoded_cache_dir=str(tmp_path / "cache"))))
+    cached.fit()
+    stats = [e for e in read_events(tmp_path / "cached") if e["event"] == "cache"][-1]
+    # 12 instances; 5 class images, each at the buckets of the instances it pairs with
+    assert stats["latents_encoded"] == 12 + len({(i % 5, (i % 12) % 3) for i in range(12)})
+    assert stats["texts_encoded"] == 3  # the instance prompt, "" and the class prompt
+    a, b = (load_file(tmp_path / r / "final" / "unet" / "diffusion_pytorch_model.safetensors") for r in ("plain", "cached"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5

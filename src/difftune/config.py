@@ -350,10 +350,6 @@ class RunConfig(_Section):
                 "objective.prediction_type is saved only with a whole pipeline (full, DreamBooth without "
                 "LoRA); a ControlNet or LoRA trained for another type would sample wrongly on its base"
             )
-        if self.data.buckets and self.method.kind == "dreambooth":
-            raise ValueError("data.buckets is not available for dreambooth yet (instance and class images share a batch)")
-        if (self.data.cache_latents or self.data.cache_text) and self.method.kind == "dreambooth":
-            raise ValueError("data.cache_latents / cache_text are not available for dreambooth yet")
         return self
 
 

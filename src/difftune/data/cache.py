@@ -26,8 +26,10 @@ import hashlib
 import json
 import os
 import uuid
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -35,7 +37,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Dataset
 
-from difftune.data.samples import TrainingSamples, collate
+from difftune.data.samples import PriorPreservationSamples, TrainingSamples, collate
 from difftune.data.sources import image_source
 from difftune.data.transforms import paired_transform
 
@@ -168,45 +170,75 @@ class EncodedSamples(Dataset):
 
 
 def build_cache(
-    samples: TrainingSamples,
+    samples: TrainingSamples | PriorPreservationSamples,
     family: Any,
     parts: Any,
     cache_latents: bool,
     cache_text: bool,
     folder: Path,
     batch_size: int,
-    is_main_process: bool,
-    wait_for_everyone: Any,
-) -> tuple[EncodedSamples, dict[str, int]]:
-    """Encode what the cache lacks (on the main process), then read it everywhere.
-    Returns the cached dataset and {"latents_encoded", "latents_reused", "texts_encoded",
-    "texts_reused"}."""
-    stats = {"latents_encoded": 0, "latents_reused": 0, "texts_encoded": 0, "texts_reused": 0}
-    latent_keys, text_keys = [], {}
+    processes: Processes,
+) -> tuple[EncodedSamples | PriorPreservationSamples, dict[str, int]]:
+    """Encode what the cache lacks, each process its share, then read it everywhere.
+    DreamBooth pairs are cached half by half. Returns the cached dataset and
+    {"latents_encoded", "latents_reused", "texts_encoded", "texts_reused"} (all processes)."""
+    if isinstance(samples, PriorPreservationSamples):
+        totals: Counter[str] = Counter()
+
+        def encode(half: TrainingSamples) -> EncodedSamples:
+            encoded, stats = build_cache(half, family, parts, cache_latents, cache_text, folder, batch_size, processes)
+            totals.update(stats)
+            return encoded  # type: ignore[return-value]
+
+        return samples.map(encode), {**dict.fromkeys(STAT_NAMES, 0), **totals}
+    stats = dict.fromkeys(STAT_NAMES, 0)
     latents = texts = None
+    latent_keys = [_latent_key(samples, i) for i in range(len(samples))] if cache_latents else []
+    # sorted: a set's order differs between processes (string hashing is salted per process)
+    text_keys = {caption: _hash(caption) for caption in sorted(samples.caption_options())} if cache_text else {}
     if cache_latents:
         latent_folder = folder / "latents" / _latent_context(samples, family, parts)
-        latent_keys = [_latent_key(samples, i) for i in range(len(samples))]
-        if is_main_process:
-            store = CacheStore(latent_folder)
-            missing = [i for i, k in enumerate(latent_keys) if k not in store]
-            stats["latents_reused"] = len(latent_keys) - len(missing)
-            stats["latents_encoded"] = len(missing)
-            _encode_latents(samples, family, parts, store, latent_keys, missing, batch_size)
-        wait_for_everyone()
+        missing = _missing(latent_folder, dict(enumerate(latent_keys)), processes)
+        stats["latents_encoded"], stats["latents_reused"] = len(missing), len(set(latent_keys)) - len(missing)
+        _encode_latents(samples, family, parts, CacheStore(latent_folder), latent_keys,
+                        missing[processes.index :: processes.count], batch_size)
+        processes.wait()
         latents = CacheStore(latent_folder)
     if cache_text:
         text_folder = folder / "text" / _text_context(family, parts)
-        text_keys = {caption: _hash(caption) for caption in samples.caption_options()}
-        if is_main_process:
-            store = CacheStore(text_folder)
-            missing = [c for c, k in text_keys.items() if k not in store]
-            stats["texts_reused"] = len(text_keys) - len(missing)
-            stats["texts_encoded"] = len(missing)
-            _encode_texts(family, parts, store, text_keys, missing, batch_size)
-        wait_for_everyone()
+        missing = _missing(text_folder, text_keys, processes)
+        stats["texts_encoded"], stats["texts_reused"] = len(missing), len(text_keys) - len(missing)
+        _encode_texts(family, parts, CacheStore(text_folder), text_keys,
+                      missing[processes.index :: processes.count], batch_size)
+        processes.wait()
         texts = CacheStore(text_folder)
     return EncodedSamples(samples, latents, latent_keys, texts, text_keys), stats
+
+
+STAT_NAMES = ("latents_encoded", "latents_reused", "texts_encoded", "texts_reused")
+
+
+@dataclass(frozen=True)
+class Processes:
+    """The processes that share the encoding: this one's index, how many, and a barrier."""
+
+    index: int = 0
+    count: int = 1
+    wait: Callable[[], None] = lambda: None
+
+
+def _missing(folder: Path, keys: dict[Any, str], processes: Processes) -> list[Any]:
+    """The items whose key the cache lacks, one per distinct key, in order. Every process
+    reads the index before any writes to it, so all agree on the list they split."""
+    store = CacheStore(folder)
+    seen: set[str] = set()
+    missing = []
+    for item, key in keys.items():
+        if key not in store and key not in seen:
+            seen.add(key)
+            missing.append(item)
+    processes.wait()
+    return missing
 
 
 def _latent_context(samples: TrainingSamples, family: Any, parts: Any) -> str:

@@ -181,21 +181,46 @@ class TrainingSamples(Dataset):
 
 class PriorPreservationSamples(Dataset):
     """DreamBooth pairs: each index gives an instance sample and a class sample; an
-    epoch is as long as the larger set, the smaller one repeating (as in diffusers)."""
+    epoch is as long as the larger set, the smaller one repeating (as in diffusers).
+
+    The class half is a view indexed by pair: pair i takes class image i mod (number of
+    class images) at the size of its instance (its aspect bucket, with data.buckets), so
+    instance and class samples stack into one batch. A class image is square (the base
+    drew it at data.resolution); in a bucket it is scaled to cover it and cropped.
+    Build with `pair`.
+    """
 
     CLASS_ROLE = 1
 
-    def __init__(self, instances: TrainingSamples, classes: TrainingSamples) -> None:
+    def __init__(self, instances: Any, paired_classes: Any) -> None:
         self.instances = instances
-        self.classes = classes
+        self.classes = paired_classes
+        self.sizes = paired_classes.sizes
+        """The pair's bucket (its instance's), for the batch sampler."""
+        self.report = instances.report
+
+    @classmethod
+    def pair(cls, instances: TrainingSamples, classes: TrainingSamples) -> PriorPreservationSamples:
+        length = max(len(instances), len(classes))
+        sizes = None if instances.sizes is None else [instances.sizes[i % len(instances)] for i in range(length)]
+        paired_classes = TrainingSamples(
+            classes.rows, classes.columns, classes.config, classes.seed, classes.fixed_caption,
+            row_numbers=[classes.row_numbers[i % len(classes)] for i in range(length)], sizes=sizes,
+        )
+        paired_classes.report = classes.report
+        return cls(instances, paired_classes)
+
+    def map(self, encode: Any) -> PriorPreservationSamples:
+        """The same pairs with each half replaced by encode(half) (a cached view)."""
+        return PriorPreservationSamples(encode(self.instances), encode(self.classes))
 
     def __len__(self) -> int:
-        return max(len(self.instances), len(self.classes))
+        return len(self.classes)
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, index = key
         instance = self.instances[(epoch, index % len(self.instances))]
-        prior = self.classes[(epoch, index % len(self.classes))]
+        prior = self.classes[(epoch, index)]
         instance["key"] = (epoch, index, 0)
         prior["key"] = (epoch, index, self.CLASS_ROLE)
         return {"instance": instance, "class": prior}

@@ -66,13 +66,14 @@ class DreamBooth:
         accelerator.wait_for_everyone()
         config = samples.config.model_copy(
             # a fuller folder is cut to num_class_images (a seeded subset), as diffusers does
+            # class images take their instance's bucket (PriorPreservationSamples.pair)
             update={"path": str(folder), "max_samples": self.settings.num_class_images,
-                    "proportion_empty_prompts": 0.0}
+                    "proportion_empty_prompts": 0.0, "buckets": False}
         )
         # One class prompt captions every class image; several were saved in .txt files.
         prompt = self.settings.class_prompt
         classes = open_training_data(config, samples.seed, False, prompt if isinstance(prompt, str) else None)
-        return PriorPreservationSamples(samples, classes)
+        return PriorPreservationSamples.pair(samples, classes)
 
     def _generate_class_images(
         self, family: Family, parts: Parts, trained: Trained, folder: Path, missing: int,

@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from rich.console import Console
 
 from difftune.config import RunConfig
-from difftune.data.cache import build_cache, default_cache_dir
+from difftune.data.cache import Processes, build_cache, default_cache_dir
 from difftune.data.check import write_report as write_data_report
 from difftune.objectives import DiscreteDiffusion
 from difftune.report import write_report
@@ -95,9 +95,10 @@ class Run:
             return samples
         folder = Path(data.encoded_cache_dir).expanduser() if data.encoded_cache_dir else default_cache_dir()
         started = time.perf_counter()
+        accelerator = self.accelerator
+        processes = Processes(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone)
         encoded, stats = build_cache(samples, trainee.family, trainee.parts, data.cache_latents, data.cache_text,
-                                     folder, self.config.train.batch_size, self.accelerator.is_main_process,
-                                     self.accelerator.wait_for_everyone)
+                                     folder, self.config.train.batch_size, processes)
         self.events.write("cache", path=str(folder), seconds=round(time.perf_counter() - started, 2), **stats)
         if self.accelerator.device.type != "cpu":
             cached = [(data.cache_latents, trainee.parts.vae), (data.cache_text, trainee.parts.text_encoder)]
