@@ -20,6 +20,13 @@ torch 2.13, so run this from an environment with both:
 
 It prints and writes (--out) a JSON record with both tools' samples/s and peak RSS, and
 the ratios, for difftune as configured by default and with the latent and text cache.
+
+GPU mode (--gpu): the same comparison on an SD1.5-shaped pipeline with random weights
+(sd15.py) at 512 px in bf16, batch 16, with 8 loader workers for the uncached runs of
+both tools. It adds each run's peak GPU memory (nvidia-smi, the process tree's, so the
+CUDA context and the allocator's reserve count) and MFU: samples/s x 2.27 TFLOP (an
+SD1.5 ControlNet step per sample, VAE encoding not counted; shared performance notes)
+over the GPU's dense bf16 peak. --compile adds a run with train.compile = true.
 """
 
 from __future__ import annotations
@@ -28,11 +35,8 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -40,39 +44,13 @@ import psutil
 from difftune.data.synthetic import DEMO_PALETTE, write_fill_circles_parquet
 from difftune.tiny import build_tiny_sd
 
+sys.path.insert(0, str(Path(__file__).parent.parent))  # benchmarks/sd15.py and measure.py
+from measure import measure
+from sd15 import build_sd15
+
 WORDS = DEMO_PALETTE + ["circle", "with", "background"]
-
-
-def measure(command: list[str], cwd: Path) -> dict:
-    """Wall time and peak RSS (process tree) of one command; fails loudly."""
-    started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = {"rss": 0}
-
-    def sample() -> None:
-        try:
-            root = psutil.Process(process.pid)
-            while process.poll() is None:
-                tree = [root, *root.children(recursive=True)]
-                rss = 0
-                for member in tree:
-                    try:
-                        rss += member.memory_info().rss
-                    except psutil.Error:
-                        pass
-                peak["rss"] = max(peak["rss"], rss)
-                time.sleep(0.02)
-        except psutil.Error:
-            pass
-
-    watcher = threading.Thread(target=sample, daemon=True)
-    watcher.start()
-    output, _ = process.communicate()
-    seconds = time.perf_counter() - started
-    watcher.join()
-    if process.returncode != 0:
-        raise SystemExit(f"failed ({process.returncode}): {' '.join(command)}\n{output[-4000:]}")
-    return {"seconds": seconds, "peak_rss_mb": peak["rss"] / 2**20}
+STEP_TFLOP_PER_SAMPLE = 2.27  # an SD1.5 ControlNet training step at 512 px, without the VAE
+DENSE_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
 
 
 def diffusers_command(script: Path, base: Path, data: Path, out: Path, steps: int, args: argparse.Namespace) -> list[str]:
@@ -87,13 +65,16 @@ def diffusers_command(script: Path, base: Path, data: Path, out: Path, steps: in
         "--learning_rate", "1e-5",
         "--checkpointing_steps", "1000000",
         "--seed", "0",
-        "--dataloader_num_workers", "0",
+        "--dataloader_num_workers", str(args.workers),
+        "--mixed_precision", args.precision,
         "--report_to", "tensorboard",
     ]
 
 
-def difftune_config(base: Path, data: Path, out: Path, steps: int, args: argparse.Namespace, cache: Path | None) -> str:
+def difftune_config(base: Path, data: Path, out: Path, steps: int, args: argparse.Namespace, cache: Path | None,
+                    compile_: bool = False) -> str:
     caching = f'cache_latents = true\ncache_text = true\nencoded_cache_dir = "{cache}"\n' if cache else ""
+    workers = 0 if cache else args.workers  # nothing to decode from the cache
     return f"""[model]
 pretrained = "{base}"
 [method]
@@ -101,6 +82,7 @@ kind = "controlnet"
 [data]
 path = "{data}"
 resolution = {args.resolution}
+num_workers = {workers}
 {caching}[train]
 output_dir = "{out}"
 seed = 0
@@ -111,6 +93,8 @@ lr_warmup_steps = 0
 checkpoint_every = 1000000
 report_to = "tensorboard"
 log_every = 10
+mixed_precision = "{args.precision}"
+compile = {str(compile_).lower()}
 """
 
 
@@ -119,48 +103,90 @@ def main() -> None:
     parser.add_argument("--train-controlnet", type=Path, required=True, help="diffusers' examples/controlnet/train_controlnet.py")
     parser.add_argument("--python", default=sys.executable, help="the interpreter both run in")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
-    parser.add_argument("--size", choices=["test-x8"], default="test-x8",
-                        help="tiny pipeline: diffusers' fast-test sizes with a VAE that downsamples x8 "
-                             "(train_controlnet.py's ControlNet assumes SD's x8)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--gpu", action="store_true",
+                        help="GPU mode: defaults become --size sd15 --resolution 512 --precision bf16 --batch 16 "
+                             "--workers 8, and GPU memory and MFU are measured")
+    parser.add_argument("--size", choices=["test-x8", "sd15"], default=None,
+                        help="test-x8: diffusers' fast-test sizes with a VAE that downsamples x8 (train_controlnet.py's "
+                             "ControlNet assumes SD's x8); sd15: SD1.5's architecture with random weights")
+    parser.add_argument("--precision", choices=["no", "fp16", "bf16"], default=None, help="mixed precision of both")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=None, help="loader workers of the uncached runs (both tools)")
     parser.add_argument("--samples", type=int, default=512, help="rows in the parquet dataset")
     parser.add_argument("--short", type=int, default=10, help="steps of the short runs")
     parser.add_argument("--long", type=int, default=110, help="steps of the long runs")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="add a cached difftune run with train.compile = true")
+    parser.add_argument("--tools", nargs="+", default=None, help="run only these (diffusers always runs)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the GPU's dense bf16 peak (default: from its name)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON record here too")
     args = parser.parse_args()
+    apply_mode_defaults(args)
 
     work = args.work or Path(tempfile.mkdtemp(prefix="vs-diffusers-"))
     work.mkdir(parents=True, exist_ok=True)
-    base = build_tiny_sd(work / "base", WORDS, size=args.size, seed=0)
-    data = write_fill_circles_parquet(work / "data", args.samples, args.resolution, seed=0, colours=DEMO_PALETTE)
+    if args.size == "sd15":
+        base = build_sd15(work / "base-sd15", WORDS)
+    else:
+        base = build_tiny_sd(work / "base", WORDS, size=args.size, seed=0)
+    data = write_fill_circles_parquet(work / f"data-{args.resolution}", args.samples, args.resolution, seed=0,
+                                      colours=DEMO_PALETTE)
     cache = work / "cache"
     tools = {
         "diffusers": lambda out, steps: diffusers_command(args.train_controlnet, base, data, out, steps, args),
         "difftune": lambda out, steps: _difftune(work, base, data, out, steps, args, None),
         "difftune_cached": lambda out, steps: _difftune(work, base, data, out, steps, args, cache),
     }
+    if args.compile:
+        tools["difftune_cached_compiled"] = lambda out, steps: _difftune(work, base, data, out, steps, args, cache, True)
+    if args.tools:
+        tools = {name: run for name, run in tools.items() if name == "diffusers" or name in args.tools}
     runs: dict[str, dict[str, list[dict]]] = {name: {"short": [], "long": []} for name in tools}
     for repeat in range(args.repeats):
         for name, command in tools.items():  # alternating tools, so drift hits all alike
             for length, steps in (("short", args.short), ("long", args.long)):
                 out = work / "runs" / f"{name}-{length}-{repeat}"
-                result = measure(command(out, steps), work)
+                result = measure(command(out, steps), work, gpu=args.gpu)
                 runs[name][length].append(result)
-                print(f"{name:16s} {length:5s} #{repeat}: {result['seconds']:7.1f} s, peak RSS {result['peak_rss_mb']:7.0f} MB",
-                      flush=True)
+                memory = f", GPU {result['peak_gpu_mib']:6d} MiB" if args.gpu else ""
+                print(f"{name:24s} {length:5s} #{repeat}: {result['seconds']:7.1f} s, "
+                      f"peak RSS {result['peak_rss_mb']:7.0f} MB{memory}", flush=True)
     record = summarise(runs, args)
     print(json.dumps(record, indent=2))
     if args.out:
         args.out.write_text(json.dumps(record, indent=2) + "\n")
 
 
+def apply_mode_defaults(args: argparse.Namespace) -> None:
+    """Fill what was not given: the CPU comparison, or with --gpu the SD1.5 one."""
+    defaults = ({"size": "sd15", "resolution": 512, "precision": "bf16", "batch": 16, "workers": 8} if args.gpu
+                else {"size": "test-x8", "resolution": 64, "precision": "no", "batch": 8, "workers": 0})
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.gpu and args.peak_tflops is None:
+        args.peak_tflops = gpu_peak_tflops()
+
+
+def gpu_peak_tflops() -> float:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--gpu needs a CUDA device")
+    name = torch.cuda.get_device_name(0)
+    for key, tflops in DENSE_BF16_TFLOPS.items():  # "H100 PCIe" before "H100"
+        if key in name:
+            return tflops
+    raise SystemExit(f"unknown GPU {name!r}: give its dense bf16 peak with --peak-tflops")
+
+
 def _difftune(work: Path, base: Path, data: Path, out: Path, steps: int, args: argparse.Namespace,
-              cache: Path | None) -> list[str]:
+              cache: Path | None, compile_: bool = False) -> list[str]:
     config = work / "configs" / f"{out.name}.toml"
     config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(difftune_config(base, data, out, steps, args, cache))
+    config.write_text(difftune_config(base, data, out, steps, args, cache, compile_))
     return [args.python, "-m", "difftune", "train", str(config)]
 
 
@@ -176,16 +202,24 @@ def summarise(runs: dict, args: argparse.Namespace) -> dict:
             "peak_rss_mb": round(max(r["peak_rss_mb"] for r in lengths["long"]), 1),
             "long_run_seconds": [round(r["seconds"], 1) for r in lengths["long"]],
         }
+        if args.gpu:
+            result[name]["peak_gpu_mib"] = max(r["peak_gpu_mib"] for r in lengths["long"])
+            result[name]["mfu"] = round(result[name]["samples_per_s"] * STEP_TFLOP_PER_SAMPLE / args.peak_tflops, 3)
     base = result["diffusers"]
-    for name in ("difftune", "difftune_cached"):
-        result[name]["speed_ratio_vs_diffusers"] = round(result[name]["samples_per_s"] / base["samples_per_s"], 2)
-        result[name]["rss_ratio_vs_diffusers"] = round(result[name]["peak_rss_mb"] / base["peak_rss_mb"], 2)
-    return {
-        "settings": {"size": args.size, "batch": args.batch, "resolution": args.resolution, "samples": args.samples,
-                     "short_steps": args.short, "long_steps": args.long, "repeats": args.repeats},
-        "machine": {"python": platform.python_version(), "cpus": psutil.cpu_count(), "platform": platform.platform()},
-        "results": result,
-    }
+    for name, figures in result.items():
+        if name != "diffusers":
+            figures["speed_ratio_vs_diffusers"] = round(figures["samples_per_s"] / base["samples_per_s"], 2)
+            figures["rss_ratio_vs_diffusers"] = round(figures["peak_rss_mb"] / base["peak_rss_mb"], 2)
+    settings = {name: getattr(args, name) for name in
+                ("size", "batch", "resolution", "precision", "workers", "samples", "short", "long", "repeats")}
+    machine = {"python": platform.python_version(), "cpus": psutil.cpu_count(), "platform": platform.platform()}
+    if args.gpu:
+        import torch
+
+        machine["gpu"] = torch.cuda.get_device_name(0)
+        machine["peak_bf16_tflops"] = args.peak_tflops
+        machine["torch"] = torch.__version__
+    return {"settings": settings, "machine": machine, "results": result}
 
 
 if __name__ == "__main__":

@@ -66,7 +66,10 @@ class Family(Protocol):
     lora_targets: tuple[str, ...]
     """Denoiser module names a LoRA adapts by default."""
 
-    def load(self, config: ModelConfig) -> Parts: ...
+    def load(self, config: ModelConfig, denoiser_in_memory: bool = False) -> Parts:
+        """The frozen parts. denoiser_in_memory: read the denoiser's weights into memory
+        instead of mapping the file (see setup.denoiser_in_memory)."""
+        ...
 
     def encode_prompts(self, parts: Parts, captions: list[str]) -> torch.Tensor: ...
 

@@ -33,7 +33,7 @@ class StableDiffusion:
     name = "sd"
     supports = frozenset({"controlnet", "full", "lora", "dreambooth"})
 
-    def load(self, config: ModelConfig) -> Parts:
+    def load(self, config: ModelConfig, denoiser_in_memory: bool = False) -> Parts:
         common = {"revision": config.revision}
         source = config.pretrained
         tokenizer = AutoTokenizer.from_pretrained(
@@ -47,7 +47,8 @@ class StableDiffusion:
             tokenizer=tokenizer,
             text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights),
             vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **weights),
-            denoiser=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights),
+            denoiser=UNet2DConditionModel.from_pretrained(
+                source, subfolder="unet", disable_mmap=denoiser_in_memory, **weights),
             noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common),
         )
 

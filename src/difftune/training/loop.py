@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -117,7 +118,7 @@ class Run:
                 module.to("cpu")
 
     def _load_models(self, checked: setup.Preflight) -> Trainee:
-        parts = checked.family.load(self.config.model)
+        parts = checked.family.load(self.config.model, setup.denoiser_in_memory(self.config, self.accelerator))
         trained = checked.method.build(checked.family, parts)
         setup.place_frozen_parts(parts, self.accelerator)
         setup.apply_model_options(self.config, parts, trained)
@@ -341,6 +342,7 @@ class Run:
         self.accelerator.wait_for_everyone()
         if not self._finite():
             raise NonFiniteLoss(f"step {state.step}: the weights are not finite; final/ not written")
+        self._release_training_state()
         if self.accelerator.is_main_process:
             with self._averaged():
                 self.trainee.method.save(self.trainee.family, self.trainee.parts, self._unwrapped(), final)
@@ -350,6 +352,26 @@ class Run:
             write_report(self.run_dir, f"{self.trainee.method.name} - {self.run_dir.name}")
         self.accelerator.wait_for_everyone()
         return final
+
+
+    def _release_training_state(self) -> None:
+        """Training is over (a checkpoint, if one was due, is written): free gradients and
+        optimizer state before final/ is saved and validation generates. For an SD1.5
+        ControlNet in fp32 that is 4.3 GB, and saving would otherwise peak above it."""
+        self.optimizer.zero_grad(set_to_none=True)
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper
+        inner.state.clear()
+        return_freed_memory()
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS. glibc keeps freed blocks of up to 32 MB in
+    its heap (most of a UNet's tensors), so without this the resident size stays at its
+    peak after the optimizer state is freed."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _flat(config: RunConfig) -> dict[str, Any]:

@@ -119,6 +119,16 @@ def place_frozen_parts(parts: Parts, accelerator: Accelerator) -> None:
                 parameter.data = parameter.data.to(dtype)
 
 
+def denoiser_in_memory(config: RunConfig, accelerator: Accelerator) -> bool:
+    """Whether the denoiser's weights must be read into memory rather than mapped from
+    the file. Weights loaded from safetensors are views of one file mapping, which stays
+    resident while any of them is alive; channels_last then copies the conv weights
+    beside it. On a GPU the move to the device drops the mapping; on the CPU nothing
+    would (measured: +3.7 GB peak RSS for an SD1.5 UNet in fp32). Reading costs a
+    transient second copy while loading, below the training peak."""
+    return config.train.channels_last and accelerator.device.type == "cpu"
+
+
 def apply_model_options(config: RunConfig, parts: Parts, trained: Trained) -> None:
     """Memory and speed options: gradient checkpointing, channels_last, compile, xformers."""
     if config.train.gradient_checkpointing:

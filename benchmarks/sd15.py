@@ -1,0 +1,74 @@
+"""An SD1.5-shaped pipeline with random weights, for the GPU benchmark: the real
+architecture and sizes (UNet 860M, VAE 84M, CLIP ViT-L text encoder 123M), saved with
+save_pretrained so both trainers read it the way they read a Hub model. Only the
+tokenizer is small (the benchmark's words), which changes no step's cost."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from difftune.tiny import write_word_tokenizer
+
+
+def sd15_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def sd15_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        sample_size=512,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+    )
+
+
+def sd15_text_encoder(vocab_size: int) -> CLIPTextModel:
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+
+
+def build_sd15(out_dir: Path, words: list[str], seed: int = 0) -> Path:
+    """Build and save the pipeline (about 4.3 GB in fp32); kept if already there."""
+    if (out_dir / "model_index.json").is_file():
+        return out_dir
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = write_word_tokenizer(Path(scratch), words, 77)
+    torch.manual_seed(seed)
+    pipeline = StableDiffusionPipeline(
+        vae=sd15_vae(),
+        text_encoder=sd15_text_encoder(len(tokenizer)),
+        tokenizer=tokenizer,
+        unet=sd15_unet(),
+        scheduler=DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                clip_sample=False, steps_offset=1, num_train_timesteps=1000),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(out_dir)
+    return out_dir
