@@ -5,7 +5,7 @@ Two measurements:
 
 1. Optimizer state: the bytes AdamW (fused, fp32 states) and bitsandbytes' AdamW8bit
    keep for the ControlNet's 361M parameters, after one step, counted tensor by tensor.
-2. Whole runs: `difftune train` for one step (batch 1, --resolution, fp32, latents and
+2. Whole runs: `difftune train` for one step (--batch, --resolution, fp32, latents and
    text cached) with each combination of train.use_8bit_adam and
    train.gradient_checkpointing; peak RSS of each. On the CPU, activations and states
    live in RAM, so the differences between the runs are what the options save; on a
@@ -62,7 +62,8 @@ def optimizer_states() -> dict:
     return result
 
 
-def config(base: Path, data: Path, out: Path, resolution: int, cache: Path, eight_bit: bool, checkpointing: bool) -> str:
+def config(base: Path, data: Path, out: Path, resolution: int, batch: int, cache: Path, eight_bit: bool,
+           checkpointing: bool) -> str:
     return f"""[model]
 pretrained = "{base}"
 [method]
@@ -75,7 +76,7 @@ cache_text = true
 encoded_cache_dir = "{cache}"
 [train]
 output_dir = "{out}"
-batch_size = 1
+batch_size = {batch}
 max_steps = 1
 lr_warmup_steps = 0
 checkpoint_every = 1000000
@@ -89,24 +90,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--skip-states", action="store_true", help="only the whole runs")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    record: dict = {"optimizer_states": optimizer_states()}
+    record: dict = {} if args.skip_states else {"optimizer_states": optimizer_states()}
     print(json.dumps(record, indent=2), flush=True)
     base = build_sd15(args.work / "base-sd15", WORDS)
-    data = write_fill_circles_parquet(args.work / f"data-{args.resolution}", 4, args.resolution, seed=0,
+    data = write_fill_circles_parquet(args.work / f"data-{args.resolution}", max(4, args.batch), args.resolution, seed=0,
                                       colours=DEMO_PALETTE)
     runs = {}
     for eight_bit, checkpointing in ((True, True), (True, False), (False, True), (False, False)):
         name = f"{'adamw8bit' if eight_bit else 'adamw'}{'+checkpointing' if checkpointing else ''}"
         toml = args.work / f"{name}.toml"
-        toml.write_text(config(base, data, args.work / "runs" / name, args.resolution, args.work / "cache",
-                               eight_bit, checkpointing))
+        toml.write_text(config(base, data, args.work / "runs" / f"{name}-{args.resolution}-{args.batch}",
+                               args.resolution, args.batch, args.work / "cache", eight_bit, checkpointing))
         result = measure([sys.executable, "-m", "difftune", "train", str(toml)], args.work)
         runs[name] = {"seconds": round(result["seconds"], 1), "peak_rss_mb": round(result["peak_rss_mb"])}
         print(name, runs[name], flush=True)
-    record["runs"] = {"resolution": args.resolution, "batch": 1, "precision": "fp32", **runs}
+    record["runs"] = {"resolution": args.resolution, "batch": args.batch, "precision": "fp32", **runs}
     record["machine"] = {"cpus": psutil.cpu_count(), "torch": torch.__version__}
     print(json.dumps(record, indent=2))
     if args.out:

@@ -139,8 +139,13 @@ def apply_model_options(config: RunConfig, parts: Parts, trained: Trained) -> No
                 module.gradient_checkpointing_enable()
     speed_up = {id(m): m for m in (parts.denoiser, *trained.values())}.values()
     if config.train.channels_last:
+        # bitsandbytes' 8-bit step replaces each parameter's data with a contiguous tensor
+        # (0.50): channels_last trained weights would turn back after the first step, and
+        # a resumed run, channels_last again, would compute its first step differently.
+        kept = {id(m) for m in trained.values()} if config.train.use_8bit_adam else set()
         for module in speed_up:
-            module.to(memory_format=torch.channels_last)
+            if id(module) not in kept:
+                module.to(memory_format=torch.channels_last)
     if config.train.compile:
         for module in speed_up:
             module.compile()  # in place: names, state dicts and saving stay as they are
