@@ -5,11 +5,13 @@ Two measurements:
 
 1. Optimizer state: the bytes AdamW (fused, fp32 states) and bitsandbytes' AdamW8bit
    keep for the ControlNet's 361M parameters, after one step, counted tensor by tensor.
-2. Whole runs: `difftune train` for one step (--batch, --resolution, fp32, latents and
+2. Whole runs: `difftune train` for two steps (--batch, --resolution, fp32, latents and
    text cached) with each combination of train.use_8bit_adam and
-   train.gradient_checkpointing; peak RSS of each. On the CPU, activations and states
-   live in RAM, so the differences between the runs are what the options save; on a
-   GPU the same bytes would be VRAM (the run's fixed part, the frozen models, differs).
+   train.gradient_checkpointing; peak RSS of each. Two steps, because the optimizer
+   state appears at the end of the first step: the second backward runs beside it.
+   On the CPU, activations and states live in RAM, so the differences between the
+   runs are what the options save; on a GPU the same bytes would be VRAM (the run's
+   fixed part, the frozen models, differs).
 
     pip install bitsandbytes   # 0.50 runs AdamW8bit on the CPU
     python benchmarks/memory/run.py --work /tmp/memory --out result.json
@@ -77,7 +79,7 @@ encoded_cache_dir = "{cache}"
 [train]
 output_dir = "{out}"
 batch_size = {batch}
-max_steps = 1
+max_steps = 2
 lr_warmup_steps = 0
 checkpoint_every = 1000000
 report_to = "none"
