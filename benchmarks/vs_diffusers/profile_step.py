@@ -3,7 +3,7 @@
 ControlNet alone, and its conditioning embedding alone, then torch.profiler's top
 operators. This is the work both tools must do per step, cache or not.
 
-    python benchmarks/vs_diffusers/profile_step.py [--steps 30] [--no-channels-last]
+    python benchmarks/vs_diffusers/profile_step.py [--steps 30] [--no-channels-last] [--compile]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--no-channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models in place, as train.compile does")
     args = parser.parse_args()
     base = build_tiny_sd(Path(tempfile.mkdtemp()) / "base", ["circle"], size="test-x8", seed=0)
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet").requires_grad_(False)
@@ -38,6 +39,9 @@ def main() -> None:
         for module in (unet, controlnet):
             module.to(memory_format=torch.channels_last)
         conditioning = conditioning.contiguous(memory_format=torch.channels_last)
+    if args.compile:
+        for module in (unet, controlnet):
+            module.compile()
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=1e-5, fused=True)
 
     def whole_step() -> None:
@@ -61,7 +65,7 @@ def main() -> None:
 
     for name, run in (("whole step (fwd+bwd+AdamW)", whole_step), ("ControlNet fwd+bwd", controlnet_only),
                       ("conditioning embedding fwd+bwd", conditioning_embedding)):
-        for _ in range(5):
+        for _ in range(5):  # with --compile, the first call compiles
             run()
         started = time.perf_counter()
         for _ in range(args.steps):
