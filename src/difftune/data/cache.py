@@ -27,9 +27,10 @@ import json
 import os
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -170,6 +171,18 @@ class EncodedSamples(Dataset):
         return collate(samples)
 
 
+STAT_NAMES = ("latents_encoded", "latents_reused", "texts_encoded", "texts_reused")
+
+
+@dataclass(frozen=True)
+class Processes:
+    """The processes that share the encoding: this one's index, how many, and a barrier."""
+
+    index: int = 0
+    count: int = 1
+    wait: Callable[[], None] = lambda: None
+
+
 def build_cache(
     samples: TrainingSamples | PriorPreservationSamples,
     family: Any,
@@ -193,11 +206,10 @@ def build_cache(
 
         return samples.map(encode), {**dict.fromkeys(STAT_NAMES, 0), **totals}
     stats = dict.fromkeys(STAT_NAMES, 0)
-    latents = texts = None
-    latent_keys = [_latent_key(samples, i) for i in range(len(samples))] if cache_latents else []
-    # sorted: a set's order differs between processes (string hashing is salted per process)
-    text_keys = {caption: _hash(caption) for caption in sorted(samples.caption_options())} if cache_text else {}
+    latents, latent_keys = None, []
+    texts, text_keys = None, {}
     if cache_latents:
+        latent_keys = [_latent_key(samples, i) for i in range(len(samples))]
         latent_folder = folder / "latents" / _latent_context(samples, family, parts)
         missing = _missing(latent_folder, dict(enumerate(latent_keys)), processes)
         stats["latents_encoded"], stats["latents_reused"] = len(missing), len(set(latent_keys)) - len(missing)
@@ -206,6 +218,8 @@ def build_cache(
         processes.wait()
         latents = CacheStore(latent_folder)
     if cache_text:
+        # sorted: a set's order differs between processes (string hashing is salted per process)
+        text_keys = {caption: _hash(caption) for caption in sorted(samples.caption_options())}
         text_folder = folder / "text" / _text_context(family, parts)
         missing = _missing(text_folder, text_keys, processes)
         stats["texts_encoded"], stats["texts_reused"] = len(missing), len(text_keys) - len(missing)
@@ -214,18 +228,6 @@ def build_cache(
         processes.wait()
         texts = CacheStore(text_folder)
     return EncodedSamples(samples, latents, latent_keys, texts, text_keys), stats
-
-
-STAT_NAMES = ("latents_encoded", "latents_reused", "texts_encoded", "texts_reused")
-
-
-@dataclass(frozen=True)
-class Processes:
-    """The processes that share the encoding: this one's index, how many, and a barrier."""
-
-    index: int = 0
-    count: int = 1
-    wait: Callable[[], None] = lambda: None
 
 
 def _missing(folder: Path, keys: dict[Any, str], processes: Processes) -> list[Any]:

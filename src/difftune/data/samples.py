@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import math
 import random
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
