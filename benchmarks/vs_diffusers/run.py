@@ -8,6 +8,11 @@ loading, dataset opening, a cache being built) cancels out:
 
     samples/s = (long - short steps) x batch / (wall time of long run - wall time of short run)
 
+A second figure needs no short run: the steady rate inside each long run, from the
+wall times both tools write with their loss to tensorboard (from step 10 to the last).
+The two agree within the noise on the CPU; --short 0 keeps only the second (GPU mode's
+default, which halves the runs).
+
 Peak RSS is the largest resident memory of the run's whole process tree (sampled every
 20 ms), from the long runs.
 
@@ -114,9 +119,9 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None, help="loader workers of the uncached runs (both tools)")
     parser.add_argument("--samples", type=int, default=512, help="rows in the parquet dataset")
-    parser.add_argument("--short", type=int, default=10, help="steps of the short runs")
-    parser.add_argument("--long", type=int, default=110, help="steps of the long runs")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--short", type=int, default=None, help="steps of the short runs (0: none)")
+    parser.add_argument("--long", type=int, default=None, help="steps of the long runs")
+    parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--compile", action="store_true", help="add a cached difftune run with train.compile = true")
     parser.add_argument("--tools", nargs="+", default=None, help="run only these (diffusers always runs)")
     parser.add_argument("--peak-tflops", type=float, default=None,
@@ -146,13 +151,13 @@ def main() -> None:
     if "difftune_cached_compiled" in tools:
         # Untimed: fills the cache and inductor's on-disk compile cache, so the timed short
         # and long runs both find compiled code (else only the first pays the compile).
-        measure(tools["difftune_cached_compiled"](work / "runs" / "compile-warm-up", args.short), work)
+        measure(tools["difftune_cached_compiled"](work / "runs" / "compile-warm-up", 10), work)
     runs: dict[str, dict[str, list[dict]]] = {name: {"short": [], "long": []} for name in tools}
     for repeat in range(args.repeats):
         for name, command in tools.items():  # alternating tools, so drift hits all alike
-            for length, steps in (("short", args.short), ("long", args.long)):
+            for length, steps in (("short", args.short), ("long", args.long))[0 if args.short else 1 :]:
                 out = work / "runs" / f"{name}-{length}-{repeat}"
-                result = measure(command(out, steps), work, gpu=args.gpu)
+                result = {**measure(command(out, steps), work, gpu=args.gpu), "out": out}
                 runs[name][length].append(result)
                 memory = f", GPU {result['peak_gpu_mib']:6d} MiB" if args.gpu else ""
                 print(f"{name:24s} {length:5s} #{repeat}: {result['seconds']:7.1f} s, "
@@ -165,8 +170,10 @@ def main() -> None:
 
 def apply_mode_defaults(args: argparse.Namespace) -> None:
     """Fill what was not given: the CPU comparison, or with --gpu the SD1.5 one."""
-    defaults = ({"size": "sd15", "resolution": 512, "precision": "bf16", "batch": 16, "workers": 8} if args.gpu
-                else {"size": "test-x8", "resolution": 64, "precision": "no", "batch": 8, "workers": 0})
+    defaults = ({"size": "sd15", "resolution": 512, "precision": "bf16", "batch": 16, "workers": 8,
+                 "short": 0, "long": 110, "repeats": 1} if args.gpu
+                else {"size": "test-x8", "resolution": 64, "precision": "no", "batch": 8, "workers": 0,
+                      "short": 10, "long": 110, "repeats": 2})
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -186,6 +193,23 @@ def gpu_peak_tflops() -> float:
     raise SystemExit(f"unknown GPU {name!r}: give its dense bf16 peak with --peak-tflops")
 
 
+def steady_rate(out: Path, batch: int, first_step: int = 10) -> float:
+    """Samples/s between step `first_step` and the last logged one, from the wall times of
+    the loss scalars in the run's tensorboard files ("loss": diffusers, "train/loss":
+    difftune, which logs every 10 steps)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for events in sorted(out.rglob("events.out.tfevents*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in ("loss", "train/loss"):
+            if tag in accumulator.Tags()["scalars"]:
+                points = [e for e in accumulator.Scalars(tag) if e.step >= first_step]
+                first, last = points[0], points[-1]
+                return (last.step - first.step) * batch / (last.wall_time - first.wall_time)
+    raise SystemExit(f"{out}: no loss in its tensorboard files")
+
+
 def _difftune(work: Path, base: Path, data: Path, out: Path, steps: int, args: argparse.Namespace,
               cache: Path | None, compile_: bool = False) -> list[str]:
     config = work / "configs" / f"{out.name}.toml"
@@ -195,14 +219,18 @@ def _difftune(work: Path, base: Path, data: Path, out: Path, steps: int, args: a
 
 
 def summarise(runs: dict, args: argparse.Namespace) -> dict:
-    steps = args.long - args.short
     result = {}
     for name, lengths in runs.items():
-        rates = [steps * args.batch / (long["seconds"] - short["seconds"])
-                 for short, long in zip(lengths["short"], lengths["long"])]
+        steady = [steady_rate(r["out"], args.batch) for r in lengths["long"]]
+        if lengths["short"]:
+            rates = [(args.long - args.short) * args.batch / (long["seconds"] - short["seconds"])
+                     for short, long in zip(lengths["short"], lengths["long"])]
+        else:
+            rates = steady
         result[name] = {
             "samples_per_s": round(statistics.median(rates), 2),
             "samples_per_s_runs": [round(r, 2) for r in rates],
+            "steady_samples_per_s_runs": [round(r, 2) for r in steady],
             "peak_rss_mb": round(max(r["peak_rss_mb"] for r in lengths["long"]), 1),
             "long_run_seconds": [round(r["seconds"], 1) for r in lengths["long"]],
         }
