@@ -1,6 +1,7 @@
 """Aspect-ratio buckets: the bucket set, assignment, one bucket per batch, resumable
 order, and training (with and without the cache) on images of three shapes."""
 
+import json
 import math
 from pathlib import Path
 
@@ -96,3 +97,36 @@ def test_cached_buckets_match_uncached(tiny_base: Path, shapes: Path, tmp_path: 
     a = load_file(tmp_path / "plain" / "final" / "unet" / "diffusion_pytorch_model.safetensors")
     b = load_file(tmp_path / "cached" / "final" / "unet" / "diffusion_pytorch_model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def _three_shapes_with_control(folder: Path) -> Path:
+    """_three_shapes as an imagefolder with conditioning images of the same sizes."""
+    source = _three_shapes(folder.parent / f"{folder.name}-source")
+    (folder / "images").mkdir(parents=True)
+    (folder / "conditioning_images").mkdir()
+    rows = []
+    for image in sorted(source.glob("*.png")):
+        Image.open(image).save(folder / "images" / image.name)
+        Image.open(image).convert("L").convert("RGB").save(folder / "conditioning_images" / image.name)
+        rows.append({"file_name": f"images/{image.name}", "conditioning_image": f"conditioning_images/{image.name}",
+                     "text": image.with_suffix(".txt").read_text()})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["controlnet", "lora"])
+def test_controlnet_and_lora_train_in_buckets_with_the_cache(kind: str, tiny_base: Path, tmp_path: Path) -> None:
+    data = _three_shapes_with_control(tmp_path / "data") if kind == "controlnet" else _three_shapes(tmp_path / "data")
+    raw = _bucketed(tiny_base, data, tmp_path / "run", cache_latents=True, cache_text=True,
+                    encoded_cache_dir=str(tmp_path / "cache"))
+    raw["method"] = {"kind": kind}
+    raw["train"]["max_steps"] = 2
+    run = Run(build_config(raw))
+    for batch in run.loader:
+        side = run.sampler.buckets[batch["keys"][0][1]]
+        assert tuple(batch["latent_mean"].shape[-2:]) == (side[1] // 2, side[0] // 2)  # the tiny VAE halves
+        if kind == "controlnet":  # the control image, cached per bucket, at the target's size
+            assert tuple(batch["conditioning_pixels"].shape[-2:]) == (side[1], side[0])
+    run.fit()
+    summary = [e for e in read_events(tmp_path / "run") if e["event"] == "buckets"][0]["samples_per_bucket"]
+    assert summary == {"48x80": 4, "64x64": 4, "80x48": 4}
