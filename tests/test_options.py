@@ -109,3 +109,20 @@ def test_full_method_under_bf16_saves_an_fp32_pipeline_that_generates(tiny_base:
     assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
     image = pipe("red circle with blue background", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 64, 64, 3)
+
+
+def test_loader_workers_default_to_none_on_the_cpu_and_some_on_a_gpu(tiny_base: Path, circles: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from difftune.training.setup import loader_workers
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    config = build_config(run_config(tiny_base, circles, tmp_path / "run"))
+    assert loader_workers(config, torch.device("cpu")) == 0
+    assert loader_workers(config, torch.device("cuda", 0)) == 8
+    cached = build_config(run_config(tiny_base, circles, tmp_path / "run", data={"cache_latents": True}))
+    assert loader_workers(cached, torch.device("cuda", 0)) == 2  # nothing to decode
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert loader_workers(config, torch.device("cuda", 0)) == 1  # 2 cores per GPU, one left for the process
+    chosen = build_config(run_config(tiny_base, circles, tmp_path / "run", data={"num_workers": 3}))
+    assert loader_workers(chosen, torch.device("cpu")) == 3

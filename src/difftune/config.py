@@ -194,8 +194,9 @@ class DataConfig(_Section):
     """A row with a file that cannot be trained on (missing, empty, unreadable, truncated,
     image and conditioning of different sizes, bad caption): stop with the list, or skip
     those rows and log each one. `difftune data check` gives the full report."""
-    num_workers: int = Field(0, ge=0)
-    """DataLoader worker processes."""
+    num_workers: int | None = Field(None, ge=0)
+    """DataLoader worker processes; unset: none on the CPU, up to 8 per GPU (see
+    training.setup.loader_workers)."""
     cache_dir: str | None = None
     """Where datasets caches downloads."""
     cache_latents: bool = False

@@ -64,7 +64,8 @@ class Run:
         samples = trainee.method.training_data(trainee.family, trainee.parts, trainee.trained,
                                                checked.samples, self.accelerator)
         samples = self._encoded(samples)
-        self.loader, self.sampler = setup.make_dataloader(samples, config, self.accelerator.num_processes)
+        self.loader, self.sampler = setup.make_dataloader(samples, config, self.accelerator.num_processes,
+                                                          self.accelerator.device)
         if hasattr(self.sampler, "summary"):
             self.events.write("buckets", samples_per_bucket=self.sampler.summary())
         self._prepare()
