@@ -115,7 +115,8 @@ def test_loader_workers_default_to_none_on_the_cpu_and_some_on_a_gpu(tiny_base: 
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from difftune.training.setup import loader_workers
 
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     config = build_config(run_config(tiny_base, circles, tmp_path / "run"))
     assert loader_workers(config, torch.device("cpu")) == 0
@@ -124,5 +125,22 @@ def test_loader_workers_default_to_none_on_the_cpu_and_some_on_a_gpu(tiny_base: 
     assert loader_workers(cached, torch.device("cuda", 0)) == 2  # nothing to decode
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     assert loader_workers(config, torch.device("cuda", 0)) == 1  # 2 cores per GPU, one left for the process
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # each process sees its own GPU only
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # but torchrun says there are 4 here
+    assert loader_workers(config, torch.device("cuda", 0)) == 3
     chosen = build_config(run_config(tiny_base, circles, tmp_path / "run", data={"num_workers": 3}))
     assert loader_workers(chosen, torch.device("cpu")) == 3
+
+
+def test_loader_workers_train_exactly_as_the_main_process(tiny_base: Path, circles: Path, tmp_path: Path) -> None:
+    """Two persistent workers over two epochs (12 samples, batch 4, 5 steps): the same
+    weights as loading in the training process."""
+    from safetensors.torch import load_file
+
+    finals = []
+    for workers in (0, 2):
+        raw = run_config(tiny_base, circles, tmp_path / str(workers), data={"num_workers": workers},
+                         train={"batch_size": 4, "max_steps": 5, "checkpoint_every": 10})
+        finals.append(Run(build_config(raw)).fit())
+    a, b = (load_file(f / "diffusion_pytorch_model.safetensors") for f in finals)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -55,7 +55,9 @@ from sd15 import build_sd15
 
 WORDS = DEMO_PALETTE + ["circle", "with", "background"]
 STEP_TFLOP_PER_SAMPLE = 2.27  # an SD1.5 ControlNet training step at 512 px, without the VAE
-DENSE_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
+# by name, most specific first ("H100 PCIe" and "H100 NVL" before "H100")
+DENSE_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "A100": 312.0,
+                     "L40S": 362.0}
 
 
 def diffusers_command(script: Path, base: Path, data: Path, out: Path, steps: int, args: argparse.Namespace) -> list[str]:
@@ -79,7 +81,8 @@ def diffusers_command(script: Path, base: Path, data: Path, out: Path, steps: in
 def difftune_config(base: Path, data: Path, out: Path, steps: int, args: argparse.Namespace, cache: Path | None,
                     compile_: bool = False) -> str:
     caching = f'cache_latents = true\ncache_text = true\nencoded_cache_dir = "{cache}"\n' if cache else ""
-    workers = 0 if cache else args.workers  # nothing to decode from the cache
+    # cached: difftune's own default (0 on the CPU, 2 on a GPU), as a user would run it
+    workers = "" if cache else f"num_workers = {args.workers}\n"
     return f"""[model]
 pretrained = "{base}"
 [method]
@@ -87,8 +90,7 @@ kind = "controlnet"
 [data]
 path = "{data}"
 resolution = {args.resolution}
-num_workers = {workers}
-{caching}[train]
+{workers}{caching}[train]
 output_dir = "{out}"
 seed = 0
 batch_size = {args.batch}
@@ -205,6 +207,8 @@ def steady_rate(out: Path, batch: int, first_step: int = 10) -> float:
         for tag in ("loss", "train/loss"):
             if tag in accumulator.Tags()["scalars"]:
                 points = [e for e in accumulator.Scalars(tag) if e.step >= first_step]
+                if len(points) < 2 or points[-1].step == points[0].step:
+                    raise SystemExit(f"{out}: too few logged steps after step {first_step} (use --long 30 or more)")
                 first, last = points[0], points[-1]
                 return (last.step - first.step) * batch / (last.wall_time - first.wall_time)
     raise SystemExit(f"{out}: no loss in its tensorboard files")
@@ -232,16 +236,20 @@ def summarise(runs: dict, args: argparse.Namespace) -> dict:
             "samples_per_s_runs": [round(r, 2) for r in rates],
             "steady_samples_per_s_runs": [round(r, 2) for r in steady],
             "peak_rss_mb": round(max(r["peak_rss_mb"] for r in lengths["long"]), 1),
+            "peak_pss_mb": round(max(r["peak_pss_mb"] for r in lengths["long"]), 1),
             "long_run_seconds": [round(r["seconds"], 1) for r in lengths["long"]],
         }
         if args.gpu:
             result[name]["peak_gpu_mib"] = max(r["peak_gpu_mib"] for r in lengths["long"])
+            result[name]["gpu_memory_from"] = lengths["long"][0]["gpu_memory_from"]
             result[name]["mfu"] = round(result[name]["samples_per_s"] * STEP_TFLOP_PER_SAMPLE / args.peak_tflops, 3)
     base = result["diffusers"]
     for name, figures in result.items():
         if name != "diffusers":
             figures["speed_ratio_vs_diffusers"] = round(figures["samples_per_s"] / base["samples_per_s"], 2)
             figures["rss_ratio_vs_diffusers"] = round(figures["peak_rss_mb"] / base["peak_rss_mb"], 2)
+            # with loader workers (GPU mode), PSS: RSS counts pages a worker shares with its parent again
+            figures["pss_ratio_vs_diffusers"] = round(figures["peak_pss_mb"] / base["peak_pss_mb"], 2)
     settings = {name: getattr(args, name) for name in
                 ("size", "batch", "resolution", "precision", "workers", "samples", "short", "long", "repeats")}
     machine = {"python": platform.python_version(), "cpus": psutil.cpu_count(), "platform": platform.platform()}

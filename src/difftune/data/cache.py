@@ -211,28 +211,27 @@ def build_cache(
     if cache_latents:
         latent_keys = [_latent_key(samples, i) for i in range(len(samples))]
         latent_folder = folder / "latents" / _latent_context(samples, family, parts)
-        missing = _missing(latent_folder, dict(enumerate(latent_keys)), processes)
+        missing = _missing(latent_folder, dict(enumerate(latent_keys)))
         stats["latents_encoded"], stats["latents_reused"] = len(missing), len(set(latent_keys)) - len(missing)
         _encode_latents(samples, family, parts, CacheStore(latent_folder), latent_keys,
-                        missing[processes.index :: processes.count], batch_size)
+                        [i for i in missing if _owner(latent_keys[i], processes.count) == processes.index], batch_size)
         processes.wait()
-        latents = CacheStore(latent_folder)
+        latents = _complete(CacheStore(latent_folder), latent_keys)
     if cache_text:
         # sorted: a set's order differs between processes (string hashing is salted per process)
         text_keys = {caption: _hash(caption) for caption in sorted(samples.caption_options())}
         text_folder = folder / "text" / _text_context(family, parts)
-        missing = _missing(text_folder, text_keys, processes)
+        missing = _missing(text_folder, text_keys)
         stats["texts_encoded"], stats["texts_reused"] = len(missing), len(text_keys) - len(missing)
         _encode_texts(family, parts, CacheStore(text_folder), text_keys,
-                      missing[processes.index :: processes.count], batch_size)
+                      [c for c in missing if _owner(text_keys[c], processes.count) == processes.index], batch_size)
         processes.wait()
-        texts = CacheStore(text_folder)
+        texts = _complete(CacheStore(text_folder), list(text_keys.values()))
     return EncodedSamples(samples, latents, latent_keys, texts, text_keys), stats
 
 
-def _missing(folder: Path, keys: dict[Any, str], processes: Processes) -> list[Any]:
-    """The items whose key the cache lacks, one per distinct key, in order. Every process
-    reads the index before any writes to it, so all agree on the list they split."""
+def _missing(folder: Path, keys: dict[Any, str]) -> list[Any]:
+    """The items whose key the cache lacks, one per distinct key, in order."""
     store = CacheStore(folder)
     seen: set[str] = set()
     missing = []
@@ -240,8 +239,21 @@ def _missing(folder: Path, keys: dict[Any, str], processes: Processes) -> list[A
         if key not in store and key not in seen:
             seen.add(key)
             missing.append(item)
-    processes.wait()
     return missing
+
+
+def _owner(key: str, count: int) -> int:
+    """The process that encodes a missing entry: fixed by its key, so processes that read
+    the index at different moments (another run sharing the cache may be writing it)
+    still leave no entry to nobody."""
+    return int(key[:8], 16) % count
+
+
+def _complete(store: CacheStore, keys: list[str]) -> CacheStore:
+    lacking = sum(key not in store for key in set(keys))
+    if lacking:
+        raise RuntimeError(f"cache {store.folder}: {lacking} entries were not written (a process failed?)")
+    return store
 
 
 def _latent_context(samples: TrainingSamples, family: Any, parts: Any) -> str:

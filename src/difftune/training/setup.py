@@ -140,13 +140,17 @@ def apply_model_options(config: RunConfig, parts: Parts, trained: Trained) -> No
                 module.gradient_checkpointing_enable()
     speed_up = {id(m): m for m in (parts.denoiser, *trained.values())}.values()
     if config.train.channels_last:
-        # bitsandbytes' 8-bit step replaces each parameter's data with a contiguous tensor
-        # (0.50): channels_last trained weights would turn back after the first step, and
-        # a resumed run, channels_last again, would compute its first step differently.
-        kept = {id(m) for m in trained.values()} if config.train.use_8bit_adam else set()
+        # bitsandbytes' 8-bit step replaces each trained parameter's data with a contiguous
+        # tensor (0.50): channels_last trained weights would turn back after the first step,
+        # and a resumed run, channels_last again, would compute its first step differently.
+        # So those stay contiguous (a LoRA's frozen base convs keep channels_last).
         for module in speed_up:
-            if id(module) not in kept:
-                module.to(memory_format=torch.channels_last)
+            module.to(memory_format=torch.channels_last)
+        if config.train.use_8bit_adam:
+            for module in trained.values():
+                for parameter in module.parameters():
+                    if parameter.requires_grad and parameter.dim() == 4:
+                        parameter.data = parameter.data.contiguous()
     if config.train.compile:
         for module in speed_up:
             module.compile()  # in place: names, state dicts and saving stay as they are
@@ -165,7 +169,9 @@ def loader_workers(config: RunConfig, device: torch.device) -> int:
         return config.data.num_workers
     if device.type == "cpu":
         return 0
-    cores = (os.cpu_count() or 1) // max(1, torch.cuda.device_count())
+    # this machine's processes: torchrun (and accelerate launch) say; else one per GPU
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or max(1, torch.cuda.device_count())
+    cores = len(os.sched_getaffinity(0)) // processes  # the cores this process may use
     return max(1, min(2 if config.data.cache_latents else 8, cores - 1))
 
 
@@ -174,11 +180,14 @@ def make_dataloader(
 ) -> tuple[DataLoader, EpochSampler | BucketBatchSampler]:
     """Seeded, resumable order: single samples padded to the global batch, or with
     aspect buckets whole batches of one bucket each."""
+    workers = loader_workers(config, device)
     common = {
         "collate_fn": samples.collate,  # type: ignore[attr-defined]
-        "num_workers": loader_workers(config, device),
+        "num_workers": workers,
         "pin_memory": device.type == "cuda",
-        "persistent_workers": False,
+        # Kept across epochs (the sampler runs here, so start_epoch still applies): a
+        # small dataset would otherwise fork its workers again every few steps.
+        "persistent_workers": workers > 0,
         # Workers' base seed from the run's seed, not the global RNG (which a resumed run
         # reaches in another state): dropout and other worker randomness replay exactly.
         "generator": torch.Generator().manual_seed(config.train.seed),
