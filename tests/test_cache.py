@@ -75,3 +75,21 @@ def test_cache_settings_that_cannot_work_are_config_errors(tiny_base: Path, circ
                      method={"kind": "full", "train_text_encoder": True})
     with pytest.raises(ConfigError, match="cache_text cannot be used with method.train_text_encoder"):
         build_config(raw)
+
+
+def test_a_failed_share_of_the_encoding_stops_every_process() -> None:
+    from difftune.data.cache import Processes
+
+    waited = []
+
+    def fail() -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):  # this process failed: its own error
+        Processes(wait=lambda: waited.append(1)).run_share(fail)
+    # this process did its share, another failed: it raises too, not waiting at the barrier
+    with pytest.raises(RuntimeError, match="another process failed"):
+        Processes(index=0, count=2, wait=lambda: waited.append(1), any_of=lambda flag: True).run_share(lambda: None)
+    assert waited == []
+    Processes(wait=lambda: waited.append(1)).run_share(lambda: None)
+    assert waited == [1]

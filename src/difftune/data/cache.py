@@ -176,11 +176,25 @@ STAT_NAMES = ("latents_encoded", "latents_reused", "texts_encoded", "texts_reuse
 
 @dataclass(frozen=True)
 class Processes:
-    """The processes that share the encoding: this one's index, how many, and a barrier."""
+    """The processes that share the encoding: this one's index, how many, a barrier, and
+    `any_of(flag)`: whether the flag is set on any process (on every process)."""
 
     index: int = 0
     count: int = 1
     wait: Callable[[], None] = lambda: None
+    any_of: Callable[[bool], bool] = lambda flag: flag
+
+    def run_share(self, encode: Callable[[], None]) -> None:
+        """Encode this process's share; if any process fails, every process raises
+        (instead of the others waiting at the next barrier until the timeout)."""
+        error: Exception | None = None
+        try:
+            encode()
+        except Exception as caught:  # noqa: BLE001 (re-raised below, on every process)
+            error = caught
+        if self.any_of(error is not None):
+            raise error or RuntimeError("another process failed while encoding the cache; see its error")
+        self.wait()
 
 
 def build_cache(
@@ -213,9 +227,9 @@ def build_cache(
         latent_folder = folder / "latents" / _latent_context(samples, family, parts)
         missing = _missing(latent_folder, dict(enumerate(latent_keys)))
         stats["latents_encoded"], stats["latents_reused"] = len(missing), len(set(latent_keys)) - len(missing)
-        _encode_latents(samples, family, parts, CacheStore(latent_folder), latent_keys,
-                        [i for i in missing if _owner(latent_keys[i], processes.count) == processes.index], batch_size)
-        processes.wait()
+        mine = [i for i in missing if _owner(latent_keys[i], processes.count) == processes.index]
+        processes.run_share(lambda: _encode_latents(samples, family, parts, CacheStore(latent_folder), latent_keys,
+                                                    mine, batch_size))
         latents = _complete(CacheStore(latent_folder), latent_keys)
     if cache_text:
         # sorted: a set's order differs between processes (string hashing is salted per process)
@@ -223,9 +237,8 @@ def build_cache(
         text_folder = folder / "text" / _text_context(family, parts)
         missing = _missing(text_folder, text_keys)
         stats["texts_encoded"], stats["texts_reused"] = len(missing), len(text_keys) - len(missing)
-        _encode_texts(family, parts, CacheStore(text_folder), text_keys,
-                      [c for c in missing if _owner(text_keys[c], processes.count) == processes.index], batch_size)
-        processes.wait()
+        mine = [c for c in missing if _owner(text_keys[c], processes.count) == processes.index]
+        processes.run_share(lambda: _encode_texts(family, parts, CacheStore(text_folder), text_keys, mine, batch_size))
         texts = _complete(CacheStore(text_folder), list(text_keys.values()))
     return EncodedSamples(samples, latents, latent_keys, texts, text_keys), stats
 

@@ -98,7 +98,8 @@ class Run:
         folder = Path(data.encoded_cache_dir).expanduser() if data.encoded_cache_dir else default_cache_dir()
         started = time.perf_counter()
         accelerator = self.accelerator
-        processes = Processes(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone)
+        processes = Processes(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone,
+                              lambda flag: agreed(accelerator, flag))
         encoded, stats = build_cache(samples, trainee.family, trainee.parts, data.cache_latents, data.cache_text,
                                      folder, self.config.train.batch_size, processes)
         self.events.write("cache", path=str(folder), seconds=round(time.perf_counter() - started, 2), **stats)
