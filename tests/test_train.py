@@ -147,3 +147,13 @@ def test_8bit_adam_trains_and_resumes_exactly(tiny_base: Path, circles: Path, tm
     base = load_file(tmp_path / "a" / "checkpoints" / "step-000002" / "controlnet" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(a[k], base[k]) for k in a)  # steps 3-4 changed the weights
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_8bit_adam_keeps_a_lora_base_in_channels_last(tiny_base: Path, circles: Path, tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    raw = run_config(tiny_base, circles, tmp_path / "run", method={"kind": "lora", "lora": {
+        "rank": 2, "target_modules": ["to_q", "conv1"]}}, train={"use_8bit_adam": True, "max_steps": 1})
+    unet = Run(build_config(raw)).trainee.trained["unet"]
+    conv = unet.down_blocks[0].resnets[0].conv1
+    assert conv.base_layer.weight.is_contiguous(memory_format=torch.channels_last)  # frozen: channels_last
+    assert conv.lora_A["default"].weight.dim() == 4 and conv.lora_A["default"].weight.is_contiguous()
