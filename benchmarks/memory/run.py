@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from measure import measure
 from sd15 import build_sd15, sd15_unet
 
+from difftune.config import build_config, to_toml
 from difftune.data.synthetic import DEMO_PALETTE, write_fill_circles_parquet
 
 WORDS = DEMO_PALETTE + ["circle", "with", "background"]
@@ -66,26 +67,16 @@ def optimizer_states() -> dict:
 
 def config(base: Path, data: Path, out: Path, resolution: int, batch: int, cache: Path, eight_bit: bool,
            checkpointing: bool) -> str:
-    return f"""[model]
-pretrained = "{base}"
-[method]
-kind = "controlnet"
-[data]
-path = "{data}"
-resolution = {resolution}
-cache_latents = true
-cache_text = true
-encoded_cache_dir = "{cache}"
-[train]
-output_dir = "{out}"
-batch_size = {batch}
-max_steps = 2
-lr_warmup_steps = 0
-checkpoint_every = 1000000
-report_to = "none"
-use_8bit_adam = {str(eight_bit).lower()}
-gradient_checkpointing = {str(checkpointing).lower()}
-"""
+    """The run's config as TOML, validated before anything launches."""
+    return to_toml(build_config({
+        "model": {"pretrained": str(base)},
+        "method": {"kind": "controlnet"},
+        "data": {"path": str(data), "resolution": resolution, "cache_latents": True, "cache_text": True,
+                 "encoded_cache_dir": str(cache)},
+        "train": {"output_dir": str(out), "batch_size": batch, "max_steps": 2, "lr_warmup_steps": 0,
+                  "checkpoint_every": 1_000_000, "report_to": "none", "use_8bit_adam": eight_bit,
+                  "gradient_checkpointing": checkpointing},
+    }))
 
 
 def main() -> None:

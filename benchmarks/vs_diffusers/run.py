@@ -46,6 +46,7 @@ from pathlib import Path
 
 import psutil
 
+from difftune.config import build_config, to_toml
 from difftune.data.synthetic import DEMO_PALETTE, write_fill_circles_parquet
 from difftune.tiny import build_tiny_sd
 
@@ -80,29 +81,22 @@ def diffusers_command(script: Path, base: Path, data: Path, out: Path, steps: in
 
 def difftune_config(base: Path, data: Path, out: Path, steps: int, args: argparse.Namespace, cache: Path | None,
                     compile_: bool = False) -> str:
-    caching = f'cache_latents = true\ncache_text = true\nencoded_cache_dir = "{cache}"\n' if cache else ""
-    # cached: difftune's own default (0 on the CPU, 2 on a GPU), as a user would run it
-    workers = "" if cache else f"num_workers = {args.workers}\n"
-    return f"""[model]
-pretrained = "{base}"
-[method]
-kind = "controlnet"
-[data]
-path = "{data}"
-resolution = {args.resolution}
-{workers}{caching}[train]
-output_dir = "{out}"
-seed = 0
-batch_size = {args.batch}
-max_steps = {steps}
-learning_rate = 1e-5
-lr_warmup_steps = 0
-checkpoint_every = 1000000
-report_to = "tensorboard"
-log_every = 10
-mixed_precision = "{args.precision}"
-compile = {str(compile_).lower()}
-"""
+    """The run's config as TOML, validated before anything launches. Cached runs keep
+    difftune's own loader default (0 workers on the CPU, 2 on a GPU), as a user would."""
+    data_keys: dict = {"path": str(data), "resolution": args.resolution}
+    if cache:
+        data_keys.update(cache_latents=True, cache_text=True, encoded_cache_dir=str(cache))
+    else:
+        data_keys["num_workers"] = args.workers
+    return to_toml(build_config({
+        "model": {"pretrained": str(base)},
+        "method": {"kind": "controlnet"},
+        "data": data_keys,
+        "train": {"output_dir": str(out), "seed": 0, "batch_size": args.batch, "max_steps": steps,
+                  "learning_rate": 1e-5, "lr_warmup_steps": 0, "checkpoint_every": 1_000_000,
+                  "report_to": "tensorboard", "log_every": 10, "mixed_precision": args.precision,
+                  "compile": compile_},
+    }))
 
 
 def main() -> None:
