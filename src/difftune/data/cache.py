@@ -225,7 +225,7 @@ def build_cache(
     if cache_latents:
         latent_keys = [_latent_key(samples, i) for i in range(len(samples))]
         latent_folder = folder / "latents" / _latent_context(samples, family, parts)
-        missing = _missing(latent_folder, dict(enumerate(latent_keys)))
+        missing = _missing(latent_folder, dict(enumerate(latent_keys)), processes)
         stats["latents_encoded"], stats["latents_reused"] = len(missing), len(set(latent_keys)) - len(missing)
         mine = [i for i in missing if _owner(latent_keys[i], processes.count) == processes.index]
         processes.run_share(lambda: _encode_latents(samples, family, parts, CacheStore(latent_folder), latent_keys,
@@ -235,7 +235,7 @@ def build_cache(
         # sorted: a set's order differs between processes (string hashing is salted per process)
         text_keys = {caption: _hash(caption) for caption in sorted(samples.caption_options())}
         text_folder = folder / "text" / _text_context(family, parts)
-        missing = _missing(text_folder, text_keys)
+        missing = _missing(text_folder, text_keys, processes)
         stats["texts_encoded"], stats["texts_reused"] = len(missing), len(text_keys) - len(missing)
         mine = [c for c in missing if _owner(text_keys[c], processes.count) == processes.index]
         processes.run_share(lambda: _encode_texts(family, parts, CacheStore(text_folder), text_keys, mine, batch_size))
@@ -243,8 +243,10 @@ def build_cache(
     return EncodedSamples(samples, latents, latent_keys, texts, text_keys), stats
 
 
-def _missing(folder: Path, keys: dict[Any, str]) -> list[Any]:
-    """The items whose key the cache lacks, one per distinct key, in order."""
+def _missing(folder: Path, keys: dict[Any, str], processes: Processes) -> list[Any]:
+    """The items whose key the cache lacks, one per distinct key, in order. Every process
+    reads the index before any of them writes to it, so the counts reported are this
+    run's (without the barrier a fast process's entries would count as reused)."""
     store = CacheStore(folder)
     seen: set[str] = set()
     missing = []
@@ -252,6 +254,7 @@ def _missing(folder: Path, keys: dict[Any, str]) -> list[Any]:
         if key not in store and key not in seen:
             seen.add(key)
             missing.append(item)
+    processes.wait()
     return missing
 
 
