@@ -7,14 +7,12 @@ on it at 512 px counts 2.265 TFLOP per sample (torch's FlopCounterMode)."""
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
-import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from difftune.tiny import write_word_tokenizer
+from difftune.tiny import save_random_sd
 
 
 def sd15_unet() -> UNet2DConditionModel:
@@ -58,19 +56,4 @@ def build_sd15(out_dir: Path, words: list[str], seed: int = 0) -> Path:
     """Build and save the pipeline (about 4.1 GB in fp32); kept if already there."""
     if (out_dir / "model_index.json").is_file():
         return out_dir
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = write_word_tokenizer(Path(scratch), words, 77)
-    torch.manual_seed(seed)
-    pipeline = StableDiffusionPipeline(
-        vae=sd15_vae(),
-        text_encoder=sd15_text_encoder(len(tokenizer)),
-        tokenizer=tokenizer,
-        unet=sd15_unet(),
-        scheduler=DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                clip_sample=False, steps_offset=1, num_train_timesteps=1000),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(out_dir)
-    return out_dir
+    return save_random_sd(out_dir, words, seed, 77, vae=sd15_vae, text_encoder=sd15_text_encoder, unet=sd15_unet)

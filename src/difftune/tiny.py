@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -135,16 +136,31 @@ def build_tiny_sd(
     out_dir: str | Path, words: list[str], size: str = "test", seed: int = 0, max_length: int = 77
 ) -> Path:
     """Build and save a random-weight SD pipeline (VAE, UNet, CLIP) to out_dir."""
-    out = Path(out_dir)
     dims = SIZES[size]
+    return save_random_sd(
+        out_dir, words, seed, max_length,
+        vae=lambda: tiny_vae(dims),
+        text_encoder=lambda vocab: tiny_text_encoder(dims, vocab, dims.get("text_layers", 2), max_length),
+        unet=lambda: tiny_unet(dims),
+    )
+
+
+def save_random_sd(
+    out_dir: str | Path, words: list[str], seed: int, max_length: int,
+    vae: Callable[[], AutoencoderKL], text_encoder: Callable[[int], CLIPTextModel],
+    unet: Callable[[], UNet2DConditionModel],
+) -> Path:
+    """A word tokenizer and SD's DDPM schedule around the given part builders (seeded),
+    saved as a diffusers pipeline; text_encoder takes the vocabulary size."""
+    out = Path(out_dir)
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = write_word_tokenizer(Path(scratch), words, max_length)
     torch.manual_seed(seed)
     pipeline = StableDiffusionPipeline(
-        vae=tiny_vae(dims),
-        text_encoder=tiny_text_encoder(dims, len(tokenizer), dims.get("text_layers", 2), max_length),
+        vae=vae(),
+        text_encoder=text_encoder(len(tokenizer)),
         tokenizer=tokenizer,
-        unet=tiny_unet(dims),
+        unet=unet(),
         scheduler=DDPMScheduler(
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
             clip_sample=False, steps_offset=1,
