@@ -11,34 +11,19 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from difftune.config import ConfigError
+from difftune.errors import InputError, UserError
+from difftune.quiet import quiet_unrelated_warnings
 
 console = Console(stderr=True)
 
-# Errors a user can fix: printed as one clear message, exit code 2, no traceback.
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    from difftune.data.sources import DataError
-    from difftune.training.checkpoint import DiskSpaceError, ResumeError
-    from difftune.training.guards import NonFiniteLoss
-    from difftune.training.optim import MissingExtra
-
-    return (ConfigError, DataError, ResumeError, MissingExtra, NonFiniteLoss, DiskSpaceError, InputError)
-
-
-class InputError(ValueError):
-    """A path or file given on the command line that cannot be used."""
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from difftune.config import load_config
+
+    values = {"train.resume": args.resume} if args.resume else {}
+    config = load_config(args.config, list(args.set or []), values)  # before torch is imported
     from difftune.export import push_to_hub
     from difftune.training.loop import train
 
-    values = {"train.resume": args.resume} if args.resume else {}
-    config = load_config(args.config, list(args.set or []), values)
     final = train(config, console)
     if not _is_main_process():
         return 0
@@ -239,12 +224,28 @@ def _add_demo(verbs: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 1 `data check` found bad rows, 2 a problem the message names
+    (config, data, paths, arguments, versions), 130 interrupted by a second Ctrl+C."""
     args = build_parser().parse_args(argv)
+    quiet_unrelated_warnings()
     try:
+        warn_about_broken_versions()
         return args.run(args)
-    except _user_errors() as error:
+    except UserError as error:
         console.print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False, soft_wrap=True)
         return 2
+    except KeyboardInterrupt:
+        console.print("interrupted; nothing more was written (a run resumes from its last checkpoint)")
+        return 130
+
+
+def warn_about_broken_versions() -> None:
+    """One sentence per known-broken pair of installed packages (a run that uses the
+    broken feature is refused before models load: training.setup.preflight)."""
+    from difftune.versions import broken_pairs
+
+    for _, sentence in broken_pairs():
+        console.print(f"[yellow]warning:[/yellow] {escape(sentence)}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

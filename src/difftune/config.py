@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from difftune.errors import UserError
+
 LR_SCHEDULERS = (
     "linear",
     "cosine",
@@ -22,7 +24,7 @@ LR_SCHEDULERS = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """One or more problems in a run configuration, each naming its key."""
 
     def __init__(self, problems: list[str], source: str = "config") -> None:

@@ -12,10 +12,11 @@ import datasets
 import numpy as np
 from PIL import Image, ImageOps
 
+from difftune.errors import UserError
 from difftune.config import DataConfig
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset problem, naming the dataset, column, row or file."""
 
 

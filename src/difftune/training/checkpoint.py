@@ -13,20 +13,23 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from accelerate import Accelerator
+from difftune.errors import UserError
+
+if TYPE_CHECKING:  # this module is also read before torch is imported (resume checks)
+    from accelerate import Accelerator
 
 PREFIX = "step-"
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError, ValueError):
     """train.resume names something that cannot be resumed from."""
 
 
-class DiskSpaceError(RuntimeError):
+class DiskSpaceError(UserError, RuntimeError):
     """Too little free disk space to write a whole checkpoint."""
 
 

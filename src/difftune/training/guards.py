@@ -10,8 +10,10 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from difftune.errors import UserError
 
-class NonFiniteLoss(RuntimeError):
+
+class NonFiniteLoss(UserError, RuntimeError):
     """Too many optimizer steps in a row had a NaN or infinite loss."""
 
 

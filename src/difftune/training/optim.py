@@ -8,10 +8,11 @@ from typing import Any
 import torch
 from diffusers.optimization import get_scheduler
 
+from difftune.errors import UserError
 from difftune.config import TrainConfig
 
 
-class MissingExtra(RuntimeError):
+class MissingExtra(UserError, RuntimeError):
     """An optional dependency the config asks for is not installed."""
 
 

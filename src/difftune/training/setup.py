@@ -21,6 +21,7 @@ from difftune.scoring import MetricSet, load_metric_set
 from difftune.training.checkpoint import resolve_resume
 from difftune.training.optim import MissingExtra, require_bitsandbytes
 from difftune.validation import ValidationPair, load_validation_pairs
+from difftune.versions import problems_for
 
 TRACKERS = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"], "none": []}
 
@@ -41,6 +42,9 @@ def preflight(config: RunConfig) -> Preflight:
     """Check pairing, extras, data, validation images and resume target; load no model."""
     family = FAMILIES[config.model.family]
     method = make_method(config.method)
+    broken = problems_for(config)
+    if broken:
+        raise ConfigError(broken, "the installed packages")
     if method.name not in family.supports:
         raise ConfigError([f"method.kind = {method.name!r} is not supported by family {family.name!r}"])
     check_extras(config)
