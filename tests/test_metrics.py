@@ -69,10 +69,11 @@ def test_run_logs_metric_and_floor(tiny_base: Path, circles: Path, held_out: Pat
     assert set(validations[0]["metrics"]) == {"control_iou", "colour_iou"}
     assert set(validations[0]["floor"]) == {"control_iou", "colour_iou"}
     assert 0.0 <= validations[0]["metrics"]["control_iou"] <= 1.0
-    assert Image.open(tmp_path / "run" / "validation" / "step-000002" / "metric-grid.png").size == (128, 128)
+    sheet = Image.open(tmp_path / "run" / "validation" / "step-000002" / "metric-grid.png")
+    assert sheet.width == 384 and sheet.height > 384  # 2 conditionings over 2 outputs, scaled 3x, captioned
     assert (tmp_path / "run" / "validation" / "floor" / "metric-grid.png").is_file()
     report = (tmp_path / "run" / "report.html").read_text()
-    assert report.count("<svg") == 2  # loss, metrics against the floor
+    assert report.count("<svg") == 4  # loss, learning rate, throughput, metrics against the floor
     assert "floor control_iou" in report and report.count("data:image/png;base64,") == 2  # floor and step-2 metric grids
 
 

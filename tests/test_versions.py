@@ -55,7 +55,7 @@ def test_pyproject_bounds_exclude_each_known_broken_pair() -> None:
 
 def test_a_broken_pair_is_named_in_one_sentence_and_refuses_the_run_that_needs_it(tmp_path: Path) -> None:
     versions = {"transformers": Version("5.24.0"), "peft": Version("0.21.2")}
-    [(pair, sentence)] = broken_pairs(versions)
+    [(_, sentence)] = broken_pairs(versions)
     assert sentence.count(". ") == 0 and "transformers 5.24.0 with peft 0.21.2" in sentence
     assert "pip install -c constraints.txt" in sentence
     lora_te = build_config(run_config(tmp_path, tmp_path, tmp_path / "run", method={

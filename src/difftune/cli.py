@@ -21,17 +21,36 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     values = {"train.resume": args.resume} if args.resume else {}
     config = load_config(args.config, list(args.set or []), values)  # before torch is imported
-    from difftune.export import push_to_hub
-    from difftune.training.loop import train
+    return run_training(config)
 
-    final = train(config, console)
-    if not _is_main_process():
+
+def run_training(config: Any, before: Any = None) -> int:
+    """Plan the run (paths, lock, checkpoint, resume contract: no torch yet), then train
+    it and say how it ended. Exit 0 when final/ is written (or was already), 130 when
+    Ctrl+C stopped it after a checkpoint; a SIGTERM stop (a scheduler's) exits 0."""
+    from difftune.training.plan import plan_run
+
+    main_process = _is_main_process()
+    plan = plan_run(config, main_process)
+    if plan.finished_at is not None:
+        if main_process:
+            console.print(f"this run finished at step {plan.finished_at}: its result is {plan.run_dir / 'final'}. "
+                          "Nothing to train. To train longer, raise train.max_steps; for a new run, give "
+                          "another train.output_dir.", highlight=False, soft_wrap=True)
+        return 0
+    from difftune.training.loop import Run
+
+    run = Run(config, console, plan)
+    final = run.fit()
+    if not main_process:
         return 0
     if final is None:
-        console.print("stopped early; run the same command again to continue")
-        return 0
+        console.print(f"stopped early; run the same command again to continue from {plan.run_dir}")
+        return 130 if run.stop.signal_name == "SIGINT" else 0
     console.print(f"[green]done[/green]: {final}")
     if config.hub.push:
+        from difftune.export import push_to_hub
+
         repo = push_to_hub(Path(config.train.output_dir), config)
         console.print(f"pushed to https://huggingface.co/{repo}")
     return 0
@@ -42,48 +61,58 @@ def _is_main_process() -> bool:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from difftune.generate import Generation, plan_generation
+
+    given = {name for name in GENERATE_SETTINGS if getattr(args, name) is not None}
+    settings = {name: getattr(args, name) for name in given}
+    request = Generation(base=args.base or "", prompt=args.prompt, out=Path(args.out), controlnet=args.controlnet,
+                         image=args.image, lora=args.lora, negative_prompt=args.negative_prompt, **settings)
+    request = plan_generation(request, given)  # every argument checked before torch is imported
+    for note in request.notes:
+        console.print(f"using {note}", highlight=False)
     from difftune.generate import generate
 
-    if (args.controlnet is None) != (args.image is None):
-        raise InputError("--controlnet and --image go together")
-    out = generate(
-        base=args.base,
-        prompt=args.prompt,
-        out=args.out,
-        controlnet=args.controlnet,
-        image=args.image,
-        lora=args.lora,
-        lora_scale=args.lora_scale,
-        steps=args.steps,
-        seed=args.seed,
-        guidance_scale=args.guidance_scale,
-        conditioning_scale=args.conditioning_scale,
-        negative_prompt=args.negative_prompt,
-        resolution=args.resolution,
-    )
+    out = generate(request)
     console.print(f"wrote {out}")
     return 0
 
 
+GENERATE_SETTINGS = ("lora_scale", "steps", "seed", "guidance_scale", "conditioning_scale", "resolution")
+
+
 def cmd_export_lora(args: argparse.Namespace) -> int:
+    from difftune.export.lora import lora_file
+    from difftune.paths import check_output_file
+
+    check_output_file("out", args.out, (".safetensors",))
+    try:
+        source = lora_file(args.source)
+    except FileNotFoundError as error:
+        raise InputError(str(error)) from None
     from difftune.export.lora import export_lora
 
     try:
-        out = export_lora(args.source, args.out, args.format)
-    except (ValueError, FileNotFoundError) as error:
-        raise InputError(str(error)) from None
+        out = export_lora(source, args.out, args.format)
+    except ValueError as error:
+        raise InputError(f"{source}: {error}") from None
     console.print(f"wrote {out} ({args.format} format)")
     return 0
 
 
 def cmd_export_single_file(args: argparse.Namespace) -> int:
+    from difftune.generate import SD_COMPONENTS, run_output
+    from difftune.paths import check_output_file, check_pipeline
+
+    check_output_file("out", args.out, (".safetensors",))
+    pipeline = run_output(args.pipeline)
+    components = {k: v for k, v in SD_COMPONENTS.items() if k in ("unet", "vae", "text_encoder")}
+    check_pipeline("pipeline", pipeline, components)
     from difftune.export.single_file import export_single_file
-    from difftune.generate import run_output
 
     try:
-        out = export_single_file(run_output(args.pipeline), args.out, half=args.half)
+        out = export_single_file(pipeline, args.out, half=args.half)
     except (ValueError, FileNotFoundError) as error:
-        raise InputError(str(error)) from None
+        raise InputError(f"{pipeline}: {error}") from None
     console.print(f"wrote {out}")
     return 0
 
@@ -100,9 +129,14 @@ def cmd_fill_circles(args: argparse.Namespace) -> int:
 
 def cmd_data_check(args: argparse.Namespace) -> int:
     """Exit 0 when every row can be trained on, 1 when some cannot, 2 on a usage error."""
-    from difftune.data.check import check_dataset, write_report
+    from difftune.paths import check_output_file, looks_like_path, offline_if_hub_unreachable
 
+    check_output_file("--report", args.report, (".json",))
     source = Path(args.source)
+    if not source.exists() and not looks_like_path(args.source):
+        note = offline_if_hub_unreachable()  # a Hub dataset: fail fast, or read the cache
+        if note:
+            console.print(f"note: {note}", highlight=False)
     if source.suffix == ".toml" and source.is_file():
         from difftune.config import load_config
         from difftune.methods import make_method
@@ -111,12 +145,17 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         method = make_method(run.method)
         data, needs_conditioning, fixed = run.data, method.needs_conditioning, method.fixed_caption
     else:
-        from difftune.config import DataConfig
+        from difftune.config import DataConfig, build_section
 
-        data = DataConfig(path=args.source, resolution=args.resolution, split=args.split,
-                          image_column=args.image_column, caption_column=args.caption_column,
-                          conditioning_image_column=args.conditioning_image_column)
+        if args.set:
+            raise InputError("--set needs a run config (.toml) as the source")
+        flags = {"path": args.source, "resolution": args.resolution, "split": args.split,
+                 "image_column": args.image_column, "caption_column": args.caption_column,
+                 "conditioning_image_column": args.conditioning_image_column}
+        data = build_section(DataConfig, flags, "the data check's flags")
         needs_conditioning, fixed = None, None
+    from difftune.data.check import check_dataset, write_report
+
     report = check_dataset(data, needs_conditioning, fixed, full=not args.fast)
     out = write_report(report, Path(args.report))
     console.print(escape(report.summary()), highlight=False, soft_wrap=True)
@@ -125,12 +164,12 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from difftune.demo import run_demo
+    from difftune.demo import demo_config, in_repository_root
 
     output_dir = args.output_dir or ("runs/demo" if args.preset == "controlnet" else f"runs/demo-{args.preset}")
-    final = run_demo(output_dir, list(args.set or []), console, args.preset)
-    console.print(f"[green]demo done[/green]: {final}")
-    return 0
+    config = demo_config(output_dir, list(args.set or []), args.preset)
+    with in_repository_root():
+        return run_training(config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,21 +194,22 @@ def _add_train(verbs: Any) -> None:
 
 def _add_generate(verbs: Any) -> None:
     gen = verbs.add_parser("generate", help="generate an image with trained weights")
-    gen.add_argument("--base", required=True,
-                     help="base pipeline (Hub id or folder), or a full fine-tune's run directory")
+    gen.add_argument("--base", help="base pipeline (Hub id or folder), or a full fine-tune's run directory; "
+                     "may be left out when --controlnet or --lora is a run directory (it records its base)")
     gen.add_argument("--controlnet", help="ControlNet folder, run directory or Hub id (needs --image)")
     gen.add_argument("--image", help="conditioning image for --controlnet")
     gen.add_argument("--lora", help="LoRA run directory, folder or .safetensors file")
-    gen.add_argument("--lora-scale", type=float, default=1.0)
+    gen.add_argument("--lora-scale", type=float, help="default 1.0")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt")
-    gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--guidance-scale", type=float, default=7.5)
-    gen.add_argument("--conditioning-scale", type=float, default=1.0)
+    gen.add_argument("--steps", type=int, help="inference steps (default: the run's validation.steps, or 20)")
+    gen.add_argument("--seed", type=int, help="default 0")
+    gen.add_argument("--guidance-scale", type=float, help="default: the run's validation.guidance_scale, or 7.5")
+    gen.add_argument("--conditioning-scale", type=float, help="default 1.0")
     gen.add_argument("--resolution", type=int,
-                     help="square output size (the conditioning image is resized to it)")
-    gen.add_argument("--out", required=True)
+                     help="square output size, the conditioning image resized to it (default: the run's "
+                     "data.resolution, or the base's native size)")
+    gen.add_argument("--out", required=True, help="the image file to write (.png, .jpg, .webp, ...)")
     gen.set_defaults(run=cmd_generate)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -34,13 +34,27 @@ class ConfigError(UserError, ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+    # allow_inf_nan=False: inf or nan in any number (learning_rate = inf) is an error
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, allow_inf_nan=False)
+
+
+_S = TypeVar("_S", bound=_Section)
+
+NonEmpty = Field(min_length=1, pattern=r"\S")
+"""A string with something in it besides spaces."""
+
+# The components of a base pipeline that each family loads, by subfolder, with their kind
+# ("model": config.json and weights). Checked before anything is imported (training.plan).
+PIPELINE_COMPONENTS = {
+    "sd": {"tokenizer": "tokenizer", "text_encoder": "model", "vae": "model", "unet": "model",
+           "scheduler": "scheduler"},
+}
 
 
 class ModelConfig(_Section):
     family: Literal["sd"] = "sd"
     """Model family: "sd" covers Stable Diffusion 1.x and 2.x."""
-    pretrained: str
+    pretrained: str = NonEmpty
     """Hub id or local folder of the base pipeline (diffusers layout)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of the base components."""
@@ -139,6 +153,8 @@ class MethodConfig(_Section):
             raise ValueError(f'[method.dreambooth] is only for kind = "dreambooth" (kind is {self.kind!r})')
         if self.kind in ("controlnet", "full") and self.lora is not None:
             raise ValueError(f'[method.lora] is for kind "lora" or "dreambooth" (kind is {self.kind!r})')
+        if self.kind != "controlnet" and self.controlnet is not None:
+            raise ValueError(f'method.controlnet is for kind = "controlnet" (kind is {self.kind!r})')
         if self.kind == "controlnet" and self.train_text_encoder:
             raise ValueError('train_text_encoder is not available for kind = "controlnet"')
         return self
@@ -153,16 +169,16 @@ class ObjectiveConfig(_Section):
 
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     """What the denoiser predicts; None follows the base scheduler's config."""
-    snr_gamma: float | None = Field(None, gt=0)
+    snr_gamma: float | None = Field(None, gt=0, le=1000)
     """Min-SNR loss weighting (Hang et al. 2023); 5.0 is the paper's value."""
-    noise_offset: float = Field(0.0, ge=0.0)
+    noise_offset: float = Field(0.0, ge=0.0, le=1.0)
     """Add offset * N(0, 1) per sample and channel to the noise (darker darks, brighter brights)."""
-    input_perturbation: float = Field(0.0, ge=0.0)
+    input_perturbation: float = Field(0.0, ge=0.0, le=1.0)
     """Perturb the noise that makes the input, not the target (Ning et al. 2023); 0.1 is typical."""
 
 
 class DataConfig(_Section):
-    path: str
+    path: str = NonEmpty
     """Local folder (imagefolder with metadata.jsonl, parquet, arrow) or Hub dataset name."""
     config_name: str | None = None
     """Dataset configuration name passed to datasets.load_dataset."""
@@ -173,7 +189,7 @@ class DataConfig(_Section):
     """Control image column; in a metadata.jsonl folder, paths relative to the folder."""
     caption_column: str = "text"
     """Caption column (a string, or a list of strings of which one is drawn)."""
-    resolution: int = Field(512, gt=0)
+    resolution: int = Field(512, gt=0, le=8192)
     """Square training size in pixels; divisible by 8."""
     center_crop: bool = True
     """Crop the centre after resizing the shorter side; False crops at a random place."""
@@ -188,7 +204,7 @@ class DataConfig(_Section):
     pixels, every batch from one bucket (instead of a square crop)."""
     bucket_step: int = Field(64, gt=0)
     """Bucket sides are multiples of this (a multiple of 8)."""
-    bucket_max_aspect: float = Field(2.0, ge=1.0)
+    bucket_max_aspect: float = Field(2.0, ge=1.0, le=16.0)
     """Longest side over shortest side, at most."""
     bucket_no_upscale: bool = False
     """Put an image only in buckets it covers (no upscaling), where one exists."""
@@ -232,25 +248,25 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    output_dir: str
+    output_dir: str = NonEmpty
     """Run directory: config, events, logs, checkpoints, validation, final weights."""
     seed: int = Field(0, ge=0, lt=2**32)
-    batch_size: int = Field(4, gt=0)
+    batch_size: int = Field(4, gt=0, le=65536)
     """Per-device batch size."""
     gradient_accumulation_steps: int = Field(1, gt=0)
     max_steps: int | None = Field(None, gt=0)
     """Optimizer steps; overrides epochs when set."""
     epochs: int = Field(1, gt=0)
-    learning_rate: float = Field(5e-6, gt=0)
+    learning_rate: float = Field(5e-6, gt=0, le=1.0)
     scale_lr: bool = False
     """Multiply the LR by batch size x accumulation x processes."""
     lr_scheduler: Literal[LR_SCHEDULERS] = "constant"  # type: ignore[valid-type]
     lr_warmup_steps: int = Field(500, ge=0)
     lr_num_cycles: int = Field(1, gt=0)
-    lr_power: float = 1.0
+    lr_power: float = Field(1.0, gt=0)
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
-    adam_weight_decay: float = Field(1e-2, ge=0)
+    adam_weight_decay: float = Field(1e-2, ge=0, le=1.0)
     adam_epsilon: float = Field(1e-8, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -275,7 +291,9 @@ class TrainConfig(_Section):
     """Optimizer steps in a row with a NaN/inf loss (each skipped) before the run stops."""
     log_every: int = Field(1, gt=0)
     """Write an events.jsonl line every N optimizer steps."""
-    tracker_project_name: str = "difftune"
+    tracker_project_name: str = Field("difftune", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
+    """Project name for the trackers: letters, digits, ".", "_" and "-" (it names a folder
+    under the run's logs/, so no path separators)."""
 
 
 class ValidationConfig(_Section):
@@ -284,18 +302,18 @@ class ValidationConfig(_Section):
     prompts: list[str] = []
     images: list[str] = []
     """Conditioning image files; one for all prompts, one per prompt, or N with N prompts."""
-    num_images: int = Field(4, gt=0)
+    num_images: int = Field(4, gt=0, le=64)
     """Images generated per (prompt, conditioning image) pair."""
-    steps: int = Field(20, gt=0)
+    steps: int = Field(20, gt=0, le=1000)
     """Inference steps (UniPC)."""
-    guidance_scale: float = Field(7.5, ge=0)
-    seed: int | None = None
+    guidance_scale: float = Field(7.5, ge=0, le=100)
+    seed: int | None = Field(None, ge=0, lt=2**63)
     """Generator seed; defaults to train.seed."""
     metric: Literal["none", "fill_circles", "canny"] = "none"
     """Control-fidelity metric computed at each validation (and for the uncontrolled floor)."""
     metric_data: str | None = None
     """Held-out dataset (same columns as [data]) whose conditionings and captions are scored."""
-    metric_samples: int = Field(32, gt=0)
+    metric_samples: int = Field(32, gt=0, le=100_000)
     """How many held-out rows the metric scores."""
 
     @model_validator(mode="after")
@@ -346,6 +364,10 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _caches_fit_the_method(self) -> RunConfig:
+        if self.validation.images and self.method.kind != "controlnet":
+            raise ValueError(
+                f"validation.images: method {self.method.kind!r} takes no conditioning image (they would be "
+                "ignored); give validation.prompts alone")
         if self.data.cache_text and self.method.train_text_encoder:
             raise ValueError("data.cache_text cannot be used with method.train_text_encoder (the embeddings change)")
         if self.objective.prediction_type is not None and (self.method.kind in ("controlnet", "lora") or self.method.uses_lora):
@@ -356,10 +378,20 @@ class RunConfig(_Section):
         return self
 
 
+PATTERNS = {
+    r"\S": "must not be empty",
+    r"^[A-Za-z0-9][A-Za-z0-9._-]*$": 'letters, digits, ".", "_" and "-" only, starting with a letter or digit',
+}
+
+
 def _format_error(error: dict[str, Any]) -> str:
     path = ".".join(str(part) for part in error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
         return f"{path}: unknown key"
+    if error["type"] == "string_too_short" and error["ctx"].get("min_length") == 1:
+        return f"{path}: must not be empty"
+    if error["type"] == "string_pattern_mismatch" and error["ctx"]["pattern"] in PATTERNS:
+        return f"{path}: {PATTERNS[error['ctx']['pattern']]} (got {error['input']!r})"
     if error["type"] == "missing":
         return f"{path}: required key is missing"
     message = error["msg"].removeprefix("Value error, ")
@@ -373,6 +405,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError([f"--set {text}: expected section.key=value"])
     key, raw = text.split("=", 1)
+    if not all(part.strip() for part in key.split(".")):
+        raise ConfigError([f"--set {text}: expected section.key=value (the key {key.strip()!r} is incomplete)"])
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -400,8 +434,13 @@ def set_key(raw: dict[str, Any], keys: list[str], value: Any, where: str = "") -
 
 
 def build_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    return build_section(RunConfig, raw, source)
+
+
+def build_section(section: type[_S], raw: dict[str, Any], source: str) -> _S:
+    """A config section from raw values, every problem reported at once (ConfigError)."""
     try:
-        return RunConfig.model_validate(raw)
+        return section.model_validate(raw)
     except ValidationError as error:
         raise ConfigError([_format_error(e) for e in error.errors()], source) from None
 

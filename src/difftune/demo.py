@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
-from rich.console import Console
-
-from difftune.config import load_config
+from difftune.config import RunConfig, load_config
 
 # The repository root: the preset's paths (assets/...) are relative to it.
 ROOT = Path(__file__).resolve().parents[2]
@@ -17,20 +18,23 @@ PRESETS = {
 }
 
 
-def run_demo(output_dir: str, overrides: list[str], console: Console, preset: str = "controlnet") -> Path:
-    """Train a demo preset from the repository root; returns its final/ folder."""
-    import os
-
-    from difftune.training.loop import train
-
+def demo_config(output_dir: str, overrides: list[str], preset: str = "controlnet") -> RunConfig:
+    """A demo preset's config, writing into output_dir (absolute: the run goes from the
+    repository root)."""
     output = Path(output_dir).resolve()
     values = {"train.output_dir": str(output)}
     if preset == "dreambooth" and not any(o.startswith("method.dreambooth.class_data") for o in overrides):
         values["method.dreambooth.class_data"] = str(output / "class-images")  # not into the repository
-    config = load_config(PRESETS[preset], overrides, values)
+    return load_config(PRESETS[preset], overrides, values)
+
+
+@contextlib.contextmanager
+def in_repository_root() -> Iterator[None]:
+    """The presets' paths (assets/...) are relative to the repository root."""
     previous = Path.cwd()
     os.chdir(ROOT)
     try:
-        return train(config, console)
+        yield
     finally:
         os.chdir(previous)
+

@@ -10,3 +10,7 @@ class UserError(Exception):
 
 class InputError(UserError, ValueError):
     """A path or argument given on the command line that cannot be used."""
+
+
+class DataError(UserError, ValueError):
+    """A dataset problem, naming the dataset, column, row or file."""

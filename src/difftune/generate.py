@@ -1,86 +1,219 @@
-"""Inference with trained weights: a ControlNet, a LoRA, or a full fine-tune's pipeline."""
+"""Inference with trained weights: a ControlNet, a LoRA, or a full fine-tune's pipeline.
+
+`plan_generation` checks every argument and fills in what a run directory knows (its
+base, resolution, guidance and steps) before anything heavy is imported; `generate`
+then loads and renders.
+"""
 
 from __future__ import annotations
 
+import math
+import tomllib
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
-import torch
-from diffusers import (
-    ControlNetModel,
-    StableDiffusionControlNetPipeline,
-    StableDiffusionPipeline,
-    UniPCMultistepScheduler,
-)
-from PIL import Image
+from difftune.errors import InputError
+from difftune.paths import check_model_folder, check_output_file, check_pipeline, run_output_folder
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+SD_COMPONENTS = {"text_encoder": "model", "vae": "model", "unet": "model", "scheduler": "scheduler",
+                 "tokenizer": "tokenizer"}
+MAX_STEPS = 1000
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One image to render, every argument checked."""
+
+    base: str
+    prompt: str
+    out: Path
+    controlnet: str | None = None
+    image: str | None = None
+    lora: str | None = None
+    lora_scale: float = 1.0
+    steps: int = 20
+    seed: int = 0
+    guidance_scale: float = 7.5
+    conditioning_scale: float = 1.0
+    negative_prompt: str | None = None
+    resolution: int | None = None
+    notes: tuple[str, ...] = ()
+    """What was taken from a run directory, to say so."""
 
 
 def run_output(path: str) -> str:
     """A run directory stands for its final/; anything else (a folder, a file, a Hub
     id) is returned as given."""
-    candidate = Path(path)
-    if (candidate / "final").is_dir() and (candidate / "events.jsonl").is_file():
-        return str(candidate / "final")
-    return path
+    return str(run_output_folder(Path(path))) if Path(path).is_dir() else path
 
 
-def controlnet_folder(path: str) -> str:
-    """A ControlNet folder, a run directory (its final/) or a Hub id."""
-    return run_output(path)
+def run_config(path: str | None) -> dict[str, Any] | None:
+    """The config.toml of a difftune run directory (or of the run a final/ folder is in)."""
+    if path is None:
+        return None
+    folder = Path(path)
+    for candidate in (folder, folder.parent):
+        if (candidate / "config.toml").is_file() and (candidate / "events.jsonl").is_file():
+            try:
+                return tomllib.loads((candidate / "config.toml").read_text())
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError):
+                return None
+    return None
 
 
-def generate(
-    base: str,
-    prompt: str,
-    out: str,
-    controlnet: str | None = None,
-    image: str | None = None,
-    lora: str | None = None,
-    lora_scale: float = 1.0,
-    steps: int = 20,
-    seed: int = 0,
-    guidance_scale: float = 7.5,
-    conditioning_scale: float = 1.0,
-    negative_prompt: str | None = None,
-    resolution: int | None = None,
-) -> Path:
-    """Generate one image with UniPC. `base` may be a full fine-tune run; `controlnet`
-    needs a conditioning `image`; `lora` is a LoRA run, folder or file."""
-    if (controlnet is None) != (image is None):
-        raise ValueError("--controlnet and --image go together")
+def plan_generation(request: Generation, given: set[str]) -> Generation:
+    """Check every argument (before torch is imported); settings not `given` on the
+    command line come from the run directory of --controlnet, --lora or --base, if any."""
+    _check_numbers(request)
+    check_output_file("--out", str(request.out), IMAGE_SUFFIXES)
+    if (request.controlnet is None) != (request.image is None):
+        raise InputError("--controlnet and --image go together")
+    trained = request.controlnet or request.lora
+    if trained is not None and run_config(trained) is not None:
+        request = _from_run(request, run_config(trained), given)  # its base, size, guidance, steps
+    elif request.base and run_config(request.base) is not None:
+        request = _from_run(request, run_config(request.base), given | {"base"})  # a full fine-tune
+    if not request.base:
+        raise InputError("--base is needed: the base pipeline (Hub id or folder); it can be left out only when "
+                         "--controlnet or --lora is a difftune run directory, which records its base")
+    base_folder = Path(run_output(request.base))
+    if run_config(request.base) is not None and not (base_folder / "model_index.json").is_file():
+        raise InputError(f"--base {request.base!r} is a run whose result is not a whole pipeline (a ControlNet "
+                         "or a LoRA): give it as --controlnet or --lora, and its base as --base")
+    check_pipeline("--base", run_output(request.base), SD_COMPONENTS)
+    if request.controlnet is not None:
+        check_model_folder("--controlnet", request.controlnet, "ControlNet")
+        _check_image(request.image)
+    if request.lora is not None:
+        _check_lora(request.lora)
+    return request
+
+
+def _check_numbers(request: Generation) -> None:
+    if not 1 <= request.steps <= MAX_STEPS:
+        raise InputError(f"--steps must be between 1 and {MAX_STEPS} (got {request.steps})")
+    for flag, value in (("--guidance-scale", request.guidance_scale), ("--lora-scale", request.lora_scale),
+                        ("--conditioning-scale", request.conditioning_scale)):
+        if not math.isfinite(value) or value < 0 or value > 100:
+            raise InputError(f"{flag} must be a number from 0 to 100 (got {value})")
+    if not 0 <= request.seed < 2**63:
+        raise InputError(f"--seed must be between 0 and 2^63 - 1 (got {request.seed})")
+    if request.resolution is not None and (request.resolution <= 0 or request.resolution % 8 or request.resolution > 8192):
+        raise InputError(f"--resolution must be a positive multiple of 8 up to 8192 (got {request.resolution})")
+    if not request.prompt.strip():
+        raise InputError("--prompt is empty")
+
+
+def _from_run(request: Generation, run: dict[str, Any] | None, given: set[str]) -> Generation:
+    if run is None:
+        return request
+    taken = {
+        "base": run.get("model", {}).get("pretrained"),
+        "resolution": run.get("data", {}).get("resolution"),
+        "guidance_scale": run.get("validation", {}).get("guidance_scale"),
+        "steps": run.get("validation", {}).get("steps"),
+    }
+    taken = {k: v for k, v in taken.items() if v is not None and k not in given}
+    notes = tuple(f"{key.replace('_', ' ')} {value} (from the run)" for key, value in taken.items())
+    return replace(request, **taken, notes=request.notes + notes)
+
+
+def _check_image(path: str | None) -> None:
+    from PIL import Image
+
+    from difftune.data.sources import regular_file_problem
+
+    file = Path(path or "")
+    problem = regular_file_problem(file)
+    if problem:
+        raise InputError(f"--image {path}: {problem}")
+    try:
+        with Image.open(file) as image:
+            image.verify()
+    except Exception as error:  # noqa: BLE001 (PIL raises many kinds for a bad file)
+        raise InputError(f"--image {path}: not an image PIL can read ({type(error).__name__}: {error})") from None
+
+
+def _check_lora(path: str) -> None:
+    from difftune.export.lora import lora_file
+
+    try:
+        lora_file(path)
+    except FileNotFoundError as error:
+        raise InputError(f"--lora: {error}") from None
+
+
+def generate(request: Generation) -> Path:
+    """Render one image with UniPC (fp16 on a GPU), the conditioning image resized to the
+    resolution (the run's, or the base's native size)."""
+    import torch
+    from diffusers import (
+        ControlNetModel,
+        StableDiffusionControlNetPipeline,
+        StableDiffusionPipeline,
+        UniPCMultistepScheduler,
+    )
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
     common = {"safety_checker": None, "requires_safety_checker": False, "dtype": dtype}
-    call: dict = {}
-    if controlnet is not None:
-        control = _conditioning(image, resolution)
-        net = ControlNetModel.from_pretrained(controlnet_folder(controlnet), dtype=dtype)
-        pipe = StableDiffusionControlNetPipeline.from_pretrained(run_output(base), controlnet=net, **common)
-        call = {"image": control, "controlnet_conditioning_scale": conditioning_scale,
-                "height": control.height, "width": control.width}
+    base = run_output(request.base)
+    size = request.resolution or native_resolution(Path(base))
+    call: dict[str, Any] = {"height": size, "width": size} if size else {}
+    if request.controlnet is not None:
+        net = ControlNetModel.from_pretrained(run_output(request.controlnet), dtype=dtype)
+        pipe = StableDiffusionControlNetPipeline.from_pretrained(base, controlnet=net, **common)
+        control = _conditioning(request.image, size)
+        call |= {"image": control, "controlnet_conditioning_scale": request.conditioning_scale,
+                 "height": control.height, "width": control.width}
     else:
-        pipe = StableDiffusionPipeline.from_pretrained(run_output(base), **common)
-        if resolution is not None:
-            call = {"height": resolution, "width": resolution}
-    if lora is not None:
-        pipe.load_lora_weights(run_output(lora))
-        call["cross_attention_kwargs"] = {"scale": lora_scale}
+        pipe = StableDiffusionPipeline.from_pretrained(base, **common)
+    if request.lora is not None:
+        pipe.load_lora_weights(run_output(request.lora))
+        call["cross_attention_kwargs"] = {"scale": request.lora_scale}
     pipe = pipe.to(device)
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
     result = pipe(
-        prompt,
-        num_inference_steps=steps,
-        guidance_scale=guidance_scale,
-        negative_prompt=negative_prompt,
-        generator=torch.Generator(device).manual_seed(seed),
+        request.prompt,
+        num_inference_steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        negative_prompt=request.negative_prompt,
+        generator=torch.Generator(device).manual_seed(request.seed),
         **call,
     ).images[0]
-    out_path = Path(out)
+    out_path = request.out
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    result.save(out_path)
+    partial = out_path.with_name(f".{out_path.name}.partial")
+    result.save(partial, format=_format(out_path))
+    partial.replace(out_path)
     return out_path
 
 
-def _conditioning(path: str | None, resolution: int | None) -> Image.Image:
+def native_resolution(base: Path) -> int | None:
+    """The base's own image size: the UNet's sample_size times the VAE's downsampling,
+    from the configs (None when they are not local)."""
+    import json
+
+    try:
+        unet = json.loads((base / "unet" / "config.json").read_text())
+        vae = json.loads((base / "vae" / "config.json").read_text())
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _format(path: Path) -> str:
+    from PIL import Image
+
+    return Image.registered_extensions().get(path.suffix.lower(), "PNG")
+
+
+def _conditioning(path: str | None, resolution: int | None) -> Any:
+    from PIL import Image
+
     with Image.open(path) as opened:  # type: ignore[arg-type]
         control = opened.convert("RGB")
     if resolution is not None:

@@ -1,51 +1,82 @@
-"""report.html: one self-contained page (inline SVG, embedded PNGs) a browser opens from disk."""
+"""report.html: one self-contained page (inline SVG, embedded PNGs) a browser opens from disk.
+
+It holds the run's facts (base, method, data, duration, every start, stop and resume),
+the loss, learning-rate, throughput and metric curves with labelled axes, and the
+validation grids over time with the prompt of each.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
+import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 from difftune.training.events import read_events
 
-WIDTH, HEIGHT, PAD = 640, 220, 40
+WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 640, 230, 64, 150, 28, 34
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+TICKS = 5
 
 
-def _scale(values: list[float], low: float, high: float, size: int, flip: bool) -> list[float]:
-    span = (high - low) or 1.0
-    scaled = [(v - low) / span * (size - 2 * PAD) + PAD for v in values]
-    return [size - s for s in scaled] if flip else scaled
+def ticks(low: float, high: float, count: int = TICKS) -> list[float]:
+    """About `count` round values from low to high (1, 2 or 5 times a power of ten apart)."""
+    if not (math.isfinite(low) and math.isfinite(high)) or high <= low:
+        return [low]
+    raw = (high - low) / max(count - 1, 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.ceil(low / step) * step
+    return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
 
 
-def line_chart(title: str, series: dict[str, list[tuple[float, float]]], y_range: tuple[float, float] | None = None) -> str:
-    """An SVG line chart of named (x, y) series; dashed lines for names starting 'floor'."""
+def line_chart(title: str, series: dict[str, list[tuple[float, float]]], y_label: str,
+               y_range: tuple[float, float] | None = None, x_label: str = "step") -> str:
+    """An SVG line chart of named (x, y) series with ticks on both axes; dashed lines for
+    names starting with 'floor'."""
     points = [p for values in series.values() for p in values if math.isfinite(p[1])]
     if not points:
         return ""
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     x_low, x_high = min(xs), max(max(xs), min(xs) + 1)
     y_low, y_high = y_range or (min(ys), max(ys))
-    parts = [f'<svg width="{WIDTH}" height="{HEIGHT}" xmlns="http://www.w3.org/2000/svg">',
-             f'<text x="{PAD}" y="18" font-size="14">{html.escape(title)}</text>',
-             f'<text x="4" y="{HEIGHT - PAD}" font-size="11">{y_low:.3g}</text>',
-             f'<text x="4" y="{PAD}" font-size="11">{y_high:.3g}</text>',
-             f'<text x="{WIDTH - PAD}" y="{HEIGHT - 8}" font-size="11" text-anchor="end">step {x_high:g}</text>',
-             f'<rect x="{PAD}" y="{PAD}" width="{WIDTH - 2 * PAD}" height="{HEIGHT - 2 * PAD}" fill="none" stroke="#ccc"/>']
+    if y_high <= y_low:
+        y_low, y_high = y_low - 0.5 * (abs(y_low) or 1), y_high + 0.5 * (abs(y_high) or 1)
+    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+
+    def px(x: float) -> float:
+        return LEFT + (x - x_low) / (x_high - x_low) * plot_w
+
+    def py(y: float) -> float:
+        return TOP + plot_h - (y - y_low) / (y_high - y_low) * plot_h
+
+    parts = [f'<svg width="{WIDTH}" height="{HEIGHT}" xmlns="http://www.w3.org/2000/svg" font-size="11">',
+             f'<text x="{LEFT}" y="16" font-size="14">{html.escape(title)}</text>',
+             f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#ccc"/>']
+    for value in ticks(y_low, y_high):
+        parts.append(f'<line x1="{LEFT - 4}" x2="{LEFT + plot_w}" y1="{py(value):.1f}" y2="{py(value):.1f}" '
+                     'stroke="#eee"/>')
+        parts.append(f'<text x="{LEFT - 6}" y="{py(value) + 4:.1f}" text-anchor="end">{value:.3g}</text>')
+    for value in ticks(x_low, x_high):
+        parts.append(f'<line x1="{px(value):.1f}" x2="{px(value):.1f}" y1="{TOP + plot_h}" y2="{TOP + plot_h + 4}" '
+                     'stroke="#999"/>')
+        parts.append(f'<text x="{px(value):.1f}" y="{TOP + plot_h + 16}" text-anchor="middle">{value:g}</text>')
+    parts.append(f'<text x="{LEFT + plot_w / 2:.0f}" y="{HEIGHT - 4}" text-anchor="middle">{html.escape(x_label)}</text>')
+    parts.append(f'<text x="12" y="{TOP + plot_h / 2:.0f}" text-anchor="middle" '
+                 f'transform="rotate(-90 12 {TOP + plot_h / 2:.0f})">{html.escape(y_label)}</text>')
     for index, (name, values) in enumerate(series.items()):
         values = [v for v in values if math.isfinite(v[1])]
         if not values:
             continue
-        px = _scale([v[0] for v in values], x_low, x_high, WIDTH, False)
-        py = _scale([v[1] for v in values], y_low, y_high, HEIGHT, True)
         colour = COLOURS[index % len(COLOURS)]
         dash = ' stroke-dasharray="6 4"' if name.startswith("floor") else ""
-        path = " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(px, py))
+        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in values)
         parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"{dash}/>')
-        parts.append(f'<text x="{WIDTH - PAD + 4 - 120}" y="{PAD + 14 * (index + 1)}" font-size="11" '
-                     f'fill="{colour}">{html.escape(name)}</text>')
+        parts.append(f'<text x="{LEFT + plot_w + 8}" y="{TOP + 12 + 14 * index}" fill="{colour}">'
+                     f'{html.escape(name)}</text>')
     parts.append("</svg>")
     return "\n".join(parts)
 
@@ -85,30 +116,68 @@ def _metric_series(validations: list[dict[str, Any]]) -> dict[str, list[tuple[fl
     return series
 
 
-def write_report(run_dir: Path, title: str) -> Path:
-    """Loss curve, metric curves against their floor, and the validation grids over time."""
+def run_facts(events: list[dict[str, Any]], config: Any) -> list[str]:
+    """What the run is and what happened to it, one line each."""
+    facts = []
+    if config is not None:
+        facts += [f"method: {config.method.kind}; base: {config.model.pretrained}",
+                  f"data: {config.data.path} at {config.data.resolution} px; batch {config.train.batch_size} x "
+                  f"{config.train.gradient_accumulation_steps} accumulation; learning rate "
+                  f"{config.train.learning_rate} ({config.train.lr_scheduler}); precision {config.train.mixed_precision}"]
+    starts = [e for e in events if e["event"] == "start"]
+    if starts:
+        first, last = starts[0]["time"], events[-1]["time"]
+        facts.append(f"started {time.strftime('%Y-%m-%d %H:%M', time.localtime(first))}; "
+                     f"{(last - first) / 60:.1f} min from the first start to the last event")
+    for event in events:
+        if event["event"] == "start":
+            how = f"resumed from {Path(event['resumed_from']).name}" if event.get("resumed_from") else "started"
+            facts.append(f"{how} at step {event['step']} of {event.get('max_steps')}")
+        elif event["event"] == "stopped":
+            facts.append(f"stopped at step {event['step']} ({event.get('reason') or 'signal'})")
+        elif event["event"] == "config_changed":
+            facts.append("settings changed on resume: " + "; ".join(event.get("changes", [])))
+        elif event["event"] == "checkpoint_skipped":
+            facts.append(f"checkpoint passed over: {event.get('problem')}")
+        elif event["event"] == "final":
+            facts.append(f"final/ written at step {event['step']}")
+    return facts
+
+
+def write_report(run_dir: Path, config: Any = None) -> Path:
+    """Run facts, the loss, learning-rate and throughput curves, metric curves against
+    their floor, and the validation grids over time (written atomically)."""
     events = read_events(run_dir)
     steps = [e for e in events if e["event"] == "step"]
     validations = [e for e in events if e["event"] == "validation"]
-    body = [f"<h1>{html.escape(title)}</h1>"]
+    title = f"{config.method.kind} - {run_dir.name}" if config is not None else run_dir.name
+    body = [f"<h1>{html.escape(title)}</h1>", "<ul>"]
+    body += [f"<li>{html.escape(fact)}</li>" for fact in run_facts(events, config)]
+    body.append("</ul>")
     if steps:
         last = steps[-1]
         body.append(f"<p>step {last['step']}, loss {_number(last['loss']):.4f}, "
-                    f"{last['samples_per_s']:.1f} samples/s, peak memory {last['peak_memory_mb']:.0f} MB</p>")
+                    f"{_number(last.get('samples_per_s')):.1f} samples/s, peak memory "
+                    f"{_number(last.get('peak_memory_mb')):.0f} MB</p>")
         losses = [(e["step"], _number(e["loss"])) for e in steps]
-        body.append(line_chart("training loss", {"loss": losses, "loss, mean of 10": _moving_mean(losses, 10)}))
+        body.append(line_chart("training loss", {"loss": losses, "mean of 10": _moving_mean(losses, 10)}, "loss"))
+        body.append(line_chart("learning rate", {"lr": [(e["step"], _number(e.get("lr"))) for e in steps]}, "lr"))
+        body.append(line_chart("throughput", {"samples/s": [(e["step"], _number(e.get("samples_per_s")))
+                                                            for e in steps]}, "samples/s"))
     if any(e.get("metrics") for e in validations):
-        latest = validations[-1]
+        latest = [e for e in validations if e.get("metrics")][-1]
         summary = ", ".join(f"{k} {_number(v):.3f}" for k, v in (latest.get("metrics") or {}).items())
         floor = ", ".join(f"{k} {_number(v):.3f}" for k, v in (latest.get("floor") or {}).items())
         body.append(f"<p>latest metrics: {summary}; floor (control off): {floor or 'n/a'}</p>")
-        body.append(line_chart("control metrics (dashed: floor)", _metric_series(validations), (0.0, 1.0)))
+        body.append(line_chart("control metrics (dashed: floor)", _metric_series(validations), "score", (0.0, 1.0)))
     body.append(_grids(run_dir))
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) +
             "</title><style>body{font-family:sans-serif;margin:24px} td{vertical-align:top;padding:4px}"
             "</style></head><body>" + "\n".join(body) + "</body></html>")
     path = run_dir / "report.html"
-    path.write_text(page)
+    partial = path.with_name(".report.html.partial")
+    partial.write_text(page, encoding="utf-8")
+    partial.replace(path)
     return path
 
 
@@ -119,9 +188,23 @@ def _grids(run_dir: Path) -> str:
             "<p>Per step: one grid per validation prompt (conditioning, then generated images), "
             "then the held-out metric set (conditionings above, generated below).</p>"]
     if floor.is_file():
-        rows.append(f"<h3>floor (control off)</h3><div>{_image_tag(floor, 128)}</div>")
+        rows.append(f"<h3>floor (control off)</h3><div>{_image_tag(floor, 160)}</div>")
     for folder in folders:
-        images = sorted(folder.glob("pair-*-grid.png")) + sorted(folder.glob("metric-grid.png"))
-        tags = "".join(_image_tag(p, 128 if p.name == "metric-grid.png" else 64) for p in images)
-        rows.append(f"<h3>{folder.name}</h3><div>{tags}</div>")
+        prompts = _prompts(folder)
+        cells = []
+        for grid_file in sorted(folder.glob("pair-*-grid.png")):
+            pair = prompts.get(grid_file.name.removesuffix("-grid.png"), {})
+            caption = html.escape(pair.get("prompt", ""))
+            cells.append(f"<figure style='display:inline-block;margin:0 8px 8px 0'>{_image_tag(grid_file, 140)}"
+                         f"<figcaption>{caption}</figcaption></figure>")
+        if (folder / "metric-grid.png").is_file():
+            cells.append(_image_tag(folder / "metric-grid.png", 160))
+        rows.append(f"<h3>{folder.name}</h3><div>{''.join(cells)}</div>")
     return "\n".join(rows)
+
+
+def _prompts(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "prompts.json").read_text())
+    except (OSError, ValueError):
+        return {}

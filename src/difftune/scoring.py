@@ -3,6 +3,7 @@ with the floor (the same base with its control switched off)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from difftune.data.sources import (
 from difftune.families.base import Family, Parts
 from difftune.methods.base import Method, Trained, evaluating
 from difftune.metrics import METRICS, ControlMetric, mean_scores
-from difftune.validation import grid
+from difftune.validation import captioned, grid
 
 CHUNK = 16  # images generated per pipeline call
 
@@ -79,8 +80,10 @@ def score_control(
     config: RunConfig,
     out_dir: Path | None,
     extra_settings: dict[str, Any] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> dict[str, float]:
-    """Mean metric over the held-out set; writes a sample grid (conditioning over output)."""
+    """Mean metric over the held-out set; writes a sample grid (conditioning over output).
+    Once `should_stop()` (a stop signal) it stops generating and scores what it has."""
     settings = {
         "num_inference_steps": config.validation.steps,
         "guidance_scale": config.validation.guidance_scale,
@@ -92,6 +95,8 @@ def score_control(
     generated: list[Image.Image] = []
     with evaluating(trained):
         for start in range(0, len(metric_set.captions), CHUNK):
+            if should_stop() and generated:
+                break
             generator = torch.Generator(parts.vae.device).manual_seed(seed + start)
             prompts = metric_set.captions[start : start + CHUNK]
             images = metric_set.conditionings[start : start + CHUNK]
@@ -99,12 +104,14 @@ def score_control(
                 generated += method.generate(family, parts, trained, prompts, images, settings, generator)
     scores = [metric_set.metric.score(g, c, p) for g, c, p in
               zip(generated, metric_set.conditionings, metric_set.captions)]
-    if out_dir is not None:
+    if out_dir is not None and generated:
         out_dir.mkdir(parents=True, exist_ok=True)
         shown = slice(0, 8)
         top, bottom = grid(metric_set.conditionings[shown]), grid(generated[shown])
         sheet = Image.new("RGB", (top.width, top.height * 2))
         sheet.paste(top, (0, 0))
         sheet.paste(bottom, (0, top.height))
-        sheet.save(out_dir / "metric-grid.png")
+        captions = "; ".join(f"{i}: {c}" for i, c in enumerate(metric_set.captions[shown]))
+        captioned(sheet, f"held-out conditionings (top), generated (below); captions {captions}").save(
+            out_dir / "metric-grid.png")
     return mean_scores(scores)

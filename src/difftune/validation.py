@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from difftune.config import RunConfig, ValidationConfig
 from difftune.data.sources import DataError
@@ -50,6 +53,23 @@ def grid(images: list[Image.Image]) -> Image.Image:
     return canvas
 
 
+def captioned(image: Image.Image, text: str, min_width: int = 384) -> Image.Image:
+    """The image (scaled up by a whole factor to at least min_width, pixels kept sharp)
+    over a white strip with the text, wrapped: a grid that says what it was asked."""
+    scale = max(1, -(-min_width // image.width))
+    shown = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    font = ImageFont.load_default()
+    per_line = max(8, shown.width // 7)
+    lines = textwrap.wrap(text, per_line)[:4] or [""]
+    strip = 14 * len(lines) + 8
+    canvas = Image.new("RGB", (shown.width, shown.height + strip), "white")
+    canvas.paste(shown, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for number, line in enumerate(lines):
+        draw.text((4, shown.height + 4 + 14 * number), line, fill="black", font=font)
+    return canvas
+
+
 def run_validation(
     family: Family,
     parts: Parts,
@@ -58,8 +78,11 @@ def run_validation(
     pairs: list[ValidationPair],
     config: RunConfig,
     out_dir: Path,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> list[dict[str, Any]]:
-    """Generate num_images per pair; write PNGs and a (conditioning | generated...) grid."""
+    """Generate num_images per pair; write PNGs and a (conditioning | generated...) grid
+    captioned with its prompt, and prompts.json. Stops before the next pair once
+    `should_stop()` (a stop signal): what was made is kept."""
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {
         "num_inference_steps": config.validation.steps,
@@ -72,14 +95,19 @@ def run_validation(
     results = []
     with evaluating(trained):
         for index, pair in enumerate(pairs):
+            if should_stop():
+                break
             generator = torch.Generator(parts.denoiser.device).manual_seed(seed)
             with torch.no_grad():
                 images = method.generate(family, parts, trained, pair.prompt, pair.image, settings, generator)
             for number, image in enumerate(images):
                 image.save(out_dir / f"pair-{index:02d}-image-{number}.png")
             row = ([pair.image] if pair.image is not None else []) + images
-            grid(row).save(out_dir / f"pair-{index:02d}-grid.png")
+            shown = f"{pair.prompt!r}" + (f" | control: {Path(pair.image_path).name}" if pair.image_path else "")
+            captioned(grid(row), shown).save(out_dir / f"pair-{index:02d}-grid.png")
             results.append({"prompt": pair.prompt, "image": pair.image_path, "images": images, "row": row})
+    prompts = {f"pair-{i:02d}": {"prompt": r["prompt"], "image": r["image"]} for i, r in enumerate(results)}
+    (out_dir / "prompts.json").write_text(json.dumps(prompts, indent=1))
     return results
 
 

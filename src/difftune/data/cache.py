@@ -24,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import uuid
 from collections import Counter
@@ -42,6 +43,7 @@ from difftune.data.samples import PriorPreservationSamples, TrainingSamples, col
 from difftune.data.sources import image_source
 from difftune.data.transforms import paired_transform
 
+logger = logging.getLogger(__name__)
 CACHE_VERSION = 1
 SHARD_ENTRIES = 256
 INDEX = "index.json"
@@ -72,8 +74,7 @@ class CacheStore:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
-        index = folder / INDEX
-        self.index: dict[str, str] = json.loads(index.read_text()) if index.is_file() else {}
+        self.index: dict[str, str] = _read_index(folder / INDEX)
         self._pending: dict[str, dict[str, torch.Tensor]] = {}
         self._handles: dict[str, Any] = {}  # opened lazily, per process (DataLoader workers)
 
@@ -103,7 +104,7 @@ class CacheStore:
         with open(self.folder / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             index = self.folder / INDEX
-            merged = json.loads(index.read_text()) if index.is_file() else {}
+            merged = _read_index(index)
             merged.update(dict.fromkeys(self._pending, name))
             index_partial = self.folder / f".{INDEX}.{token}.partial"
             index_partial.write_text(json.dumps(merged))
@@ -125,6 +126,24 @@ class CacheStore:
                 fields.setdefault(name.split("/", 1)[0], []).append(name)
             self._handles[shard] = (handle, fields)
         return self._handles[shard]
+
+    def drop_unreadable(self) -> list[str]:
+        """Forget the entries of shards that cannot be read back (truncated, zeroed,
+        deleted): they are encoded again. Returns a sentence per bad shard."""
+        problems = []
+        for shard in sorted(set(self.index.values())):
+            try:
+                _, fields = self._open(shard)
+                lacking = [key for key, name in self.index.items() if name == shard and key not in fields]
+            except Exception as error:  # noqa: BLE001 (safetensors raises several kinds for a bad file)
+                problems.append(f"{shard} is unreadable ({type(error).__name__}); its entries are encoded again")
+                lacking = [key for key, name in self.index.items() if name == shard]
+            else:
+                if lacking:
+                    problems.append(f"{shard} lacks {len(lacking)} entries; they are encoded again")
+            for key in lacking:
+                del self.index[key]
+        return problems
 
     def __getstate__(self) -> dict[str, Any]:
         # safetensors handles do not pickle; each DataLoader worker opens its own.
@@ -190,7 +209,7 @@ class Processes:
         error: Exception | None = None
         try:
             encode()
-        except Exception as caught:  # noqa: BLE001 (re-raised below, on every process)
+        except Exception as caught:
             error = caught
         if self.any_of(error is not None):
             raise error or RuntimeError("another process failed while encoding the cache; see its error")
@@ -243,11 +262,27 @@ def build_cache(
     return EncodedSamples(samples, latents, latent_keys, texts, text_keys), stats
 
 
+def _read_index(path: Path) -> dict[str, str]:
+    """{key: shard}; a damaged index counts as empty (everything is encoded again, and
+    the next flush writes a sound one)."""
+    if not path.is_file():
+        return {}
+    try:
+        index = json.loads(path.read_text())
+    except (ValueError, OSError):
+        return {}
+    return index if isinstance(index, dict) and all(isinstance(v, str) for v in index.values()) else {}
+
+
 def _missing(folder: Path, keys: dict[Any, str], processes: Processes) -> list[Any]:
-    """The items whose key the cache lacks, one per distinct key, in order. Every process
-    reads the index before any of them writes to it, so the counts reported are this
-    run's (without the barrier a fast process's entries would count as reused)."""
+    """The items whose key the cache lacks or holds in a damaged shard, one per distinct
+    key, in order. Every process reads the index before any of them writes to it, so the
+    counts reported are this run's (without the barrier a fast process's entries would
+    count as reused)."""
     store = CacheStore(folder)
+    for problem in store.drop_unreadable():
+        if processes.index == 0:
+            logger.warning("cache %s: %s", folder, problem)
     seen: set[str] = set()
     missing = []
     for item, key in keys.items():

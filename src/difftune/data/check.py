@@ -33,16 +33,19 @@ import datasets
 from PIL import Image, UnidentifiedImageError
 
 from difftune.config import DataConfig
-from difftune.data.sources import Columns, DataError, check_columns, load_rows, undecoded
+from difftune.data.sources import Columns, DataError, check_columns, load_rows, regular_file_problem, undecoded
 
 KINDS = (
     "missing_file",
+    "not_a_file",
+    "outside_dataset",
     "zero_byte",
     "unreadable",
     "truncated",
     "not_an_image_cell",
     "size_mismatch",
     "too_small",
+    "extreme_aspect",
     "cmyk",
     "sixteen_bit",
     "palette",
@@ -54,6 +57,10 @@ KINDS = (
 )
 
 SUMMARY_FINDINGS = 20
+MAX_ASPECT = 20
+"""Longer side over shorter side beyond which an image cannot be trained on: its shorter
+side would be scaled to data.resolution and its longer one 20 times that, to crop away
+all but a sliver (a 20000x1 strip would take gigabytes)."""
 
 
 @dataclass
@@ -226,7 +233,7 @@ def _scan_image_column(
         # Only the target is checked for size: the conditioning image is resized to the
         # target's size during training whatever its own size is.
         if result is not None and resolution is not None:
-            findings += _too_small(result, row, column, resolution)
+            findings += _extreme_aspect(result, row, column) or _too_small(result, row, column, resolution)
         report.findings += findings
         scanned.append(result)
     return scanned
@@ -254,6 +261,8 @@ class _ImageScanner:
         if source is None:
             message = f"expected a path, bytes or an image, got {type(value).__name__}"
             return [finding("not_an_image_cell", message)], None
+        if self.escapes(source, file):
+            return [finding("outside_dataset", f"{file} points outside the dataset folder {self.root}")], None
         data, problem = self._read(source)
         if problem is not None:
             return [finding(*problem)], None
@@ -292,10 +301,23 @@ class _ImageScanner:
             return self.root / value, file, ""
         return None, None, ""
 
+    def escapes(self, source: Path | bytes, file: str | None) -> bool:
+        """A relative path that leads out of the dataset folder ("../../x.png")."""
+        if not isinstance(source, Path) or file is None or Path(file).is_absolute():
+            return False
+        # Lexically, not through symlinks: a link to a file kept elsewhere is fine.
+        inside = os.path.abspath(self.root) + os.sep
+        return self.root.is_dir() and not os.path.abspath(source).startswith(inside)
+
     def _read(self, source: Path | bytes) -> tuple[bytes | None, tuple[str, str] | None]:
         """The bytes to decode (None: let PIL read the file, headers only), or a problem."""
         if isinstance(source, bytes):
             return source, (("zero_byte", "the image bytes are empty") if not source else None)
+        problem = regular_file_problem(source)
+        if problem == "no such file":
+            return None, ("missing_file", f"no such file {source}")
+        if problem:
+            return None, ("not_a_file", f"{source}: {problem}")
         try:
             if self.full:
                 data = source.read_bytes()  # read once: hashed and decoded from memory
@@ -364,6 +386,15 @@ class _Header:
                 "so transparent pixels train with their stored colour"
             )))
         return notes
+
+
+def _extreme_aspect(scanned: _Scanned, row: int, column: str) -> list[Finding]:
+    width, height = scanned.size
+    if max(width, height) <= MAX_ASPECT * min(width, height):
+        return []
+    message = (f"{width}x{height}: one side is more than {MAX_ASPECT} times the other; scaled to cover "
+               "data.resolution it would take gigabytes and be cropped to a sliver")
+    return [Finding(row, column, scanned.file, "extreme_aspect", message, True)]
 
 
 def _too_small(scanned: _Scanned, row: int, column: str, resolution: int) -> list[Finding]:

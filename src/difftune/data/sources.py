@@ -4,6 +4,7 @@ save_to_disk) and Hub datasets, all through `datasets`, with the column mapping 
 from __future__ import annotations
 
 import io
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,13 +13,9 @@ import datasets
 import numpy as np
 from PIL import Image, ImageOps
 
-from difftune.errors import UserError
 from difftune.config import DataConfig
-
-
-class DataError(UserError, ValueError):
-    """A dataset problem, naming the dataset, column, row or file."""
-
+from difftune.data.diagnose import explain_load_failure
+from difftune.errors import DataError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 DATA_FILE_SUFFIXES = frozenset({".jsonl", ".json", ".csv", ".parquet", ".arrow"})
@@ -52,9 +49,11 @@ def caption_folder_rows(path: Path, config: DataConfig) -> datasets.Dataset:
 
     Either every image has a caption file or none has: a partial set is reported, not
     silently trained with empty captions."""
+    # Anything named like an image that is not a folder: a FIFO or a device named .png is
+    # kept, so the scan reports it instead of it vanishing from the data without a word.
     images = sorted(
         f for f in path.rglob("*")
-        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not _hidden(f, path)
+        if not f.is_dir() and f.suffix.lower() in IMAGE_SUFFIXES and not _hidden(f, path)
     )
     captions = [f.with_suffix(".txt") for f in images]
     present = [c.is_file() for c in captions]
@@ -64,8 +63,45 @@ def caption_folder_rows(path: Path, config: DataConfig) -> datasets.Dataset:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         raise DataError(f"data.path {config.path!r}: {len(missing)} image(s) lack a caption file: {shown}")
     if all(present):
-        columns[config.caption_column] = [c.read_text(encoding="utf-8").strip() for c in captions]
+        columns[config.caption_column] = [read_caption(c) for c in captions]
     return datasets.Dataset.from_dict(columns)
+
+
+MAX_CAPTION_BYTES = 1 << 20
+
+
+def read_caption(file: Path) -> str:
+    """A caption file's text, naming the file when it is not UTF-8 text or not a file."""
+    problem = regular_file_problem(file, MAX_CAPTION_BYTES)
+    if problem:
+        raise DataError(f"caption file {file}: {problem}")
+    try:
+        return file.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError as error:
+        raise DataError(f"caption file {file} is not UTF-8 text (byte {error.object[error.start]:#x} at "
+                        f"{error.start}); save it as UTF-8") from None
+
+
+MAX_IMAGE_BYTES = 1 << 31
+"""No image file difftune reads is larger (2 GiB): a bigger one is a mistake, not a photo."""
+
+
+def regular_file_problem(path: Path, limit: int = MAX_IMAGE_BYTES) -> str | None:
+    """Why a path cannot be read as a file: it is missing, a FIFO or a device (reading
+    would block, or never end: /dev/zero), or larger than `limit` bytes."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as error:
+        return f"cannot read it ({error.strerror or type(error).__name__})"
+    if not stat.S_ISREG(status.st_mode):
+        kind = ("a folder" if stat.S_ISDIR(status.st_mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(status.st_mode)
+                else "a device" if stat.S_ISCHR(status.st_mode) or stat.S_ISBLK(status.st_mode) else "a socket")
+        return f"not a regular file: it is {kind}"
+    if status.st_size > limit:
+        return f"{status.st_size / 2**30:.1f} GiB, more than the {limit / 2**30:.0f} GiB limit"
+    return None
 
 
 def load_rows(config: DataConfig, seed: int) -> datasets.Dataset:
@@ -84,8 +120,8 @@ def load_rows(config: DataConfig, seed: int) -> datasets.Dataset:
             )
     except DataError:
         raise
-    except (FileNotFoundError, ValueError, KeyError) as error:
-        raise DataError(f"data.path {config.path!r}: cannot open dataset: {error}") from None
+    except Exception as error:  # noqa: BLE001 (datasets raises many kinds; each is explained)
+        raise DataError(f"data.path {config.path!r}: {explain_load_failure(path, error)}") from None
     if config.max_samples is not None and config.max_samples < len(rows):
         rows = rows.shuffle(seed=seed).select(range(config.max_samples))
     return rows
@@ -148,6 +184,9 @@ def open_image(value: Any, root: Path, where: str) -> Image.Image:
     source = image_source(value, root)
     if source is None:
         raise DataError(f"{where}: expected an image, bytes or a path, got {type(value).__name__}")
+    problem = regular_file_problem(source) if isinstance(source, Path) else None
+    if problem:
+        raise DataError(f"{where}: {source}: {problem}")
     try:
         with Image.open(source) as image:
             return to_rgb(image)

@@ -4,6 +4,12 @@ A checkpoint is written to a hidden temporary folder and renamed into place once
 holds everything, with a COMPLETE marker last; a folder without the marker (a save cut
 short) is never picked for resume. Old checkpoints are pruned only after a new one is
 complete, so a crash during a save never leaves fewer than the limit.
+
+Before the marker, MANIFEST.json records every file's size and checksum, and the run's
+config is copied in (config.toml). Resuming verifies the checkpoint against its manifest
+first: a file deleted, truncated or overwritten after the save makes difftune pass over
+that checkpoint to the previous sound one, saying so, instead of failing after the
+models load.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from difftune.errors import UserError
+from difftune.files import apply_umask, crc32, fsync_tree, staging_path
 
 if TYPE_CHECKING:  # this module is also read before torch is imported (resume checks)
     from accelerate import Accelerator
@@ -23,6 +30,8 @@ if TYPE_CHECKING:  # this module is also read before torch is imported (resume c
 PREFIX = "step-"
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
+MANIFEST = "MANIFEST.json"
+CONFIG_FILE = "config.toml"
 
 
 class ResumeError(UserError, ValueError):
@@ -43,8 +52,9 @@ def checkpoint_bytes(run_dir: Path, trainable_parameters: int) -> int:
     return trainable_parameters * 16 + 10 * 2**20
 
 
-def check_disk_space(run_dir: Path, needed: int, step: int) -> str | None:
-    """A message when the run directory's disk cannot hold `needed` bytes (with 10% to spare)."""
+def check_disk_space(run_dir: Path, needed: int, step: int, what: str = "") -> str | None:
+    """A message when the run directory's disk cannot hold `needed` bytes (with 10% to
+    spare) for `what` (default: the step's checkpoint)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(run_dir).free
     if free >= needed * 1.1:
@@ -52,7 +62,7 @@ def check_disk_space(run_dir: Path, needed: int, step: int) -> str | None:
     found = complete_checkpoints(run_dir)
     last = f"the last complete checkpoint is {found[-1].name}" if found else "there is no checkpoint yet"
     return (
-        f"not enough disk space for the step-{step} checkpoint: it needs about {needed / 2**20:.0f} MB "
+        f"not enough disk space for {what or f'the step-{step} checkpoint'}: it needs about {needed / 2**20:.0f} MB "
         f"and {free / 2**20:.0f} MB are free in {run_dir}. Nothing was written; {last}. "
         "Free some space (or lower train.checkpoints_total_limit) and run the same command to resume."
     )
@@ -82,21 +92,78 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
-    """The checkpoint to continue from: a given one, or the newest complete one.
+    """The checkpoint to continue from (see `pick_checkpoint`), without the passed-over list."""
+    return pick_checkpoint(run_dir, resume)[0]
 
-    With resume unset, a run directory that already has checkpoints continues from the
-    newest: re-running the same command never throws finished work away.
+
+def pick_checkpoint(run_dir: Path, resume: str | None) -> tuple[Path | None, list[str]]:
+    """The checkpoint to continue from, and a sentence for each damaged one passed over.
+
+    With resume unset or "latest", the newest sound checkpoint: re-running the same
+    command never throws finished work away, and a damaged newest checkpoint falls back
+    to the one before. A checkpoint named explicitly must itself be sound.
     """
     if resume is None or resume == "latest":
-        found = complete_checkpoints(run_dir)
-        return found[-1] if found else None
+        skipped = []
+        for candidate in reversed(complete_checkpoints(run_dir)):
+            problem = verify_checkpoint(candidate)
+            if problem is None:
+                return candidate, skipped
+            skipped.append(f"{candidate.name} is damaged ({problem})")
+        if skipped:
+            raise ResumeError(
+                f"every checkpoint in {run_dir / 'checkpoints'} is damaged: " + "; ".join(skipped)
+                + ". Nothing was changed. To start over, move that folder away (or use another train.output_dir).")
+        return None, []
     path = Path(resume)
     if not path.is_absolute() and not path.exists():
         path = run_dir / "checkpoints" / resume
     if not (path / MARKER).is_file():
         reason = "does not exist" if not path.exists() else "is not a complete checkpoint"
         raise ResumeError(f"train.resume = {resume!r}: {path} {reason}")
-    return path
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise ResumeError(f"train.resume = {resume!r}: {path} is damaged ({problem})")
+    return path, []
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why a complete checkpoint cannot be resumed from (None: it is sound)."""
+    state = _read_state(path)
+    if isinstance(state, str):
+        return state
+    if f"{PREFIX}{state.step:06d}" != path.name:
+        return f"{STATE_FILE} says step {state.step}, the folder name says {path.name}"
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
+        # Written by a difftune from before manifests: check what can be checked.
+        return None if any(path.glob("random_states_*.pkl")) else "no random_states_*.pkl (RNG state)"
+    try:
+        files = json.loads(manifest_file.read_text())["files"]
+    except (ValueError, KeyError, TypeError, OSError) as error:
+        return f"{MANIFEST} is unreadable ({type(error).__name__})"
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != expected["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, {expected['bytes']} were written"
+        if crc32(file) != expected["crc32"]:
+            return f"{name} has changed since it was written (checksum)"
+    return None
+
+
+def _read_state(path: Path) -> TrainState | str:
+    try:
+        return TrainState(**json.loads((path / STATE_FILE).read_text()))
+    except FileNotFoundError:
+        return f"no {STATE_FILE}"
+    except (ValueError, TypeError, OSError) as error:
+        return f"{STATE_FILE} is unreadable ({type(error).__name__})"
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.removeprefix(PREFIX))
 
 
 def store_trained_weights(accelerator: Accelerator, method: Any, names: list[str]) -> None:
@@ -126,12 +193,12 @@ def remove_partial_checkpoints(run_dir: Path) -> None:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, run_dir: Path, state: TrainState, total_limit: int | None
+    accelerator: Accelerator, run_dir: Path, state: TrainState, total_limit: int | None, config_text: str = ""
 ) -> Path:
-    """Write accelerate state (weights in diffusers format) + trainer state atomically;
-    prune old checkpoints after the new one is complete."""
+    """Write accelerate state (weights in diffusers format), trainer state, the run's
+    config and a manifest atomically; prune old checkpoints after the new one is complete."""
     final = checkpoint_dir(run_dir, state.step)
-    staging = final.with_name(f".{final.name}.partial")
+    staging = staging_path(final)
     if accelerator.is_main_process and staging.exists():
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
@@ -141,7 +208,10 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (staging / STATE_FILE).write_text(json.dumps(asdict(state)))
+        (staging / CONFIG_FILE).write_text(config_text)
+        apply_umask(staging)
         _fsync_tree(staging)
+        _write_manifest(staging)
         (staging / MARKER).write_text("")
         if final.exists():
             shutil.rmtree(final)
@@ -151,9 +221,29 @@ def save_checkpoint(
     return final
 
 
+def _write_manifest(folder: Path) -> None:
+    files = {
+        str(f.relative_to(folder)): {"bytes": f.stat().st_size, "crc32": crc32(f)}
+        for f in sorted(folder.rglob("*")) if f.is_file()
+    }
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
 def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainState:
-    accelerator.load_state(str(path))
-    return TrainState(**json.loads((path / STATE_FILE).read_text()))
+    """Restore the accelerate state; a failure names the checkpoint instead of a traceback
+    from inside accelerate (the checkpoint was verified, so this means another version of
+    a library or another number of processes wrote it)."""
+    try:
+        accelerator.load_state(str(path))
+    except Exception as error:
+        raise ResumeError(
+            f"{path} cannot be restored ({type(error).__name__}: {error}). It was written by another "
+            "setup (number of processes, library versions?); resume with the one that wrote it, "
+            "or set train.resume to an earlier checkpoint."
+        ) from error
+    state = _read_state(path)
+    assert isinstance(state, TrainState)  # verified before
+    return state
 
 
 def _prune(run_dir: Path, total_limit: int | None) -> None:
@@ -165,7 +255,4 @@ def _prune(run_dir: Path, total_limit: int | None) -> None:
 
 
 def _fsync_tree(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
+    fsync_tree(root)

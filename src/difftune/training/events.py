@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import resource
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -22,23 +23,51 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class Throughput:
-    """Samples per second, smoothed, and the time left at that rate."""
+    """Samples per second, smoothed, and the time left, counting training time only
+    (validation and checkpoints are pauses: `restart` after each)."""
 
     def __init__(self, smoothing: float = 0.9) -> None:
         self.smoothing = smoothing
         self.rate: float | None = None
         self.last = time.perf_counter()
+        self.active = 0.0
+        """Seconds spent in steps this session (pauses left out)."""
+        self.steps = 0
 
     def update(self, samples: int) -> float:
         now = time.perf_counter()
-        rate = samples / max(now - self.last, 1e-9)
+        elapsed = max(now - self.last, 1e-9)
+        rate = samples / elapsed
         self.last = now
+        self.active += elapsed
+        self.steps += 1
         self.rate = rate if self.rate is None else self.smoothing * self.rate + (1 - self.smoothing) * rate
         return self.rate
 
     def restart(self) -> None:
         """Forget the clock after a pause (validation, checkpoint) so it isn't counted."""
         self.last = time.perf_counter()
+
+    def eta(self, steps_left: int) -> float:
+        """Seconds to go at this session's mean step time (pauses left out): a mean over
+        the session does not swing with one slow step the way the smoothed rate does."""
+        if self.steps == 0:
+            return float("nan")
+        return steps_left * self.active / self.steps
+
+
+class LossWindow:
+    """The mean of the last losses (each step draws other timesteps, so one step's loss
+    says little)."""
+
+    def __init__(self, size: int = 20) -> None:
+        self.size = size
+        self.values: list[float] = []
+
+    def add(self, loss: float) -> float:
+        if math.isfinite(loss):
+            self.values = (self.values + [loss])[-self.size :]
+        return sum(self.values) / len(self.values) if self.values else float("nan")
 
 
 class EventLog:
@@ -73,12 +102,41 @@ def read_events(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def progress_bar(console: Console, enabled: bool) -> Progress:
+    """step N/M, the mean loss of the last 20 steps, samples/s, time left (training time
+    only), and what the run is doing between steps (validating, saving)."""
     return Progress(
         TextColumn("[bold]train"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} samples/s"),
-        TimeRemainingColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} samples/s  {task.fields[eta]}"),
+        TextColumn("{task.fields[status]}"),
         console=console,
         disable=not enabled,
     )
+
+
+def duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "-:--:--"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d} left"
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS. glibc keeps freed blocks of up to 32 MB in
+    its heap (most of a UNet's tensors), so without this the resident size stays at its
+    peak after the optimizer state is freed."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def tracker_hyperparameters(config: Any) -> dict[str, Any]:
+    """Scalar hyperparameters for trackers (tensorboard stores no lists)."""
+    flat = {}
+    for section, values in config.model_dump().items():
+        for key, value in values.items():
+            if isinstance(value, (bool, int, float, str)):
+                flat[f"{section}.{key}"] = value
+    return flat

@@ -31,6 +31,8 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signal_name: str | None = None
+        """"SIGTERM" or "SIGINT": what asked the run to stop."""
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -48,6 +50,7 @@ class StopSignals:
         if self.requested and number == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.signal_name = signal.Signals(number).name
 
 
 class NonFiniteGuard:

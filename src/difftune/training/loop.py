@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import os
 import time
-from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -14,15 +13,16 @@ import torch
 from accelerate import Accelerator
 from rich.console import Console
 
-from difftune.config import RunConfig
+from difftune.config import RunConfig, to_toml
 from difftune.data.cache import Processes, build_cache, default_cache_dir
-from difftune.data.check import write_report as write_data_report
+from difftune.files import discard, publish, staging_path
 from difftune.objectives import DiscreteDiffusion
 from difftune.report import write_report
 from difftune.scoring import score_control
 from difftune.training import setup
 from difftune.training.checkpoint import (
     DiskSpaceError,
+    ResumeError,
     TrainState,
     check_disk_space,
     checkpoint_bytes,
@@ -32,29 +32,44 @@ from difftune.training.checkpoint import (
     store_trained_weights,
 )
 from difftune.training.ema import WeightAverage
-from difftune.training.events import EventLog, Throughput, peak_memory_mb, progress_bar
+from difftune.training.events import (
+    EventLog,
+    LossWindow,
+    Throughput,
+    duration,
+    peak_memory_mb,
+    progress_bar,
+    return_freed_memory,
+    tracker_hyperparameters,
+)
 from difftune.training.guards import NonFiniteGuard, NonFiniteLoss, StopSignals, agreed, all_finite
 from difftune.training.optim import make_lr_scheduler, make_optimizer, total_steps
+from difftune.training.plan import RunPlan, finished_step, plan_run
 from difftune.training.step import Trainee, training_loss
+from difftune.training.summary import log_data_check, log_plan, start_summary
 from difftune.validation import ValidationPair, log_to_trackers, run_validation
 
 
 class Run:
     """A training run in its run directory: set up once, then `fit`."""
 
-    def __init__(self, config: RunConfig, console: Console | None = None) -> None:
+    def __init__(self, config: RunConfig, console: Console | None = None, plan: RunPlan | None = None) -> None:
         self.config = config
         self.console = console or Console(stderr=True)
-        self.run_dir = Path(config.train.output_dir)
+        self.plan = plan or plan_run(config, main_process=main_process_by_environment())
+        self.run_dir = self.plan.run_dir
         checked = setup.preflight(config)  # before any model loads
         self.validation_pairs: list[ValidationPair] = checked.validation_pairs
         self.metric_set = checked.metric_set
         self.floor: dict[str, float] | None = None
-        self.resume_from = checked.resume_from
+        self.resume_from = self.plan.resume_from
         self.accelerator: Accelerator = setup.make_accelerator(config)
+        main = self.accelerator.is_main_process
         setup.write_run_config(config, self.accelerator)
-        self.events = EventLog(self.run_dir, self.accelerator.is_main_process)
-        self._log_data_check(checked.samples)
+        self.events = EventLog(self.run_dir, main)
+        log_plan(self.plan, self.events, self.console, main)
+        if main:
+            log_data_check(checked.samples, self.run_dir, self.events, self.console)
         self.trainee = self._load_models(checked)
         self.nonfinite = NonFiniteGuard(config.train.max_nonfinite_steps)
         self.window_bad = False  # a non-finite loss in the current accumulation window
@@ -66,27 +81,10 @@ class Run:
         samples = self._encoded(samples)
         self.loader, self.sampler = setup.make_dataloader(samples, config, self.accelerator.num_processes,
                                                           self.accelerator.device)
+        self.sample_count = len(samples)
         if hasattr(self.sampler, "summary"):
             self.events.write("buckets", samples_per_bucket=self.sampler.summary())
         self._prepare()
-
-    def _log_data_check(self, samples: Any) -> None:
-        """The pre-training data check in the run directory (data-check.json) and events:
-        every skipped row by file and reason, and the notes (conversions, upscaling)."""
-        report = samples.report
-        if report is None or not self.accelerator.is_main_process:
-            return
-        write_data_report(report, self.run_dir / "data-check.json")
-        skipped = [asdict(f) for f in report.findings if f.fatal]
-        self.events.write("data_check", rows=report.rows, trained_rows=len(samples),
-                          skipped_rows=report.bad_rows(), counts=report.counts(), skipped=skipped)
-        if skipped:
-            self.console.log(f"data: skipping {len(report.bad_rows())} bad row(s) of {report.rows} "
-                             f"(data.on_bad = \"skip\"); each is listed in {self.run_dir / 'data-check.json'}")
-        notes = Counter(f.kind for f in report.findings if not f.fatal)
-        if notes:
-            described = ", ".join(f"{kind} {n}" for kind, n in notes.items())
-            self.console.log(f"data notes ({described}): see {self.run_dir / 'data-check.json'}")
 
     def _encoded(self, samples: Any) -> Any:
         """With data.cache_latents / cache_text: encode what the cache lacks once, train
@@ -153,16 +151,26 @@ class Run:
 
     def fit(self) -> Path | None:
         """Train to max_steps (continuing from a checkpoint if there is one); return final/,
-        or None when a stop signal ended the run early (after a checkpoint)."""
+        or None when a stop signal ended the run early (after a checkpoint). A stop signal
+        during the last validation ends it there: final/ is written by then."""
         state = self._restore()
-        if self.accelerator.is_main_process:
-            self.accelerator.init_trackers(self.config.train.tracker_project_name, config=_flat(self.config))
+        main = self.accelerator.is_main_process
+        if main:
+            self.accelerator.init_trackers(self.config.train.tracker_project_name,
+                                           config=tracker_hyperparameters(self.config))
+        summary = start_summary(self, state.step)
         self.events.write("start", step=state.step, max_steps=self.max_steps,
-                          resumed_from=str(self.resume_from) if self.resume_from else None)
-        with StopSignals() as self.stop, progress_bar(self.console, self.accelerator.is_main_process) as bar:
-            task = bar.add_task("train", total=self.max_steps, completed=state.step, loss=0.0, rate=0.0)
-            finished = self._train(state, lambda **kw: bar.update(task, **kw))
-        final = self._finish(state) if finished else None
+                          resumed_from=str(self.resume_from) if self.resume_from else None, summary=summary)
+        if main:
+            self.console.print("\n".join(summary), highlight=False, soft_wrap=True)
+        with StopSignals() as self.stop:
+            with progress_bar(self.console, main) as bar:
+                task = bar.add_task("train", total=self.max_steps, completed=state.step, loss=float("nan"),
+                                    rate=0.0, eta="", status="")
+                self.show = lambda **kw: bar.update(task, **kw)
+                finished = self._train(state)
+            self.show = lambda **kw: None
+            final = self._finish(state) if finished else None
         self.accelerator.end_training()
         return final
 
@@ -172,12 +180,15 @@ class Run:
         if self.resume_from is None:
             return TrainState()
         state = load_checkpoint(self.accelerator, self.resume_from)
-        self.console.log(f"resuming from {self.resume_from} at step {state.step}")
+        if state.step > self.max_steps:  # max_steps from epochs (training.plan checks train.max_steps)
+            raise ResumeError(f"the run is at step {state.step} ({self.resume_from.name}), past the "
+                              f"{self.max_steps} steps of train.epochs = {self.config.train.epochs}: raise "
+                              "epochs to continue it, or give another train.output_dir for a new run")
         return state
 
-    def _train(self, state: TrainState, show: Any) -> bool:
+    def _train(self, state: TrainState) -> bool:
         """Run optimizer steps to max_steps; False if a stop signal ended it early."""
-        clock = Throughput()
+        clock, losses = Throughput(), LossWindow()
         while state.step < self.max_steps:
             if state.samples_in_epoch >= self.samples_per_epoch:
                 state.epoch, state.samples_in_epoch = state.epoch + 1, 0
@@ -189,7 +200,7 @@ class Run:
                     continue
                 state.step += 1
                 stopping = agreed(self.accelerator, self.stop.requested)
-                self._after_step(state, loss, clock, show, validate=not stopping)
+                self._after_step(state, loss, clock, losses, validate=not stopping)
                 if stopping:
                     self._stop(state)
                     return False
@@ -254,17 +265,17 @@ class Run:
         """A stop signal: keep the work (a checkpoint at this step) and leave cleanly."""
         if self.saved_step != state.step:
             self._checkpoint(state)
-        self.events.write("stopped", step=state.step, reason="signal")
+        self.events.write("stopped", step=state.step, reason=self.stop.signal_name)
         self.console.log(f"stopped at step {state.step}; run the same command again to resume")
 
     def _after_step(
-        self, state: TrainState, loss: float, clock: Throughput, show: Any, validate: bool = True
+        self, state: TrainState, loss: float, clock: Throughput, losses: LossWindow, validate: bool = True
     ) -> None:
         rate = clock.update(self.samples_per_step)
-        show(advance=1, loss=loss, rate=rate)
+        eta = clock.eta(self.max_steps - state.step)
+        self.show(advance=1, loss=losses.add(loss), rate=rate, eta=duration(eta))
         if state.step % self.config.train.log_every == 0 or state.step == self.max_steps:
             lr = self.schedule.get_last_lr()[0]
-            eta = (self.max_steps - state.step) * self.samples_per_step / max(rate, 1e-9)
             self.accelerator.log({"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate}, step=state.step)
             self.events.write("step", step=state.step, epoch=state.epoch, loss=loss, lr=lr,
                               samples_per_s=round(rate, 3), eta_s=round(eta, 1),
@@ -280,8 +291,10 @@ class Run:
             raise NonFiniteLoss(f"step {state.step}: the weights are not finite; not saving them")
         self._check_disk_space(state.step)
         started = time.perf_counter()
+        self.show(status="saving a checkpoint")
         path = save_checkpoint(self.accelerator, self.run_dir, state,
-                               self.config.train.checkpoints_total_limit)
+                               self.config.train.checkpoints_total_limit, to_toml(self.config))
+        self.show(status="")
         self.saved_step = state.step
         self.events.write("checkpoint", path=str(path),
                           seconds=round(time.perf_counter() - started, 2), **asdict(state))
@@ -302,18 +315,25 @@ class Run:
             return
         if self.accelerator.is_main_process:
             started = time.perf_counter()
+            self.show(status="validating")
             out_dir = self.run_dir / "validation" / f"step-{step:06d}"
             trainee, trained = self.trainee, self._unwrapped()
             with self._averaged(), self._encoders_on_device():
-                results = run_validation(trainee.family, trainee.parts, trainee.method,
-                                         trained, self.validation_pairs, self.config, out_dir)
-                scores = self._score(trained, out_dir, step)
+                results = run_validation(trainee.family, trainee.parts, trainee.method, trained,
+                                         self.validation_pairs, self.config, out_dir, self._stop_requested)
+                scores = {} if self.stop.requested else self._score(trained, out_dir, step)
             log_to_trackers(self.accelerator.trackers, results, step)
             self.events.write("validation", step=step, path=str(out_dir), pairs=len(results),
-                              seconds=round(time.perf_counter() - started, 2), **scores)
-            write_report(self.run_dir, f"{trainee.method.name} - {self.run_dir.name}")
+                              seconds=round(time.perf_counter() - started, 2),
+                              interrupted=self.stop.requested, **scores)
+            write_report(self.run_dir, self.config)
+            self.show(status="")
         # Everyone waits for the main process here, never inside its generation.
         self.accelerator.wait_for_everyone()
+
+    def _stop_requested(self) -> bool:
+        """Read between validation images: a stop signal ends a validation early."""
+        return self.stop.requested
 
     def _unwrapped(self) -> dict[str, torch.nn.Module]:
         return {name: self.accelerator.unwrap_model(m) for name, m in self.trainee.trained.items()}
@@ -331,30 +351,56 @@ class Run:
             return {}
         trainee, floor_settings = self.trainee, self.trainee.method.floor_settings
         args = (trainee.family, trainee.parts, trainee.method, trained, self.metric_set, self.config)
-        metrics = score_control(*args, out_dir)
-        if self.floor is None and floor_settings is not None:
-            self.floor = score_control(*args, self.run_dir / "validation" / "floor", floor_settings)
+        metrics = score_control(*args, out_dir, should_stop=self._stop_requested)
+        if self.floor is None and floor_settings is not None and not self.stop.requested:
+            self.floor = score_control(*args, self.run_dir / "validation" / "floor", floor_settings,
+                                       should_stop=self._stop_requested)
         logged = {f"validation/{k}": v for k, v in metrics.items()}
         logged |= {f"validation/floor_{k}": v for k, v in (self.floor or {}).items()}
         self.accelerator.log(logged, step=step)
         return {"metrics": metrics, "floor": self.floor}
 
     def _finish(self, state: TrainState) -> Path:
+        """final/ (written whole or not at all; a final/ from a shorter run before it is kept
+        as final-step-N), then the last validation and the report."""
         final = self.run_dir / "final"
         self.accelerator.wait_for_everyone()
         if not self._finite():
             raise NonFiniteLoss(f"step {state.step}: the weights are not finite; final/ not written")
         self._release_training_state()
+        problem = self._final_space_problem(state.step) if self.accelerator.is_main_process else None
+        if agreed(self.accelerator, problem is not None):
+            raise DiskSpaceError(problem or "not enough disk space on the main process for final/")
         if self.accelerator.is_main_process:
-            with self._averaged():
-                self.trainee.method.save(self.trainee.family, self.trainee.parts, self._unwrapped(), final)
+            self._save_final(final, state.step)
             self.events.write("final", step=state.step, path=str(final), ema=self.ema is not None)
         self._validate(state.step)
         if self.accelerator.is_main_process:
-            write_report(self.run_dir, f"{self.trainee.method.name} - {self.run_dir.name}")
+            if self.stop.requested:
+                self.events.write("stopped", step=state.step, reason=self.stop.signal_name, during="final validation")
+                self.console.log("stopped during the last validation; final/ was written before it")
+            write_report(self.run_dir, self.config)
         self.accelerator.wait_for_everyone()
         return final
 
+    def _save_final(self, final: Path, step: int) -> None:
+        staging = staging_path(final)
+        discard(staging)
+        try:
+            with self._averaged():
+                self.trainee.method.save(self.trainee.family, self.trainee.parts, self._unwrapped(), staging)
+        except OSError as error:
+            discard(staging)
+            raise DiskSpaceError(f"final/ could not be written ({error}); the run's last checkpoint holds "
+                                 "its weights: free some space and run the same command again") from error
+        earlier = finished_step(self.run_dir)
+        previous = self.run_dir / f"final-step-{earlier:06d}" if earlier is not None and earlier != step else None
+        publish(staging, final, previous)
+
+    def _final_space_problem(self, step: int) -> str | None:
+        """final/ holds at least the trained weights in fp32."""
+        needed = sum(p.numel() for p in self.params) * 4 + 10 * 2**20
+        return check_disk_space(self.run_dir, needed, step, what="final/")
 
     def _release_training_state(self) -> None:
         """Training is over (a checkpoint, if one was due, is written): free gradients and
@@ -366,25 +412,16 @@ class Run:
         return_freed_memory()
 
 
-def return_freed_memory() -> None:
-    """Hand freed heap memory back to the OS. glibc keeps freed blocks of up to 32 MB in
-    its heap (most of a UNet's tensors), so without this the resident size stays at its
-    peak after the optimizer state is freed."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+def main_process_by_environment() -> bool:
+    """Whether this is the main process of a launch (torchrun and accelerate set RANK),
+    known before the accelerator exists."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
-def _flat(config: RunConfig) -> dict[str, Any]:
-    """Scalar hyperparameters for trackers (tensorboard stores no lists)."""
-    flat = {}
-    for section, values in config.model_dump().items():
-        for key, value in values.items():
-            if isinstance(value, (bool, int, float, str)):
-                flat[f"{section}.{key}"] = value
-    return flat
-
-
-def train(config: RunConfig, console: Console | None = None) -> Path | None:
-    return Run(config, console).fit()
+def train(config: RunConfig, console: Console | None = None, plan: RunPlan | None = None) -> Path | None:
+    """Train the run; its final/ folder, or None when a stop signal ended it early. A run
+    that finished before is not trained again (its final/ is returned)."""
+    plan = plan or plan_run(config, main_process=main_process_by_environment())
+    if plan.finished_at is not None:
+        return plan.run_dir / "final"
+    return Run(config, console, plan).fit()

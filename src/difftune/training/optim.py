@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from diffusers.optimization import get_scheduler
 
-from difftune.errors import UserError
 from difftune.config import TrainConfig
+from difftune.errors import UserError
 
 
 class MissingExtra(UserError, RuntimeError):

@@ -18,7 +18,6 @@ from difftune.data import BucketBatchSampler, EpochSampler, open_training_data
 from difftune.families import FAMILIES, Family, Parts
 from difftune.methods import Method, Trained, make_method
 from difftune.scoring import MetricSet, load_metric_set
-from difftune.training.checkpoint import resolve_resume
 from difftune.training.optim import MissingExtra, require_bitsandbytes
 from difftune.validation import ValidationPair, load_validation_pairs
 from difftune.versions import problems_for
@@ -35,11 +34,11 @@ class Preflight:
     samples: Dataset
     validation_pairs: list[ValidationPair]
     metric_set: MetricSet | None
-    resume_from: Path | None
 
 
 def preflight(config: RunConfig) -> Preflight:
-    """Check pairing, extras, data, validation images and resume target; load no model."""
+    """Check pairing, versions, extras, precision, data, validation images; load no model.
+    (Paths, the run directory and the checkpoint are checked before: training.plan.)"""
     family = FAMILIES[config.model.family]
     method = make_method(config.method)
     broken = problems_for(config)
@@ -50,12 +49,18 @@ def preflight(config: RunConfig) -> Preflight:
     check_extras(config)
     if method.needs_conditioning and config.validation.prompts and not config.validation.images:
         raise ConfigError([f"validation.images: method {method.name!r} needs a conditioning image per prompt"])
-    run_dir = Path(config.train.output_dir)
-    resume_from = resolve_resume(run_dir, config.train.resume)
+    check_precision(config)
     samples = open_training_data(config.data, config.train.seed, method.needs_conditioning,
                                  method.fixed_caption)
     pairs = load_validation_pairs(config.validation, config.data.resolution)
-    return Preflight(family, method, samples, pairs, load_metric_set(config), resume_from)
+    return Preflight(family, method, samples, pairs, load_metric_set(config))
+
+
+def check_precision(config: RunConfig) -> None:
+    """fp16 mixed precision needs a GPU (accelerate refuses it on the CPU, deep inside)."""
+    if config.train.mixed_precision == "fp16" and torch.accelerator.current_accelerator() is None:
+        raise ConfigError(['train.mixed_precision = "fp16" needs a GPU, and none is available here: '
+                           'use "bf16" or "no" on the CPU'])
 
 
 def check_extras(config: RunConfig) -> None:

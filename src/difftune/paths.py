@@ -1,0 +1,264 @@
+"""Checks of the paths a command is given, before anything heavy is imported or loaded.
+
+Each check raises a `UserError` that names the key or flag, the path, what was found and
+what was expected: a model folder that is a data folder, an output directory that is a
+file, an image path whose suffix no image format has. Only the standard library (and, for
+Hub ids, huggingface_hub's cache lookup) is used, so a refusal comes back in well under
+a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import tempfile
+from pathlib import Path
+
+from difftune.errors import UserError
+
+# owner/name or name, as the Hub spells repository ids
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+DATA_HINTS = ("metadata.jsonl", "metadata.csv", "dataset_info.json", "state.json")
+
+
+class PathError(UserError, ValueError):
+    """A path given in the config or on the command line that cannot be used."""
+
+
+def looks_like_path(value: str) -> bool:
+    """A value meant as a local path (not a Hub id), whether or not it exists."""
+    return value.startswith((".", "/", "~")) or not HUB_ID.match(value)
+
+
+# --- models ---------------------------------------------------------------------------
+
+
+def check_pipeline(key: str, value: str, components: dict[str, str], variant: str | None = None,
+                   revision: str | None = None) -> None:
+    """A diffusers pipeline folder (model_index.json, and each component the family
+    loads, with its config and, for models, weights) or a Hub id that can be reached.
+    `components` maps subfolder -> kind ("model", "tokenizer" or "scheduler")."""
+    if _hub_or_missing(key, value, "model_index.json", revision, "a diffusers pipeline folder"):
+        return
+    folder = Path(value).expanduser()
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise PathError(f"{key} = {value!r}: {_what_is(folder)}; expected a diffusers pipeline folder "
+                        "(with model_index.json and one subfolder per component)")
+    try:
+        listed = json.loads(index.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as error:
+        raise PathError(f"{key} = {value!r}: {index} is not readable JSON ({error})") from None
+    problems = []
+    for name, kind in components.items():
+        if not isinstance(listed, dict) or not listed.get(name):
+            problems.append(f"model_index.json lists no {name!r} component")
+            continue
+        problem = _component_problem(folder / name, kind, variant)
+        if problem:
+            problems.append(f"{name}/: {problem}")
+    if problems:
+        raise PathError(f"{key} = {value!r} is not a complete pipeline: " + "; ".join(problems))
+
+
+def check_model_folder(key: str, value: str, class_hint: str, variant: str | None = None,
+                       revision: str | None = None) -> None:
+    """A single-model folder (config.json naming a class that contains `class_hint`, and
+    weights), or a Hub id. A difftune run directory stands for its final/ folder."""
+    if _hub_or_missing(key, value, "config.json", revision, f"a {class_hint} folder"):
+        return
+    folder = run_output_folder(Path(value).expanduser())
+    problem = _component_problem(folder, "model", variant)
+    if problem:
+        raise PathError(f"{key} = {value!r}: {_what_is(folder) if not (folder / 'config.json').is_file() else problem}; "
+                        f"expected a {class_hint} folder (config.json and weights)")
+    found = _class_name(folder / "config.json")
+    if class_hint not in (found or ""):
+        raise PathError(f"{key} = {value!r} holds a {found or 'model of unknown class'}, not a {class_hint}")
+
+
+def check_tokenizer(key: str, value: str, revision: str | None = None) -> None:
+    """A tokenizer folder (tokenizer files at its top) or a Hub id."""
+    if _hub_or_missing(key, value, "tokenizer_config.json", revision, "a tokenizer folder"):
+        return
+    folder = Path(value).expanduser()
+    problem = _component_problem(folder, "tokenizer", None)
+    if problem:
+        hint = f"; did you mean {folder / 'tokenizer'}?" if (folder / "tokenizer").is_dir() else ""
+        raise PathError(f"{key} = {value!r}: {problem}{hint}")
+
+
+def run_output_folder(path: Path) -> Path:
+    """A difftune run directory stands for its final/ folder."""
+    if (path / "final").is_dir() and (path / "events.jsonl").is_file():
+        return path / "final"
+    return path
+
+
+def _component_problem(folder: Path, kind: str, variant: str | None) -> str | None:
+    if not folder.is_dir():
+        return "missing" if not folder.exists() else "not a folder"
+    names = {f.name for f in folder.iterdir()}
+    if kind == "scheduler":
+        return None if "scheduler_config.json" in names else "no scheduler_config.json"
+    if kind == "tokenizer":
+        known = {"tokenizer_config.json", "tokenizer.json", "vocab.json", "spiece.model", "vocab.txt"}
+        return None if names & known else "no tokenizer files (tokenizer_config.json, vocab.json, ...)"
+    if "config.json" not in names:
+        return "no config.json"
+    weights = [folder / n for n in names if n.endswith(WEIGHT_SUFFIXES) or n.endswith(".index.json")]
+    if variant:
+        weights = [w for w in weights if f".{variant}." in w.name]
+    if not weights:
+        wanted = f"{variant} " if variant else ""
+        return f"no {wanted}weights (*.safetensors or *.bin)"
+    empty = [w.name for w in weights if w.is_file() and w.stat().st_size == 0]
+    return f"empty weight file {empty[0]}" if empty else None
+
+
+def _class_name(config: Path) -> str | None:
+    try:
+        found = json.loads(config.read_text(encoding="utf-8")).get("_class_name")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return found if isinstance(found, str) else None
+
+
+def _what_is(folder: Path) -> str:
+    """What a folder that is not the expected model looks like, in a few words."""
+    if not folder.exists():
+        return "no such folder"
+    if not folder.is_dir():
+        return "a file, not a folder"
+    names = {f.name for f in folder.iterdir()}
+    if not names:
+        return "an empty folder"
+    if names & set(DATA_HINTS) or any(n.endswith((".parquet", ".arrow", ".jsonl")) for n in names):
+        return "a dataset folder"
+    if "config.json" in names:
+        found = _class_name(folder / "config.json")
+        return f"a single model folder ({found or 'config.json'}), not a whole pipeline"
+    return "not a model folder (no model_index.json or config.json)"
+
+
+def _hub_or_missing(key: str, value: str, probe: str, revision: str | None, expected: str) -> bool:
+    """True when `value` is a Hub id to load from the Hub (it is reachable or cached);
+    raises for an empty value, a missing local path, or a Hub id that cannot be had;
+    False for an existing local path (the caller checks its contents)."""
+    if not value.strip():
+        raise PathError(f"{key} is empty; expected {expected} or a Hub id")
+    if Path(value).expanduser().exists():
+        return False
+    if looks_like_path(value):
+        raise PathError(f"{key} = {value!r}: no such folder")
+    problem = hub_problem(value, probe, revision)
+    if problem:
+        raise PathError(f"{key} = {value!r}: not a local folder, and {problem}")
+    return True
+
+
+def offline_if_hub_unreachable() -> str | None:
+    """When the Hub cannot be reached (no network, no DNS), switch this process to the
+    local Hub cache at once (HF_HUB_OFFLINE), instead of letting each library retry for
+    half a minute before it looks there. Returns a note to print, or None. Must run before
+    huggingface_hub is imported to take effect (the CLI does so)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return None
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = endpoint.split("://", 1)[-1].split("/", 1)[0]
+    name, _, port = host.partition(":")
+    try:
+        socket.create_connection((name, int(port or 443)), timeout=3).close()
+    except OSError as error:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+        return f"the Hub ({host}) cannot be reached ({error.strerror or type(error).__name__}): using the local cache only"
+    return None
+
+
+def hub_problem(repo_id: str, probe: str, revision: str | None) -> str | None:
+    """Why a Hub repository cannot be loaded now (None: it is cached or reachable)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, probe, revision=revision)
+    if isinstance(cached, str):
+        return None
+    if constants.HF_HUB_OFFLINE:
+        return "it is not in the local Hub cache (HF_HUB_OFFLINE is set: download it once while online)"
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        HfApi().model_info(repo_id, revision=revision, timeout=10)
+    except GatedRepoError:
+        return "it is gated on the Hub: accept its terms on its page, then `hf auth login`"
+    except RepositoryNotFoundError:
+        return "no such model on the Hub (or it is private: `hf auth login`)"
+    except RevisionNotFoundError:
+        return f"the Hub repository has no revision {revision!r}"
+    except Exception as error:
+        return f"the Hub cannot be reached ({type(error).__name__}) and it is not cached"
+    return None
+
+
+# --- outputs --------------------------------------------------------------------------
+
+
+def check_output_dir(key: str, value: str) -> Path:
+    """A directory difftune may create and write in: not a file, not under a file, on a
+    writable disk. Nothing is created here."""
+    if not value.strip():
+        raise PathError(f"{key} is empty; give the directory to write into")
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise PathError(f"{key} = {value!r} is a file, not a directory")
+    existing = _nearest_existing(path)
+    if not existing.is_dir():
+        raise PathError(f"{key} = {value!r}: {existing} is a file, so no directory can be made under it")
+    problem = _write_problem(existing)
+    if problem:
+        raise PathError(f"{key} = {value!r}: cannot write in {existing} ({problem})")
+    return path
+
+
+def check_output_file(key: str, value: str, suffixes: tuple[str, ...] | None = None) -> Path:
+    """A file difftune may write (its folder is made if missing): not a directory, with a
+    suffix from `suffixes` when given."""
+    if not value.strip():
+        raise PathError(f"{key} is empty; give the file to write")
+    path = Path(value).expanduser()
+    if path.is_dir() or value.endswith(("/", os.sep)):
+        raise PathError(f"{key} = {value!r} is a directory; give a file name")
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise PathError(f"{key} = {value!r}: the file name must end in one of {', '.join(suffixes)}")
+    existing = _nearest_existing(path.parent)
+    if not existing.is_dir():
+        raise PathError(f"{key} = {value!r}: {existing} is a file, so the file cannot be made under it")
+    problem = _write_problem(existing)
+    if problem:
+        raise PathError(f"{key} = {value!r}: cannot write in {existing} ({problem})")
+    return path
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _write_problem(folder: Path) -> str | None:
+    """Why nothing can be written in `folder` (tried, not guessed: root ignores modes)."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".difftune-write-test-"):
+            pass
+    except OSError as error:
+        return error.strerror or type(error).__name__
+    return None

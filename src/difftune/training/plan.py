@@ -1,0 +1,231 @@
+"""What `train` will do with its run directory, decided before torch is imported.
+
+A run directory holds one run. Starting `train` on it either starts that run, continues
+it from a checkpoint, or finds it finished; never anything that mixes two runs or throws
+finished work away:
+
+- the paths the config names are checked first (models, output directory, data,
+  validation images), before the run directory is created;
+- one process at a time: a lock file in the run directory;
+- a checkpoint is verified before it is used (a damaged one is passed over, saying so);
+- resuming with settings that change the run itself (learning rate, data, batch size,
+  model, method...) is refused with the list of differences; settings that only change
+  how the run is watched, saved or sped up may change (`MAY_CHANGE`), and each change
+  is reported and recorded;
+- a finished run is not trained again: it says where its result is.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from difftune.config import PIPELINE_COMPONENTS, RunConfig
+from difftune.errors import DataError
+from difftune.paths import (
+    check_model_folder,
+    check_output_dir,
+    check_pipeline,
+    check_tokenizer,
+    looks_like_path,
+)
+from difftune.training.checkpoint import (
+    CONFIG_FILE,
+    ResumeError,
+    checkpoint_step,
+    pick_checkpoint,
+)
+
+# Keys that may differ between a run's checkpoint and the config that resumes it: they
+# change how the run is watched, saved or sped up, not what it trains. A section name
+# stands for all of its keys. max_steps and epochs may go up (to train longer).
+MAY_CHANGE = (
+    "train.max_steps", "train.epochs", "train.checkpoint_every", "train.checkpoints_total_limit",
+    "train.log_every", "train.report_to", "train.tracker_project_name", "train.max_nonfinite_steps",
+    "train.resume", "train.output_dir", "train.gradient_checkpointing", "train.compile", "train.attention", "train.allow_tf32",
+    "train.channels_last", "train.set_grads_to_none",
+    "data.num_workers", "data.cache_dir", "data.cache_latents", "data.cache_text", "data.encoded_cache_dir",
+    "validation", "hub",
+)
+LOCK_FILE = ".lock"
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunPlan:
+    run_dir: Path
+    resume_from: Path | None = None
+    finished_at: int | None = None
+    """The run already finished at this step: there is nothing to train."""
+    changes: list[str] = field(default_factory=list)
+    """Settings that differ from the checkpoint's and may (MAY_CHANGE), as "key: old -> new"."""
+    skipped: list[str] = field(default_factory=list)
+    """Damaged checkpoints passed over, each with why."""
+    lock: Any = None
+
+
+def plan_run(config: RunConfig, main_process: bool = True) -> RunPlan:
+    """Check the paths, take the run directory's lock, pick the checkpoint and hold the
+    config against it. Raises a UserError naming the problem; creates only the run
+    directory and its lock file, and only once the paths are sound."""
+    check_sources(config)
+    run_dir = check_output_dir("train.output_dir", config.train.output_dir)
+    plan = RunPlan(run_dir)
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        plan.lock = take_lock(run_dir)
+    plan.resume_from, plan.skipped = pick_checkpoint(run_dir, config.train.resume)
+    recorded = recorded_config(run_dir, plan.resume_from)
+    finished = finished_step(run_dir)
+    if recorded is not None and (plan.resume_from is not None or finished is not None):
+        plan.changes = compare_configs(recorded, config, plan.resume_from or run_dir)
+    at = checkpoint_step(plan.resume_from) if plan.resume_from is not None else 0
+    if finished is not None and _reached(config, recorded, finished):
+        plan.finished_at = finished
+    elif finished is not None and plan.resume_from is None:
+        raise ResumeError(
+            f"{run_dir} finished at step {finished} and has no checkpoint to continue from: training longer "
+            "would start again from step 0. Start a new run in another train.output_dir (its base can be "
+            f"this run's result, {run_dir / 'final'}).")
+    elif config.train.max_steps is not None and at > config.train.max_steps:
+        raise ResumeError(
+            f"train.max_steps = {config.train.max_steps}, but the run in {run_dir} is at step {at} "
+            f"({plan.resume_from.name if plan.resume_from else ''}): a run cannot go back. Raise max_steps "
+            "to continue it, or give another train.output_dir for a new run.")
+    return plan
+
+
+def check_sources(config: RunConfig) -> None:
+    """The models and files the config names exist and are what they should be."""
+    model = config.model
+    named = [model.pretrained, model.tokenizer, config.method.controlnet, config.data.path,
+             config.validation.metric_data]
+    if any(value and not Path(value).expanduser().exists() and not looks_like_path(value) for value in named):
+        note = offline_if_hub_unreachable()
+        if note:
+            logger.warning(note)
+    components = dict(PIPELINE_COMPONENTS[model.family])
+    if model.tokenizer:
+        check_tokenizer("model.tokenizer", model.tokenizer, model.revision)
+        components.pop("tokenizer", None)
+    check_pipeline("model.pretrained", model.pretrained, components, model.variant, model.revision)
+    if config.method.controlnet:
+        check_model_folder("method.controlnet", config.method.controlnet, "ControlNet")
+    data_path = config.data.path
+    if looks_like_path(data_path) and not Path(data_path).expanduser().exists():
+        raise DataError(f"data.path = {data_path!r}: no such folder or file")
+
+
+_HELD: dict[Path, Any] = {}
+"""Locks this process holds, by run directory: a later run in the same process (a
+notebook, a test) takes the same directory again."""
+
+
+def take_lock(run_dir: Path) -> Any:
+    """Hold the run directory's lock for this process's lifetime (released by the OS
+    when it ends, however it ends), so no other process trains in it at the same time."""
+    key = run_dir.resolve()
+    if key in _HELD:
+        return _HELD[key]
+    handle = open(run_dir / LOCK_FILE, "a+")  # held open on purpose: the lock lives with it
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ResumeError(
+            f"{run_dir} is in use by another difftune run ({holder}); two runs in one directory would "
+            "overwrite each other's checkpoints. Wait for it to end, or give another train.output_dir."
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    handle.flush()
+    _HELD[key] = handle
+    return handle
+
+
+def recorded_config(run_dir: Path, checkpoint: Path | None) -> dict[str, Any] | None:
+    """The config the run was trained with: the checkpoint's own copy, else the run's."""
+    for path in ([checkpoint / CONFIG_FILE] if checkpoint is not None else []) + [run_dir / "config.toml"]:
+        if path.is_file() and path.stat().st_size:
+            try:
+                return tomllib.loads(path.read_text())
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+                continue
+    return None
+
+
+def finished_step(run_dir: Path) -> int | None:
+    """The step final/ was written at, if the run finished (its last "final" event)."""
+    if not (run_dir / "final").is_dir():
+        return None
+    step = None
+    events = run_dir / "events.jsonl"
+    if events.is_file():
+        for line in events.read_text(errors="replace").splitlines():
+            if '"event": "final"' in line:
+                try:
+                    step = json.loads(line)["step"]
+                except (ValueError, KeyError):
+                    continue
+    return step
+
+
+def _reached(config: RunConfig, recorded: dict[str, Any] | None, finished: int) -> bool:
+    """Whether the config asks for no more steps than the finished run made."""
+    if config.train.max_steps is not None:
+        return config.train.max_steps <= finished
+    before = (recorded or {}).get("train", {})
+    return before.get("max_steps") is None and config.train.epochs <= before.get("epochs", 1)
+
+
+def flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= flatten(value, name + ".")
+        else:
+            flat[name] = value
+    return flat
+
+
+def compare_configs(recorded: dict[str, Any], config: RunConfig, where: Path) -> list[str]:
+    """The differences that may change, as sentences; raises listing those that may not."""
+    from difftune.config import ConfigError, build_config
+
+    try:  # defaults filled in the same way on both sides
+        before = flatten(build_config(recorded).model_dump(exclude_none=True))
+    except ConfigError:  # written by another version of difftune: compare what is there
+        before = flatten(recorded)
+    now = flatten(config.model_dump(exclude_none=True))
+    allowed, refused = [], []
+    for key in sorted(set(before) | set(now)):
+        old, new = before.get(key), now.get(key)
+        if old == new:
+            continue
+        if key in MAY_CHANGE or key.split(".")[0] in MAY_CHANGE:
+            allowed.append(f"{key}: {_shown(old)} -> {_shown(new)}")
+        else:
+            refused.append(f"{key}: {_shown(old)} in the run, {_shown(new)} now")
+    if refused:
+        listed = "\n".join(f"  - {line}" for line in refused)
+        raise ResumeError(
+            f"the run in {config.train.output_dir} was trained with other settings (recorded with {where.name}); "
+            f"continuing it with these would mix two runs:\n{listed}\n"
+            "To continue the run, set those keys back. To start a new run with them, give another "
+            "train.output_dir (for example --set train.output_dir=...)."
+        )
+    return allowed
+
+
+def _shown(value: Any) -> str:
+    return "unset" if value is None else repr(value)
