@@ -61,3 +61,25 @@ def run_config(base: Path, data_dir: Path, out: Path, held: Path | None = None, 
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return raw
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_base: Path, circles: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 2-step ControlNet run with a checkpoint at each step (copy it to change it)."""
+    from difftune.config import build_config
+    from difftune.training.loop import train
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    raw = run_config(tiny_base, circles, out, train={"max_steps": 2, "checkpoint_every": 1})
+    raw["validation"] = {"every": 100}
+    train(build_config(raw))
+    return out
+
+
+def copy_run(run: Path, where: Path) -> Path:
+    """A copy of a run directory to change (a fixture's run stays as it is)."""
+    import shutil
+
+    target = where / run.name
+    shutil.copytree(run, target)
+    return target

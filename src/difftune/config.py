@@ -388,6 +388,8 @@ def _format_error(error: dict[str, Any]) -> str:
     path = ".".join(str(part) for part in error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
         return f"{path}: unknown key"
+    if error["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{path}: must be a table (a [{path}] section), got {error['input']!r}"
     if error["type"] == "string_too_short" and error["ctx"].get("min_length") == 1:
         return f"{path}: must not be empty"
     if error["type"] == "string_pattern_mismatch" and error["ctx"]["pattern"] in PATTERNS:
@@ -430,6 +432,9 @@ def set_key(raw: dict[str, Any], keys: list[str], value: Any, where: str = "") -
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise ConfigError([f"{where or '.'.join(keys)}: {key} is not a section"])
+    if isinstance(node.get(keys[-1]), dict) and not isinstance(value, dict):
+        raise ConfigError([f"{where or '.'.join(keys)}: {'.'.join(keys)} is a section; set one of its keys "
+                           f"({'.'.join(keys)}.KEY=VALUE)"])
     node[keys[-1]] = value
 
 

@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from difftune.errors import InputError
-from difftune.paths import check_model_folder, check_output_file, check_pipeline, run_output_folder
+from difftune.paths import (
+    check_finished_run,
+    check_model_folder,
+    check_output_file,
+    check_pipeline,
+    run_output_folder,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 SD_COMPONENTS = {"text_encoder": "model", "vae": "model", "unet": "model", "scheduler": "scheduler",
@@ -78,6 +84,7 @@ def plan_generation(request: Generation, given: set[str]) -> Generation:
     if not request.base:
         raise InputError("--base is needed: the base pipeline (Hub id or folder); it can be left out only when "
                          "--controlnet or --lora is a difftune run directory, which records its base")
+    check_finished_run("--base", request.base)
     base_folder = Path(run_output(request.base))
     if run_config(request.base) is not None and not (base_folder / "model_index.json").is_file():
         raise InputError(f"--base {request.base!r} is a run whose result is not a whole pipeline (a ControlNet "
@@ -139,6 +146,7 @@ def _check_image(path: str | None) -> None:
 def _check_lora(path: str) -> None:
     from difftune.export.lora import lora_file
 
+    check_finished_run("--lora", path)
     try:
         lora_file(path)
     except FileNotFoundError as error:

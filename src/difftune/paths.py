@@ -70,6 +70,7 @@ def check_model_folder(key: str, value: str, class_hint: str, variant: str | Non
     weights), or a Hub id. A difftune run directory stands for its final/ folder."""
     if _hub_or_missing(key, value, "config.json", revision, f"a {class_hint} folder"):
         return
+    check_finished_run(key, value)
     folder = run_output_folder(Path(value).expanduser())
     problem = _component_problem(folder, "model", variant)
     if problem:
@@ -96,6 +97,15 @@ def run_output_folder(path: Path) -> Path:
     if (path / "final").is_dir() and (path / "events.jsonl").is_file():
         return path / "final"
     return path
+
+
+def check_finished_run(key: str, value: str) -> None:
+    """A difftune run directory given as a model must have its result (final/)."""
+    path = Path(value).expanduser()
+    if (path / "events.jsonl").is_file() and (path / "config.toml").is_file() and not (path / "final").is_dir():
+        raise PathError(f"{key} = {value!r} is a difftune run that has not finished: it has no final/ yet. "
+                        "Run `difftune train` on it again to finish it, or give one of its checkpoints' "
+                        "weights folders")
 
 
 def _component_problem(folder: Path, kind: str, variant: str | None) -> str | None:

@@ -42,6 +42,7 @@ from torch.utils.data import Dataset
 from difftune.data.samples import PriorPreservationSamples, TrainingSamples, collate
 from difftune.data.sources import image_source
 from difftune.data.transforms import paired_transform
+from difftune.files import apply_umask
 
 logger = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -100,6 +101,7 @@ class CacheStore:
         flat = {f"{key}/{field}": t for key, entry in self._pending.items() for field, t in entry.items()}
         partial = self.folder / f".{name}.partial"
         save_file(flat, partial)
+        apply_umask(partial)  # the cache is shared: not safetensors' private 0600
         os.replace(partial, self.folder / name)
         with open(self.folder / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)

@@ -19,6 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from difftune.files import apply_umask
+
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 # "<component>.<module path>.<which matrix>.weight", in the layouts diffusers writes
@@ -111,5 +113,6 @@ def export_lora(run_or_file: str | Path, out_file: str | Path, format: str = "ko
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")
     save_file(state, partial, metadata=metadata)
+    apply_umask(partial)
     os.replace(partial, out)
     return out

@@ -55,6 +55,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from difftune.files import apply_umask
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
@@ -468,14 +470,15 @@ def _save_atomic(state: dict[str, torch.Tensor], out: Path) -> Path:
     """Write to a temporary name beside out, then rename: readers never see half a file.
 
     Same folder, so os.replace is an atomic rename on one filesystem. The pid keeps two
-    concurrent exports apart; save_file creates the file itself, so it gets the usual
-    umask permissions (mkstemp's would be 0600).
+    concurrent exports apart. safetensors (0.8) creates its file with mode 0600, so the
+    umask's modes are applied before the rename.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in state.items()}  # safetensors refuses strided views
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         save_file(state, str(tmp), metadata={"format": "pt"})
+        apply_umask(tmp)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)

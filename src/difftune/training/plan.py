@@ -34,6 +34,7 @@ from difftune.paths import (
     check_pipeline,
     check_tokenizer,
     looks_like_path,
+    offline_if_hub_unreachable,
 )
 from difftune.training.checkpoint import (
     CONFIG_FILE,
@@ -120,6 +121,23 @@ def check_sources(config: RunConfig) -> None:
     data_path = config.data.path
     if looks_like_path(data_path) and not Path(data_path).expanduser().exists():
         raise DataError(f"data.path = {data_path!r}: no such folder or file")
+    if config.hub.push:
+        check_hub_push()
+
+
+def check_hub_push() -> None:
+    """hub.push uploads after training: refuse now, not after hours, if it cannot."""
+    if not os.environ.get("HF_HUB_OFFLINE"):
+        offline_if_hub_unreachable()
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise ResumeError("hub.push = true, but the Hub cannot be reached (HF_HUB_OFFLINE is set, or no network): "
+                          "the result could not be uploaded. Set hub.push = false (upload final/ later with "
+                          "`hf upload`), or train where the Hub is reachable.")
+    from huggingface_hub import get_token
+
+    if get_token() is None:
+        raise ResumeError("hub.push = true, but no Hub token is set: log in with `hf auth login` (or set "
+                          "HF_TOKEN) before training, or set hub.push = false.")
 
 
 _HELD: dict[Path, Any] = {}
