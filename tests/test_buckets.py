@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_config
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from conftest import run_config
 from difftune.config import build_config
 from difftune.data.buckets import BucketBatchSampler, assign_bucket, bucket_sizes
 from difftune.training.events import read_events

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_config
 from safetensors.torch import load_file
 
-from conftest import run_config
 from difftune.config import ConfigError, build_config
 from difftune.training.events import read_events
 from difftune.training.loop import Run

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,9 @@ def run_training(config: Any, before: Any = None) -> int:
     """Plan the run (paths, lock, checkpoint, resume contract: no torch yet), then train
     it and say how it ended. Exit 0 when final/ is written (or was already), 130 when
     Ctrl+C stopped it after a checkpoint; a SIGTERM stop (a scheduler's) exits 0."""
-    from difftune.training.plan import plan_run
+    from difftune.training.plan import main_process_by_environment, plan_run
 
-    main_process = _is_main_process()
+    main_process = main_process_by_environment()
     plan = plan_run(config, main_process)
     if plan.finished_at is not None:
         if main_process:
@@ -54,10 +53,6 @@ def run_training(config: Any, before: Any = None) -> int:
         repo = push_to_hub(Path(config.train.output_dir), config)
         console.print(f"pushed to https://huggingface.co/{repo}")
     return 0
-
-
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

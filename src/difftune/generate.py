@@ -19,6 +19,7 @@ from difftune.paths import (
     check_model_folder,
     check_output_file,
     check_pipeline,
+    looks_like_path,
     run_output_folder,
 )
 
@@ -147,6 +148,8 @@ def _check_lora(path: str) -> None:
     from difftune.export.lora import lora_file
 
     check_finished_run("--lora", path)
+    if not Path(path).exists() and not looks_like_path(path):
+        return  # a Hub id: load_lora_weights fetches it
     try:
         lora_file(path)
     except FileNotFoundError as error:

@@ -33,7 +33,14 @@ import datasets
 from PIL import Image, UnidentifiedImageError
 
 from difftune.config import DataConfig
-from difftune.data.sources import Columns, DataError, check_columns, load_rows, regular_file_problem, undecoded
+from difftune.data.sources import (
+    Columns,
+    DataError,
+    check_columns,
+    load_rows,
+    regular_file_problem,
+    undecoded,
+)
 
 KINDS = (
     "missing_file",

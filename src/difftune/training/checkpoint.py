@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from difftune.errors import UserError
-from difftune.files import apply_umask, crc32, fsync_tree, staging_path
+from difftune.files import apply_umask, crc32, discard, fsync_tree, publish, staging_path
 
 if TYPE_CHECKING:  # this module is also read before torch is imported (resume checks)
     from accelerate import Accelerator
@@ -227,6 +228,41 @@ def _write_manifest(folder: Path) -> None:
         for f in sorted(folder.rglob("*")) if f.is_file()
     }
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def finished_step(run_dir: Path) -> int | None:
+    """The step final/ was written at, if the run finished (its last "final" event)."""
+    if not (run_dir / "final").is_dir():
+        return None
+    step = None
+    events = run_dir / "events.jsonl"
+    if events.is_file():
+        for line in events.read_text(errors="replace").splitlines():
+            if '"event": "final"' in line:
+                try:
+                    step = json.loads(line)["step"]
+                except (ValueError, KeyError):
+                    continue
+    return step
+
+
+def write_final(run_dir: Path, step: int, save: Callable[[Path], None]) -> Path:
+    """final/, written whole or not at all: `save` writes into a staging folder that is
+    published once complete. A final/ of an earlier, shorter run is kept as final-step-N;
+    a failed write (a full disk) leaves nothing behind and says where the weights are."""
+    final = run_dir / "final"
+    staging = staging_path(final)
+    discard(staging)
+    try:
+        save(staging)
+    except OSError as error:
+        discard(staging)
+        raise DiskSpaceError(f"final/ could not be written ({error}); the run's last checkpoint holds "
+                             "its weights: free some space and run the same command again") from error
+    earlier = finished_step(run_dir)
+    previous = run_dir / f"final-step-{earlier:06d}" if earlier is not None and earlier != step else None
+    publish(staging, final, previous)
+    return final
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainState:

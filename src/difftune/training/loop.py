@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -15,7 +14,6 @@ from rich.console import Console
 
 from difftune.config import RunConfig, to_toml
 from difftune.data.cache import Processes, build_cache, default_cache_dir
-from difftune.files import discard, publish, staging_path
 from difftune.objectives import DiscreteDiffusion
 from difftune.report import write_report
 from difftune.scoring import score_control
@@ -30,6 +28,7 @@ from difftune.training.checkpoint import (
     remove_partial_checkpoints,
     save_checkpoint,
     store_trained_weights,
+    write_final,
 )
 from difftune.training.ema import WeightAverage
 from difftune.training.events import (
@@ -44,7 +43,7 @@ from difftune.training.events import (
 )
 from difftune.training.guards import NonFiniteGuard, NonFiniteLoss, StopSignals, agreed, all_finite
 from difftune.training.optim import make_lr_scheduler, make_optimizer, total_steps
-from difftune.training.plan import RunPlan, finished_step, plan_run
+from difftune.training.plan import RunPlan, main_process_by_environment, plan_run
 from difftune.training.step import Trainee, training_loss
 from difftune.training.summary import log_data_check, log_plan, start_summary
 from difftune.validation import ValidationPair, log_to_trackers, run_validation
@@ -89,33 +88,20 @@ class Run:
     def _encoded(self, samples: Any) -> Any:
         """With data.cache_latents / cache_text: encode what the cache lacks once, train
         from the cache, and take the frozen encoders it replaces off the accelerator."""
-        data, trainee = self.config.data, self.trainee
-        self.offloaded: list[torch.nn.Module] = []
+        data, trainee, accelerator = self.config.data, self.trainee, self.accelerator
+        self.offloaded = setup.Offloaded(accelerator.device)
         if not (data.cache_latents or data.cache_text):
             return samples
         folder = Path(data.encoded_cache_dir).expanduser() if data.encoded_cache_dir else default_cache_dir()
         started = time.perf_counter()
-        accelerator = self.accelerator
         processes = Processes(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone,
                               lambda flag: agreed(accelerator, flag))
         encoded, stats = build_cache(samples, trainee.family, trainee.parts, data.cache_latents, data.cache_text,
                                      folder, self.config.train.batch_size, processes)
         self.events.write("cache", path=str(folder), seconds=round(time.perf_counter() - started, 2), **stats)
-        if self.accelerator.device.type != "cpu":
-            cached = [(data.cache_latents, trainee.parts.vae), (data.cache_text, trainee.parts.text_encoder)]
-            self.offloaded = [module.to("cpu") for done, module in cached if done]
+        self.offloaded.move_off([m for done, m in [(data.cache_latents, trainee.parts.vae),
+                                                   (data.cache_text, trainee.parts.text_encoder)] if done])
         return encoded
-
-    @contextlib.contextmanager
-    def _encoders_on_device(self) -> Any:
-        """Validation generates with the whole pipeline: offloaded encoders come back for it."""
-        for module in self.offloaded:
-            module.to(self.accelerator.device)
-        try:
-            yield
-        finally:
-            for module in self.offloaded:
-                module.to("cpu")
 
     def _load_models(self, checked: setup.Preflight) -> Trainee:
         parts = checked.family.load(self.config.model, setup.denoiser_in_memory(self.config, self.accelerator))
@@ -318,7 +304,7 @@ class Run:
             self.show(status="validating")
             out_dir = self.run_dir / "validation" / f"step-{step:06d}"
             trainee, trained = self.trainee, self._unwrapped()
-            with self._averaged(), self._encoders_on_device():
+            with self._averaged(), self.offloaded.on_device():
                 results = run_validation(trainee.family, trainee.parts, trainee.method, trained,
                                          self.validation_pairs, self.config, out_dir, self._stop_requested)
                 scores = {} if self.stop.requested else self._score(trained, out_dir, step)
@@ -384,18 +370,10 @@ class Run:
         return final
 
     def _save_final(self, final: Path, step: int) -> None:
-        staging = staging_path(final)
-        discard(staging)
-        try:
-            with self._averaged():
-                self.trainee.method.save(self.trainee.family, self.trainee.parts, self._unwrapped(), staging)
-        except OSError as error:
-            discard(staging)
-            raise DiskSpaceError(f"final/ could not be written ({error}); the run's last checkpoint holds "
-                                 "its weights: free some space and run the same command again") from error
-        earlier = finished_step(self.run_dir)
-        previous = self.run_dir / f"final-step-{earlier:06d}" if earlier is not None and earlier != step else None
-        publish(staging, final, previous)
+        trainee = self.trainee
+        with self._averaged():
+            write_final(self.run_dir, step, lambda out: trainee.method.save(trainee.family, trainee.parts,
+                                                                             self._unwrapped(), out))
 
     def _final_space_problem(self, step: int) -> str | None:
         """final/ holds at least the trained weights in fp32."""
@@ -410,12 +388,6 @@ class Run:
         inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper
         inner.state.clear()
         return_freed_memory()
-
-
-def main_process_by_environment() -> bool:
-    """Whether this is the main process of a launch (torchrun and accelerate set RANK),
-    known before the accelerator exists."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def train(config: RunConfig, console: Console | None = None, plan: RunPlan | None = None) -> Path | None:

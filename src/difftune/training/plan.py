@@ -18,7 +18,6 @@ finished work away:
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import tomllib
@@ -40,6 +39,7 @@ from difftune.training.checkpoint import (
     CONFIG_FILE,
     ResumeError,
     checkpoint_step,
+    finished_step,
     pick_checkpoint,
 )
 
@@ -69,6 +69,12 @@ class RunPlan:
     skipped: list[str] = field(default_factory=list)
     """Damaged checkpoints passed over, each with why."""
     lock: Any = None
+
+
+def main_process_by_environment() -> bool:
+    """Whether this is the main process of a launch (torchrun and accelerate set RANK),
+    known before the accelerator exists."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def plan_run(config: RunConfig, main_process: bool = True) -> RunPlan:
@@ -179,22 +185,6 @@ def recorded_config(run_dir: Path, checkpoint: Path | None) -> dict[str, Any] | 
             except (tomllib.TOMLDecodeError, UnicodeDecodeError):
                 continue
     return None
-
-
-def finished_step(run_dir: Path) -> int | None:
-    """The step final/ was written at, if the run finished (its last "final" event)."""
-    if not (run_dir / "final").is_dir():
-        return None
-    step = None
-    events = run_dir / "events.jsonl"
-    if events.is_file():
-        for line in events.read_text(errors="replace").splitlines():
-            if '"event": "final"' in line:
-                try:
-                    step = json.loads(line)["step"]
-                except (ValueError, KeyError):
-                    continue
-    return step
 
 
 def _reached(config: RunConfig, recorded: dict[str, Any] | None, finished: int) -> bool:

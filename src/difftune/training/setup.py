@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -167,6 +169,29 @@ def apply_model_options(config: RunConfig, parts: Parts, trained: Trained) -> No
         for module in {id(m): m for m in (parts.denoiser, *trained.values())}.values():
             if hasattr(module, "enable_xformers_memory_efficient_attention"):
                 module.enable_xformers_memory_efficient_attention()
+
+
+class Offloaded:
+    """Frozen encoders a cache replaces, kept off the accelerator while training; the
+    whole pipeline (validation) brings them back for a while."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.modules: list[torch.nn.Module] = []
+
+    def move_off(self, modules: list[torch.nn.Module]) -> None:
+        if self.device.type != "cpu":
+            self.modules = [module.to("cpu") for module in modules]
+
+    @contextlib.contextmanager
+    def on_device(self) -> Iterator[None]:
+        for module in self.modules:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in self.modules:
+                module.to("cpu")
 
 
 def loader_workers(config: RunConfig, device: torch.device) -> int:
