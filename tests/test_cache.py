@@ -93,3 +93,28 @@ def test_a_failed_share_of_the_encoding_stops_every_process() -> None:
     assert waited == []
     Processes(wait=lambda: waited.append(1)).run_share(lambda: None)
     assert waited == [1]
+
+
+@pytest.mark.parametrize("damage", ["truncated shard", "zeroed shard", "deleted shard", "corrupt index"])
+def test_a_damaged_cache_is_encoded_again_to_the_same_training(damage, tiny_base: Path, circles: Path,
+                                                              tmp_path: Path) -> None:
+    """Fault suite, class 3: a damaged cache costs an encode, never a traceback or a wrong sample."""
+    cache = {"cache_latents": True, "cache_text": True, "encoded_cache_dir": str(tmp_path / "cache")}
+    raw = run_config(tiny_base, circles, tmp_path / "a", data=cache, train={"max_steps": 2})
+    Run(build_config(raw)).fit()
+    latents = next((tmp_path / "cache" / "latents").iterdir())
+    shard = next(latents.glob("shard-*.safetensors"))
+    if damage == "truncated shard":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    elif damage == "zeroed shard":
+        shard.write_bytes(bytes(shard.stat().st_size))
+    elif damage == "deleted shard":
+        shard.unlink()
+    else:
+        (latents / "index.json").write_text('{"half an ind')
+    raw["train"]["output_dir"] = str(tmp_path / "b")
+    Run(build_config(raw)).fit()
+    stats = _cache_stats(tmp_path / "b")
+    assert stats["latents_encoded"] == 12 and stats["texts_encoded"] == 0
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
