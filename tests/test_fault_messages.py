@@ -205,3 +205,31 @@ def test_readme_shows_the_first_steps() -> None:
                      "pip install -c constraints.txt"):
         assert expected in readme
     assert os.access(ROOT / ".ci" / "run", os.X_OK)
+
+
+def test_a_bad_dataset_is_reported_before_torch_is_imported(tmp_path, tiny_base) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (64, 64)).save(data / name)
+    (data / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a"}\n{"file_name": "b.png", "text": 5}\n')
+    raw = run_config(tiny_base, data, tmp_path / "run", method={"kind": "lora"})
+    config = tmp_path / "c.toml"
+    config.write_text(to_toml(build_config(raw)))
+    probe = ("import sys; from difftune.cli import main; "
+             f"code = main(['train', {str(config)!r}]); print(code, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["2", "False"], done.stderr[-2000:]
+    assert "line 2: 'text' is a number" in done.stderr
+
+
+@pytest.mark.parametrize("kind", ["controlnet", "lora", "full", "dreambooth"])
+def test_what_the_config_says_a_method_reads_is_what_the_method_reads(kind, tiny_base, circles, tmp_path) -> None:
+    from difftune.methods import make_method
+
+    method = {"kind": kind}
+    if kind == "dreambooth":
+        method["dreambooth"] = {"instance_prompt": "a photo of sks dog"}
+    config = build_config(run_config(tiny_base, circles, tmp_path / "run", method=method)).method
+    built = make_method(config)
+    assert (config.needs_conditioning, config.fixed_caption) == (built.needs_conditioning, built.fixed_caption)

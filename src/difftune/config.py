@@ -163,6 +163,19 @@ class MethodConfig(_Section):
     def uses_lora(self) -> bool:
         return self.lora is not None
 
+    @property
+    def needs_conditioning(self) -> bool:
+        """Whether training samples carry a conditioning image (known before the method's
+        module is imported, so the data is checked before torch loads)."""
+        return self.kind == "controlnet"
+
+    @property
+    def fixed_caption(self) -> str | None:
+        """One prompt for every training image (DreamBooth's instance prompt), if any."""
+        if self.kind == "dreambooth" and self.dreambooth is not None and not self.dreambooth.use_captions:
+            return self.dreambooth.instance_prompt
+        return None
+
 
 class ObjectiveConfig(_Section):
     """Loss options shared by every method."""

@@ -18,9 +18,9 @@ from rich.console import Console
 from torch.utils.data import Dataset
 
 from difftune.config import DreamBoothSettings, MethodConfig
-from difftune.data import open_training_data
 from difftune.data.samples import PriorPreservationSamples, TrainingSamples
 from difftune.data.sources import IMAGE_SUFFIXES
+from difftune.data.training import open_training_data
 from difftune.families.base import Family, Parts
 from difftune.methods.base import Trained, no_extra_inputs
 from difftune.methods.full import FullFineTune

@@ -57,7 +57,7 @@ class Run:
         self.console = console or Console(stderr=True)
         self.plan = plan or plan_run(config, main_process=main_process_by_environment())
         self.run_dir = self.plan.run_dir
-        checked = setup.preflight(config)  # before any model loads
+        checked = setup.preflight(config, self.plan.data)  # before any model loads
         self.validation_pairs: list[ValidationPair] = checked.validation_pairs
         self.metric_set = checked.metric_set
         self.floor: dict[str, float] | None = None

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from difftune.config import PIPELINE_COMPONENTS, RunConfig
+from difftune.data.rows import CheckedRows, check_rows
 from difftune.errors import DataError
 from difftune.paths import (
     check_model_folder,
@@ -64,6 +65,8 @@ class RunPlan:
     resume_from: Path | None = None
     finished_at: int | None = None
     """The run already finished at this step: there is nothing to train."""
+    data: CheckedRows | None = None
+    """The training rows, checked (None for a finished run: nothing to train)."""
     changes: list[str] = field(default_factory=list)
     """Settings that differ from the checkpoint's and may (MAY_CHANGE), as "key: old -> new"."""
     skipped: list[str] = field(default_factory=list)
@@ -105,6 +108,9 @@ def plan_run(config: RunConfig, main_process: bool = True) -> RunPlan:
             f"train.max_steps = {config.train.max_steps}, but the run in {run_dir} is at step {at} "
             f"({plan.resume_from.name if plan.resume_from else ''}): a run cannot go back. Raise max_steps "
             "to continue it, or give another train.output_dir for a new run.")
+    if plan.finished_at is None:
+        method = config.method
+        plan.data = check_rows(config.data, config.train.seed, method.needs_conditioning, method.fixed_caption)
     return plan
 
 

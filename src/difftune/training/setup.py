@@ -16,7 +16,10 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_s
 from torch.utils.data import DataLoader, Dataset
 
 from difftune.config import ConfigError, RunConfig, to_toml
-from difftune.data import BucketBatchSampler, EpochSampler, open_training_data
+from difftune.data.buckets import BucketBatchSampler
+from difftune.data.rows import CheckedRows
+from difftune.data.samples import EpochSampler
+from difftune.data.training import open_training_data
 from difftune.families import FAMILIES, Family, Parts
 from difftune.methods import Method, Trained, make_method
 from difftune.scoring import MetricSet, load_metric_set
@@ -38,7 +41,7 @@ class Preflight:
     metric_set: MetricSet | None
 
 
-def preflight(config: RunConfig) -> Preflight:
+def preflight(config: RunConfig, rows: CheckedRows | None = None) -> Preflight:
     """Check pairing, versions, extras, precision, data, validation images; load no model.
     (Paths, the run directory and the checkpoint are checked before: training.plan.)"""
     family = FAMILIES[config.model.family]
@@ -53,7 +56,7 @@ def preflight(config: RunConfig) -> Preflight:
         raise ConfigError([f"validation.images: method {method.name!r} needs a conditioning image per prompt"])
     check_precision(config)
     samples = open_training_data(config.data, config.train.seed, method.needs_conditioning,
-                                 method.fixed_caption)
+                                 method.fixed_caption, rows)
     pairs = load_validation_pairs(config.validation, config.data.resolution)
     return Preflight(family, method, samples, pairs, load_metric_set(config))
 

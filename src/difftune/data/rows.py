@@ -1,0 +1,61 @@
+"""The rows a run will train on, checked before torch is imported: the dataset opened,
+its columns found, every file's header scanned, bad rows refused or left out, and
+max_samples applied. `open_training_data` turns these into samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from difftune.config import DataConfig
+from difftune.data.check import DataReport, scan_rows
+from difftune.data.sources import Columns, DataError, check_columns, load_rows, undecoded
+
+
+@dataclass
+class CheckedRows:
+    rows: Any
+    """The dataset (a datasets.Dataset), image columns undecoded."""
+    columns: Columns
+    report: DataReport
+    keep: list[int]
+    """The rows trained on, by their number in the dataset."""
+
+
+def check_rows(config: DataConfig, seed: int, needs_conditioning: bool, fixed_caption: str | None = None
+               ) -> CheckedRows:
+    """Open and check the dataset (columns, and every file's header).
+
+    Rows that cannot be trained on stop the run with the list, or with data.on_bad =
+    "skip" are left out (the report names each). max_samples then keeps a seeded random
+    subset of the good rows. Rows keep their number in the dataset for every message.
+    With `fixed_caption`, every sample takes that prompt and no caption column is needed.
+    """
+    whole = config.model_copy(update={"max_samples": None})
+    rows = load_rows(whole, seed)
+    if len(rows) == 0:
+        raise DataError(f"data.path {config.path!r}: the {config.split!r} split has no rows")
+    columns = check_columns(rows, config, needs_conditioning, needs_captions=fixed_caption is None)
+    rows = undecoded(rows, columns)
+    report = scan_rows(rows, columns, config, Path(config.path), full=False)
+    bad = set(report.bad_rows())
+    if bad and config.on_bad == "error":
+        raise DataError(
+            f"{len(bad)} row(s) of {config.path} cannot be trained on (data.on_bad = \"skip\" leaves them "
+            f"out; `difftune data check` writes the full report):\n{report.summary(fatal_only=True)}"
+        )
+    keep = [index for index in range(len(rows)) if index not in bad]
+    if not keep:
+        raise DataError(f"data.path {config.path!r}: every row is bad:\n{report.summary(fatal_only=True)}")
+    if config.max_samples is not None and config.max_samples < len(keep):
+        keep = sorted(keep[i] for i in _seeded_order(len(keep), seed)[: config.max_samples])
+    return CheckedRows(rows, columns, report, keep)
+
+
+def _seeded_order(count: int, seed: int) -> list[int]:
+    """torch.randperm(count) under manual_seed(seed), as before this module was split off,
+    so a max_samples subset stays the same rows; torch is imported only here."""
+    import torch
+
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
