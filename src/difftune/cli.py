@@ -23,7 +23,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return run_training(config)
 
 
-def run_training(config: Any, before: Any = None) -> int:
+def run_training(config: Any) -> int:
     """Plan the run (paths, lock, checkpoint, resume contract: no torch yet), then train
     it and say how it ended. Exit 0 when final/ is written (or was already), 130 when
     Ctrl+C stopped it after a checkpoint; a SIGTERM stop (a scheduler's) exits 0."""
@@ -76,16 +76,15 @@ GENERATE_SETTINGS = ("lora_scale", "steps", "seed", "guidance_scale", "condition
 
 
 def cmd_export_lora(args: argparse.Namespace) -> int:
-    from difftune.export.lora import lora_file
     from difftune.paths import check_output_file
 
     check_output_file("out", args.out, (".safetensors",))
+    from difftune.export.lora import export_lora, lora_file
+
     try:
         source = lora_file(args.source)
     except FileNotFoundError as error:
         raise InputError(str(error)) from None
-    from difftune.export.lora import export_lora
-
     try:
         out = export_lora(source, args.out, args.format)
     except ValueError as error:

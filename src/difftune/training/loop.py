@@ -74,6 +74,7 @@ class Run:
         self.window_bad = False  # a non-finite loss in the current accumulation window
         self.saved_step = -1  # the step of this process's last checkpoint
         self.stop = StopSignals()
+        self.show: Any = lambda **fields: None  # the progress bar's update, while fit() runs
         trainee = self.trainee
         samples = trainee.method.training_data(trainee.family, trainee.parts, trainee.trained,
                                                checked.samples, self.accelerator)
