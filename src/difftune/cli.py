@@ -111,6 +111,23 @@ def cmd_export_single_file(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_controlnet(args: argparse.Namespace) -> int:
+    from difftune.generate import run_output
+    from difftune.paths import check_model_folder, check_output_file
+
+    check_output_file("out", args.out, (".safetensors",))
+    check_model_folder("controlnet", args.controlnet, "ControlNet")
+    from difftune.export.controlnet import export_controlnet
+
+    folder = run_output(args.controlnet)
+    try:
+        out = export_controlnet(folder, args.out, half=args.half)
+    except ValueError as error:
+        raise InputError(f"{folder}: {error}") from None
+    console.print(f"wrote {out} (the original ControlNet layout, control_model.*)")
+    return 0
+
+
 def cmd_fill_circles(args: argparse.Namespace) -> int:
     from difftune.data.synthetic import DEMO_PALETTE, write_fill_circles, write_fill_circles_parquet
 
@@ -221,6 +238,11 @@ def _add_export(verbs: Any) -> None:
     single.add_argument("out", help="output .safetensors file")
     single.add_argument("--half", action="store_true", help="store fp16 weights")
     single.set_defaults(run=cmd_export_single_file)
+    control = export.add_parser("controlnet", help="a ControlNet as one file in the original layout (A1111, ComfyUI)")
+    control.add_argument("controlnet", help="a ControlNet run directory, its final/, or a ControlNet folder")
+    control.add_argument("out", help="output .safetensors file")
+    control.add_argument("--half", action="store_true", help="store fp16 weights")
+    control.set_defaults(run=cmd_export_controlnet)
 
 
 def _add_data(verbs: Any) -> None:

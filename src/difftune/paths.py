@@ -148,6 +148,8 @@ def _what_is(folder: Path) -> str:
         return "an empty folder"
     if names & set(DATA_HINTS) or any(n.endswith((".parquet", ".arrow", ".jsonl")) for n in names):
         return "a dataset folder"
+    if "model_index.json" in names:
+        return "a whole pipeline folder, not a single model"
     if "config.json" in names:
         found = _class_name(folder / "config.json")
         return f"a single model folder ({found or 'config.json'}), not a whole pipeline"

@@ -132,7 +132,7 @@ def export_single_file(
     state = single_file_state_dict(pipeline_dir, text_layout=text_layout)
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    return _save_atomic(state, Path(out_file))
+    return save_atomic(state, Path(out_file))
 
 
 def single_file_state_dict(
@@ -142,12 +142,12 @@ def single_file_state_dict(
     root = Path(pipeline_dir)
     if not root.is_dir():
         raise ValueError(f"pipeline folder {root} does not exist")
-    unet_config, unet = _load_component(root, "unet")
-    vae_config, vae = _load_component(root, "vae")
-    text_config, text = _load_component(root, "text_encoder")
+    unet_config, unet = load_component(root, "unet")
+    vae_config, vae = load_component(root, "vae")
+    text_config, text = load_component(root, "text_encoder")
     state: dict[str, torch.Tensor] = {}
-    state.update(_apply_rules(unet, _unet_rules(unet_config), UNET_PREFIX, root / "unet"))
-    state.update(_apply_rules(vae, _vae_rules(vae_config), VAE_PREFIX, root / "vae"))
+    state.update(apply_rules(unet, _unet_rules(unet_config), UNET_PREFIX, root / "unet"))
+    state.update(apply_rules(vae, _vae_rules(vae_config), VAE_PREFIX, root / "vae"))
     layout = text_layout or _text_layout(text_config, root / "text_encoder")
     if layout == "clip":
         state.update(_clip_state(text, root / "text_encoder"))
@@ -161,7 +161,7 @@ def single_file_state_dict(
 # ---------------------------------------------------------------- reading the folder
 
 
-def _load_component(root: Path, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+def load_component(root: Path, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config, state dict) of one component folder, with errors naming what is missing."""
     folder = root / name
     if not folder.is_dir():
@@ -221,26 +221,11 @@ def _uniform_layers(config: dict) -> int:
 def _unet_rules(config: dict) -> list[Rule]:
     """Prefix rules for a UNet2DConditionModel, walked block by block as LDM numbers them."""
     layers = _uniform_layers(config)
-    down = _block_kinds(config["down_block_types"], UNET_DOWN, "unet")
     up = _block_kinds(config["up_block_types"], UNET_UP, "unet")
-    rules: list[Rule] = [
-        ("conv_in.", "input_blocks.0.0.", None),
-        ("time_embedding.linear_1.", "time_embed.0.", None),
-        ("time_embedding.linear_2.", "time_embed.2.", None),
+    rules = unet_encoder_rules(config) + [
         ("conv_norm_out.", "out.0.", None),
         ("conv_out.", "out.2.", None),
     ]
-    k = 1  # input_blocks.0 is conv_in
-    for i, attends in enumerate(down):
-        for j in range(layers):
-            rules.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{k}.0.", UNET_RESNET))
-            if attends:
-                rules.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{k}.1.", None))
-            k += 1
-        if i < len(down) - 1:  # diffusers adds a downsampler to every block but the last
-            rules.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{k}.0.op.", None))
-            k += 1
-    rules += _unet_mid_rules(config)
     k = 0
     for i, attends in enumerate(up):
         for j in range(layers + 1):  # up blocks also take the skip from each downsampler
@@ -254,6 +239,29 @@ def _unet_rules(config: dict) -> list[Rule]:
                 )
             k += 1
     return rules
+
+
+def unet_encoder_rules(config: dict) -> list[Rule]:
+    """conv_in, the time embedding, the down blocks (input_blocks) and the mid block: the
+    half of a UNet that a ControlNet copies, named the same in both LDM layouts."""
+    layers = _uniform_layers(config)
+    down = _block_kinds(config["down_block_types"], UNET_DOWN, "unet")
+    rules: list[Rule] = [
+        ("conv_in.", "input_blocks.0.0.", None),
+        ("time_embedding.linear_1.", "time_embed.0.", None),
+        ("time_embedding.linear_2.", "time_embed.2.", None),
+    ]
+    k = 1  # input_blocks.0 is conv_in
+    for i, attends in enumerate(down):
+        for j in range(layers):
+            rules.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{k}.0.", UNET_RESNET))
+            if attends:
+                rules.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{k}.1.", None))
+            k += 1
+        if i < len(down) - 1:  # diffusers adds a downsampler to every block but the last
+            rules.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{k}.0.op.", None))
+            k += 1
+    return rules + _unet_mid_rules(config)
 
 
 def _unet_mid_rules(config: dict) -> list[Rule]:
@@ -323,7 +331,7 @@ def _vae_rules(config: dict) -> list[Rule]:
     return rules
 
 
-def _apply_rules(
+def apply_rules(
     state: dict[str, torch.Tensor], rules: list[Rule], prefix: str, folder: Path
 ) -> dict[str, torch.Tensor]:
     """Rename every key by its rule; fail on keys no rule places and rules no key fills."""
@@ -466,7 +474,7 @@ def _check_position_ids(tensor: torch.Tensor, folder: Path) -> None:
 # ---------------------------------------------------------------- writing
 
 
-def _save_atomic(state: dict[str, torch.Tensor], out: Path) -> Path:
+def save_atomic(state: dict[str, torch.Tensor], out: Path) -> Path:
     """Write to a temporary name beside out, then rename: readers never see half a file.
 
     Same folder, so os.replace is an atomic rename on one filesystem. The pid keeps two
