@@ -123,7 +123,7 @@ def _output_dir(case: str, tmp_path: Path) -> str:
             "empty": " "}[case]
 
 
-OUTPUT_CASES = {"a file": "is a file, not a directory", "under a file": "is a file, so no directory",
+OUTPUT_CASES = {"a file": "is a file, not a directory", "under a file": "is a file, so nothing can be made",
                 "read-only": "cannot write in /proc", "empty": "must not be empty"}
 
 

@@ -83,17 +83,23 @@ def _wait_for(events: Path, text: str, process: subprocess.Popen, seconds: float
     raise AssertionError(f"{text} never appeared in {events}")
 
 
+def _train_until(raw: dict, tmp_path: Path, text: str) -> subprocess.Popen:
+    """`difftune train` in a subprocess, returned once its events.jsonl holds `text`."""
+    config = tmp_path / "c.toml"
+    config.write_text(to_toml(build_config(raw)))
+    process = subprocess.Popen([sys.executable, "-m", "difftune", "train", str(config)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(Path(raw["train"]["output_dir"]) / "events.jsonl", text, process)
+    return process
+
+
 @pytest.mark.slow
 def test_sigterm_during_the_last_validation_exits_0_with_final_and_report(tiny_base, circles, held_out,
                                                                           tmp_path) -> None:
     raw = run_config(tiny_base, circles, tmp_path / "run", held_out, train={"max_steps": 1})
     raw["validation"] |= {"every": 100, "num_images": 4, "steps": 50, "prompts": ["red circle"] * 8,
                           "images": [str(held_out / "conditioning_images" / "000000.png")] * 8}
-    config = tmp_path / "c.toml"
-    config.write_text(to_toml(build_config(raw)))
-    process = subprocess.Popen([sys.executable, "-m", "difftune", "train", str(config)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(tmp_path / "run" / "events.jsonl", '"event": "final"', process)
+    process = _train_until(raw, tmp_path, '"event": "final"')
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=240)
     assert process.returncode == 0, stderr[-2000:]
@@ -107,11 +113,7 @@ def test_sigterm_during_the_last_validation_exits_0_with_final_and_report(tiny_b
 @pytest.mark.slow
 def test_ctrl_c_stops_after_a_checkpoint_and_exits_130(tiny_base, circles, tmp_path) -> None:
     raw = run_config(tiny_base, circles, tmp_path / "run", train={"max_steps": 2000, "checkpoint_every": 5000})
-    config = tmp_path / "c.toml"
-    config.write_text(to_toml(build_config(raw)))
-    process = subprocess.Popen([sys.executable, "-m", "difftune", "train", str(config)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(tmp_path / "run" / "events.jsonl", '"event": "step"', process)
+    process = _train_until(raw, tmp_path, '"event": "step"')
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=240)
     assert process.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]

@@ -231,12 +231,7 @@ def check_output_dir(key: str, value: str) -> Path:
     path = Path(value).expanduser()
     if path.exists() and not path.is_dir():
         raise PathError(f"{key} = {value!r} is a file, not a directory")
-    existing = _nearest_existing(path)
-    if not existing.is_dir():
-        raise PathError(f"{key} = {value!r}: {existing} is a file, so no directory can be made under it")
-    problem = _write_problem(existing)
-    if problem:
-        raise PathError(f"{key} = {value!r}: cannot write in {existing} ({problem})")
+    _check_writable_place(key, value, path)
     return path
 
 
@@ -250,13 +245,18 @@ def check_output_file(key: str, value: str, suffixes: tuple[str, ...] | None = N
         raise PathError(f"{key} = {value!r} is a directory; give a file name")
     if suffixes is not None and path.suffix.lower() not in suffixes:
         raise PathError(f"{key} = {value!r}: the file name must end in one of {', '.join(suffixes)}")
-    existing = _nearest_existing(path.parent)
+    _check_writable_place(key, value, path.parent)
+    return path
+
+
+def _check_writable_place(key: str, value: str, folder: Path) -> None:
+    """`folder` exists and takes a new file, or can be made under a folder that does."""
+    existing = _nearest_existing(folder)
     if not existing.is_dir():
-        raise PathError(f"{key} = {value!r}: {existing} is a file, so the file cannot be made under it")
+        raise PathError(f"{key} = {value!r}: {existing} is a file, so nothing can be made under it")
     problem = _write_problem(existing)
     if problem:
         raise PathError(f"{key} = {value!r}: cannot write in {existing} ({problem})")
-    return path
 
 
 def _nearest_existing(path: Path) -> Path:
