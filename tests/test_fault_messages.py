@@ -235,3 +235,15 @@ def test_what_the_config_says_a_method_reads_is_what_the_method_reads(kind, tiny
     config = build_config(run_config(tiny_base, circles, tmp_path / "run", method=method)).method
     built = make_method(config)
     assert (config.needs_conditioning, config.fixed_caption) == (built.needs_conditioning, built.fixed_caption)
+
+
+TYPOS = {"train.lerning_rate": "did you mean learning_rate?", "max_steps": "did you mean train.max_steps?",
+         "method.lora.rnak": "did you mean rank?", "validaton.every": "did you mean validation?"}
+
+
+@pytest.mark.parametrize("typo", list(TYPOS))
+def test_a_misspelt_key_gets_a_suggestion(typo, tiny_base, circles, tmp_path, capsys) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(to_toml(build_config(run_config(tiny_base, circles, tmp_path / "run", method={"kind": "lora"}))))
+    assert main(["train", str(config), "--set", f"{typo}=3"]) == 2
+    assert TYPOS[typo] in capsys.readouterr().err

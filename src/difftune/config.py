@@ -6,6 +6,7 @@ reported (all of them at once, each with its key path) before any model loads.
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -397,10 +398,10 @@ PATTERNS = {
 }
 
 
-def _format_error(error: dict[str, Any]) -> str:
+def _format_error(error: dict[str, Any], section: type[BaseModel] = BaseModel) -> str:
     path = ".".join(str(part) for part in error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
-        return f"{path}: unknown key"
+        return f"{path}: unknown key{_did_you_mean(section, error['loc'])}"
     if error["type"] in ("model_type", "model_attributes_type", "dict_type"):
         return f"{path}: must be a table (a [{path}] section), got {error['input']!r}"
     if error["type"] == "string_too_short" and error["ctx"].get("min_length") == 1:
@@ -413,6 +414,26 @@ def _format_error(error: dict[str, Any]) -> str:
     if "got" in message or isinstance(error["input"], dict):
         return f"{path}: {message}"
     return f"{path}: {message} (got {error['input']!r})"
+
+
+def _did_you_mean(section: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    """" (did you mean learning_rate?)" for a misspelt key, from the fields of the section
+    it was found in; "" when nothing is close."""
+    model: Any = section
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return ""
+        model = next((arg for arg in (field.annotation, *getattr(field.annotation, "__args__", ()))
+                      if isinstance(arg, type) and issubclass(arg, BaseModel)), None)
+        if model is None:
+            return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(getattr(model, "model_fields", {})), n=1, cutoff=0.75)
+    if close:
+        return f" (did you mean {close[0]}?)"
+    owners = [name for name, field in RunConfig.model_fields.items() if len(loc) == 1
+              and str(loc[0]) in getattr(field.annotation, "model_fields", {})]
+    return f" (did you mean {owners[0]}.{loc[0]}?)" if owners else ""
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -460,7 +481,7 @@ def build_section(section: type[_S], raw: dict[str, Any], source: str) -> _S:
     try:
         return section.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError([_format_error(e) for e in error.errors()], source) from None
+        raise ConfigError([_format_error(e, section) for e in error.errors()], source) from None
 
 
 def load_config(
