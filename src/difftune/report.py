@@ -129,16 +129,19 @@ def run_facts(events: list[dict[str, Any]], config: Any) -> list[str]:
         first, last = starts[0]["time"], events[-1]["time"]
         facts.append(f"started {time.strftime('%Y-%m-%d %H:%M', time.localtime(first))}; "
                      f"{(last - first) / 60:.1f} min from the first start to the last event")
+    before_start: list[str] = []  # written while a run sets up, said after its start
     for event in events:
         if event["event"] == "start":
             how = f"resumed from {Path(event['resumed_from']).name}" if event.get("resumed_from") else "started"
             facts.append(f"{how} at step {event['step']} of {event.get('max_steps')}")
+            facts += before_start
+            before_start = []
         elif event["event"] == "stopped":
             facts.append(f"stopped at step {event['step']} ({event.get('reason') or 'signal'})")
         elif event["event"] == "config_changed":
-            facts.append("settings changed on resume: " + "; ".join(event.get("changes", [])))
+            before_start.append("settings changed on resume: " + "; ".join(event.get("changes", [])))
         elif event["event"] == "checkpoint_skipped":
-            facts.append(f"checkpoint passed over: {event.get('problem')}")
+            before_start.append(f"checkpoint passed over: {event.get('problem')}")
         elif event["event"] == "final":
             facts.append(f"final/ written at step {event['step']}")
     return facts
