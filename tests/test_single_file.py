@@ -218,7 +218,7 @@ def test_full_size_layout_matches_diffusers_reader(unet_kwargs: dict) -> None:
         (vae, single_file._vae_rules, single_file.VAE_PREFIX, convert_ldm_vae_checkpoint, 248),
     ]:
         config, state = dict(model.config), model.state_dict()
-        ldm = single_file._apply_rules(state, rules(config), prefix, Path(type(model).__name__))
+        ldm = single_file.apply_rules(state, rules(config), prefix, Path(type(model).__name__))
         back = reader(ldm, config)
         assert len(ldm) == count
         assert back.keys() == state.keys()

@@ -13,7 +13,7 @@ from rich.markup import escape
 from difftune.errors import InputError, UserError
 from difftune.quiet import quiet_unrelated_warnings
 
-console = Console(stderr=True)
+console = Console(stderr=True, log_path=False)
 
 def cmd_train(args: argparse.Namespace) -> int:
     from difftune.config import load_config
@@ -39,7 +39,7 @@ def run_training(config: Any) -> int:
         return 0
     from difftune.training.loop import Run
 
-    run = Run(config, console, plan)
+    run = Run(plan.config, console, plan)
     final = run.fit()
     if not main_process:
         return 0
@@ -129,6 +129,16 @@ def cmd_export_controlnet(args: argparse.Namespace) -> int:
 
 
 def cmd_fill_circles(args: argparse.Namespace) -> int:
+    from difftune.paths import check_output_dir
+
+    if not 1 <= args.n <= 10_000_000:
+        raise InputError(f"--n must be between 1 and 10,000,000 (got {args.n})")
+    if not 8 <= args.resolution <= 8192:
+        raise InputError(f"--resolution must be between 8 and 8192 (got {args.resolution})")
+    out = check_output_dir("out", args.out)
+    if out.is_dir() and any(out.iterdir()):
+        raise InputError(f"out = {args.out!r} is not empty: the samples would be mixed with (and overwrite) "
+                         "what is there. Give a new or empty folder.")
     from difftune.data.synthetic import DEMO_PALETTE, write_fill_circles, write_fill_circles_parquet
 
     palette = DEMO_PALETTE if args.palette == "demo" else None

@@ -7,11 +7,20 @@ reported (all of them at once, each with its key path) before any model loads.
 from __future__ import annotations
 
 import difflib
+import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from difftune.errors import UserError
 
@@ -41,6 +50,15 @@ class _Section(BaseModel):
 
 _S = TypeVar("_S", bound=_Section)
 
+def _expand_home(value: str) -> str:
+    """~ and ~user mean the home folder in every path a config names (a Hub id never
+    starts with ~)."""
+    return os.path.expanduser(value) if value.startswith("~") else value
+
+
+PathText = Annotated[str, AfterValidator(_expand_home)]
+"""A local path or a Hub id."""
+
 NonEmpty = Field(min_length=1, pattern=r"\S")
 """A string with something in it besides spaces."""
 
@@ -55,13 +73,13 @@ PIPELINE_COMPONENTS = {
 class ModelConfig(_Section):
     family: Literal["sd"] = "sd"
     """Model family: "sd" covers Stable Diffusion 1.x and 2.x."""
-    pretrained: str = NonEmpty
+    pretrained: PathText = NonEmpty
     """Hub id or local folder of the base pipeline (diffusers layout)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of the base components."""
     variant: str | None = None
     """Weight-file variant such as "fp16"."""
-    tokenizer: str | None = None
+    tokenizer: PathText | None = None
     """Another tokenizer (Hub id or folder) instead of the pipeline's own."""
 
 
@@ -104,7 +122,7 @@ class DreamBoothSettings(_Section):
     """Caption for every instance image (data.path), e.g. "a photo of sks dog"."""
     use_captions: bool = False
     """Use the dataset's caption column instead of instance_prompt."""
-    class_data: str | None = None
+    class_data: PathText | None = None
     """Folder of class images; filled up to num_class_images by the base model."""
     class_prompt: str | list[str] | None = None
     """Caption of the class images and the prompt that generates the missing ones. A list
@@ -133,7 +151,7 @@ class MethodConfig(_Section):
     kind: Literal[METHOD_KINDS] = "controlnet"  # type: ignore[valid-type]
     """"controlnet"; "full" (every denoiser weight, a whole pipeline out); "lora"
     (adapters only); "dreambooth" (full, or LoRA when [method.lora] is given)."""
-    controlnet: str | None = None
+    controlnet: PathText | None = None
     """Existing ControlNet (Hub id or folder) to continue from; None starts from the UNet."""
     train_text_encoder: bool = False
     """Train the text encoder too (fully for full/dreambooth, with adapters for LoRA)."""
@@ -192,7 +210,7 @@ class ObjectiveConfig(_Section):
 
 
 class DataConfig(_Section):
-    path: str = NonEmpty
+    path: PathText = NonEmpty
     """Local folder (imagefolder with metadata.jsonl, parquet, arrow) or Hub dataset name."""
     config_name: str | None = None
     """Dataset configuration name passed to datasets.load_dataset."""
@@ -229,14 +247,14 @@ class DataConfig(_Section):
     num_workers: int | None = Field(None, ge=0)
     """DataLoader worker processes; unset: none on the CPU, up to 8 per GPU (see
     training.setup.loader_workers)."""
-    cache_dir: str | None = None
+    cache_dir: PathText | None = None
     """Where datasets caches downloads."""
     cache_latents: bool = False
     """Encode every image with the VAE once (both flips with random_flip) and train from
     the cached latents; needs center_crop. Keyed on everything that changes them."""
     cache_text: bool = False
     """Encode every distinct caption (and "") once; not with a trained text encoder."""
-    encoded_cache_dir: str | None = None
+    encoded_cache_dir: PathText | None = None
     """Where cached latents and embeddings live; default ~/.cache/difftune/encoded
     (or $DIFFTUNE_CACHE/encoded)."""
 
@@ -262,7 +280,7 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    output_dir: str = NonEmpty
+    output_dir: PathText = NonEmpty
     """Run directory: config, events, logs, checkpoints, validation, final weights."""
     seed: int = Field(0, ge=0, lt=2**32)
     batch_size: int = Field(4, gt=0, le=65536)
@@ -298,7 +316,7 @@ class TrainConfig(_Section):
     compile of a minute or more at the start, and again for new shapes (validation)."""
     checkpoint_every: int = Field(500, gt=0)
     checkpoints_total_limit: int | None = Field(None, gt=0)
-    resume: str | None = None
+    resume: PathText | None = None
     """"latest" or a checkpoint folder to continue from."""
     report_to: Literal["tensorboard", "wandb", "all", "none"] = "tensorboard"
     max_nonfinite_steps: int = Field(10, ge=0)
@@ -314,7 +332,7 @@ class ValidationConfig(_Section):
     every: int = Field(100, gt=0)
     """Validate every N optimizer steps (and once at the end)."""
     prompts: list[str] = []
-    images: list[str] = []
+    images: list[PathText] = []
     """Conditioning image files; one for all prompts, one per prompt, or N with N prompts."""
     num_images: int = Field(4, gt=0, le=64)
     """Images generated per (prompt, conditioning image) pair."""
@@ -325,7 +343,7 @@ class ValidationConfig(_Section):
     """Generator seed; defaults to train.seed."""
     metric: Literal["none", "fill_circles", "canny"] = "none"
     """Control-fidelity metric computed at each validation (and for the uncontrolled floor)."""
-    metric_data: str | None = None
+    metric_data: PathText | None = None
     """Held-out dataset (same columns as [data]) whose conditionings and captions are scored."""
     metric_samples: int = Field(32, gt=0, le=100_000)
     """How many held-out rows the metric scores."""
@@ -500,6 +518,30 @@ def load_config(
     for dotted, value in (values or {}).items():
         set_key(raw, dotted.split("."), value)
     return build_config(raw, str(path))
+
+
+LOCAL_PATH_KEYS = (
+    ("model", "pretrained"), ("model", "tokenizer"), ("method", "controlnet"), ("data", "path"),
+    ("data", "cache_dir"), ("data", "encoded_cache_dir"), ("train", "output_dir"), ("train", "resume"),
+    ("validation", "metric_data"),
+)
+
+
+def with_absolute_paths(config: RunConfig) -> RunConfig:
+    """The config with every local path made absolute (symlinks kept), so the run records
+    where its files are, not where it was started from: `generate` and a resume work from
+    any folder. A value that is no local path (a Hub id, "latest") stays as it is; the
+    output directory is always local."""
+    raw = config.model_dump()
+    for section, key in LOCAL_PATH_KEYS:
+        value = raw[section][key]
+        if value and (Path(value).exists() or (section, key) == ("train", "output_dir")):
+            raw[section][key] = os.path.abspath(value)
+    raw["validation"]["images"] = [os.path.abspath(v) if Path(v).exists() else v for v in raw["validation"]["images"]]
+    dreambooth = raw["method"].get("dreambooth")
+    if dreambooth and dreambooth.get("class_data"):
+        dreambooth["class_data"] = os.path.abspath(dreambooth["class_data"])
+    return RunConfig.model_validate(raw)
 
 
 def to_toml(config: RunConfig) -> str:

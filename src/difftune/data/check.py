@@ -312,9 +312,11 @@ class _ImageScanner:
         """A relative path that leads out of the dataset folder ("../../x.png")."""
         if not isinstance(source, Path) or file is None or Path(file).is_absolute():
             return False
-        # Lexically, not through symlinks: a link to a file kept elsewhere is fine.
-        inside = os.path.abspath(self.root) + os.sep
-        return self.root.is_dir() and not os.path.abspath(source).startswith(inside)
+        # Lexically, not through symlinks: a link to a file kept elsewhere is fine. The folder
+        # may itself be a link, and datasets gives paths through its target.
+        path = os.path.abspath(source)
+        inside = (os.path.abspath(self.root) + os.sep, os.path.realpath(self.root) + os.sep)
+        return self.root.is_dir() and not path.startswith(inside)
 
     def _read(self, source: Path | bytes) -> tuple[bytes | None, tuple[str, str] | None]:
         """The bytes to decode (None: let PIL read the file, headers only), or a problem."""

@@ -231,8 +231,10 @@ def _write_manifest(folder: Path) -> None:
 
 
 def finished_step(run_dir: Path) -> int | None:
-    """The step final/ was written at, if the run finished (its last "final" event)."""
-    if not (run_dir / "final").is_dir():
+    """The step final/ was written at, if the run finished (its last "final" event) and
+    final/ still holds weights; None otherwise (the run then writes final/ again)."""
+    final = run_dir / "final"
+    if not final.is_dir() or not any(f.suffix in (".safetensors", ".bin") for f in final.rglob("*")):
         return None
     step = None
     events = run_dir / "events.jsonl"
@@ -240,8 +242,8 @@ def finished_step(run_dir: Path) -> int | None:
         for line in events.read_text(errors="replace").splitlines():
             if '"event": "final"' in line:
                 try:
-                    step = json.loads(line)["step"]
-                except (ValueError, KeyError):
+                    step = int(json.loads(line)["step"])
+                except (ValueError, KeyError, TypeError):
                     continue
     return step
 

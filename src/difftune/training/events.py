@@ -95,10 +95,21 @@ def _json_safe(value: Any) -> Any:
 
 
 def read_events(run_dir: Path) -> list[dict[str, Any]]:
+    """The events, oldest first. A line that is not a JSON object (cut short by a kill or a
+    full disk, or edited by hand) is left out: the log is for reading, never a reason to
+    stop a run."""
     path = run_dir / "events.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    events = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and isinstance(event.get("event"), str):
+            events.append(event)
+    return events
 
 
 def progress_bar(console: Console, enabled: bool) -> Progress:

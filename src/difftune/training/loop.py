@@ -53,9 +53,9 @@ class Run:
     """A training run in its run directory: set up once, then `fit`."""
 
     def __init__(self, config: RunConfig, console: Console | None = None, plan: RunPlan | None = None) -> None:
-        self.config = config
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, log_path=False)
         self.plan = plan or plan_run(config, main_process=main_process_by_environment())
+        self.config = config = self.plan.config  # local paths made absolute
         self.run_dir = self.plan.run_dir
         checked = setup.preflight(config, self.plan.data)  # before any model loads
         self.validation_pairs: list[ValidationPair] = checked.validation_pairs
@@ -267,10 +267,11 @@ class Run:
             self.events.write("step", step=state.step, epoch=state.epoch, loss=loss, lr=lr,
                               samples_per_s=round(rate, 3), eta_s=round(eta, 1),
                               peak_memory_mb=round(peak_memory_mb(self.accelerator.device), 1))
-        if validate and state.step % self.config.validation.every == 0 and state.step < self.max_steps:
-            self._validate(state.step)
+        # The checkpoint first: a validation that fails (or is stopped) never costs saved work.
         if state.step % self.config.train.checkpoint_every == 0:
             self._checkpoint(state)
+        if validate and state.step % self.config.validation.every == 0 and state.step < self.max_steps:
+            self._validate(state.step)
         clock.restart()
 
     def _checkpoint(self, state: TrainState) -> None:
@@ -397,4 +398,4 @@ def train(config: RunConfig, console: Console | None = None, plan: RunPlan | Non
     plan = plan or plan_run(config, main_process=main_process_by_environment())
     if plan.finished_at is not None:
         return plan.run_dir / "final"
-    return Run(config, console, plan).fit()
+    return Run(plan.config, console, plan).fit()

@@ -25,10 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from difftune.config import PIPELINE_COMPONENTS, RunConfig
+from difftune.config import (
+    PIPELINE_COMPONENTS,
+    ConfigError,
+    RunConfig,
+    build_config,
+    with_absolute_paths,
+)
 from difftune.data.rows import CheckedRows, check_rows
 from difftune.errors import DataError
 from difftune.paths import (
+    PathError,
     check_model_folder,
     check_output_dir,
     check_pipeline,
@@ -61,6 +68,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RunPlan:
+    config: RunConfig
+    """The config to run: local paths made absolute (config.with_absolute_paths)."""
     run_dir: Path
     resume_from: Path | None = None
     finished_at: int | None = None
@@ -84,9 +93,11 @@ def plan_run(config: RunConfig, main_process: bool = True) -> RunPlan:
     """Check the paths, take the run directory's lock, pick the checkpoint and hold the
     config against it. Raises a UserError naming the problem; creates only the run
     directory and its lock file, and only once the paths are sound."""
+    config = with_absolute_paths(config)
     check_sources(config)
     run_dir = check_output_dir("train.output_dir", config.train.output_dir)
-    plan = RunPlan(run_dir)
+    check_run_directory(run_dir, config)
+    plan = RunPlan(config, run_dir)
     if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         plan.lock = take_lock(run_dir)
@@ -157,6 +168,39 @@ _HELD: dict[Path, Any] = {}
 notebook, a test) takes the same directory again."""
 
 
+# What a run directory holds, and of which kind: anything else of these names is not ours.
+RUN_ENTRIES = {LOCK_FILE: "file", "config.toml": "file", "events.jsonl": "file", "data-check.json": "file",
+               "report.html": "file", "checkpoints": "folder", "validation": "folder", "logs": "folder",
+               "final": "folder"}
+RUN_MARKS = {"events.jsonl", LOCK_FILE, "checkpoints"}
+
+
+def check_run_directory(run_dir: Path, config: RunConfig) -> None:
+    """The output directory is new, empty, or a difftune run whose parts are what they
+    should be; never a folder of the user's files (difftune would write over them), and
+    never the dataset it trains on (the run's images would become training data)."""
+    if run_dir.is_symlink() and not run_dir.exists():
+        raise PathError(f"train.output_dir = {str(run_dir)!r} is a symbolic link to {os.readlink(run_dir)}, "
+                          "which does not exist")
+    data = Path(config.data.path).expanduser()
+    if data.is_dir() and (run_dir.resolve() == data.resolve() or data.resolve() in run_dir.resolve().parents):
+        raise PathError(f"train.output_dir = {str(run_dir)!r} is inside data.path {config.data.path!r}: the "
+                          "run's checkpoints and images would be read as training data. Give a folder outside it.")
+    if not run_dir.is_dir():
+        return
+    names = {entry.name for entry in run_dir.iterdir()}
+    theirs = sorted(name for name in names if not name.startswith("."))
+    if theirs and not names & RUN_MARKS:
+        shown = ", ".join(theirs[:5]) + (f" and {len(theirs) - 5} more" if len(theirs) > 5 else "")
+        raise PathError(f"train.output_dir = {str(run_dir)!r} holds files that are not a difftune run ({shown}); "
+                          "difftune would write over them. Give an empty or new folder.")
+    for name, kind in RUN_ENTRIES.items():
+        path = run_dir / name
+        if path.exists() and path.is_dir() != (kind == "folder"):
+            raise PathError(f"{path} should be a {kind}; this run directory was changed by hand. Move "
+                              f"{name} away, or give another train.output_dir.")
+
+
 def take_lock(run_dir: Path) -> Any:
     """Hold the run directory's lock for this process's lifetime (released by the OS
     when it ends, however it ends), so no other process trains in it at the same time."""
@@ -214,10 +258,8 @@ def flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def compare_configs(recorded: dict[str, Any], config: RunConfig, where: Path) -> list[str]:
     """The differences that may change, as sentences; raises listing those that may not."""
-    from difftune.config import ConfigError, build_config
-
-    try:  # defaults filled in the same way on both sides
-        before = flatten(build_config(recorded).model_dump(exclude_none=True))
+    try:  # defaults filled in, and local paths made absolute, the same way on both sides
+        before = flatten(with_absolute_paths(build_config(recorded)).model_dump(exclude_none=True))
     except ConfigError:  # written by another version of difftune: compare what is there
         before = flatten(recorded)
     now = flatten(config.model_dump(exclude_none=True))
