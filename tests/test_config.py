@@ -55,7 +55,8 @@ def test_missing_required_keys_named() -> None:
      (["a"], [], True), ([], ["1"], False), (["a", "b"], ["1", "2", "3"], False)],
 )
 def test_validation_prompt_image_counts(prompts: list, images: list, ok: bool) -> None:
-    raw = _with(validation={"prompts": prompts, "images": images})
+    # prompts alone suit a method without conditioning images; a ControlNet needs them
+    raw = _with(validation={"prompts": prompts, "images": images}, **({"method": {"kind": "full"}} if not images else {}))
     if ok:
         pairs = build_config(raw).validation.pairs()
         assert len(pairs) == max(len(prompts), len(images))

@@ -123,7 +123,7 @@ def test_ctrl_c_stops_after_a_checkpoint_and_exits_130(tiny_base, circles, tmp_p
 
 def test_a_second_ctrl_c_stops_at_once_and_exits_130(monkeypatch, tmp_path, capsys) -> None:
     from difftune import cli
-    from difftune.training.guards import StopSignals
+    from difftune.signals import StopSignals
 
     with StopSignals() as stop:
         stop._handle(signal.SIGINT, None)

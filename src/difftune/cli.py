@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,15 @@ def run_training(config: Any) -> int:
     """Plan the run (paths, lock, checkpoint, resume contract: no torch yet), then train
     it and say how it ended. Exit 0 when final/ is written (or was already), 130 when
     Ctrl+C stopped it after a checkpoint; a SIGTERM stop (a scheduler's) exits 0."""
+    from difftune.signals import StopSignals
     from difftune.training.plan import main_process_by_environment, plan_run
 
-    main_process = main_process_by_environment()
-    plan = plan_run(config, main_process)
+    with StopSignals() as stop:  # from the start: a signal while libraries and models load is a request too
+        main_process = main_process_by_environment()
+        return _train_planned(plan_run(config, main_process), stop, main_process)
+
+
+def _train_planned(plan: Any, stop: Any, main_process: bool) -> int:
     if plan.finished_at is not None:
         if main_process:
             console.print(f"this run finished at step {plan.finished_at}: its result is {plan.run_dir / 'final'}. "
@@ -39,18 +45,18 @@ def run_training(config: Any) -> int:
         return 0
     from difftune.training.loop import Run
 
-    run = Run(plan.config, console, plan)
+    run = Run(plan.config, console, plan, stop)
     final = run.fit()
     if not main_process:
         return 0
     if final is None:
         console.print(f"stopped early; run the same command again to continue from {plan.run_dir}")
-        return 130 if run.stop.signal_name == "SIGINT" else 0
+        return 130 if stop.signal_name == "SIGINT" else 0
     console.print(f"[green]done[/green]: {final}")
-    if config.hub.push:
+    if plan.config.hub.push:
         from difftune.export import push_to_hub
 
-        repo = push_to_hub(Path(config.train.output_dir), config)
+        repo = push_to_hub(plan.run_dir, plan.config)
         console.print(f"pushed to https://huggingface.co/{repo}")
     return 0
 
@@ -60,8 +66,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     given = {name for name in GENERATE_SETTINGS if getattr(args, name) is not None}
     settings = {name: getattr(args, name) for name in given}
-    request = Generation(base=args.base or "", prompt=args.prompt, out=Path(args.out), controlnet=args.controlnet,
-                         image=args.image, lora=args.lora, negative_prompt=args.negative_prompt, **settings)
+    home = {name: os.path.expanduser(value) if value else value  # a quoted '~/x' reaches us as it is
+            for name, value in {"base": args.base or "", "controlnet": args.controlnet, "image": args.image,
+                                "lora": args.lora, "out": args.out}.items()}
+    request = Generation(prompt=args.prompt, negative_prompt=args.negative_prompt,
+                         **{**home, "out": Path(home["out"])}, **settings)
     request = plan_generation(request, given)  # every argument checked before torch is imported
     for note in request.notes:
         console.print(f"using {note}", highlight=False)
@@ -79,12 +88,13 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
     from difftune.paths import check_output_file
 
     check_output_file("out", args.out, (".safetensors",))
-    from difftune.export.lora import export_lora, lora_file
+    from difftune.paths import is_kohya, lora_file
 
-    try:
-        source = lora_file(args.source)
-    except FileNotFoundError as error:
-        raise InputError(str(error)) from None
+    source = lora_file("source", args.source)
+    if is_kohya(source) and args.format == "kohya":
+        raise InputError(f"source = {args.source!r} is already in the kohya format")
+    from difftune.export.lora import export_lora
+
     try:
         out = export_lora(source, args.out, args.format)
     except ValueError as error:
@@ -95,9 +105,10 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
 
 def cmd_export_single_file(args: argparse.Namespace) -> int:
     from difftune.generate import SD_COMPONENTS, run_output
-    from difftune.paths import check_output_file, check_pipeline
+    from difftune.paths import check_finished_run, check_output_file, check_pipeline
 
     check_output_file("out", args.out, (".safetensors",))
+    check_finished_run("pipeline", args.pipeline)
     pipeline = run_output(args.pipeline)
     components = {k: v for k, v in SD_COMPONENTS.items() if k in ("unet", "vae", "text_encoder")}
     check_pipeline("pipeline", pipeline, components)
@@ -158,7 +169,14 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         note = offline_if_hub_unreachable()  # a Hub dataset: fail fast, or read the cache
         if note:
             console.print(f"note: {note}", highlight=False)
+    if source.is_file() and source.suffix != ".toml":
+        raise InputError(f"source = {args.source!r} is a file: give a dataset folder, a Hub dataset name, or a "
+                         "run config (.toml)")
     if source.suffix == ".toml" and source.is_file():
+        flags = [f"--{name.replace('_', '-')}" for name in DATA_FLAGS if getattr(args, name) != DATA_FLAGS[name]]
+        if flags:
+            raise InputError(f"{', '.join(flags)}: only for a dataset path; with a run config, use "
+                             "--set data.KEY=VALUE")
         from difftune.config import load_config
         from difftune.methods import make_method
 
@@ -182,6 +200,11 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     console.print(escape(report.summary()), highlight=False, soft_wrap=True)
     console.print(f"report: {out}")
     return 0 if report.ok else 1
+
+
+DATA_FLAGS = {"resolution": 512, "split": "train", "image_column": "image", "caption_column": "text",
+              "conditioning_image_column": "conditioning_image"}
+"""data check's flags for a dataset path, with their defaults."""
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

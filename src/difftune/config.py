@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -286,9 +287,9 @@ class TrainConfig(_Section):
     batch_size: int = Field(4, gt=0, le=65536)
     """Per-device batch size."""
     gradient_accumulation_steps: int = Field(1, gt=0)
-    max_steps: int | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, gt=0, le=10**9)
     """Optimizer steps; overrides epochs when set."""
-    epochs: int = Field(1, gt=0)
+    epochs: int = Field(1, gt=0, le=10**6)
     learning_rate: float = Field(5e-6, gt=0, le=1.0)
     scale_lr: bool = False
     """Multiply the LR by batch size x accumulation x processes."""
@@ -396,10 +397,16 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _caches_fit_the_method(self) -> RunConfig:
-        if self.validation.images and self.method.kind != "controlnet":
+        validation, method = self.validation, self.method
+        if validation.images and not method.needs_conditioning:
             raise ValueError(
-                f"validation.images: method {self.method.kind!r} takes no conditioning image (they would be "
+                f"validation.images: method {method.kind!r} takes no conditioning image (they would be "
                 "ignored); give validation.prompts alone")
+        if validation.prompts and not validation.images and method.needs_conditioning:
+            raise ValueError(f"validation.images: method {method.kind!r} needs a conditioning image per prompt")
+        if validation.metric != "none" and not method.needs_conditioning:
+            raise ValueError(f"validation.metric: {validation.metric!r} scores how well images follow their "
+                             f"conditioning, and method {method.kind!r} takes none")
         if self.data.cache_text and self.method.train_text_encoder:
             raise ValueError("data.cache_text cannot be used with method.train_text_encoder (the embeddings change)")
         if self.objective.prediction_type is not None and (self.method.kind in ("controlnet", "lora") or self.method.uses_lora):
@@ -429,6 +436,8 @@ def _format_error(error: dict[str, Any], section: type[BaseModel] = BaseModel) -
     if error["type"] == "missing":
         return f"{path}: required key is missing"
     message = error["msg"].removeprefix("Value error, ")
+    if not error["loc"] and re.match(r"^[a-z_]+\.[a-z_.\[\]0-9]+: ", message):
+        return message  # a check across sections names its own key
     if "got" in message or isinstance(error["input"], dict):
         return f"{path}: {message}"
     return f"{path}: {message} (got {error['input']!r})"
@@ -507,11 +516,16 @@ def load_config(
 ) -> RunConfig:
     """Read a TOML run config, apply --set overrides and exact `values` ("section.key":
     value), and validate it whole."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
-        raise ConfigError([f"{path}: no such config file"], str(path))
+        what = "a folder, not a config file" if path.is_dir() else "no such config file"
+        raise ConfigError([f"{path}: {what}"], str(path))
     try:
-        raw = tomllib.loads(path.read_text())
+        # utf-8-sig: a byte-order mark (some Windows editors write one) is not TOML
+        raw = tomllib.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as error:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {error.object[error.start]:#x} at {error.start}); "
+                           "save it as UTF-8"], str(path)) from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError([f"{path}: not valid TOML: {error}"], str(path)) from None
     raw = apply_overrides(raw, list(overrides))

@@ -15,11 +15,13 @@ from typing import Any
 
 from difftune.errors import InputError
 from difftune.paths import (
+    WEIGHT_FILE_SUFFIXES,
     check_finished_run,
     check_model_folder,
     check_output_file,
     check_pipeline,
     looks_like_path,
+    lora_file,
     run_output_folder,
 )
 
@@ -77,6 +79,10 @@ def plan_generation(request: Generation, given: set[str]) -> Generation:
     check_output_file("--out", str(request.out), IMAGE_SUFFIXES)
     if (request.controlnet is None) != (request.image is None):
         raise InputError("--controlnet and --image go together")
+    if request.controlnet is not None:
+        check_model_folder("--controlnet", request.controlnet, "ControlNet")
+    if request.lora is not None:
+        _check_lora(request.lora)
     trained = request.controlnet or request.lora
     if trained is not None and run_config(trained) is not None:
         request = _from_run(request, run_config(trained), given)  # its base, size, guidance, steps
@@ -91,11 +97,8 @@ def plan_generation(request: Generation, given: set[str]) -> Generation:
         raise InputError(f"--base {request.base!r} is a run whose result is not a whole pipeline (a ControlNet "
                          "or a LoRA): give it as --controlnet or --lora, and its base as --base")
     check_pipeline("--base", run_output(request.base), SD_COMPONENTS)
-    if request.controlnet is not None:
-        check_model_folder("--controlnet", request.controlnet, "ControlNet")
+    if request.image is not None:
         _check_image(request.image)
-    if request.lora is not None:
-        _check_lora(request.lora)
     return request
 
 
@@ -129,31 +132,17 @@ def _from_run(request: Generation, run: dict[str, Any] | None, given: set[str]) 
 
 
 def _check_image(path: str | None) -> None:
-    from PIL import Image
+    from difftune.data.sources import image_problem
 
-    from difftune.data.sources import regular_file_problem
-
-    file = Path(path or "")
-    problem = regular_file_problem(file)
+    problem = image_problem(Path(path or ""))
     if problem:
         raise InputError(f"--image {path}: {problem}")
-    try:
-        with Image.open(file) as image:
-            image.verify()
-    except Exception as error:  # noqa: BLE001 (PIL raises many kinds for a bad file)
-        raise InputError(f"--image {path}: not an image PIL can read ({type(error).__name__}: {error})") from None
 
 
 def _check_lora(path: str) -> None:
-    from difftune.export.lora import lora_file
-
-    check_finished_run("--lora", path)
-    if not Path(path).exists() and not looks_like_path(path):
+    if not Path(path).exists() and not looks_like_path(path) and not path.endswith(WEIGHT_FILE_SUFFIXES):
         return  # a Hub id: load_lora_weights fetches it
-    try:
-        lora_file(path)
-    except FileNotFoundError as error:
-        raise InputError(f"--lora: {error}") from None
+    lora_file("--lora", path)
 
 
 def generate(request: Generation) -> Path:
@@ -182,7 +171,11 @@ def generate(request: Generation) -> Path:
     else:
         pipe = StableDiffusionPipeline.from_pretrained(base, **common)
     if request.lora is not None:
-        pipe.load_lora_weights(run_output(request.lora))
+        try:
+            pipe.load_lora_weights(run_output(request.lora))
+        except Exception as error:  # noqa: BLE001 (diffusers and peft raise many kinds; all mean this)
+            raise InputError(f"--lora {request.lora}: the base cannot take this LoRA ({type(error).__name__}: "
+                             f"{error}); was it trained on another base?") from None
         call["cross_attention_kwargs"] = {"scale": request.lora_scale}
     pipe = pipe.to(device)
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)

@@ -220,6 +220,52 @@ def hub_problem(repo_id: str, probe: str, revision: str | None) -> str | None:
     return None
 
 
+# --- LoRA files -----------------------------------------------------------------------
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+LORA_KEY = re.compile(r"(lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up|lora_linear_layer)\.")
+KOHYA_KEY = re.compile(r"^lora_(unet|te\d?)_")
+
+
+def lora_file(key: str, value: str) -> Path:
+    """The LoRA weights file of a run directory, its final/ folder, or the file itself,
+    checked to be a safetensors file that holds LoRA weights (from its header alone)."""
+    path = Path(value).expanduser()
+    check_finished_run(key, value)
+    found = next((c for c in (path, path / LORA_FILE, path / "final" / LORA_FILE) if c.is_file()), None)
+    if found is None:
+        what = "no such file or folder" if not path.exists() else f"no {LORA_FILE} here, in it or in its final/"
+        raise PathError(f"{key} = {value!r}: {what}")
+    names = safetensors_names(key, found)
+    if not any(LORA_KEY.search(name) for name in names):
+        raise PathError(f"{key} = {value!r}: {found} holds no LoRA weights ({len(names)} tensors, such as "
+                        f"{names[0] if names else 'none'})")
+    return found
+
+
+def is_kohya(path: Path) -> bool:
+    return any(KOHYA_KEY.match(name) for name in safetensors_names("file", path))
+
+
+def safetensors_names(key: str, path: Path) -> list[str]:
+    """The tensor names of a safetensors file, read from its header (8 bytes of length,
+    then JSON) without loading anything; a PathError when it is not such a file."""
+    problem = "it is too short"
+    try:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            size = path.stat().st_size
+            if 8 < size and 0 < length <= min(size - 8, 100 * 2**20):
+                header = json.loads(handle.read(length))
+                if isinstance(header, dict):
+                    return [name for name in header if name != "__metadata__"]
+            problem = "its header does not read"
+    except (OSError, ValueError) as error:
+        problem = f"{type(error).__name__}: {error}"
+    raise PathError(f"{key}: {path} is not a safetensors file ({problem})")
+
+
 # --- outputs --------------------------------------------------------------------------
 
 

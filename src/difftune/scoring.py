@@ -50,7 +50,7 @@ def load_metric_set(config: RunConfig) -> MetricSet | None:
         caption_column=config.data.caption_column,
         image_column=config.data.image_column,
     )
-    rows = load_rows(data, seed=0)
+    rows = load_rows(data, seed=0, key="validation.metric_data")
     columns = check_columns(rows, data, needs_conditioning=True)
     count = min(validation.metric_samples, len(rows))
     only_conditioning = Columns(image=columns.conditioning, caption=columns.caption, conditioning=None)

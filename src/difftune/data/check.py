@@ -371,9 +371,10 @@ class _Header:
             )))
         if mode.startswith("I;16") or mode in ("I", "F"):
             depth = {"I": "32-bit integer", "F": "32-bit float"}.get(mode, "16-bit")
+            how = {"I": "divided by 257 when any value is above 255", "F": "times 255 when all are within 0-1"}
             notes.append(("sixteen_bit", (
-                f"{depth} greyscale image (mode {mode}): rescaled to 8 bits (values above 255 "
-                "divided by 257; a 0-1 float image times 255) and converted to RGB"
+                f"{depth} greyscale image (mode {mode}): rescaled to 8 bits (values "
+                f"{how.get(mode, 'divided by 257: the 16-bit range onto 0-255')}) and converted to RGB"
             )))
         elif self.format == "PNG" and ";16" in self.rawmode:
             notes.append(("sixteen_bit", (

@@ -4,6 +4,8 @@ max_samples applied. `open_training_data` turns these into samples."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,28 @@ def check_rows(config: DataConfig, seed: int, needs_conditioning: bool, fixed_ca
     if config.max_samples is not None and config.max_samples < len(keep):
         keep = sorted(keep[i] for i in _seeded_order(len(keep), seed)[: config.max_samples])
     return CheckedRows(rows, columns, report, keep)
+
+
+def data_identity(checked: CheckedRows) -> dict[str, Any]:
+    """What a checkpoint records of the rows it trained on: how many, and a digest of
+    their files (paths, and sizes of embedded images) and captions, in order. A resumed
+    run whose rows differ would draw other batches; it is refused (training.plan).
+    Computed on Arrow columns, without decoding or copying an image."""
+    import pyarrow as pa
+
+    table = checked.rows.with_format("arrow")[:]
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps(checked.keep).encode())
+    for name in (checked.columns.image, checked.columns.conditioning, checked.columns.caption):
+        if name is None:
+            continue
+        column = table.column(name).combine_chunks()
+        if pa.types.is_struct(column.type):  # an undecoded image: {"bytes", "path"}
+            digest.update(json.dumps(column.field("path").to_pylist()).encode())
+            digest.update(json.dumps(pa.compute.binary_length(column.field("bytes")).to_pylist()).encode())
+        else:
+            digest.update(json.dumps(column.to_pylist(), default=str).encode())
+    return {"rows": len(checked.keep), "digest": digest.hexdigest()}
 
 
 def _seeded_order(count: int, seed: int) -> list[int]:

@@ -86,6 +86,19 @@ MAX_IMAGE_BYTES = 1 << 31
 """No image file difftune reads is larger (2 GiB): a bigger one is a mistake, not a photo."""
 
 
+def image_problem(path: Path) -> str | None:
+    """Why a file cannot be used as an image (None: PIL reads its header)."""
+    problem = regular_file_problem(path)
+    if problem:
+        return problem
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as error:  # noqa: BLE001 (PIL raises many kinds for a bad file)
+        return f"not an image PIL can read ({type(error).__name__}: {error})"
+    return None
+
+
 def regular_file_problem(path: Path, limit: int = MAX_IMAGE_BYTES) -> str | None:
     """Why a path cannot be read as a file: it is missing, a FIFO or a device (reading
     would block, or never end: /dev/zero), or larger than `limit` bytes."""
@@ -104,8 +117,9 @@ def regular_file_problem(path: Path, limit: int = MAX_IMAGE_BYTES) -> str | None
     return None
 
 
-def load_rows(config: DataConfig, seed: int) -> datasets.Dataset:
-    """Open the dataset split, keep max_samples (shuffled with the seed first)."""
+def load_rows(config: DataConfig, seed: int, key: str = "data.path") -> datasets.Dataset:
+    """Open the dataset split, keep max_samples (shuffled with the seed first). `key` is
+    the config key messages name (validation.metric_data opens its data here too)."""
     path = Path(config.path)
     try:
         if is_caption_folder(path):
@@ -121,7 +135,7 @@ def load_rows(config: DataConfig, seed: int) -> datasets.Dataset:
     except DataError:
         raise
     except Exception as error:  # noqa: BLE001 (datasets raises many kinds; each is explained)
-        raise DataError(f"data.path {config.path!r}: {explain_load_failure(path, error)}") from None
+        raise DataError(f"{key} {config.path!r}: {explain_load_failure(path, error)}") from None
     if config.max_samples is not None and config.max_samples < len(rows):
         rows = rows.shuffle(seed=seed).select(range(config.max_samples))
     return rows
@@ -201,9 +215,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         array = np.asarray(image, dtype=np.float64)
-        if image.mode == "F" and array.max(initial=0.0) <= 1.0:
+        if image.mode.startswith("I;16"):
+            array = array / 257.0  # the 16-bit range onto 8 bits, whatever this image's brightest pixel
+        elif image.mode == "I" and array.max(initial=0.0) > 255:
+            array = array / 257.0  # 32-bit integers holding 16-bit values (PIL's older 16-bit PNGs)
+        elif image.mode == "F" and array.max(initial=0.0) <= 1.0:
             array = array * 255.0  # float images in [0, 1]
-        elif image.mode != "F" and array.max(initial=0.0) > 255:
-            array = array / 257.0  # 16-bit range onto 8 bits
         image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
     return image.convert("RGB")

@@ -19,9 +19,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from difftune import paths
 from difftune.files import apply_umask
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
+LORA_FILE = paths.LORA_FILE
 
 # "<component>.<module path>.<which matrix>.weight", in the layouts diffusers writes
 # (lora.down / lora_linear_layer.down) or reads (peft's lora_A / lora_B).
@@ -35,11 +36,7 @@ _PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 
 def lora_file(run_or_file: str | Path) -> Path:
     """The LoRA file of a run directory, of its final/ folder, or the file itself."""
-    path = Path(run_or_file)
-    for candidate in (path, path / LORA_FILE, path / "final" / LORA_FILE):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"{path}: no {LORA_FILE} here, in it or in its final/")
+    return paths.lora_file("source", str(run_or_file))
 
 
 def adapter_alphas(path: Path) -> dict[str, dict]:

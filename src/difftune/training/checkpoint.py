@@ -33,6 +33,7 @@ MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 MANIFEST = "MANIFEST.json"
 CONFIG_FILE = "config.toml"
+DATA_FILE = "data.json"
 
 
 class ResumeError(UserError, ValueError):
@@ -194,10 +195,12 @@ def remove_partial_checkpoints(run_dir: Path) -> None:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, run_dir: Path, state: TrainState, total_limit: int | None, config_text: str = ""
+    accelerator: Accelerator, run_dir: Path, state: TrainState, total_limit: int | None,
+    records: dict[str, str] | None = None,
 ) -> Path:
     """Write accelerate state (weights in diffusers format), trainer state, the run's
-    config and a manifest atomically; prune old checkpoints after the new one is complete."""
+    records (its config, CONFIG_FILE, and what it trains on, DATA_FILE) and a manifest
+    atomically; prune old checkpoints after the new one is complete."""
     final = checkpoint_dir(run_dir, state.step)
     staging = staging_path(final)
     if accelerator.is_main_process and staging.exists():
@@ -209,7 +212,8 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (staging / STATE_FILE).write_text(json.dumps(asdict(state)))
-        (staging / CONFIG_FILE).write_text(config_text)
+        for name, text in (records or {}).items():
+            (staging / name).write_text(text)
         apply_umask(staging)
         _fsync_tree(staging)
         _write_manifest(staging)

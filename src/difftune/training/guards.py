@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import threading
-from types import FrameType
-from typing import Any
-
 import torch
 from accelerate import Accelerator
 
@@ -23,34 +18,6 @@ def agreed(accelerator: Accelerator, flag: bool) -> bool:
         return flag
     value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(value, reduction="sum").item() > 0)
-
-
-class StopSignals:
-    """SIGTERM or a first Ctrl+C asks the run to stop after the current step (it then
-    checkpoints and exits cleanly); a second Ctrl+C stops at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signal_name: str | None = None
-        """"SIGTERM" or "SIGINT": what asked the run to stop."""
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for number in (signal.SIGTERM, signal.SIGINT):
-                self._previous[number] = signal.signal(number, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-        self._previous.clear()
-
-    def _handle(self, number: int, frame: FrameType | None) -> None:
-        if self.requested and number == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        self.signal_name = signal.Signals(number).name
 
 
 class NonFiniteGuard:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -14,11 +15,15 @@ from rich.console import Console
 
 from difftune.config import RunConfig, to_toml
 from difftune.data.cache import Processes, build_cache, default_cache_dir
+from difftune.data.rows import data_identity
 from difftune.objectives import DiscreteDiffusion
 from difftune.report import write_report
 from difftune.scoring import score_control
+from difftune.signals import StopSignals
 from difftune.training import setup
 from difftune.training.checkpoint import (
+    CONFIG_FILE,
+    DATA_FILE,
     DiskSpaceError,
     ResumeError,
     TrainState,
@@ -41,7 +46,7 @@ from difftune.training.events import (
     return_freed_memory,
     tracker_hyperparameters,
 )
-from difftune.training.guards import NonFiniteGuard, NonFiniteLoss, StopSignals, agreed, all_finite
+from difftune.training.guards import NonFiniteGuard, NonFiniteLoss, agreed, all_finite
 from difftune.training.optim import make_lr_scheduler, make_optimizer, total_steps
 from difftune.training.plan import RunPlan, main_process_by_environment, plan_run
 from difftune.training.step import Trainee, training_loss
@@ -52,7 +57,8 @@ from difftune.validation import ValidationPair, log_to_trackers, run_validation
 class Run:
     """A training run in its run directory: set up once, then `fit`."""
 
-    def __init__(self, config: RunConfig, console: Console | None = None, plan: RunPlan | None = None) -> None:
+    def __init__(self, config: RunConfig, console: Console | None = None, plan: RunPlan | None = None,
+                 stop: StopSignals | None = None) -> None:
         self.console = console or Console(stderr=True, log_path=False)
         self.plan = plan or plan_run(config, main_process=main_process_by_environment())
         self.config = config = self.plan.config  # local paths made absolute
@@ -73,7 +79,7 @@ class Run:
         self.nonfinite = NonFiniteGuard(config.train.max_nonfinite_steps)
         self.window_bad = False  # a non-finite loss in the current accumulation window
         self.saved_step = -1  # the step of this process's last checkpoint
-        self.stop = StopSignals()
+        self.stop = stop or StopSignals()
         self.show: Any = lambda **fields: None  # the progress bar's update, while fit() runs
         trainee = self.trainee
         samples = trainee.method.training_data(trainee.family, trainee.parts, trainee.trained,
@@ -150,13 +156,17 @@ class Run:
                           resumed_from=str(self.resume_from) if self.resume_from else None, summary=summary)
         if main:
             self.console.print("\n".join(summary), highlight=False, soft_wrap=True)
-        with StopSignals() as self.stop:
-            with progress_bar(self.console, main) as bar:
-                task = bar.add_task("train", total=self.max_steps, completed=state.step, loss=float("nan"),
-                                    rate=0.0, eta="", status="")
-                self.show = lambda **kw: bar.update(task, **kw)
-                finished = self._train(state)
-            self.show = lambda **kw: None
+        with self.stop:
+            finished = False
+            if self.stop.requested:  # during setup: nothing trained, nothing to save
+                self.events.write("stopped", step=state.step, reason=self.stop.signal_name, during="setup")
+            else:
+                with progress_bar(self.console, main) as bar:
+                    task = bar.add_task("train", total=self.max_steps, completed=state.step, loss=float("nan"),
+                                        rate=0.0, eta="", status="")
+                    self.show = lambda **kw: bar.update(task, **kw)
+                    finished = self._train(state)
+                self.show = lambda **kw: None
             final = self._finish(state) if finished else None
         self.accelerator.end_training()
         return final
@@ -280,8 +290,11 @@ class Run:
         self._check_disk_space(state.step)
         started = time.perf_counter()
         self.show(status="saving a checkpoint")
-        path = save_checkpoint(self.accelerator, self.run_dir, state,
-                               self.config.train.checkpoints_total_limit, to_toml(self.config))
+        records = {CONFIG_FILE: to_toml(self.config)}
+        if self.plan.data is not None:
+            records[DATA_FILE] = json.dumps(data_identity(self.plan.data))
+        path = save_checkpoint(self.accelerator, self.run_dir, state, self.config.train.checkpoints_total_limit,
+                               records)
         self.show(status="")
         self.saved_step = state.step
         self.events.write("checkpoint", path=str(path),
@@ -398,4 +411,5 @@ def train(config: RunConfig, console: Console | None = None, plan: RunPlan | Non
     plan = plan or plan_run(config, main_process=main_process_by_environment())
     if plan.finished_at is not None:
         return plan.run_dir / "final"
-    return Run(plan.config, console, plan).fit()
+    with StopSignals() as stop:  # from before the models load
+        return Run(plan.config, console, plan, stop).fit()

@@ -18,6 +18,7 @@ finished work away:
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import tomllib
@@ -32,7 +33,8 @@ from difftune.config import (
     build_config,
     with_absolute_paths,
 )
-from difftune.data.rows import CheckedRows, check_rows
+from difftune.data.rows import CheckedRows, check_rows, data_identity
+from difftune.data.sources import image_problem
 from difftune.errors import DataError
 from difftune.paths import (
     PathError,
@@ -45,6 +47,7 @@ from difftune.paths import (
 )
 from difftune.training.checkpoint import (
     CONFIG_FILE,
+    DATA_FILE,
     ResumeError,
     checkpoint_step,
     finished_step,
@@ -122,7 +125,30 @@ def plan_run(config: RunConfig, main_process: bool = True) -> RunPlan:
     if plan.finished_at is None:
         method = config.method
         plan.data = check_rows(config.data, config.train.seed, method.needs_conditioning, method.fixed_caption)
+        if plan.resume_from is not None:
+            check_same_data(plan.resume_from, plan.data)
     return plan
+
+
+def check_same_data(checkpoint: Path, rows: CheckedRows) -> None:
+    """The rows a resumed run trains on are those its checkpoint trained on (same files,
+    captions and order): other rows would make other batches from here on."""
+    recorded = checkpoint / DATA_FILE
+    if not recorded.is_file():
+        return  # written before difftune recorded it
+    try:
+        before = json.loads(recorded.read_text())
+    except ValueError:
+        return  # verified by the manifest; unreadable means written by another version
+    now = data_identity(rows)
+    if before != now:
+        counts = before.get("rows"), now["rows"]
+        what = (f"{counts[0]} rows were trained on then, {counts[1]} now" if counts[0] != counts[1]
+                else f"the same {counts[1]} rows, but their files or captions differ")
+        raise ResumeError(
+            f"the training data changed since {checkpoint.name}: {what}. Resuming would draw other batches than "
+            "the run did. Put the data back as it was to continue it; to train on the new data, start a new run "
+            "in another train.output_dir.")
 
 
 def check_sources(config: RunConfig) -> None:
@@ -141,9 +167,20 @@ def check_sources(config: RunConfig) -> None:
     check_pipeline("model.pretrained", model.pretrained, components, model.variant, model.revision)
     if config.method.controlnet:
         check_model_folder("method.controlnet", config.method.controlnet, "ControlNet")
-    data_path = config.data.path
-    if looks_like_path(data_path) and not Path(data_path).expanduser().exists():
-        raise DataError(f"data.path = {data_path!r}: no such folder or file")
+    for key, value in (("data.path", config.data.path), ("validation.metric_data", config.validation.metric_data)):
+        if value and looks_like_path(value) and not Path(value).exists():
+            raise DataError(f"{key} = {value!r}: no such folder or file")
+    dreambooth = config.method.dreambooth
+    if dreambooth and dreambooth.class_data and Path(dreambooth.class_data).exists() \
+            and not Path(dreambooth.class_data).is_dir():
+        raise DataError(f"method.dreambooth.class_data = {dreambooth.class_data!r} is a file; give a folder "
+                        "(class images are generated into it)")
+    for index, image in enumerate(config.validation.images):
+        problem = image_problem(Path(image))
+        if problem == "no such file":
+            raise DataError(f"validation.images[{index}]: no such file {image}")
+        if problem:
+            raise DataError(f"validation.images[{index}]: {image}: {problem}")
     if config.hub.push:
         check_hub_push()
 

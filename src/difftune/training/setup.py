@@ -52,8 +52,6 @@ def preflight(config: RunConfig, rows: CheckedRows | None = None) -> Preflight:
     if method.name not in family.supports:
         raise ConfigError([f"method.kind = {method.name!r} is not supported by family {family.name!r}"])
     check_extras(config)
-    if method.needs_conditioning and config.validation.prompts and not config.validation.images:
-        raise ConfigError([f"validation.images: method {method.name!r} needs a conditioning image per prompt"])
     check_precision(config)
     samples = open_training_data(config.data, config.train.seed, method.needs_conditioning,
                                  method.fixed_caption, rows)

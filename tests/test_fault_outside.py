@@ -1,0 +1,246 @@
+"""Fault suite, cases first found from outside (an adversarial pass over the CLI): each was
+a traceback, a silent wrong result or lost work, and is now a message or the right result."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import copy_run, run_config
+from PIL import Image
+
+from difftune.cli import main
+from difftune.config import build_config, to_toml
+from difftune.training.checkpoint import ResumeError
+from difftune.training.events import read_events
+from difftune.training.loop import train
+from difftune.training.plan import plan_run
+
+
+def _raw(base: Path, data: Path, out: Path, steps: int = 2, **sections) -> dict:
+    raw = run_config(base, data, out, train={"max_steps": steps, "checkpoint_every": 1}, **sections)
+    raw["validation"] = {"every": 100}
+    return raw
+
+
+def _cli(args: list[str], capsys) -> tuple[int, str]:
+    code = main(args)
+    error = " ".join(capsys.readouterr().err.split())
+    assert "Traceback" not in error
+    return code, error
+
+
+def _write(tmp_path: Path, raw: dict) -> str:
+    config = tmp_path / "c.toml"
+    config.write_text(to_toml(build_config(raw)))
+    return str(config)
+
+
+# --- class 2: nothing of the user's is lost -------------------------------------------------
+
+
+def test_an_output_dir_holding_the_users_files_is_refused_and_left_alone(tiny_base, circles, tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "final").mkdir(parents=True)
+    (out / "final" / "important.txt").write_text("precious")
+    code, error = _cli(["train", _write(tmp_path, _raw(tiny_base, circles, out))], capsys)
+    assert code == 2 and "holds files that are not a difftune run (final)" in error
+    assert (out / "final" / "important.txt").read_text() == "precious" and sorted(os.listdir(out)) == ["final"]
+
+
+@pytest.mark.parametrize("case", ["not empty", "a file", "n 0", "resolution 100000"])
+def test_fill_circles_never_overwrites_and_refuses_absurd_sizes(case, circles, tmp_path, capsys):
+    out = {"not empty": str(shutil.copytree(circles, tmp_path / "data")), "a file": str(tmp_path / "f")}.get(
+        case, str(tmp_path / "new"))
+    (tmp_path / "f").write_text("x")
+    flags = {"n 0": ["--n", "0"], "resolution 100000": ["--resolution", "100000"]}.get(case, [])
+    before = (tmp_path / "data" / "metadata.jsonl").read_text() if case == "not empty" else None
+    code, error = _cli(["data", "fill-circles", out, *flags], capsys)
+    assert code == 2, error
+    if before is not None:
+        assert (tmp_path / "data" / "metadata.jsonl").read_text() == before
+
+
+def test_a_damaged_line_in_events_jsonl_does_not_stop_the_run(finished_run, tiny_base, circles, tmp_path):
+    run = copy_run(finished_run, tmp_path)
+    with open(run / "events.jsonl", "ab") as events:
+        events.write(b'{"event": "step", "ti\n\xff\xfe not json\n')
+    assert train(build_config(_raw(tiny_base, circles, run, steps=3))) == run / "final"
+    assert [e["step"] for e in read_events(run) if e["event"] == "final"] == [2, 3]
+
+
+def test_resuming_on_changed_data_is_refused(tiny_base, circles, tmp_path):
+    data = shutil.copytree(circles, tmp_path / "data")
+    run = tmp_path / "run"
+    train(build_config(_raw(tiny_base, data, run)))
+    shutil.rmtree(run / "final")  # as if killed before final/
+    plan_run(build_config(_raw(tiny_base, data, run, steps=3)))  # the same data: fine
+    lines = (data / "metadata.jsonl").read_text().splitlines()
+    (data / "metadata.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # one row fewer
+    with pytest.raises(ResumeError, match="the training data changed since step-000002: 12 rows .* 11 now"):
+        plan_run(build_config(_raw(tiny_base, data, run, steps=3)))
+
+
+# --- class 4: paths of every kind ----------------------------------------------------------
+
+
+def _odd_run_dir(case: str, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    if case == "broken link":
+        out.symlink_to(tmp_path / "nowhere")
+    elif case == "lock is a folder":
+        (out / ".lock").mkdir(parents=True)
+    elif case == "checkpoints is a file":
+        out.mkdir()
+        (out / "events.jsonl").write_text("")
+        (out / "checkpoints").write_text("x")
+    return out
+
+
+ODD = {"broken link": "is a symbolic link to", "lock is a folder": ".lock should be a file",
+       "checkpoints is a file": "checkpoints should be a folder"}
+
+
+@pytest.mark.parametrize("case", list(ODD))
+def test_an_odd_run_directory_is_named_before_anything_runs(case, tiny_base, circles, tmp_path, capsys):
+    out = _odd_run_dir(case, tmp_path)
+    code, error = _cli(["train", _write(tmp_path, _raw(tiny_base, circles, out))], capsys)
+    assert code == 2 and ODD[case] in error, error
+
+
+def test_an_output_dir_inside_the_data_is_refused(tiny_base, circles, tmp_path, capsys):
+    data = shutil.copytree(circles, tmp_path / "data")
+    code, error = _cli(["train", _write(tmp_path, _raw(tiny_base, data, data / "run"))], capsys)
+    assert code == 2 and "is inside data.path" in error and not (data / "run").exists()
+
+
+@pytest.mark.parametrize("case", ["not utf-8", "a folder"])
+def test_a_config_that_is_not_text_is_named(case, tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    if case == "not utf-8":
+        config.write_bytes(b"\xff\xfe[model]\n")
+    else:
+        config.mkdir()
+    code, error = _cli(["train", str(config)], capsys)
+    assert code == 2 and {"not utf-8": "not UTF-8 text", "a folder": "a folder, not a config file"}[case] in error
+
+
+def test_a_config_with_a_byte_order_mark_is_read(tiny_base, circles, tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_bytes(b"\xef\xbb\xbf" + to_toml(build_config(_raw(tiny_base, circles, tmp_path / "run", 1))).encode())
+    assert _cli(["train", str(config)], capsys)[0] == 0
+
+
+def _lora_source(case: str, tmp_path: Path) -> str:
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "x.safetensors"
+    if case == "garbage":
+        path.write_bytes(b"not a safetensors file")
+    elif case == "no lora keys":
+        save_file({"foo.weight": np.zeros(2, np.float32)}, str(path))
+    else:
+        return str(tmp_path / "missing.safetensors")
+    return str(path)
+
+
+LORA = {"garbage": "is not a safetensors file", "no lora keys": "holds no LoRA weights",
+        "missing file": "no such file or folder"}
+
+
+@pytest.mark.parametrize("case", list(LORA))
+@pytest.mark.parametrize("verb", ["generate", "export"])
+def test_a_bad_lora_file_is_named_before_loading(case, verb, tiny_base, tmp_path, capsys):
+    source = _lora_source(case, tmp_path)
+    args = (["generate", "--base", str(tiny_base), "--lora", source, "--prompt", "x", "--out", str(tmp_path / "o.png")]
+            if verb == "generate" else ["export", "lora", source, str(tmp_path / "k.safetensors")])
+    code, error = _cli(args, capsys)
+    assert code == 2 and LORA[case] in error, error
+
+
+# --- class 5: what was silently wrong ------------------------------------------------------
+
+
+def test_a_symlinked_data_folder_is_not_outside_itself(tiny_base, circles, tmp_path, capsys):
+    link = tmp_path / "data-link"
+    link.symlink_to(circles)
+    assert _cli(["data", "check", str(link), "--resolution", "64", "--report", str(tmp_path / "r.json")],
+                capsys)[0] == 0
+
+
+def test_home_and_relative_paths_are_recorded_absolute(tiny_base, circles, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(tiny_base, tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    raw = _raw(Path("base"), circles, Path("~/runs/a"), 1)
+    assert _cli(["train", _write(tmp_path, raw)], capsys)[0] == 0
+    recorded = (tmp_path / "runs" / "a" / "config.toml").read_text()
+    assert f'pretrained = "{tmp_path / "base"}"' in recorded and f'output_dir = "{tmp_path / "runs" / "a"}"' in recorded
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # generate finds the run's base from anywhere
+    code, error = _cli(["generate", "--controlnet", "~/runs/a", "--image",
+                        str(circles / "conditioning_images" / "000000.png"), "--prompt", "red", "--steps", "1",
+                        "--out", "o.png"], capsys)
+    assert code == 0 and (elsewhere / "o.png").is_file(), error
+
+
+def test_sixteen_bit_greyscale_does_not_depend_on_its_brightest_pixel():
+    from difftune.data.sources import to_rgb
+
+    dark = np.full((4, 4), 200 * 257, np.uint16)
+    brighter = dark.copy()
+    brighter[0, 0] = 60000
+    values = [np.asarray(to_rgb(Image.fromarray(a)))[1, 1, 0] for a in (dark, brighter)]
+    assert values == [200, 200]
+
+
+@pytest.mark.parametrize(("section", "values", "expected"), [
+    ("validation", {"metric": "canny", "metric_data": "x"}, "takes none"),
+    ("train", {"max_steps": 10**12}, "less than or equal to 1000000000"),
+])
+def test_more_settings_that_make_no_sense(section, values, expected, tiny_base, circles, tmp_path, capsys):
+    raw = _raw(tiny_base, circles, tmp_path / "run", method={"kind": "lora"})
+    raw[section] = {**raw.get(section, {}), **values}
+    config = tmp_path / "c.toml"
+    config.write_text("\n".join(f"[{s}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in vs.items())
+                                for s, vs in raw.items()) + "\n")
+    code, error = _cli(["train", str(config)], capsys)
+    assert code == 2 and expected in error, error
+
+
+# --- class 6: messages ---------------------------------------------------------------------
+
+
+def test_data_check_names_a_file_source_and_a_flag_it_would_ignore(tiny_base, circles, tmp_path, capsys):
+    code, error = _cli(["data", "check", str(circles / "images" / "000000.png")], capsys)
+    assert code == 2 and "is a file: give a dataset folder" in error
+    config = _write(tmp_path, _raw(tiny_base, circles, tmp_path / "run"))
+    code, error = _cli(["data", "check", config, "--resolution", "32"], capsys)
+    assert code == 2 and "--resolution: only for a dataset path" in error
+
+
+def test_generate_names_a_missing_controlnet_before_asking_for_a_base(circles, tmp_path, capsys):
+    code, error = _cli(["generate", "--controlnet", str(tmp_path / "nope"), "--image",
+                        str(circles / "conditioning_images" / "000000.png"), "--prompt", "x",
+                        "--out", str(tmp_path / "o.png")], capsys)
+    assert code == 2 and "--controlnet" in error and "no such folder" in error
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_models_load_exits_0_without_a_trace(tiny_base, circles, tmp_path):
+    config = _write(tmp_path, _raw(tiny_base, circles, tmp_path / "run", 500))
+    process = subprocess.Popen([sys.executable, "-m", "difftune", "train", config],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / "run" / ".lock").exists() and process.poll() is None:
+        pass  # the plan is done; torch and the models are loading now
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    stopped = [e for e in read_events(tmp_path / "run") if e["event"] == "stopped"]
+    assert stopped and stopped[0]["during"] == "setup" and stopped[0]["step"] == 0
