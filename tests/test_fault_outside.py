@@ -244,3 +244,15 @@ def test_sigterm_while_the_models_load_exits_0_without_a_trace(tiny_base, circle
     assert process.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
     stopped = [e for e in read_events(tmp_path / "run") if e["event"] == "stopped"]
     assert stopped and stopped[0]["during"] == "setup" and stopped[0]["step"] == 0
+
+
+def test_dreambooth_class_folder_junk_is_named_before_anything_is_generated(tiny_base, circles, tmp_path, capsys):
+    classes = tmp_path / "classes"
+    classes.mkdir()
+    (classes / "00000-abc.png").write_bytes(b"not a png")
+    method = {"kind": "dreambooth", "dreambooth": {"instance_prompt": "a red circle", "prior_preservation": True,
+                                                   "class_data": str(classes), "class_prompt": "a circle",
+                                                   "num_class_images": 4}}
+    code, error = _cli(["train", _write(tmp_path, _raw(tiny_base, circles, tmp_path / "run", method=method))], capsys)
+    assert code == 2 and "00000-abc.png" in error and "not readable images" in error
+    assert sorted(os.listdir(classes)) == ["00000-abc.png"]

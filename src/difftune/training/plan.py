@@ -34,7 +34,7 @@ from difftune.config import (
     with_absolute_paths,
 )
 from difftune.data.rows import CheckedRows, check_rows, data_identity
-from difftune.data.sources import image_problem
+from difftune.data.sources import IMAGE_SUFFIXES, image_problem
 from difftune.errors import DataError
 from difftune.paths import (
     PathError,
@@ -170,11 +170,7 @@ def check_sources(config: RunConfig) -> None:
     for key, value in (("data.path", config.data.path), ("validation.metric_data", config.validation.metric_data)):
         if value and looks_like_path(value) and not Path(value).exists():
             raise DataError(f"{key} = {value!r}: no such folder or file")
-    dreambooth = config.method.dreambooth
-    if dreambooth and dreambooth.class_data and Path(dreambooth.class_data).exists() \
-            and not Path(dreambooth.class_data).is_dir():
-        raise DataError(f"method.dreambooth.class_data = {dreambooth.class_data!r} is a file; give a folder "
-                        "(class images are generated into it)")
+    check_class_data(config)
     for index, image in enumerate(config.validation.images):
         problem = image_problem(Path(image))
         if problem == "no such file":
@@ -236,6 +232,25 @@ def check_run_directory(run_dir: Path, config: RunConfig) -> None:
         if path.exists() and path.is_dir() != (kind == "folder"):
             raise PathError(f"{path} should be a {kind}; this run directory was changed by hand. Move "
                               f"{name} away, or give another train.output_dir.")
+
+
+def check_class_data(config: RunConfig) -> None:
+    """DreamBooth's class folder: a folder (images are generated into it), whose images
+    are readable; a bad one would count toward num_class_images, and be found only
+    after the missing ones were generated."""
+    dreambooth = config.method.dreambooth
+    if dreambooth is None or not dreambooth.class_data or not Path(dreambooth.class_data).exists():
+        return
+    folder = Path(dreambooth.class_data)
+    if not folder.is_dir():
+        raise DataError(f"method.dreambooth.class_data = {dreambooth.class_data!r} is a file; give a folder "
+                        "(class images are generated into it)")
+    bad = [f"{image.name} ({problem})" for image in sorted(folder.iterdir())
+           if image.suffix.lower() in IMAGE_SUFFIXES and (problem := image_problem(image))]
+    if bad:
+        raise DataError(f"method.dreambooth.class_data {dreambooth.class_data!r} holds {len(bad)} file(s) that are "
+                        f"not readable images: {'; '.join(bad[:5])}. Remove them (missing class images are "
+                        "generated again).")
 
 
 def take_lock(run_dir: Path) -> Any:
