@@ -14,7 +14,6 @@ from accelerate import Accelerator
 from rich.console import Console
 
 from difftune.config import RunConfig, to_toml
-from difftune.data.cache import Processes, build_cache, default_cache_dir
 from difftune.data.rows import data_identity
 from difftune.objectives import DiscreteDiffusion
 from difftune.report import write_report
@@ -84,31 +83,13 @@ class Run:
         trainee = self.trainee
         samples = trainee.method.training_data(trainee.family, trainee.parts, trainee.trained,
                                                checked.samples, self.accelerator)
-        samples = self._encoded(samples)
+        samples, self.offloaded = setup.encoded(samples, trainee, config, self.accelerator, self.events)
         self.loader, self.sampler = setup.make_dataloader(samples, config, self.accelerator.num_processes,
                                                           self.accelerator.device)
         self.sample_count = len(samples)
         if hasattr(self.sampler, "summary"):
             self.events.write("buckets", samples_per_bucket=self.sampler.summary())
         self._prepare()
-
-    def _encoded(self, samples: Any) -> Any:
-        """With data.cache_latents / cache_text: encode what the cache lacks once, train
-        from the cache, and take the frozen encoders it replaces off the accelerator."""
-        data, trainee, accelerator = self.config.data, self.trainee, self.accelerator
-        self.offloaded = setup.Offloaded(accelerator.device)
-        if not (data.cache_latents or data.cache_text):
-            return samples
-        folder = Path(data.encoded_cache_dir).expanduser() if data.encoded_cache_dir else default_cache_dir()
-        started = time.perf_counter()
-        processes = Processes(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone,
-                              lambda flag: agreed(accelerator, flag))
-        encoded, stats = build_cache(samples, trainee.family, trainee.parts, data.cache_latents, data.cache_text,
-                                     folder, self.config.train.batch_size, processes)
-        self.events.write("cache", path=str(folder), seconds=round(time.perf_counter() - started, 2), **stats)
-        self.offloaded.move_off([m for done, m in [(data.cache_latents, trainee.parts.vae),
-                                                   (data.cache_text, trainee.parts.text_encoder)] if done])
-        return encoded
 
     def _load_models(self, checked: setup.Preflight) -> Trainee:
         parts = checked.family.load(self.config.model, setup.denoiser_in_memory(self.config, self.accelerator))
@@ -287,7 +268,7 @@ class Run:
     def _checkpoint(self, state: TrainState) -> None:
         if not self._finite():
             raise NonFiniteLoss(f"step {state.step}: the weights are not finite; not saving them")
-        self._check_disk_space(state.step)
+        self._require_disk_space(state.step)
         started = time.perf_counter()
         self.show(status="saving a checkpoint")
         records = {CONFIG_FILE: to_toml(self.config)}
@@ -300,16 +281,18 @@ class Run:
         self.events.write("checkpoint", path=str(path),
                           seconds=round(time.perf_counter() - started, 2), **asdict(state))
 
-    def _check_disk_space(self, step: int) -> None:
-        """Stop before a save that cannot fit, on every rank together (not half-way
-        through writing, and not with some ranks waiting in save_state)."""
+    def _require_disk_space(self, step: int, what: str = "") -> None:
+        """Stop before a save that cannot fit (the step's checkpoint, or `what`: "final/",
+        which holds at least the trained weights in fp32), on every rank together (not
+        half-way through writing, and not with some ranks waiting in save_state)."""
         problem = None
         if self.accelerator.is_main_process:
-            needed = checkpoint_bytes(self.run_dir, sum(p.numel() for p in self.params))
-            problem = check_disk_space(self.run_dir, needed, step)
+            trained = sum(p.numel() for p in self.params)
+            needed = trained * 4 + 10 * 2**20 if what else checkpoint_bytes(self.run_dir, trained)
+            problem = check_disk_space(self.run_dir, needed, step, what)
         if agreed(self.accelerator, problem is not None):
             self.events.write("disk_full", step=step, message=problem)
-            raise DiskSpaceError(problem or "not enough disk space on the main process for a checkpoint")
+            raise DiskSpaceError(problem or f"not enough disk space on the main process for {what or 'a checkpoint'}")
 
     def _validate(self, step: int) -> None:
         if not self.validation_pairs and self.metric_set is None:
@@ -369,9 +352,7 @@ class Run:
         if not self._finite():
             raise NonFiniteLoss(f"step {state.step}: the weights are not finite; final/ not written")
         self._release_training_state()
-        problem = self._final_space_problem(state.step) if self.accelerator.is_main_process else None
-        if agreed(self.accelerator, problem is not None):
-            raise DiskSpaceError(problem or "not enough disk space on the main process for final/")
+        self._require_disk_space(state.step, "final/")
         if self.accelerator.is_main_process:
             self._save_final(final, state.step)
             self.events.write("final", step=state.step, path=str(final), ema=self.ema is not None)
@@ -389,11 +370,6 @@ class Run:
         with self._averaged():
             write_final(self.run_dir, step, lambda out: trainee.method.save(trainee.family, trainee.parts,
                                                                              self._unwrapped(), out))
-
-    def _final_space_problem(self, step: int) -> str | None:
-        """final/ holds at least the trained weights in fp32."""
-        needed = sum(p.numel() for p in self.params) * 4 + 10 * 2**20
-        return check_disk_space(self.run_dir, needed, step, what="final/")
 
     def _release_training_state(self) -> None:
         """Training is over (a checkpoint, if one was due, is written): free gradients and

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -17,12 +19,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from difftune.config import ConfigError, RunConfig, to_toml
 from difftune.data.buckets import BucketBatchSampler
+from difftune.data.cache import Processes, build_cache, default_cache_dir
 from difftune.data.rows import CheckedRows
 from difftune.data.samples import EpochSampler
 from difftune.data.training import open_training_data
 from difftune.families import FAMILIES, Family, Parts
 from difftune.methods import Method, Trained, make_method
 from difftune.scoring import MetricSet, load_metric_set
+from difftune.training.guards import agreed
 from difftune.training.optim import MissingExtra, require_bitsandbytes
 from difftune.validation import ValidationPair, load_validation_pairs
 from difftune.versions import problems_for
@@ -193,6 +197,26 @@ class Offloaded:
         finally:
             for module in self.modules:
                 module.to("cpu")
+
+
+def encoded(samples: Any, trainee: Any, config: RunConfig, accelerator: Accelerator, events: Any
+            ) -> tuple[Any, Offloaded]:
+    """With data.cache_latents / cache_text: encode what the cache lacks once, train from
+    the cache, and take the frozen encoders it replaces off the accelerator."""
+    data = config.data
+    offloaded = Offloaded(accelerator.device)
+    if not (data.cache_latents or data.cache_text):
+        return samples, offloaded
+    folder = Path(data.encoded_cache_dir).expanduser() if data.encoded_cache_dir else default_cache_dir()
+    started = time.perf_counter()
+    processes = Processes(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone,
+                          lambda flag: agreed(accelerator, flag))
+    cached, stats = build_cache(samples, trainee.family, trainee.parts, data.cache_latents, data.cache_text,
+                                folder, config.train.batch_size, processes)
+    events.write("cache", path=str(folder), seconds=round(time.perf_counter() - started, 2), **stats)
+    offloaded.move_off([m for done, m in [(data.cache_latents, trainee.parts.vae),
+                                          (data.cache_text, trainee.parts.text_encoder)] if done])
+    return cached, offloaded
 
 
 def loader_workers(config: RunConfig, device: torch.device) -> int:
