@@ -155,11 +155,10 @@ def generate(request: Generation) -> Path:
         StableDiffusionPipeline,
         UniPCMultistepScheduler,
     )
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
 
-    for library in (diffusers_logging, transformers_logging):  # one image: no loading bars
-        library.disable_progress_bar()
+    from difftune.quiet import quiet_loading_bars
+
+    quiet_loading_bars()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32

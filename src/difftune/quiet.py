@@ -29,6 +29,17 @@ class _DropMessage(logging.Filter):
         return self.part not in str(record.msg)
 
 
+def quiet_loading_bars() -> None:
+    """No progress bars for reading local weights ("Loading weights", "Loading pipeline
+    components"): they flash by in a second and push the run's own lines away. Call it
+    where transformers and diffusers are imported anyway."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_progress_bar()
+
+
 def quiet_unrelated_warnings() -> None:
     for name, part in _UNRELATED.items():
         logger = logging.getLogger(name)

@@ -3,8 +3,10 @@ save_to_disk) and Hub datasets, all through `datasets`, with the column mapping 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,16 +124,8 @@ def load_rows(config: DataConfig, seed: int, key: str = "data.path") -> datasets
     the config key messages name (validation.metric_data opens its data here too)."""
     path = Path(config.path)
     try:
-        if is_caption_folder(path):
-            rows = caption_folder_rows(path, config)
-        elif (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
-            rows = datasets.load_from_disk(str(path))
-            if isinstance(rows, datasets.DatasetDict):
-                rows = rows[config.split]
-        else:
-            rows = datasets.load_dataset(
-                config.path, config.config_name, split=config.split, cache_dir=config.cache_dir
-            )
+        with _quiet_if_local(path):
+            rows = _open_rows(path, config)
     except DataError:
         raise
     except Exception as error:  # noqa: BLE001 (datasets raises many kinds; each is explained)
@@ -139,6 +133,31 @@ def load_rows(config: DataConfig, seed: int, key: str = "data.path") -> datasets
     if config.max_samples is not None and config.max_samples < len(rows):
         rows = rows.shuffle(seed=seed).select(range(config.max_samples))
     return rows
+
+
+@contextlib.contextmanager
+def _quiet_if_local(path: Path) -> Iterator[None]:
+    """No "Downloading data" / "Generating train split" bars for a local folder (they
+    read files, and flash by on every run); a Hub download keeps its bars."""
+    if not path.exists() or not datasets.utils.logging.is_progress_bar_enabled():
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
+
+
+def _open_rows(path: Path, config: DataConfig) -> datasets.Dataset:
+    """The split's rows: a caption folder, a save_to_disk folder, or anything `datasets`
+    loads (an imagefolder, parquet, arrow, a Hub dataset)."""
+    if is_caption_folder(path):
+        return caption_folder_rows(path, config)
+    if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+        rows = datasets.load_from_disk(str(path))
+        return rows[config.split] if isinstance(rows, datasets.DatasetDict) else rows
+    return datasets.load_dataset(config.path, config.config_name, split=config.split, cache_dir=config.cache_dir)
 
 
 def check_columns(

@@ -16,6 +16,7 @@ from rich.console import Console
 from difftune.config import RunConfig, to_toml
 from difftune.data.rows import data_identity
 from difftune.objectives import DiscreteDiffusion
+from difftune.quiet import quiet_loading_bars
 from difftune.report import write_report
 from difftune.scoring import score_control
 from difftune.signals import StopSignals
@@ -92,6 +93,7 @@ class Run:
         self._prepare()
 
     def _load_models(self, checked: setup.Preflight) -> Trainee:
+        quiet_loading_bars()
         parts = checked.family.load(self.config.model, setup.denoiser_in_memory(self.config, self.accelerator))
         trained = checked.method.build(checked.family, parts)
         setup.place_frozen_parts(parts, self.accelerator)
