@@ -22,8 +22,8 @@ from difftune.training.loop import train
 from difftune.training.plan import plan_run
 
 
-def _raw(base: Path, data: Path, out: Path, steps: int = 2, **sections) -> dict:
-    raw = run_config(base, data, out, train={"max_steps": steps, "checkpoint_every": 1}, **sections)
+def _raw(base: Path, data_dir: Path, out: Path, steps: int = 2, **sections) -> dict:
+    raw = run_config(base, data_dir, out, train={"max_steps": steps, "checkpoint_every": 1}, **sections)
     raw["validation"] = {"every": 100}
     return raw
 
@@ -256,3 +256,101 @@ def test_dreambooth_class_folder_junk_is_named_before_anything_is_generated(tiny
     code, error = _cli(["train", _write(tmp_path, _raw(tiny_base, circles, tmp_path / "run", method=method))], capsys)
     assert code == 2 and "00000-abc.png" in error and "not readable images" in error
     assert sorted(os.listdir(classes)) == ["00000-abc.png"]
+
+
+# --- found by the second pass ----------------------------------------------------------------
+
+
+def test_class_data_overlapping_the_instance_data_is_refused(tiny_base, circles, tmp_path, capsys):
+    data = shutil.copytree(circles, tmp_path / "data")
+    before = sorted(os.listdir(data / "images"))
+    method = {"kind": "dreambooth", "dreambooth": {"instance_prompt": "a red circle", "prior_preservation": True,
+                                                   "class_data": str(data), "class_prompt": "a circle"}}
+    code, error = _cli(["train", _write(tmp_path, _raw(tiny_base, data, tmp_path / "run", method=method))], capsys)
+    assert code == 2 and "overlap" in error and sorted(os.listdir(data / "images")) == before
+
+
+OVERWRITES = ["data check report", "export single-file", "export lora", "generate over its image"]
+
+
+@pytest.mark.parametrize("case", OVERWRITES)
+def test_an_output_that_would_write_over_an_input_is_refused(case, finished_run, tiny_base, circles, tmp_path,
+                                                              capsys):
+    data = shutil.copytree(circles, tmp_path / "data")
+    image = data / "conditioning_images" / "000000.png"
+    base = shutil.copytree(tiny_base, tmp_path / "base")
+    lora = tmp_path / "lora.safetensors"
+    from safetensors.numpy import save_file
+
+    save_file({"unet.down.lora_A.weight": np.zeros((2, 2), np.float32)}, str(lora))
+    args = {
+        "data check report": ["data", "check", str(data), "--report", str(data / "state.json")],
+        "export single-file": ["export", "single-file", str(base), str(base / "unet" / "diffusion_pytorch_model.safetensors")],
+        "export lora": ["export", "lora", str(lora), str(lora), "--format", "diffusers"],
+        "generate over its image": ["generate", "--controlnet", str(finished_run), "--image", str(image), "--prompt", "x",
+                                    "--out", str(image)],
+    }[case]
+    before = {p: p.stat().st_mtime_ns for p in (image, lora, base / "unet" / "diffusion_pytorch_model.safetensors")}
+    code, error = _cli(args, capsys)
+    assert code == 2 and "would write over" in error, error
+    assert before == {p: p.stat().st_mtime_ns for p in before}
+    assert not (data / "state.json").exists()
+
+
+def test_a_checkpoints_adapter_file_is_not_silently_ignored(tiny_base, circles, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(build_config(_raw(tiny_base, circles, run, method={"kind": "lora"})))
+    adapter = run / "checkpoints" / "step-000002" / "unet" / "adapter_model.safetensors"
+    code, error = _cli(["generate", "--base", str(tiny_base), "--lora", str(adapter), "--prompt", "x",
+                        "--out", str(tmp_path / "o.png")], capsys)
+    assert code == 2 and "without the component prefix" in error and not (tmp_path / "o.png").exists()
+
+
+def test_an_existing_final_is_kept_when_the_events_no_longer_say_its_step(finished_run, tiny_base, circles, tmp_path):
+    run = copy_run(finished_run, tmp_path)
+    (run / "events.jsonl").unlink()
+    shutil.rmtree(run / "checkpoints" / "step-000002")  # what a checkpoints_total_limit might have pruned
+    train(build_config(_raw(tiny_base, circles, run, steps=3)))
+    kept = list(run.glob("final-replaced-*"))
+    assert len(kept) == 1 and (kept[0] / "diffusion_pytorch_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("key", ["class_data", "encoded_cache_dir"])
+def test_an_unwritable_folder_the_run_writes_is_named_before_models_load(key, tiny_base, circles, tmp_path, capsys):
+    if key == "class_data":
+        raw = _raw(tiny_base, circles, tmp_path / "run", method={
+            "kind": "dreambooth", "dreambooth": {"instance_prompt": "a red circle", "prior_preservation": True,
+                                                 "class_data": "/proc/difftune-classes", "class_prompt": "a circle"}})
+    else:
+        raw = _raw(tiny_base, circles, tmp_path / "run", data={
+            "resolution": 64, "cache_latents": True, "encoded_cache_dir": "/proc/difftune-cache"})
+    code, error = _cli(["train", _write(tmp_path, raw)], capsys)
+    assert code == 2 and "cannot write in /proc" in error and not (tmp_path / "run").exists()
+
+
+def test_a_run_inside_another_run_and_an_empty_resume_are_refused(finished_run, tiny_base, circles, tmp_path, capsys):
+    code, error = _cli(["train", _write(tmp_path, _raw(tiny_base, circles, finished_run / "nested"))], capsys)
+    assert code == 2 and "is inside the run directory" in error
+    config = Path(_write(tmp_path, _raw(tiny_base, circles, tmp_path / "run")))
+    config.write_text(config.read_text().replace("[train]\n", '[train]\nresume = ""\n'))
+    code, error = _cli(["train", str(config)], capsys)
+    assert code == 2 and "train.resume: must not be empty" in error
+
+
+def test_demo_output_dir_expands_home_and_refuses_empty(tmp_path, monkeypatch, capsys):
+    from difftune.demo import demo_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert demo_config("~/d", []).train.output_dir == str(tmp_path / "d")
+    assert _cli(["demo", "--output-dir", ""], capsys)[0] == 2
+
+
+def test_a_stop_request_reaches_long_setup_work():
+    from difftune.signals import StopSignals, stop_requested
+
+    assert not stop_requested()
+    with StopSignals() as stop:
+        assert not stop_requested()
+        stop._handle(signal.SIGTERM, None)
+        assert stop_requested()
+    assert not stop_requested()

@@ -132,7 +132,7 @@ def test_a_finished_run_without_checkpoints_is_not_restarted_from_zero(finished_
 def test_switching_the_method_is_refused_before_any_file_is_read(finished_run, tiny_base, circles, tmp_path) -> None:
     run = _unfinished(copy_run(finished_run, tmp_path))
     config = _config(run, tiny_base, circles, method={"kind": "full"})
-    with pytest.raises(ResumeError, match="method.kind: 'controlnet' in the run, 'full' now"):
+    with pytest.raises(ResumeError, match='method.kind: "controlnet" in the run, "full" now'):
         plan_run(config)
 
 

@@ -75,8 +75,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for note in request.notes:
         console.print(f"using {note}", highlight=False)
     from difftune.generate import generate
+    from difftune.signals import StopSignals
 
-    out = generate(request)
+    with StopSignals() as stop:  # a first Ctrl+C stops after loading or between steps
+        out = generate(request, lambda: stop.requested)
     console.print(f"wrote {out}")
     return 0
 
@@ -88,9 +90,10 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
     from difftune.paths import check_output_file
 
     check_output_file("out", args.out, (".safetensors",))
-    from difftune.paths import is_kohya, lora_file
+    from difftune.paths import check_not_an_input, is_kohya, lora_file
 
     source = lora_file("source", args.source)
+    check_not_an_input("out", args.out, {"the source": source})
     if is_kohya(source) and args.format == "kohya":
         raise InputError(f"source = {args.source!r} is already in the kohya format")
     from difftune.export.lora import export_lora
@@ -105,11 +108,17 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
 
 def cmd_export_single_file(args: argparse.Namespace) -> int:
     from difftune.generate import SD_COMPONENTS, run_output
-    from difftune.paths import check_finished_run, check_output_file, check_pipeline
+    from difftune.paths import (
+        check_finished_run,
+        check_not_an_input,
+        check_output_file,
+        check_pipeline,
+    )
 
     check_output_file("out", args.out, (".safetensors",))
     check_finished_run("pipeline", args.pipeline)
     pipeline = run_output(args.pipeline)
+    check_not_an_input("out", args.out, {"the pipeline": pipeline})
     components = {k: v for k, v in SD_COMPONENTS.items() if k in ("unet", "vae", "text_encoder")}
     check_pipeline("pipeline", pipeline, components)
     from difftune.export.single_file import export_single_file
@@ -124,13 +133,14 @@ def cmd_export_single_file(args: argparse.Namespace) -> int:
 
 def cmd_export_controlnet(args: argparse.Namespace) -> int:
     from difftune.generate import run_output
-    from difftune.paths import check_model_folder, check_output_file
+    from difftune.paths import check_model_folder, check_not_an_input, check_output_file
 
     check_output_file("out", args.out, (".safetensors",))
     check_model_folder("controlnet", args.controlnet, "ControlNet")
     from difftune.export.controlnet import export_controlnet
 
     folder = run_output(args.controlnet)
+    check_not_an_input("out", args.out, {"the ControlNet": folder})
     try:
         out = export_controlnet(folder, args.out, half=args.half)
     except ValueError as error:
@@ -161,9 +171,15 @@ def cmd_fill_circles(args: argparse.Namespace) -> int:
 
 def cmd_data_check(args: argparse.Namespace) -> int:
     """Exit 0 when every row can be trained on, 1 when some cannot, 2 on a usage error."""
-    from difftune.paths import check_output_file, looks_like_path, offline_if_hub_unreachable
+    from difftune.paths import (
+        check_not_an_input,
+        check_output_file,
+        looks_like_path,
+        offline_if_hub_unreachable,
+    )
 
     check_output_file("--report", args.report, (".json",))
+    check_not_an_input("--report", args.report, {"the dataset": args.source})
     source = Path(args.source)
     if not source.exists() and not looks_like_path(args.source):
         note = offline_if_hub_unreachable()  # a Hub dataset: fail fast, or read the cache
@@ -178,11 +194,9 @@ def cmd_data_check(args: argparse.Namespace) -> int:
             raise InputError(f"{', '.join(flags)}: only for a dataset path; with a run config, use "
                              "--set data.KEY=VALUE")
         from difftune.config import load_config
-        from difftune.methods import make_method
 
         run = load_config(source, list(args.set or []))
-        method = make_method(run.method)
-        data, needs_conditioning, fixed = run.data, method.needs_conditioning, method.fixed_caption
+        data, needs_conditioning, fixed = run.data, run.method.needs_conditioning, run.method.fixed_caption
     else:
         from difftune.config import DataConfig, build_section
 
@@ -210,7 +224,8 @@ DATA_FLAGS = {"resolution": 512, "split": "train", "image_column": "image", "cap
 def cmd_demo(args: argparse.Namespace) -> int:
     from difftune.demo import demo_config, in_repository_root
 
-    output_dir = args.output_dir or ("runs/demo" if args.preset == "controlnet" else f"runs/demo-{args.preset}")
+    default = "runs/demo" if args.preset == "controlnet" else f"runs/demo-{args.preset}"
+    output_dir = args.output_dir if args.output_dir is not None else default
     config = demo_config(output_dir, list(args.set or []), args.preset)
     with in_repository_root():
         return run_training(config)
@@ -324,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold red]error:[/bold red] {escape(str(error))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
-        console.print("interrupted; nothing more was written (a run resumes from its last checkpoint)")
+        resumes = " (the run resumes from its last checkpoint)" if args.verb in ("train", "demo") else ""
+        console.print(f"interrupted; nothing more was written{resumes}")
         return 130
 
 

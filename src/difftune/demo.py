@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from difftune.config import RunConfig, load_config
+from difftune.errors import InputError
 
 # The repository root: the preset's paths (assets/...) are relative to it.
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,7 +22,9 @@ PRESETS = {
 def demo_config(output_dir: str, overrides: list[str], preset: str = "controlnet") -> RunConfig:
     """A demo preset's config, writing into output_dir (absolute: the run goes from the
     repository root)."""
-    output = Path(output_dir).resolve()
+    if not output_dir.strip():
+        raise InputError("--output-dir is empty; give the folder to train into")
+    output = Path(output_dir).expanduser().resolve()
     values = {"train.output_dir": str(output)}
     if preset == "dreambooth" and not any(o.startswith("method.dreambooth.class_data") for o in overrides):
         values["method.dreambooth.class_data"] = str(output / "class-images")  # not into the repository

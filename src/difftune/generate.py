@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from difftune.paths import (
     WEIGHT_FILE_SUFFIXES,
     check_finished_run,
     check_model_folder,
+    check_not_an_input,
     check_output_file,
     check_pipeline,
     looks_like_path,
@@ -83,6 +85,7 @@ def plan_generation(request: Generation, given: set[str]) -> Generation:
         check_model_folder("--controlnet", request.controlnet, "ControlNet")
     if request.lora is not None:
         _check_lora(request.lora)
+    base_key = "--base" if request.base else "--base (the run's model.pretrained)"
     trained = request.controlnet or request.lora
     if trained is not None and run_config(trained) is not None:
         request = _from_run(request, run_config(trained), given)  # its base, size, guidance, steps
@@ -91,14 +94,17 @@ def plan_generation(request: Generation, given: set[str]) -> Generation:
     if not request.base:
         raise InputError("--base is needed: the base pipeline (Hub id or folder); it can be left out only when "
                          "--controlnet or --lora is a difftune run directory, which records its base")
-    check_finished_run("--base", request.base)
+    check_finished_run(base_key, request.base)
     base_folder = Path(run_output(request.base))
     if run_config(request.base) is not None and not (base_folder / "model_index.json").is_file():
         raise InputError(f"--base {request.base!r} is a run whose result is not a whole pipeline (a ControlNet "
                          "or a LoRA): give it as --controlnet or --lora, and its base as --base")
-    check_pipeline("--base", run_output(request.base), SD_COMPONENTS)
+    check_pipeline(base_key, run_output(request.base), SD_COMPONENTS)
     if request.image is not None:
         _check_image(request.image)
+    folders = {"--base": request.base, "--controlnet": request.controlnet, "--lora": request.lora}
+    check_not_an_input("--out", request.out, {"--image": request.image} | {  # a run's final/, not the run
+        flag: run_output(value) for flag, value in folders.items() if value})
     return request
 
 
@@ -145,51 +151,44 @@ def _check_lora(path: str) -> None:
     lora_file("--lora", path)
 
 
-def generate(request: Generation) -> Path:
+def generate(request: Generation, should_stop: Callable[[], bool] = lambda: False) -> Path:
     """Render one image with UniPC (fp16 on a GPU), the conditioning image resized to the
-    resolution (the run's, or the base's native size)."""
+    resolution (the run's, or the base's native size). A stop request (`should_stop`,
+    a first Ctrl+C) ends it after loading or between denoising steps."""
     import torch
-    from diffusers import (
-        ControlNetModel,
-        StableDiffusionControlNetPipeline,
-        StableDiffusionPipeline,
-        UniPCMultistepScheduler,
-    )
+    from diffusers import UniPCMultistepScheduler
 
     from difftune.quiet import quiet_loading_bars
 
     quiet_loading_bars()
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    common = {"safety_checker": None, "requires_safety_checker": False, "dtype": dtype}
-    base = run_output(request.base)
-    size = request.resolution or native_resolution(Path(base))
+    pipe = _load_pipeline(request, torch.float16 if device == "cuda" else torch.float32)
+    size = request.resolution or native_resolution(Path(run_output(request.base)))
     call: dict[str, Any] = {"height": size, "width": size} if size else {}
     if request.controlnet is not None:
-        net = ControlNetModel.from_pretrained(run_output(request.controlnet), dtype=dtype)
-        pipe = StableDiffusionControlNetPipeline.from_pretrained(base, controlnet=net, **common)
         control = _conditioning(request.image, size)
         call |= {"image": control, "controlnet_conditioning_scale": request.conditioning_scale,
                  "height": control.height, "width": control.width}
-    else:
-        pipe = StableDiffusionPipeline.from_pretrained(base, **common)
     if request.lora is not None:
-        try:
-            pipe.load_lora_weights(run_output(request.lora))
-        except Exception as error:  # noqa: BLE001 (diffusers and peft raise many kinds; all mean this)
-            raise InputError(f"--lora {request.lora}: the base cannot take this LoRA ({type(error).__name__}: "
-                             f"{error}); was it trained on another base?") from None
         call["cross_attention_kwargs"] = {"scale": request.lora_scale}
     pipe = pipe.to(device)
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+
+    def stop_between_steps(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        if should_stop():
+            raise KeyboardInterrupt
+        return tensors
+
+    if should_stop():
+        raise KeyboardInterrupt
     result = pipe(
         request.prompt,
         num_inference_steps=request.steps,
         guidance_scale=request.guidance_scale,
         negative_prompt=request.negative_prompt,
         generator=torch.Generator(device).manual_seed(request.seed),
+        callback_on_step_end=stop_between_steps,
         **call,
     ).images[0]
     out_path = request.out
@@ -198,6 +197,34 @@ def generate(request: Generation) -> Path:
     result.save(partial, format=_format(out_path))
     partial.replace(out_path)
     return out_path
+
+
+def _load_pipeline(request: Generation, dtype: Any) -> Any:
+    """The pipeline, with its ControlNet and LoRA; a folder diffusers cannot load (weights
+    that do not fit their config, a LoRA of another base) is a message naming it."""
+    from diffusers import (
+        ControlNetModel,
+        StableDiffusionControlNetPipeline,
+        StableDiffusionPipeline,
+    )
+
+    common = {"safety_checker": None, "requires_safety_checker": False, "dtype": dtype}
+    base = run_output(request.base)
+    what = f"--base {request.base}"
+    try:
+        if request.controlnet is not None:
+            what = f"--controlnet {request.controlnet}"
+            net = ControlNetModel.from_pretrained(run_output(request.controlnet), dtype=dtype)
+            what = f"--base {request.base}"
+            pipe = StableDiffusionControlNetPipeline.from_pretrained(base, controlnet=net, **common)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(base, **common)
+        if request.lora is not None:
+            what = f"--lora {request.lora} (was it trained on another base?)"
+            pipe.load_lora_weights(run_output(request.lora))
+    except Exception as error:  # noqa: BLE001 (diffusers, transformers and peft raise many kinds)
+        raise InputError(f"cannot load {what}: {type(error).__name__}: {error}") from None
+    return pipe
 
 
 def native_resolution(base: Path) -> int | None:

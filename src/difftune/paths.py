@@ -104,8 +104,20 @@ def check_finished_run(key: str, value: str) -> None:
     path = Path(value).expanduser()
     if (path / "events.jsonl").is_file() and (path / "config.toml").is_file() and not (path / "final").is_dir():
         raise PathError(f"{key} = {value!r} is a difftune run that has not finished: it has no final/ yet. "
-                        "Run `difftune train` on it again to finish it, or give one of its checkpoints' "
-                        "weights folders")
+                        "Run `difftune train` on it again to finish it")
+
+
+def check_not_an_input(key: str, out: str | Path, inputs: dict[str, str | Path | None]) -> None:
+    """An output that would write over an input (the same file, or a path inside an input
+    folder: a report into the dataset, an export into the run it reads) is refused."""
+    target = Path(out).expanduser().resolve()
+    for name, value in inputs.items():
+        source = Path(value).expanduser() if value else None
+        if source is None or not source.exists():
+            continue
+        source = source.resolve()
+        if target == source or (source.is_dir() and source in target.parents):
+            raise PathError(f"{key} = {str(out)!r} would write over {name} {str(value)!r}; give a path outside it")
 
 
 def _component_problem(folder: Path, kind: str, variant: str | None) -> str | None:
@@ -226,6 +238,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 LORA_KEY = re.compile(r"(lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up|lora_linear_layer)\.")
 KOHYA_KEY = re.compile(r"^lora_(unet|te\d?)_")
+LORA_COMPONENTS = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.")
 
 
 def lora_file(key: str, value: str) -> Path:
@@ -237,10 +250,13 @@ def lora_file(key: str, value: str) -> Path:
     if found is None:
         what = "no such file or folder" if not path.exists() else f"no {LORA_FILE} here, in it or in its final/"
         raise PathError(f"{key} = {value!r}: {what}")
-    names = safetensors_names(key, found)
-    if not any(LORA_KEY.search(name) for name in names):
-        raise PathError(f"{key} = {value!r}: {found} holds no LoRA weights ({len(names)} tensors, such as "
-                        f"{names[0] if names else 'none'})")
+    names = [name for name in safetensors_names(key, found) if LORA_KEY.search(name)]
+    if not names:
+        raise PathError(f"{key} = {value!r}: {found} holds no LoRA weights")
+    if not any(name.startswith(LORA_COMPONENTS) or KOHYA_KEY.match(name) for name in names):
+        raise PathError(f"{key} = {value!r}: {found} holds adapter weights without the component prefix a "
+                        "pipeline needs (unet., text_encoder.): a checkpoint's adapter file. The run's final/ "
+                        "holds the loadable file: finish the run with `difftune train`")
     return found
 
 
@@ -264,6 +280,11 @@ def safetensors_names(key: str, path: Path) -> list[str]:
     except (OSError, ValueError) as error:
         problem = f"{type(error).__name__}: {error}"
     raise PathError(f"{key}: {path} is not a safetensors file ({problem})")
+
+
+def default_cache_dir() -> Path:
+    """Where the encoded cache lives unless data.encoded_cache_dir says otherwise."""
+    return Path(os.environ.get("DIFFTUNE_CACHE", Path.home() / ".cache" / "difftune")) / "encoded"
 
 
 # --- outputs --------------------------------------------------------------------------

@@ -47,3 +47,12 @@ class StopSignals:
             raise KeyboardInterrupt
         self.requested = True
         self.signal_name = signal.Signals(number).name
+
+
+def stop_requested() -> bool:
+    """Whether a stop signal came to this process (checked by long setup work that the
+    loop does not run: DreamBooth's class images). Signals belong to the process, so
+    this reads the handler installed for SIGTERM, if it is a StopSignals'."""
+    handler = signal.getsignal(signal.SIGTERM)
+    owner = getattr(handler, "__self__", None)
+    return isinstance(owner, StopSignals) and owner.requested

@@ -36,7 +36,7 @@ def _format_error(error: dict[str, Any], section: type[BaseModel] = BaseModel) -
         return f"{path}: unknown key{_did_you_mean(section, error['loc'])}"
     if error["type"] in ("model_type", "model_attributes_type", "dict_type"):
         return f"{path}: must be a table (a [{path}] section), got {error['input']!r}"
-    if error["type"] == "string_too_short" and error["ctx"].get("min_length") == 1:
+    if error["type"] in ("string_too_short", "too_short") and error["ctx"].get("min_length") == 1:
         return f"{path}: must not be empty"
     if error["type"] == "string_pattern_mismatch" and error["ctx"]["pattern"] in PATTERNS:
         return f"{path}: {PATTERNS[error['ctx']['pattern']]} (got {error['input']!r})"

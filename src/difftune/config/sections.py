@@ -294,7 +294,7 @@ class TrainConfig(_Section):
     compile of a minute or more at the start, and again for new shapes (validation)."""
     checkpoint_every: int = Field(500, gt=0)
     checkpoints_total_limit: int | None = Field(None, gt=0)
-    resume: PathText | None = None
+    resume: PathText | None = Field(None, min_length=1)
     """"latest" or a checkpoint folder to continue from."""
     report_to: Literal["tensorboard", "wandb", "all", "none"] = "tensorboard"
     max_nonfinite_steps: int = Field(10, ge=0)

@@ -42,14 +42,14 @@ def to_toml(config: RunConfig) -> str:
 
 def _write_table(lines: list[str], name: str, values: dict[str, Any]) -> None:
     lines.append(f"[{name}]")
-    lines.extend(f"{key} = {_toml_value(v)}" for key, v in values.items() if not isinstance(v, dict))
+    lines.extend(f"{key} = {toml_value(v)}" for key, v in values.items() if not isinstance(v, dict))
     lines.append("")
     for key, value in values.items():
         if isinstance(value, dict):
             _write_table(lines, f"{name}.{key}", value)
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -57,5 +57,5 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")

@@ -50,10 +50,6 @@ SHARD_ENTRIES = 256
 INDEX = "index.json"
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("DIFFTUNE_CACHE", Path.home() / ".cache" / "difftune")) / "encoded"
-
-
 def fingerprint(module: nn.Module) -> str:
     """A hash of a module's weights: names, dtypes, shapes and bytes."""
     digest = hashlib.blake2b(digest_size=16)

@@ -25,6 +25,8 @@ from difftune.families.base import Family, Parts
 from difftune.methods.base import Trained, no_extra_inputs
 from difftune.methods.full import FullFineTune
 from difftune.methods.lora import Lora
+from difftune.signals import stop_requested
+from difftune.training.guards import agreed
 
 
 class DreamBooth:
@@ -91,6 +93,8 @@ class DreamBooth:
         batch = self.settings.sample_batch_size
         device = parts.denoiser.device
         for first in range(0, len(mine), batch):
+            if agreed(accelerator, stop_requested()):  # the rest are generated when the run resumes
+                return
             indices = mine[first : first + batch]
             prompts = [self.class_prompt(i) for i in indices]
             generators = [torch.Generator(device).manual_seed(samples.seed + i) for i in indices]

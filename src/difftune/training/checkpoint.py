@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -265,10 +266,22 @@ def write_final(run_dir: Path, step: int, save: Callable[[Path], None]) -> Path:
         discard(staging)
         raise DiskSpaceError(f"final/ could not be written ({error}); the run's last checkpoint holds "
                              "its weights: free some space and run the same command again") from error
-    earlier = finished_step(run_dir)
-    previous = run_dir / f"final-step-{earlier:06d}" if earlier is not None and earlier != step else None
-    publish(staging, final, previous)
+    publish(staging, final, _kept_name(run_dir, step))
     return final
+
+
+def _kept_name(run_dir: Path, step: int) -> Path | None:
+    """Where an existing final/ goes when a new one replaces it: final-step-N for the
+    step it was written at, or final-replaced-TIME when the events no longer say (the
+    log damaged or deleted); None only for a final/ of this very step (written again)."""
+    if not (run_dir / "final").exists():
+        return None
+    earlier = finished_step(run_dir)
+    if earlier == step:
+        return None
+    if earlier is not None:
+        return run_dir / f"final-step-{earlier:06d}"
+    return run_dir / f"final-replaced-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainState:

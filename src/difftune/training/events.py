@@ -119,7 +119,7 @@ def progress_bar(console: Console, enabled: bool) -> Progress:
         TextColumn("[bold]train"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} samples/s  {task.fields[eta]}"),
+        TextColumn("loss {task.fields[loss]}  {task.fields[rate]:.1f} samples/s  {task.fields[eta]}"),
         TextColumn("{task.fields[status]}"),
         console=console,
         disable=not enabled,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -145,7 +146,7 @@ class Run:
                 self.events.write("stopped", step=state.step, reason=self.stop.signal_name, during="setup")
             else:
                 with progress_bar(self.console, main) as bar:
-                    task = bar.add_task("train", total=self.max_steps, completed=state.step, loss=float("nan"),
+                    task = bar.add_task("train", total=self.max_steps, completed=state.step, loss="-",
                                         rate=0.0, eta="", status="")
                     self.show = lambda **kw: bar.update(task, **kw)
                     finished = self._train(state)
@@ -253,7 +254,8 @@ class Run:
     ) -> None:
         rate = clock.update(self.samples_per_step)
         eta = clock.eta(self.max_steps - state.step)
-        self.show(advance=1, loss=losses.add(loss), rate=rate, eta=duration(eta))
+        mean = losses.add(loss)
+        self.show(advance=1, loss=f"{mean:.4f}" if math.isfinite(mean) else "-", rate=rate, eta=duration(eta))
         if state.step % self.config.train.log_every == 0 or state.step == self.max_steps:
             lr = self.schedule.get_last_lr()[0]
             self.accelerator.log({"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate}, step=state.step)

@@ -33,6 +33,7 @@ from difftune.config import (
     build_config,
     with_absolute_paths,
 )
+from difftune.config.writing import toml_value
 from difftune.data.rows import CheckedRows, check_rows, data_identity
 from difftune.data.sources import IMAGE_SUFFIXES, image_problem
 from difftune.errors import DataError
@@ -42,6 +43,7 @@ from difftune.paths import (
     check_output_dir,
     check_pipeline,
     check_tokenizer,
+    default_cache_dir,
     looks_like_path,
     offline_if_hub_unreachable,
 )
@@ -94,15 +96,15 @@ def main_process_by_environment() -> bool:
 
 def plan_run(config: RunConfig, main_process: bool = True) -> RunPlan:
     """Check the paths, take the run directory's lock, pick the checkpoint and hold the
-    config against it. Raises a UserError naming the problem; creates only the run
-    directory and its lock file, and only once the paths are sound."""
+    config and the data against it. Raises a UserError naming the problem; creates only
+    the run directory and its lock file, and only once everything is sound (an existing
+    run directory is locked first, so no other run changes it while it is read)."""
     config = with_absolute_paths(config)
     check_sources(config)
     run_dir = check_output_dir("train.output_dir", config.train.output_dir)
     check_run_directory(run_dir, config)
     plan = RunPlan(config, run_dir)
-    if main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if main_process and run_dir.is_dir():
         plan.lock = take_lock(run_dir)
     plan.resume_from, plan.skipped = pick_checkpoint(run_dir, config.train.resume)
     recorded = recorded_config(run_dir, plan.resume_from)
@@ -127,6 +129,9 @@ def plan_run(config: RunConfig, main_process: bool = True) -> RunPlan:
         plan.data = check_rows(config.data, config.train.seed, method.needs_conditioning, method.fixed_caption)
         if plan.resume_from is not None:
             check_same_data(plan.resume_from, plan.data)
+    if main_process and plan.lock is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        plan.lock = take_lock(run_dir)
     return plan
 
 
@@ -171,6 +176,7 @@ def check_sources(config: RunConfig) -> None:
         if value and looks_like_path(value) and not Path(value).exists():
             raise DataError(f"{key} = {value!r}: no such folder or file")
     check_class_data(config)
+    check_written_folders(config)
     for index, image in enumerate(config.validation.images):
         problem = image_problem(Path(image))
         if problem == "no such file":
@@ -219,6 +225,11 @@ def check_run_directory(run_dir: Path, config: RunConfig) -> None:
     if data.is_dir() and (run_dir.resolve() == data.resolve() or data.resolve() in run_dir.resolve().parents):
         raise PathError(f"train.output_dir = {str(run_dir)!r} is inside data.path {config.data.path!r}: the "
                           "run's checkpoints and images would be read as training data. Give a folder outside it.")
+    inside = next((folder for folder in run_dir.resolve().parents if (folder / "events.jsonl").is_file()
+                   and (folder / "config.toml").is_file()), None)
+    if inside is not None:
+        raise PathError(f"train.output_dir = {str(run_dir)!r} is inside the run directory {str(inside)!r}: give "
+                        "each run a folder of its own")
     if not run_dir.is_dir():
         return
     names = {entry.name for entry in run_dir.iterdir()}
@@ -234,6 +245,29 @@ def check_run_directory(run_dir: Path, config: RunConfig) -> None:
                               f"{name} away, or give another train.output_dir.")
 
 
+def _within(path: Path, folder: Path) -> bool:
+    """`path` is `folder` or lies inside it (both resolved)."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def check_written_folders(config: RunConfig) -> None:
+    """Folders a run writes besides its own: DreamBooth's class images and the encoded
+    cache, writable, and never inside the training data."""
+    dreambooth = config.method.dreambooth
+    data = config.data
+    folders = []
+    if dreambooth is not None and dreambooth.prior_preservation and dreambooth.class_data:
+        folders.append(("method.dreambooth.class_data", dreambooth.class_data))
+    if data.cache_latents or data.cache_text:
+        folders.append(("data.encoded_cache_dir", data.encoded_cache_dir or str(default_cache_dir())))
+    for key, value in folders:
+        check_output_dir(key, value)
+        if key == "data.encoded_cache_dir" and Path(data.path).exists() and _within(Path(value), Path(data.path)):
+            raise DataError(f"{key} = {value!r} is inside data.path {data.path!r}: the cache would be read as "
+                            "training data. Give it a folder of its own.")
+
+
 def check_class_data(config: RunConfig) -> None:
     """DreamBooth's class folder: a folder (images are generated into it), whose images
     are readable; a bad one would count toward num_class_images, and be found only
@@ -242,6 +276,11 @@ def check_class_data(config: RunConfig) -> None:
     if dreambooth is None or not dreambooth.class_data or not Path(dreambooth.class_data).exists():
         return
     folder = Path(dreambooth.class_data)
+    data = Path(config.data.path)
+    if data.exists() and (_within(folder, data) or _within(data, folder)):
+        raise DataError(f"method.dreambooth.class_data = {dreambooth.class_data!r} and data.path {config.data.path!r} "
+                        "overlap: generated class images would be trained on as instance images. Give the class "
+                        "images a folder of their own.")
     if not folder.is_dir():
         raise DataError(f"method.dreambooth.class_data = {dreambooth.class_data!r} is a file; give a folder "
                         "(class images are generated into it)")
@@ -336,4 +375,5 @@ def compare_configs(recorded: dict[str, Any], config: RunConfig, where: Path) ->
 
 
 def _shown(value: Any) -> str:
-    return "unset" if value is None else repr(value)
+    """A value as the config file writes it (true, "text", [1, 2]), or "unset"."""
+    return "unset" if value is None else toml_value(value)

@@ -19,12 +19,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from difftune.config import ConfigError, RunConfig, to_toml
 from difftune.data.buckets import BucketBatchSampler
-from difftune.data.cache import Processes, build_cache, default_cache_dir
+from difftune.data.cache import Processes, build_cache
 from difftune.data.rows import CheckedRows
 from difftune.data.samples import EpochSampler
 from difftune.data.training import open_training_data
 from difftune.families import FAMILIES, Family, Parts
 from difftune.methods import Method, Trained, make_method
+from difftune.paths import default_cache_dir
 from difftune.scoring import MetricSet, load_metric_set
 from difftune.training.guards import agreed
 from difftune.training.optim import MissingExtra, require_bitsandbytes

@@ -4,6 +4,7 @@ changed settings, damaged checkpoints passed over), the data check, and a start 
 
 from __future__ import annotations
 
+import shlex
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -70,7 +71,8 @@ def start_summary(run: Any, step: int) -> list[str]:
         f"steps: {step} -> {run.max_steps}; validation every {config.validation.every}, "
         f"a checkpoint every {train.checkpoint_every}",
         f"watch: {run.run_dir / 'report.html'}"
-        + (f" or tensorboard --logdir {run.run_dir / 'logs'}" if train.report_to in ("tensorboard", "all") else ""),
+        + (f" or tensorboard --logdir {shlex.quote(str(run.run_dir / 'logs'))}"
+           if train.report_to in ("tensorboard", "all") else ""),
     ]
     if samples < run.global_batch:
         lines.append(f"note: the data has {samples} sample(s), fewer than one batch of {run.global_batch}: "
