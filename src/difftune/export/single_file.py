@@ -49,18 +49,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from difftune.export.text_layouts import check_consumed, clip_state, open_clip_state
 from difftune.files import apply_umask
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = "cond_stage_model.transformer.text_model."
-OPEN_CLIP_PREFIX = "cond_stage_model.model."
 
 # First match wins: safetensors before the pickle fallback.
 WEIGHT_NAMES = (
@@ -92,19 +90,6 @@ VAE_ATTENTION = {
     "to_k": "k",
     "to_v": "v",
     "to_out.0": "proj_out",
-}
-OPEN_CLIP_LAYER = {
-    "layer_norm1": "ln_1",
-    "layer_norm2": "ln_2",
-    "self_attn.out_proj": "attn.out_proj",
-    "mlp.fc1": "mlp.c_fc",
-    "mlp.fc2": "mlp.c_proj",
-}
-OPEN_CLIP_TOP = {
-    "embeddings.token_embedding.weight": "token_embedding.weight",
-    "embeddings.position_embedding.weight": "positional_embedding",
-    "final_layer_norm.weight": "ln_final.weight",
-    "final_layer_norm.bias": "ln_final.bias",
 }
 
 # Block types the LDM layout (and diffusers' reader of it) has a place for: name -> has attention.
@@ -150,9 +135,9 @@ def single_file_state_dict(
     state.update(apply_rules(vae, _vae_rules(vae_config), VAE_PREFIX, root / "vae"))
     layout = text_layout or _text_layout(text_config, root / "text_encoder")
     if layout == "clip":
-        state.update(_clip_state(text, root / "text_encoder"))
+        state.update(clip_state(text, root / "text_encoder"))
     elif layout == "open_clip":
-        state.update(_open_clip_state(text, root / "text_encoder"))
+        state.update(open_clip_state(text, root / "text_encoder"))
     else:
         raise ValueError(f"text_layout must be 'clip' or 'open_clip', not {layout!r}")
     return state
@@ -346,7 +331,7 @@ def apply_rules(
         name, source, leaves = placed
         used.add(source)
         out[prefix + name] = _as_conv(tensor) if leaves is VAE_ATTENTION else tensor
-    _check_consumed(state, out, unmapped, folder)
+    check_consumed(state, out, unmapped, folder)
     empty = [source for source, _, _ in rules if source not in used]
     if empty:
         raise ValueError(
@@ -371,104 +356,6 @@ def _place(key: str, rules: list[Rule]) -> tuple[str, str, dict[str, str] | None
 def _as_conv(tensor: torch.Tensor) -> torch.Tensor:
     """LDM's VAE attention has 1x1 convs where diffusers has linears: [o, i] -> [o, i, 1, 1]."""
     return tensor[:, :, None, None] if tensor.ndim == 2 else tensor
-
-
-def _check_consumed(
-    source: dict, out: dict, unmapped: list[str], folder: Path, count: bool = True
-) -> None:
-    """Never drop a weight silently: no unplaced keys, and (count) one output key per input key."""
-    if unmapped:
-        shown = ", ".join(unmapped[:10]) + (
-            f" (+{len(unmapped) - 10} more)" if len(unmapped) > 10 else ""
-        )
-        raise ValueError(
-            f"{folder}: {len(unmapped)} diffusers keys have no place in the LDM layout: {shown}"
-        )
-    assert not count or len(out) == len(source), (
-        f"{folder}: {len(source)} keys in, {len(out)} out (keys collided)"
-    )
-
-
-# ---------------------------------------------------------------- text encoders
-
-
-def _text_key(key: str) -> str:
-    """transformers >= 5.6 saves CLIPTextModel flattened; older folders nest it under text_model."""
-    return key.removeprefix("text_model.")
-
-
-def _clip_state(state: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
-    """SD 1.x: the CLIPTextModel's own keys under cond_stage_model.transformer.text_model."""
-    out, unmapped = {}, []
-    for key, tensor in state.items():
-        name = _text_key(key)
-        if name.split(".")[0] in ("embeddings", "encoder", "final_layer_norm"):
-            out[CLIP_PREFIX + name] = tensor
-        else:
-            unmapped.append(key)  # e.g. a CLIPTextModelWithProjection's text_projection
-    _check_consumed(state, out, unmapped, folder)
-    return out
-
-
-def _open_clip_state(state: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
-    """SD 2.x: OpenCLIP names, with each layer's q/k/v fused into one in_proj tensor."""
-    out: dict[str, torch.Tensor] = {}
-    fused: dict[str, dict[str, torch.Tensor]] = {}  # in_proj name -> {"q"|"k"|"v": tensor}
-    unmapped: list[str] = []
-    dropped = 0
-    for key, tensor in state.items():
-        name = _text_key(key)
-        if name == "embeddings.position_ids":
-            _check_position_ids(tensor, folder)  # a derived arange buffer; OpenCLIP has none
-            dropped += 1
-            continue
-        placed = _open_clip_name(name)
-        if placed is None:
-            unmapped.append(key)
-        elif placed[1] is None:
-            out[OPEN_CLIP_PREFIX + placed[0]] = tensor
-        else:
-            fused.setdefault(placed[0], {})[placed[1]] = tensor
-    _check_consumed(state, {}, unmapped, folder, count=False)
-    count = len(out) + sum(len(parts) for parts in fused.values()) + dropped
-    assert count == len(state), f"{folder}: {len(state)} keys in, {count} placed (keys collided)"
-    for target, parts in fused.items():
-        if sorted(parts) != ["k", "q", "v"]:
-            raise ValueError(
-                f"{folder}: {target} needs q, k and v projections, found {sorted(parts)}"
-            )
-        # OpenCLIP's nn.MultiheadAttention stores [q; k; v] stacked along the output dimension.
-        out[OPEN_CLIP_PREFIX + target] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    return out
-
-
-LAYER = re.compile(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
-QKV = re.compile(r"self_attn\.([qkv])_proj")
-
-
-def _open_clip_name(name: str) -> tuple[str, str | None] | None:
-    """(OpenCLIP name, q/k/v part or None) of one diffusers text-encoder key, or None."""
-    if name in OPEN_CLIP_TOP:
-        return OPEN_CLIP_TOP[name], None
-    match = LAYER.fullmatch(name)
-    if match is None:
-        return None
-    index, module, param = match.groups()
-    block = f"transformer.resblocks.{index}."
-    qkv = QKV.fullmatch(module)
-    if qkv:
-        return f"{block}attn.in_proj_{param}", qkv.group(1)
-    return (
-        (f"{block}{OPEN_CLIP_LAYER[module]}.{param}", None) if module in OPEN_CLIP_LAYER else None
-    )
-
-
-def _check_position_ids(tensor: torch.Tensor, folder: Path) -> None:
-    """Dropping position_ids is only lossless if it is the plain 0..n-1 it is meant to be."""
-    if not torch.equal(tensor.flatten().long(), torch.arange(tensor.numel())):
-        raise ValueError(
-            f"{folder}: embeddings.position_ids is not 0..n-1 and OpenCLIP has no place for it"
-        )
 
 
 # ---------------------------------------------------------------- writing
