@@ -25,8 +25,8 @@ from difftune.families.base import Family, Parts
 from difftune.methods.base import Trained, no_extra_inputs
 from difftune.methods.full import FullFineTune
 from difftune.methods.lora import Lora
+from difftune.processes import agreed
 from difftune.signals import stop_requested
-from difftune.training.guards import agreed
 
 
 class DreamBooth:

@@ -17,6 +17,7 @@ from rich.console import Console
 from difftune.config import RunConfig, to_toml
 from difftune.data.rows import data_identity
 from difftune.objectives import DiscreteDiffusion
+from difftune.processes import agreed, settle
 from difftune.quiet import quiet_loading_bars
 from difftune.report import write_report
 from difftune.scoring import score_control
@@ -47,7 +48,7 @@ from difftune.training.events import (
     return_freed_memory,
     tracker_hyperparameters,
 )
-from difftune.training.guards import NonFiniteGuard, NonFiniteLoss, agreed, all_finite
+from difftune.training.guards import NonFiniteGuard, NonFiniteLoss, all_finite
 from difftune.training.optim import make_lr_scheduler, make_optimizer, total_steps
 from difftune.training.plan import RunPlan, main_process_by_environment, plan_run
 from difftune.training.step import Trainee, training_loss
@@ -152,6 +153,7 @@ class Run:
                     finished = self._train(state)
                 self.show = lambda **kw: None
             final = self._finish(state) if finished else None
+        settle(self.accelerator)  # before end_training tears the process group down
         self.accelerator.end_training()
         return final
 

@@ -26,8 +26,8 @@ from difftune.data.training import open_training_data
 from difftune.families import FAMILIES, Family, Parts
 from difftune.methods import Method, Trained, make_method
 from difftune.paths import default_cache_dir
+from difftune.processes import agreed
 from difftune.scoring import MetricSet, load_metric_set
-from difftune.training.guards import agreed
 from difftune.training.optim import MissingExtra, require_bitsandbytes
 from difftune.validation import ValidationPair, load_validation_pairs
 from difftune.versions import problems_for
