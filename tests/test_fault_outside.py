@@ -102,7 +102,7 @@ def _odd_run_dir(case: str, tmp_path: Path) -> Path:
     return out
 
 
-ODD = {"broken link": "is a symbolic link to", "lock is a folder": ".lock should be a file",
+ODD = {"broken link": "is a symbolic link to", "lock is a folder": "not a difftune run (.lock)",
        "checkpoints is a file": "checkpoints should be a folder"}
 
 
@@ -292,7 +292,8 @@ def test_an_output_that_would_write_over_an_input_is_refused(case, finished_run,
     }[case]
     before = {p: p.stat().st_mtime_ns for p in (image, lora, base / "unet" / "diffusion_pytorch_model.safetensors")}
     code, error = _cli(args, capsys)
-    assert code == 2 and "would write over" in error, error
+    refusals = ("would write over", "exists; give --overwrite", "inside the model folder")
+    assert code == 2 and any(refusal in error for refusal in refusals), error
     assert before == {p: p.stat().st_mtime_ns for p in before}
     assert not (data / "state.json").exists()
 
@@ -354,3 +355,64 @@ def test_a_stop_request_reaches_long_setup_work():
         stop._handle(signal.SIGTERM, None)
         assert stop_requested()
     assert not stop_requested()
+
+
+@pytest.mark.parametrize("verb", ["generate", "export"])
+def test_an_existing_output_is_replaced_only_with_overwrite(verb, finished_run, tiny_base, circles, tmp_path, capsys):
+    out = tmp_path / ("o.png" if verb == "generate" else "sd.safetensors")
+    out.write_bytes(b"the user's file")
+    args = (["generate", "--controlnet", str(finished_run), "--image", str(circles / "conditioning_images" / "000000.png"),
+             "--prompt", "x", "--steps", "1", "--out", str(out)] if verb == "generate"
+            else ["export", "single-file", str(tiny_base), str(out)])
+    code, error = _cli(args, capsys)
+    assert code == 2 and "exists; give --overwrite" in error and out.read_bytes() == b"the user's file"
+    assert _cli([*args, "--overwrite"], capsys)[0] == 0 and out.read_bytes() != b"the user's file"
+
+
+def test_export_into_another_models_folder_is_refused(finished_run, tiny_base, tmp_path, capsys):
+    base = shutil.copytree(tiny_base, tmp_path / "base")
+    code, error = _cli(["export", "single-file", str(tiny_base), str(base / "unet" / "new.safetensors")], capsys)
+    assert code == 2 and "inside the model folder" in error and not (base / "unet" / "new.safetensors").exists()
+
+
+def test_another_tools_output_folder_is_not_taken_for_a_run(tiny_base, circles, tmp_path, capsys):
+    out = tmp_path / "lightning"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "config.toml").write_text("lightning = 1\n")
+    code, error = _cli(["train", _write(tmp_path, _raw(tiny_base, circles, out))], capsys)
+    assert code == 2 and "not a difftune run" in error and (out / "config.toml").read_text() == "lightning = 1\n"
+
+
+def test_a_home_folder_of_dotfiles_is_not_an_empty_output_dir(tiny_base, circles, tmp_path, capsys):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text("x")
+    code, error = _cli(["train", _write(tmp_path, _raw(tiny_base, circles, home))], capsys)
+    assert code == 2 and "not a difftune run (.bashrc)" in error
+
+
+def test_class_data_that_does_not_exist_yet_inside_the_data_is_refused(tiny_base, circles, tmp_path, capsys):
+    data = shutil.copytree(circles, tmp_path / "data")
+    method = {"kind": "dreambooth", "dreambooth": {"instance_prompt": "a red circle", "prior_preservation": True,
+                                                   "class_data": str(data / "classes"), "class_prompt": "a circle"}}
+    code, error = _cli(["train", _write(tmp_path, _raw(tiny_base, data, tmp_path / "run", method=method))], capsys)
+    assert code == 2 and "overlap" in error and not (data / "classes").exists()
+
+
+def test_a_run_given_to_the_wrong_flag_says_which_flag_takes_it(finished_run, circles, tmp_path, capsys):
+    code, error = _cli(["generate", "--lora", str(finished_run), "--prompt", "x", "--out", str(tmp_path / "o.png")],
+                       capsys)
+    assert code == 2 and "this run made a ControlNet; give it as --controlnet" in error
+
+
+def test_a_weight_file_that_does_not_match_its_config_is_named(tiny_base, circles, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    base = shutil.copytree(tiny_base, tmp_path / "base")
+    weights = base / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    save_file({k: v for k, v in state.items() if not k.startswith("conv_in.")}, weights)
+    code, error = _cli(["generate", "--base", str(base), "--prompt", "x", "--out", str(tmp_path / "o.png")], capsys)
+    assert code == 2 and "unet has no weights for 2 parameter(s) (conv_in.weight, conv_in.bias)" in error
+    code, error = _cli(["train", _write(tmp_path, _raw(base, circles, tmp_path / "run"))], capsys)
+    assert code == 2 and "denoiser has no weights for 2 parameter(s)" in error

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -71,7 +72,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                 "lora": args.lora, "out": args.out}.items()}
     request = Generation(prompt=args.prompt, negative_prompt=args.negative_prompt,
                          **{**home, "out": Path(home["out"])}, **settings)
-    request = plan_generation(request, given)  # every argument checked before torch is imported
+    request = plan_generation(request, given, args.overwrite)  # every argument checked before torch is imported
     for note in request.notes:
         console.print(f"using {note}", highlight=False)
     from difftune.generate import generate
@@ -89,7 +90,7 @@ GENERATE_SETTINGS = ("lora_scale", "steps", "seed", "guidance_scale", "condition
 def cmd_export_lora(args: argparse.Namespace) -> int:
     from difftune.paths import check_output_file
 
-    check_output_file("out", args.out, (".safetensors",))
+    check_output_file("out", args.out, (".safetensors",), args.overwrite)
     from difftune.paths import check_not_an_input, is_kohya, lora_file
 
     source = lora_file("source", args.source)
@@ -115,7 +116,7 @@ def cmd_export_single_file(args: argparse.Namespace) -> int:
         check_pipeline,
     )
 
-    check_output_file("out", args.out, (".safetensors",))
+    check_output_file("out", args.out, (".safetensors",), args.overwrite)
     check_finished_run("pipeline", args.pipeline)
     pipeline = run_output(args.pipeline)
     check_not_an_input("out", args.out, {"the pipeline": pipeline})
@@ -135,7 +136,7 @@ def cmd_export_controlnet(args: argparse.Namespace) -> int:
     from difftune.generate import run_output
     from difftune.paths import check_model_folder, check_not_an_input, check_output_file
 
-    check_output_file("out", args.out, (".safetensors",))
+    check_output_file("out", args.out, (".safetensors",), args.overwrite)
     check_model_folder("controlnet", args.controlnet, "ControlNet")
     from difftune.export.controlnet import export_controlnet
 
@@ -178,7 +179,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         offline_if_hub_unreachable,
     )
 
-    check_output_file("--report", args.report, (".json",))
+    check_output_file("--report", args.report, (".json",), overwrite=is_data_check_report(Path(args.report)))
     check_not_an_input("--report", args.report, {"the dataset": args.source})
     source = Path(args.source)
     if not source.exists() and not looks_like_path(args.source):
@@ -214,6 +215,14 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     console.print(escape(report.summary()), highlight=False, soft_wrap=True)
     console.print(f"report: {out}")
     return 0 if report.ok else 1
+
+
+def is_data_check_report(path: Path) -> bool:
+    """An earlier `data check` report, which a new check may replace (nothing else is)."""
+    try:
+        return {"findings", "bad_rows"} <= set(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 DATA_FLAGS = {"resolution": 512, "split": "train", "image_column": "image", "caption_column": "text",
@@ -269,6 +278,7 @@ def _add_generate(verbs: Any) -> None:
                      help="square output size, the conditioning image resized to it (default: the run's "
                      "data.resolution, or the base's native size)")
     gen.add_argument("--out", required=True, help="the image file to write (.png, .jpg, .webp, ...)")
+    gen.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     gen.set_defaults(run=cmd_generate)
 
 
@@ -278,6 +288,7 @@ def _add_export(verbs: Any) -> None:
     lora = export.add_parser("lora", help="a LoRA in another key format")
     lora.add_argument("source", help="LoRA run directory, its final/, or a .safetensors file")
     lora.add_argument("out", help="output .safetensors file")
+    lora.add_argument("--overwrite", action="store_true", help="replace out if it exists")
     lora.add_argument("--format", choices=["kohya", "diffusers"], default="kohya",
                       help="kohya: sd-scripts / AUTOMATIC1111 / ComfyUI keys")
     lora.set_defaults(run=cmd_export_lora)
@@ -285,11 +296,13 @@ def _add_export(verbs: Any) -> None:
     single.add_argument("pipeline", help="diffusers pipeline folder, or a full fine-tune's run directory")
     single.add_argument("out", help="output .safetensors file")
     single.add_argument("--half", action="store_true", help="store fp16 weights")
+    single.add_argument("--overwrite", action="store_true", help="replace out if it exists")
     single.set_defaults(run=cmd_export_single_file)
     control = export.add_parser("controlnet", help="a ControlNet as one file in the original layout (A1111, ComfyUI)")
     control.add_argument("controlnet", help="a ControlNet run directory, its final/, or a ControlNet folder")
     control.add_argument("out", help="output .safetensors file")
     control.add_argument("--half", action="store_true", help="store fp16 weights")
+    control.add_argument("--overwrite", action="store_true", help="replace out if it exists")
     control.set_defaults(run=cmd_export_controlnet)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from difftune.errors import InputError
 from difftune.paths import (
+    LORA_FILE,
     WEIGHT_FILE_SUFFIXES,
     check_finished_run,
     check_model_folder,
@@ -74,13 +75,15 @@ def run_config(path: str | None) -> dict[str, Any] | None:
     return None
 
 
-def plan_generation(request: Generation, given: set[str]) -> Generation:
+def plan_generation(request: Generation, given: set[str], overwrite: bool = False) -> Generation:
     """Check every argument (before torch is imported); settings not `given` on the
     command line come from the run directory of --controlnet, --lora or --base, if any."""
     _check_numbers(request)
-    check_output_file("--out", str(request.out), IMAGE_SUFFIXES)
+    check_output_file("--out", str(request.out), IMAGE_SUFFIXES, overwrite)
     if (request.controlnet is None) != (request.image is None):
         raise InputError("--controlnet and --image go together")
+    for flag, value in (("--controlnet", request.controlnet), ("--lora", request.lora), ("--base", request.base)):
+        _check_run_result(flag, value)
     if request.controlnet is not None:
         check_model_folder("--controlnet", request.controlnet, "ControlNet")
     if request.lora is not None:
@@ -106,6 +109,22 @@ def plan_generation(request: Generation, given: set[str]) -> Generation:
     check_not_an_input("--out", request.out, {"--image": request.image} | {  # a run's final/, not the run
         flag: run_output(value) for flag, value in folders.items() if value})
     return request
+
+
+RESULT_FLAGS = {"pipeline": "--base", "lora": "--lora", "controlnet": "--controlnet"}
+
+
+def _check_run_result(flag: str, value: str | None) -> None:
+    """A run directory given to the flag that takes what it made (a ControlNet run to
+    --controlnet, a LoRA run to --lora, a full fine-tune to --base)."""
+    if not value or run_config(value) is None:
+        return
+    final = run_output_folder(Path(value).expanduser())
+    kind = ("pipeline" if (final / "model_index.json").is_file() else "lora" if (final / LORA_FILE).is_file()
+            else "controlnet" if (final / "config.json").is_file() else None)
+    if kind is not None and RESULT_FLAGS[kind] != flag:
+        made = {"pipeline": "a whole pipeline", "lora": "a LoRA", "controlnet": "a ControlNet"}[kind]
+        raise InputError(f"{flag} {value}: this run made {made}; give it as {RESULT_FLAGS[kind]}")
 
 
 def _check_numbers(request: Generation) -> None:
@@ -202,11 +221,14 @@ def generate(request: Generation, should_stop: Callable[[], bool] = lambda: Fals
 def _load_pipeline(request: Generation, dtype: Any) -> Any:
     """The pipeline, with its ControlNet and LoRA; a folder diffusers cannot load (weights
     that do not fit their config, a LoRA of another base) is a message naming it."""
+    import torch
     from diffusers import (
         ControlNetModel,
         StableDiffusionControlNetPipeline,
         StableDiffusionPipeline,
     )
+
+    from difftune.families.base import check_weights_loaded
 
     common = {"safety_checker": None, "requires_safety_checker": False, "dtype": dtype}
     base = run_output(request.base)
@@ -224,6 +246,9 @@ def _load_pipeline(request: Generation, dtype: Any) -> Any:
             pipe.load_lora_weights(run_output(request.lora))
     except Exception as error:  # noqa: BLE001 (diffusers, transformers and peft raise many kinds)
         raise InputError(f"cannot load {what}: {type(error).__name__}: {error}") from None
+    modules = {name: part for name, part in pipe.components.items() if isinstance(part, torch.nn.Module)}
+    check_weights_loaded(modules, f"--base {request.base}" + (f" or --controlnet {request.controlnet}"
+                                                             if request.controlnet else ""))
     return pipe
 
 

@@ -302,9 +302,11 @@ def check_output_dir(key: str, value: str) -> Path:
     return path
 
 
-def check_output_file(key: str, value: str, suffixes: tuple[str, ...] | None = None) -> Path:
+def check_output_file(key: str, value: str, suffixes: tuple[str, ...] | None = None, overwrite: bool = False
+                      ) -> Path:
     """A file difftune may write (its folder is made if missing): not a directory, with a
-    suffix from `suffixes` when given."""
+    suffix from `suffixes` when given, not inside a model folder, and not an existing file
+    unless `overwrite` (the user said --overwrite)."""
     if not value.strip():
         raise PathError(f"{key} is empty; give the file to write")
     path = Path(value).expanduser()
@@ -313,6 +315,13 @@ def check_output_file(key: str, value: str, suffixes: tuple[str, ...] | None = N
     if suffixes is not None and path.suffix.lower() not in suffixes:
         raise PathError(f"{key} = {value!r}: the file name must end in one of {', '.join(suffixes)}")
     _check_writable_place(key, value, path.parent)
+    model = next((folder for folder in (path.parent, path.parent.parent)
+                  if (folder / "model_index.json").is_file() or (folder / "config.json").is_file()), None)
+    if model is not None:
+        raise PathError(f"{key} = {value!r} is inside the model folder {str(model)!r}: it would mix with, or "
+                        "write over, its weights. Give a path outside it.")
+    if path.exists() and not overwrite:
+        raise PathError(f"{key} = {value!r} exists; give --overwrite to replace it, or another name")
     return path
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from difftune.config import ModelConfig
+from difftune.paths import PathError
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,18 @@ class Parts:
 
     def modules(self) -> list[nn.Module]:
         return [self.text_encoder, self.vae, self.denoiser]
+
+
+def check_weights_loaded(modules: dict[str, nn.Module], source: str) -> None:
+    """Every parameter got a value from its file. diffusers leaves a parameter the weight
+    file lacks on the "meta" device (no data), and the first use fails deep inside torch;
+    a weight file that does not match its config.json is named here instead."""
+    for name, module in modules.items():
+        missing = [key for key, parameter in module.named_parameters() if parameter.is_meta]
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise PathError(f"{source}: {name} has no weights for {len(missing)} parameter(s) ({shown}): its weight "
+                            "file does not match its config.json")
 
 
 def inference_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:

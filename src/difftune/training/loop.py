@@ -16,6 +16,7 @@ from rich.console import Console
 
 from difftune.config import RunConfig, to_toml
 from difftune.data.rows import data_identity
+from difftune.families.base import check_weights_loaded
 from difftune.objectives import DiscreteDiffusion
 from difftune.processes import agreed, settle
 from difftune.quiet import quiet_loading_bars
@@ -97,7 +98,10 @@ class Run:
     def _load_models(self, checked: setup.Preflight) -> Trainee:
         quiet_loading_bars()
         parts = checked.family.load(self.config.model, setup.denoiser_in_memory(self.config, self.accelerator))
+        check_weights_loaded(dict(zip(("text_encoder", "vae", "denoiser"), parts.modules())),
+                             f"model.pretrained {self.config.model.pretrained!r}")
         trained = checked.method.build(checked.family, parts)
+        check_weights_loaded(trained, "the trained modules (method.controlnet?)")
         setup.place_frozen_parts(parts, self.accelerator)
         setup.apply_model_options(self.config, parts, trained)
         objective = DiscreteDiffusion(parts.noise_scheduler, self.config.objective)

@@ -175,6 +175,9 @@ def check_sources(config: RunConfig) -> None:
     for key, value in (("data.path", config.data.path), ("validation.metric_data", config.validation.metric_data)):
         if value and looks_like_path(value) and not Path(value).exists():
             raise DataError(f"{key} = {value!r}: no such folder or file")
+        if value and Path(value).exists() and not Path(value).is_dir():
+            raise DataError(f"{key} = {value!r} is a file, not a dataset: give the dataset's folder (or a Hub "
+                            "dataset name)")
     check_class_data(config)
     check_written_folders(config)
     for index, image in enumerate(config.validation.images):
@@ -211,7 +214,19 @@ notebook, a test) takes the same directory again."""
 RUN_ENTRIES = {LOCK_FILE: "file", "config.toml": "file", "events.jsonl": "file", "data-check.json": "file",
                "report.html": "file", "checkpoints": "folder", "validation": "folder", "logs": "folder",
                "final": "folder"}
-RUN_MARKS = {"events.jsonl", LOCK_FILE, "checkpoints"}
+LOCK_TEXT = "pid "
+"""How the lock file difftune writes begins (a lock file of another tool is not ours)."""
+
+
+def is_run_directory(folder: Path) -> bool:
+    """A folder difftune made for a run: its events log, or its own lock file (a run
+    stopped before its first event). Another tool's checkpoints/ or config.toml are not."""
+    if (folder / "events.jsonl").is_file():
+        return True
+    try:
+        return (folder / LOCK_FILE).read_text(errors="replace").startswith(LOCK_TEXT)
+    except OSError:
+        return False
 
 
 def check_run_directory(run_dir: Path, config: RunConfig) -> None:
@@ -225,16 +240,14 @@ def check_run_directory(run_dir: Path, config: RunConfig) -> None:
     if data.is_dir() and (run_dir.resolve() == data.resolve() or data.resolve() in run_dir.resolve().parents):
         raise PathError(f"train.output_dir = {str(run_dir)!r} is inside data.path {config.data.path!r}: the "
                           "run's checkpoints and images would be read as training data. Give a folder outside it.")
-    inside = next((folder for folder in run_dir.resolve().parents if (folder / "events.jsonl").is_file()
-                   and (folder / "config.toml").is_file()), None)
+    inside = next((folder for folder in run_dir.resolve().parents if is_run_directory(folder)), None)
     if inside is not None:
         raise PathError(f"train.output_dir = {str(run_dir)!r} is inside the run directory {str(inside)!r}: give "
                         "each run a folder of its own")
     if not run_dir.is_dir():
         return
-    names = {entry.name for entry in run_dir.iterdir()}
-    theirs = sorted(name for name in names if not name.startswith("."))
-    if theirs and not names & RUN_MARKS:
+    theirs = sorted(entry.name for entry in run_dir.iterdir())
+    if theirs and not is_run_directory(run_dir):
         shown = ", ".join(theirs[:5]) + (f" and {len(theirs) - 5} more" if len(theirs) > 5 else "")
         raise PathError(f"train.output_dir = {str(run_dir)!r} holds files that are not a difftune run ({shown}); "
                           "difftune would write over them. Give an empty or new folder.")
@@ -273,7 +286,7 @@ def check_class_data(config: RunConfig) -> None:
     are readable; a bad one would count toward num_class_images, and be found only
     after the missing ones were generated."""
     dreambooth = config.method.dreambooth
-    if dreambooth is None or not dreambooth.class_data or not Path(dreambooth.class_data).exists():
+    if dreambooth is None or not dreambooth.class_data:
         return
     folder = Path(dreambooth.class_data)
     data = Path(config.data.path)
@@ -281,6 +294,8 @@ def check_class_data(config: RunConfig) -> None:
         raise DataError(f"method.dreambooth.class_data = {dreambooth.class_data!r} and data.path {config.data.path!r} "
                         "overlap: generated class images would be trained on as instance images. Give the class "
                         "images a folder of their own.")
+    if not folder.exists():
+        return
     if not folder.is_dir():
         raise DataError(f"method.dreambooth.class_data = {dreambooth.class_data!r} is a file; give a folder "
                         "(class images are generated into it)")
@@ -311,7 +326,7 @@ def take_lock(run_dir: Path) -> Any:
         ) from None
     handle.seek(0)
     handle.truncate()
-    handle.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    handle.write(f"{LOCK_TEXT}{os.getpid()} on {os.uname().nodename}")
     handle.flush()
     _HELD[key] = handle
     return handle
@@ -359,6 +374,14 @@ def compare_configs(recorded: dict[str, Any], config: RunConfig, where: Path) ->
         old, new = before.get(key), now.get(key)
         if old == new:
             continue
+        table = _table_on_one_side(key, before, now)
+        if table is not None:  # a whole [table] added or removed: said once, not key by key
+            had = any(k.startswith(table + ".") for k in before)
+            line = (f"{table}: {f'[{table}]' if had else 'unset'} in the run, "
+                    f"{'unset' if had else f'[{table}]'} now")
+            if line not in refused:
+                refused.append(line)
+            continue
         if key in MAY_CHANGE or key.split(".")[0] in MAY_CHANGE:
             allowed.append(f"{key}: {_shown(old)} -> {_shown(new)}")
         else:
@@ -372,6 +395,18 @@ def compare_configs(recorded: dict[str, Any], config: RunConfig, where: Path) ->
             "train.output_dir (for example --set train.output_dir=...)."
         )
     return allowed
+
+
+def _table_on_one_side(key: str, before: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """The [section.table] a key belongs to, when the table exists on one side only."""
+    parts = key.split(".")
+    for depth in range(2, len(parts)):
+        table = ".".join(parts[:depth]) + "."
+        in_before = any(k.startswith(table) for k in before)
+        in_now = any(k.startswith(table) for k in now)
+        if in_before != in_now:
+            return table[:-1]
+    return None
 
 
 def _shown(value: Any) -> str:
