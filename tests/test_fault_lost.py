@@ -66,7 +66,7 @@ def test_a_second_process_on_the_same_run_directory_is_refused(tiny_base, circle
     run = tmp_path / "run"
     run.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from difftune.training.plan import take_lock; "
+        "import sys, time; from pathlib import Path; from difftune.training.rundir import take_lock; "
         f"take_lock(Path({str(run)!r})); print('locked', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -285,25 +285,26 @@ def _add_generate(verbs: Any) -> None:
 def _add_export(verbs: Any) -> None:
     export = verbs.add_parser("export", help="convert trained weights").add_subparsers(
         dest="export_verb", required=True)
-    lora = export.add_parser("lora", help="a LoRA in another key format")
-    lora.add_argument("source", help="LoRA run directory, its final/, or a .safetensors file")
-    lora.add_argument("out", help="output .safetensors file")
-    lora.add_argument("--overwrite", action="store_true", help="replace out if it exists")
+    lora = _export_verb(export, "lora", "a LoRA in another key format", cmd_export_lora,
+                        ("source", "LoRA run directory, its final/, or a .safetensors file"), half=False)
     lora.add_argument("--format", choices=["kohya", "diffusers"], default="kohya",
                       help="kohya: sd-scripts / AUTOMATIC1111 / ComfyUI keys")
-    lora.set_defaults(run=cmd_export_lora)
-    single = export.add_parser("single-file", help="an SD1.x/2.x pipeline as one original-layout checkpoint")
-    single.add_argument("pipeline", help="diffusers pipeline folder, or a full fine-tune's run directory")
-    single.add_argument("out", help="output .safetensors file")
-    single.add_argument("--half", action="store_true", help="store fp16 weights")
-    single.add_argument("--overwrite", action="store_true", help="replace out if it exists")
-    single.set_defaults(run=cmd_export_single_file)
-    control = export.add_parser("controlnet", help="a ControlNet as one file in the original layout (A1111, ComfyUI)")
-    control.add_argument("controlnet", help="a ControlNet run directory, its final/, or a ControlNet folder")
-    control.add_argument("out", help="output .safetensors file")
-    control.add_argument("--half", action="store_true", help="store fp16 weights")
-    control.add_argument("--overwrite", action="store_true", help="replace out if it exists")
-    control.set_defaults(run=cmd_export_controlnet)
+    _export_verb(export, "single-file", "an SD1.x/2.x pipeline as one original-layout checkpoint",
+                 cmd_export_single_file, ("pipeline", "diffusers pipeline folder, or a full fine-tune's run directory"))
+    _export_verb(export, "controlnet", "a ControlNet as one file in the original layout (A1111, ComfyUI)",
+                 cmd_export_controlnet, ("controlnet", "a ControlNet run directory, its final/, or a ControlNet folder"))
+
+
+def _export_verb(export: Any, name: str, help: str, run: Any, source: tuple[str, str], half: bool = True) -> Any:
+    """One `export` verb: its source, an output .safetensors file, --overwrite (and --half)."""
+    verb = export.add_parser(name, help=help)
+    verb.add_argument(source[0], help=source[1])
+    verb.add_argument("out", help="output .safetensors file")
+    verb.add_argument("--overwrite", action="store_true", help="replace out if it exists")
+    if half:
+        verb.add_argument("--half", action="store_true", help="store fp16 weights")
+    verb.set_defaults(run=run)
+    return verb
 
 
 def _add_data(verbs: Any) -> None:

@@ -232,6 +232,12 @@ def hub_problem(repo_id: str, probe: str, revision: str | None) -> str | None:
     return None
 
 
+def within(path: Path, folder: Path) -> bool:
+    """`path` is `folder` or lies inside it (both resolved: links followed)."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
 # --- LoRA files -----------------------------------------------------------------------
 
 LORA_FILE = "pytorch_lora_weights.safetensors"

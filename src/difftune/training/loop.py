@@ -83,6 +83,7 @@ class Run:
         self.window_bad = False  # a non-finite loss in the current accumulation window
         self.saved_step = -1  # the step of this process's last checkpoint
         self.stop = stop or StopSignals()
+        self._stopping = lambda: self.stop.requested  # read between validation images
         self.show: Any = lambda **fields: None  # the progress bar's update, while fit() runs
         trainee = self.trainee
         samples = trainee.method.training_data(trainee.family, trainee.parts, trainee.trained,
@@ -314,7 +315,7 @@ class Run:
             trainee, trained = self.trainee, self._unwrapped()
             with self._averaged(), self.offloaded.on_device():
                 results = run_validation(trainee.family, trainee.parts, trainee.method, trained,
-                                         self.validation_pairs, self.config, out_dir, self._stop_requested)
+                                         self.validation_pairs, self.config, out_dir, self._stopping)
                 scores = {} if self.stop.requested else self._score(trained, out_dir, step)
             log_to_trackers(self.accelerator.trackers, results, step)
             self.events.write("validation", step=step, path=str(out_dir), pairs=len(results),
@@ -324,10 +325,6 @@ class Run:
             self.show(status="")
         # Everyone waits for the main process here, never inside its generation.
         self.accelerator.wait_for_everyone()
-
-    def _stop_requested(self) -> bool:
-        """Read between validation images: a stop signal ends a validation early."""
-        return self.stop.requested
 
     def _unwrapped(self) -> dict[str, torch.nn.Module]:
         return {name: self.accelerator.unwrap_model(m) for name, m in self.trainee.trained.items()}
@@ -345,10 +342,10 @@ class Run:
             return {}
         trainee, floor_settings = self.trainee, self.trainee.method.floor_settings
         args = (trainee.family, trainee.parts, trainee.method, trained, self.metric_set, self.config)
-        metrics = score_control(*args, out_dir, should_stop=self._stop_requested)
+        metrics = score_control(*args, out_dir, should_stop=self._stopping)
         if self.floor is None and floor_settings is not None and not self.stop.requested:
             self.floor = score_control(*args, self.run_dir / "validation" / "floor", floor_settings,
-                                       should_stop=self._stop_requested)
+                                       should_stop=self._stopping)
         logged = {f"validation/{k}": v for k, v in metrics.items()}
         logged |= {f"validation/floor_{k}": v for k, v in (self.floor or {}).items()}
         self.accelerator.log(logged, step=step)

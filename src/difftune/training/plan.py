@@ -17,7 +17,6 @@ finished work away:
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -38,7 +37,6 @@ from difftune.data.rows import CheckedRows, check_rows, data_identity
 from difftune.data.sources import IMAGE_SUFFIXES, image_problem
 from difftune.errors import DataError
 from difftune.paths import (
-    PathError,
     check_model_folder,
     check_output_dir,
     check_pipeline,
@@ -46,6 +44,7 @@ from difftune.paths import (
     default_cache_dir,
     looks_like_path,
     offline_if_hub_unreachable,
+    within,
 )
 from difftune.training.checkpoint import (
     CONFIG_FILE,
@@ -55,6 +54,7 @@ from difftune.training.checkpoint import (
     finished_step,
     pick_checkpoint,
 )
+from difftune.training.rundir import check_run_directory, take_lock
 
 # Keys that may differ between a run's checkpoint and the config that resumes it: they
 # change how the run is watched, saved or sped up, not what it trains. A section name
@@ -67,7 +67,6 @@ MAY_CHANGE = (
     "data.num_workers", "data.cache_dir", "data.cache_latents", "data.cache_text", "data.encoded_cache_dir",
     "validation", "hub",
 )
-LOCK_FILE = ".lock"
 logger = logging.getLogger(__name__)
 
 
@@ -205,65 +204,6 @@ def check_hub_push() -> None:
                           "HF_TOKEN) before training, or set hub.push = false.")
 
 
-_HELD: dict[Path, Any] = {}
-"""Locks this process holds, by run directory: a later run in the same process (a
-notebook, a test) takes the same directory again."""
-
-
-# What a run directory holds, and of which kind: anything else of these names is not ours.
-RUN_ENTRIES = {LOCK_FILE: "file", "config.toml": "file", "events.jsonl": "file", "data-check.json": "file",
-               "report.html": "file", "checkpoints": "folder", "validation": "folder", "logs": "folder",
-               "final": "folder"}
-LOCK_TEXT = "pid "
-"""How the lock file difftune writes begins (a lock file of another tool is not ours)."""
-
-
-def is_run_directory(folder: Path) -> bool:
-    """A folder difftune made for a run: its events log, or its own lock file (a run
-    stopped before its first event). Another tool's checkpoints/ or config.toml are not."""
-    if (folder / "events.jsonl").is_file():
-        return True
-    try:
-        return (folder / LOCK_FILE).read_text(errors="replace").startswith(LOCK_TEXT)
-    except OSError:
-        return False
-
-
-def check_run_directory(run_dir: Path, config: RunConfig) -> None:
-    """The output directory is new, empty, or a difftune run whose parts are what they
-    should be; never a folder of the user's files (difftune would write over them), and
-    never the dataset it trains on (the run's images would become training data)."""
-    if run_dir.is_symlink() and not run_dir.exists():
-        raise PathError(f"train.output_dir = {str(run_dir)!r} is a symbolic link to {os.readlink(run_dir)}, "
-                          "which does not exist")
-    data = Path(config.data.path).expanduser()
-    if data.is_dir() and (run_dir.resolve() == data.resolve() or data.resolve() in run_dir.resolve().parents):
-        raise PathError(f"train.output_dir = {str(run_dir)!r} is inside data.path {config.data.path!r}: the "
-                          "run's checkpoints and images would be read as training data. Give a folder outside it.")
-    inside = next((folder for folder in run_dir.resolve().parents if is_run_directory(folder)), None)
-    if inside is not None:
-        raise PathError(f"train.output_dir = {str(run_dir)!r} is inside the run directory {str(inside)!r}: give "
-                        "each run a folder of its own")
-    if not run_dir.is_dir():
-        return
-    theirs = sorted(entry.name for entry in run_dir.iterdir())
-    if theirs and not is_run_directory(run_dir):
-        shown = ", ".join(theirs[:5]) + (f" and {len(theirs) - 5} more" if len(theirs) > 5 else "")
-        raise PathError(f"train.output_dir = {str(run_dir)!r} holds files that are not a difftune run ({shown}); "
-                          "difftune would write over them. Give an empty or new folder.")
-    for name, kind in RUN_ENTRIES.items():
-        path = run_dir / name
-        if path.exists() and path.is_dir() != (kind == "folder"):
-            raise PathError(f"{path} should be a {kind}; this run directory was changed by hand. Move "
-                              f"{name} away, or give another train.output_dir.")
-
-
-def _within(path: Path, folder: Path) -> bool:
-    """`path` is `folder` or lies inside it (both resolved)."""
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
-
-
 def check_written_folders(config: RunConfig) -> None:
     """Folders a run writes besides its own: DreamBooth's class images and the encoded
     cache, writable, and never inside the training data."""
@@ -276,7 +216,7 @@ def check_written_folders(config: RunConfig) -> None:
         folders.append(("data.encoded_cache_dir", data.encoded_cache_dir or str(default_cache_dir())))
     for key, value in folders:
         check_output_dir(key, value)
-        if key == "data.encoded_cache_dir" and Path(data.path).exists() and _within(Path(value), Path(data.path)):
+        if key == "data.encoded_cache_dir" and Path(data.path).exists() and within(Path(value), Path(data.path)):
             raise DataError(f"{key} = {value!r} is inside data.path {data.path!r}: the cache would be read as "
                             "training data. Give it a folder of its own.")
 
@@ -290,7 +230,7 @@ def check_class_data(config: RunConfig) -> None:
         return
     folder = Path(dreambooth.class_data)
     data = Path(config.data.path)
-    if data.exists() and (_within(folder, data) or _within(data, folder)):
+    if data.exists() and (within(folder, data) or within(data, folder)):
         raise DataError(f"method.dreambooth.class_data = {dreambooth.class_data!r} and data.path {config.data.path!r} "
                         "overlap: generated class images would be trained on as instance images. Give the class "
                         "images a folder of their own.")
@@ -305,31 +245,6 @@ def check_class_data(config: RunConfig) -> None:
         raise DataError(f"method.dreambooth.class_data {dreambooth.class_data!r} holds {len(bad)} file(s) that are "
                         f"not readable images: {'; '.join(bad[:5])}. Remove them (missing class images are "
                         "generated again).")
-
-
-def take_lock(run_dir: Path) -> Any:
-    """Hold the run directory's lock for this process's lifetime (released by the OS
-    when it ends, however it ends), so no other process trains in it at the same time."""
-    key = run_dir.resolve()
-    if key in _HELD:
-        return _HELD[key]
-    handle = open(run_dir / LOCK_FILE, "a+")  # held open on purpose: the lock lives with it
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise ResumeError(
-            f"{run_dir} is in use by another difftune run ({holder}); two runs in one directory would "
-            "overwrite each other's checkpoints. Wait for it to end, or give another train.output_dir."
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{LOCK_TEXT}{os.getpid()} on {os.uname().nodename}")
-    handle.flush()
-    _HELD[key] = handle
-    return handle
 
 
 def recorded_config(run_dir: Path, checkpoint: Path | None) -> dict[str, Any] | None:
