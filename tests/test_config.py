@@ -110,3 +110,13 @@ def test_sd_presets_are_the_methods_they_are_named_after() -> None:
     assert dreambooth.dreambooth is not None and dreambooth.dreambooth.prior_preservation
     assert dreambooth_lora.kind == "dreambooth" and dreambooth_lora.uses_lora
     assert full.kind == "full" and full.ema is not None and full.ema.decay == 0.9999
+
+
+def test_sdxl_presets_are_the_methods_they_are_named_after() -> None:
+    root = Path(__file__).resolve().parents[1] / "configs" / "sdxl"
+    presets = {name: load_config(root / f"{name}.toml") for name in ("controlnet", "lora", "dreambooth_lora", "full")}
+    assert all(c.model.family == "sdxl" and c.data.resolution == 1024 and c.model.vae for c in presets.values())
+    assert presets["controlnet"].method.kind == "controlnet"
+    assert presets["lora"].method.kind == "lora" and presets["lora"].data.buckets
+    assert presets["dreambooth_lora"].method.kind == "dreambooth" and presets["dreambooth_lora"].method.uses_lora
+    assert presets["full"].method.kind == "full" and presets["full"].method.ema is not None

@@ -55,11 +55,17 @@ def test_circle_drawing_agrees_between_outline_and_fill() -> None:
 
 def test_paired_transform_ranges_and_shared_geometry() -> None:
     image = Image.fromarray(np.tile(np.arange(96, dtype=np.uint8), (64, 1))).convert("RGB")  # 96x64
-    pixels, conditioning = paired_transform(image, image.copy(), 32, False, True, random.Random(0))
+    pixels, conditioning, geometry = paired_transform(image, image.copy(), 32, False, True, random.Random(0))
     assert pixels.shape == conditioning.shape == (3, 32, 32)
     assert pixels.min() >= -1 and pixels.max() <= 1 and conditioning.min() >= 0 and conditioning.max() <= 1
     # same crop and flip on both: the target is exactly the conditioning rescaled
     assert torch.allclose(pixels, conditioning * 2 - 1, atol=1e-6)
+    # 96x64 covers 32x32 at 48x32: original (h, w), crop (top, left) mirrored, target (h, w)
+    original_h, original_w, top, left, target_h, target_w = geometry.tolist()
+    assert (original_h, original_w, top, target_h, target_w) == (64, 96, 0, 32, 32)
+    assert 0 <= left <= 16
+    unflipped = paired_transform(image, None, 32, True, False, None)[2]
+    assert unflipped.tolist() == [64, 96, 0, 8, 32, 32]  # the centre of 48: left 8
 
 
 def test_open_training_data_reads_imagefolder(circles: Path) -> None:

@@ -415,4 +415,4 @@ def test_a_weight_file_that_does_not_match_its_config_is_named(tiny_base, circle
     code, error = _cli(["generate", "--base", str(base), "--prompt", "x", "--out", str(tmp_path / "o.png")], capsys)
     assert code == 2 and "unet has no weights for 2 parameter(s) (conv_in.weight, conv_in.bias)" in error
     code, error = _cli(["train", _write(tmp_path, _raw(base, circles, tmp_path / "run"))], capsys)
-    assert code == 2 and "denoiser has no weights for 2 parameter(s)" in error
+    assert code == 2 and "unet has no weights for 2 parameter(s)" in error

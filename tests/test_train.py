@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from difftune.config import build_config
 from difftune.data import DataError
-from difftune.families import FAMILIES, ModelInputs
+from difftune.families import ModelInputs, get_family
 from difftune.training.checkpoint import ResumeError
 from difftune.training.events import read_events
 from difftune.training.loop import Run, train
@@ -84,7 +84,7 @@ def test_final_folder_runs_in_diffusers_pipeline(finished_run: Run, tiny_base: P
 
 
 def test_fresh_controlnet_is_a_no_op(tiny_base: Path) -> None:
-    family = FAMILIES["sd"]
+    family = get_family("sd")
     config = build_config(run_config(tiny_base, Path("."), Path(".")))
     parts = family.load(config.model)
     controlnet = family.make_controlnet(parts, None, 3)

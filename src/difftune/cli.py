@@ -70,7 +70,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     home = {name: os.path.expanduser(value) if value else value  # a quoted '~/x' reaches us as it is
             for name, value in {"base": args.base or "", "controlnet": args.controlnet, "image": args.image,
                                 "lora": args.lora, "out": args.out}.items()}
-    request = Generation(prompt=args.prompt, negative_prompt=args.negative_prompt,
+    request = Generation(prompt=args.prompt, negative_prompt=args.negative_prompt, family=args.family,
                          **{**home, "out": Path(home["out"])}, **settings)
     request = plan_generation(request, given, args.overwrite)  # every argument checked before torch is imported
     for note in request.notes:
@@ -97,10 +97,14 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
     check_not_an_input("out", args.out, {"the source": source})
     if is_kohya(source) and args.format == "kohya":
         raise InputError(f"source = {args.source!r} is already in the kohya format")
+    from difftune.families import families
+
+    if args.family is not None and args.family not in families():
+        raise InputError(f"--family {args.family!r} is unknown; difftune has {', '.join(sorted(families()))}")
     from difftune.export.lora import export_lora
 
     try:
-        out = export_lora(source, args.out, args.format)
+        out = export_lora(source, args.out, args.format, args.family)
     except ValueError as error:
         raise InputError(f"{source}: {error}") from None
     console.print(f"wrote {out} ({args.format} format)")
@@ -108,7 +112,8 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
 
 
 def cmd_export_single_file(args: argparse.Namespace) -> int:
-    from difftune.generate import SD_COMPONENTS, run_output
+    from difftune.families import family_of_pipeline
+    from difftune.generate import run_output
     from difftune.paths import (
         check_finished_run,
         check_not_an_input,
@@ -120,12 +125,15 @@ def cmd_export_single_file(args: argparse.Namespace) -> int:
     check_finished_run("pipeline", args.pipeline)
     pipeline = run_output(args.pipeline)
     check_not_an_input("out", args.out, {"the pipeline": pipeline})
-    components = {k: v for k, v in SD_COMPONENTS.items() if k in ("unet", "vae", "text_encoder")}
-    check_pipeline("pipeline", pipeline, components)
-    from difftune.export.single_file import export_single_file
-
+    family = family_of_pipeline(Path(pipeline))
+    if family is None:
+        check_pipeline("pipeline", pipeline, {})  # names what the folder is, if not a pipeline
+        raise InputError(f"pipeline = {pipeline!r}: its model_index.json names a pipeline class no difftune family "
+                         "exports")
+    weighted = {name: kind for name, kind in family.components.items() if kind == "model"}
+    check_pipeline("pipeline", pipeline, weighted)
     try:
-        out = export_single_file(pipeline, args.out, half=args.half)
+        out = family.export_single_file(Path(pipeline), Path(args.out), args.half)
     except (ValueError, FileNotFoundError) as error:
         raise InputError(f"{pipeline}: {error}") from None
     console.print(f"wrote {out}")
@@ -277,6 +285,8 @@ def _add_generate(verbs: Any) -> None:
     gen.add_argument("--resolution", type=int,
                      help="square output size, the conditioning image resized to it (default: the run's "
                      "data.resolution, or the base's native size)")
+    gen.add_argument("--family", help="the base's family (sd, sdxl, ...); default: the run's, or what the "
+                     "base's model_index.json says")
     gen.add_argument("--out", required=True, help="the image file to write (.png, .jpg, .webp, ...)")
     gen.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     gen.set_defaults(run=cmd_generate)
@@ -289,7 +299,9 @@ def _add_export(verbs: Any) -> None:
                         ("source", "LoRA run directory, its final/, or a .safetensors file"), half=False)
     lora.add_argument("--format", choices=["kohya", "diffusers"], default="kohya",
                       help="kohya: sd-scripts / AUTOMATIC1111 / ComfyUI keys")
-    _export_verb(export, "single-file", "an SD1.x/2.x pipeline as one original-layout checkpoint",
+    lora.add_argument("--family", help="the base's family, for the kohya names (default: the run's; a file "
+                      "alone: sdxl if it adapts a second text encoder, else sd)")
+    _export_verb(export, "single-file", "an SD1.x/2.x or SDXL pipeline as one original-layout checkpoint",
                  cmd_export_single_file, ("pipeline", "diffusers pipeline folder, or a full fine-tune's run directory"))
     _export_verb(export, "controlnet", "a ControlNet as one file in the original layout (A1111, ComfyUI)",
                  cmd_export_controlnet, ("controlnet", "a ControlNet run directory, its final/, or a ControlNet folder"))

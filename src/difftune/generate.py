@@ -29,8 +29,6 @@ from difftune.paths import (
 )
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-SD_COMPONENTS = {"text_encoder": "model", "vae": "model", "unet": "model", "scheduler": "scheduler",
-                 "tokenizer": "tokenizer"}
 MAX_STEPS = 1000
 
 
@@ -51,6 +49,8 @@ class Generation:
     conditioning_scale: float = 1.0
     negative_prompt: str | None = None
     resolution: int | None = None
+    family: str | None = None
+    """The base's family: given, the run's, or read from the base's model_index.json."""
     notes: tuple[str, ...] = ()
     """What was taken from a run directory, to say so."""
 
@@ -102,7 +102,8 @@ def plan_generation(request: Generation, given: set[str], overwrite: bool = Fals
     if run_config(request.base) is not None and not (base_folder / "model_index.json").is_file():
         raise InputError(f"--base {request.base!r} is a run whose result is not a whole pipeline (a ControlNet "
                          "or a LoRA): give it as --controlnet or --lora, and its base as --base")
-    check_pipeline(base_key, run_output(request.base), SD_COMPONENTS)
+    request = _with_family(request)
+    check_pipeline(base_key, run_output(request.base), _family(request).components)
     if request.image is not None:
         _check_image(request.image)
     folders = {"--base": request.base, "--controlnet": request.controlnet, "--lora": request.lora}
@@ -146,14 +147,37 @@ def _from_run(request: Generation, run: dict[str, Any] | None, given: set[str]) 
     if run is None:
         return request
     taken = {
+        "family": run.get("model", {}).get("family", "sd"),
         "base": run.get("model", {}).get("pretrained"),
         "resolution": run.get("data", {}).get("resolution"),
         "guidance_scale": run.get("validation", {}).get("guidance_scale"),
         "steps": run.get("validation", {}).get("steps"),
     }
     taken = {k: v for k, v in taken.items() if v is not None and k not in given}
-    notes = tuple(f"{key.replace('_', ' ')} {value} (from the run)" for key, value in taken.items())
+    if request.family is not None:  # --family given
+        taken.pop("family", None)
+    notes = tuple(f"{key.replace('_', ' ')} {value} (from the run)" for key, value in taken.items()
+                  if key != "family")
     return replace(request, **taken, notes=request.notes + notes)
+
+
+def _with_family(request: Generation) -> Generation:
+    """The family from --family or the run; else the base's model_index.json says (a Hub
+    id that is not local: "sd")."""
+    from difftune.families import families, family_of_pipeline
+
+    if request.family is not None:
+        if request.family not in families():
+            raise InputError(f"--family {request.family!r} is unknown; difftune has {', '.join(sorted(families()))}")
+        return request
+    found = family_of_pipeline(Path(run_output(request.base)).expanduser())
+    return replace(request, family=found.name if found is not None else "sd")
+
+
+def _family(request: Generation) -> Any:
+    from difftune.families import get_family
+
+    return get_family(request.family or "sd")
 
 
 def _check_image(path: str | None) -> None:
@@ -182,11 +206,12 @@ def generate(request: Generation, should_stop: Callable[[], bool] = lambda: Fals
     quiet_loading_bars()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = _load_pipeline(request, torch.float16 if device == "cuda" else torch.float32)
-    size = request.resolution or native_resolution(Path(run_output(request.base)))
+    family = _family(request)
+    size = request.resolution or native_resolution(Path(run_output(request.base)), family.denoiser_name)
     call: dict[str, Any] = {"height": size, "width": size} if size else {}
     if request.controlnet is not None:
         control = _conditioning(request.image, size)
-        call |= {"image": control, "controlnet_conditioning_scale": request.conditioning_scale,
+        call |= {**family.control_arguments(control), "controlnet_conditioning_scale": request.conditioning_scale,
                  "height": control.height, "width": control.width}
     if request.lora is not None:
         call["cross_attention_kwargs"] = {"scale": request.lora_scale}
@@ -222,25 +247,19 @@ def _load_pipeline(request: Generation, dtype: Any) -> Any:
     """The pipeline, with its ControlNet and LoRA; a folder diffusers cannot load (weights
     that do not fit their config, a LoRA of another base) is a message naming it."""
     import torch
-    from diffusers import (
-        ControlNetModel,
-        StableDiffusionControlNetPipeline,
-        StableDiffusionPipeline,
-    )
 
     from difftune.families.base import check_weights_loaded
 
-    common = {"safety_checker": None, "requires_safety_checker": False, "dtype": dtype}
+    family = _family(request)
     base = run_output(request.base)
     what = f"--base {request.base}"
     try:
+        net = None
         if request.controlnet is not None:
             what = f"--controlnet {request.controlnet}"
-            net = ControlNetModel.from_pretrained(run_output(request.controlnet), dtype=dtype)
+            net = family.load_controlnet(run_output(request.controlnet), dtype)
             what = f"--base {request.base}"
-            pipe = StableDiffusionControlNetPipeline.from_pretrained(base, controlnet=net, **common)
-        else:
-            pipe = StableDiffusionPipeline.from_pretrained(base, **common)
+        pipe = family.load_pipeline(base, dtype, net)
         if request.lora is not None:
             what = f"--lora {request.lora} (was it trained on another base?)"
             pipe.load_lora_weights(run_output(request.lora))
@@ -252,13 +271,13 @@ def _load_pipeline(request: Generation, dtype: Any) -> Any:
     return pipe
 
 
-def native_resolution(base: Path) -> int | None:
-    """The base's own image size: the UNet's sample_size times the VAE's downsampling,
+def native_resolution(base: Path, denoiser: str = "unet") -> int | None:
+    """The base's own image size: the denoiser's sample_size times the VAE's downsampling,
     from the configs (None when they are not local)."""
     import json
 
     try:
-        unet = json.loads((base / "unet" / "config.json").read_text())
+        unet = json.loads((base / denoiser / "config.json").read_text())
         vae = json.loads((base / "vae" / "config.json").read_text())
         return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
     except (OSError, ValueError, KeyError, TypeError):

@@ -9,7 +9,7 @@ DreamBooth batch with class images appended all see identical noise per sample.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from diffusers.training_utils import compute_snr
@@ -23,6 +23,14 @@ class NoisedBatch:
     timesteps: torch.Tensor
     target: torch.Tensor
     weight: torch.Tensor
+
+
+class Objective(Protocol):
+    """What a denoiser learns: noise the clean latents, say what to predict and how much
+    each sample's error counts. The family chooses it (`Family.objective`); the step
+    never names a class."""
+
+    def sample(self, latents: torch.Tensor, generators: list[torch.Generator]) -> NoisedBatch: ...
 
 
 class DiscreteDiffusion:

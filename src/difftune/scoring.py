@@ -24,7 +24,7 @@ from difftune.data.sources import (
 from difftune.families.base import Family, Parts
 from difftune.methods.base import Method, Trained, evaluating
 from difftune.metrics import METRICS, ControlMetric, mean_scores
-from difftune.validation import captioned, grid
+from difftune.validation import captioned, generation_settings, grid, validation_seed
 
 CHUNK = 16  # images generated per pipeline call
 
@@ -84,14 +84,8 @@ def score_control(
 ) -> dict[str, float]:
     """Mean metric over the held-out set; writes a sample grid (conditioning over output).
     Once `should_stop()` (a stop signal) it stops generating and scores what it has."""
-    settings = {
-        "num_inference_steps": config.validation.steps,
-        "guidance_scale": config.validation.guidance_scale,
-        "height": config.data.resolution,
-        "width": config.data.resolution,
-        **(extra_settings or {}),
-    }
-    seed = config.validation.seed if config.validation.seed is not None else config.train.seed
+    settings = generation_settings(config, extra_settings)
+    seed = validation_seed(config)
     generated: list[Image.Image] = []
     with evaluating(trained):
         for start in range(0, len(metric_set.captions), CHUNK):

@@ -70,6 +70,22 @@ def captioned(image: Image.Image, text: str, min_width: int = 384) -> Image.Imag
     return canvas
 
 
+def generation_settings(config: RunConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The pipeline settings of every image generated during a run (validation grids and
+    the control metric): the validation section's steps and guidance at data.resolution."""
+    return {
+        "num_inference_steps": config.validation.steps,
+        "guidance_scale": config.validation.guidance_scale,
+        "height": config.data.resolution,
+        "width": config.data.resolution,
+        **(extra or {}),
+    }
+
+
+def validation_seed(config: RunConfig) -> int:
+    return config.validation.seed if config.validation.seed is not None else config.train.seed
+
+
 def run_validation(
     family: Family,
     parts: Parts,
@@ -84,14 +100,8 @@ def run_validation(
     captioned with its prompt, and prompts.json. Stops before the next pair once
     `should_stop()` (a stop signal): what was made is kept."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = {
-        "num_inference_steps": config.validation.steps,
-        "guidance_scale": config.validation.guidance_scale,
-        "height": config.data.resolution,
-        "width": config.data.resolution,
-        "num_images_per_prompt": config.validation.num_images,
-    }
-    seed = config.validation.seed if config.validation.seed is not None else config.train.seed
+    settings = generation_settings(config, {"num_images_per_prompt": config.validation.num_images})
+    seed = validation_seed(config)
     results = []
     with evaluating(trained):
         for index, pair in enumerate(pairs):

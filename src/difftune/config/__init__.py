@@ -1,5 +1,6 @@
-"""The run configuration: typed sections (sections.py), reading TOML with overrides and
-errors by key (loading.py), and writing the resolved config (writing.py)."""
+"""The run configuration: typed sections (sections.py), the whole run and its checks
+across sections (run.py), reading TOML with overrides and errors by key (loading.py),
+and writing the resolved config (writing.py)."""
 
 from difftune.config.loading import (
     ConfigError,
@@ -13,7 +14,6 @@ from difftune.config.loading import (
 from difftune.config.sections import (
     LR_SCHEDULERS,
     METHOD_KINDS,
-    PIPELINE_COMPONENTS,
     DataConfig,
     DreamBoothSettings,
     EmaSettings,
@@ -22,14 +22,14 @@ from difftune.config.sections import (
     MethodConfig,
     ModelConfig,
     ObjectiveConfig,
-    RunConfig,
     TrainConfig,
     ValidationConfig,
 )
+from difftune.config.run import RunConfig
 from difftune.config.writing import to_toml, with_absolute_paths
 
 __all__ = [
-    "LR_SCHEDULERS", "METHOD_KINDS", "PIPELINE_COMPONENTS", "ConfigError", "DataConfig", "DreamBoothSettings",
+    "LR_SCHEDULERS", "METHOD_KINDS", "ConfigError", "DataConfig", "DreamBoothSettings",
     "EmaSettings", "HubConfig", "LoraSettings", "MethodConfig", "ModelConfig", "ObjectiveConfig", "RunConfig",
     "TrainConfig", "ValidationConfig", "apply_overrides", "build_config", "build_section", "load_config",
     "parse_override", "set_key", "to_toml", "with_absolute_paths",

@@ -11,7 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from difftune.config.sections import _S, RunConfig
+from difftune.config.run import RunConfig
+from difftune.config.sections import _S
 from difftune.errors import UserError
 
 

@@ -40,25 +40,36 @@ PathText = Annotated[str, AfterValidator(_expand_home)]
 NonEmpty = Field(min_length=1, pattern=r"\S")
 """A string with something in it besides spaces."""
 
-# The components of a base pipeline that each family loads, by subfolder, with their kind
-# ("model": config.json and weights). Checked before anything is imported (training.plan).
-PIPELINE_COMPONENTS = {
-    "sd": {"tokenizer": "tokenizer", "text_encoder": "model", "vae": "model", "unet": "model",
-           "scheduler": "scheduler"},
-}
+def family_names() -> list[str]:
+    """The families difftune knows (each a file in difftune/families; light to import)."""
+    from difftune.families import families
+
+    return sorted(families())
 
 
 class ModelConfig(_Section):
-    family: Literal["sd"] = "sd"
-    """Model family: "sd" covers Stable Diffusion 1.x and 2.x."""
+    family: str = "sd"
+    """Model family: "sd" (Stable Diffusion 1.x and 2.x), "sdxl" (Stable Diffusion XL)."""
     pretrained: PathText = NonEmpty
     """Hub id or local folder of the base pipeline (diffusers layout)."""
+    vae: PathText | None = None
+    """Another VAE (Hub id or folder of an AutoencoderKL) instead of the pipeline's own, e.g.
+    an fp16-safe SDXL VAE (diffusers' --pretrained_vae_model_name_or_path)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of the base components."""
     variant: str | None = None
     """Weight-file variant such as "fp16"."""
     tokenizer: PathText | None = None
-    """Another tokenizer (Hub id or folder) instead of the pipeline's own."""
+    """Another tokenizer (Hub id or folder) instead of the pipeline's own (the first one,
+    for a family with several)."""
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        known = family_names()
+        if value not in known:
+            raise ValueError(f"unknown family {value!r}; difftune has {', '.join(map(repr, known))}")
+        return value
 
 
 class LoraSettings(_Section):
@@ -361,34 +372,3 @@ class HubConfig(_Section):
     model_id: str | None = None
     """Repository id; defaults to the output_dir's name."""
     private: bool = False
-
-
-class RunConfig(_Section):
-    model: ModelConfig
-    method: MethodConfig = MethodConfig()
-    objective: ObjectiveConfig = ObjectiveConfig()
-    data: DataConfig
-    train: TrainConfig
-    validation: ValidationConfig = ValidationConfig()
-    hub: HubConfig = HubConfig()
-
-    @model_validator(mode="after")
-    def _caches_fit_the_method(self) -> RunConfig:
-        validation, method = self.validation, self.method
-        if validation.images and not method.needs_conditioning:
-            raise ValueError(
-                f"validation.images: method {method.kind!r} takes no conditioning image (they would be "
-                "ignored); give validation.prompts alone")
-        if validation.prompts and not validation.images and method.needs_conditioning:
-            raise ValueError(f"validation.images: method {method.kind!r} needs a conditioning image per prompt")
-        if validation.metric != "none" and not method.needs_conditioning:
-            raise ValueError(f"validation.metric: {validation.metric!r} scores how well images follow their "
-                             f"conditioning, and method {method.kind!r} takes none")
-        if self.data.cache_text and self.method.train_text_encoder:
-            raise ValueError("data.cache_text cannot be used with method.train_text_encoder (the embeddings change)")
-        if self.objective.prediction_type is not None and (self.method.kind in ("controlnet", "lora") or self.method.uses_lora):
-            raise ValueError(
-                "objective.prediction_type is saved only with a whole pipeline (full, DreamBooth without "
-                "LoRA); a ControlNet or LoRA trained for another type would sample wrongly on its base"
-            )
-        return self

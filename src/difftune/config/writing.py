@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from difftune.config.sections import RunConfig
+from difftune.config.run import RunConfig
 
 LOCAL_PATH_KEYS = (
     ("model", "pretrained"), ("model", "tokenizer"), ("method", "controlnet"), ("data", "path"),

@@ -45,7 +45,7 @@ from difftune.data.transforms import paired_transform
 from difftune.files import apply_umask
 
 logger = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: text entries by the family's names, latent entries with geometry
 SHARD_ENTRIES = 256
 INDEX = "index.json"
 
@@ -174,13 +174,13 @@ class EncodedSamples(Dataset):
             entry = self.latents.get(self.latent_keys[index])
             side = "flipped" if plan.flip else "plain"
             sample = {"latent_mean": entry[f"{side}_mean"], "latent_std": entry[f"{side}_std"],
-                      "caption": plan.caption, "key": (epoch, index, 0)}
+                      "geometry": entry[f"{side}_geometry"], "caption": plan.caption, "key": (epoch, index, 0)}
             if "conditioning" in entry:
                 conditioning = entry["conditioning"].float() / 255.0
                 sample["conditioning_pixels"] = conditioning.flip(-1) if plan.flip else conditioning
             plan_caption = plan.caption
         if self.texts is not None:
-            sample["text"] = self.texts.get(self.text_keys[plan_caption])["embedding"]
+            sample["text"] = self.texts.get(self.text_keys[plan_caption])
         return sample
 
     @staticmethod
@@ -312,9 +312,9 @@ def _latent_context(samples: TrainingSamples, family: Any, parts: Any) -> str:
 
 
 def _text_context(family: Any, parts: Any) -> str:
-    encoder = parts.text_encoder
-    return _hash(CACHE_VERSION, family.name, fingerprint(encoder), str(next(encoder.parameters()).dtype),
-                 family.text_cache_identity(parts))
+    """Every text encoder's weights and dtype, and the tokenizers (family.text_cache_identity)."""
+    encoders = [(fingerprint(encoder), str(next(encoder.parameters()).dtype)) for encoder in parts.text_encoders]
+    return _hash(CACHE_VERSION, family.name, encoders, family.text_cache_identity(parts))
 
 
 def _latent_key(samples: TrainingSamples, index: int) -> str:
@@ -352,13 +352,16 @@ def _encode_latents(samples: TrainingSamples, family: Any, parts: Any, store: Ca
     chunks = [chunk for group in by_size.values() for chunk in _batches(group, batch_size)]
     for chunk in chunks:
         plain, flipped, conditionings = [], [], []
+        entries: list[dict[str, torch.Tensor]] = []
         for index in chunk:
             image, conditioning = samples.images(samples.row_numbers[index], index)
-            pixels, cond = paired_transform(image, conditioning, samples.size_of(index), True, False, None)
+            size = samples.size_of(index)
+            pixels, cond, geometry = paired_transform(image, conditioning, size, True, False, None)
             plain.append(pixels)
             flipped.append(pixels.flip(-1))
             conditionings.append(cond)
-        entries: list[dict[str, torch.Tensor]] = [{} for _ in chunk]
+            entries.append({"plain_geometry": geometry,
+                            "flipped_geometry": paired_transform(image, None, size, True, True, None)[2]})
         sides = [("plain", plain)] + ([("flipped", flipped)] if config.random_flip else [])
         for side, images in sides:
             mean, std = family.latent_distribution(parts, torch.stack(images))
@@ -375,7 +378,7 @@ def _encode_latents(samples: TrainingSamples, family: Any, parts: Any, store: Ca
 def _encode_texts(family: Any, parts: Any, store: CacheStore, keys: dict[str, str],
                   missing: list[str], batch_size: int) -> None:
     for chunk in _batches(missing, batch_size):
-        embeddings = family.encode_prompts(parts, chunk)
-        for caption, embedding in zip(chunk, embeddings):
-            store.put(keys[caption], {"embedding": embedding})
+        encoded = family.encode_prompts(parts, chunk)  # {name: (len(chunk), ...)}
+        for row, caption in enumerate(chunk):
+            store.put(keys[caption], {name: tensor[row] for name, tensor in encoded.items()})
     store.flush()

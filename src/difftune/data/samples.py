@@ -112,11 +112,11 @@ class TrainingSamples(Dataset):
         epoch, index = key
         plan = self.plan(epoch, index)
         image, conditioning = self.images(plan.row, index)
-        pixels, conditioning_pixels = paired_transform(
+        pixels, conditioning_pixels, geometry = paired_transform(
             image, conditioning, self.size_of(index), self.config.center_crop, plan.flip, plan.rng
         )
         # The key seeds this sample's noise in the training step (see training/step.py).
-        sample = {"pixels": pixels, "caption": plan.caption, "key": (epoch, index, 0)}
+        sample = {"pixels": pixels, "caption": plan.caption, "key": (epoch, index, 0), "geometry": geometry}
         if conditioning_pixels is not None:
             sample["conditioning_pixels"] = conditioning_pixels
         return sample
@@ -234,8 +234,13 @@ class PriorPreservationSamples(Dataset):
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tensors stacked by name; "text" (a family's named conditioning, from a text
+    cache) stacked name by name, whatever the names are."""
     batch: dict[str, Any] = {"captions": [s["caption"] for s in samples], "keys": [s["key"] for s in samples]}
-    for key in ("pixels", "conditioning_pixels", "latent_mean", "latent_std", "text"):
+    for key in ("pixels", "conditioning_pixels", "latent_mean", "latent_std", "geometry"):
         if key in samples[0]:
             batch[key] = torch.stack([s[key] for s in samples]).contiguous()
+    if "text" in samples[0]:
+        batch["text"] = {name: torch.stack([s["text"][name] for s in samples]).contiguous()
+                         for name in samples[0]["text"]}
     return batch

@@ -50,19 +50,32 @@ def paired_transform(
     center_crop: bool,
     flip: bool,
     rng: random.Random | None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Target in [-1, 1] and conditioning in [0, 1], resized to cover `size` (a square
     resolution, or a bucket's (width, height)), cropped to it (at the centre, or where
-    rng says) and flipped alike."""
+    rng says) and flipped alike; and the sample's geometry (see `geometry`)."""
     size = (size, size) if isinstance(size, int) else size
+    original = image.size
     image = resize_to_cover(image, size)
     box = crop_box(image.size, size, center_crop, rng)
     pixels = _finish(image, box, flip) * 2.0 - 1.0
+    where = geometry(original, image.size, box, flip)
     if conditioning is None:
-        return pixels, None
+        return pixels, None, where
     # The conditioning image is brought to the target's size first, so one box fits both.
     conditioning = conditioning.resize(image.size, Image.Resampling.BILINEAR)
-    return pixels, _finish(conditioning, box, flip)
+    return pixels, _finish(conditioning, box, flip), where
+
+
+def geometry(original: tuple[int, int], resized: tuple[int, int], box: tuple[int, int, int, int],
+             flip: bool) -> torch.Tensor:
+    """(original height, original width, crop top, crop left, target height, target
+    width): what SDXL conditions on (Podell et al. 2023, section 2.2), in its order. The
+    crop is where the target sits in the resized image; flipped, the mirrored offset."""
+    left, top, right, bottom = box
+    if flip:
+        left = resized[0] - right
+    return torch.tensor([original[1], original[0], top, left, bottom - top, right - box[0]], dtype=torch.long)
 
 
 def _finish(image: Image.Image, box: tuple[int, int, int, int], flip: bool) -> torch.Tensor:

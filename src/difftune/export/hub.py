@@ -9,9 +9,10 @@ from typing import Any
 from huggingface_hub import HfApi, ModelCardData
 
 from difftune.config import RunConfig
+from difftune.families import get_family
 from difftune.methods import make_method
 
-TAGS = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "difftune"]
+TAGS = ["diffusers", "difftune"]
 
 
 def latest_validation(run_dir: Path) -> Path | None:
@@ -22,11 +23,12 @@ def latest_validation(run_dir: Path) -> Path | None:
 def write_model_card(run_dir: Path, config: RunConfig, folder: Path) -> Path:
     """README.md with base model, dataset, settings and the latest validation grids."""
     images = _copy_grids(run_dir, folder)
+    family, method = get_family(config.model.family), make_method(config.method)
     metadata = ModelCardData(
-        license="creativeml-openrail-m",
+        license=family.license,
         base_model=config.model.pretrained,
         datasets=[config.data.path],
-        tags=TAGS + make_method(config.method).card_tags,
+        tags=family.card_tags + TAGS + method.card_tags,
         library_name="diffusers",
         inference=True,
     )
@@ -46,7 +48,7 @@ Each grid shows the validation images for one prompt (after the conditioning ima
 ## Use
 
 ```python
-{make_method(config.method).usage(_repo_name(config), config.model.pretrained)}
+{method.usage(family, _repo_name(config), config.model.pretrained)}
 ```
 """
     path = folder / "README.md"

@@ -5,7 +5,8 @@ format (sd-scripts, AUTOMATIC1111, ComfyUI, InvokeAI) names each adapted module 
 path with dots turned to underscores, with `lora_down`/`lora_up` weights and an `alpha`
 scalar per module. diffusers' own `convert_state_dict_to_kohya` writes alpha = rank and
 `lora_te1_` (the SDXL name) for the text encoder, which loses a trained alpha and the
-SD1.x/2.x text-encoder name, hence this small converter.
+SD1.x/2.x text-encoder name, hence this small converter. The prefixes are the family's
+(SD: `lora_unet_`, `lora_te_`; SDXL: `lora_unet_`, `lora_te1_`, `lora_te2_`).
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ LORA_FILE = paths.LORA_FILE
 # "<component>.<module path>.<which matrix>.weight", in the layouts diffusers writes
 # (lora.down / lora_linear_layer.down) or reads (peft's lora_A / lora_B).
 _KEY = re.compile(
-    r"^(?P<component>unet|text_encoder)\.(?P<module>.+)\."
+    r"^(?P<component>unet|text_encoder_2|text_encoder)\.(?P<module>.+)\."
     r"(?P<matrix>lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up|lora_A|lora_B)\.weight$"
 )
 _DOWN = {"lora.down", "lora_linear_layer.down", "lora_A"}
-_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 def lora_file(run_or_file: str | Path) -> Path:
@@ -46,7 +47,7 @@ def adapter_alphas(path: Path) -> dict[str, dict]:
         metadata = handle.metadata() or {}
     config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
     found: dict[str, dict] = {}
-    for component in _PREFIX:
+    for component in _COMPONENTS:
         if f"{component}.lora_alpha" in config:
             found[component] = {
                 "alpha": float(config[f"{component}.lora_alpha"]),
@@ -55,15 +56,16 @@ def adapter_alphas(path: Path) -> dict[str, dict]:
     return found
 
 
-def kohya_module_name(component: str, module: str) -> str:
+def kohya_module_name(component: str, module: str, prefixes: dict[str, str]) -> str:
     """`lora_unet_down_blocks_0_..._to_q`, `lora_te_text_model_encoder_layers_0_..._q_proj`."""
-    if component == "text_encoder" and not module.startswith("text_model."):
+    if component.startswith("text_encoder") and not module.startswith("text_model."):
         module = "text_model." + module  # transformers 5 dropped the text_model level
-    return _PREFIX[component] + module.replace(".", "_")
+    return prefixes[component] + module.replace(".", "_")
 
 
-def to_kohya(state: dict[str, torch.Tensor], alphas: dict[str, dict]) -> dict[str, torch.Tensor]:
-    """Every key converted, or an error naming the ones that cannot be."""
+def to_kohya(state: dict[str, torch.Tensor], alphas: dict[str, dict],
+             prefixes: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Every key converted with the family's `prefixes`, or an error naming the ones that cannot be."""
     converted: dict[str, torch.Tensor] = {}
     unknown = []
     for key, tensor in state.items():
@@ -72,14 +74,18 @@ def to_kohya(state: dict[str, torch.Tensor], alphas: dict[str, dict]) -> dict[st
             unknown.append(key)
             continue
         component, module = match["component"], match["module"]
-        name = kohya_module_name(component, module)
+        if component not in prefixes:
+            unknown.append(key)
+            continue
+        name = kohya_module_name(component, module, prefixes)
         is_down = match["matrix"] in _DOWN
         converted[f"{name}.{'lora_down' if is_down else 'lora_up'}.weight"] = tensor.contiguous()
         if is_down:
             converted[f"{name}.alpha"] = torch.tensor(_alpha(alphas.get(component), module, tensor))
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-        raise ValueError(f"{len(unknown)} key(s) are not UNet or text-encoder LoRA weights: {shown}")
+        raise ValueError(f"{len(unknown)} key(s) are not LoRA weights of the parts this family adapts "
+                         f"({', '.join(prefixes)}): {shown}")
     return converted
 
 
@@ -94,12 +100,33 @@ def _alpha(found: dict | None, module: str, down: torch.Tensor) -> float:
     return found["alpha"]
 
 
-def export_lora(run_or_file: str | Path, out_file: str | Path, format: str = "kohya") -> Path:
-    """Write a run's LoRA in `format` ("kohya" or "diffusers"), atomically."""
+def lora_family(source: Path, state: dict[str, torch.Tensor], given: str | None = None) -> str:
+    """The family a LoRA file was trained on: given, the run's (the file sits in a run's
+    final/), a second text encoder's keys (SDXL), or SD."""
+    if given is not None:
+        return given
+    for folder in (source.parent, source.parent.parent):
+        if (folder / "config.toml").is_file() and (folder / "events.jsonl").is_file():
+            import tomllib
+
+            try:
+                return tomllib.loads((folder / "config.toml").read_text()).get("model", {}).get("family", "sd")
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError):
+                break
+    return "sdxl" if any(key.startswith("text_encoder_2.") for key in state) else "sd"
+
+
+def export_lora(run_or_file: str | Path, out_file: str | Path, format: str = "kohya",
+                family: str | None = None) -> Path:
+    """Write a run's LoRA in `format` ("kohya" or "diffusers"), atomically; kohya names
+    with the prefixes of `family` (default: see lora_family)."""
+    from difftune.families import get_family
+
     source = lora_file(run_or_file)
     state = load_file(source)
     if format == "kohya":
-        state = to_kohya(state, adapter_alphas(source))
+        prefixes = get_family(lora_family(source, state, family)).kohya_prefixes
+        state = to_kohya(state, adapter_alphas(source), prefixes)
         metadata = {"format": "pt", "ss_network_module": "networks.lora"}
     elif format == "diffusers":
         with safe_open(str(source), framework="pt") as handle:

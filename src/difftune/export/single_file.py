@@ -115,9 +115,7 @@ def export_single_file(
     the SD1/SD2 choice read from the text encoder's hidden_act. Returns the written path.
     """
     state = single_file_state_dict(pipeline_dir, text_layout=text_layout)
-    if half:
-        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    return save_atomic(state, Path(out_file))
+    return save_atomic(to_half(state) if half else state, Path(out_file))
 
 
 def single_file_state_dict(
@@ -359,6 +357,11 @@ def _as_conv(tensor: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- writing
+
+
+def to_half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """fp16 copies of the floating tensors; integer buffers (position_ids) stay as they are."""
+    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
 
 
 def save_atomic(state: dict[str, torch.Tensor], out: Path) -> Path:

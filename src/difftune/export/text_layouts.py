@@ -1,5 +1,6 @@
 """The text encoder of a single-file SD checkpoint: OpenAI CLIP's keys as they are (SD 1.x),
-or OpenCLIP's names with each layer's q/k/v fused (SD 2.x). See single_file.py."""
+or OpenCLIP's names with each layer's q/k/v fused (SD 2.x); SDXL has one of each, under its
+own prefixes. See single_file.py and single_file_sdxl.py."""
 
 from __future__ import annotations
 
@@ -46,21 +47,27 @@ def _text_key(key: str) -> str:
     return key.removeprefix("text_model.")
 
 
-def clip_state(state: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
-    """SD 1.x: the CLIPTextModel's own keys under cond_stage_model.transformer.text_model."""
+def clip_state(
+    state: dict[str, torch.Tensor], folder: Path, prefix: str = CLIP_PREFIX
+) -> dict[str, torch.Tensor]:
+    """The CLIPTextModel's own keys under prefix (SD 1.x: cond_stage_model.transformer.text_model.;
+    SDXL's first encoder: conditioner.embedders.0.transformer.text_model.)."""
     out, unmapped = {}, []
     for key, tensor in state.items():
         name = _text_key(key)
         if name.split(".")[0] in ("embeddings", "encoder", "final_layer_norm"):
-            out[CLIP_PREFIX + name] = tensor
+            out[prefix + name] = tensor
         else:
             unmapped.append(key)  # e.g. a CLIPTextModelWithProjection's text_projection
     check_consumed(state, out, unmapped, folder)
     return out
 
 
-def open_clip_state(state: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
-    """SD 2.x: OpenCLIP names, with each layer's q/k/v fused into one in_proj tensor."""
+def open_clip_state(
+    state: dict[str, torch.Tensor], folder: Path, prefix: str = OPEN_CLIP_PREFIX
+) -> dict[str, torch.Tensor]:
+    """OpenCLIP names under prefix, with each layer's q/k/v fused into one in_proj tensor
+    (SD 2.x: cond_stage_model.model.; SDXL's second encoder: conditioner.embedders.1.model.)."""
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, dict[str, torch.Tensor]] = {}  # in_proj name -> {"q"|"k"|"v": tensor}
     unmapped: list[str] = []
@@ -75,7 +82,7 @@ def open_clip_state(state: dict[str, torch.Tensor], folder: Path) -> dict[str, t
         if placed is None:
             unmapped.append(key)
         elif placed[1] is None:
-            out[OPEN_CLIP_PREFIX + placed[0]] = tensor
+            out[prefix + placed[0]] = tensor
         else:
             fused.setdefault(placed[0], {})[placed[1]] = tensor
     check_consumed(state, {}, unmapped, folder, count=False)
@@ -87,7 +94,7 @@ def open_clip_state(state: dict[str, torch.Tensor], folder: Path) -> dict[str, t
                 f"{folder}: {target} needs q, k and v projections, found {sorted(parts)}"
             )
         # OpenCLIP's nn.MultiheadAttention stores [q; k; v] stacked along the output dimension.
-        out[OPEN_CLIP_PREFIX + target] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+        out[prefix + target] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     return out
 
 

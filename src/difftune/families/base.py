@@ -1,17 +1,28 @@
-"""The seam between the training loop and a model family."""
+"""The seam between the training loop and a model family.
+
+Light on purpose: the config checks which families exist and what each supports before
+torch is imported, so a family module imports torch, diffusers and transformers inside
+its functions, never at the top.
+"""
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-from torch import nn
-
-from difftune.config import ModelConfig
 from difftune.paths import PathError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from difftune.config import ModelConfig, ObjectiveConfig
+    from difftune.objectives import Objective
+
+GEOMETRY_FIELDS = ("original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width")
+"""Per-sample geometry, in this order (SDXL's time ids are exactly these six numbers)."""
 
 
 @dataclass(frozen=True)
@@ -20,7 +31,10 @@ class ModelInputs:
 
     noisy: torch.Tensor
     timesteps: torch.Tensor
-    text: torch.Tensor
+    text: dict[str, torch.Tensor]
+    """The family's prompt conditioning, by name (SD: hidden_states; SDXL adds pooled)."""
+    geometry: torch.Tensor | None = None
+    """(batch, 6) sizes and crops, GEOMETRY_FIELDS; None: every sample at its target size."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def with_extra(self, **values: Any) -> ModelInputs:
@@ -29,17 +43,38 @@ class ModelInputs:
 
 @dataclass
 class Parts:
-    """The loaded components of a base pipeline, frozen unless a method says otherwise."""
+    """The loaded components of a base pipeline, by their names in the family's
+    diffusers pipeline ("unet", "vae", "text_encoder_2", ...): frozen unless a method
+    says otherwise. A trained module replaces the part of its name (`with_modules`)."""
 
     source: str
-    tokenizer: Any
-    text_encoder: nn.Module
-    vae: nn.Module
-    denoiser: nn.Module
-    noise_scheduler: Any
+    components: dict[str, Any]
+    denoiser_name: str = "unet"
+    text_encoder_names: tuple[str, ...] = ("text_encoder",)
 
-    def modules(self) -> list[nn.Module]:
-        return [self.text_encoder, self.vae, self.denoiser]
+    @property
+    def denoiser(self) -> Any:
+        return self.components[self.denoiser_name]
+
+    @property
+    def vae(self) -> Any:
+        return self.components["vae"]
+
+    @property
+    def noise_scheduler(self) -> Any:
+        return self.components["scheduler"]
+
+    @property
+    def text_encoders(self) -> list[Any]:
+        return [self.components[name] for name in self.text_encoder_names]
+
+    def modules(self) -> dict[str, nn.Module]:
+        """The weighted parts of the base (not a trained addition such as a ControlNet)."""
+        return {name: self.components[name] for name in (*self.text_encoder_names, "vae", self.denoiser_name)}
+
+    def with_modules(self, modules: dict[str, Any]) -> Parts:
+        """These parts with `modules` in place of (or beside) the parts of their names."""
+        return replace(self, components={**self.components, **modules})
 
 
 def check_weights_loaded(modules: dict[str, nn.Module], source: str) -> None:
@@ -71,24 +106,55 @@ def inference_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return fresh.to(dtype=dtype).eval()
 
 
+def dtype_of(module: nn.Module) -> torch.dtype:
+    """A module's dtype, also through a wrapper (DDP) that has no .dtype."""
+    return next(module.parameters()).dtype
+
+
+def device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
 class Family(Protocol):
-    """A model family: how to load it, encode its inputs and run its denoiser."""
+    """A model family: what its pipeline holds, how to load it, encode its inputs, run
+    its denoiser, and every pipeline, file and snippet that uses the result."""
 
     name: str
+    description: str
+    """What the family covers, for messages and the config's docs."""
     supports: frozenset[str]
+    """The method kinds it can train."""
+    components: dict[str, str]
+    """Subfolder of the pipeline -> its kind ("model", "tokenizer", "scheduler"), checked
+    before anything loads."""
+    denoiser_name: str
+    text_encoder_names: tuple[str, ...]
+    default_resolution: int
     lora_targets: tuple[str, ...]
     """Denoiser module names a LoRA adapts by default."""
+    kohya_prefixes: dict[str, str]
+    """LoRA key prefix of each adapted part in the kohya/ComfyUI format."""
+    license: str
+    card_tags: list[str]
+    pipeline_classes: dict[str, str]
+    """diffusers pipeline class names by what they run: "text_to_image", "controlnet"."""
 
     def load(self, config: ModelConfig, denoiser_in_memory: bool = False) -> Parts:
         """The frozen parts. denoiser_in_memory: read the denoiser's weights into memory
         instead of mapping the file (see setup.denoiser_in_memory)."""
         ...
 
-    def encode_prompts(self, parts: Parts, captions: list[str]) -> torch.Tensor: ...
+    def objective(self, parts: Parts, config: ObjectiveConfig) -> Objective:
+        """What the denoiser learns to predict, and how the loss is weighted."""
+        ...
 
-    def encode_images(
-        self, parts: Parts, pixels: torch.Tensor, generators: list[torch.Generator] | None
-    ) -> torch.Tensor: ...
+    def encode_prompts(self, parts: Parts, captions: list[str]) -> dict[str, torch.Tensor]:
+        """The prompt conditioning by name; one row per caption in every tensor."""
+        ...
+
+    def text_cache_identity(self, parts: Parts) -> dict[str, Any]:
+        """Everything besides the encoders' weights that changes a prompt's conditioning."""
+        ...
 
     def latent_distribution(self, parts: Parts, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The image encoder's posterior (mean, std), before any scaling."""
@@ -100,28 +166,42 @@ class Family(Protocol):
         """Scaled latents drawn from a posterior, one generator per sample (None: the mean)."""
         ...
 
-    def text_cache_identity(self, parts: Parts) -> dict[str, Any]:
-        """Everything besides the weights that changes a prompt's embedding (tokenizer)."""
-        ...
-
-    def predict(self, parts: Parts, inputs: ModelInputs) -> torch.Tensor: ...
+    def encode_images(
+        self, parts: Parts, pixels: torch.Tensor, generators: list[torch.Generator] | None
+    ) -> torch.Tensor: ...
 
     def vae_scale_factor(self, parts: Parts) -> int: ...
 
-    def make_controlnet(
-        self, parts: Parts, source: str | None, conditioning_channels: int
-    ) -> nn.Module: ...
+    def predict(self, parts: Parts, inputs: ModelInputs) -> torch.Tensor: ...
 
-    def load_controlnet(self, path: str) -> nn.Module: ...
+    def make_controlnet(self, parts: Parts, source: str | None, conditioning_channels: int) -> nn.Module: ...
 
     def controlnet_residuals(
         self, controlnet: nn.Module, inputs: ModelInputs, conditioning: torch.Tensor
     ) -> dict[str, Any]: ...
 
-    def controlnet_pipeline(self, parts: Parts, controlnet: nn.Module) -> Any: ...
+    def pipeline(self, parts: Parts) -> Any:
+        """An inference pipeline over the loaded parts (nothing re-read from disk): with a
+        "controlnet" component, the ControlNet pipeline; else text-to-image."""
+        ...
 
-    def text_to_image_pipeline(self, parts: Parts) -> Any: ...
+    def control_arguments(self, image: Any) -> dict[str, Any]:
+        """The pipeline call's keyword for a conditioning image (`image=`, `control_image=`)."""
+        ...
 
-    def save_lora(self, out_dir: Path, unet: nn.Module, text_encoder: nn.Module | None) -> None:
-        """Adapter weights in the file the family's pipeline `load_lora_weights` reads."""
+    def load_pipeline(self, base: str, controlnet: str | None, dtype: Any) -> Any:
+        """The pipeline of a saved base (and a saved ControlNet), for `difftune generate`."""
+        ...
+
+    def save_lora(self, out_dir: Path, adapted: dict[str, nn.Module]) -> None:
+        """Adapter weights of the adapted parts (by part name) in the file the family's
+        pipeline `load_lora_weights` reads."""
+        ...
+
+    def usage(self, result: str, repo: str, base: str) -> str:
+        """Python that loads a result ("pipeline", "lora", "controlnet") with diffusers."""
+        ...
+
+    def export_single_file(self, pipeline_dir: Path, out_file: Path, half: bool) -> Path:
+        """The pipeline folder as one checkpoint in the family's original layout."""
         ...

@@ -1,28 +1,26 @@
-"""Stable Diffusion 1.x / 2.x: CLIP text encoder, KL VAE, UNet2DConditionModel."""
+"""Stable Diffusion 1.x / 2.x: CLIP text encoder, KL VAE, UNet2DConditionModel.
+
+Also the base of the other UNet latent-diffusion families (SDXL): a subclass names its
+parts and overrides what differs (text encoders, added conditioning, pipelines).
+Heavy libraries are imported inside the functions (see families/base.py).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from diffusers import (
-    AutoencoderKL,
-    ControlNetModel,
-    DDPMScheduler,
-    StableDiffusionControlNetPipeline,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-    UniPCMultistepScheduler,
-)
-from peft import get_peft_model_state_dict
-from torch import nn
-from transformers import AutoTokenizer, CLIPTextModel
+from difftune.families.base import ModelInputs, Parts, dtype_of
 
-from difftune.config import ModelConfig
-from difftune.families.base import ModelInputs, Parts
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from difftune.config import ModelConfig, ObjectiveConfig
+    from difftune.objectives import Objective
 
 # The ControlNet conditioning embedding downsamples by 2 per channel stage after the
 # first; its stride must equal the VAE's or the residuals miss the latent grid.
@@ -31,51 +29,84 @@ _CONDITIONING_CHANNELS = (16, 32, 96, 256)
 
 class StableDiffusion:
     name = "sd"
+    description = "Stable Diffusion 1.x and 2.x"
     supports = frozenset({"controlnet", "full", "lora", "dreambooth"})
-
-    def load(self, config: ModelConfig, denoiser_in_memory: bool = False) -> Parts:
-        common = {"revision": config.revision}
-        source = config.pretrained
-        tokenizer = AutoTokenizer.from_pretrained(
-            config.tokenizer or source,
-            subfolder="" if config.tokenizer else "tokenizer",
-            **common,
-        )
-        weights = {**common, "variant": config.variant}
-        return Parts(
-            source=source,
-            tokenizer=tokenizer,
-            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights),
-            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **weights),
-            denoiser=UNet2DConditionModel.from_pretrained(
-                source, subfolder="unet", disable_mmap=denoiser_in_memory, **weights),
-            noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common),
-        )
-
-    def tokenize(self, parts: Parts, captions: list[str]) -> torch.Tensor:
-        tokenizer = parts.tokenizer
-        return tokenizer(
-            captions,
-            max_length=tokenizer.model_max_length,
-            padding="max_length",
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-
+    denoiser_name = "unet"
+    text_encoder_classes = {"text_encoder": "CLIPTextModel"}
+    """transformers class of each text encoder, by part name (in encoding order)."""
+    tokenizer_names = ("tokenizer",)
+    """One tokenizer per text encoder, in the same order."""
+    default_resolution = 512
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     """UNet attention projections, as diffusers' SD LoRA scripts adapt."""
+    kohya_prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+    license = "creativeml-openrail-m"
+    card_tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image"]
+    pipeline_classes = {"text_to_image": "StableDiffusionPipeline", "controlnet": "StableDiffusionControlNetPipeline"}
+    pipeline_options: dict[str, Any] = {"safety_checker": None, "feature_extractor": None,
+                                        "requires_safety_checker": False}
+    """Keyword arguments every pipeline of the family is built with."""
+
+    @property
+    def text_encoder_names(self) -> tuple[str, ...]:
+        return tuple(self.text_encoder_classes)
+
+    @property
+    def components(self) -> dict[str, str]:
+        return {**dict.fromkeys(self.tokenizer_names, "tokenizer"), **dict.fromkeys(self.text_encoder_names, "model"),
+                "vae": "model", self.denoiser_name: "model", "scheduler": "scheduler"}
+
+    # --- loading ---------------------------------------------------------------------------
+
+    def load(self, config: ModelConfig, denoiser_in_memory: bool = False) -> Parts:
+        import transformers
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import AutoTokenizer
+
+        common = {"revision": config.revision}
+        source = config.pretrained
+        weights = {**common, "variant": config.variant}
+        components: dict[str, Any] = {}
+        for number, name in enumerate(self.tokenizer_names):
+            # model.tokenizer replaces the first tokenizer (the one every family has)
+            other = config.tokenizer if number == 0 else None
+            components[name] = AutoTokenizer.from_pretrained(other or source, subfolder="" if other else name, **common)
+        for name, class_name in self.text_encoder_classes.items():
+            components[name] = getattr(transformers, class_name).from_pretrained(source, subfolder=name, **weights)
+        components["vae"] = (AutoencoderKL.from_pretrained(config.vae, revision=config.revision) if config.vae
+                             else AutoencoderKL.from_pretrained(source, subfolder="vae", **weights))
+        components[self.denoiser_name] = UNet2DConditionModel.from_pretrained(
+            source, subfolder=self.denoiser_name, disable_mmap=denoiser_in_memory, **weights)
+        components["scheduler"] = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common)
+        return Parts(source, components, self.denoiser_name, self.text_encoder_names)
+
+    def objective(self, parts: Parts, config: ObjectiveConfig) -> Objective:
+        from difftune.objectives import DiscreteDiffusion
+
+        return DiscreteDiffusion(parts.noise_scheduler, config)
+
+    # --- text ------------------------------------------------------------------------------
+
+    def token_ids(self, tokenizer: Any, captions: list[str]) -> torch.Tensor:
+        return tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length",
+                         truncation=True, return_tensors="pt").input_ids
 
     def text_cache_identity(self, parts: Parts) -> dict[str, Any]:
-        tokenizer = parts.tokenizer
-        vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
-        return {"tokenizer": hashlib.blake2b(vocab.encode()).hexdigest(),
-                "max_length": tokenizer.model_max_length, "padding": "max_length"}
+        identity = {}
+        for name in self.tokenizer_names:
+            tokenizer = parts.components[name]
+            vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+            identity[name] = {"vocab": hashlib.blake2b(vocab.encode()).hexdigest(),
+                              "max_length": tokenizer.model_max_length, "padding": "max_length"}
+        return identity
 
-    def encode_prompts(self, parts: Parts, captions: list[str]) -> torch.Tensor:
+    def encode_prompts(self, parts: Parts, captions: list[str]) -> dict[str, torch.Tensor]:
+        encoder = parts.components["text_encoder"]
         # The encoder may be wrapped for training (DDP): ask a parameter for the device.
-        device = next(parts.text_encoder.parameters()).device
-        ids = self.tokenize(parts, captions).to(device)
-        return parts.text_encoder(ids, return_dict=False)[0]
+        ids = self.token_ids(parts.components["tokenizer"], captions).to(next(encoder.parameters()).device)
+        return {"hidden_states": encoder(ids, return_dict=False)[0]}
+
+    # --- images ----------------------------------------------------------------------------
 
     def encode_images(
         self, parts: Parts, pixels: torch.Tensor, generators: list[torch.Generator] | None
@@ -94,6 +125,8 @@ class StableDiffusion:
     def sample_latents(
         self, parts: Parts, mean: torch.Tensor, std: torch.Tensor, generators: list[torch.Generator] | None
     ) -> torch.Tensor:
+        import torch
+
         if generators is None:
             latents = mean
         else:
@@ -102,30 +135,40 @@ class StableDiffusion:
                 for g in generators
             ])
             latents = mean + std * eps
-        return latents * parts.vae.config.scaling_factor
+        config = parts.vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0  # VAEs of later families shift first
+        return (latents - shift) * config.scaling_factor
+
+    def vae_scale_factor(self, parts: Parts) -> int:
+        return 2 ** (len(parts.vae.config.block_out_channels) - 1)
+
+    # --- the denoiser ----------------------------------------------------------------------
+
+    def added_conditions(self, inputs: ModelInputs, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+        """The UNet's added_cond_kwargs (SD has none)."""
+        return None
 
     def predict(self, parts: Parts, inputs: ModelInputs) -> torch.Tensor:
         unet = parts.denoiser  # possibly wrapped by accelerate (DDP): no .dtype there
-        dtype = next(unet.parameters()).dtype
+        dtype = dtype_of(unet)
         down = inputs.extra.get("down_block_additional_residuals")
         mid = inputs.extra.get("mid_block_additional_residual")
         return unet(
             inputs.noisy.to(dtype),
             inputs.timesteps,
-            encoder_hidden_states=inputs.text.to(dtype),
+            encoder_hidden_states=inputs.text["hidden_states"].to(dtype),
+            added_cond_kwargs=self.added_conditions(inputs, dtype),
             down_block_additional_residuals=None if down is None else [d.to(dtype) for d in down],
             mid_block_additional_residual=None if mid is None else mid.to(dtype),
             return_dict=False,
         )[0]
 
-    def vae_scale_factor(self, parts: Parts) -> int:
-        return 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    def make_controlnet(self, parts: Parts, source: str | None, conditioning_channels: int) -> nn.Module:
+        import torch
+        from diffusers import ControlNetModel
 
-    def make_controlnet(
-        self, parts: Parts, source: str | None, conditioning_channels: int
-    ) -> nn.Module:
         if source is not None:
-            return self.load_controlnet(source)
+            return ControlNetModel.from_pretrained(source, dtype=torch.float32)
         stages = self.vae_scale_factor(parts).bit_length()
         return ControlNetModel.from_unet(
             parts.denoiser,
@@ -133,60 +176,82 @@ class StableDiffusion:
             conditioning_channels=conditioning_channels,
         )
 
-    def load_controlnet(self, path: str) -> nn.Module:
-        return ControlNetModel.from_pretrained(path, dtype=torch.float32)
-
     def controlnet_residuals(
         self, controlnet: nn.Module, inputs: ModelInputs, conditioning: torch.Tensor
     ) -> dict[str, Any]:
         down, mid = controlnet(
             inputs.noisy,
             inputs.timesteps,
-            encoder_hidden_states=inputs.text,
+            encoder_hidden_states=inputs.text["hidden_states"],
             controlnet_cond=conditioning,
+            added_cond_kwargs=self.added_conditions(inputs, inputs.noisy.dtype),
             return_dict=False,
         )
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
-    def controlnet_pipeline(self, parts: Parts, controlnet: nn.Module) -> Any:
-        """An inference pipeline that reuses the loaded parts (nothing re-read from disk)."""
-        scheduler = UniPCMultistepScheduler.from_config(parts.noise_scheduler.config)
-        return StableDiffusionControlNetPipeline(
-            vae=parts.vae,
-            text_encoder=parts.text_encoder,
-            tokenizer=parts.tokenizer,
-            unet=parts.denoiser,
-            controlnet=controlnet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+    # --- pipelines and what leaves a run ----------------------------------------------------
 
-    def save_lora(self, out_dir: Path, unet: nn.Module, text_encoder: nn.Module | None) -> None:
+    def pipeline_class(self, controlnet: bool) -> Any:
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_classes["controlnet" if controlnet else "text_to_image"])
+
+    def pipeline(self, parts: Parts) -> Any:
+        """An inference pipeline over the loaded parts (UniPC for sampling): the ControlNet
+        pipeline when the parts hold a "controlnet"."""
+        from diffusers import UniPCMultistepScheduler
+
+        cls = self.pipeline_class("controlnet" in parts.components)
+        wanted = inspect.signature(cls.__init__).parameters
+        components = {name: part for name, part in parts.components.items() if name in wanted}
+        components["scheduler"] = UniPCMultistepScheduler.from_config(parts.noise_scheduler.config)
+        return cls(**components, **self.pipeline_options)
+
+    def control_arguments(self, image: Any) -> dict[str, Any]:
+        return {"image": image}
+
+    def load_pipeline(self, base: str, dtype: Any, controlnet: Any = None) -> Any:
+        extra = {} if controlnet is None else {"controlnet": controlnet}
+        return self.pipeline_class(controlnet is not None).from_pretrained(base, dtype=dtype, **extra,
+                                                                           **self.pipeline_options)
+
+    def load_controlnet(self, path: str, dtype: Any) -> Any:
+        from diffusers import ControlNetModel
+
+        return ControlNetModel.from_pretrained(path, dtype=dtype)
+
+    def save_lora(self, out_dir: Path, adapted: dict[str, nn.Module]) -> None:
         """diffusers' LoRA file (pytorch_lora_weights.safetensors) with each adapter's
         config as metadata, so load_lora_weights restores alpha and rank exactly."""
+        from peft import get_peft_model_state_dict
+
         layers, metadata = {}, {}
-        for prefix, module in (("unet", unet), ("text_encoder", text_encoder)):
-            if module is None:
-                continue
+        for name, module in adapted.items():
             # peft's key names, which load_lora_weights reads as they are. (diffusers'
             # convert_state_dict_to_diffusers renames only attention projections, and a
             # file mixing both namings loads without the renamed ones.)
             state = get_peft_model_state_dict(module, save_embedding_layers=False)
-            layers[f"{prefix}_lora_layers"] = {k: v.contiguous() for k, v in state.items()}  # channels_last
-            metadata[f"{prefix}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
-        StableDiffusionPipeline.save_lora_weights(out_dir, safe_serialization=True, **layers, **metadata)
+            layers[f"{name}_lora_layers"] = {k: v.contiguous() for k, v in state.items()}  # channels_last
+            metadata[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
+        self.pipeline_class(False).save_lora_weights(out_dir, safe_serialization=True, **layers, **metadata)
 
-    def text_to_image_pipeline(self, parts: Parts) -> Any:
-        """The plain pipeline over the loaded parts (UniPC for sampling)."""
-        return StableDiffusionPipeline(
-            vae=parts.vae,
-            text_encoder=parts.text_encoder,
-            tokenizer=parts.tokenizer,
-            unet=parts.denoiser,
-            scheduler=UniPCMultistepScheduler.from_config(parts.noise_scheduler.config),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+    def usage(self, result: str, repo: str, base: str) -> str:
+        text_to_image = self.pipeline_classes["text_to_image"]
+        if result == "controlnet":
+            pipeline = self.pipeline_classes["controlnet"]
+            return (f"from diffusers import ControlNetModel, {pipeline}\n"
+                    f'controlnet = ControlNetModel.from_pretrained("{repo}")\n'
+                    f'pipe = {pipeline}.from_pretrained("{base}", controlnet=controlnet)')
+        if result == "lora":
+            return (f"from diffusers import {text_to_image}\n"
+                    f'pipe = {text_to_image}.from_pretrained("{base}")\n'
+                    f'pipe.load_lora_weights("{repo}")')
+        return f'from diffusers import {text_to_image}\npipe = {text_to_image}.from_pretrained("{repo}")'
+
+    def export_single_file(self, pipeline_dir: Path, out_file: Path, half: bool) -> Path:
+        from difftune.export.single_file import export_single_file
+
+        return export_single_file(pipeline_dir, out_file, half=half)
+
+
+FAMILY = StableDiffusion()

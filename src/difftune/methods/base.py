@@ -15,7 +15,9 @@ from torch.utils.data import Dataset
 from difftune.families.base import Family, ModelInputs, Parts
 
 Trained = dict[str, nn.Module]
-"""The modules a method trains, by name ("controlnet", "unet", "text_encoder"); the
+"""The modules a method trains, by the name of the part they replace (the family's
+denoiser and text encoders: "unet", "text_encoder_2", ...) or add ("controlnet"). The loop
+swaps the prepared modules into the parts by these names (`Parts.with_modules`); the
 name is also their folder in a checkpoint."""
 
 
@@ -34,6 +36,8 @@ class Method(Protocol):
     """Extra Hub tags for the model card."""
     fixed_caption: str | None
     """One prompt for every training image (DreamBooth), instead of a caption column."""
+    result: str
+    """What final/ holds: "pipeline", "lora" or "controlnet" (the family knows how each loads)."""
 
     def build(self, family: Family, parts: Parts) -> Trained:
         """Freeze what stays frozen and return the modules that train."""
@@ -44,10 +48,6 @@ class Method(Protocol):
     ) -> Dataset:
         """The dataset the loop draws from, given the checked training rows (DreamBooth
         adds class images here, generating the missing ones)."""
-        ...
-
-    def training_parts(self, parts: Parts, trained: Trained) -> Parts:
-        """The parts the step runs with, given the accelerate-prepared trained modules."""
         ...
 
     def condition(
@@ -68,7 +68,7 @@ class Method(Protocol):
         """Write the trained result in diffusers format."""
         ...
 
-    def usage(self, repo: str, base: str) -> str:
+    def usage(self, family: Family, repo: str, base: str) -> str:
         """Python that loads the result with diffusers, for the model card."""
         ...
 
@@ -85,8 +85,17 @@ class Method(Protocol):
 
 
 def freeze(parts: Parts) -> None:
-    for module in parts.modules():
+    for module in parts.modules().values():
         module.requires_grad_(False)
+
+
+def denoiser_and_text_encoders(parts: Parts, text_encoders: bool) -> dict[str, nn.Module]:
+    """The parts a weight-changing method trains: the denoiser, and every text encoder
+    when asked (by their part names)."""
+    chosen = {parts.denoiser_name: parts.denoiser}
+    if text_encoders:
+        chosen |= {name: parts.components[name] for name in parts.text_encoder_names}
+    return chosen
 
 
 def trainable_fp32(module: nn.Module) -> nn.Module:
@@ -130,6 +139,11 @@ def no_extra_inputs(
 ) -> ModelInputs:
     """condition for a method that changes weights, not the denoiser's inputs."""
     return inputs
+
+
+def family_usage(self: Any, family: Family, repo: str, base: str) -> str:
+    """Method.usage: how the family's pipelines load this method's kind of result."""
+    return family.usage(self.result, repo, base)
 
 
 def mean_loss(per_sample_loss: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:

@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 
 from difftune.config import MethodConfig
-from difftune.families.base import Family, ModelInputs, Parts, inference_copy
+from difftune.families.base import Family, ModelInputs, Parts, dtype_of, inference_copy
 from difftune.methods.base import (
     Trained,
+    family_usage,
     freeze,
     mean_loss,
     restore_pretrained,
@@ -29,6 +30,7 @@ class ControlNet:
     floor_settings = {"controlnet_conditioning_scale": 0.0}
     """Generation settings that switch the method off: the base alone, for the metric floor."""
     card_tags = ["controlnet"]
+    result = "controlnet"
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
@@ -39,9 +41,6 @@ class ControlNet:
         return {"controlnet": trainable_fp32(controlnet)}
 
     training_data = staticmethod(same_samples)
-
-    def training_parts(self, parts: Parts, trained: Trained) -> Parts:
-        return parts
 
     def condition(
         self, family: Family, parts: Parts, trained: Trained, batch: dict[str, Any], inputs: ModelInputs
@@ -58,12 +57,7 @@ class ControlNet:
     def save(self, family: Family, parts: Parts, trained: Trained, out_dir: Path) -> None:
         trained["controlnet"].save_pretrained(out_dir, safe_serialization=True)
 
-    def usage(self, repo: str, base: str) -> str:
-        return (
-            "from diffusers import ControlNetModel, StableDiffusionControlNetPipeline\n"
-            f'controlnet = ControlNetModel.from_pretrained("{repo}")\n'
-            f'pipe = StableDiffusionControlNetPipeline.from_pretrained("{base}", controlnet=controlnet)'
-        )
+    usage = family_usage
 
     def generate(
         self,
@@ -75,7 +69,7 @@ class ControlNet:
         settings: dict[str, Any],
         generator: torch.Generator,
     ) -> list[Image.Image]:
-        controlnet = inference_copy(trained["controlnet"], next(parts.denoiser.parameters()).dtype)
-        pipeline = family.controlnet_pipeline(parts, controlnet)
+        controlnet = inference_copy(trained["controlnet"], dtype_of(parts.denoiser))
+        pipeline = family.pipeline(parts.with_modules({"controlnet": controlnet}))
         pipeline.set_progress_bar_config(disable=True)
-        return pipeline(prompt, image=image, generator=generator, **settings).images
+        return pipeline(prompt, **family.control_arguments(image), generator=generator, **settings).images

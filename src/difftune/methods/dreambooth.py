@@ -39,9 +39,9 @@ class DreamBooth:
         self.settings: DreamBoothSettings = config.dreambooth
         self.inner: Lora | FullFineTune = Lora(config) if config.uses_lora else FullFineTune(config)
         self.card_tags = ["dreambooth", *self.inner.card_tags]
+        self.result = self.inner.result
         # What trains, how it is stored, saved and sampled: the inner method's, unchanged.
         self.build = self.inner.build
-        self.training_parts = self.inner.training_parts
         self.store, self.restore = self.inner.store, self.inner.restore
         self.save = self.inner.save
         self.generate = self.inner.generate
@@ -120,8 +120,8 @@ class DreamBooth:
         instance_loss = per_sample_loss[~prior].mean()
         return instance_loss + self.settings.prior_loss_weight * per_sample_loss[prior].mean()
 
-    def usage(self, repo: str, base: str) -> str:
-        return self.inner.usage(repo, base) + f'\nimage = pipe("{self.settings.instance_prompt}").images[0]'
+    def usage(self, family: Family, repo: str, base: str) -> str:
+        return self.inner.usage(family, repo, base) + f'\nimage = pipe("{self.settings.instance_prompt}").images[0]'
 
 
 def class_images(folder: Path) -> list[Path]:

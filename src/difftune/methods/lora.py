@@ -16,8 +16,16 @@ from torch import nn
 
 from difftune.config import LoraSettings, MethodConfig
 from difftune.families.base import Family, Parts
-from difftune.methods.base import Trained, freeze, mean_loss, no_extra_inputs, same_samples
-from difftune.methods.full import generate_text_to_image, with_trained
+from difftune.methods.base import (
+    Trained,
+    denoiser_and_text_encoders,
+    family_usage,
+    freeze,
+    mean_loss,
+    no_extra_inputs,
+    same_samples,
+)
+from difftune.methods.full import generate_text_to_image
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
@@ -54,6 +62,7 @@ class Lora:
     fixed_caption = None
     floor_settings = None
     card_tags = ["lora"]
+    result = "lora"
 
     def __init__(self, config: MethodConfig) -> None:
         assert config.lora is not None  # the config fills in defaults for kind "lora"
@@ -62,17 +71,13 @@ class Lora:
 
     def build(self, family: Family, parts: Parts) -> Trained:
         freeze(parts)
-        targets = self.settings.target_modules or family.lora_targets
-        trained = {"unet": add_lora(parts.denoiser, lora_config(self.settings, targets))}
-        if self.config.train_text_encoder:
-            config = lora_config(self.settings, self.settings.text_encoder_target_modules)
-            trained["text_encoder"] = add_lora(parts.text_encoder, config)
-        return trained
+        chosen = denoiser_and_text_encoders(parts, self.config.train_text_encoder)
+        denoiser_targets = self.settings.target_modules or family.lora_targets
+        return {name: add_lora(module, lora_config(self.settings, denoiser_targets if name == parts.denoiser_name
+                                                   else self.settings.text_encoder_target_modules))
+                for name, module in chosen.items()}
 
     training_data = staticmethod(same_samples)
-
-    def training_parts(self, parts: Parts, trained: Trained) -> Parts:
-        return with_trained(parts, trained)
 
     condition = staticmethod(no_extra_inputs)
 
@@ -88,13 +93,8 @@ class Lora:
             raise ValueError(f"{folder / name / ADAPTER_FILE}: keys the model lacks: {result.unexpected_keys[:5]}")
 
     def save(self, family: Family, parts: Parts, trained: Trained, out_dir: Path) -> None:
-        family.save_lora(out_dir, trained["unet"], trained.get("text_encoder"))
+        family.save_lora(out_dir, trained)
 
-    def usage(self, repo: str, base: str) -> str:
-        return (
-            "from diffusers import StableDiffusionPipeline\n"
-            f'pipe = StableDiffusionPipeline.from_pretrained("{base}")\n'
-            f'pipe.load_lora_weights("{repo}")'
-        )
+    usage = family_usage
 
     generate = staticmethod(generate_text_to_image)

@@ -17,7 +17,6 @@ from rich.console import Console
 from difftune.config import RunConfig, to_toml
 from difftune.data.rows import data_identity
 from difftune.families.base import check_weights_loaded
-from difftune.objectives import DiscreteDiffusion
 from difftune.processes import agreed, settle
 from difftune.quiet import quiet_loading_bars
 from difftune.report import write_report
@@ -99,13 +98,12 @@ class Run:
     def _load_models(self, checked: setup.Preflight) -> Trainee:
         quiet_loading_bars()
         parts = checked.family.load(self.config.model, setup.denoiser_in_memory(self.config, self.accelerator))
-        check_weights_loaded(dict(zip(("text_encoder", "vae", "denoiser"), parts.modules())),
-                             f"model.pretrained {self.config.model.pretrained!r}")
+        check_weights_loaded(parts.modules(), f"model.pretrained {self.config.model.pretrained!r}")
         trained = checked.method.build(checked.family, parts)
         check_weights_loaded(trained, "the trained modules (method.controlnet?)")
         setup.place_frozen_parts(parts, self.accelerator)
         setup.apply_model_options(self.config, parts, trained)
-        objective = DiscreteDiffusion(parts.noise_scheduler, self.config.objective)
+        objective = checked.family.objective(parts, self.config.objective)
         return Trainee(checked.family, parts, checked.method, objective, trained)
 
     def _prepare(self) -> None:
@@ -124,7 +122,7 @@ class Run:
         trainee.trained = dict(zip(names, modules))
         self.params = [p for m in modules for p in m.parameters() if p.requires_grad]
         store_trained_weights(self.accelerator, trainee.method, names)
-        trainee.step_parts = trainee.method.training_parts(trainee.parts, trainee.trained)
+        trainee.step_parts = trainee.parts.with_modules(trainee.trained)
         ema = self.config.method.ema
         self.ema = WeightAverage(trainee.trained, ema) if ema is not None else None
         if self.ema is not None:

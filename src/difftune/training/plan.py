@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from difftune.config import (
-    PIPELINE_COMPONENTS,
     ConfigError,
     RunConfig,
     build_config,
@@ -158,16 +157,21 @@ def check_same_data(checkpoint: Path, rows: CheckedRows) -> None:
 def check_sources(config: RunConfig) -> None:
     """The models and files the config names exist and are what they should be."""
     model = config.model
-    named = [model.pretrained, model.tokenizer, config.method.controlnet, config.data.path,
+    named = [model.pretrained, model.tokenizer, model.vae, config.method.controlnet, config.data.path,
              config.validation.metric_data]
     if any(value and not Path(value).expanduser().exists() and not looks_like_path(value) for value in named):
         note = offline_if_hub_unreachable()
         if note:
             logger.warning(note)
-    components = dict(PIPELINE_COMPONENTS[model.family])
+    from difftune.families import get_family
+
+    components = dict(get_family(model.family).components)
     if model.tokenizer:
         check_tokenizer("model.tokenizer", model.tokenizer, model.revision)
         components.pop("tokenizer", None)
+    if model.vae:
+        check_model_folder("model.vae", model.vae, "AutoencoderKL", revision=model.revision)
+        components.pop("vae", None)
     check_pipeline("model.pretrained", model.pretrained, components, model.variant, model.revision)
     if config.method.controlnet:
         check_model_folder("method.controlnet", config.method.controlnet, "ControlNet")

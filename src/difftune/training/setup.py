@@ -23,7 +23,7 @@ from difftune.data.cache import Processes, build_cache
 from difftune.data.rows import CheckedRows
 from difftune.data.samples import EpochSampler
 from difftune.data.training import open_training_data
-from difftune.families import FAMILIES, Family, Parts
+from difftune.families import Family, Parts, get_family
 from difftune.methods import Method, Trained, make_method
 from difftune.paths import default_cache_dir
 from difftune.processes import agreed
@@ -49,13 +49,11 @@ class Preflight:
 def preflight(config: RunConfig, rows: CheckedRows | None = None) -> Preflight:
     """Check pairing, versions, extras, precision, data, validation images; load no model.
     (Paths, the run directory and the checkpoint are checked before: training.plan.)"""
-    family = FAMILIES[config.model.family]
+    family = get_family(config.model.family)  # the config checked that it trains this method
     method = make_method(config.method)
     broken = problems_for(config)
     if broken:
         raise ConfigError(broken, "the installed packages")
-    if method.name not in family.supports:
-        raise ConfigError([f"method.kind = {method.name!r} is not supported by family {family.name!r}"])
     check_extras(config)
     check_precision(config)
     samples = open_training_data(config.data, config.train.seed, method.needs_conditioning,
@@ -126,7 +124,7 @@ def place_frozen_parts(parts: Parts, accelerator: Accelerator) -> None:
     (a whole part, or LoRA adapters inside one) stay fp32, as accelerate's autocast
     expects. Wholly frozen parts go to eval mode."""
     dtype = compute_dtype(accelerator)
-    for module in parts.modules():
+    for module in parts.modules().values():
         module.to(accelerator.device)
         if not any(p.requires_grad for p in module.parameters()):
             module.eval()
@@ -215,8 +213,8 @@ def encoded(samples: Any, trainee: Any, config: RunConfig, accelerator: Accelera
     cached, stats = build_cache(samples, trainee.family, trainee.parts, data.cache_latents, data.cache_text,
                                 folder, config.train.batch_size, processes)
     events.write("cache", path=str(folder), seconds=round(time.perf_counter() - started, 2), **stats)
-    offloaded.move_off([m for done, m in [(data.cache_latents, trainee.parts.vae),
-                                          (data.cache_text, trainee.parts.text_encoder)] if done])
+    parts = trainee.parts
+    offloaded.move_off(([parts.vae] if data.cache_latents else []) + (parts.text_encoders if data.cache_text else []))
     return cached, offloaded
 
 

@@ -9,7 +9,7 @@ import torch
 
 from difftune.families.base import Family, ModelInputs, Parts
 from difftune.methods.base import Method, Trained
-from difftune.objectives import DiscreteDiffusion, per_sample_mse
+from difftune.objectives import Objective, per_sample_mse
 
 
 @dataclass
@@ -19,14 +19,15 @@ class Trainee:
     family: Family
     parts: Parts
     method: Method
-    objective: DiscreteDiffusion
+    objective: Objective
     trained: Trained
     step_parts: Parts | None = None
-    """The parts the step runs with (the method may swap in the prepared modules)."""
+    """The parts with the prepared (possibly DDP-wrapped) trained modules swapped in, so
+    the step calls the modules whose gradients are synchronised."""
 
     @property
     def trains_text_encoder(self) -> bool:
-        return "text_encoder" in self.trained
+        return any(name in self.trained for name in self.parts.text_encoder_names)
 
 
 def sample_generators(device: torch.device, seed: int, keys: list[tuple[int, ...]]) -> list[torch.Generator]:
@@ -50,12 +51,13 @@ def training_loss(trainee: Trainee, batch: dict[str, Any], seed: int) -> torch.T
         else:
             latents = family.encode_images(parts, batch["pixels"], generators)
     if "text" in batch:  # from the text cache
-        text = batch["text"].to(device)
+        text = {name: tensor.to(device) for name, tensor in batch["text"].items()}
     else:
         with torch.set_grad_enabled(trainee.trains_text_encoder):
             text = family.encode_prompts(parts, batch["captions"])
+    geometry = batch["geometry"].to(device) if "geometry" in batch else None
     noised = trainee.objective.sample(latents, generators)
-    inputs = ModelInputs(noised.noisy, noised.timesteps, text)
+    inputs = ModelInputs(noised.noisy, noised.timesteps, text, geometry)
     inputs = method.condition(family, parts, trainee.trained, batch, inputs)
     prediction = family.predict(parts, inputs)
     per_sample = noised.weight * per_sample_mse(prediction, noised.target)

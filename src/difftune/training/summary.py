@@ -57,7 +57,7 @@ def start_summary(run: Any, step: int) -> list[str]:
     config, samples = run.config, run.sample_count
     train = config.train
     trained = sum(p.numel() for p in run.params)
-    total = sum(p.numel() for m in run.trainee.parts.modules() for p in m.parameters())
+    total = sum(p.numel() for m in run.trainee.parts.modules().values() for p in m.parameters())
     processes = run.accelerator.num_processes
     resumed = f"resuming from {run.resume_from.name} at step {step}" if run.resume_from else "a new run"
     epoch_steps = max(1, run.samples_per_epoch // run.samples_per_step)

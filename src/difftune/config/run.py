@@ -1,0 +1,75 @@
+"""The whole run's config: its sections, and the checks that span several of them
+(the family trains the method, caches and validation fit the method)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import model_validator
+
+from difftune.config.sections import (
+    DataConfig,
+    HubConfig,
+    MethodConfig,
+    ModelConfig,
+    ObjectiveConfig,
+    TrainConfig,
+    ValidationConfig,
+    _Section,
+)
+
+
+class RunConfig(_Section):
+    model: ModelConfig
+    method: MethodConfig = MethodConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    data: DataConfig
+    train: TrainConfig
+    validation: ValidationConfig = ValidationConfig()
+    hub: HubConfig = HubConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _family_resolution(cls, raw: Any) -> Any:
+        """data.resolution defaults to the family's native size (SDXL: 1024)."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict) or "resolution" in raw["data"]:
+            return raw
+        model = raw.get("model")
+        name = model.get("family", "sd") if isinstance(model, dict) else getattr(model, "family", "sd")
+        from difftune.families import families
+
+        family = families().get(name) if isinstance(name, str) else None
+        if family is None:
+            return raw  # ModelConfig names the unknown family
+        return {**raw, "data": {**raw["data"], "resolution": family.default_resolution}}
+
+    @model_validator(mode="after")
+    def _family_trains_the_method(self) -> RunConfig:
+        from difftune.families import get_family
+
+        family = get_family(self.model.family)
+        if self.method.kind not in family.supports:
+            raise ValueError(f"method.kind = {self.method.kind!r}: family {family.name!r} ({family.description}) "
+                             f"trains {', '.join(sorted(family.supports))}")
+        return self
+
+    @model_validator(mode="after")
+    def _caches_fit_the_method(self) -> RunConfig:
+        validation, method = self.validation, self.method
+        if validation.images and not method.needs_conditioning:
+            raise ValueError(
+                f"validation.images: method {method.kind!r} takes no conditioning image (they would be "
+                "ignored); give validation.prompts alone")
+        if validation.prompts and not validation.images and method.needs_conditioning:
+            raise ValueError(f"validation.images: method {method.kind!r} needs a conditioning image per prompt")
+        if validation.metric != "none" and not method.needs_conditioning:
+            raise ValueError(f"validation.metric: {validation.metric!r} scores how well images follow their "
+                             f"conditioning, and method {method.kind!r} takes none")
+        if self.data.cache_text and self.method.train_text_encoder:
+            raise ValueError("data.cache_text cannot be used with method.train_text_encoder (the embeddings change)")
+        if self.objective.prediction_type is not None and (self.method.kind in ("controlnet", "lora") or self.method.uses_lora):
+            raise ValueError(
+                "objective.prediction_type is saved only with a whole pipeline (full, DreamBooth without "
+                "LoRA); a ControlNet or LoRA trained for another type would sample wrongly on its base"
+            )
+        return self

@@ -1,0 +1,63 @@
+"""Stable Diffusion XL (Podell et al. 2023): two CLIP text encoders and a UNet that also
+conditions on the pooled text embedding and on each image's size and crop.
+
+What differs from SD 1.x/2.x, as diffusers' SDXL pipelines and training scripts do it:
+- the prompt: the penultimate hidden states of both encoders, concatenated, and the
+  projected pooled output of the second ("pooled");
+- the "time ids": (original height, width, crop top, left, target height, width) of each
+  sample, which the transforms record (`ModelInputs.geometry`), passed with the pooled
+  embedding as the UNet's (and ControlNet's) added conditions;
+- its pipelines, licence, tags, LoRA and single-file names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from difftune.families.base import ModelInputs, Parts, device_of
+from difftune.families.sd import StableDiffusion
+
+if TYPE_CHECKING:
+    import torch
+
+
+class StableDiffusionXL(StableDiffusion):
+    name = "sdxl"
+    description = "Stable Diffusion XL"
+    text_encoder_classes = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
+    tokenizer_names = ("tokenizer", "tokenizer_2")
+    default_resolution = 1024
+    kohya_prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    license = "openrail++"
+    card_tags = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image"]
+    pipeline_classes = {"text_to_image": "StableDiffusionXLPipeline",
+                        "controlnet": "StableDiffusionXLControlNetPipeline"}
+    # No invisible watermark on validation images (diffusers adds one when the package is installed).
+    pipeline_options: dict[str, Any] = {"add_watermarker": False}
+
+    def encode_prompts(self, parts: Parts, captions: list[str]) -> dict[str, torch.Tensor]:
+        import torch
+
+        hidden, pooled = [], None
+        for tokenizer_name, encoder_name in zip(self.tokenizer_names, self.text_encoder_names):
+            encoder = parts.components[encoder_name]
+            ids = self.token_ids(parts.components[tokenizer_name], captions).to(device_of(encoder))
+            output = encoder(ids, output_hidden_states=True)
+            pooled = output[0]  # the last encoder's is kept: CLIPTextModelWithProjection's text_embeds
+            hidden.append(output.hidden_states[-2])
+        return {"hidden_states": torch.cat(hidden, dim=-1), "pooled": pooled}
+
+    def added_conditions(self, inputs: ModelInputs, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        if inputs.geometry is None:
+            raise ValueError("SDXL needs each sample's geometry (original size, crop, target size) for its time ids")
+        return {"text_embeds": inputs.text["pooled"].to(dtype),
+                "time_ids": inputs.geometry.to(device=inputs.noisy.device, dtype=dtype)}
+
+    def export_single_file(self, pipeline_dir: Path, out_file: Path, half: bool) -> Path:
+        from difftune.export.single_file_sdxl import export_sdxl_single_file
+
+        return export_sdxl_single_file(pipeline_dir, out_file, half=half)
+
+
+FAMILY = StableDiffusionXL()

@@ -1,0 +1,115 @@
+"""Every (family, method) pair a family claims: a few steps on a tiny base of that family
+(with a text cache, a latent cache and buckets where they apply), then what final/ holds
+is loaded with diffusers' own classes, as a user would, and generates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import WORDS, run_config
+from diffusers import (
+    ControlNetModel,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLPipeline,
+    UniPCMultistepScheduler,
+)
+from PIL import Image
+
+from difftune.config import ConfigError, build_config
+from difftune.families import families
+from difftune.tiny import build_tiny_sd, build_tiny_sdxl
+from difftune.training.loop import train
+
+PROMPT = "red circle with blue background"
+# diffusers' own pipeline classes, written out (not the family's table): the check is independent.
+PIPELINES = {
+    "sd": (StableDiffusionPipeline, StableDiffusionControlNetPipeline,
+           {"safety_checker": None, "requires_safety_checker": False}),
+    "sdxl": (StableDiffusionXLPipeline, StableDiffusionXLControlNetPipeline, {"add_watermarker": False}),
+}
+BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl}
+METHODS: dict[str, dict[str, Any]] = {
+    "controlnet": {"kind": "controlnet"},
+    "lora": {"kind": "lora", "train_text_encoder": True, "lora": {"rank": 4, "init": "gaussian"}},
+    "full": {"kind": "full", "ema": {"decay": 0.9}},
+    "dreambooth": {"kind": "dreambooth", "lora": {"rank": 4},
+                   "dreambooth": {"instance_prompt": PROMPT, "prior_preservation": True, "num_class_images": 2,
+                                  "class_prompt": "circle", "sample_batch_size": 2, "class_generation_steps": 2}},
+}
+# What else each pair runs with: the caches and buckets go through the family's named
+# conditioning and per-sample geometry.
+DATA = {"controlnet": {"cache_text": True, "cache_latents": True}, "lora": {"buckets": True},
+        "full": {"cache_text": True}, "dreambooth": {}}
+PAIRS = [(family, method) for family in sorted(families()) for method in sorted(families()[family].supports)]
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bases")
+    return {name: BUILDERS[name](root / name, WORDS, seed=0) for name in families()}
+
+
+def test_every_family_has_a_tiny_base_and_pipelines_here() -> None:
+    """A new family adds itself to BUILDERS and PIPELINES, so the pairs below run for it."""
+    assert set(families()) == set(BUILDERS) == set(PIPELINES)
+
+
+@pytest.mark.parametrize(("family", "method"), PAIRS, ids=[f"{f}-{m}" for f, m in PAIRS])
+def test_a_pair_trains_and_diffusers_loads_its_result(family: str, method: str, bases: dict[str, Path],
+                                                      circles: Path, held_out: Path, tmp_path: Path) -> None:
+    base = bases[family]
+    raw = run_config(base, circles, tmp_path / "run", held_out if method == "controlnet" else None,
+                     train={"max_steps": 2, "checkpoint_every": 2}, validation={"every": 2, "steps": 2})
+    raw["model"]["family"] = family
+    raw["method"] = METHODS[method]
+    raw["data"] |= DATA[method]
+    if method == "dreambooth":
+        raw["method"]["dreambooth"]["class_data"] = str(tmp_path / "class")
+    if method != "controlnet":
+        raw["validation"]["prompts"] = [PROMPT]
+    final = train(build_config(raw))
+    assert final is not None and (tmp_path / "run" / "validation" / "step-000002" / "pair-00-grid.png").is_file()
+    text_to_image, controlled, options = PIPELINES[family]
+    if method == "controlnet":
+        controlnet = ControlNetModel.from_pretrained(final)
+        pipe = controlled.from_pretrained(base, controlnet=controlnet, **options)
+        control = Image.open(held_out / "conditioning_images" / "000000.png").convert("RGB")
+        assert _generate(pipe, image=control).shape == (64, 64, 3)
+    elif method in ("lora", "dreambooth"):
+        pipe = text_to_image.from_pretrained(base, **options)
+        before = _generate(pipe)
+        pipe.load_lora_weights(final)
+        assert not np.allclose(before, _generate(pipe), atol=1e-4), "the LoRA changed nothing"
+    else:
+        pipe = text_to_image.from_pretrained(final, **options)
+        assert np.isfinite(_generate(pipe)).all()
+
+
+def _generate(pipe: Any, **call: Any) -> np.ndarray:
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(PROMPT, num_inference_steps=2, height=64, width=64, output_type="np",
+                generator=torch.Generator().manual_seed(0), **call).images[0]
+
+
+def test_an_unknown_family_or_an_unsupported_pair_fails_when_the_config_loads(tiny_base: Path,
+                                                                              circles: Path) -> None:
+    raw = run_config(tiny_base, circles, Path("out"))
+    raw["model"]["family"] = "sdx"
+    with pytest.raises(ConfigError, match="unknown family 'sdx'.*'sdxl'"):
+        build_config(raw)
+
+
+def test_sdxl_defaults_to_its_native_resolution(tiny_base: Path, circles: Path) -> None:
+    raw = run_config(tiny_base, circles, Path("out"))
+    raw["model"]["family"] = "sdxl"
+    del raw["data"]["resolution"]
+    assert build_config(raw).data.resolution == 1024
+    raw["model"]["family"] = "sd"
+    assert build_config(raw).data.resolution == 512

@@ -1,0 +1,131 @@
+"""SDXL: what differs from SD (two encoders, pooled embedding, time ids from each sample's
+geometry) checked against diffusers' own SDXL pipeline; its LoRA in the kohya names and
+its single-file checkpoint read back by diffusers; bad input named before models load."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import WORDS, run_config
+from diffusers import StableDiffusionXLPipeline, UniPCMultistepScheduler
+from safetensors.torch import load_file
+
+from difftune.config import build_config
+from difftune.errors import UserError
+from difftune.export.lora import export_lora
+from difftune.families import ModelInputs, get_family
+from difftune.tiny import build_tiny_sdxl
+from difftune.training.loop import train
+from difftune.training.plan import plan_run
+
+PROMPT = "red circle with blue background"
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl", WORDS, seed=0)
+
+
+def _sdxl_run(base: Path, data: Path, out: Path, **method) -> dict:
+    raw = run_config(base, data, out, train={"max_steps": 2, "checkpoint_every": 2, "learning_rate": 1e-2},
+                     validation={"every": 100})
+    raw["model"]["family"] = "sdxl"
+    raw["method"] = method
+    return raw
+
+
+def _pipeline(base: Path) -> StableDiffusionXLPipeline:
+    pipe = StableDiffusionXLPipeline.from_pretrained(base, add_watermarker=False)
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _image(pipe: StableDiffusionXLPipeline) -> np.ndarray:
+    return pipe(PROMPT, num_inference_steps=2, height=64, width=64, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images[0]
+
+
+def test_prompts_and_time_ids_are_what_the_sdxl_pipeline_uses(tiny_sdxl: Path) -> None:
+    family = get_family("sdxl")
+    config = build_config(_sdxl_run(tiny_sdxl, Path("."), Path("."), kind="lora"))
+    parts = family.load(config.model)
+    text = family.encode_prompts(parts, [PROMPT, ""])
+    pipe = _pipeline(tiny_sdxl)
+    hidden, _, pooled, _ = pipe.encode_prompt([PROMPT, ""], do_classifier_free_guidance=False)
+    assert torch.equal(text["hidden_states"], hidden) and torch.equal(text["pooled"], pooled)
+    # the pipeline's own time ids for a 64 px image: (64, 64, 0, 0, 64, 64)
+    time_ids = pipe._get_add_time_ids((64, 64), (0, 0), (64, 64), dtype=torch.float32,
+                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    noisy = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    geometry = torch.tensor([[64, 64, 0, 0, 64, 64]] * 2)
+    inputs = ModelInputs(noisy, torch.tensor([10, 500]), text, geometry)
+    with torch.no_grad():
+        ours = family.predict(parts, inputs)
+        theirs = pipe.unet(noisy, torch.tensor([10, 500]), encoder_hidden_states=hidden,
+                           added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.repeat(2, 1)}).sample
+        cropped = family.predict(parts, ModelInputs(noisy, inputs.timesteps, text, geometry + torch.tensor(
+            [0, 0, 8, 8, 0, 0])))
+    assert torch.equal(ours, theirs)
+    assert not torch.allclose(ours, cropped)  # the crop reaches the UNet
+
+
+def test_lora_in_kohya_names_loads_like_the_diffusers_file(tiny_sdxl: Path, circles: Path, tmp_path: Path) -> None:
+    raw = _sdxl_run(tiny_sdxl, circles, tmp_path / "run", kind="lora", train_text_encoder=True,
+                    lora={"rank": 4, "alpha": 8.0, "init": "gaussian"})
+    final = train(build_config(raw))
+    kohya = export_lora(tmp_path / "run", tmp_path / "kohya.safetensors")
+    prefixes = {key.split("_", 2)[1] for key in load_file(kohya) if key.startswith("lora_")}
+    assert prefixes == {"unet", "te1", "te2"}
+    assert all(float(v) == 8.0 for k, v in load_file(kohya).items() if k.endswith(".alpha"))
+    diffusers_format, kohya_format = _pipeline(tiny_sdxl), _pipeline(tiny_sdxl)
+    base_image = _image(diffusers_format)
+    diffusers_format.load_lora_weights(final)
+    kohya_format.load_lora_weights(kohya)
+    image = _image(diffusers_format)
+    assert not np.allclose(image, base_image, atol=1e-4)
+    assert np.abs(_image(kohya_format) - image).max() < 1e-5
+
+
+def test_single_file_export_of_a_full_run_generates_the_same_image(tiny_sdxl: Path, circles: Path,
+                                                                   tmp_path: Path) -> None:
+    final = train(build_config(_sdxl_run(tiny_sdxl, circles, tmp_path / "run", kind="full")))
+    out = tmp_path / "sdxl.safetensors"
+    done = subprocess.run([sys.executable, "-m", "difftune", "export", "single-file", str(tmp_path / "run"),
+                           str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    single = StableDiffusionXLPipeline.from_single_file(str(out), config=str(final), local_files_only=True,
+                                                        add_watermarker=False)
+    single.scheduler = UniPCMultistepScheduler.from_config(single.scheduler.config)
+    single.set_progress_bar_config(disable=True)
+    folder = _pipeline(final)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        ours, theirs = getattr(folder, name).state_dict(), getattr(single, name).state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    assert np.abs(_image(single) - _image(folder)).max() < 1e-5
+
+
+def test_an_sd_folder_given_as_sdxl_names_the_missing_part(tiny_base: Path, circles: Path, tmp_path: Path) -> None:
+    raw = _sdxl_run(tiny_base, circles, tmp_path / "run", kind="lora")
+    with pytest.raises(UserError, match="text_encoder_2"):
+        plan_run(build_config(raw))
+    assert not (tmp_path / "run").exists()
+
+
+def test_generate_takes_an_sdxl_controlnet_run(tiny_sdxl: Path, circles: Path, held_out: Path,
+                                               tmp_path: Path) -> None:
+    raw = _sdxl_run(tiny_sdxl, circles, tmp_path / "run", kind="controlnet")
+    train(build_config(raw))
+    out = tmp_path / "out.png"
+    done = subprocess.run([sys.executable, "-m", "difftune", "generate", "--controlnet", str(tmp_path / "run"),
+                           "--image", str(held_out / "conditioning_images" / "000000.png"), "--prompt", PROMPT,
+                           "--steps", "2", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    from PIL import Image
+
+    assert Image.open(out).size == (64, 64)
