@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from difftune.config import build_config
 from difftune.errors import UserError
+from difftune.export import write_model_card
 from difftune.export.lora import export_lora
 from difftune.families import ModelInputs, get_family
 from difftune.tiny import build_tiny_sdxl
@@ -78,7 +79,12 @@ def test_prompts_and_time_ids_are_what_the_sdxl_pipeline_uses(tiny_sdxl: Path) -
 def test_lora_in_kohya_names_loads_like_the_diffusers_file(tiny_sdxl: Path, circles: Path, tmp_path: Path) -> None:
     raw = _sdxl_run(tiny_sdxl, circles, tmp_path / "run", kind="lora", train_text_encoder=True,
                     lora={"rank": 4, "alpha": 8.0, "init": "gaussian"})
-    final = train(build_config(raw))
+    config = build_config(raw)
+    final = train(config)
+    (tmp_path / "card").mkdir()
+    card = write_model_card(tmp_path / "run", config, tmp_path / "card").read_text()
+    assert "license: openrail++" in card and "stable-diffusion-xl" in card
+    assert "StableDiffusionXLPipeline.from_pretrained" in card and "load_lora_weights" in card
     kohya = export_lora(tmp_path / "run", tmp_path / "kohya.safetensors")
     prefixes = {key.split("_", 2)[1] for key in load_file(kohya) if key.startswith("lora_")}
     assert prefixes == {"unet", "te1", "te2"}
@@ -129,3 +135,20 @@ def test_generate_takes_an_sdxl_controlnet_run(tiny_sdxl: Path, circles: Path, h
     from PIL import Image
 
     assert Image.open(out).size == (64, 64)
+    # continued from that SDXL ControlNet; an SD ControlNet is named as made for another base
+    raw = _sdxl_run(tiny_sdxl, circles, tmp_path / "more", kind="controlnet", controlnet=str(tmp_path / "run"))
+    raw["train"]["max_steps"] = 1
+    assert train(build_config(raw)) is not None
+
+
+def test_a_controlnet_of_another_kind_of_base_is_named(tiny_sdxl: Path, tiny_base: Path, circles: Path,
+                                                      tmp_path: Path) -> None:
+    sd_run = run_config(tiny_base, circles, tmp_path / "sd", train={"max_steps": 1}, validation={"every": 100})
+    train(build_config(sd_run))
+    raw = _sdxl_run(tiny_sdxl, circles, tmp_path / "run", kind="controlnet", controlnet=str(tmp_path / "sd"))
+    with pytest.raises(UserError, match="made for another kind of base.*cross_attention_dim"):
+        plan_run(build_config(raw))
+    done = subprocess.run([sys.executable, "-m", "difftune", "generate", "--base", str(tiny_sdxl), "--controlnet",
+                           str(tmp_path / "sd"), "--image", str(circles / "conditioning_images" / "000000.png"),
+                           "--prompt", PROMPT, "--out", str(tmp_path / "o.png")], capture_output=True, text=True)
+    assert done.returncode == 2 and "made for another kind of base" in done.stderr

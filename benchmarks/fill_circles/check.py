@@ -1,6 +1,8 @@
 """Score a trained fill-circles ControlNet with diffusers' own pipeline, apart from training.
 
-Loads StableDiffusionControlNetPipeline from the base and RUN/final, generates for every
+Loads the base family's ControlNet pipeline (StableDiffusionControlNetPipeline, or
+StableDiffusionXLControlNetPipeline for an SDXL base, as its model_index.json says)
+from the base and RUN/final, generates for every
 held-out outline with its caption, once with the ControlNet (scale 1) and once without
 (scale 0, the floor), and prints for both the mean control and colour IoU and how often
 the disc and the background have the prompted palette colour.
@@ -17,7 +19,12 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+from diffusers import (
+    ControlNetModel,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionXLControlNetPipeline,
+    UniPCMultistepScheduler,
+)
 from PIL import ImageColor
 
 from difftune.data.synthetic import DEMO_PALETTE
@@ -45,12 +52,24 @@ def colour_accuracy(images: list, captions: list[str]) -> dict[str, float]:
     return {"disc_colour_accuracy": disc_hits / len(images), "background_colour_accuracy": background_hits / len(images)}
 
 
+# diffusers' ControlNet pipeline for each base pipeline class, with what it is built with.
+CONTROLNET_PIPELINES = {
+    "StableDiffusionPipeline": (StableDiffusionControlNetPipeline,
+                                {"safety_checker": None, "requires_safety_checker": False}),
+    "StableDiffusionXLPipeline": (StableDiffusionXLControlNetPipeline, {"add_watermarker": False}),
+}
+
+
+def controlnet_pipeline(base: str, controlnet: ControlNetModel):
+    base_class = json.loads((Path(base) / "model_index.json").read_text())["_class_name"]
+    cls, options = CONTROLNET_PIPELINES[base_class]
+    return cls.from_pretrained(base, controlnet=controlnet, **options)
+
+
 def evaluate(base: str, controlnet_dir: Path, held_out: str, steps: int, guidance: float, seed: int) -> dict:
     rows = datasets.load_dataset(held_out, split="train")
     controlnet = ControlNetModel.from_pretrained(controlnet_dir)
-    pipe = StableDiffusionControlNetPipeline.from_pretrained(
-        base, controlnet=controlnet, safety_checker=None, requires_safety_checker=False
-    )
+    pipe = controlnet_pipeline(base, controlnet)
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     metric = FillCirclesIoU()

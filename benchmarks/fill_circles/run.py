@@ -1,6 +1,6 @@
 """Run the fill-circles ControlNet demo and print what it reached.
 
-    python benchmarks/fill_circles/run.py [--output-dir runs/bench-fill-circles] [--set KEY=VALUE ...]
+    python benchmarks/fill_circles/run.py [--family sd|sdxl] [--output-dir DIR] [--set KEY=VALUE ...]
 
 Prints steps, wall time, samples/s, the final control and colour IoU with their floor
 (as logged by validation), then the same scored apart from training with diffusers'
@@ -17,16 +17,19 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PRESET = ROOT / "configs" / "demo" / "fill_circles_controlnet.toml"
+PRESETS = {"sd": ROOT / "configs" / "demo" / "fill_circles_controlnet.toml",
+           "sdxl": ROOT / "configs" / "demo" / "fill_circles_controlnet_sdxl.toml"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=ROOT / "runs" / "bench-fill-circles")
     parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--family", choices=sorted(PRESETS), default="sd")
     args = parser.parse_args()
     output = args.output_dir.resolve()
-    command = [sys.executable, "-m", "difftune", "train", str(PRESET),
+    preset = PRESETS[args.family]
+    command = [sys.executable, "-m", "difftune", "train", str(preset),
                "--set", f'train.output_dir="{output}"', *sum((["--set", s] for s in args.set), [])]
     started = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT)
@@ -34,9 +37,13 @@ def main() -> None:
     events = [json.loads(line) for line in (output / "events.jsonl").read_text().splitlines()]
     steps = [e for e in events if e["event"] == "step"]
     last = [e for e in events if e["event"] == "validation"][-1]
-    check = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fill_circles" / "check.py"), str(output)],
-                           check=True, cwd=ROOT, capture_output=True, text=True)
+    import tomllib
+
+    base = tomllib.loads(preset.read_text())["model"]["pretrained"]
+    check = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fill_circles" / "check.py"), str(output),
+                            "--base", base], check=True, cwd=ROOT, capture_output=True, text=True)
     summary = {
+        "family": args.family,
         "steps": steps[-1]["step"],
         "wall_minutes": round(minutes, 1),
         "samples_per_s": round(sum(e["samples_per_s"] for e in steps) / len(steps), 1),

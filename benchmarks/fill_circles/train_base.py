@@ -6,8 +6,11 @@
 4. the UNet trained from random weights with difftune's own `full` method.
 
 The result is a diffusers pipeline folder (safetensors) that the demo ControlNet uses.
+`--family sdxl` builds an SDXL-architecture base instead (two text encoders, the pooled
+embedding and time ids), trained the same way through the sdxl family.
 
-    python benchmarks/fill_circles/train_base.py OUT_DIR [--unet-steps 6000]
+    python benchmarks/fill_circles/train_base.py OUT_DIR [--family sd|sdxl] [--unet-steps 6000]
+        [--vae FOLDER]   (reuse a trained fill-circles VAE instead of training one)
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from diffusers import AutoencoderKL
 
 from difftune.config import build_config
 from difftune.data.synthetic import DEMO_PALETTE, write_fill_circles
-from difftune.tiny import build_tiny_sd
+from difftune.tiny import build_tiny_sd, build_tiny_sdxl
 from difftune.training.loop import train
+
+BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl}
 
 PALETTE = DEMO_PALETTE
 WORDS = PALETTE + ["circle", "with", "background"]
@@ -70,9 +75,9 @@ def set_latent_scale(vae: AutoencoderKL, images: torch.Tensor) -> float:
     return scale
 
 
-def unet_config(base: Path, data: Path, out: Path, steps: int) -> dict:
+def unet_config(base: Path, data: Path, out: Path, steps: int, family: str = "sd") -> dict:
     return {
-        "model": {"pretrained": str(base)},
+        "model": {"pretrained": str(base), "family": family},
         "method": {"kind": "full"},
         "data": {"path": str(data), "resolution": RESOLUTION, "proportion_empty_prompts": 0.1},
         "train": {
@@ -96,6 +101,8 @@ def main() -> None:
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--unet-steps", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", choices=sorted(BUILDERS), default="sd")
+    parser.add_argument("--vae", type=Path, help="a trained fill-circles VAE folder to reuse")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     started = time.perf_counter()
@@ -103,20 +110,25 @@ def main() -> None:
     data = work / "fill-circles"
     if not (data / "metadata.jsonl").is_file():
         write_fill_circles(data, args.samples, RESOLUTION, args.seed, colours=PALETTE)
-    initial = build_tiny_sd(work / "initial", WORDS, size="base", seed=args.seed, max_length=8)
-    vae = AutoencoderKL.from_pretrained(initial, subfolder="vae")
+    initial = BUILDERS[args.family](work / "initial", WORDS, size="base", seed=args.seed, max_length=8)
     images = load_images(data, 4096)
-    vae_l1 = train_vae(vae, images, args.vae_steps, 32, args.seed)
-    scale = set_latent_scale(vae, images)
+    if args.vae is None:
+        vae = AutoencoderKL.from_pretrained(initial, subfolder="vae")
+        vae_l1 = train_vae(vae, images, args.vae_steps, 32, args.seed)
+        scale = set_latent_scale(vae, images)
+    else:
+        vae = AutoencoderKL.from_pretrained(args.vae)
+        vae_l1, scale = float("nan"), vae.config.scaling_factor
     vae.save_pretrained(initial / "vae")
     print(f"vae done: l1 {vae_l1:.4f}, scaling_factor {scale:.4f}, {time.perf_counter() - started:.0f}s", flush=True)
-    final = train(build_config(unet_config(initial, data, work / "unet-run", args.unet_steps)))
+    final = train(build_config(unet_config(initial, data, work / "unet-run", args.unet_steps, args.family)))
     final_dir = args.out / "base"
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
-    StableDiffusionPipeline.from_pretrained(final).save_pretrained(final_dir, safe_serialization=True)
-    summary = {"minutes": round((time.perf_counter() - started) / 60, 1), "vae_l1": vae_l1,
-               "scaling_factor": scale, "unet_steps": args.unet_steps, "samples": args.samples}
+    DiffusionPipeline.from_pretrained(final).save_pretrained(final_dir, safe_serialization=True)
+    summary = {"family": args.family, "minutes": round((time.perf_counter() - started) / 60, 1),
+               "vae_l1": vae_l1, "vae": str(args.vae) if args.vae else "trained", "scaling_factor": scale,
+               "unet_steps": args.unet_steps, "samples": args.samples}
     (args.out / "base-training.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary), flush=True)
 

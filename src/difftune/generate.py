@@ -16,6 +16,7 @@ from typing import Any
 
 from difftune.errors import InputError
 from difftune.paths import (
+    check_controlnet_fits,
     LORA_FILE,
     WEIGHT_FILE_SUFFIXES,
     check_finished_run,
@@ -104,6 +105,9 @@ def plan_generation(request: Generation, given: set[str], overwrite: bool = Fals
                          "or a LoRA): give it as --controlnet or --lora, and its base as --base")
     request = _with_family(request)
     check_pipeline(base_key, run_output(request.base), _family(request).components)
+    if request.controlnet is not None:
+        check_controlnet_fits("--controlnet", request.controlnet, run_output(request.base),
+                              _family(request).denoiser_name)
     if request.image is not None:
         _check_image(request.image)
     folders = {"--base": request.base, "--controlnet": request.controlnet, "--lora": request.lora}
@@ -155,6 +159,9 @@ def _from_run(request: Generation, run: dict[str, Any] | None, given: set[str]) 
     }
     taken = {k: v for k, v in taken.items() if v is not None and k not in given}
     if request.family is not None:  # --family given
+        taken.pop("family", None)
+    if request.base:  # --base given: the user's base, and its family unless --family says
+        taken.pop("base", None)
         taken.pop("family", None)
     notes = tuple(f"{key.replace('_', ' ')} {value} (from the run)" for key, value in taken.items()
                   if key != "family")

@@ -81,6 +81,31 @@ def check_model_folder(key: str, value: str, class_hint: str, variant: str | Non
         raise PathError(f"{key} = {value!r} holds a {found or 'model of unknown class'}, not a {class_hint}")
 
 
+# What a ControlNet copies from the UNet it was made from: another value means another kind of base.
+CONTROLNET_SHAPE = ("in_channels", "block_out_channels", "cross_attention_dim", "addition_embed_type")
+
+
+def check_controlnet_fits(key: str, controlnet: str, base: str, denoiser: str = "unet") -> None:
+    """A ControlNet made for another kind of base (an SD 1.5 ControlNet on SDXL) is named
+    here, from the configs, not as a shape error inside the first step. Local folders only."""
+    def config(path: Path) -> dict | None:
+        try:
+            found = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            return None
+        return found if isinstance(found, dict) else None
+
+    net = config(run_output_folder(Path(controlnet).expanduser()) / "config.json")
+    unet = config(Path(base).expanduser() / denoiser / "config.json")
+    if net is None or unet is None:
+        return
+    differ = [f"{name} {net.get(name)!r} (the base's {denoiser}: {unet.get(name)!r})"
+              for name in CONTROLNET_SHAPE if net.get(name) != unet.get(name)]
+    if differ:
+        raise PathError(f"{key} = {controlnet!r} was made for another kind of base than model.pretrained: "
+                        f"{'; '.join(differ)}")
+
+
 def check_tokenizer(key: str, value: str, revision: str | None = None) -> None:
     """A tokenizer folder (tokenizer files at its top) or a Hub id."""
     if _hub_or_missing(key, value, "tokenizer_config.json", revision, "a tokenizer folder"):

@@ -21,6 +21,7 @@ from difftune.methods.base import (
     store_pretrained,
     trainable_fp32,
 )
+from difftune.paths import run_output_folder
 
 
 class ControlNet:
@@ -37,7 +38,10 @@ class ControlNet:
 
     def build(self, family: Family, parts: Parts) -> Trained:
         freeze(parts)
-        controlnet = family.make_controlnet(parts, self.config.controlnet, conditioning_channels=3)
+        source = self.config.controlnet
+        if source is not None and Path(source).is_dir():
+            source = str(run_output_folder(Path(source)))  # a ControlNet run continues from its final/
+        controlnet = family.make_controlnet(parts, source, conditioning_channels=3)
         return {"controlnet": trainable_fp32(controlnet)}
 
     training_data = staticmethod(same_samples)

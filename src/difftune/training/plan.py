@@ -36,6 +36,7 @@ from difftune.data.rows import CheckedRows, check_rows, data_identity
 from difftune.data.sources import IMAGE_SUFFIXES, image_problem
 from difftune.errors import DataError
 from difftune.paths import (
+    check_controlnet_fits,
     check_model_folder,
     check_output_dir,
     check_pipeline,
@@ -175,6 +176,8 @@ def check_sources(config: RunConfig) -> None:
     check_pipeline("model.pretrained", model.pretrained, components, model.variant, model.revision)
     if config.method.controlnet:
         check_model_folder("method.controlnet", config.method.controlnet, "ControlNet")
+        check_controlnet_fits("method.controlnet", config.method.controlnet, model.pretrained,
+                              get_family(model.family).denoiser_name)
     for key, value in (("data.path", config.data.path), ("validation.metric_data", config.validation.metric_data)):
         if value and looks_like_path(value) and not Path(value).exists():
             raise DataError(f"{key} = {value!r}: no such folder or file")
