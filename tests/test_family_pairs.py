@@ -113,3 +113,28 @@ def test_sdxl_defaults_to_its_native_resolution(tiny_base: Path, circles: Path) 
     assert build_config(raw).data.resolution == 1024
     raw["model"]["family"] = "sd"
     assert build_config(raw).data.resolution == 512
+
+
+def test_the_config_knows_every_method_and_family_of_the_registries() -> None:
+    """The config's method kinds are the methods registry's, and every family trains only
+    methods that exist (so the pair check at config load covers every kind)."""
+    from difftune.config import METHOD_KINDS
+    from difftune.methods import METHODS
+
+    assert set(METHOD_KINDS) == set(METHODS)
+    for family in families().values():
+        assert family.supports <= set(METHODS), family.name
+        assert family.denoiser_name in family.components and set(family.text_encoder_names) <= set(family.components)
+
+
+def test_the_family_registry_is_light() -> None:
+    """Families are listed, and a config checked, before torch is imported (a typo in a
+    config is reported in a fraction of a second)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from difftune.families import families; names = sorted(families()); "
+            "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules, names; print(names)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "'sdxl'" in done.stdout

@@ -85,7 +85,8 @@ def write_word_tokenizer(out_dir: Path, words: list[str], max_length: int = 77) 
     )
 
 
-def tiny_unet(dims: dict) -> UNet2DConditionModel:
+def tiny_unet(dims: dict, **extra: object) -> UNet2DConditionModel:
+    """The UNet at dims' sizes; `extra` adds config (SDXL's added embedding)."""
     down = dims.get("down", ("DownBlock2D", "CrossAttnDownBlock2D"))
     return UNet2DConditionModel(
         block_out_channels=dims["unet"],
@@ -98,6 +99,7 @@ def tiny_unet(dims: dict) -> UNet2DConditionModel:
         cross_attention_dim=dims["text"],
         attention_head_dim=dims["heads"],
         norm_num_groups=dims["unet_groups"],
+        **extra,
     )
 
 
@@ -189,18 +191,8 @@ SDXL_SIZES = {
 
 
 def tiny_sdxl_unet(dims: dict) -> UNet2DConditionModel:
-    down = dims.get("down", ("DownBlock2D", "CrossAttnDownBlock2D"))
-    return UNet2DConditionModel(
-        block_out_channels=dims["unet"],
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=down,
-        up_block_types=tuple(name.replace("Down", "Up") for name in reversed(down)),
-        cross_attention_dim=dims["text"] + dims["text_2"],
-        attention_head_dim=dims["heads"],
-        norm_num_groups=dims["unet_groups"],
+    return tiny_unet(
+        {**dims, "text": dims["text"] + dims["text_2"]},  # cross-attention over both encoders
         transformer_layers_per_block=dims["depth"],
         use_linear_projection=True,
         addition_embed_type="text_time",
