@@ -118,3 +118,22 @@ def test_a_damaged_cache_is_encoded_again_to_the_same_training(damage, tiny_base
     assert stats["latents_encoded"] == 12 and stats["texts_encoded"] == 0
     a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_text_cache_key_follows_every_tokenizer_setting(tiny_base: Path) -> None:
+    """A tokenizer that pads with another token, or cuts at another length, makes other
+    embeddings: its cache entries must not be reused (found from outside: a changed
+    pad_token reused the old entries)."""
+    from transformers import AutoTokenizer
+
+    from difftune.families import Parts, get_family
+
+    family = get_family("sd")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base, subfolder="tokenizer")
+    parts = Parts(str(tiny_base), {"tokenizer": tokenizer})
+    seen = {str(family.text_cache_identity(parts))}
+    tokenizer.pad_token = "a"
+    seen.add(str(family.text_cache_identity(parts)))
+    tokenizer.model_max_length = 20
+    seen.add(str(family.text_cache_identity(parts)))
+    assert len(seen) == 3

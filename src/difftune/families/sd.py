@@ -92,12 +92,19 @@ class StableDiffusion:
                          truncation=True, return_tensors="pt").input_ids
 
     def text_cache_identity(self, parts: Parts) -> dict[str, Any]:
+        """Each tokenizer as it tokenizes: its whole backend (vocabulary, merges, normalizer,
+        post-processor) and the settings padding reads (pad token, length, sides)."""
         identity = {}
         for name in self.tokenizer_names:
             tokenizer = parts.components[name]
-            vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
-            identity[name] = {"vocab": hashlib.blake2b(vocab.encode()).hexdigest(),
-                              "max_length": tokenizer.model_max_length, "padding": "max_length"}
+            backend = getattr(tokenizer, "backend_tokenizer", None)
+            state = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+            settings = {"special": tokenizer.special_tokens_map, "pad_id": tokenizer.pad_token_id,
+                        "max_length": tokenizer.model_max_length, "padding": "max_length",
+                        "sides": [tokenizer.padding_side, tokenizer.truncation_side]}
+            digest = hashlib.blake2b(state.encode())
+            digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+            identity[name] = digest.hexdigest()
         return identity
 
     def encode_prompts(self, parts: Parts, captions: list[str]) -> dict[str, torch.Tensor]:
