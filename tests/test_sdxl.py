@@ -76,7 +76,8 @@ def test_prompts_and_time_ids_are_what_the_sdxl_pipeline_uses(tiny_sdxl: Path) -
     assert not torch.allclose(ours, cropped)  # the crop reaches the UNet
 
 
-def test_lora_in_kohya_names_loads_like_the_diffusers_file(tiny_sdxl: Path, circles: Path, tmp_path: Path) -> None:
+def test_lora_in_kohya_names_loads_like_the_diffusers_file(tiny_sdxl: Path, tiny_base: Path, circles: Path,
+                                                          tmp_path: Path) -> None:
     raw = _sdxl_run(tiny_sdxl, circles, tmp_path / "run", kind="lora", train_text_encoder=True,
                     lora={"rank": 4, "alpha": 8.0, "init": "gaussian"})
     config = build_config(raw)
@@ -96,6 +97,11 @@ def test_lora_in_kohya_names_loads_like_the_diffusers_file(tiny_sdxl: Path, circ
     image = _image(diffusers_format)
     assert not np.allclose(image, base_image, atol=1e-4)
     assert np.abs(_image(kohya_format) - image).max() < 1e-5
+    # an SDXL LoRA run on an SD base is named before anything loads
+    done = subprocess.run([sys.executable, "-m", "difftune", "generate", "--base", str(tiny_base), "--lora",
+                           str(tmp_path / "run"), "--prompt", PROMPT, "--out", str(tmp_path / "o.png")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "trained on a 'sdxl' base" in done.stderr, done.stderr
 
 
 def test_single_file_export_of_a_full_run_generates_the_same_image(tiny_sdxl: Path, circles: Path,
@@ -152,3 +158,34 @@ def test_a_controlnet_of_another_kind_of_base_is_named(tiny_sdxl: Path, tiny_bas
                            str(tmp_path / "sd"), "--image", str(circles / "conditioning_images" / "000000.png"),
                            "--prompt", PROMPT, "--out", str(tmp_path / "o.png")], capture_output=True, text=True)
     assert done.returncode == 2 and "made for another kind of base" in done.stderr
+
+
+def test_a_base_of_another_family_or_an_unfit_part_is_named_before_models_load(tiny_sdxl: Path, circles: Path,
+                                                                              tmp_path: Path) -> None:
+    """Found from outside: each of these was a traceback after the models loaded."""
+    import json
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    raw = _sdxl_run(tiny_sdxl, circles, tmp_path / "run", kind="lora")
+    raw["model"]["family"] = "sd"
+    with pytest.raises(UserError, match="Stable Diffusion XL pipeline \\(family 'sdxl'\\), but model.family is 'sd'"):
+        plan_run(build_config(raw))
+    done = subprocess.run([sys.executable, "-m", "difftune", "generate", "--base", str(tiny_sdxl), "--family", "sd",
+                           "--prompt", PROMPT, "--out", str(tmp_path / "o.png")], capture_output=True, text=True)
+    assert done.returncode == 2 and "family 'sdxl'" in done.stderr
+    AutoencoderKL(block_out_channels=[4, 8], down_block_types=["DownEncoderBlock2D"] * 2,
+                  up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=8, norm_num_groups=2).save_pretrained(
+        tmp_path / "vae8")
+    raw = _sdxl_run(tiny_sdxl, circles, tmp_path / "run", kind="lora")
+    raw["model"]["vae"] = str(tmp_path / "vae8")
+    with pytest.raises(UserError, match="makes latents of 8 channels at 1/2 size; the base's VAE .* makes 4"):
+        plan_run(build_config(raw))
+    uneven = shutil.copytree(tiny_sdxl, tmp_path / "uneven")
+    config = uneven / "tokenizer_2" / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_max_length": 20}))
+    raw = _sdxl_run(uneven, circles, tmp_path / "run", kind="lora")
+    with pytest.raises(UserError, match="tokenizers cut prompts at different lengths"):
+        plan_run(build_config(raw))
+    assert not (tmp_path / "run").exists()

@@ -16,9 +16,9 @@ from typing import Any
 
 from difftune.errors import InputError
 from difftune.paths import (
-    check_controlnet_fits,
     LORA_FILE,
     WEIGHT_FILE_SUFFIXES,
+    check_controlnet_fits,
     check_finished_run,
     check_model_folder,
     check_not_an_input,
@@ -104,7 +104,11 @@ def plan_generation(request: Generation, given: set[str], overwrite: bool = Fals
         raise InputError(f"--base {request.base!r} is a run whose result is not a whole pipeline (a ControlNet "
                          "or a LoRA): give it as --controlnet or --lora, and its base as --base")
     request = _with_family(request)
+    from difftune.families import check_base
+
     check_pipeline(base_key, run_output(request.base), _family(request).components)
+    check_base(base_key, run_output(request.base), _family(request).name, "--family (or the run's model.family)")
+    _check_lora_family(request)
     if request.controlnet is not None:
         check_controlnet_fits("--controlnet", request.controlnet, run_output(request.base),
                               _family(request).denoiser_name)
@@ -185,6 +189,15 @@ def _family(request: Generation) -> Any:
     from difftune.families import get_family
 
     return get_family(request.family or "sd")
+
+
+def _check_lora_family(request: Generation) -> None:
+    """A LoRA run of another family than the base (an SDXL LoRA on an SD base)."""
+    run = run_config(request.lora)
+    family = (run or {}).get("model", {}).get("family", "sd")
+    if run is not None and family != request.family:
+        raise InputError(f"--lora {request.lora} was trained on a {family!r} base, and --base {request.base} is "
+                         f"{request.family!r}: give a base of the LoRA's family")
 
 
 def _check_image(path: str | None) -> None:

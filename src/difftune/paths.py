@@ -106,6 +106,22 @@ def check_controlnet_fits(key: str, controlnet: str, base: str, denoiser: str = 
                         f"{'; '.join(differ)}")
 
 
+def check_vae_fits(key: str, vae: str, base: str) -> None:
+    """Another VAE makes latents the base's denoiser can take: as many channels, at the
+    same downsampling, as the base's own VAE (local folders only)."""
+    def shape(path: Path) -> tuple | None:
+        try:
+            found = json.loads(path.read_text(encoding="utf-8"))
+            return found.get("latent_channels"), len(found["block_out_channels"])
+        except (ValueError, OSError, KeyError, TypeError, AttributeError):
+            return None
+
+    ours, theirs = shape(Path(vae).expanduser() / "config.json"), shape(Path(base).expanduser() / "vae" / "config.json")
+    if ours is not None and theirs is not None and ours != theirs:
+        raise PathError(f"{key} = {vae!r} makes latents of {ours[0]} channels at 1/{2 ** (ours[1] - 1)} size; the "
+                        f"base's VAE (which its denoiser was trained on) makes {theirs[0]} at 1/{2 ** (theirs[1] - 1)}")
+
+
 def check_tokenizer(key: str, value: str, revision: str | None = None) -> None:
     """A tokenizer folder (tokenizer files at its top) or a Hub id."""
     if _hub_or_missing(key, value, "tokenizer_config.json", revision, "a tokenizer folder"):

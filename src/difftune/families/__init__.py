@@ -45,4 +45,20 @@ def family_of_pipeline(folder: Path) -> Family | None:
     return None
 
 
-__all__ = ["Family", "ModelInputs", "Parts", "families", "family_of_pipeline", "get_family"]
+def check_base(key: str, base: str, family_name: str, flag: str) -> None:
+    """A local base pipeline is of the family the run or command says (an SDXL folder run
+    as "sd" fails deep inside the UNet otherwise), and whole in what that family needs
+    beyond its files (SDXL: tokenizers of one length). Named before any model loads."""
+    from difftune.paths import PathError
+
+    folder = Path(base).expanduser()
+    found = family_of_pipeline(folder)
+    if found is not None and found.name != family_name:
+        raise PathError(f"{key} = {base!r} is a {found.description} pipeline (family {found.name!r}), but {flag} "
+                        f"is {family_name!r}: set {flag} to {found.name!r}")
+    problems = get_family(family_name).folder_problems(folder) if folder.is_dir() else []
+    if problems:
+        raise PathError(f"{key} = {base!r}: " + "; ".join(problems))
+
+
+__all__ = ["Family", "ModelInputs", "Parts", "check_base", "families", "family_of_pipeline", "get_family"]

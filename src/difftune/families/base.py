@@ -139,6 +139,11 @@ class Family(Protocol):
     pipeline_classes: dict[str, str]
     """diffusers pipeline class names by what they run: "text_to_image", "controlnet"."""
 
+    def folder_problems(self, folder: Path) -> list[str]:
+        """What a local pipeline folder lacks for this family beyond its files (from the
+        configs alone, before anything loads)."""
+        ...
+
     def load(self, config: ModelConfig, denoiser_in_memory: bool = False) -> Parts:
         """The frozen parts. denoiser_in_memory: read the denoiser's weights into memory
         instead of mapping the file (see setup.denoiser_in_memory)."""

@@ -58,6 +58,20 @@ class StableDiffusion:
 
     # --- loading ---------------------------------------------------------------------------
 
+    def folder_problems(self, folder: Path) -> list[str]:
+        """Every tokenizer cuts prompts at one length: the encoders' outputs are joined
+        token by token (SDXL), which diffusers' pipelines need as well."""
+        lengths = {}
+        for name in self.tokenizer_names:
+            try:
+                lengths[name] = json.loads((folder / name / "tokenizer_config.json").read_text()).get("model_max_length")
+            except (OSError, ValueError, AttributeError):
+                continue
+        if len(set(lengths.values())) > 1:
+            shown = ", ".join(f"{name} {length}" for name, length in lengths.items())
+            return [f"its tokenizers cut prompts at different lengths ({shown}); they must agree"]
+        return []
+
     def load(self, config: ModelConfig, denoiser_in_memory: bool = False) -> Parts:
         import transformers
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -71,6 +85,12 @@ class StableDiffusion:
             # model.tokenizer replaces the first tokenizer (the one every family has)
             other = config.tokenizer if number == 0 else None
             components[name] = AutoTokenizer.from_pretrained(other or source, subfolder="" if other else name, **common)
+        lengths = {components[name].model_max_length for name in self.tokenizer_names}
+        if len(lengths) > 1:  # model.tokenizer of another length than the pipeline's second one
+            from difftune.paths import PathError
+
+            raise PathError(f"the tokenizers ({', '.join(self.tokenizer_names)}) cut prompts at different lengths "
+                            f"{sorted(lengths)}: they must agree (model.tokenizer?)")
         for name, class_name in self.text_encoder_classes.items():
             components[name] = getattr(transformers, class_name).from_pretrained(source, subfolder=name, **weights)
         components["vae"] = (AutoencoderKL.from_pretrained(config.vae, revision=config.revision) if config.vae

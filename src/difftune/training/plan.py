@@ -41,6 +41,7 @@ from difftune.paths import (
     check_output_dir,
     check_pipeline,
     check_tokenizer,
+    check_vae_fits,
     default_cache_dir,
     looks_like_path,
     offline_if_hub_unreachable,
@@ -164,7 +165,7 @@ def check_sources(config: RunConfig) -> None:
         note = offline_if_hub_unreachable()
         if note:
             logger.warning(note)
-    from difftune.families import get_family
+    from difftune.families import check_base, get_family
 
     components = dict(get_family(model.family).components)
     if model.tokenizer:
@@ -174,6 +175,9 @@ def check_sources(config: RunConfig) -> None:
         check_model_folder("model.vae", model.vae, "AutoencoderKL", revision=model.revision)
         components.pop("vae", None)
     check_pipeline("model.pretrained", model.pretrained, components, model.variant, model.revision)
+    check_base("model.pretrained", model.pretrained, model.family, "model.family")
+    if model.vae:
+        check_vae_fits("model.vae", model.vae, model.pretrained)
     if config.method.controlnet:
         check_model_folder("method.controlnet", config.method.controlnet, "ControlNet")
         check_controlnet_fits("method.controlnet", config.method.controlnet, model.pretrained,
