@@ -89,6 +89,11 @@ def test_lora_in_kohya_names_loads_like_the_diffusers_file(tiny_sdxl: Path, tiny
     kohya = export_lora(tmp_path / "run", tmp_path / "kohya.safetensors")
     prefixes = {key.split("_", 2)[1] for key in load_file(kohya) if key.startswith("lora_")}
     assert prefixes == {"unet", "te1", "te2"}
+    # the UNet by its original (SGM) module names, as sd-scripts names SDXL LoRA modules
+    unet_keys = [key for key in load_file(kohya) if key.startswith("lora_unet_")]
+    assert unet_keys and all(key.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_",
+                                             "lora_unet_output_blocks_")) for key in unet_keys)
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in unet_keys
     assert all(float(v) == 8.0 for k, v in load_file(kohya).items() if k.endswith(".alpha"))
     diffusers_format, kohya_format = _pipeline(tiny_sdxl), _pipeline(tiny_sdxl)
     base_image = _image(diffusers_format)

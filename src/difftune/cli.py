@@ -104,7 +104,7 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
     from difftune.export.lora import export_lora
 
     try:
-        out = export_lora(source, args.out, args.format, args.family)
+        out = export_lora(source, args.out, args.format, args.family, args.base)
     except ValueError as error:
         raise InputError(f"{source}: {error}") from None
     console.print(f"wrote {out} ({args.format} format)")
@@ -301,6 +301,8 @@ def _add_export(verbs: Any) -> None:
                       help="kohya: sd-scripts / AUTOMATIC1111 / ComfyUI keys")
     lora.add_argument("--family", help="the base's family, for the kohya names (default: the run's; a file "
                       "alone: sdxl if it adapts a second text encoder, else sd)")
+    lora.add_argument("--base", help="SDXL: the pipeline the LoRA was trained on, whose UNet config gives the "
+                      "original module names (default: the run's model.pretrained)")
     _export_verb(export, "single-file", "an SD1.x/2.x or SDXL pipeline as one original-layout checkpoint",
                  cmd_export_single_file, ("pipeline", "diffusers pipeline folder, or a full fine-tune's run directory"))
     _export_verb(export, "controlnet", "a ControlNet as one file in the original layout (A1111, ComfyUI)",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -56,15 +57,19 @@ def adapter_alphas(path: Path) -> dict[str, dict]:
     return found
 
 
-def kohya_module_name(component: str, module: str, prefixes: dict[str, str]) -> str:
-    """`lora_unet_down_blocks_0_..._to_q`, `lora_te_text_model_encoder_layers_0_..._q_proj`."""
+def kohya_module_name(component: str, module: str, prefixes: dict[str, str],
+                      unet_names: Callable[[str], str] | None = None) -> str:
+    """`lora_unet_down_blocks_0_..._to_q` (SDXL: `lora_unet_input_blocks_4_1_..._to_q`),
+    `lora_te_text_model_encoder_layers_0_..._q_proj`."""
     if component.startswith("text_encoder") and not module.startswith("text_model."):
         module = "text_model." + module  # transformers 5 dropped the text_model level
+    if component == "unet" and unet_names is not None:
+        module = unet_names(module)
     return prefixes[component] + module.replace(".", "_")
 
 
-def to_kohya(state: dict[str, torch.Tensor], alphas: dict[str, dict],
-             prefixes: dict[str, str]) -> dict[str, torch.Tensor]:
+def to_kohya(state: dict[str, torch.Tensor], alphas: dict[str, dict], prefixes: dict[str, str],
+             unet_names: Callable[[str], str] | None = None) -> dict[str, torch.Tensor]:
     """Every key converted with the family's `prefixes`, or an error naming the ones that cannot be."""
     converted: dict[str, torch.Tensor] = {}
     unknown = []
@@ -77,7 +82,7 @@ def to_kohya(state: dict[str, torch.Tensor], alphas: dict[str, dict],
         if component not in prefixes:
             unknown.append(key)
             continue
-        name = kohya_module_name(component, module, prefixes)
+        name = kohya_module_name(component, module, prefixes, unet_names)
         is_down = match["matrix"] in _DOWN
         converted[f"{name}.{'lora_down' if is_down else 'lora_up'}.weight"] = tensor.contiguous()
         if is_down:
@@ -100,33 +105,77 @@ def _alpha(found: dict | None, module: str, down: torch.Tensor) -> float:
     return found["alpha"]
 
 
+def run_model(source: Path) -> dict:
+    """The [model] section of the run whose final/ holds the file ({} if it is not in a run)."""
+    import tomllib
+
+    for folder in (source.parent, source.parent.parent):
+        if (folder / "config.toml").is_file() and (folder / "events.jsonl").is_file():
+            try:
+                return tomllib.loads((folder / "config.toml").read_text()).get("model", {})
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError):
+                return {}
+    return {}
+
+
 def lora_family(source: Path, state: dict[str, torch.Tensor], given: str | None = None) -> str:
     """The family a LoRA file was trained on: given, the run's (the file sits in a run's
     final/), a second text encoder's keys (SDXL), or SD."""
     if given is not None:
         return given
-    for folder in (source.parent, source.parent.parent):
-        if (folder / "config.toml").is_file() and (folder / "events.jsonl").is_file():
-            import tomllib
-
-            try:
-                return tomllib.loads((folder / "config.toml").read_text()).get("model", {}).get("family", "sd")
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError):
-                break
+    if run_model(source):
+        return run_model(source).get("family", "sd")
     return "sdxl" if any(key.startswith("text_encoder_2.") for key in state) else "sd"
 
 
+def original_unet_namer(source: Path, base: str | None) -> Callable[[str], str]:
+    """SDXL UNet modules by their names in the original (SGM) layout, which sd-scripts uses
+    for SDXL LoRA names (`input_blocks_4_1_...`; for SD 1.x it uses diffusers' names). The
+    mapping is the single-file export's, computed from the base's UNet config."""
+    from difftune.export.single_file import _place
+    from difftune.export.single_file_sdxl import sdxl_unet_rules
+
+    base = base or run_model(source).get("pretrained")
+    config = _unet_config(base) if base else None
+    if config is None:
+        raise ValueError("the SDXL UNet's original module names come from its config: give --base (the pipeline "
+                         "the LoRA was trained on, a local folder or a cached Hub id)")
+    rules = sdxl_unet_rules(config)
+
+    def name(module: str) -> str:
+        placed = _place(module + ".weight", rules)
+        if placed is None:
+            raise ValueError(f"unet module {module} has no place in the original SDXL layout")
+        return placed[0].removesuffix(".weight")
+
+    return name
+
+
+def _unet_config(base: str) -> dict | None:
+    path = Path(base).expanduser() / "unet" / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(base, "unet/config.json"))
+        except Exception:  # noqa: BLE001 (not a Hub id, not cached, offline: all mean "no config")
+            return None
+    return json.loads(path.read_text())
+
+
 def export_lora(run_or_file: str | Path, out_file: str | Path, format: str = "kohya",
-                family: str | None = None) -> Path:
+                family: str | None = None, base: str | None = None) -> Path:
     """Write a run's LoRA in `format` ("kohya" or "diffusers"), atomically; kohya names
-    with the prefixes of `family` (default: see lora_family)."""
+    with the prefixes and UNet names of `family` (default: see lora_family); `base`: the
+    pipeline it was trained on, when the family names UNet modules by the original layout."""
     from difftune.families import get_family
 
     source = lora_file(run_or_file)
     state = load_file(source)
     if format == "kohya":
-        prefixes = get_family(lora_family(source, state, family)).kohya_prefixes
-        state = to_kohya(state, adapter_alphas(source), prefixes)
+        chosen = get_family(lora_family(source, state, family))
+        unet_names = original_unet_namer(source, base) if chosen.kohya_unet_names == "original" else None
+        state = to_kohya(state, adapter_alphas(source), chosen.kohya_prefixes, unet_names)
         metadata = {"format": "pt", "ss_network_module": "networks.lora"}
     elif format == "diffusers":
         with safe_open(str(source), framework="pt") as handle:

@@ -134,6 +134,8 @@ class Family(Protocol):
     """Denoiser module names a LoRA adapts by default."""
     kohya_prefixes: dict[str, str]
     """LoRA key prefix of each adapted part in the kohya/ComfyUI format."""
+    kohya_unet_names: str
+    """"diffusers" or "original": how the kohya format names the denoiser's modules."""
     license: str
     card_tags: list[str]
     pipeline_classes: dict[str, str]

@@ -40,6 +40,9 @@ class StableDiffusion:
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     """UNet attention projections, as diffusers' SD LoRA scripts adapt."""
     kohya_prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+    kohya_unet_names = "diffusers"
+    """How sd-scripts names the family's UNet modules in LoRA keys: by diffusers' paths, or
+    by the "original" (LDM/SGM) layout's."""
     license = "creativeml-openrail-m"
     card_tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image"]
     pipeline_classes = {"text_to_image": "StableDiffusionPipeline", "controlnet": "StableDiffusionControlNetPipeline"}

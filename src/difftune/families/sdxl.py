@@ -29,6 +29,7 @@ class StableDiffusionXL(StableDiffusion):
     tokenizer_names = ("tokenizer", "tokenizer_2")
     default_resolution = 1024
     kohya_prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    kohya_unet_names = "original"  # sd-scripts' SDXL UNet is the SGM one: input_blocks_4_1_...
     license = "openrail++"
     card_tags = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image"]
     pipeline_classes = {"text_to_image": "StableDiffusionXLPipeline",
