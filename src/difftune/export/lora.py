@@ -16,6 +16,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -128,27 +129,15 @@ def lora_family(source: Path, state: dict[str, torch.Tensor], given: str | None 
     return "sdxl" if any(key.startswith("text_encoder_2.") for key in state) else "sd"
 
 
-def original_unet_namer(source: Path, base: str | None) -> Callable[[str], str]:
-    """SDXL UNet modules by their names in the original (SGM) layout, which sd-scripts uses
-    for SDXL LoRA names (`input_blocks_4_1_...`; for SD 1.x it uses diffusers' names). The
-    mapping is the single-file export's, computed from the base's UNet config."""
-    from difftune.export.single_file import _place
-    from difftune.export.single_file_sdxl import sdxl_unet_rules
-
+def original_unet_namer(family: Any, source: Path, base: str | None) -> Callable[[str], str]:
+    """The family's UNet module names in its original layout (family.original_unet_names),
+    from the UNet config of the base the LoRA was trained on."""
     base = base or run_model(source).get("pretrained")
     config = _unet_config(base) if base else None
     if config is None:
-        raise ValueError("the SDXL UNet's original module names come from its config: give --base (the pipeline "
-                         "the LoRA was trained on, a local folder or a cached Hub id)")
-    rules = sdxl_unet_rules(config)
-
-    def name(module: str) -> str:
-        placed = _place(module + ".weight", rules)
-        if placed is None:
-            raise ValueError(f"unet module {module} has no place in the original SDXL layout")
-        return placed[0].removesuffix(".weight")
-
-    return name
+        raise ValueError(f"the {family.description} UNet's original module names come from its config: give --base "
+                         "(the pipeline the LoRA was trained on, a local folder or a cached Hub id)")
+    return family.original_unet_names(config)
 
 
 def _unet_config(base: str) -> dict | None:
@@ -174,7 +163,7 @@ def export_lora(run_or_file: str | Path, out_file: str | Path, format: str = "ko
     state = load_file(source)
     if format == "kohya":
         chosen = get_family(lora_family(source, state, family))
-        unet_names = original_unet_namer(source, base) if chosen.kohya_unet_names == "original" else None
+        unet_names = original_unet_namer(chosen, source, base) if chosen.kohya_unet_names == "original" else None
         state = to_kohya(state, adapter_alphas(source), chosen.kohya_prefixes, unet_names)
         metadata = {"format": "pt", "ss_network_module": "networks.lora"}
     elif format == "diffusers":

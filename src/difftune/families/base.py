@@ -205,6 +205,11 @@ class Family(Protocol):
         pipeline `load_lora_weights` reads."""
         ...
 
+    def original_unet_names(self, config: dict) -> Any:
+        """With kohya_unet_names "original": a function from the denoiser's diffusers module
+        paths to the original layout's, given its config."""
+        ...
+
     def usage(self, result: str, repo: str, base: str) -> str:
         """Python that loads a result ("pipeline", "lora", "controlnet") with diffusers."""
         ...

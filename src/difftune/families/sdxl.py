@@ -12,6 +12,7 @@ What differs from SD 1.x/2.x, as diffusers' SDXL pipelines and training scripts 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +55,22 @@ class StableDiffusionXL(StableDiffusion):
             raise ValueError("SDXL needs each sample's geometry (original size, crop, target size) for its time ids")
         return {"text_embeds": inputs.text["pooled"].to(dtype),
                 "time_ids": inputs.geometry.to(device=inputs.noisy.device, dtype=dtype)}
+
+    def original_unet_names(self, config: dict) -> Callable[[str], str]:
+        """diffusers' UNet module paths -> the SGM layout's (`down_blocks.1.attentions.0` ->
+        `input_blocks.4.1`), as sd-scripts names SDXL LoRA modules: the single-file mapping."""
+        from difftune.export.single_file import _place
+        from difftune.export.single_file_sdxl import sdxl_unet_rules
+
+        rules = sdxl_unet_rules(config)
+
+        def name(module: str) -> str:
+            placed = _place(module + ".weight", rules)
+            if placed is None:
+                raise ValueError(f"unet module {module} has no place in the original SDXL layout")
+            return placed[0].removesuffix(".weight")
+
+        return name
 
     def export_single_file(self, pipeline_dir: Path, out_file: Path, half: bool) -> Path:
         from difftune.export.single_file_sdxl import export_sdxl_single_file
