@@ -132,6 +132,8 @@ def test_the_text_cache_key_follows_every_tokenizer_setting(tiny_base: Path) -> 
     tokenizer = AutoTokenizer.from_pretrained(tiny_base, subfolder="tokenizer")
     parts = Parts(str(tiny_base), {"tokenizer": tokenizer})
     seen = {str(family.text_cache_identity(parts))}
+    family.token_ids(tokenizer, ["a red circle"])  # using it leaves the key as it was
+    assert str(family.text_cache_identity(parts)) in seen
     tokenizer.pad_token = "a"
     seen.add(str(family.text_cache_identity(parts)))
     tokenizer.model_max_length = 20

@@ -121,7 +121,12 @@ class StableDiffusion:
         for name in self.tokenizer_names:
             tokenizer = parts.components[name]
             backend = getattr(tokenizer, "backend_tokenizer", None)
-            state = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+            if backend is not None:
+                # without the call state: a call with padding/truncation sets those in the backend
+                state = json.dumps({k: v for k, v in json.loads(backend.to_str()).items()
+                                    if k not in ("padding", "truncation")}, sort_keys=True)
+            else:
+                state = json.dumps(sorted(tokenizer.get_vocab().items()))
             settings = {"special": tokenizer.special_tokens_map, "pad_id": tokenizer.pad_token_id,
                         "max_length": tokenizer.model_max_length, "padding": "max_length",
                         "sides": [tokenizer.padding_side, tokenizer.truncation_side]}
