@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 
 from difftune.data.samples import PriorPreservationSamples, TrainingSamples, collate
 from difftune.data.sources import image_source
-from difftune.data.transforms import paired_transform
+from difftune.data.transforms import centre_geometry, paired_transform
 from difftune.files import apply_umask
 
 logger = logging.getLogger(__name__)
@@ -360,8 +360,7 @@ def _encode_latents(samples: TrainingSamples, family: Any, parts: Any, store: Ca
             plain.append(pixels)
             flipped.append(pixels.flip(-1))
             conditionings.append(cond)
-            entries.append({"plain_geometry": geometry,
-                            "flipped_geometry": paired_transform(image, None, size, True, True, None)[2]})
+            entries.append({"plain_geometry": geometry, "flipped_geometry": centre_geometry(image.size, size, True)})
         sides = [("plain", plain)] + ([("flipped", flipped)] if config.random_flip else [])
         for side, images in sides:
             mean, std = family.latent_distribution(parts, torch.stack(images))

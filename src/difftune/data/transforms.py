@@ -18,12 +18,24 @@ from PIL import Image
 def resize_to_cover(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Scale (keeping the aspect ratio) until the image covers width x height: for a
     square size, the shorter side becomes that size."""
-    width, height = image.size
-    scale = max(size[0] / width, size[1] / height)
-    new_size = (max(size[0], round(width * scale)), max(size[1], round(height * scale)))
+    new_size = cover_size(image.size, size)
     if new_size == image.size:
         return image
     return image.resize(new_size, Image.Resampling.BILINEAR)
+
+
+def cover_size(original: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
+    """The (width, height) resize_to_cover gives an image of `original` size."""
+    width, height = original
+    scale = max(size[0] / width, size[1] / height)
+    return max(size[0], round(width * scale)), max(size[1], round(height * scale))
+
+
+def centre_geometry(original: tuple[int, int], size: tuple[int, int], flip: bool) -> torch.Tensor:
+    """The geometry of a centre crop to `size` (width, height), from the sizes alone (no
+    image is decoded or resized): what a latent cache stores for each flip side."""
+    resized = cover_size(original, size)
+    return geometry(original, resized, crop_box(resized, size, True, None), flip)
 
 
 def crop_box(

@@ -108,15 +108,9 @@ def _alpha(found: dict | None, module: str, down: torch.Tensor) -> float:
 
 def run_model(source: Path) -> dict:
     """The [model] section of the run whose final/ holds the file ({} if it is not in a run)."""
-    import tomllib
+    from difftune.generate import run_config
 
-    for folder in (source.parent, source.parent.parent):
-        if (folder / "config.toml").is_file() and (folder / "events.jsonl").is_file():
-            try:
-                return tomllib.loads((folder / "config.toml").read_text()).get("model", {})
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError):
-                return {}
-    return {}
+    return (run_config(str(source.parent)) or {}).get("model", {})
 
 
 def lora_family(source: Path, state: dict[str, torch.Tensor], given: str | None = None) -> str:
@@ -124,8 +118,9 @@ def lora_family(source: Path, state: dict[str, torch.Tensor], given: str | None 
     final/), a second text encoder's keys (SDXL), or SD."""
     if given is not None:
         return given
-    if run_model(source):
-        return run_model(source).get("family", "sd")
+    model = run_model(source)
+    if model:
+        return model.get("family", "sd")
     return "sdxl" if any(key.startswith("text_encoder_2.") for key in state) else "sd"
 
 
