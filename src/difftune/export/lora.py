@@ -115,13 +115,19 @@ def run_model(source: Path) -> dict:
 
 def lora_family(source: Path, state: dict[str, torch.Tensor], given: str | None = None) -> str:
     """The family a LoRA file was trained on: given, the run's (the file sits in a run's
-    final/), a second text encoder's keys (SDXL), or SD."""
+    final/), or the one whose adapted parts the file's keys name."""
     if given is not None:
         return given
     model = run_model(source)
     if model:
         return model.get("family", "sd")
-    return "sdxl" if any(key.startswith("text_encoder_2.") for key in state) else "sd"
+    # a file alone: the smallest family whose adapted parts cover the file's (a second text
+    # encoder's keys: SDXL)
+    from difftune.families import families
+
+    parts = {key.split(".", 1)[0] for key in state}
+    fitting = [f for f in families().values() if parts <= set(f.kohya_prefixes)]
+    return min(fitting, key=lambda f: len(f.kohya_prefixes)).name if fitting else "sd"
 
 
 def original_unet_namer(family: Any, source: Path, base: str | None) -> Callable[[str], str]:
