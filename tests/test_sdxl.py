@@ -56,9 +56,9 @@ def test_prompts_and_time_ids_are_what_the_sdxl_pipeline_uses(tiny_sdxl: Path) -
     family = get_family("sdxl")
     config = build_config(_sdxl_run(tiny_sdxl, Path("."), Path("."), kind="lora"))
     parts = family.load(config.model)
-    text = family.encode_prompts(parts, [PROMPT, ""])
+    text = family.encode_prompts(parts, [PROMPT, PROMPT])
     pipe = _pipeline(tiny_sdxl)
-    hidden, _, pooled, _ = pipe.encode_prompt([PROMPT, ""], do_classifier_free_guidance=False)
+    hidden, _, pooled, _ = pipe.encode_prompt([PROMPT, PROMPT], do_classifier_free_guidance=False)
     assert torch.equal(text["hidden_states"], hidden) and torch.equal(text["pooled"], pooled)
     # the pipeline's own time ids for a 64 px image: (64, 64, 0, 0, 64, 64)
     time_ids = pipe._get_add_time_ids((64, 64), (0, 0), (64, 64), dtype=torch.float32,
@@ -74,6 +74,33 @@ def test_prompts_and_time_ids_are_what_the_sdxl_pipeline_uses(tiny_sdxl: Path) -
             [0, 0, 8, 8, 0, 0])))
     assert torch.equal(ours, theirs)
     assert not torch.allclose(ours, cropped)  # the crop reaches the UNet
+
+
+@pytest.mark.parametrize("force_zeros", [True, False])
+def test_an_empty_prompt_trains_on_what_guidance_uses_for_no_prompt(tiny_sdxl: Path, tmp_path: Path,
+                                                                    force_zeros: bool) -> None:
+    """The unconditional half of CFG in SDXL's pipeline is zeros when the base says
+    force_zeros_for_empty_prompt (else the encoded ""): a dropped caption trains on the same."""
+    base = tmp_path / "base"
+    _pipeline(tiny_sdxl).save_pretrained(base)
+    index = base / "model_index.json"
+    index.write_text(index.read_text().replace('"force_zeros_for_empty_prompt": true',
+                                               f'"force_zeros_for_empty_prompt": {str(force_zeros).lower()}'))
+    family = get_family("sdxl")
+    parts = family.load(build_config(_sdxl_run(base, Path("."), Path("."), kind="lora")).model)
+    assert parts.settings["force_zeros_for_empty_prompt"] is force_zeros
+    text = family.encode_prompts(parts, ["", PROMPT])
+    pipe = _pipeline(base)
+    _, negative, _, negative_pooled = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=True)
+    # (batch of two here, of one in the pipeline: the same to float rounding)
+    assert torch.allclose(text["hidden_states"][:1], negative, atol=1e-6)
+    assert torch.allclose(text["pooled"][:1], negative_pooled, atol=1e-6)
+    assert bool(negative.abs().sum() == 0) is force_zeros
+    assert text["pooled"][1].abs().sum() > 0  # a caption is never zeroed
+    # the flag reaches the text cache's key and the pipelines the family builds
+    other = family.load(build_config(_sdxl_run(tiny_sdxl, Path("."), Path("."), kind="lora")).model)
+    assert (family.text_cache_identity(parts) == family.text_cache_identity(other)) is force_zeros
+    assert family.pipeline(parts).config.force_zeros_for_empty_prompt is force_zeros
 
 
 def test_lora_in_kohya_names_loads_like_the_diffusers_file(tiny_sdxl: Path, tiny_base: Path, circles: Path,

@@ -51,6 +51,9 @@ class Parts:
     components: dict[str, Any]
     denoiser_name: str = "unet"
     text_encoder_names: tuple[str, ...] = ("text_encoder",)
+    settings: dict[str, Any] = field(default_factory=dict)
+    """The base pipeline's options that are not components (model_index.json), such as
+    SDXL's force_zeros_for_empty_prompt: training follows them and pipelines keep them."""
 
     @property
     def denoiser(self) -> Any:

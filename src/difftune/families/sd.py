@@ -101,7 +101,20 @@ class StableDiffusion:
         components[self.denoiser_name] = UNet2DConditionModel.from_pretrained(
             source, subfolder=self.denoiser_name, disable_mmap=denoiser_in_memory, **weights)
         components["scheduler"] = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common)
-        return Parts(source, components, self.denoiser_name, self.text_encoder_names)
+        return Parts(source, components, self.denoiser_name, self.text_encoder_names,
+                     self.pipeline_settings(source, config.revision))
+
+    def pipeline_settings(self, source: str, revision: str | None) -> dict[str, Any]:
+        """The options in the base's model_index.json that the family's pipelines take
+        besides their components (booleans and numbers only: SDXL's force_zeros_for_empty_prompt)."""
+        from diffusers import DiffusionPipeline
+
+        index = DiffusionPipeline.load_config(source, revision=revision)
+        taken = set()
+        for cls in map(self.pipeline_class, (False, True)):
+            taken |= set(inspect.signature(cls.__init__).parameters)
+        return {key: value for key, value in index.items()
+                if key in taken and key not in self.components and isinstance(value, (bool, int, float))}
 
     def objective(self, parts: Parts, config: ObjectiveConfig) -> Objective:
         from difftune.objectives import DiscreteDiffusion
@@ -240,7 +253,8 @@ class StableDiffusion:
         wanted = inspect.signature(cls.__init__).parameters
         components = {name: part for name, part in parts.components.items() if name in wanted}
         components["scheduler"] = UniPCMultistepScheduler.from_config(parts.noise_scheduler.config)
-        return cls(**components, **self.pipeline_options)
+        settings = {key: value for key, value in parts.settings.items() if key in wanted}
+        return cls(**components, **{**settings, **self.pipeline_options})
 
     def control_arguments(self, image: Any) -> dict[str, Any]:
         return {"image": image}

@@ -48,7 +48,23 @@ class StableDiffusionXL(StableDiffusion):
             output = encoder(ids, output_hidden_states=True)
             pooled = output[0]  # the last encoder's is kept: CLIPTextModelWithProjection's text_embeds
             hidden.append(output.hidden_states[-2])
-        return {"hidden_states": torch.cat(hidden, dim=-1), "pooled": pooled}
+        text = {"hidden_states": torch.cat(hidden, dim=-1), "pooled": pooled}
+        if self.zeros_for_empty_prompt(parts):
+            keep = torch.tensor([bool(caption) for caption in captions], device=pooled.device)
+            text = {name: value * keep.view(-1, *[1] * (value.dim() - 1)).to(value.dtype)
+                    for name, value in text.items()}
+        return text
+
+    def zeros_for_empty_prompt(self, parts: Parts) -> bool:
+        """SDXL's pipelines condition the unconditional half of classifier-free guidance on
+        zeros, not on the encoded "" (force_zeros_for_empty_prompt, True unless the base's
+        model_index.json says otherwise), as SGM trained SDXL (a dropped prompt is zeroed).
+        So a dropped or empty caption trains on zeros here too; diffusers'
+        train_controlnet_sdxl.py encodes "" instead, which CFG then never shows the model."""
+        return bool(parts.settings.get("force_zeros_for_empty_prompt", True))
+
+    def text_cache_identity(self, parts: Parts) -> dict[str, Any]:
+        return {**super().text_cache_identity(parts), "zeros_for_empty_prompt": self.zeros_for_empty_prompt(parts)}
 
     def added_conditions(self, inputs: ModelInputs, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         if inputs.geometry is None:
