@@ -11,8 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import math
+from collections.abc import Callable
+
 import torch
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3, compute_snr
 
 from difftune.config import ObjectiveConfig
 
@@ -89,6 +92,68 @@ class DiscreteDiffusion:
         denominator = snr if self.prediction_type == "epsilon" else snr + 1
         # A zero-terminal-SNR schedule has SNR 0 at its last step: weight 1 there, as diffusers does.
         return torch.where(denominator == 0, torch.ones_like(snr), clipped / denominator.clamp_min(1e-12))
+
+
+class FlowMatching:
+    """Rectified flow (Liu et al. 2022; Esser et al. 2024, "Scaling Rectified Flow
+    Transformers", the SD3 paper): x_t = (1 - s) x0 + s eps, and the denoiser predicts
+    the velocity eps - x0. The model is given t = s * num_train_timesteps, as diffusers'
+    FlowMatchEulerDiscreteScheduler counts time.
+
+    s is drawn per sample by `options.timestep_sampling` (sec. 3.1 of the SD3 paper:
+    uniform; logit-normal, sigmoid of N(mean, std); mode with a scale; cosmap), then
+    shifted as the base's scheduler config says: a static `shift` (s' = k s / (1 + (k-1) s),
+    eq. 23) or, with `use_dynamic_shifting`, by mu from the image's token count
+    (`shift_mu`, the family's rule: Flux interpolates linearly between base and max
+    shift, CogView4 grows with the square root) through the scheduler's own time_shift.
+    The loss weight is none, sigma^-2 or cosmap (`options.loss_weighting`).
+    """
+
+    def __init__(self, scheduler: Any, options: ObjectiveConfig | None = None,
+                 shift_mu: Callable[[int], float] | None = None, patch_size: int = 1) -> None:
+        self.options = options or ObjectiveConfig()
+        self.scheduler = scheduler
+        self.config = scheduler.config
+        self.shift_mu = shift_mu
+        self.patch_size = patch_size
+        if self.config.use_dynamic_shifting and shift_mu is None:
+            raise ValueError("the scheduler shifts by image size (use_dynamic_shifting) and the family gave no rule")
+
+    def draw_time(self, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """One sample's time in (0, 1), before the shift."""
+        options = self.options
+        if options.timestep_sampling == "cosmap":  # the SD3 paper's eq. 21: t = 1 - 1 / (tan(pi u / 2) + 1)
+            u = torch.rand((1,), generator=generator, device=device)
+            return 1 - 1 / (torch.tan(math.pi * u / 2) + 1)
+        return compute_density_for_timestep_sampling(
+            options.timestep_sampling, 1, logit_mean=options.logit_mean, logit_std=options.logit_std,
+            mode_scale=options.mode_scale, device=device, generator=generator)
+
+    def shift(self, t: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        if self.config.use_dynamic_shifting:
+            tokens = (height // self.patch_size) * (width // self.patch_size)
+            return self.scheduler.time_shift(self.shift_mu(tokens), 1.0, t)
+        k = self.config.shift
+        return k * t / (1 + (k - 1) * t)
+
+    def sample(self, latents: torch.Tensor, generators: list[torch.Generator]) -> NoisedBatch:
+        latents = latents.float()
+        shape, device = latents.shape[1:], latents.device
+        times, noise = [], []
+        for generator in generators:  # per sample, in a fixed order: time, noise, offset
+            times.append(self.draw_time(generator, device))
+            eps = torch.randn(shape, generator=generator, device=device)
+            if self.options.noise_offset:
+                eps = eps + self.options.noise_offset * torch.randn((shape[0], 1, 1), generator=generator,
+                                                                    device=device)
+            noise.append(eps)
+        # t = 0 or 1 exactly would make the shift divide by zero or the weight infinite
+        sigmas = self.shift(torch.cat(times).clamp(1e-5, 1 - 1e-5), *shape[-2:])
+        eps = torch.stack(noise)
+        s = sigmas.view(-1, *[1] * len(shape))
+        noisy = (1 - s) * latents + s * eps
+        weight = compute_loss_weighting_for_sd3(self.options.loss_weighting, sigmas).float()
+        return NoisedBatch(noisy, sigmas * self.config.num_train_timesteps, eps - latents, weight)
 
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

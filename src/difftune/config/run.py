@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import model_validator
 
 from difftune.config.sections import (
+    OBJECTIVE_OPTIONS,
     DataConfig,
     HubConfig,
     MethodConfig,
@@ -17,6 +18,9 @@ from difftune.config.sections import (
     ValidationConfig,
     _Section,
 )
+
+
+COMMON_OPTIONS = ("noise_offset",)
 
 
 class RunConfig(_Section):
@@ -51,6 +55,12 @@ class RunConfig(_Section):
         if self.method.kind not in family.supports:
             raise ValueError(f"method.kind = {self.method.kind!r}: family {family.name!r} ({family.description}) "
                              f"trains {', '.join(sorted(family.supports))}")
+        foreign = [name for kind, names in OBJECTIVE_OPTIONS.items() if kind != family.objective_kind
+                   for name in names if name in self.objective.model_fields_set]
+        if foreign:
+            raise ValueError(f"objective.{foreign[0]}: family {family.name!r} trains with {family.objective_kind}, "
+                             f"which has no such option (its options: "
+                             f"{', '.join(OBJECTIVE_OPTIONS[family.objective_kind] + COMMON_OPTIONS)})")
         return self
 
     @model_validator(mode="after")

@@ -196,6 +196,24 @@ class ObjectiveConfig(_Section):
     """Add offset * N(0, 1) per sample and channel to the noise (darker darks, brighter brights)."""
     input_perturbation: float = Field(0.0, ge=0.0, le=1.0)
     """Perturb the noise that makes the input, not the target (Ning et al. 2023); 0.1 is typical."""
+    # Flow-matching families (Flux, CogView4); the DDPM families refuse them at config load.
+    timestep_sampling: Literal["uniform", "logit_normal", "mode", "cosmap"] = "uniform"
+    """How flow matching draws each sample's time before the shift (Esser et al. 2024, sec. 3.1):
+    uniform, logit-normal (logit_mean, logit_std), mode (mode_scale) or cosmap."""
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    mode_scale: float = 1.29
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    """Flow matching's per-sample loss weight: none, sigma^-2 or cosmap (Esser et al. 2024)."""
+    guidance: float = Field(3.5, ge=0)
+    """The guidance embedding's value for guidance-distilled transformers (Flux dev: 3.5,
+    as diffusers' Flux scripts); ignored by a transformer without one."""
+
+
+# Options that only one kind of objective reads: the config refuses the others' (config/run.py).
+FLOW_ONLY = ("timestep_sampling", "logit_mean", "logit_std", "mode_scale", "loss_weighting")
+DDPM_ONLY = ("prediction_type", "snr_gamma", "input_perturbation")
+OBJECTIVE_OPTIONS = {"flow_matching": FLOW_ONLY + ("guidance",), "ddpm": DDPM_ONLY}
 
 
 class DataConfig(_Section):

@@ -131,6 +131,8 @@ class Family(Protocol):
     """Subfolder of the pipeline -> its kind ("model", "tokenizer", "scheduler"), checked
     before anything loads."""
     denoiser_name: str
+    objective_kind: str
+    """"ddpm" or "flow_matching": which [objective] options apply, checked at config load."""
     text_encoder_names: tuple[str, ...]
     default_resolution: int
     lora_targets: tuple[str, ...]

@@ -32,6 +32,8 @@ class StableDiffusion:
     description = "Stable Diffusion 1.x and 2.x"
     supports = frozenset({"controlnet", "full", "lora", "dreambooth"})
     denoiser_name = "unet"
+    objective_kind = "ddpm"
+    """Which options of [objective] apply (config.sections.OBJECTIVE_OPTIONS)."""
     text_encoder_classes = {"text_encoder": "CLIPTextModel"}
     """transformers class of each text encoder, by part name (in encoding order)."""
     tokenizer_names = ("tokenizer",)
