@@ -56,7 +56,7 @@ class RunConfig(_Section):
             raise ValueError(f"method.kind = {self.method.kind!r}: family {family.name!r} ({family.description}) "
                              f"trains {', '.join(sorted(family.supports))}")
         foreign = [name for kind, names in OBJECTIVE_OPTIONS.items() if kind != family.objective_kind
-                   for name in names if name in self.objective.model_fields_set]
+                   for name in names if getattr(self.objective, name) != ObjectiveConfig.model_fields[name].default]
         if foreign:
             raise ValueError(f"objective.{foreign[0]}: family {family.name!r} trains with {family.objective_kind}, "
                              f"which has no such option (its options: "

@@ -1,0 +1,211 @@
+"""What every latent-diffusion family shares: text encoders and tokenizers loaded by
+class name, a VAE whose posterior makes the latents (scaled and shifted as its config
+says), the text cache's identity, and the diffusers pipelines, LoRA files and usage
+snippets built from the family's class names. SD/SDXL (UNet) and Flux (transformer)
+subclass it and add their denoiser, objective and conditioning.
+Heavy libraries are imported inside the functions (see families/base.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from difftune.families.base import Parts
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from difftune.config import ModelConfig
+
+
+class LatentFamily:
+    name: str
+    description: str
+    supports: frozenset[str]
+    denoiser_name: str
+    denoiser_class: str
+    """diffusers class of the denoiser."""
+    scheduler_class: str
+    """diffusers class the training noise schedule is read with."""
+    objective_kind: str
+    text_encoder_classes: dict[str, str]
+    """transformers class of each text encoder, by part name (in encoding order)."""
+    tokenizer_names: tuple[str, ...]
+    """One tokenizer per text encoder, in the same order."""
+    pipeline_classes: dict[str, str]
+    pipeline_options: dict[str, Any] = {}
+    """Keyword arguments every pipeline of the family is built with."""
+
+    @property
+    def text_encoder_names(self) -> tuple[str, ...]:
+        return tuple(self.text_encoder_classes)
+
+    @property
+    def components(self) -> dict[str, str]:
+        return {**dict.fromkeys(self.tokenizer_names, "tokenizer"), **dict.fromkeys(self.text_encoder_names, "model"),
+                "vae": "model", self.denoiser_name: "model", "scheduler": "scheduler"}
+
+    # --- loading ---------------------------------------------------------------------------
+
+    def load_parts(self, config: ModelConfig, denoiser_in_memory: bool = False) -> Parts:
+        """Tokenizers, text encoders, the VAE (or model.vae), the denoiser and the
+        training schedule, by the family's class names, plus the pipeline's settings."""
+        import diffusers
+        import transformers
+        from transformers import AutoTokenizer
+
+        common = {"revision": config.revision}
+        source = config.pretrained
+        weights = {**common, "variant": config.variant}
+        components: dict[str, Any] = {}
+        for number, name in enumerate(self.tokenizer_names):
+            # model.tokenizer replaces the first tokenizer (the one every family has)
+            other = config.tokenizer if number == 0 else None
+            components[name] = AutoTokenizer.from_pretrained(other or source, subfolder="" if other else name, **common)
+        for name, class_name in self.text_encoder_classes.items():
+            components[name] = getattr(transformers, class_name).from_pretrained(source, subfolder=name, **weights)
+        vae_class = diffusers.AutoencoderKL
+        components["vae"] = (vae_class.from_pretrained(config.vae, revision=config.revision) if config.vae
+                             else vae_class.from_pretrained(source, subfolder="vae", **weights))
+        components[self.denoiser_name] = getattr(diffusers, self.denoiser_class).from_pretrained(
+            source, subfolder=self.denoiser_name, disable_mmap=denoiser_in_memory, **weights)
+        components["scheduler"] = getattr(diffusers, self.scheduler_class).from_pretrained(
+            source, subfolder="scheduler", **common)
+        return Parts(source, components, self.denoiser_name, self.text_encoder_names,
+                     self.pipeline_settings(source, config.revision))
+
+    def pipeline_settings(self, source: str, revision: str | None) -> dict[str, Any]:
+        """The options in the base's model_index.json that the family's pipelines take
+        besides their components (booleans and numbers only: SDXL's force_zeros_for_empty_prompt)."""
+        from diffusers import DiffusionPipeline
+
+        index = DiffusionPipeline.load_config(source, revision=revision)
+        import diffusers
+
+        taken = set()
+        for class_name in self.pipeline_classes.values():
+            taken |= set(inspect.signature(getattr(diffusers, class_name).__init__).parameters)
+        return {key: value for key, value in index.items()
+                if key in taken and key not in self.components and isinstance(value, (bool, int, float))}
+
+    # --- text ------------------------------------------------------------------------------
+
+    def token_ids(self, tokenizer: Any, captions: list[str]) -> torch.Tensor:
+        return tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length",
+                         truncation=True, return_tensors="pt").input_ids
+
+    def text_cache_identity(self, parts: Parts) -> dict[str, Any]:
+        """Each tokenizer as it tokenizes: its whole backend (vocabulary, merges, normalizer,
+        post-processor) and the settings padding reads (pad token, length, sides)."""
+        identity = {}
+        for name in self.tokenizer_names:
+            tokenizer = parts.components[name]
+            backend = getattr(tokenizer, "backend_tokenizer", None)
+            if backend is not None:
+                # without the call state: a call with padding/truncation sets those in the backend
+                state = json.dumps({k: v for k, v in json.loads(backend.to_str()).items()
+                                    if k not in ("padding", "truncation")}, sort_keys=True)
+            else:
+                state = json.dumps(sorted(tokenizer.get_vocab().items()))
+            settings = {"special": tokenizer.special_tokens_map, "pad_id": tokenizer.pad_token_id,
+                        "max_length": tokenizer.model_max_length, "padding": "max_length",
+                        "sides": [tokenizer.padding_side, tokenizer.truncation_side]}
+            digest = hashlib.blake2b(state.encode())
+            digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+            identity[name] = digest.hexdigest()
+        return identity
+
+    # --- images ----------------------------------------------------------------------------
+
+    def encode_images(
+        self, parts: Parts, pixels: torch.Tensor, generators: list[torch.Generator] | None
+    ) -> torch.Tensor:
+        """Latents drawn from the VAE posterior, each sample with its own generator
+        (None: the posterior mean, as for validation)."""
+        mean, std = self.latent_distribution(parts, pixels)
+        return self.sample_latents(parts, mean, std, generators)
+
+    def latent_distribution(self, parts: Parts, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE posterior's mean and std (what a latent cache stores)."""
+        vae = parts.vae
+        posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        return posterior.mean, posterior.std
+
+    def sample_latents(
+        self, parts: Parts, mean: torch.Tensor, std: torch.Tensor, generators: list[torch.Generator] | None
+    ) -> torch.Tensor:
+        import torch
+
+        if generators is None:
+            latents = mean
+        else:
+            eps = torch.stack([
+                torch.randn(mean.shape[1:], generator=g, device=mean.device, dtype=mean.dtype)
+                for g in generators
+            ])
+            latents = mean + std * eps
+        config = parts.vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0  # VAEs of later families shift first
+        return (latents - shift) * config.scaling_factor
+
+    def vae_scale_factor(self, parts: Parts) -> int:
+        return 2 ** (len(parts.vae.config.block_out_channels) - 1)
+
+    # --- pipelines and what leaves a run ----------------------------------------------------
+
+    def pipeline_class(self, controlnet: bool) -> Any:
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_classes["controlnet" if controlnet else "text_to_image"])
+
+    def sampler(self, parts: Parts) -> Any:
+        """The scheduler validation samples with (the base's training schedule's config)."""
+        return parts.noise_scheduler
+
+    def pipeline(self, parts: Parts) -> Any:
+        """An inference pipeline over the loaded parts (the family's sampler): the ControlNet
+        pipeline when the parts hold a "controlnet"."""
+        cls = self.pipeline_class("controlnet" in parts.components)
+        wanted = inspect.signature(cls.__init__).parameters
+        components = {name: part for name, part in parts.components.items() if name in wanted}
+        components["scheduler"] = self.sampler(parts)
+        settings = {key: value for key, value in parts.settings.items() if key in wanted}
+        return cls(**components, **{**settings, **self.pipeline_options})
+
+    def load_pipeline(self, base: str, dtype: Any, controlnet: Any = None) -> Any:
+        extra = {} if controlnet is None else {"controlnet": controlnet}
+        return self.pipeline_class(controlnet is not None).from_pretrained(base, dtype=dtype, **extra,
+                                                                           **self.pipeline_options)
+
+    def save_lora(self, out_dir: Path, adapted: dict[str, nn.Module]) -> None:
+        """diffusers' LoRA file (pytorch_lora_weights.safetensors) with each adapter's
+        config as metadata, so load_lora_weights restores alpha and rank exactly."""
+        from peft import get_peft_model_state_dict
+
+        layers, metadata = {}, {}
+        for name, module in adapted.items():
+            # peft's key names, which load_lora_weights reads as they are. (diffusers'
+            # convert_state_dict_to_diffusers renames only attention projections, and a
+            # file mixing both namings loads without the renamed ones.)
+            state = get_peft_model_state_dict(module, save_embedding_layers=False)
+            layers[f"{name}_lora_layers"] = {k: v.contiguous() for k, v in state.items()}  # channels_last
+            metadata[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
+        self.pipeline_class(False).save_lora_weights(out_dir, safe_serialization=True, **layers, **metadata)
+
+    def usage(self, result: str, repo: str, base: str) -> str:
+        text_to_image = self.pipeline_classes["text_to_image"]
+        if result == "controlnet":
+            pipeline = self.pipeline_classes["controlnet"]
+            return (f"from diffusers import ControlNetModel, {pipeline}\n"
+                    f'controlnet = ControlNetModel.from_pretrained("{repo}")\n'
+                    f'pipe = {pipeline}.from_pretrained("{base}", controlnet=controlnet)')
+        if result == "lora":
+            return (f"from diffusers import {text_to_image}\n"
+                    f'pipe = {text_to_image}.from_pretrained("{base}")\n'
+                    f'pipe.load_lora_weights("{repo}")')
+        return f'from diffusers import {text_to_image}\npipe = {text_to_image}.from_pretrained("{repo}")'
