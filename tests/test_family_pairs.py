@@ -13,6 +13,8 @@ import torch
 from conftest import WORDS, run_config
 from diffusers import (
     ControlNetModel,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLControlNetPipeline,
@@ -23,7 +25,7 @@ from PIL import Image
 
 from difftune.config import ConfigError, build_config
 from difftune.families import families
-from difftune.tiny import build_tiny_sd, build_tiny_sdxl
+from difftune.tiny import build_tiny_flux, build_tiny_sd, build_tiny_sdxl
 from difftune.training.loop import train
 
 PROMPT = "red circle with blue background"
@@ -32,8 +34,9 @@ PIPELINES = {
     "sd": (StableDiffusionPipeline, StableDiffusionControlNetPipeline,
            {"safety_checker": None, "requires_safety_checker": False}),
     "sdxl": (StableDiffusionXLPipeline, StableDiffusionXLControlNetPipeline, {"add_watermarker": False}),
+    "flux": (FluxPipeline, None, {}),
 }
-BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl}
+BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "flux": build_tiny_flux}
 METHODS: dict[str, dict[str, Any]] = {
     "controlnet": {"kind": "controlnet"},
     "lora": {"kind": "lora", "train_text_encoder": True, "lora": {"rank": 4, "init": "gaussian"}},
@@ -92,7 +95,8 @@ def test_a_pair_trains_and_diffusers_loads_its_result(family: str, method: str, 
 
 
 def _generate(pipe: Any, **call: Any) -> np.ndarray:
-    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):  # flow matching samples with its own
+        pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe(PROMPT, num_inference_steps=2, height=64, width=64, output_type="np",
                 generator=torch.Generator().manual_seed(0), **call).images[0]

@@ -1,4 +1,4 @@
-"""Tiny Stable-Diffusion-architecture pipelines built locally, with no download.
+"""Tiny SD, SDXL and Flux pipelines built locally, with no download.
 
 The tests and the demo need a base model; a real one is gigabytes behind a network we
 may not have. These are the same diffusers/transformers classes at toy sizes, saved
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTrainedTokenizerBase
 
 SPECIALS = ("<|startoftext|>", "<|endoftext|>")
 LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -228,5 +228,71 @@ def build_tiny_sdxl(out_dir: str | Path, words: list[str], size: str = "test", s
                                          steps_offset=1, timestep_spacing="leading"),
         add_watermarker=False,
     )
+    pipeline.save_pretrained(out)
+    return out
+
+
+# Flux at toy sizes (diffusers' Flux fast tests): CLIP for the pooled embedding, T5 for the
+# sequence, a VAE of one block (factor 1, one latent channel, shifted and scaled like
+# FLUX.1's) and a transformer with one double and one single block; FLUX.1-dev's schedule.
+FLUX_SIZES = {
+    "test": {"vae": (4,), "vae_groups": 1, "latent_channels": 1, "text": 32, "t5": 32, "heads": 2,
+             "head_dim": 16, "rope": (4, 4, 8), "double": 1, "single": 1},
+    # another shape: a VAE of factor 2 with two latent channels
+    "test-x2": {"vae": (4, 8), "vae_groups": 2, "latent_channels": 2, "text": 32, "t5": 32, "heads": 2,
+                "head_dim": 16, "rope": (4, 4, 8), "double": 1, "single": 1},
+}
+
+
+def write_t5_tokenizer(out_dir: Path, words: list[str], max_length: int = 512) -> PreTrainedTokenizerBase:
+    """A T5 (unigram, metaspace) tokenizer whose pieces are the given words, then letters."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    words = sorted({w.lower() for w in words if w})
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *((f"\u2581{w}", -1.0) for w in words),
+              ("\u2581", -5.0), *((c, -10.0) for c in LETTERS)]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                extra_ids=0, model_max_length=max_length)
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def build_tiny_flux(out_dir: str | Path, words: list[str], size: str = "test", seed: int = 0,
+                    guidance_embeds: bool = True) -> Path:
+    """Build and save a random-weight Flux pipeline (VAE, transformer, CLIP and T5)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    dims = FLUX_SIZES[size]
+    out = Path(out_dir)
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = write_word_tokenizer(Path(scratch) / "clip", words, 77)
+        tokenizer_2 = write_t5_tokenizer(Path(scratch) / "t5", words)
+    torch.manual_seed(seed)
+    blocks = len(dims["vae"])
+    vae = AutoencoderKL(
+        block_out_channels=list(dims["vae"]), in_channels=3, out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * blocks, up_block_types=["UpDecoderBlock2D"] * blocks,
+        latent_channels=dims["latent_channels"], norm_num_groups=dims["vae_groups"], layers_per_block=1,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+    )
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=dims["t5"], d_kv=8, d_ff=37, num_layers=2,
+                                 num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * dims["latent_channels"], num_layers=dims["double"],
+        num_single_layers=dims["single"], attention_head_dim=dims["head_dim"], num_attention_heads=dims["heads"],
+        joint_attention_dim=dims["t5"], pooled_projection_dim=dims["text"], guidance_embeds=guidance_embeds,
+        axes_dims_rope=dims["rope"],
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipeline = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=tiny_text_encoder(dims, len(tokenizer), 2, 77),
+                            tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer_2, transformer=transformer)
     pipeline.save_pretrained(out)
     return out

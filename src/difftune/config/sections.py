@@ -49,7 +49,8 @@ def family_names() -> list[str]:
 
 class ModelConfig(_Section):
     family: str = "sd"
-    """Model family: "sd" (Stable Diffusion 1.x and 2.x), "sdxl" (Stable Diffusion XL)."""
+    """Model family: "sd" (Stable Diffusion 1.x and 2.x), "sdxl" (Stable Diffusion XL),
+    "flux" (FLUX.1)."""
     pretrained: PathText = NonEmpty
     """Hub id or local folder of the base pipeline (diffusers layout)."""
     vae: PathText | None = None
@@ -62,6 +63,9 @@ class ModelConfig(_Section):
     tokenizer: PathText | None = None
     """Another tokenizer (Hub id or folder) instead of the pipeline's own (the first one,
     for a family with several)."""
+    guidance: float = Field(3.5, ge=0)
+    """The value a guidance-distilled transformer's guidance embedding gets in training
+    (Flux dev: 3.5, diffusers' --guidance_scale); a base without one ignores it."""
 
     @field_validator("family")
     @classmethod
@@ -205,15 +209,12 @@ class ObjectiveConfig(_Section):
     mode_scale: float = 1.29
     loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
     """Flow matching's per-sample loss weight: none, sigma^-2 or cosmap (Esser et al. 2024)."""
-    guidance: float = Field(3.5, ge=0)
-    """The guidance embedding's value for guidance-distilled transformers (Flux dev: 3.5,
-    as diffusers' Flux scripts); ignored by a transformer without one."""
 
 
 # Options that only one kind of objective reads: the config refuses the others' (config/run.py).
 FLOW_ONLY = ("timestep_sampling", "logit_mean", "logit_std", "mode_scale", "loss_weighting")
 DDPM_ONLY = ("prediction_type", "snr_gamma", "input_perturbation")
-OBJECTIVE_OPTIONS = {"flow_matching": FLOW_ONLY + ("guidance",), "ddpm": DDPM_ONLY}
+OBJECTIVE_OPTIONS = {"flow_matching": FLOW_ONLY, "ddpm": DDPM_ONLY}
 
 
 class DataConfig(_Section):

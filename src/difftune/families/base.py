@@ -54,6 +54,16 @@ class Parts:
     settings: dict[str, Any] = field(default_factory=dict)
     """The base pipeline's options that are not components (model_index.json), such as
     SDXL's force_zeros_for_empty_prompt: training follows them and pipelines keep them."""
+    constants: dict[str, Any] = field(default_factory=dict)
+    """Fixed inputs of the denoiser that the config sets (Flux: the guidance value)."""
+    trainable_text_encoder_names: tuple[str, ...] | None = None
+    """The text encoders a method may train or adapt (None: all; Flux: CLIP, not T5,
+    as diffusers' Flux LoRA loader reads)."""
+
+    @property
+    def trainable_text_encoders(self) -> tuple[str, ...]:
+        names = self.trainable_text_encoder_names
+        return self.text_encoder_names if names is None else names
 
     @property
     def denoiser(self) -> Any:

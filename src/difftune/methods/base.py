@@ -94,7 +94,7 @@ def denoiser_and_text_encoders(parts: Parts, text_encoders: bool) -> dict[str, n
     when asked (by their part names)."""
     chosen = {parts.denoiser_name: parts.denoiser}
     if text_encoders:
-        chosen |= {name: parts.components[name] for name in parts.text_encoder_names}
+        chosen |= {name: parts.components[name] for name in parts.trainable_text_encoders}
     return chosen
 
 

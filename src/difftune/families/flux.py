@@ -1,0 +1,167 @@
+"""FLUX.1 (Black Forest Labs 2024): a rectified-flow transformer over 2x2 patches of the
+latents, conditioned on a T5 sequence and CLIP's pooled embedding, with rotary position
+ids for the text (zeros) and the image tokens (row, column), and for guidance-distilled
+bases (dev) a guidance embedding.
+
+As diffusers' FluxPipeline and its training scripts (train_dreambooth_lora_flux.py):
+- the prompt: T5's last hidden states at max_sequence_length (512, the pipeline's
+  default) and CLIP's pooled output at CLIP's length;
+- the latents: the VAE's posterior, shifted then scaled (shift_factor, scaling_factor),
+  packed into (tokens, channels x 4); the velocity comes back unpacked;
+- the time: the objective's sigma (the transformer takes timestep / 1000), shifted by the
+  image's token count as the scheduler's config says (use_dynamic_shifting);
+- guidance: `[model] guidance` (3.5) when the transformer has a guidance embedding.
+Every size comes from the configs: VAE factor, latent channels, text widths.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from difftune.families.base import ModelInputs, Parts, device_of, dtype_of
+from difftune.families.latent import LatentFamily
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+    import torch
+    from torch import nn
+
+    from difftune.config import ModelConfig, ObjectiveConfig
+    from difftune.objectives import Objective
+
+MAX_SEQUENCE_LENGTH = 512
+"""T5 tokens per prompt: FluxPipeline's default max_sequence_length, so that training sees
+the padding that generation gives."""
+PATCH = 2
+"""Latents are packed in 2x2 patches: sides must be multiples of the VAE factor x 2."""
+
+
+class Flux(LatentFamily):
+    name = "flux"
+    description = "FLUX.1"
+    supports = frozenset({"full", "lora", "dreambooth"})
+    denoiser_name = "transformer"
+    denoiser_class = "FluxTransformer2DModel"
+    scheduler_class = "FlowMatchEulerDiscreteScheduler"
+    objective_kind = "flow_matching"
+    text_encoder_classes = {"text_encoder": "CLIPTextModel", "text_encoder_2": "T5EncoderModel"}
+    tokenizer_names = ("tokenizer", "tokenizer_2")
+    default_resolution = 1024
+    lora_targets = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0")
+    """The attention projections, as diffusers' Flux LoRA script adapts by default."""
+    kohya_prefixes: dict[str, str] = {}
+    """sd-scripts names Flux modules in BFL's layout (fused qkv): not written yet."""
+    kohya_unet_names = "diffusers"
+    license = "other"
+    card_tags = ["flux", "flux-diffusers", "text-to-image"]
+    pipeline_classes = {"text_to_image": "FluxPipeline"}
+
+    def load(self, config: ModelConfig, denoiser_in_memory: bool = False) -> Parts:
+        from dataclasses import replace
+
+        parts = self.load_parts(config, denoiser_in_memory)
+        # diffusers' Flux LoRA loader adapts CLIP, never T5 (train_text_encoder: CLIP alone)
+        return replace(parts, constants={"guidance": config.guidance}, trainable_text_encoder_names=("text_encoder",))
+
+    def folder_problems(self, folder: Path) -> list[str]:
+        return []
+
+    def objective(self, parts: Parts, config: ObjectiveConfig) -> Objective:
+        from difftune.objectives import FlowMatching
+
+        return FlowMatching(parts.noise_scheduler, config, self.shift_mu(parts), PATCH)
+
+    def shift_mu(self, parts: Parts) -> Callable[[int], float]:
+        """FluxPipeline's calculate_shift: mu linear in the token count between
+        (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift)."""
+        config = parts.noise_scheduler.config
+
+        def mu(tokens: int) -> float:
+            slope = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
+            return config.base_shift + slope * (tokens - config.base_image_seq_len)
+
+        return mu
+
+    def resolution_multiple(self, parts: Parts) -> int:
+        return self.vae_scale_factor(parts) * PATCH
+
+    # --- text ------------------------------------------------------------------------------
+
+    def encode_prompts(self, parts: Parts, captions: list[str]) -> dict[str, torch.Tensor]:
+        clip, t5 = parts.components["text_encoder"], parts.components["text_encoder_2"]
+        clip_ids = self.token_ids(parts.components["tokenizer"], captions).to(device_of(clip))
+        t5_ids = parts.components["tokenizer_2"](captions, max_length=MAX_SEQUENCE_LENGTH, padding="max_length",
+                                                 truncation=True, return_tensors="pt").input_ids
+        return {"hidden_states": t5(t5_ids.to(device_of(t5)), output_hidden_states=False)[0],
+                "pooled": clip(clip_ids, output_hidden_states=False).pooler_output}
+
+    def text_cache_identity(self, parts: Parts) -> dict[str, Any]:
+        return {**super().text_cache_identity(parts), "max_sequence_length": MAX_SEQUENCE_LENGTH}
+
+    # --- the denoiser ----------------------------------------------------------------------
+
+    def predict(self, parts: Parts, inputs: ModelInputs) -> torch.Tensor:
+        import torch
+
+        transformer = parts.denoiser  # possibly wrapped (DDP): no .config or .dtype there
+        config = getattr(transformer, "module", transformer).config
+        dtype, device = dtype_of(transformer), inputs.noisy.device
+        batch, channels, height, width = inputs.noisy.shape
+        if height % PATCH or width % PATCH:
+            raise ValueError(f"Flux packs latents in {PATCH}x{PATCH} patches: latents of {height}x{width} do not "
+                             "divide (data.resolution must be a multiple of the VAE factor x 2)")
+        text = inputs.text["hidden_states"]
+        guidance = (torch.full((batch,), parts.constants.get("guidance", 3.5), device=device, dtype=torch.float32)
+                    if config.guidance_embeds else None)
+        velocity = transformer(
+            hidden_states=pack(inputs.noisy).to(dtype),
+            timestep=(inputs.timesteps / 1000).to(dtype),
+            guidance=guidance,
+            pooled_projections=inputs.text["pooled"].to(dtype),
+            encoder_hidden_states=text.to(dtype),
+            txt_ids=torch.zeros(text.shape[1], 3, device=device, dtype=dtype),
+            img_ids=image_ids(height // PATCH, width // PATCH, device, dtype),
+            return_dict=False,
+        )[0]
+        return unpack(velocity, channels, height, width)
+
+    # --- pipelines and what leaves a run ----------------------------------------------------
+
+    def sampler(self, parts: Parts) -> Any:
+        """A fresh FlowMatchEuler of the base's config (the pipeline sets its timesteps)."""
+        return type(parts.noise_scheduler).from_config(parts.noise_scheduler.config)
+
+    def export_single_file(self, pipeline_dir: Path, out_file: Path, half: bool) -> Path:
+        raise ValueError("a single-file Flux checkpoint is not written yet; the run's final/ is a diffusers folder")
+
+    def make_controlnet(self, parts: Parts, source: str | None, conditioning_channels: int) -> nn.Module:
+        raise ValueError("Flux ControlNet training is not built yet")
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, C * 4), as FluxPipeline._pack_latents."""
+    batch, channels, height, width = latents.shape
+    patches = latents.view(batch, channels, height // PATCH, PATCH, width // PATCH, PATCH).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(batch, (height // PATCH) * (width // PATCH), channels * PATCH * PATCH)
+
+
+def unpack(tokens: torch.Tensor, channels: int, height: int, width: int) -> torch.Tensor:
+    """The inverse of `pack`."""
+    batch = tokens.shape[0]
+    patches = tokens.view(batch, height // PATCH, width // PATCH, channels, PATCH, PATCH).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(batch, channels, height, width)
+
+
+def image_ids(rows: int, columns: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(rows * columns, 3): 0, row, column per token (FluxPipeline._prepare_latent_image_ids)."""
+    import torch
+
+    ids = torch.zeros(rows, columns, 3, device=device, dtype=dtype)
+    ids[..., 1] = torch.arange(rows, device=device, dtype=dtype)[:, None]
+    ids[..., 2] = torch.arange(columns, device=device, dtype=dtype)[None, :]
+    return ids.reshape(rows * columns, 3)
+
+
+FAMILY = Flux()

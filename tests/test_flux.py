@@ -1,0 +1,117 @@
+"""Flux: the prompt, packing, position ids, time and guidance checked against diffusers'
+own FluxPipeline; LoRA and full runs that FluxPipeline loads; another VAE shape; what
+the config refuses for a flow-matching family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import WORDS, run_config
+from diffusers import FluxPipeline
+
+from difftune.config import ConfigError, build_config
+from difftune.families import ModelInputs, get_family
+from difftune.families.flux import image_ids, pack, unpack
+from difftune.tiny import build_tiny_flux
+from difftune.training.loop import train
+
+PROMPT = "red circle with blue background"
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_flux(tmp_path_factory.mktemp("flux") / "tiny-flux", WORDS, seed=0)
+
+
+def _flux_run(base: Path, data: Path, out: Path, **method) -> dict:
+    raw = run_config(base, data, out, train={"max_steps": 2, "checkpoint_every": 2, "learning_rate": 1e-2},
+                     validation={"every": 2, "steps": 2, "prompts": [PROMPT]})
+    raw["model"]["family"] = "flux"
+    raw["method"] = method
+    return raw
+
+
+def _pipeline(base: Path) -> FluxPipeline:
+    pipe = FluxPipeline.from_pretrained(base)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _image(pipe: FluxPipeline) -> np.ndarray:
+    return pipe(PROMPT, num_inference_steps=2, height=32, width=32, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images[0]
+
+
+def test_prompt_latents_and_transformer_call_are_what_the_pipeline_uses(tiny_flux: Path) -> None:
+    family = get_family("flux")
+    parts = family.load(build_config(_flux_run(tiny_flux, Path("."), Path("."), kind="lora")).model)
+    pipe = _pipeline(tiny_flux)
+    text = family.encode_prompts(parts, [PROMPT, ""])
+    embeds, pooled, text_ids = pipe.encode_prompt([PROMPT, ""], prompt_2=None)
+    assert torch.equal(text["hidden_states"], embeds) and torch.equal(text["pooled"], pooled)
+    latents = torch.randn(2, 1, 8, 6, generator=torch.Generator().manual_seed(0))
+    packed = pipe._pack_latents(latents, 2, 1, 8, 6)
+    assert torch.equal(pack(latents), packed) and torch.equal(unpack(packed, 1, 8, 6), latents)
+    assert torch.equal(image_ids(4, 3, torch.device("cpu"), torch.float32),
+                       pipe._prepare_latent_image_ids(2, 4, 3, torch.device("cpu"), torch.float32))
+    timesteps = torch.tensor([250.0, 900.0])
+    with torch.no_grad():
+        ours = family.predict(parts, ModelInputs(latents, timesteps, text))
+        theirs = pipe.transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=torch.full((2,), 3.5),
+                                  pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
+                                  img_ids=pipe._prepare_latent_image_ids(2, 4, 3, torch.device("cpu"), torch.float32),
+                                  return_dict=False)[0]
+    assert torch.equal(ours, unpack(theirs, 1, 8, 6))
+
+
+def test_the_time_shift_grows_with_the_image_as_the_pipeline_shifts(tiny_flux: Path) -> None:
+    """The objective's mu for a token count is FluxPipeline's calculate_shift."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    family = get_family("flux")
+    parts = family.load(build_config(_flux_run(tiny_flux, Path("."), Path("."), kind="lora")).model)
+    config = parts.noise_scheduler.config
+    mu = family.shift_mu(parts)
+    for tokens in (16, 256, 1024, 4096):
+        assert mu(tokens) == pytest.approx(calculate_shift(tokens, config.base_image_seq_len, config.max_image_seq_len,
+                                                           config.base_shift, config.max_shift))
+
+
+@pytest.mark.parametrize("size", ["test", "test-x2"])
+def test_a_lora_run_loads_into_fluxpipeline_and_changes_it(size: str, circles: Path, tmp_path: Path) -> None:
+    """Also on a base whose VAE halves the image and has two latent channels."""
+    base = build_tiny_flux(tmp_path / "base", WORDS, size=size, seed=0)
+    raw = _flux_run(base, circles, tmp_path / "run", kind="lora", train_text_encoder=True)
+    final = train(build_config(raw))
+    assert (tmp_path / "run" / "validation" / "step-000002" / "pair-00-grid.png").is_file()
+    pipe = _pipeline(base)
+    before = _image(pipe)
+    pipe.load_lora_weights(final)
+    after = _image(pipe)
+    assert not np.allclose(before, after, atol=1e-4), "the LoRA changed nothing"
+    assert any("lora" in type(m).__module__ for m in pipe.text_encoder.modules())  # CLIP adapted, as asked
+
+
+def test_a_full_run_saves_a_pipeline_flux_loads(tiny_flux: Path, circles: Path, tmp_path: Path) -> None:
+    raw = _flux_run(tiny_flux, circles, tmp_path / "run", kind="full")
+    raw["data"] |= {"cache_text": True, "cache_latents": True}
+    raw["objective"] = {"timestep_sampling": "logit_normal", "loss_weighting": "cosmap"}
+    final = train(build_config(raw))
+    pipe = _pipeline(final)
+    trained = pipe.transformer.state_dict()
+    base = _pipeline(tiny_flux).transformer.state_dict()
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+    assert np.isfinite(_image(pipe)).all()
+
+
+def test_the_config_refuses_what_flux_cannot_do(tiny_flux: Path, circles: Path) -> None:
+    raw = _flux_run(tiny_flux, circles, Path("out"), kind="controlnet")
+    with pytest.raises(ConfigError, match="method.kind = 'controlnet': family 'flux'"):
+        build_config(raw)
+    raw = _flux_run(tiny_flux, circles, Path("out"), kind="lora")
+    raw["objective"] = {"snr_gamma": 5.0}
+    with pytest.raises(ConfigError, match="objective.snr_gamma: family 'flux' trains with flow_matching"):
+        build_config(raw)
