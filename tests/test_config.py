@@ -120,3 +120,12 @@ def test_sdxl_presets_are_the_methods_they_are_named_after() -> None:
     assert presets["lora"].method.kind == "lora" and presets["lora"].data.buckets
     assert presets["dreambooth_lora"].method.kind == "dreambooth" and presets["dreambooth_lora"].method.uses_lora
     assert presets["full"].method.kind == "full" and presets["full"].method.ema is not None
+
+
+def test_flux_presets_are_the_methods_they_are_named_after() -> None:
+    root = Path(__file__).resolve().parents[1] / "configs" / "flux"
+    presets = {name: load_config(root / f"{name}.toml") for name in ("lora", "dreambooth_lora", "full")}
+    assert all(c.model.family == "flux" and c.train.mixed_precision == "bf16" for c in presets.values())
+    assert presets["lora"].method.kind == "lora" and presets["lora"].objective.timestep_sampling == "logit_normal"
+    assert presets["dreambooth_lora"].method.uses_lora and presets["dreambooth_lora"].model.guidance == 1.0
+    assert presets["full"].method.kind == "full"

@@ -4,6 +4,8 @@ the config refuses for a flow-matching family."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 import torch
 from conftest import WORDS, run_config
 from diffusers import FluxPipeline
+from PIL import Image
 
 from difftune.config import ConfigError, build_config
 from difftune.families import ModelInputs, get_family
@@ -93,6 +96,13 @@ def test_a_lora_run_loads_into_fluxpipeline_and_changes_it(size: str, circles: P
     after = _image(pipe)
     assert not np.allclose(before, after, atol=1e-4), "the LoRA changed nothing"
     assert any("lora" in type(m).__module__ for m in pipe.text_encoder.modules())  # CLIP adapted, as asked
+    if size == "test":  # the CLI renders with the run's LoRA on its base, at a LoRA scale
+        out = tmp_path / "out.png"
+        done = subprocess.run([sys.executable, "-m", "difftune", "generate", "--lora", str(tmp_path / "run"),
+                               "--prompt", PROMPT, "--steps", "2", "--lora-scale", "0.5", "--out", str(out)],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert Image.open(out).size == (64, 64)
 
 
 def test_a_full_run_saves_a_pipeline_flux_loads(tiny_flux: Path, circles: Path, tmp_path: Path) -> None:

@@ -215,18 +215,18 @@ def _check_lora(path: str) -> None:
 
 
 def generate(request: Generation, should_stop: Callable[[], bool] = lambda: False) -> Path:
-    """Render one image with UniPC (fp16 on a GPU), the conditioning image resized to the
+    """Render one image with the family's sampler (UniPC for SD/SDXL) in its half precision
+    on a GPU (fp16, Flux bf16), the conditioning image resized to the
     resolution (the run's, or the base's native size). A stop request (`should_stop`,
     a first Ctrl+C) ends it after loading or between denoising steps."""
     import torch
-    from diffusers import UniPCMultistepScheduler
 
     from difftune.quiet import quiet_loading_bars
 
     quiet_loading_bars()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = _load_pipeline(request, torch.float16 if device == "cuda" else torch.float32)
     family = _family(request)
+    pipe = _load_pipeline(request, getattr(torch, family.gpu_dtype) if device == "cuda" else torch.float32)
     size = request.resolution or native_resolution(Path(run_output(request.base)), family.denoiser_name)
     call: dict[str, Any] = {"height": size, "width": size} if size else {}
     if request.controlnet is not None:
@@ -234,9 +234,9 @@ def generate(request: Generation, should_stop: Callable[[], bool] = lambda: Fals
         call |= {**family.control_arguments(control), "controlnet_conditioning_scale": request.conditioning_scale,
                  "height": control.height, "width": control.width}
     if request.lora is not None:
-        call["cross_attention_kwargs"] = {"scale": request.lora_scale}
+        call[family.attention_options] = {"scale": request.lora_scale}
     pipe = pipe.to(device)
-    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = family.sampler(pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
 
     def stop_between_steps(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:

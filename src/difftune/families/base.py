@@ -155,6 +155,10 @@ class Family(Protocol):
     card_tags: list[str]
     pipeline_classes: dict[str, str]
     """diffusers pipeline class names by what they run: "text_to_image", "controlnet"."""
+    attention_options: str
+    """The pipeline call's argument that carries a LoRA scale ("cross_attention_kwargs")."""
+    gpu_dtype: str
+    """The torch dtype name `difftune generate` uses on a GPU."""
 
     def folder_problems(self, folder: Path) -> list[str]:
         """What a local pipeline folder lacks for this family beyond its files (from the
@@ -201,6 +205,10 @@ class Family(Protocol):
     def controlnet_residuals(
         self, controlnet: nn.Module, inputs: ModelInputs, conditioning: torch.Tensor
     ) -> dict[str, Any]: ...
+
+    def sampler(self, scheduler: Any) -> Any:
+        """The scheduler pipelines sample with, made from a base's scheduler."""
+        ...
 
     def pipeline(self, parts: Parts) -> Any:
         """An inference pipeline over the loaded parts (nothing re-read from disk): with a

@@ -57,6 +57,8 @@ class Flux(LatentFamily):
     license = "other"
     card_tags = ["flux", "flux-diffusers", "text-to-image"]
     pipeline_classes = {"text_to_image": "FluxPipeline"}
+    attention_options = "joint_attention_kwargs"
+    gpu_dtype = "bfloat16"  # Flux overflows in fp16
 
     def load(self, config: ModelConfig, denoiser_in_memory: bool = False) -> Parts:
         from dataclasses import replace
@@ -128,10 +130,6 @@ class Flux(LatentFamily):
         return unpack(velocity, channels, height, width)
 
     # --- pipelines and what leaves a run ----------------------------------------------------
-
-    def sampler(self, parts: Parts) -> Any:
-        """A fresh FlowMatchEuler of the base's config (the pipeline sets its timesteps)."""
-        return type(parts.noise_scheduler).from_config(parts.noise_scheduler.config)
 
     def export_single_file(self, pipeline_dir: Path, out_file: Path, half: bool) -> Path:
         raise ValueError("a single-file Flux checkpoint is not written yet; the run's final/ is a diffusers folder")

@@ -40,6 +40,10 @@ class LatentFamily:
     pipeline_classes: dict[str, str]
     pipeline_options: dict[str, Any] = {}
     """Keyword arguments every pipeline of the family is built with."""
+    gpu_dtype = "float16"
+    """The dtype `difftune generate` runs the pipeline in on a GPU."""
+    attention_options = "cross_attention_kwargs"
+    """The pipeline call's argument that carries a LoRA scale to the denoiser's attention."""
 
     @property
     def text_encoder_names(self) -> tuple[str, ...]:
@@ -163,9 +167,9 @@ class LatentFamily:
 
         return getattr(diffusers, self.pipeline_classes["controlnet" if controlnet else "text_to_image"])
 
-    def sampler(self, parts: Parts) -> Any:
-        """The scheduler validation samples with (the base's training schedule's config)."""
-        return parts.noise_scheduler
+    def sampler(self, scheduler: Any) -> Any:
+        """The scheduler a pipeline samples with, made from the base's (a fresh one)."""
+        return type(scheduler).from_config(scheduler.config)
 
     def pipeline(self, parts: Parts) -> Any:
         """An inference pipeline over the loaded parts (the family's sampler): the ControlNet
@@ -173,7 +177,7 @@ class LatentFamily:
         cls = self.pipeline_class("controlnet" in parts.components)
         wanted = inspect.signature(cls.__init__).parameters
         components = {name: part for name, part in parts.components.items() if name in wanted}
-        components["scheduler"] = self.sampler(parts)
+        components["scheduler"] = self.sampler(parts.noise_scheduler)
         settings = {key: value for key, value in parts.settings.items() if key in wanted}
         return cls(**components, **{**settings, **self.pipeline_options})
 

@@ -143,11 +143,11 @@ class StableDiffusion(LatentFamily):
 
     # --- pipelines and what leaves a run ----------------------------------------------------
 
-    def sampler(self, parts: Parts) -> Any:
+    def sampler(self, scheduler: Any) -> Any:
         """UniPC (fast multistep sampling) over the DDPM training schedule."""
         from diffusers import UniPCMultistepScheduler
 
-        return UniPCMultistepScheduler.from_config(parts.noise_scheduler.config)
+        return UniPCMultistepScheduler.from_config(scheduler.config)
 
     def control_arguments(self, image: Any) -> dict[str, Any]:
         return {"image": image}
