@@ -16,10 +16,12 @@ from diffusers import FluxPipeline
 from PIL import Image
 
 from difftune.config import ConfigError, build_config
+from difftune.errors import UserError
 from difftune.families import ModelInputs, get_family
 from difftune.families.flux import image_ids, pack, unpack
 from difftune.tiny import build_tiny_flux
 from difftune.training.loop import train
+from difftune.training.plan import plan_run
 
 PROMPT = "red circle with blue background"
 
@@ -125,3 +127,21 @@ def test_the_config_refuses_what_flux_cannot_do(tiny_flux: Path, circles: Path) 
     raw["objective"] = {"snr_gamma": 5.0}
     with pytest.raises(ConfigError, match="objective.snr_gamma: family 'flux' trains with flow_matching"):
         build_config(raw)
+
+
+def test_a_size_that_makes_no_whole_patches_is_named_before_models_load(tiny_flux: Path, circles: Path,
+                                                                        tmp_path: Path) -> None:
+    """With FLUX.1's VAE factor 8, sides must be multiples of 16; 72 is one of 8 only."""
+    import json
+    import shutil
+
+    base = shutil.copytree(tiny_flux, tmp_path / "x8")
+    vae = base / "vae" / "config.json"
+    vae.write_text(json.dumps({**json.loads(vae.read_text()), "block_out_channels": [4, 4, 4, 4]}))
+    raw = _flux_run(base, circles, tmp_path / "run", kind="lora")
+    raw["data"]["resolution"] = 72
+    with pytest.raises(UserError, match=r"data.resolution = 72 must be a multiple of 16 \(the VAE factor 8 x the 2x2"):
+        plan_run(build_config(raw))
+    raw["data"] |= {"resolution": 64, "buckets": True, "bucket_step": 8}
+    with pytest.raises(UserError, match="data.bucket_step = 8 must be a multiple of 16"):
+        plan_run(build_config(raw))

@@ -158,6 +158,8 @@ class Family(Protocol):
     attention_options: str
     """The pipeline call's argument that carries a LoRA scale ("cross_attention_kwargs")."""
     gpu_dtype: str
+    latent_patch: int
+    """Latent pixels per side of one denoiser token (Flux: 2); sizes are multiples of VAE factor x this."""
     """The torch dtype name `difftune generate` uses on a GPU."""
 
     def folder_problems(self, folder: Path) -> list[str]:

@@ -58,6 +58,7 @@ class Flux(LatentFamily):
     card_tags = ["flux", "flux-diffusers", "text-to-image"]
     pipeline_classes = {"text_to_image": "FluxPipeline"}
     attention_options = "joint_attention_kwargs"
+    latent_patch = PATCH
     gpu_dtype = "bfloat16"  # Flux overflows in fp16
 
     def load(self, config: ModelConfig, denoiser_in_memory: bool = False) -> Parts:
@@ -85,9 +86,6 @@ class Flux(LatentFamily):
             return config.base_shift + slope * (tokens - config.base_image_seq_len)
 
         return mu
-
-    def resolution_multiple(self, parts: Parts) -> int:
-        return self.vae_scale_factor(parts) * PATCH
 
     # --- text ------------------------------------------------------------------------------
 

@@ -40,6 +40,9 @@ class LatentFamily:
     pipeline_classes: dict[str, str]
     pipeline_options: dict[str, Any] = {}
     """Keyword arguments every pipeline of the family is built with."""
+    latent_patch = 1
+    """Latent pixels per side of one denoiser token (Flux packs 2x2): training sizes are
+    multiples of the VAE factor times this."""
     gpu_dtype = "float16"
     """The dtype `difftune generate` runs the pipeline in on a GPU."""
     attention_options = "cross_attention_kwargs"

@@ -41,10 +41,12 @@ from difftune.paths import (
     check_output_dir,
     check_pipeline,
     check_tokenizer,
+    check_sizes_fit,
     check_vae_fits,
     default_cache_dir,
     looks_like_path,
     offline_if_hub_unreachable,
+    vae_factor,
     within,
 )
 from difftune.training.checkpoint import (
@@ -178,10 +180,13 @@ def check_sources(config: RunConfig) -> None:
     check_base("model.pretrained", model.pretrained, model.family, "model.family")
     if model.vae:
         check_vae_fits("model.vae", model.vae, model.pretrained)
+    family = get_family(model.family)
+    sizes: dict[str, int] = {"data.resolution": config.data.resolution} | (
+        {"data.bucket_step": config.data.bucket_step} if config.data.buckets else {})
+    check_sizes_fit(sizes, vae_factor(model.vae, model.pretrained), family.latent_patch, family.name)
     if config.method.controlnet:
         check_model_folder("method.controlnet", config.method.controlnet, "ControlNet")
-        check_controlnet_fits("method.controlnet", config.method.controlnet, model.pretrained,
-                              get_family(model.family).denoiser_name)
+        check_controlnet_fits("method.controlnet", config.method.controlnet, model.pretrained, family.denoiser_name)
     for key, value in (("data.path", config.data.path), ("validation.metric_data", config.validation.metric_data)):
         if value and looks_like_path(value) and not Path(value).exists():
             raise DataError(f"{key} = {value!r}: no such folder or file")
