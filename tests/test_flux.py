@@ -145,3 +145,65 @@ def test_a_size_that_makes_no_whole_patches_is_named_before_models_load(tiny_flu
     raw["data"] |= {"resolution": 64, "buckets": True, "bucket_step": 8}
     with pytest.raises(UserError, match="data.bucket_step = 8 must be a multiple of 16"):
         plan_run(build_config(raw))
+
+
+def test_control_at_step_zero_is_the_base_exactly(tiny_flux: Path, circles: Path) -> None:
+    """The widened projection's new inputs start at zero: any control latents, same output."""
+    from difftune.methods import make_method
+
+    family = get_family("flux")
+    config = build_config(_control_run(tiny_flux, circles, Path(".")))
+    parts = family.load(config.model)
+    text = family.encode_prompts(parts, [PROMPT, ""])
+    latents = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    inputs = ModelInputs(latents, torch.tensor([250.0, 900.0]), text)
+    with torch.no_grad():
+        before = family.predict(parts, inputs)
+        trained = make_method(config.method).build(family, parts)
+        control = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+        after = family.predict(parts, ModelInputs(torch.cat([latents, control], 1), inputs.timesteps, text))
+    assert parts.denoiser.config.in_channels == 8 and parts.denoiser.config.out_channels == 4
+    assert parts.denoiser.x_embedder.in_features == 8 and after.shape == before.shape
+    assert torch.equal(before, after)
+    assert all(p.requires_grad for p in trained["transformer"].parameters())
+
+
+def _control_run(base: Path, data: Path, out: Path, **method) -> dict:
+    raw = _flux_run(base, data, out, kind="control", **method)
+    raw["validation"] = {"every": 2, "steps": 2, "num_images": 1, "prompts": [PROMPT],
+                         "images": [str(data / "conditioning_images" / "000000.png")]}
+    return raw
+
+
+def test_a_control_run_saves_a_fluxcontrolpipeline(tiny_flux: Path, circles: Path, tmp_path: Path) -> None:
+    from diffusers import FluxControlPipeline
+
+    final = train(build_config(_control_run(tiny_flux, circles, tmp_path / "run")))
+    assert (tmp_path / "run" / "validation" / "step-000002" / "pair-00-grid.png").is_file()
+    pipe = FluxControlPipeline.from_pretrained(final)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.transformer.config.in_channels == 8
+    control = Image.open(circles / "conditioning_images" / "000000.png").convert("RGB")
+    image = pipe(PROMPT, control_image=control, num_inference_steps=2, height=32, width=32, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert np.isfinite(image).all()
+
+
+def test_a_control_lora_loads_into_the_base_control_pipeline(tiny_flux: Path, circles: Path,
+                                                             tmp_path: Path) -> None:
+    """Control-LoRA: adapters on the attention and the widened projection; diffusers widens
+    the base's projection when it loads the file, and the adapters steer the output."""
+    from diffusers import FluxControlPipeline
+
+    final = train(build_config(_control_run(tiny_flux, circles, tmp_path / "run", lora={"rank": 4})))
+    pipe = FluxControlPipeline.from_pretrained(tiny_flux)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(final)
+    assert pipe.transformer.config.in_channels == 8
+    control = Image.open(circles / "conditioning_images" / "000000.png").convert("RGB")
+
+    def image(scale: float) -> np.ndarray:
+        return pipe(PROMPT, control_image=control, num_inference_steps=2, height=32, width=32, output_type="np",
+                    joint_attention_kwargs={"scale": scale}, generator=torch.Generator().manual_seed(0)).images[0]
+
+    assert not np.allclose(image(0.0), image(1.0), atol=1e-4)

@@ -137,13 +137,14 @@ class DreamBoothSettings(_Section):
         return self
 
 
-METHOD_KINDS = ("controlnet", "full", "lora", "dreambooth")
+METHOD_KINDS = ("controlnet", "control", "full", "lora", "dreambooth")
 
 
 class MethodConfig(_Section):
     kind: Literal[METHOD_KINDS] = "controlnet"  # type: ignore[valid-type]
-    """"controlnet"; "full" (every denoiser weight, a whole pipeline out); "lora"
-    (adapters only); "dreambooth" (full, or LoRA when [method.lora] is given)."""
+    """"controlnet"; "control" (the control image's latents concatenated to the input,
+    full or with [method.lora]); "full" (every denoiser weight, a whole pipeline out);
+    "lora" (adapters only); "dreambooth" (full, or LoRA when [method.lora] is given)."""
     controlnet: PathText | None = None
     """Existing ControlNet (Hub id or folder) to continue from; None starts from the UNet."""
     train_text_encoder: bool = False
@@ -164,11 +165,11 @@ class MethodConfig(_Section):
         if self.kind != "dreambooth" and self.dreambooth is not None:
             raise ValueError(f'[method.dreambooth] is only for kind = "dreambooth" (kind is {self.kind!r})')
         if self.kind in ("controlnet", "full") and self.lora is not None:
-            raise ValueError(f'[method.lora] is for kind "lora" or "dreambooth" (kind is {self.kind!r})')
+            raise ValueError(f'[method.lora] is for kind "lora", "dreambooth" or "control" (kind is {self.kind!r})')
         if self.kind != "controlnet" and self.controlnet is not None:
             raise ValueError(f'method.controlnet is for kind = "controlnet" (kind is {self.kind!r})')
-        if self.kind == "controlnet" and self.train_text_encoder:
-            raise ValueError('train_text_encoder is not available for kind = "controlnet"')
+        if self.kind in ("controlnet", "control") and self.train_text_encoder:
+            raise ValueError(f'train_text_encoder is not available for kind = "{self.kind}"')
         return self
 
     @property
@@ -179,7 +180,7 @@ class MethodConfig(_Section):
     def needs_conditioning(self) -> bool:
         """Whether training samples carry a conditioning image (known before the method's
         module is imported, so the data is checked before torch loads)."""
-        return self.kind == "controlnet"
+        return self.kind in ("controlnet", "control")
 
     @property
     def fixed_caption(self) -> str | None:

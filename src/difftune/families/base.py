@@ -158,6 +158,8 @@ class Family(Protocol):
     attention_options: str
     """The pipeline call's argument that carries a LoRA scale ("cross_attention_kwargs")."""
     gpu_dtype: str
+    input_projection: str
+    """The denoiser's input layer (a module path) that channel-concat Control widens."""
     latent_patch: int
     """Latent pixels per side of one denoiser token (Flux: 2); sizes are multiples of VAE factor x this."""
     """The torch dtype name `difftune generate` uses on a GPU."""
@@ -212,9 +214,15 @@ class Family(Protocol):
         """The scheduler pipelines sample with, made from a base's scheduler."""
         ...
 
-    def pipeline(self, parts: Parts) -> Any:
-        """An inference pipeline over the loaded parts (nothing re-read from disk): with a
-        "controlnet" component, the ControlNet pipeline; else text-to-image."""
+    def pipeline(self, parts: Parts, kind: str | None = None) -> Any:
+        """An inference pipeline over the loaded parts (nothing re-read from disk) of `kind`
+        ("text_to_image", "controlnet", "control"); by default, with a "controlnet"
+        component, the ControlNet pipeline, else text-to-image."""
+        ...
+
+    def widened_config(self, config: Any) -> dict[str, Any]:
+        """Channel-concat Control: the denoiser config entries after `input_projection`
+        takes the control latents too."""
         ...
 
     def control_arguments(self, image: Any) -> dict[str, Any]:

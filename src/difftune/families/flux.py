@@ -41,7 +41,7 @@ PATCH = 2
 class Flux(LatentFamily):
     name = "flux"
     description = "FLUX.1"
-    supports = frozenset({"full", "lora", "dreambooth"})
+    supports = frozenset({"full", "lora", "dreambooth", "control"})
     denoiser_name = "transformer"
     denoiser_class = "FluxTransformer2DModel"
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
@@ -56,7 +56,9 @@ class Flux(LatentFamily):
     kohya_unet_names = "diffusers"
     license = "other"
     card_tags = ["flux", "flux-diffusers", "text-to-image"]
-    pipeline_classes = {"text_to_image": "FluxPipeline"}
+    pipeline_classes = {"text_to_image": "FluxPipeline", "control": "FluxControlPipeline"}
+    input_projection = "x_embedder"
+    """The denoiser's input layer, which channel-concat Control widens."""
     attention_options = "joint_attention_kwargs"
     latent_patch = PATCH
     gpu_dtype = "bfloat16"  # Flux overflows in fp16
@@ -108,7 +110,7 @@ class Flux(LatentFamily):
         transformer = parts.denoiser  # possibly wrapped (DDP): no .config or .dtype there
         config = getattr(transformer, "module", transformer).config
         dtype, device = dtype_of(transformer), inputs.noisy.device
-        batch, channels, height, width = inputs.noisy.shape
+        batch, _, height, width = inputs.noisy.shape
         if height % PATCH or width % PATCH:
             raise ValueError(f"Flux packs latents in {PATCH}x{PATCH} patches: latents of {height}x{width} do not "
                              "divide (data.resolution must be a multiple of the VAE factor x 2)")
@@ -125,9 +127,18 @@ class Flux(LatentFamily):
             img_ids=image_ids(height // PATCH, width // PATCH, device, dtype),
             return_dict=False,
         )[0]
-        return unpack(velocity, channels, height, width)
+        # Control widens the input (noisy and control latents); the output keeps the latents' channels
+        return unpack(velocity, velocity.shape[-1] // PATCH**2, height, width)
 
     # --- pipelines and what leaves a run ----------------------------------------------------
+
+    def widened_config(self, config: Any) -> dict[str, Any]:
+        """The transformer config of a Control model: twice the packed input channels, the
+        output as before (FluxControlPipeline reads the latent channels as in_channels / 8)."""
+        return {"in_channels": config.in_channels * 2, "out_channels": config.out_channels or config.in_channels}
+
+    def control_arguments(self, image: Any) -> dict[str, Any]:
+        return {"control_image": image}
 
     def export_single_file(self, pipeline_dir: Path, out_file: Path, half: bool) -> Path:
         raise ValueError("a single-file Flux checkpoint is not written yet; the run's final/ is a diffusers folder")

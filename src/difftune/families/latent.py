@@ -165,19 +165,23 @@ class LatentFamily:
 
     # --- pipelines and what leaves a run ----------------------------------------------------
 
-    def pipeline_class(self, controlnet: bool) -> Any:
+    def pipeline_class(self, kind: str) -> Any:
+        """The diffusers pipeline class that runs `kind` ("text_to_image", "controlnet", "control")."""
         import diffusers
 
-        return getattr(diffusers, self.pipeline_classes["controlnet" if controlnet else "text_to_image"])
+        if kind not in self.pipeline_classes:
+            raise ValueError(f"family {self.name!r} has no {kind} pipeline")
+        return getattr(diffusers, self.pipeline_classes[kind])
 
     def sampler(self, scheduler: Any) -> Any:
         """The scheduler a pipeline samples with, made from the base's (a fresh one)."""
         return type(scheduler).from_config(scheduler.config)
 
-    def pipeline(self, parts: Parts) -> Any:
-        """An inference pipeline over the loaded parts (the family's sampler): the ControlNet
-        pipeline when the parts hold a "controlnet"."""
-        cls = self.pipeline_class("controlnet" in parts.components)
+    def pipeline(self, parts: Parts, kind: str | None = None) -> Any:
+        """An inference pipeline over the loaded parts (the family's sampler), of `kind`;
+        by default the ControlNet pipeline when the parts hold a "controlnet", else text-to-image."""
+        kind = kind or ("controlnet" if "controlnet" in parts.components else "text_to_image")
+        cls = self.pipeline_class(kind)
         wanted = inspect.signature(cls.__init__).parameters
         components = {name: part for name, part in parts.components.items() if name in wanted}
         components["scheduler"] = self.sampler(parts.noise_scheduler)
@@ -186,8 +190,8 @@ class LatentFamily:
 
     def load_pipeline(self, base: str, dtype: Any, controlnet: Any = None) -> Any:
         extra = {} if controlnet is None else {"controlnet": controlnet}
-        return self.pipeline_class(controlnet is not None).from_pretrained(base, dtype=dtype, **extra,
-                                                                           **self.pipeline_options)
+        cls = self.pipeline_class("text_to_image" if controlnet is None else "controlnet")
+        return cls.from_pretrained(base, dtype=dtype, **extra, **self.pipeline_options)
 
     def save_lora(self, out_dir: Path, adapted: dict[str, nn.Module]) -> None:
         """diffusers' LoRA file (pytorch_lora_weights.safetensors) with each adapter's
@@ -202,10 +206,19 @@ class LatentFamily:
             state = get_peft_model_state_dict(module, save_embedding_layers=False)
             layers[f"{name}_lora_layers"] = {k: v.contiguous() for k, v in state.items()}  # channels_last
             metadata[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
-        self.pipeline_class(False).save_lora_weights(out_dir, safe_serialization=True, **layers, **metadata)
+        self.pipeline_class("text_to_image").save_lora_weights(out_dir, safe_serialization=True, **layers, **metadata)
 
     def usage(self, result: str, repo: str, base: str) -> str:
+        """result: "pipeline", "lora", "controlnet", "control" (a whole control pipeline)
+        or "control_lora" (adapters for the base's control pipeline)."""
         text_to_image = self.pipeline_classes["text_to_image"]
+        if result in ("control", "control_lora"):
+            control = self.pipeline_classes["control"]
+            if result == "control":
+                return f'from diffusers import {control}\npipe = {control}.from_pretrained("{repo}")'
+            return (f"from diffusers import {control}\n"
+                    f'pipe = {control}.from_pretrained("{base}")\n'
+                    f'pipe.load_lora_weights("{repo}")')
         if result == "controlnet":
             pipeline = self.pipeline_classes["controlnet"]
             return (f"from diffusers import ControlNetModel, {pipeline}\n"

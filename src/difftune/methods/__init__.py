@@ -4,6 +4,7 @@ from collections.abc import Callable
 
 from difftune.config import MethodConfig
 from difftune.methods.base import Method, Trained
+from difftune.methods.control import Control
 from difftune.methods.controlnet import ControlNet
 from difftune.methods.dreambooth import DreamBooth
 from difftune.methods.full import FullFineTune
@@ -11,6 +12,7 @@ from difftune.methods.lora import Lora
 
 METHODS: dict[str, Callable[[MethodConfig], Method]] = {
     "controlnet": ControlNet,
+    "control": Control,
     "full": FullFineTune,
     "lora": Lora,
     "dreambooth": DreamBooth,

@@ -75,14 +75,19 @@ class FullFineTune:
     restore = staticmethod(restore_pretrained)
 
     def save(self, family: Family, parts: Parts, trained: Trained, out_dir: Path) -> None:
-        # Frozen parts may sit in bf16/fp16 for training; the saved pipeline is fp32 throughout.
-        full_precision = parts.with_modules({name: _fp32(module) for name, module in
-                                             parts.with_modules(trained).modules().items()})
-        family.pipeline(full_precision).save_pretrained(out_dir, safe_serialization=True)
+        save_pipeline(family, parts, trained, out_dir)
 
     usage = family_usage
 
     generate = staticmethod(generate_text_to_image)
+
+
+def save_pipeline(family: Family, parts: Parts, trained: Trained, out_dir: Path, kind: str | None = None) -> None:
+    """The family's pipeline (of `kind`) over the parts with the trained modules, in fp32
+    throughout: frozen parts may sit in bf16/fp16 for training."""
+    full_precision = parts.with_modules({name: _fp32(module) for name, module in
+                                         parts.with_modules(trained).modules().items()})
+    family.pipeline(full_precision, kind).save_pretrained(out_dir, safe_serialization=True)
 
 
 def _fp32(module: nn.Module) -> nn.Module:

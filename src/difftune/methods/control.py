@@ -1,0 +1,132 @@
+"""Channel-concat Control (FLUX.1 Canny/Depth; diffusers' examples/flux-control and
+cogview4-control): the control image's latents are concatenated to the noisy latents
+on the channel axis, and the denoiser's input projection (`family.input_projection`)
+is widened to take them: the old weights first, zeros for the new inputs, so before the
+first step the model computes exactly what the base does.
+
+Full: the whole denoiser trains; final/ is the family's control pipeline
+(FluxControlPipeline). With [method.lora] (Control-LoRA): adapters train on the
+family's targets plus the widened projection, whose base weights keep their zeros;
+final/ is a LoRA file that the control pipeline's load_lora_weights reads (diffusers
+widens the base projection with zeros again when it loads it).
+
+The control image is encoded with the VAE's posterior mean, shifted and scaled like
+the latents; the control pipeline draws a posterior sample instead (the VAE's posterior
+is narrow, so the two differ by little).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from difftune.config import MethodConfig
+from difftune.families.base import Family, ModelInputs, Parts, dtype_of, inference_copy
+from difftune.methods.base import (
+    Trained,
+    freeze,
+    mean_loss,
+    restore_pretrained,
+    same_samples,
+    store_pretrained,
+    trainable_fp32,
+)
+from difftune.methods.full import save_pipeline
+from difftune.methods.lora import Lora, add_lora, lora_config
+
+
+def widen_input(denoiser: nn.Module, path: str, config: dict[str, Any]) -> None:
+    """Replace the Linear or Conv2d at `path` by one taking twice its inputs: the old
+    weights for the first half, zeros for the second; then record `config`."""
+    parent_path, _, name = path.rpartition(".")
+    parent = denoiser.get_submodule(parent_path) if parent_path else denoiser
+    old = getattr(parent, name)
+    if isinstance(old, nn.Linear):
+        new = nn.Linear(old.in_features * 2, old.out_features, bias=old.bias is not None)
+    elif isinstance(old, nn.Conv2d):
+        new = nn.Conv2d(old.in_channels * 2, old.out_channels, old.kernel_size, old.stride, old.padding,
+                        bias=old.bias is not None)
+    else:
+        raise TypeError(f"{path} is a {type(old).__name__}; Control widens a Linear or a Conv2d")
+    new = new.to(device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, : old.weight.shape[1]] = old.weight
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    new.requires_grad_(old.weight.requires_grad)
+    setattr(parent, name, new)
+    denoiser.register_to_config(**config)
+
+
+class Control:
+    name = "control"
+    needs_conditioning = True
+    fixed_caption = None
+    floor_settings = None  # the control input cannot be switched off by a pipeline setting
+    card_tags = ["control"]
+
+    def __init__(self, config: MethodConfig) -> None:
+        self.config = config
+        self.lora = Lora(config) if config.lora is not None else None  # its adapter files and checkpoints
+        self.result = "control_lora" if self.lora is not None else "control"
+
+    def build(self, family: Family, parts: Parts) -> Trained:
+        freeze(parts)
+        denoiser = parts.denoiser
+        widen_input(denoiser, family.input_projection, family.widened_config(denoiser.config))
+        if self.lora is None:
+            return {parts.denoiser_name: trainable_fp32(denoiser)}
+        settings = self.config.lora
+        targets = (*(settings.target_modules or family.lora_targets), family.input_projection)
+        return {parts.denoiser_name: add_lora(denoiser, lora_config(settings, targets))}
+
+    training_data = staticmethod(same_samples)
+
+    def condition(
+        self, family: Family, parts: Parts, trained: Trained, batch: dict[str, Any], inputs: ModelInputs
+    ) -> ModelInputs:
+        # conditioning pixels are in [0, 1] (as a ControlNet takes them); the VAE takes [-1, 1]
+        pixels = batch["conditioning_pixels"].to(inputs.noisy.device) * 2 - 1
+        with torch.no_grad():
+            control = family.encode_images(parts, pixels, None)
+        return replace(inputs, noisy=torch.cat([inputs.noisy, control.to(inputs.noisy.dtype)], dim=1))
+
+    reduce = staticmethod(mean_loss)
+
+    def store(self, name: str, module: nn.Module, folder: Path) -> None:
+        (self.lora.store if self.lora is not None else store_pretrained)(name, module, folder)
+
+    def restore(self, name: str, module: nn.Module, folder: Path) -> None:
+        """build() has widened the projection already, so the saved shapes fit."""
+        (self.lora.restore if self.lora is not None else restore_pretrained)(name, module, folder)
+
+    def save(self, family: Family, parts: Parts, trained: Trained, out_dir: Path) -> None:
+        if self.lora is not None:
+            family.save_lora(out_dir, trained)
+        else:
+            save_pipeline(family, parts, trained, out_dir, "control")
+
+    def usage(self, family: Family, repo: str, base: str) -> str:
+        return family.usage(self.result, repo, base)
+
+    def generate(
+        self,
+        family: Family,
+        parts: Parts,
+        trained: Trained,
+        prompt: str | list[str],
+        image: Image.Image | list[Image.Image] | None,
+        settings: dict[str, Any],
+        generator: torch.Generator,
+    ) -> list[Image.Image]:
+        dtype = dtype_of(parts.vae)
+        copies = {name: inference_copy(module, dtype) for name, module in trained.items()}
+        pipeline = family.pipeline(parts.with_modules(copies), "control")
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline(prompt, **family.control_arguments(image), generator=generator, **settings).images
