@@ -14,6 +14,7 @@ from conftest import WORDS, run_config
 from diffusers import (
     ControlNetModel,
     FlowMatchEulerDiscreteScheduler,
+    FluxControlPipeline,
     FluxPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
@@ -31,14 +32,16 @@ from difftune.training.loop import train
 PROMPT = "red circle with blue background"
 # diffusers' own pipeline classes, written out (not the family's table): the check is independent.
 PIPELINES = {
-    "sd": (StableDiffusionPipeline, StableDiffusionControlNetPipeline,
+    "sd": ({"text_to_image": StableDiffusionPipeline, "controlnet": StableDiffusionControlNetPipeline},
            {"safety_checker": None, "requires_safety_checker": False}),
-    "sdxl": (StableDiffusionXLPipeline, StableDiffusionXLControlNetPipeline, {"add_watermarker": False}),
-    "flux": (FluxPipeline, None, {}),
+    "sdxl": ({"text_to_image": StableDiffusionXLPipeline, "controlnet": StableDiffusionXLControlNetPipeline},
+             {"add_watermarker": False}),
+    "flux": ({"text_to_image": FluxPipeline, "control": FluxControlPipeline}, {}),
 }
 BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "flux": build_tiny_flux}
 METHODS: dict[str, dict[str, Any]] = {
     "controlnet": {"kind": "controlnet"},
+    "control": {"kind": "control"},
     "lora": {"kind": "lora", "train_text_encoder": True, "lora": {"rank": 4, "init": "gaussian"}},
     "full": {"kind": "full", "ema": {"decay": 0.9}},
     "dreambooth": {"kind": "dreambooth", "lora": {"rank": 4},
@@ -47,7 +50,8 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 # What else each pair runs with: the caches and buckets go through the family's named
 # conditioning and per-sample geometry.
-DATA = {"controlnet": {"cache_text": True, "cache_latents": True}, "lora": {"buckets": True},
+DATA = {"controlnet": {"cache_text": True, "cache_latents": True}, "control": {"cache_text": True},
+        "lora": {"buckets": True},
         "full": {"cache_text": True}, "dreambooth": {}}
 PAIRS = [(family, method) for family in sorted(families()) for method in sorted(families()[family].supports)]
 
@@ -67,30 +71,34 @@ def test_every_family_has_a_tiny_base_and_pipelines_here() -> None:
 def test_a_pair_trains_and_diffusers_loads_its_result(family: str, method: str, bases: dict[str, Path],
                                                       circles: Path, held_out: Path, tmp_path: Path) -> None:
     base = bases[family]
-    raw = run_config(base, circles, tmp_path / "run", held_out if method == "controlnet" else None,
+    controlled = method in ("controlnet", "control")
+    raw = run_config(base, circles, tmp_path / "run", held_out if controlled else None,
                      train={"max_steps": 2, "checkpoint_every": 2}, validation={"every": 2, "steps": 2})
     raw["model"]["family"] = family
     raw["method"] = METHODS[method]
     raw["data"] |= DATA[method]
     if method == "dreambooth":
         raw["method"]["dreambooth"]["class_data"] = str(tmp_path / "class")
-    if method != "controlnet":
+    if not controlled:
         raw["validation"]["prompts"] = [PROMPT]
     final = train(build_config(raw))
     assert final is not None and (tmp_path / "run" / "validation" / "step-000002" / "pair-00-grid.png").is_file()
-    text_to_image, controlled, options = PIPELINES[family]
+    classes, options = PIPELINES[family]
+    control = Image.open(held_out / "conditioning_images" / "000000.png").convert("RGB")
     if method == "controlnet":
         controlnet = ControlNetModel.from_pretrained(final)
-        pipe = controlled.from_pretrained(base, controlnet=controlnet, **options)
-        control = Image.open(held_out / "conditioning_images" / "000000.png").convert("RGB")
+        pipe = classes["controlnet"].from_pretrained(base, controlnet=controlnet, **options)
         assert _generate(pipe, image=control).shape == (64, 64, 3)
+    elif method == "control":
+        pipe = classes["control"].from_pretrained(final, **options)
+        assert _generate(pipe, control_image=control).shape == (64, 64, 3)
     elif method in ("lora", "dreambooth"):
-        pipe = text_to_image.from_pretrained(base, **options)
+        pipe = classes["text_to_image"].from_pretrained(base, **options)
         before = _generate(pipe)
         pipe.load_lora_weights(final)
         assert not np.allclose(before, _generate(pipe), atol=1e-4), "the LoRA changed nothing"
     else:
-        pipe = text_to_image.from_pretrained(final, **options)
+        pipe = classes["text_to_image"].from_pretrained(final, **options)
         assert np.isfinite(_generate(pipe)).all()
 
 
