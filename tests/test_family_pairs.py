@@ -14,6 +14,8 @@ from conftest import WORDS, run_config
 from diffusers import (
     ControlNetModel,
     FlowMatchEulerDiscreteScheduler,
+    FluxControlNetModel,
+    FluxControlNetPipeline,
     FluxControlPipeline,
     FluxPipeline,
     StableDiffusionControlNetPipeline,
@@ -36,8 +38,12 @@ PIPELINES = {
            {"safety_checker": None, "requires_safety_checker": False}),
     "sdxl": ({"text_to_image": StableDiffusionXLPipeline, "controlnet": StableDiffusionXLControlNetPipeline},
              {"add_watermarker": False}),
-    "flux": ({"text_to_image": FluxPipeline, "control": FluxControlPipeline}, {}),
+    "flux": ({"text_to_image": FluxPipeline, "control": FluxControlPipeline, "controlnet": FluxControlNetPipeline},
+             {}),
 }
+# The ControlNet class, and the keyword the pipelines take a control image by, per family.
+CONTROLNETS = {"sd": (ControlNetModel, "image"), "sdxl": (ControlNetModel, "image"),
+               "flux": (FluxControlNetModel, "control_image")}
 BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "flux": build_tiny_flux}
 METHODS: dict[str, dict[str, Any]] = {
     "controlnet": {"kind": "controlnet"},
@@ -86,9 +92,9 @@ def test_a_pair_trains_and_diffusers_loads_its_result(family: str, method: str, 
     classes, options = PIPELINES[family]
     control = Image.open(held_out / "conditioning_images" / "000000.png").convert("RGB")
     if method == "controlnet":
-        controlnet = ControlNetModel.from_pretrained(final)
-        pipe = classes["controlnet"].from_pretrained(base, controlnet=controlnet, **options)
-        assert _generate(pipe, image=control).shape == (64, 64, 3)
+        model, keyword = CONTROLNETS[family]
+        pipe = classes["controlnet"].from_pretrained(base, controlnet=model.from_pretrained(final), **options)
+        assert _generate(pipe, **{keyword: control}).shape == (64, 64, 3)
     elif method == "control":
         pipe = classes["control"].from_pretrained(final, **options)
         assert _generate(pipe, control_image=control).shape == (64, 64, 3)

@@ -207,3 +207,47 @@ def test_a_control_lora_loads_into_the_base_control_pipeline(tiny_flux: Path, ci
                     joint_attention_kwargs={"scale": scale}, generator=torch.Generator().manual_seed(0)).images[0]
 
     assert not np.allclose(image(0.0), image(1.0), atol=1e-4)
+
+
+def test_a_fresh_flux_controlnet_changes_nothing_until_it_trains(tiny_flux: Path, circles: Path) -> None:
+    family = get_family("flux")
+    raw = _control_run(tiny_flux, circles, Path("."))
+    raw["method"] = {"kind": "controlnet", "controlnet_double_blocks": 1, "controlnet_single_blocks": 0}
+    config = build_config(raw)
+    parts = family.load(config.model)
+    controlnet = family.make_controlnet(parts, None, config.method)
+    assert (controlnet.config.num_layers, controlnet.config.num_single_layers) == (1, 0)
+    text = family.encode_prompts(parts, [PROMPT, ""])
+    inputs = ModelInputs(torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)),
+                         torch.tensor([250.0, 900.0]), text)
+    conditioning = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = family.predict(parts, inputs)
+        residuals = family.controlnet_residuals(parts, controlnet, inputs, conditioning)
+        assert residuals["controlnet_block_samples"] and residuals["controlnet_single_block_samples"] is None
+        assert torch.equal(plain, family.predict(parts, inputs.with_extra(**residuals)))
+
+
+def test_a_flux_controlnet_run_generates_and_continues(tiny_flux: Path, circles: Path, held_out: Path,
+                                                       tmp_path: Path) -> None:
+    raw = _control_run(tiny_flux, circles, tmp_path / "run")
+    raw["method"] = {"kind": "controlnet", "controlnet_single_blocks": 1}
+    train(build_config(raw))
+    out = tmp_path / "out.png"
+    done = subprocess.run([sys.executable, "-m", "difftune", "generate", "--controlnet", str(tmp_path / "run"),
+                           "--image", str(held_out / "conditioning_images" / "000000.png"), "--prompt", PROMPT,
+                           "--steps", "2", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert Image.open(out).size == (64, 64)
+    raw = _control_run(tiny_flux, circles, tmp_path / "more")
+    raw["method"] = {"kind": "controlnet", "controlnet": str(tmp_path / "run")}
+    raw["train"]["max_steps"] = 1
+    assert train(build_config(raw)) is not None
+
+
+def test_block_counts_are_refused_where_a_controlnet_copies_the_whole_encoder(tiny_base: Path,
+                                                                               circles: Path) -> None:
+    raw = run_config(tiny_base, circles, Path("out"))
+    raw["method"]["controlnet_double_blocks"] = 2
+    with pytest.raises(ConfigError, match="method.controlnet_double_blocks: family 'sd' copies its whole encoder"):
+        build_config(raw)

@@ -87,7 +87,7 @@ def test_fresh_controlnet_is_a_no_op(tiny_base: Path) -> None:
     family = get_family("sd")
     config = build_config(run_config(tiny_base, Path("."), Path(".")))
     parts = family.load(config.model)
-    controlnet = family.make_controlnet(parts, None, 3)
+    controlnet = family.make_controlnet(parts, None)
     generator = torch.Generator().manual_seed(0)
     noisy = torch.randn(2, 4, 32, 32, generator=generator)
     text = family.encode_prompts(parts, ["red circle with blue background", ""])
@@ -95,7 +95,7 @@ def test_fresh_controlnet_is_a_no_op(tiny_base: Path) -> None:
     conditioning = torch.rand(2, 3, 64, 64, generator=generator)
     with torch.no_grad():
         plain = family.predict(parts, inputs)
-        residuals = family.controlnet_residuals(controlnet, inputs, conditioning)
+        residuals = family.controlnet_residuals(parts, controlnet, inputs, conditioning)
         controlled = family.predict(parts, inputs.with_extra(**residuals))
     assert torch.equal(plain, controlled)
 

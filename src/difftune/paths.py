@@ -82,7 +82,8 @@ def check_model_folder(key: str, value: str, class_hint: str, variant: str | Non
 
 
 # What a ControlNet copies from the UNet it was made from: another value means another kind of base.
-CONTROLNET_SHAPE = ("in_channels", "block_out_channels", "cross_attention_dim", "addition_embed_type")
+CONTROLNET_SHAPE = ("in_channels", "block_out_channels", "cross_attention_dim", "addition_embed_type",
+                    "joint_attention_dim", "pooled_projection_dim", "attention_head_dim", "num_attention_heads")
 
 
 def check_controlnet_fits(key: str, controlnet: str, base: str, denoiser: str = "unet") -> None:

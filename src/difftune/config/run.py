@@ -55,6 +55,11 @@ class RunConfig(_Section):
         if self.method.kind not in family.supports:
             raise ValueError(f"method.kind = {self.method.kind!r}: family {family.name!r} ({family.description}) "
                              f"trains {', '.join(sorted(family.supports))}")
+        blocks = {name: getattr(self.method, name) for name in ("controlnet_double_blocks", "controlnet_single_blocks")
+                  if getattr(self.method, name) != MethodConfig.model_fields[name].default}
+        if blocks and not getattr(family, "controlnet_blocks", False):
+            raise ValueError(f"method.{next(iter(blocks))}: family {family.name!r} copies its whole encoder into a "
+                             "ControlNet; the block counts are for Flux")
         foreign = [name for kind, names in OBJECTIVE_OPTIONS.items() if kind != family.objective_kind
                    for name in names if getattr(self.objective, name) != ObjectiveConfig.model_fields[name].default]
         if foreign:

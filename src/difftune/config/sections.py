@@ -147,6 +147,11 @@ class MethodConfig(_Section):
     "lora" (adapters only); "dreambooth" (full, or LoRA when [method.lora] is given)."""
     controlnet: PathText | None = None
     """Existing ControlNet (Hub id or folder) to continue from; None starts from the UNet."""
+    controlnet_double_blocks: int = Field(4, ge=0)
+    """Flux ControlNet: dual-stream blocks copied from the transformer (diffusers'
+    --num_double_layers); UNet families copy the whole encoder and ignore it."""
+    controlnet_single_blocks: int = Field(4, ge=0)
+    """Flux ControlNet: single-stream blocks copied (--num_single_layers)."""
     train_text_encoder: bool = False
     """Train the text encoder too (fully for full/dreambooth, with adapters for LoRA)."""
     lora: LoraSettings | None = None

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from difftune.config import ModelConfig, ObjectiveConfig
+    from difftune.config import MethodConfig, ModelConfig, ObjectiveConfig
     from difftune.objectives import Objective
 
 GEOMETRY_FIELDS = ("original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width")
@@ -204,11 +204,17 @@ class Family(Protocol):
 
     def predict(self, parts: Parts, inputs: ModelInputs) -> torch.Tensor: ...
 
-    def make_controlnet(self, parts: Parts, source: str | None, conditioning_channels: int) -> nn.Module: ...
+    def make_controlnet(self, parts: Parts, source: str | None, settings: MethodConfig | None = None) -> nn.Module:
+        """A new ControlNet from the denoiser (its size from `settings` where the family
+        has a choice), or the one at `source` to continue."""
+        ...
 
     def controlnet_residuals(
-        self, controlnet: nn.Module, inputs: ModelInputs, conditioning: torch.Tensor
-    ) -> dict[str, Any]: ...
+        self, parts: Parts, controlnet: nn.Module, inputs: ModelInputs, conditioning: torch.Tensor
+    ) -> dict[str, Any]:
+        """What the ControlNet adds to the denoiser's inputs (`ModelInputs.extra`), from
+        conditioning pixels in [0, 1]."""
+        ...
 
     def sampler(self, scheduler: Any) -> Any:
         """The scheduler pipelines sample with, made from a base's scheduler."""

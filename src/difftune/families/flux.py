@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from difftune.config import ModelConfig, ObjectiveConfig
+    from difftune.config import MethodConfig, ModelConfig, ObjectiveConfig
     from difftune.objectives import Objective
 
 MAX_SEQUENCE_LENGTH = 512
@@ -41,7 +41,7 @@ PATCH = 2
 class Flux(LatentFamily):
     name = "flux"
     description = "FLUX.1"
-    supports = frozenset({"full", "lora", "dreambooth", "control"})
+    supports = frozenset({"controlnet", "control", "full", "lora", "dreambooth"})
     denoiser_name = "transformer"
     denoiser_class = "FluxTransformer2DModel"
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
@@ -56,7 +56,10 @@ class Flux(LatentFamily):
     kohya_unet_names = "diffusers"
     license = "other"
     card_tags = ["flux", "flux-diffusers", "text-to-image"]
-    pipeline_classes = {"text_to_image": "FluxPipeline", "control": "FluxControlPipeline"}
+    pipeline_classes = {"text_to_image": "FluxPipeline", "control": "FluxControlPipeline",
+                        "controlnet": "FluxControlNetPipeline"}
+    controlnet_blocks = True
+    """method.controlnet_double_blocks / _single_blocks choose the ControlNet's depth."""
     input_projection = "x_embedder"
     """The denoiser's input layer, which channel-concat Control widens."""
     attention_options = "joint_attention_kwargs"
@@ -108,23 +111,22 @@ class Flux(LatentFamily):
         import torch
 
         transformer = parts.denoiser  # possibly wrapped (DDP): no .config or .dtype there
-        config = getattr(transformer, "module", transformer).config
         dtype, device = dtype_of(transformer), inputs.noisy.device
         batch, _, height, width = inputs.noisy.shape
         if height % PATCH or width % PATCH:
             raise ValueError(f"Flux packs latents in {PATCH}x{PATCH} patches: latents of {height}x{width} do not "
                              "divide (data.resolution must be a multiple of the VAE factor x 2)")
         text = inputs.text["hidden_states"]
-        guidance = (torch.full((batch,), parts.constants.get("guidance", 3.5), device=device, dtype=torch.float32)
-                    if config.guidance_embeds else None)
         velocity = transformer(
             hidden_states=pack(inputs.noisy).to(dtype),
             timestep=(inputs.timesteps / 1000).to(dtype),
-            guidance=guidance,
+            guidance=self._guidance(parts, transformer, batch, device),
             pooled_projections=inputs.text["pooled"].to(dtype),
             encoder_hidden_states=text.to(dtype),
             txt_ids=torch.zeros(text.shape[1], 3, device=device, dtype=dtype),
             img_ids=image_ids(height // PATCH, width // PATCH, device, dtype),
+            controlnet_block_samples=_cast(inputs.extra.get("controlnet_block_samples"), dtype),
+            controlnet_single_block_samples=_cast(inputs.extra.get("controlnet_single_block_samples"), dtype),
             return_dict=False,
         )[0]
         # Control widens the input (noisy and control latents); the output keeps the latents' channels
@@ -143,8 +145,63 @@ class Flux(LatentFamily):
     def export_single_file(self, pipeline_dir: Path, out_file: Path, half: bool) -> Path:
         raise ValueError("a single-file Flux checkpoint is not written yet; the run's final/ is a diffusers folder")
 
-    def make_controlnet(self, parts: Parts, source: str | None, conditioning_channels: int) -> nn.Module:
-        raise ValueError("Flux ControlNet training is not built yet")
+    def make_controlnet(self, parts: Parts, source: str | None, settings: MethodConfig | None = None) -> nn.Module:
+        """FluxControlNetModel.from_transformer, as diffusers' train_controlnet_flux.py: the
+        first `controlnet_double_blocks` dual-stream and `controlnet_single_blocks`
+        single-stream blocks copied, zero-initialised output projections, and the control
+        image's packed latents as its input (controlnet_cond)."""
+        import torch
+        from diffusers import FluxControlNetModel
+
+        if source is not None:
+            return FluxControlNetModel.from_pretrained(source, dtype=torch.float32)
+        config = parts.denoiser.config
+        double = settings.controlnet_double_blocks if settings is not None else 4
+        single = settings.controlnet_single_blocks if settings is not None else 4
+        return FluxControlNetModel.from_transformer(
+            parts.denoiser, num_layers=min(double, config.num_layers),
+            num_single_layers=min(single, config.num_single_layers), attention_head_dim=config.attention_head_dim,
+            num_attention_heads=config.num_attention_heads)
+
+    def controlnet_residuals(
+        self, parts: Parts, controlnet: nn.Module, inputs: ModelInputs, conditioning: torch.Tensor
+    ) -> dict[str, Any]:
+        import torch
+
+        with torch.no_grad():  # the control image's latents, as FluxControlNetPipeline makes them
+            control = self.encode_images(parts, conditioning * 2 - 1, None)
+        batch, _, height, width = inputs.noisy.shape
+        text = inputs.text["hidden_states"]
+        dtype = inputs.noisy.dtype
+        blocks, single = controlnet(
+            hidden_states=pack(inputs.noisy),
+            controlnet_cond=pack(control.to(dtype)),
+            timestep=inputs.timesteps / 1000,
+            guidance=self._guidance(parts, controlnet, batch, inputs.noisy.device),
+            pooled_projections=inputs.text["pooled"].to(dtype),
+            encoder_hidden_states=text.to(dtype),
+            txt_ids=torch.zeros(text.shape[1], 3, device=inputs.noisy.device, dtype=dtype),
+            img_ids=image_ids(height // PATCH, width // PATCH, inputs.noisy.device, dtype),
+            return_dict=False,
+        )
+        return {"controlnet_block_samples": blocks, "controlnet_single_block_samples": single}
+
+    def _guidance(self, parts: Parts, model: nn.Module, batch: int, device: Any) -> torch.Tensor | None:
+        import torch
+
+        config = getattr(model, "module", model).config
+        if not config.guidance_embeds:
+            return None
+        return torch.full((batch,), parts.constants.get("guidance", 3.5), device=device, dtype=torch.float32)
+
+    def load_controlnet(self, path: str, dtype: Any) -> Any:
+        from diffusers import FluxControlNetModel
+
+        return FluxControlNetModel.from_pretrained(path, dtype=dtype)
+
+
+def _cast(samples: list[torch.Tensor] | None, dtype: torch.dtype) -> list[torch.Tensor] | None:
+    return None if samples is None else [sample.to(dtype) for sample in samples]
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:

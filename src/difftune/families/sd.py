@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from difftune.config import ModelConfig, ObjectiveConfig
+    from difftune.config import MethodConfig, ModelConfig, ObjectiveConfig
     from difftune.objectives import Objective
 
 # The ControlNet conditioning embedding downsamples by 2 per channel stage after the
@@ -115,7 +115,9 @@ class StableDiffusion(LatentFamily):
             return_dict=False,
         )[0]
 
-    def make_controlnet(self, parts: Parts, source: str | None, conditioning_channels: int) -> nn.Module:
+    def make_controlnet(self, parts: Parts, source: str | None, settings: MethodConfig | None = None) -> nn.Module:
+        """A ControlNet copied from the UNet's encoder (or loaded from `source`), taking an
+        RGB conditioning image through an embedding of the VAE's stride."""
         import torch
         from diffusers import ControlNetModel
 
@@ -125,11 +127,11 @@ class StableDiffusion(LatentFamily):
         return ControlNetModel.from_unet(
             parts.denoiser,
             conditioning_embedding_out_channels=_CONDITIONING_CHANNELS[:stages],
-            conditioning_channels=conditioning_channels,
+            conditioning_channels=3,
         )
 
     def controlnet_residuals(
-        self, controlnet: nn.Module, inputs: ModelInputs, conditioning: torch.Tensor
+        self, parts: Parts, controlnet: nn.Module, inputs: ModelInputs, conditioning: torch.Tensor
     ) -> dict[str, Any]:
         down, mid = controlnet(
             inputs.noisy,

@@ -41,7 +41,7 @@ class ControlNet:
         source = self.config.controlnet
         if source is not None and Path(source).is_dir():
             source = str(run_output_folder(Path(source)))  # a ControlNet run continues from its final/
-        controlnet = family.make_controlnet(parts, source, conditioning_channels=3)
+        controlnet = family.make_controlnet(parts, source, self.config)
         return {"controlnet": trainable_fp32(controlnet)}
 
     training_data = staticmethod(same_samples)
@@ -50,7 +50,7 @@ class ControlNet:
         self, family: Family, parts: Parts, trained: Trained, batch: dict[str, Any], inputs: ModelInputs
     ) -> ModelInputs:
         conditioning = batch["conditioning_pixels"].to(inputs.noisy.device)
-        residuals = family.controlnet_residuals(trained["controlnet"], inputs, conditioning)
+        residuals = family.controlnet_residuals(parts, trained["controlnet"], inputs, conditioning)
         return inputs.with_extra(**residuals)
 
     reduce = staticmethod(mean_loss)
