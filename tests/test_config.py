@@ -124,8 +124,12 @@ def test_sdxl_presets_are_the_methods_they_are_named_after() -> None:
 
 def test_flux_presets_are_the_methods_they_are_named_after() -> None:
     root = Path(__file__).resolve().parents[1] / "configs" / "flux"
-    presets = {name: load_config(root / f"{name}.toml") for name in ("lora", "dreambooth_lora", "full")}
+    presets = {name: load_config(root / f"{name}.toml")
+               for name in ("lora", "dreambooth_lora", "full", "control", "control_lora", "controlnet")}
     assert all(c.model.family == "flux" and c.train.mixed_precision == "bf16" for c in presets.values())
+    assert presets["control"].method.kind == "control" and not presets["control"].method.uses_lora
+    assert presets["control_lora"].method.kind == "control" and presets["control_lora"].method.uses_lora
+    assert presets["controlnet"].method.kind == "controlnet" and presets["controlnet"].method.controlnet_single_blocks == 0
     assert presets["lora"].method.kind == "lora" and presets["lora"].objective.timestep_sampling == "logit_normal"
     assert presets["dreambooth_lora"].method.uses_lora and presets["dreambooth_lora"].model.guidance == 1.0
     assert presets["full"].method.kind == "full"

@@ -251,3 +251,27 @@ def test_block_counts_are_refused_where_a_controlnet_copies_the_whole_encoder(ti
     raw["method"]["controlnet_double_blocks"] = 2
     with pytest.raises(ConfigError, match="method.controlnet_double_blocks: family 'sd' copies its whole encoder"):
         build_config(raw)
+
+
+@pytest.mark.parametrize("lora", [None, {"rank": 4}], ids=["full", "lora"])
+def test_a_resumed_control_run_ends_with_the_same_weights(lora: dict | None, tiny_flux: Path, circles: Path,
+                                                          tmp_path: Path) -> None:
+    """The widened projection is rebuilt before the checkpoint loads into it."""
+    from safetensors.torch import load_file
+
+    from difftune.training.loop import Run
+
+    def config(out: Path, steps: int) -> dict:
+        raw = _control_run(tiny_flux, circles, out, **({"lora": lora} if lora else {}))
+        raw["train"] |= {"batch_size": 4, "checkpoint_every": 2, "max_steps": steps}
+        raw["validation"]["every"] = 100
+        return raw
+
+    train(build_config(config(tmp_path / "a", 4)))
+    train(build_config(config(tmp_path / "b", 2)))
+    resumed = Run(build_config(config(tmp_path / "b", 4)))
+    assert resumed.resume_from == tmp_path / "b" / "checkpoints" / "step-000002"
+    resumed.fit()
+    name = "pytorch_lora_weights.safetensors" if lora else "transformer/diffusion_pytorch_model.safetensors"
+    a, b = load_file(tmp_path / "a" / "final" / name), load_file(tmp_path / "b" / "final" / name)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
