@@ -275,3 +275,16 @@ def test_a_resumed_control_run_ends_with_the_same_weights(lora: dict | None, tin
     name = "pytorch_lora_weights.safetensors" if lora else "transformer/diffusion_pytorch_model.safetensors"
     a, b = load_file(tmp_path / "a" / "final" / name), load_file(tmp_path / "b" / "final" / name)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_short_t5_length_reaches_every_pipeline_call(circles: Path, tmp_path: Path) -> None:
+    """A base whose T5 tokenizer stops at 16 tokens trains at 16, and generation is told
+    so (FluxPipeline pads to 512 by default, which the transformer would attend to)."""
+    base = build_tiny_flux(tmp_path / "short", WORDS, seed=0, t5_length=16)
+    family = get_family("flux")
+    parts = family.load(build_config(_flux_run(base, circles, tmp_path / "run", kind="lora")).model)
+    assert family.encode_prompts(parts, [PROMPT])["hidden_states"].shape[1] == 16
+    pipe = _pipeline(base)
+    assert family.generation_options(pipe) == {"max_sequence_length": 16}
+    train(build_config(_flux_run(base, circles, tmp_path / "run", kind="full")))
+    assert (tmp_path / "run" / "validation" / "step-000002" / "pair-00-grid.png").is_file()

@@ -1,10 +1,11 @@
-"""Score a trained fill-circles ControlNet with diffusers' own pipeline, apart from training.
+"""Score a trained fill-circles control model with diffusers' own pipeline, apart from training.
 
-Loads the base family's ControlNet pipeline (StableDiffusionControlNetPipeline, or
-StableDiffusionXLControlNetPipeline for an SDXL base, as its model_index.json says)
-from the base and RUN/final, generates for every
-held-out outline with its caption, once with the ControlNet (scale 1) and once without
-(scale 0, the floor), and prints for both the mean control and colour IoU and how often
+Loads the pipeline that runs RUN/final for the base's family (its model_index.json says
+which): a ControlNet into StableDiffusion(XL)ControlNetPipeline or FluxControlNetPipeline;
+a Control model as a FluxControlPipeline; a Control-LoRA into the base's
+FluxControlPipeline. It generates for every held-out outline with its caption, once with
+the result on and once off (ControlNet scale 0, LoRA scale 0, or the base's text-to-image
+pipeline: the floor), and prints for both the mean control and colour IoU and how often
 the disc and the background have the prompted palette colour.
 
     python benchmarks/fill_circles/check.py RUN_DIR [--base assets/fill-circles-base]
@@ -19,15 +20,11 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from diffusers import (
-    ControlNetModel,
-    StableDiffusionControlNetPipeline,
-    StableDiffusionXLControlNetPipeline,
-    UniPCMultistepScheduler,
-)
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from PIL import ImageColor
 
 from difftune.data.synthetic import DEMO_PALETTE
+from difftune.families import family_of_pipeline
 from difftune.metrics import CAPTION, FillCirclesIoU, mean_scores, standout_mask
 
 
@@ -52,36 +49,53 @@ def colour_accuracy(images: list, captions: list[str]) -> dict[str, float]:
     return {"disc_colour_accuracy": disc_hits / len(images), "background_colour_accuracy": background_hits / len(images)}
 
 
-# diffusers' ControlNet pipeline for each base pipeline class, with what it is built with.
-CONTROLNET_PIPELINES = {
-    "StableDiffusionPipeline": (StableDiffusionControlNetPipeline,
-                                {"safety_checker": None, "requires_safety_checker": False}),
-    "StableDiffusionXLPipeline": (StableDiffusionXLControlNetPipeline, {"add_watermarker": False}),
-}
+def run_kind(run_dir: Path) -> tuple[str, bool]:
+    """The run's method kind, and whether it trained LoRA adapters (its config.toml)."""
+    import tomllib
+
+    method = tomllib.loads((run_dir / "config.toml").read_text()).get("method", {})
+    return method.get("kind", "controlnet"), "lora" in method
 
 
-def controlnet_pipeline(base: str, controlnet: ControlNetModel):
-    base_class = json.loads((Path(base) / "model_index.json").read_text())["_class_name"]
-    cls, options = CONTROLNET_PIPELINES[base_class]
-    return cls.from_pretrained(base, controlnet=controlnet, **options)
+def pipelines(base: str, run_dir: Path) -> tuple[object, dict, dict, object]:
+    """diffusers' pipeline for the run's result, the call arguments that turn the result
+    on and off (the floor), and a separate floor pipeline where the result cannot be
+    switched off (a whole Control model: the base's text-to-image pipeline)."""
+    import diffusers
+
+    family = family_of_pipeline(Path(base))
+    kind, lora = run_kind(run_dir)
+    final = run_dir / "final"
+    options = family.pipeline_options
+    if kind == "controlnet":
+        controlnet = family.load_controlnet(str(final), torch.float32)
+        pipe = family.pipeline_class("controlnet").from_pretrained(base, controlnet=controlnet, **options)
+        return pipe, {"controlnet_conditioning_scale": 1.0}, {"controlnet_conditioning_scale": 0.0}, None
+    control = getattr(diffusers, family.pipeline_classes["control"])
+    if lora:  # Control-LoRA on the base; scale 0 leaves the base (its widened inputs are zeros)
+        pipe = control.from_pretrained(base, **options)
+        pipe.load_lora_weights(final)
+        key = family.attention_options
+        return pipe, {key: {"scale": 1.0}}, {key: {"scale": 0.0}}, None
+    floor = family.pipeline_class("text_to_image").from_pretrained(base, **options)
+    return control.from_pretrained(final, **options), {}, {}, floor
 
 
-def evaluate(base: str, controlnet_dir: Path, held_out: str, steps: int, guidance: float, seed: int) -> dict:
+def evaluate(base: str, run_dir: Path, held_out: str, steps: int, guidance: float, seed: int) -> dict:
     rows = datasets.load_dataset(held_out, split="train")
-    controlnet = ControlNetModel.from_pretrained(controlnet_dir)
-    pipe = controlnet_pipeline(base, controlnet)
-    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    family = family_of_pipeline(Path(base))
+    pipe, on, off, floor = pipelines(base, run_dir)
     metric = FillCirclesIoU()
+    controls = [image.convert("RGB") for image in rows["conditioning_image"]]
     results = {}
-    for label, scale in (("controlnet", 1.0), ("floor", 0.0)):
-        images = pipe(
-            list(rows["text"]),
-            image=[image.convert("RGB") for image in rows["conditioning_image"]],
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            controlnet_conditioning_scale=scale,
-            generator=torch.Generator().manual_seed(seed),
+    for label, runner, settings in (("controlnet", pipe, on), ("floor", floor or pipe, off)):
+        if not isinstance(runner.scheduler, FlowMatchEulerDiscreteScheduler):  # flow matching keeps its own
+            runner.scheduler = UniPCMultistepScheduler.from_config(runner.scheduler.config)
+        runner.set_progress_bar_config(disable=True)
+        call = family.control_arguments(controls) if runner is pipe else {}
+        images = runner(
+            list(rows["text"]), **call, num_inference_steps=steps, guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(seed), **family.generation_options(runner), **settings,
         ).images
         scores = [metric.score(g, c, t) for g, c, t in zip(images, rows["conditioning_image"], rows["text"])]
         results[label] = mean_scores(scores) | colour_accuracy(images, list(rows["text"]))
@@ -98,7 +112,7 @@ def main() -> None:
     parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
-    results = evaluate(args.base, args.run_dir / "final", args.held_out, args.steps, args.guidance_scale, args.seed)
+    results = evaluate(args.base, args.run_dir, args.held_out, args.steps, args.guidance_scale, args.seed)
     print(json.dumps(results, indent=2))
 
 

@@ -7,9 +7,10 @@
 
 The result is a diffusers pipeline folder (safetensors) that the demo ControlNet uses.
 `--family sdxl` builds an SDXL-architecture base instead (two text encoders, the pooled
-embedding and time ids), trained the same way through the sdxl family.
+embedding and time ids), and `--family flux` a Flux one (CLIP + T5, a flow-matching
+transformer over 2x2 patches), each trained the same way through its family.
 
-    python benchmarks/fill_circles/train_base.py OUT_DIR [--family sd|sdxl] [--unet-steps 6000]
+    python benchmarks/fill_circles/train_base.py OUT_DIR [--family sd|sdxl|flux] [--unet-steps 6000]
         [--vae FOLDER]   (reuse a trained fill-circles VAE instead of training one)
 """
 
@@ -25,10 +26,18 @@ from diffusers import AutoencoderKL
 
 from difftune.config import build_config
 from difftune.data.synthetic import DEMO_PALETTE, write_fill_circles
-from difftune.tiny import build_tiny_sd, build_tiny_sdxl
+from difftune.tiny import build_tiny_flux, build_tiny_sd, build_tiny_sdxl
 from difftune.training.loop import train
 
-BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl}
+
+def build_flux_base(out: Path, words: list[str], size: str, seed: int, max_length: int) -> Path:
+    """Flux without a guidance embedding (a from-scratch base learns no distilled guidance;
+    like schnell), its T5 at the prompt length too."""
+    return build_tiny_flux(out, words, size=size, seed=seed, guidance_embeds=False, max_length=max_length,
+                           t5_length=max_length)
+
+
+BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "flux": build_flux_base}
 
 PALETTE = DEMO_PALETTE
 WORDS = PALETTE + ["circle", "with", "background"]
@@ -119,6 +128,8 @@ def main() -> None:
     else:
         vae = AutoencoderKL.from_pretrained(args.vae)
         vae_l1, scale = float("nan"), vae.config.scaling_factor
+        if args.family == "flux" and vae.config.shift_factor is None:
+            vae.register_to_config(shift_factor=0.0)  # FluxPipeline shifts latents back when it decodes
     vae.save_pretrained(initial / "vae")
     print(f"vae done: l1 {vae_l1:.4f}, scaling_factor {scale:.4f}, {time.perf_counter() - started:.0f}s", flush=True)
     final = train(build_config(unet_config(initial, data, work / "unet-run", args.unet_steps, args.family)))

@@ -253,6 +253,7 @@ def generate(request: Generation, should_stop: Callable[[], bool] = lambda: Fals
         negative_prompt=request.negative_prompt,
         generator=torch.Generator(device).manual_seed(request.seed),
         callback_on_step_end=stop_between_steps,
+        **family.generation_options(pipe),
         **call,
     ).images[0]
     out_path = request.out

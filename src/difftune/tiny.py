@@ -238,6 +238,10 @@ def build_tiny_sdxl(out_dir: str | Path, words: list[str], size: str = "test", s
 FLUX_SIZES = {
     "test": {"vae": (4,), "vae_groups": 1, "latent_channels": 1, "text": 32, "t5": 32, "heads": 2,
              "head_dim": 16, "rope": (4, 4, 8), "double": 1, "single": 1},
+    # the fill-circles Flux base (benchmarks/fill_circles/train_base.py --family flux): 4 heads
+    # of 16, two dual- and two single-stream blocks over 2x2 patches of 16x16 latents
+    "base": {"vae": (16, 32), "vae_groups": 8, "latent_channels": 4, "text": 64, "t5": 64, "heads": 4,
+             "head_dim": 16, "rope": (4, 6, 6), "double": 2, "single": 2, "text_layers": 2},
     # another shape: a VAE of factor 2 with two latent channels
     "test-x2": {"vae": (4, 8), "vae_groups": 2, "latent_channels": 2, "text": 32, "t5": 32, "heads": 2,
                 "head_dim": 16, "rope": (4, 4, 8), "double": 1, "single": 1},
@@ -264,16 +268,17 @@ def write_t5_tokenizer(out_dir: Path, words: list[str], max_length: int = 512) -
 
 
 def build_tiny_flux(out_dir: str | Path, words: list[str], size: str = "test", seed: int = 0,
-                    guidance_embeds: bool = True) -> Path:
-    """Build and save a random-weight Flux pipeline (VAE, transformer, CLIP and T5)."""
+                    guidance_embeds: bool = True, max_length: int = 77, t5_length: int = 512) -> Path:
+    """Build and save a random-weight Flux pipeline (VAE, transformer, CLIP and T5);
+    t5_length is the T5 tokenizer's model_max_length (the prompt length Flux trains at)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
     dims = FLUX_SIZES[size]
     out = Path(out_dir)
     with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = write_word_tokenizer(Path(scratch) / "clip", words, 77)
-        tokenizer_2 = write_t5_tokenizer(Path(scratch) / "t5", words)
+        tokenizer = write_word_tokenizer(Path(scratch) / "clip", words, max_length)
+        tokenizer_2 = write_t5_tokenizer(Path(scratch) / "t5", words, t5_length)
     torch.manual_seed(seed)
     blocks = len(dims["vae"])
     vae = AutoencoderKL(
@@ -292,7 +297,7 @@ def build_tiny_flux(out_dir: str | Path, words: list[str], size: str = "test", s
     )
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
-    pipeline = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=tiny_text_encoder(dims, len(tokenizer), 2, 77),
+    pipeline = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=tiny_text_encoder(dims, len(tokenizer), dims.get("text_layers", 2), max_length),
                             tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer_2, transformer=transformer)
     pipeline.save_pretrained(out)
     return out

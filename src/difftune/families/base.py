@@ -231,6 +231,11 @@ class Family(Protocol):
         takes the control latents too."""
         ...
 
+    def generation_options(self, pipeline: Any) -> dict[str, Any]:
+        """Call arguments every generation with the family's pipelines takes, so it sees
+        the prompt as training encoded it (Flux: max_sequence_length)."""
+        ...
+
     def control_arguments(self, image: Any) -> dict[str, Any]:
         """The pipeline call's keyword for a conditioning image (`image=`, `control_image=`)."""
         ...

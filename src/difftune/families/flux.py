@@ -4,8 +4,8 @@ ids for the text (zeros) and the image tokens (row, column), and for guidance-di
 bases (dev) a guidance embedding.
 
 As diffusers' FluxPipeline and its training scripts (train_dreambooth_lora_flux.py):
-- the prompt: T5's last hidden states at max_sequence_length (512, the pipeline's
-  default) and CLIP's pooled output at CLIP's length;
+- the prompt: T5's last hidden states at max_sequence_length (512, or the T5 tokenizer's
+  model_max_length if smaller, passed to every pipeline call) and CLIP's pooled output;
 - the latents: the VAE's posterior, shifted then scaled (shift_factor, scaling_factor),
   packed into (tokens, channels x 4); the velocity comes back unpacked;
 - the time: the objective's sigma (the transformer takes timestep / 1000), shifted by the
@@ -32,8 +32,9 @@ if TYPE_CHECKING:
     from difftune.objectives import Objective
 
 MAX_SEQUENCE_LENGTH = 512
-"""T5 tokens per prompt: FluxPipeline's default max_sequence_length, so that training sees
-the padding that generation gives."""
+"""T5 tokens per prompt at most (FluxPipeline's limit and default): the T5 tokenizer's
+model_max_length below that (a small base's), and every pipeline call gets the same
+max_sequence_length (`generation_options`), so generation sees the padding training saw."""
 PATCH = 2
 """Latents are packed in 2x2 patches: sides must be multiples of the VAE factor x 2."""
 
@@ -97,13 +98,18 @@ class Flux(LatentFamily):
     def encode_prompts(self, parts: Parts, captions: list[str]) -> dict[str, torch.Tensor]:
         clip, t5 = parts.components["text_encoder"], parts.components["text_encoder_2"]
         clip_ids = self.token_ids(parts.components["tokenizer"], captions).to(device_of(clip))
-        t5_ids = parts.components["tokenizer_2"](captions, max_length=MAX_SEQUENCE_LENGTH, padding="max_length",
-                                                 truncation=True, return_tensors="pt").input_ids
+        tokenizer = parts.components["tokenizer_2"]
+        t5_ids = tokenizer(captions, max_length=sequence_length(tokenizer), padding="max_length", truncation=True,
+                           return_tensors="pt").input_ids
         return {"hidden_states": t5(t5_ids.to(device_of(t5)), output_hidden_states=False)[0],
                 "pooled": clip(clip_ids, output_hidden_states=False).pooler_output}
 
     def text_cache_identity(self, parts: Parts) -> dict[str, Any]:
-        return {**super().text_cache_identity(parts), "max_sequence_length": MAX_SEQUENCE_LENGTH}
+        return {**super().text_cache_identity(parts),
+                "max_sequence_length": sequence_length(parts.components["tokenizer_2"])}
+
+    def generation_options(self, pipeline: Any) -> dict[str, Any]:
+        return {"max_sequence_length": sequence_length(pipeline.tokenizer_2)}
 
     # --- the denoiser ----------------------------------------------------------------------
 
@@ -198,6 +204,10 @@ class Flux(LatentFamily):
         from diffusers import FluxControlNetModel
 
         return FluxControlNetModel.from_pretrained(path, dtype=dtype)
+
+
+def sequence_length(tokenizer: Any) -> int:
+    return min(MAX_SEQUENCE_LENGTH, tokenizer.model_max_length)
 
 
 def _cast(samples: list[torch.Tensor] | None, dtype: torch.dtype) -> list[torch.Tensor] | None:

@@ -188,6 +188,10 @@ class LatentFamily:
         settings = {key: value for key, value in parts.settings.items() if key in wanted}
         return cls(**components, **{**settings, **self.pipeline_options})
 
+    def generation_options(self, pipeline: Any) -> dict[str, Any]:
+        """Call arguments every generation with the family's pipelines takes (Flux: its T5 length)."""
+        return {}
+
     def load_pipeline(self, base: str, dtype: Any, controlnet: Any = None) -> Any:
         extra = {} if controlnet is None else {"controlnet": controlnet}
         cls = self.pipeline_class("text_to_image" if controlnet is None else "controlnet")

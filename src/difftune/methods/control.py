@@ -129,4 +129,5 @@ class Control:
         copies = {name: inference_copy(module, dtype) for name, module in trained.items()}
         pipeline = family.pipeline(parts.with_modules(copies), "control")
         pipeline.set_progress_bar_config(disable=True)
-        return pipeline(prompt, **family.control_arguments(image), generator=generator, **settings).images
+        return pipeline(prompt, **family.control_arguments(image), generator=generator,
+                        **family.generation_options(pipeline), **settings).images

@@ -76,4 +76,5 @@ class ControlNet:
         controlnet = inference_copy(trained["controlnet"], dtype_of(parts.denoiser))
         pipeline = family.pipeline(parts.with_modules({"controlnet": controlnet}))
         pipeline.set_progress_bar_config(disable=True)
-        return pipeline(prompt, **family.control_arguments(image), generator=generator, **settings).images
+        return pipeline(prompt, **family.control_arguments(image), generator=generator,
+                        **family.generation_options(pipeline), **settings).images

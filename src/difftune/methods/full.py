@@ -46,7 +46,7 @@ def generate_text_to_image(
     copies = {name: inference_copy(module, dtype) for name, module in trained.items()}
     pipeline = family.pipeline(parts.with_modules(copies))
     pipeline.set_progress_bar_config(disable=True)
-    return pipeline(prompt, generator=generator, **settings).images
+    return pipeline(prompt, generator=generator, **family.generation_options(pipeline), **settings).images
 
 
 class FullFineTune:
