@@ -13,6 +13,8 @@ import torch
 from conftest import WORDS, run_config
 from diffusers import (
     ControlNetModel,
+    CogView4ControlPipeline,
+    CogView4Pipeline,
     FlowMatchEulerDiscreteScheduler,
     FluxControlNetModel,
     FluxControlNetPipeline,
@@ -28,7 +30,7 @@ from PIL import Image
 
 from difftune.config import ConfigError, build_config
 from difftune.families import families
-from difftune.tiny import build_tiny_flux, build_tiny_sd, build_tiny_sdxl
+from difftune.tiny import build_tiny_cogview4, build_tiny_flux, build_tiny_sd, build_tiny_sdxl
 from difftune.training.loop import train
 
 PROMPT = "red circle with blue background"
@@ -40,11 +42,12 @@ PIPELINES = {
              {"add_watermarker": False}),
     "flux": ({"text_to_image": FluxPipeline, "control": FluxControlPipeline, "controlnet": FluxControlNetPipeline},
              {}),
+    "cogview4": ({"text_to_image": CogView4Pipeline, "control": CogView4ControlPipeline}, {}),
 }
 # The ControlNet class, and the keyword the pipelines take a control image by, per family.
 CONTROLNETS = {"sd": (ControlNetModel, "image"), "sdxl": (ControlNetModel, "image"),
                "flux": (FluxControlNetModel, "control_image")}
-BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "flux": build_tiny_flux}
+BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "flux": build_tiny_flux, "cogview4": build_tiny_cogview4}
 METHODS: dict[str, dict[str, Any]] = {
     "controlnet": {"kind": "controlnet"},
     "control": {"kind": "control"},
@@ -81,8 +84,12 @@ def test_a_pair_trains_and_diffusers_loads_its_result(family: str, method: str, 
     raw = run_config(base, circles, tmp_path / "run", held_out if controlled else None,
                      train={"max_steps": 2, "checkpoint_every": 2}, validation={"every": 2, "steps": 2})
     raw["model"]["family"] = family
-    raw["method"] = METHODS[method]
+    raw["method"] = dict(METHODS[method])
+    if not getattr(families()[family], "text_encoder_trainable", True):
+        raw["method"]["train_text_encoder"] = False
     raw["data"] |= DATA[method]
+    if not getattr(families()[family], "caches_text", True):  # refused where a batch changes the encoding
+        raw["data"].pop("cache_text", None)
     if method == "dreambooth":
         raw["method"]["dreambooth"]["class_data"] = str(tmp_path / "class")
     if not controlled:

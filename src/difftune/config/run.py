@@ -55,6 +55,16 @@ class RunConfig(_Section):
         if self.method.kind not in family.supports:
             raise ValueError(f"method.kind = {self.method.kind!r}: family {family.name!r} ({family.description}) "
                              f"trains {', '.join(sorted(family.supports))}")
+        if self.data.cache_text and not getattr(family, "caches_text", True):
+            raise ValueError(f"data.cache_text: family {family.name!r} encodes a caption differently in each batch "
+                             "(padded to the batch's longest), so its embeddings cannot be cached")
+        allowed = getattr(family, "mixed_precisions", None)
+        if allowed is not None and self.train.mixed_precision not in allowed:
+            raise ValueError(f"train.mixed_precision = {self.train.mixed_precision!r}: family {family.name!r} trains "
+                             f"in {' or '.join(map(repr, allowed))} (it overflows in fp16)")
+        if self.method.train_text_encoder and not getattr(family, "text_encoder_trainable", True):
+            raise ValueError(f"method.train_text_encoder: family {family.name!r} trains its transformer alone "
+                             "(diffusers loads no text-encoder weights for it)")
         blocks = {name: getattr(self.method, name) for name in ("controlnet_double_blocks", "controlnet_single_blocks")
                   if getattr(self.method, name) != MethodConfig.model_fields[name].default}
         if blocks and not getattr(family, "controlnet_blocks", False):
