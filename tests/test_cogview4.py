@@ -93,3 +93,32 @@ def test_the_config_refuses_what_cogview4_cannot_do(tiny_cogview4: Path, circles
     raw[section] |= values
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         build_config(raw)
+
+
+def test_a_control_lora_also_writes_the_fused_transformer_cogview4_loads(tiny_cogview4: Path, circles: Path,
+                                                                        tmp_path: Path) -> None:
+    """CogView4ControlPipeline has no LoRA loader: final/transformer/ holds the adapters
+    fused into the widened transformer, which the control pipeline takes as it is."""
+    import numpy as np
+    from diffusers import CogView4ControlPipeline, CogView4Transformer2DModel
+    from PIL import Image
+
+    from difftune.training.loop import train
+
+    raw = _run(tiny_cogview4, circles, kind="control", lora={"rank": 4})
+    raw["train"] |= {"output_dir": str(tmp_path / "run"), "max_steps": 2, "learning_rate": 1e-2}
+    raw["validation"]["images"] = [str(circles / "conditioning_images" / "000000.png")]
+    final = train(build_config(raw))
+    assert (final / "pytorch_lora_weights.safetensors").is_file()
+    transformer = CogView4Transformer2DModel.from_pretrained(final, subfolder="transformer")
+    assert transformer.config.in_channels == 8
+    pipe = CogView4ControlPipeline.from_pretrained(tiny_cogview4, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    control = Image.open(circles / "conditioning_images" / "000000.png").convert("RGB")
+    image = pipe(PROMPT, control_image=control, num_inference_steps=2, height=32, width=32, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert np.isfinite(image).all()
+    from difftune.methods import make_method
+
+    usage = make_method(build_config(raw).method).usage(get_family("cogview4"), "me/run", "base")
+    assert 'CogView4Transformer2DModel.from_pretrained("me/run", subfolder="transformer")' in usage

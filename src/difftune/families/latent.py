@@ -220,6 +220,11 @@ class LatentFamily:
             control = self.pipeline_classes["control"]
             if result == "control":
                 return f'from diffusers import {control}\npipe = {control}.from_pretrained("{repo}")'
+            if not hasattr(self.pipeline_class("control"), "load_lora_weights"):  # the fused transformer
+                return (f"from diffusers import {control}, {self.denoiser_class}\n"
+                        f'{self.denoiser_name} = {self.denoiser_class}.from_pretrained("{repo}", '
+                        f'subfolder="{self.denoiser_name}")\n'
+                        f'pipe = {control}.from_pretrained("{base}", {self.denoiser_name}={self.denoiser_name})')
             return (f"from diffusers import {control}\n"
                     f'pipe = {control}.from_pretrained("{base}")\n'
                     f'pipe.load_lora_weights("{repo}")')

@@ -5,10 +5,12 @@ is widened to take them: the old weights first, zeros for the new inputs, so bef
 first step the model computes exactly what the base does.
 
 Full: the whole denoiser trains; final/ is the family's control pipeline
-(FluxControlPipeline). With [method.lora] (Control-LoRA): adapters train on the
-family's targets plus the widened projection, whose base weights keep their zeros;
-final/ is a LoRA file that the control pipeline's load_lora_weights reads (diffusers
-widens the base projection with zeros again when it loads it).
+(FluxControlPipeline, CogView4ControlPipeline). With [method.lora] (Control-LoRA):
+adapters train on the family's targets plus the widened projection, whose base weights
+keep their zeros; final/ is a LoRA file that the control pipeline's load_lora_weights
+reads (diffusers widens the base projection with zeros again when it loads it). Where
+the control pipeline has no LoRA loader (CogView4), final/<denoiser>/ also holds the
+transformer with the adapters fused in.
 
 The control image is encoded with the VAE's posterior mean, shifted and scaled like
 the latents; the control pipeline draws a posterior sample instead (the VAE's posterior
@@ -17,6 +19,7 @@ is narrow, so the two differ by little).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -107,10 +110,17 @@ class Control:
         (self.lora.restore if self.lora is not None else restore_pretrained)(name, module, folder)
 
     def save(self, family: Family, parts: Parts, trained: Trained, out_dir: Path) -> None:
-        if self.lora is not None:
-            family.save_lora(out_dir, trained)
-        else:
+        if self.lora is None:
             save_pipeline(family, parts, trained, out_dir, "control")
+            return
+        family.save_lora(out_dir, trained)
+        if not hasattr(family.pipeline_class("control"), "load_lora_weights"):
+            # CogView4ControlPipeline reads no LoRA: the adapters fused into a plain
+            # (widened) transformer as well, in final/<denoiser>/
+            fused = copy.deepcopy(trained[parts.denoiser_name])
+            fused.fuse_lora()
+            fused.unload_lora()
+            fused.to(torch.float32).save_pretrained(out_dir / parts.denoiser_name, safe_serialization=True)
 
     def usage(self, family: Family, repo: str, base: str) -> str:
         return family.usage(self.result, repo, base)
