@@ -133,3 +133,11 @@ def test_flux_presets_are_the_methods_they_are_named_after() -> None:
     assert presets["lora"].method.kind == "lora" and presets["lora"].objective.timestep_sampling == "logit_normal"
     assert presets["dreambooth_lora"].method.uses_lora and presets["dreambooth_lora"].model.guidance == 1.0
     assert presets["full"].method.kind == "full"
+
+
+def test_cogview4_presets_are_the_methods_they_are_named_after() -> None:
+    root = Path(__file__).resolve().parents[1] / "configs" / "cogview4"
+    presets = {name: load_config(root / f"{name}.toml") for name in ("control", "control_lora", "lora")}
+    assert all(c.model.family == "cogview4" and c.train.mixed_precision == "bf16" for c in presets.values())
+    assert presets["control"].method.kind == "control" and presets["control_lora"].method.uses_lora
+    assert presets["lora"].method.kind == "lora"
