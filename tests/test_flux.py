@@ -288,3 +288,27 @@ def test_a_short_t5_length_reaches_every_pipeline_call(circles: Path, tmp_path: 
     assert family.generation_options(pipe) == {"max_sequence_length": 16}
     train(build_config(_flux_run(base, circles, tmp_path / "run", kind="full")))
     assert (tmp_path / "run" / "validation" / "step-000002" / "pair-00-grid.png").is_file()
+
+
+def test_a_control_run_from_the_latent_cache_trains_as_one_without(tiny_flux: Path, circles: Path,
+                                                                   tmp_path: Path) -> None:
+    """The cache holds the control image's latents (both flip sides); the weights come out
+    as from encoding every step."""
+    from safetensors.torch import load_file
+
+    from difftune.training.events import read_events
+
+    finals = {}
+    for cached in (False, True):
+        raw = _control_run(tiny_flux, circles, tmp_path / f"run-{cached}")
+        raw["data"] |= {"cache_latents": cached, "random_flip": True,
+                        "encoded_cache_dir": str(tmp_path / "cache")}
+        raw["validation"]["every"] = 100
+        finals[cached] = load_file(train(build_config(raw)) / "transformer" / "diffusion_pytorch_model.safetensors")
+    caches = [e for e in read_events(tmp_path / "run-True") if e["event"] == "cache"]
+    assert caches and caches[0]["latents_encoded"] == 12
+    from safetensors import safe_open
+
+    names = {name for shard in (tmp_path / "cache").rglob("*.safetensors") for name in safe_open(shard, "pt").keys()}
+    assert sum(name.endswith("_conditioning_mean") for name in names) == 24  # 12 entries, both flip sides
+    assert all(torch.allclose(finals[False][k], finals[True][k], atol=1e-5) for k in finals[False])

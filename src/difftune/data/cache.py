@@ -178,6 +178,8 @@ class EncodedSamples(Dataset):
             if "conditioning" in entry:
                 conditioning = entry["conditioning"].float() / 255.0
                 sample["conditioning_pixels"] = conditioning.flip(-1) if plan.flip else conditioning
+            if f"{side}_conditioning_mean" in entry:
+                sample["conditioning_latent_mean"] = entry[f"{side}_conditioning_mean"]
             plan_caption = plan.caption
         if self.texts is not None:
             sample["text"] = self.texts.get(self.text_keys[plan_caption])
@@ -223,15 +225,19 @@ def build_cache(
     folder: Path,
     batch_size: int,
     processes: Processes,
+    conditioning_latents: bool = False,
 ) -> tuple[EncodedSamples | PriorPreservationSamples, dict[str, int]]:
     """Encode what the cache lacks, each process its share, then read it everywhere.
+    conditioning_latents: the latent cache also holds the conditioning image's VAE
+    posterior mean (channel-concat Control), both flip sides.
     DreamBooth pairs are cached half by half. Returns the cached dataset and
     {"latents_encoded", "latents_reused", "texts_encoded", "texts_reused"} (all processes)."""
     if isinstance(samples, PriorPreservationSamples):
         totals: Counter[str] = Counter()
 
         def encode(half: TrainingSamples) -> EncodedSamples:
-            encoded, stats = build_cache(half, family, parts, cache_latents, cache_text, folder, batch_size, processes)
+            encoded, stats = build_cache(half, family, parts, cache_latents, cache_text, folder, batch_size, processes,
+                                         conditioning_latents)
             totals.update(stats)
             return encoded  # type: ignore[return-value]
 
@@ -240,13 +246,13 @@ def build_cache(
     latents, latent_keys = None, []
     texts, text_keys = None, {}
     if cache_latents:
-        latent_keys = [_latent_key(samples, i) for i in range(len(samples))]
+        latent_keys = [_latent_key(samples, i, conditioning_latents) for i in range(len(samples))]
         latent_folder = folder / "latents" / _latent_context(samples, family, parts)
         missing = _missing(latent_folder, dict(enumerate(latent_keys)), processes)
         stats["latents_encoded"], stats["latents_reused"] = len(missing), len(set(latent_keys)) - len(missing)
         mine = [i for i in missing if _owner(latent_keys[i], processes.count) == processes.index]
         processes.run_share(lambda: _encode_latents(samples, family, parts, CacheStore(latent_folder), latent_keys,
-                                                    mine, batch_size))
+                                                    mine, batch_size, conditioning_latents))
         latents = _complete(CacheStore(latent_folder), latent_keys)
     if cache_text:
         # sorted: a set's order differs between processes (string hashing is salted per process)
@@ -317,11 +323,13 @@ def _text_context(family: Any, parts: Any) -> str:
     return _hash(CACHE_VERSION, family.name, encoders, family.text_cache_identity(parts))
 
 
-def _latent_key(samples: TrainingSamples, index: int) -> str:
+def _latent_key(samples: TrainingSamples, index: int, conditioning_latents: bool = False) -> str:
     """A hash of the sample's size (square or bucket) and the bytes of its image files
-    (or embedded images)."""
+    (or embedded images); an entry with the conditioning's latents has its own key."""
     row = samples.rows[samples.row_numbers[index]]
     digest = hashlib.blake2b(digest_size=16)
+    if conditioning_latents:
+        digest.update(b"conditioning-latents|")
     digest.update(repr(samples.size_of(index)).encode())
     for column in (samples.columns.image, samples.columns.conditioning):
         if column is not None:
@@ -344,7 +352,7 @@ def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
 
 @torch.no_grad()
 def _encode_latents(samples: TrainingSamples, family: Any, parts: Any, store: CacheStore,
-                    keys: list[str], missing: list[int], batch_size: int) -> None:
+                    keys: list[str], missing: list[int], batch_size: int, conditioning_latents: bool = False) -> None:
     config = samples.config
     by_size: dict[tuple[int, int], list[int]] = {}
     for index in missing:  # one VAE batch holds one size (aspect buckets)
@@ -366,6 +374,10 @@ def _encode_latents(samples: TrainingSamples, family: Any, parts: Any, store: Ca
             mean, std = family.latent_distribution(parts, torch.stack(images))
             for entry, m, s in zip(entries, mean, std):
                 entry[f"{side}_mean"], entry[f"{side}_std"] = m, s
+            if conditioning_latents and conditionings[0] is not None:  # the VAE takes [-1, 1]
+                controls = torch.stack([c if side == "plain" else c.flip(-1) for c in conditionings]) * 2 - 1
+                for entry, m in zip(entries, family.latent_distribution(parts, controls)[0]):
+                    entry[f"{side}_conditioning_mean"] = m
         for index, entry, cond in zip(chunk, entries, conditionings):
             if cond is not None:
                 entry["conditioning"] = (cond * 255.0).round().to(torch.uint8)

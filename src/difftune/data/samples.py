@@ -237,7 +237,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Tensors stacked by name; "text" (a family's named conditioning, from a text
     cache) stacked name by name, whatever the names are."""
     batch: dict[str, Any] = {"captions": [s["caption"] for s in samples], "keys": [s["key"] for s in samples]}
-    for key in ("pixels", "conditioning_pixels", "latent_mean", "latent_std", "geometry"):
+    for key in ("pixels", "conditioning_pixels", "conditioning_latent_mean", "latent_mean", "latent_std", "geometry"):
         if key in samples[0]:
             batch[key] = torch.stack([s[key] for s in samples]).contiguous()
     if "text" in samples[0]:

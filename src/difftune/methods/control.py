@@ -13,8 +13,9 @@ the control pipeline has no LoRA loader (CogView4), final/<denoiser>/ also holds
 transformer with the adapters fused in.
 
 The control image is encoded with the VAE's posterior mean, shifted and scaled like
-the latents; the control pipeline draws a posterior sample instead (the VAE's posterior
-is narrow, so the two differ by little).
+the latents (kept in the latent cache when data.cache_latents is on); the control
+pipeline draws a posterior sample instead (the VAE's posterior is narrow, so the two
+differ by little).
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ class Control:
     fixed_caption = None
     floor_settings = None  # the control input cannot be switched off by a pipeline setting
     card_tags = ["control"]
+    conditioning_latents = True
+    """With data.cache_latents, the cache holds the control image's latents too."""
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
@@ -94,10 +97,13 @@ class Control:
     def condition(
         self, family: Family, parts: Parts, trained: Trained, batch: dict[str, Any], inputs: ModelInputs
     ) -> ModelInputs:
-        # conditioning pixels are in [0, 1] (as a ControlNet takes them); the VAE takes [-1, 1]
-        pixels = batch["conditioning_pixels"].to(inputs.noisy.device) * 2 - 1
+        device = inputs.noisy.device
         with torch.no_grad():
-            control = family.encode_images(parts, pixels, None)
+            if "conditioning_latent_mean" in batch:  # from the latent cache (the VAE may be off the device)
+                mean = batch["conditioning_latent_mean"].to(device)
+                control = family.sample_latents(parts, mean, torch.zeros_like(mean), None)
+            else:  # conditioning pixels are in [0, 1] (as a ControlNet takes them); the VAE takes [-1, 1]
+                control = family.encode_images(parts, batch["conditioning_pixels"].to(device) * 2 - 1, None)
         return replace(inputs, noisy=torch.cat([inputs.noisy, control.to(inputs.noisy.dtype)], dim=1))
 
     reduce = staticmethod(mean_loss)

@@ -211,7 +211,8 @@ def encoded(samples: Any, trainee: Any, config: RunConfig, accelerator: Accelera
     processes = Processes(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone,
                           lambda flag: agreed(accelerator, flag))
     cached, stats = build_cache(samples, trainee.family, trainee.parts, data.cache_latents, data.cache_text,
-                                folder, config.train.batch_size, processes)
+                                folder, config.train.batch_size, processes,
+                                getattr(trainee.method, "conditioning_latents", False))
     events.write("cache", path=str(folder), seconds=round(time.perf_counter() - started, 2), **stats)
     parts = trainee.parts
     offloaded.move_off(([parts.vae] if data.cache_latents else []) + (parts.text_encoders if data.cache_text else []))
