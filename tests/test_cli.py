@@ -127,4 +127,7 @@ def test_export_and_generate_errors_exit_2(tmp_path: Path, tiny_base: Path, caps
     assert str(tmp_path) in capsys.readouterr().err
     assert main(["generate", "--base", str(tiny_base), "--controlnet", "x", "--prompt", "p",
                  "--out", str(tmp_path / "o.png")]) == 2
-    assert "--controlnet and --image go together" in capsys.readouterr().err
+    assert "--controlnet needs --image" in capsys.readouterr().err
+    assert main(["generate", "--base", str(tiny_base), "--image", "c.png", "--prompt", "p",
+                 "--out", str(tmp_path / "o.png")]) == 2
+    assert "--image is for a ControlNet (--controlnet) or a Control run" in capsys.readouterr().err

@@ -118,6 +118,15 @@ def test_a_control_lora_also_writes_the_fused_transformer_cogview4_loads(tiny_co
     image = pipe(PROMPT, control_image=control, num_inference_steps=2, height=32, width=32, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert np.isfinite(image).all()
+    import subprocess
+    import sys
+
+    out = tmp_path / "out.png"  # the CLI loads the fused transformer into the control pipeline
+    done = subprocess.run([sys.executable, "-m", "difftune", "generate", "--lora", str(tmp_path / "run"),
+                           "--image", str(circles / "conditioning_images" / "000000.png"), "--prompt", PROMPT,
+                           "--steps", "2", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert Image.open(out).size == (64, 64)
     from difftune.methods import make_method
 
     usage = make_method(build_config(raw).method).usage(get_family("cogview4"), "me/run", "base")

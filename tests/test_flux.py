@@ -183,6 +183,15 @@ def test_a_control_run_saves_a_fluxcontrolpipeline(tiny_flux: Path, circles: Pat
     pipe = FluxControlPipeline.from_pretrained(final)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.transformer.config.in_channels == 8
+    out = tmp_path / "out.png"  # the CLI takes the run as --base, with its control image
+    command = [sys.executable, "-m", "difftune", "generate", "--base", str(tmp_path / "run"), "--prompt", PROMPT,
+               "--steps", "2", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 2 and "a Control model needs --image" in done.stderr
+    done = subprocess.run([*command, "--image", str(circles / "conditioning_images" / "000000.png")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert Image.open(out).size == (64, 64)
     control = Image.open(circles / "conditioning_images" / "000000.png").convert("RGB")
     image = pipe(PROMPT, control_image=control, num_inference_steps=2, height=32, width=32, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]
@@ -207,6 +216,11 @@ def test_a_control_lora_loads_into_the_base_control_pipeline(tiny_flux: Path, ci
                     joint_attention_kwargs={"scale": scale}, generator=torch.Generator().manual_seed(0)).images[0]
 
     assert not np.allclose(image(0.0), image(1.0), atol=1e-4)
+    out = tmp_path / "out.png"
+    done = subprocess.run([sys.executable, "-m", "difftune", "generate", "--lora", str(tmp_path / "run"),
+                           "--image", str(circles / "conditioning_images" / "000000.png"), "--prompt", PROMPT,
+                           "--steps", "2", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_a_fresh_flux_controlnet_changes_nothing_until_it_trains(tiny_flux: Path, circles: Path) -> None:

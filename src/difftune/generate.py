@@ -52,6 +52,9 @@ class Generation:
     resolution: int | None = None
     family: str | None = None
     """The base's family: given, the run's, or read from the base's model_index.json."""
+    control: bool = False
+    """A channel-concat Control result (its pipeline takes --image): a Control run given
+    as --base, or a Control-LoRA run as --lora."""
     notes: tuple[str, ...] = ()
     """What was taken from a run directory, to say so."""
 
@@ -81,8 +84,14 @@ def plan_generation(request: Generation, given: set[str], overwrite: bool = Fals
     command line come from the run directory of --controlnet, --lora or --base, if any."""
     _check_numbers(request)
     check_output_file("--out", str(request.out), IMAGE_SUFFIXES, overwrite)
-    if (request.controlnet is None) != (request.image is None):
-        raise InputError("--controlnet and --image go together")
+    request = replace(request, control=any(_is_control_run(value) for value in (request.base, request.lora)))
+    if request.controlnet is not None and request.image is None:
+        raise InputError("--controlnet needs --image (the conditioning image)")
+    if request.image is not None and request.controlnet is None and not request.control:
+        raise InputError("--image is for a ControlNet (--controlnet) or a Control run (as --base, or its LoRA "
+                         "as --lora)")
+    if request.control and request.image is None:
+        raise InputError("a Control model needs --image (the conditioning image its latents are made from)")
     for flag, value in (("--controlnet", request.controlnet), ("--lora", request.lora), ("--base", request.base)):
         _check_run_result(flag, value)
     if request.controlnet is not None:
@@ -121,6 +130,11 @@ def plan_generation(request: Generation, given: set[str], overwrite: bool = Fals
 
 
 RESULT_FLAGS = {"pipeline": "--base", "lora": "--lora", "controlnet": "--controlnet"}
+
+
+def _is_control_run(value: str | None) -> bool:
+    run = run_config(value)
+    return run is not None and run.get("method", {}).get("kind") == "control"
 
 
 def _check_run_result(flag: str, value: str | None) -> None:
@@ -229,12 +243,19 @@ def generate(request: Generation, should_stop: Callable[[], bool] = lambda: Fals
     pipe = _load_pipeline(request, getattr(torch, family.gpu_dtype) if device == "cuda" else torch.float32)
     size = request.resolution or native_resolution(Path(run_output(request.base)), family.denoiser_name)
     call: dict[str, Any] = {"height": size, "width": size} if size else {}
-    if request.controlnet is not None:
+    if request.image is not None:
         control = _conditioning(request.image, size)
-        call |= {**family.control_arguments(control), "controlnet_conditioning_scale": request.conditioning_scale,
-                 "height": control.height, "width": control.width}
-    if request.lora is not None:
-        call[family.attention_options] = {"scale": request.lora_scale}
+        call |= {**family.control_arguments(control), "height": control.height, "width": control.width}
+    if request.controlnet is not None:
+        call["controlnet_conditioning_scale"] = request.conditioning_scale
+    if request.lora is not None and not (request.control and not _reads_lora(family)):
+        call[family.attention_options] = {"scale": request.lora_scale}  # (a fused LoRA has no scale)
+    if request.negative_prompt is not None:
+        import inspect
+
+        if "negative_prompt" not in inspect.signature(pipe.__call__).parameters:
+            raise InputError(f"--negative-prompt: {type(pipe).__name__} takes no negative prompt")
+        call["negative_prompt"] = request.negative_prompt
     pipe = pipe.to(device)
     pipe.scheduler = family.sampler(pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -250,7 +271,6 @@ def generate(request: Generation, should_stop: Callable[[], bool] = lambda: Fals
         request.prompt,
         num_inference_steps=request.steps,
         guidance_scale=request.guidance_scale,
-        negative_prompt=request.negative_prompt,
         generator=torch.Generator(device).manual_seed(request.seed),
         callback_on_step_end=stop_between_steps,
         **family.generation_options(pipe),
@@ -280,8 +300,14 @@ def _load_pipeline(request: Generation, dtype: Any) -> Any:
             what = f"--controlnet {request.controlnet}"
             net = family.load_controlnet(run_output(request.controlnet), dtype)
             what = f"--base {request.base}"
-        pipe = family.load_pipeline(base, dtype, net)
-        if request.lora is not None:
+        parts = {}
+        fused = request.lora is not None and request.control and not _reads_lora(family)
+        if fused:  # a Control-LoRA for a pipeline without a LoRA loader: its fused denoiser (CogView4)
+            what = f"--lora {request.lora}"
+            parts = {family.denoiser_name: _fused_denoiser(family, run_output(request.lora), dtype)}
+            what = f"--base {request.base}"
+        pipe = family.load_pipeline(base, dtype, net, kind="control" if request.control else None, **parts)
+        if request.lora is not None and not fused:
             what = f"--lora {request.lora} (was it trained on another base?)"
             pipe.load_lora_weights(run_output(request.lora))
     except Exception as error:  # noqa: BLE001 (diffusers, transformers and peft raise many kinds)
@@ -290,6 +316,17 @@ def _load_pipeline(request: Generation, dtype: Any) -> Any:
     check_weights_loaded(modules, f"--base {request.base}" + (f" or --controlnet {request.controlnet}"
                                                              if request.controlnet else ""))
     return pipe
+
+
+def _reads_lora(family: Any) -> bool:
+    return hasattr(family.pipeline_class("control"), "load_lora_weights")
+
+
+def _fused_denoiser(family: Any, final: str, dtype: Any) -> Any:
+    import diffusers
+
+    return getattr(diffusers, family.denoiser_class).from_pretrained(final, subfolder=family.denoiser_name,
+                                                                     dtype=dtype)
 
 
 def native_resolution(base: Path, denoiser: str = "unet") -> int | None:

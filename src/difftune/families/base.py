@@ -240,8 +240,10 @@ class Family(Protocol):
         """The pipeline call's keyword for a conditioning image (`image=`, `control_image=`)."""
         ...
 
-    def load_pipeline(self, base: str, controlnet: str | None, dtype: Any) -> Any:
-        """The pipeline of a saved base (and a saved ControlNet), for `difftune generate`."""
+    def load_pipeline(self, base: str, dtype: Any, controlnet: Any = None, kind: str | None = None,
+                      **parts: Any) -> Any:
+        """The pipeline of a saved base (with a loaded ControlNet, of `kind`, with parts
+        in place of its own), for `difftune generate`."""
         ...
 
     def save_lora(self, out_dir: Path, adapted: dict[str, nn.Module]) -> None:

@@ -56,6 +56,7 @@ class CogView4(LatentFamily):
     pipeline_classes = {"text_to_image": "CogView4Pipeline", "control": "CogView4ControlPipeline"}
     input_projection = "patch_embed.proj"
     latent_patch = PATCH
+    attention_options = "attention_kwargs"
     gpu_dtype = "bfloat16"
     caches_text = False
     mixed_precisions = ("no", "bf16")

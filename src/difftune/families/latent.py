@@ -192,10 +192,13 @@ class LatentFamily:
         """Call arguments every generation with the family's pipelines takes (Flux: its T5 length)."""
         return {}
 
-    def load_pipeline(self, base: str, dtype: Any, controlnet: Any = None) -> Any:
+    def load_pipeline(self, base: str, dtype: Any, controlnet: Any = None, kind: str | None = None,
+                      **parts: Any) -> Any:
+        """A saved pipeline of `kind` (by default ControlNet with a `controlnet`, else
+        text-to-image), with any parts given in place of its own."""
         extra = {} if controlnet is None else {"controlnet": controlnet}
-        cls = self.pipeline_class("text_to_image" if controlnet is None else "controlnet")
-        return cls.from_pretrained(base, dtype=dtype, **extra, **self.pipeline_options)
+        cls = self.pipeline_class(kind or ("text_to_image" if controlnet is None else "controlnet"))
+        return cls.from_pretrained(base, dtype=dtype, **extra, **parts, **self.pipeline_options)
 
     def save_lora(self, out_dir: Path, adapted: dict[str, nn.Module]) -> None:
         """diffusers' LoRA file (pytorch_lora_weights.safetensors) with each adapter's
