@@ -239,9 +239,9 @@ FLUX_SIZES = {
     "test": {"vae": (4,), "vae_groups": 1, "latent_channels": 1, "text": 32, "t5": 32, "heads": 2,
              "head_dim": 16, "rope": (4, 4, 8), "double": 1, "single": 1},
     # the fill-circles Flux base (benchmarks/fill_circles/train_base.py --family flux): 4 heads
-    # of 16, two dual- and two single-stream blocks over 2x2 patches of 16x16 latents
+    # of 32, two dual- and two single-stream blocks over 2x2 patches of 16x16 latents
     "base": {"vae": (16, 32), "vae_groups": 8, "latent_channels": 4, "text": 64, "t5": 64, "heads": 4,
-             "head_dim": 16, "rope": (4, 6, 6), "double": 2, "single": 2, "text_layers": 2},
+             "head_dim": 32, "rope": (8, 12, 12), "double": 2, "single": 2, "text_layers": 2},
     # another shape: a VAE of factor 2 with two latent channels
     "test-x2": {"vae": (4, 8), "vae_groups": 2, "latent_channels": 2, "text": 32, "t5": 32, "heads": 2,
                 "head_dim": 16, "rope": (4, 4, 8), "double": 1, "single": 1},
