@@ -119,9 +119,10 @@ def test_a_full_run_saves_a_pipeline_flux_loads(tiny_flux: Path, circles: Path, 
     assert np.isfinite(_image(pipe)).all()
 
 
-def test_the_config_refuses_what_flux_cannot_do(tiny_flux: Path, circles: Path) -> None:
-    raw = _flux_run(tiny_flux, circles, Path("out"), kind="controlnet")
-    with pytest.raises(ConfigError, match="method.kind = 'controlnet': family 'flux'"):
+def test_the_config_refuses_what_flux_cannot_do(tiny_flux: Path, tiny_base: Path, circles: Path) -> None:
+    raw = _flux_run(tiny_base, circles, Path("out"), kind="control")
+    raw["model"]["family"] = "sd"  # channel-concat Control is for the transformer families
+    with pytest.raises(ConfigError, match="method.kind = 'control': family 'sd'"):
         build_config(raw)
     raw = _flux_run(tiny_flux, circles, Path("out"), kind="lora")
     raw["objective"] = {"snr_gamma": 5.0}
