@@ -93,8 +93,9 @@ def evaluate(base: str, run_dir: Path, held_out: str, steps: int, guidance: floa
             runner.scheduler = UniPCMultistepScheduler.from_config(runner.scheduler.config)
         runner.set_progress_bar_config(disable=True)
         call = family.control_arguments(controls) if runner is pipe else {}
+        width, height = controls[0].size  # the held-out size (Flux's pipelines default to 1024-ish)
         images = runner(
-            list(rows["text"]), **call, num_inference_steps=steps, guidance_scale=guidance,
+            list(rows["text"]), **call, num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
             generator=torch.Generator().manual_seed(seed), **family.generation_options(runner), **settings,
         ).images
         scores = [metric.score(g, c, t) for g, c, t in zip(images, rows["conditioning_image"], rows["text"])]
