@@ -175,7 +175,8 @@ class Flux(LatentFamily):
         import torch
 
         with torch.no_grad():  # the control image's latents, as FluxControlNetPipeline makes them
-            control = self.encode_images(parts, conditioning * 2 - 1, None)
+            # (on the VAE's device, which a latent cache may have moved off the accelerator)
+            control = self.encode_images(parts, conditioning * 2 - 1, None).to(inputs.noisy.device)
         batch, _, height, width = inputs.noisy.shape
         text = inputs.text["hidden_states"]
         dtype = inputs.noisy.dtype

@@ -104,7 +104,8 @@ class Control:
                 control = family.sample_latents(parts, mean, torch.zeros_like(mean), None)
             else:  # conditioning pixels are in [0, 1] (as a ControlNet takes them); the VAE takes [-1, 1]
                 control = family.encode_images(parts, batch["conditioning_pixels"].to(device) * 2 - 1, None)
-        return replace(inputs, noisy=torch.cat([inputs.noisy, control.to(inputs.noisy.dtype)], dim=1))
+        control = control.to(device=device, dtype=inputs.noisy.dtype)  # (the VAE's device may differ)
+        return replace(inputs, noisy=torch.cat([inputs.noisy, control], dim=1))
 
     reduce = staticmethod(mean_loss)
 
