@@ -30,7 +30,7 @@ from PIL import Image
 from torch import nn
 
 from difftune.config import MethodConfig
-from difftune.families.base import Family, ModelInputs, Parts, dtype_of, inference_copy
+from difftune.families.base import Family, ModelInputs, Parts
 from difftune.methods.base import (
     Trained,
     freeze,
@@ -40,7 +40,7 @@ from difftune.methods.base import (
     store_pretrained,
     trainable_fp32,
 )
-from difftune.methods.full import save_pipeline
+from difftune.methods.full import generate_with_trained, save_pipeline
 from difftune.methods.lora import Lora, add_lora, lora_config
 
 
@@ -142,9 +142,5 @@ class Control:
         settings: dict[str, Any],
         generator: torch.Generator,
     ) -> list[Image.Image]:
-        dtype = dtype_of(parts.vae)
-        copies = {name: inference_copy(module, dtype) for name, module in trained.items()}
-        pipeline = family.pipeline(parts.with_modules(copies), "control")
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline(prompt, **family.control_arguments(image), generator=generator,
-                        **family.generation_options(pipeline), **settings).images
+        return generate_with_trained(family, parts, trained, prompt, settings, generator, "control",
+                                     family.control_arguments(image))

@@ -30,6 +30,26 @@ from difftune.methods.base import (
 )
 
 
+def generate_with_trained(
+    family: Family,
+    parts: Parts,
+    trained: Trained,
+    prompt: str | list[str],
+    settings: dict[str, Any],
+    generator: torch.Generator,
+    kind: str | None = None,
+    call: dict[str, Any] | None = None,
+) -> list[Image.Image]:
+    """The family's pipeline of `kind` over the parts, the trained modules swapped in at
+    the frozen parts' dtype; `call` adds arguments (a control image)."""
+    dtype = dtype_of(parts.vae)
+    copies = {name: inference_copy(module, dtype) for name, module in trained.items()}
+    pipeline = family.pipeline(parts.with_modules(copies), kind)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline(prompt, **(call or {}), generator=generator, **family.generation_options(pipeline),
+                    **settings).images
+
+
 def generate_text_to_image(
     family: Family,
     parts: Parts,
@@ -39,14 +59,8 @@ def generate_text_to_image(
     settings: dict[str, Any],
     generator: torch.Generator,
 ) -> list[Image.Image]:
-    """Method.generate for methods that change weights: the family's text-to-image
-    pipeline over the parts, trained modules in the frozen parts' dtype (`image` is not
-    used)."""
-    dtype = dtype_of(parts.vae)
-    copies = {name: inference_copy(module, dtype) for name, module in trained.items()}
-    pipeline = family.pipeline(parts.with_modules(copies))
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline(prompt, generator=generator, **family.generation_options(pipeline), **settings).images
+    """Method.generate for methods that change weights: text-to-image (`image` is not used)."""
+    return generate_with_trained(family, parts, trained, prompt, settings, generator)
 
 
 class FullFineTune:
