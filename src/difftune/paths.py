@@ -123,28 +123,6 @@ def check_vae_fits(key: str, vae: str, base: str) -> None:
                         f"base's VAE (which its denoiser was trained on) makes {theirs[0]} at 1/{2 ** (theirs[1] - 1)}")
 
 
-def vae_factor(vae: str | None, base: str) -> int | None:
-    """How many pixels make one latent, from the VAE's config.json (local folders only)."""
-    config = Path(vae).expanduser() / "config.json" if vae else Path(base).expanduser() / "vae" / "config.json"
-    try:
-        return 2 ** (len(json.loads(config.read_text(encoding="utf-8"))["block_out_channels"]) - 1)
-    except (ValueError, OSError, KeyError, TypeError):
-        return None
-
-
-def check_sizes_fit(sizes: dict[str, int], factor: int | None, patch: int, family: str) -> None:
-    """Every training size makes whole latent patches: a multiple of the VAE factor times
-    the denoiser's patch (Flux packs 2x2), named before any model loads."""
-    if factor is None:
-        return
-    multiple = factor * patch
-    for key, value in sizes.items():
-        if value % multiple:
-            why = f"the VAE factor {factor} x the {patch}x{patch} patches {family} packs" if patch > 1 else \
-                f"the VAE factor {factor}"
-            raise PathError(f"{key} = {value} must be a multiple of {multiple} ({why})")
-
-
 def check_tokenizer(key: str, value: str, revision: str | None = None) -> None:
     """A tokenizer folder (tokenizer files at its top) or a Hub id."""
     if _hub_or_missing(key, value, "tokenizer_config.json", revision, "a tokenizer folder"):

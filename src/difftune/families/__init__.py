@@ -61,4 +61,28 @@ def check_base(key: str, base: str, family_name: str, flag: str) -> None:
         raise PathError(f"{key} = {base!r}: " + "; ".join(problems))
 
 
-__all__ = ["Family", "ModelInputs", "Parts", "check_base", "families", "family_of_pipeline", "get_family"]
+def vae_factor(vae: str | None, base: str) -> int | None:
+    """How many pixels make one latent, from the VAE's config.json (local folders only)."""
+    config = Path(vae).expanduser() / "config.json" if vae else Path(base).expanduser() / "vae" / "config.json"
+    try:
+        return 2 ** (len(json.loads(config.read_text(encoding="utf-8"))["block_out_channels"]) - 1)
+    except (ValueError, OSError, KeyError, TypeError):
+        return None
+
+
+def check_sizes_fit(sizes: dict[str, int], factor: int | None, patch: int, family: str) -> None:
+    """Every training size makes whole latent patches: a multiple of the VAE factor times
+    the denoiser's patch (Flux packs 2x2), named before any model loads."""
+    if factor is None:
+        return
+    multiple = factor * patch
+    for key, value in sizes.items():
+        if value % multiple:
+            why = f"the VAE factor {factor} x the {patch}x{patch} patches {family} packs" if patch > 1 else \
+                f"the VAE factor {factor}"
+            from difftune.paths import PathError
+
+            raise PathError(f"{key} = {value} must be a multiple of {multiple} ({why})")
+
+
+__all__ = ["Family", "ModelInputs", "Parts", "check_base", "check_sizes_fit", "families", "family_of_pipeline", "get_family", "vae_factor"]

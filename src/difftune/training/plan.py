@@ -41,12 +41,10 @@ from difftune.paths import (
     check_output_dir,
     check_pipeline,
     check_tokenizer,
-    check_sizes_fit,
     check_vae_fits,
     default_cache_dir,
     looks_like_path,
     offline_if_hub_unreachable,
-    vae_factor,
     within,
 )
 from difftune.training.checkpoint import (
@@ -167,7 +165,7 @@ def check_sources(config: RunConfig) -> None:
         note = offline_if_hub_unreachable()
         if note:
             logger.warning(note)
-    from difftune.families import check_base, get_family
+    from difftune.families import check_base, check_sizes_fit, get_family, vae_factor
 
     components = dict(get_family(model.family).components)
     if model.tokenizer:
