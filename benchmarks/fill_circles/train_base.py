@@ -7,10 +7,11 @@
 
 The result is a diffusers pipeline folder (safetensors) that the demo ControlNet uses.
 `--family sdxl` builds an SDXL-architecture base instead (two text encoders, the pooled
-embedding and time ids), and `--family flux` a Flux one (CLIP + T5, a flow-matching
-transformer over 2x2 patches), each trained the same way through its family.
+embedding and time ids), `--family flux` a Flux one (CLIP + T5, a flow-matching
+transformer over 2x2 patches) and `--family cogview4` a CogView4 one (GLM, a flow-matching
+transformer with size conditioning), each trained the same way through its family.
 
-    python benchmarks/fill_circles/train_base.py OUT_DIR [--family sd|sdxl|flux] [--unet-steps 6000]
+    python benchmarks/fill_circles/train_base.py OUT_DIR [--family sd|sdxl|flux|cogview4] [--unet-steps 6000]
         [--vae FOLDER]   (reuse a trained fill-circles VAE instead of training one)
 """
 
@@ -26,7 +27,7 @@ from diffusers import AutoencoderKL
 
 from difftune.config import build_config
 from difftune.data.synthetic import DEMO_PALETTE, write_fill_circles
-from difftune.tiny import build_tiny_flux, build_tiny_sd, build_tiny_sdxl
+from difftune.tiny import build_tiny_cogview4, build_tiny_flux, build_tiny_sd, build_tiny_sdxl
 from difftune.training.loop import train
 
 
@@ -37,7 +38,12 @@ def build_flux_base(out: Path, words: list[str], size: str, seed: int, max_lengt
                            t5_length=max_length)
 
 
-BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "flux": build_flux_base}
+def build_cogview4_base(out: Path, words: list[str], size: str, seed: int, max_length: int) -> Path:
+    """CogView4 takes no prompt length: its pipeline pads each prompt to a multiple of 16 tokens."""
+    return build_tiny_cogview4(out, words, size=size, seed=seed)
+
+
+BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "flux": build_flux_base, "cogview4": build_cogview4_base}
 
 PALETTE = DEMO_PALETTE
 WORDS = PALETTE + ["circle", "with", "background"]

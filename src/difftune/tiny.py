@@ -308,6 +308,10 @@ def build_tiny_flux(out_dir: str | Path, words: list[str], size: str = "test", s
 COGVIEW4_SIZES = {
     "test": {"vae": (4, 8), "vae_groups": 2, "latent_channels": 4, "text": 32, "heads": 4, "head_dim": 4,
              "layers": 2, "time": 8, "condition": 4},
+    # the fill-circles CogView4 base (benchmarks/fill_circles/train_base.py --family cogview4):
+    # 4 heads of 32 in four blocks over 2x2 patches of 16x16 latents, a two-layer GLM of 64
+    "base": {"vae": (16, 32), "vae_groups": 8, "latent_channels": 4, "text": 64, "heads": 4, "head_dim": 32,
+             "layers": 4, "time": 64, "condition": 16, "text_ffn": 128, "text_head_dim": 16},
 }
 
 
@@ -346,8 +350,9 @@ def build_tiny_cogview4(out_dir: str | Path, words: list[str], size: str = "test
         down_block_types=["DownEncoderBlock2D"] * blocks, up_block_types=["UpDecoderBlock2D"] * blocks,
         latent_channels=dims["latent_channels"], norm_num_groups=dims["vae_groups"],
     )
-    glm = GlmModel(GlmConfig(vocab_size=len(tokenizer), hidden_size=dims["text"], intermediate_size=8,
-                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+    glm = GlmModel(GlmConfig(vocab_size=len(tokenizer), hidden_size=dims["text"],
+                             intermediate_size=dims.get("text_ffn", 8), num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=dims.get("text_head_dim", 8),
                              pad_token_id=0, eos_token_id=1))
     transformer = CogView4Transformer2DModel(
         patch_size=2, in_channels=dims["latent_channels"], out_channels=dims["latent_channels"],

@@ -35,6 +35,8 @@ STATE_FILE = "trainer_state.json"
 MANIFEST = "MANIFEST.json"
 CONFIG_FILE = "config.toml"
 DATA_FILE = "data.json"
+ENGINE_FILE = "engine.json"
+"""How many processes wrote the checkpoint, and whether their weights were sharded."""
 
 
 class ResumeError(UserError, ValueError):
@@ -284,10 +286,31 @@ def _kept_name(run_dir: Path, step: int) -> Path | None:
     return run_dir / f"final-replaced-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainState:
+def engine_record(processes: int, sharded: bool) -> dict[str, Any]:
+    return {"processes": processes, "engine": "fsdp2" if sharded else "ddp" if processes > 1 else "single"}
+
+
+def check_same_engine(path: Path, processes: int, sharded: bool) -> None:
+    """A checkpoint resumes on the launch that wrote it: each rank's random state and the
+    data order (padded to the global batch) belong to its process count, and sharded
+    weights are stored in another layout than whole ones."""
+    recorded = path / ENGINE_FILE
+    if not recorded.is_file():  # written before checkpoints recorded their engine
+        return
+    was, now = json.loads(recorded.read_text()), engine_record(processes, sharded)
+    if was != now:
+        raise ResumeError(
+            f"{path} was written by {was['processes']} process(es) ({was['engine']}); this launch has "
+            f"{now['processes']} ({now['engine']}). Resume it with the launch config that wrote it, or give "
+            "another train.output_dir for a new run."
+        )
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path, sharded: bool = False) -> TrainState:
     """Restore the accelerate state; a failure names the checkpoint instead of a traceback
     from inside accelerate (the checkpoint was verified, so this means another version of
-    a library or another number of processes wrote it)."""
+    a library wrote it)."""
+    check_same_engine(path, accelerator.num_processes, sharded)
     try:
         accelerator.load_state(str(path))
     except Exception as error:

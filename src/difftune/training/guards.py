@@ -35,4 +35,5 @@ class NonFiniteGuard:
 
 
 def all_finite(model: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    """Whether this process's weights are finite (its shards, when the model is sharded)."""
+    return all(bool(torch.isfinite(getattr(p, "_local_tensor", p)).all()) for p in model.parameters())

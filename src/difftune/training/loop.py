@@ -26,11 +26,13 @@ from difftune.training import setup
 from difftune.training.checkpoint import (
     CONFIG_FILE,
     DATA_FILE,
+    ENGINE_FILE,
     DiskSpaceError,
     ResumeError,
     TrainState,
     check_disk_space,
     checkpoint_bytes,
+    engine_record,
     load_checkpoint,
     remove_partial_checkpoints,
     save_checkpoint,
@@ -38,6 +40,7 @@ from difftune.training.checkpoint import (
     write_final,
 )
 from difftune.training.ema import WeightAverage
+from difftune.training.engines import broadcast_from_main, check_sharded_run, full_copy, is_sharded, set_wrapped_blocks, structure_of
 from difftune.training.events import (
     EventLog,
     LossWindow,
@@ -102,26 +105,37 @@ class Run:
         trained = checked.method.build(checked.family, parts)
         check_weights_loaded(trained, "the trained modules (method.controlnet?)")
         setup.place_frozen_parts(parts, self.accelerator)
-        setup.apply_model_options(self.config, parts, trained)
+        setup.apply_model_options(self.config, parts, trained, is_sharded(self.accelerator))
         objective = checked.family.objective(parts, self.config.objective)
         return Trainee(checked.family, parts, checked.method, objective, trained)
 
     def _prepare(self) -> None:
         train, processes = self.config.train, self.accelerator.num_processes
         trainee = self.trainee
+        names = list(trainee.trained)
+        self.sharded = is_sharded(self.accelerator)
+        check_sharded_run(self.accelerator, names, self.config.method.ema is not None)
         params = [p for m in trainee.trained.values() for p in m.parameters() if p.requires_grad]
         optimizer = make_optimizer(params, train, processes)
         self.global_batch = train.batch_size * processes
         batches = self.sampler.padded // self.global_batch
         self.max_steps = total_steps(train, batches)
         schedule = make_lr_scheduler(optimizer, train, self.max_steps, processes)
-        names = list(trainee.trained)
+        if self.sharded:
+            # the modules' structure, kept to rebuild whole copies from gathered weights
+            self.structures = {name: structure_of(m) for name, m in trainee.trained.items()}
+            for module in trainee.trained.values():
+                broadcast_from_main(module)
+            set_wrapped_blocks(self.accelerator, next(iter(trainee.trained.values())), trainee.parts.denoiser)
         *modules, self.optimizer, self.loader, self.schedule = self.accelerator.prepare(
             *trainee.trained.values(), optimizer, self.loader, schedule
         )
         trainee.trained = dict(zip(names, modules))
         self.params = [p for m in modules for p in m.parameters() if p.requires_grad]
-        store_trained_weights(self.accelerator, trainee.method, names)
+        # FSDP2's clipping needs a prepared model's whole parameter list to see it is sharded
+        self.clipped = list(modules[0].parameters()) if self.sharded else self.params
+        if not self.sharded:  # sharded state is saved by accelerate itself, by every rank
+            store_trained_weights(self.accelerator, trainee.method, names)
         trainee.step_parts = trainee.parts.with_modules(trainee.trained)
         ema = self.config.method.ema
         self.ema = WeightAverage(trainee.trained, ema) if ema is not None else None
@@ -165,7 +179,7 @@ class Run:
             remove_partial_checkpoints(self.run_dir)
         if self.resume_from is None:
             return TrainState()
-        state = load_checkpoint(self.accelerator, self.resume_from)
+        state = load_checkpoint(self.accelerator, self.resume_from, self.sharded)
         if state.step > self.max_steps:  # max_steps from epochs (training.plan checks train.max_steps)
             raise ResumeError(f"the run is at step {state.step} ({self.resume_from.name}), past the "
                               f"{self.max_steps} steps of train.epochs = {self.config.train.epochs}: raise "
@@ -218,7 +232,8 @@ class Run:
         train, accelerator = self.config.train, self.accelerator
         good = not self.window_bad
         if good:
-            norm = accelerator.clip_grad_norm_(self.params, train.max_grad_norm)
+            norm = accelerator.clip_grad_norm_(self.clipped, train.max_grad_norm)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
             good = norm is None or not agreed(accelerator, not bool(torch.isfinite(norm).all()))
             if not good and accelerator.scaler is not None:
                 self._gradient_overflow(state)  # fp16: the loss scale was too high
@@ -280,7 +295,8 @@ class Run:
         self._require_disk_space(state.step)
         started = time.perf_counter()
         self.show(status="saving a checkpoint")
-        records = {CONFIG_FILE: to_toml(self.config)}
+        records = {CONFIG_FILE: to_toml(self.config),
+                   ENGINE_FILE: json.dumps(engine_record(self.accelerator.num_processes, self.sharded))}
         if self.plan.data is not None:
             records[DATA_FILE] = json.dumps(data_identity(self.plan.data))
         path = save_checkpoint(self.accelerator, self.run_dir, state, self.config.train.checkpoints_total_limit,
@@ -306,29 +322,40 @@ class Run:
     def _validate(self, step: int) -> None:
         if not self.validation_pairs and self.metric_set is None:
             return
-        if self.accelerator.is_main_process:
-            started = time.perf_counter()
-            self.show(status="validating")
-            out_dir = self.run_dir / "validation" / f"step-{step:06d}"
-            trainee, trained = self.trainee, self._unwrapped()
-            with self._averaged(), self.offloaded.on_device():
-                results = run_validation(trainee.family, trainee.parts, trainee.method, trained,
-                                         self.validation_pairs, self.config, out_dir, self._stopping)
-                scores = {} if self.stop.requested else self._score(trained, out_dir, step)
-            log_to_trackers(self.accelerator.trackers, results, step)
-            self.events.write("validation", step=step, path=str(out_dir), pairs=len(results),
-                              seconds=round(time.perf_counter() - started, 2),
-                              interrupted=self.stop.requested, **scores)
-            write_report(self.run_dir, self.config)
-            self.show(status="")
+        with self._averaged():
+            trained = self._whole_modules()  # every rank takes part when the weights are sharded
+            if self.accelerator.is_main_process:
+                started = time.perf_counter()
+                self.show(status="validating")
+                out_dir = self.run_dir / "validation" / f"step-{step:06d}"
+                trainee = self.trainee
+                with self.offloaded.on_device():
+                    results = run_validation(trainee.family, trainee.parts, trainee.method, trained,
+                                             self.validation_pairs, self.config, out_dir, self._stopping)
+                    scores = {} if self.stop.requested else self._score(trained, out_dir, step)
+                log_to_trackers(self.accelerator.trackers, results, step)
+                self.events.write("validation", step=step, path=str(out_dir), pairs=len(results),
+                                  seconds=round(time.perf_counter() - started, 2),
+                                  interrupted=self.stop.requested, **scores)
+                write_report(self.run_dir, self.config)
+                self.show(status="")
+            del trained
         # Everyone waits for the main process here, never inside its generation.
         self.accelerator.wait_for_everyone()
 
-    def _unwrapped(self) -> dict[str, torch.nn.Module]:
-        return {name: self.accelerator.unwrap_model(m) for name, m in self.trainee.trained.items()}
+    def _whole_modules(self) -> dict[str, torch.nn.Module]:
+        """The trained modules with their whole weights, for the main process to generate
+        with and save: the modules themselves, or under FSDP2 plain copies rebuilt from
+        the gathered shards (a collective: every rank calls this; others get {})."""
+        if not self.sharded:
+            return {name: self.accelerator.unwrap_model(m) for name, m in self.trainee.trained.items()}
+        copies = {name: full_copy(self.accelerator, m, self.structures[name]) for name, m in self.trainee.trained.items()}
+        return {name: m for name, m in copies.items() if m is not None}
 
     def _finite(self) -> bool:
-        return all(all_finite(module) for module in self.trainee.trained.values())
+        """Every rank's weights finite (each checks its own shards when sharded)."""
+        local = all(all_finite(module) for module in self.trainee.trained.values())
+        return not agreed(self.accelerator, not local)
 
     def _averaged(self) -> Any:
         """The EMA weights swapped in (validation and export see them), if there is an EMA."""
@@ -358,9 +385,12 @@ class Run:
             raise NonFiniteLoss(f"step {state.step}: the weights are not finite; final/ not written")
         self._release_training_state()
         self._require_disk_space(state.step, "final/")
-        if self.accelerator.is_main_process:
-            self._save_final(final, state.step)
-            self.events.write("final", step=state.step, path=str(final), ema=self.ema is not None)
+        with self._averaged():
+            trained = self._whole_modules()
+            if self.accelerator.is_main_process:
+                self._save_final(trained, state.step)
+                self.events.write("final", step=state.step, path=str(final), ema=self.ema is not None)
+            del trained
         self._validate(state.step)
         if self.accelerator.is_main_process:
             if self.stop.requested:
@@ -370,11 +400,9 @@ class Run:
         self.accelerator.wait_for_everyone()
         return final
 
-    def _save_final(self, final: Path, step: int) -> None:
+    def _save_final(self, trained: dict[str, torch.nn.Module], step: int) -> None:
         trainee = self.trainee
-        with self._averaged():
-            write_final(self.run_dir, step, lambda out: trainee.method.save(trainee.family, trainee.parts,
-                                                                             self._unwrapped(), out))
+        write_final(self.run_dir, step, lambda out: trainee.method.save(trainee.family, trainee.parts, trained, out))
 
     def _release_training_state(self) -> None:
         """Training is over (a checkpoint, if one was due, is written): free gradients and

@@ -17,6 +17,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader, Dataset
 
+from difftune.training.engines import check_fsdp_version, switch_cpu_job_to_fsdp2
 from difftune.config import ConfigError, RunConfig, to_toml
 from difftune.data.buckets import BucketBatchSampler
 from difftune.data.cache import Processes, build_cache
@@ -90,6 +91,7 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     # so several runs can share one Python process (notebooks, tests). The process group
     # (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
+    check_fsdp_version()
     accelerator = Accelerator(
         # Without an accelerator, say so: only then does accelerate run several CPU
         # processes (torchrun, mpirun) as one gloo job instead of N separate runs.
@@ -104,6 +106,7 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     if config.train.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    switch_cpu_job_to_fsdp2(accelerator)
     set_seed(config.train.seed, device_specific=True)
     return accelerator
 
@@ -145,8 +148,9 @@ def denoiser_in_memory(config: RunConfig, accelerator: Accelerator) -> bool:
     return config.train.channels_last and accelerator.device.type == "cpu"
 
 
-def apply_model_options(config: RunConfig, parts: Parts, trained: Trained) -> None:
-    """Memory and speed options: gradient checkpointing, channels_last, compile, xformers."""
+def apply_model_options(config: RunConfig, parts: Parts, trained: Trained, sharded: bool = False) -> None:
+    """Memory and speed options: gradient checkpointing, channels_last, compile, xformers.
+    Modules FSDP2 will shard keep contiguous weights (fully_shard refuses others)."""
     if config.train.gradient_checkpointing:
         for module in trained.values():
             if hasattr(module, "enable_gradient_checkpointing"):  # diffusers models
@@ -155,12 +159,14 @@ def apply_model_options(config: RunConfig, parts: Parts, trained: Trained) -> No
                 module.gradient_checkpointing_enable()
     speed_up = {id(m): m for m in (parts.denoiser, *trained.values())}.values()
     if config.train.channels_last:
+        trained_ids = {id(m) for m in trained.values()}
         # bitsandbytes' 8-bit step replaces each trained parameter's data with a contiguous
         # tensor (0.50): channels_last trained weights would turn back after the first step,
         # and a resumed run, channels_last again, would compute its first step differently.
         # So those stay contiguous (a LoRA's frozen base convs keep channels_last).
         for module in speed_up:
-            module.to(memory_format=torch.channels_last)
+            if not (sharded and id(module) in trained_ids):
+                module.to(memory_format=torch.channels_last)
         if config.train.use_8bit_adam:
             for module in trained.values():
                 for parameter in module.parameters():
