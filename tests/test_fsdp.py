@@ -4,11 +4,14 @@ batch, its final/ loads in diffusers, it resumes exactly, and two "machines" on
 localhost run one job."""
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from conftest import run_config
@@ -95,19 +98,31 @@ def _generates_in_diffusers(kind: str, base: Path, final: Path) -> None:
     assert image.shape == (64, 64, 3)
 
 
-def test_fsdp2_resumes_exactly_and_refuses_another_process_count(tiny_base: Path, circles: Path,
-                                                                 tmp_path: Path) -> None:
-    straight = _config(tiny_base, circles, tmp_path / "straight", "controlnet", max_steps=4, batch_size=2)
+def test_fsdp2_resumes_exactly_after_a_kill_and_refuses_another_process_count(
+        tiny_base: Path, circles: Path, tmp_path: Path) -> None:
+    # a long run, killed (SIGKILL, every process) once its step-2 checkpoint is complete
+    launch = _launch(_config(tiny_base, circles, tmp_path / "killed", "controlnet", max_steps=400, batch_size=2),
+                     tmp_path)
+    marker = tmp_path / "killed" / "checkpoints" / "step-000002" / "COMPLETE"
+    deadline = time.monotonic() + 240
+    while not marker.exists() and launch.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    launcher = psutil.Process(launch.pid)
+    for process in [*launcher.children(recursive=True), launcher]:  # torchrun's workers, then itself
+        process.kill()
+    launch.communicate()
+    assert marker.exists()
+    last = max(int(c.name.removeprefix("step-")) for c in (tmp_path / "killed" / "checkpoints").glob("step-*")
+               if (c / "COMPLETE").exists())
+    assert last < 400
+    shutil.copytree(tmp_path / "killed", tmp_path / "alone")
+    steps = last + 2  # resumed from its last checkpoint, two steps more; against a run that never stopped
+    straight = _config(tiny_base, circles, tmp_path / "straight", "controlnet", max_steps=steps, batch_size=2)
     _finish(_launch(straight, tmp_path))
-    cut = _config(tiny_base, circles, tmp_path / "cut", "controlnet", max_steps=2, batch_size=2)
-    _finish(_launch(cut, tmp_path))
-    import shutil
-
-    shutil.copytree(tmp_path / "cut", tmp_path / "alone")
-    _finish(_launch({**straight, "train": {**straight["train"], "output_dir": str(tmp_path / "cut")}}, tmp_path))
+    _finish(_launch({**straight, "train": {**straight["train"], "output_dir": str(tmp_path / "killed")}}, tmp_path))
     name = WEIGHTS["controlnet"]
-    assert _largest_difference(tmp_path / "straight" / "final" / name, tmp_path / "cut" / "final" / name) == 0.0
-    alone = _config(tiny_base, circles, tmp_path / "alone", "controlnet", max_steps=4, batch_size=2)
+    assert _largest_difference(tmp_path / "straight" / "final" / name, tmp_path / "killed" / "final" / name) == 0.0
+    alone = _config(tiny_base, circles, tmp_path / "alone", "controlnet", max_steps=steps, batch_size=2)
     with pytest.raises(ResumeError, match=r"written by 2 process\(es\) \(fsdp2\); this launch has 1"):
         train(build_config(alone))
 

@@ -238,9 +238,10 @@ def generate(request: Generation, should_stop: Callable[[], bool] = lambda: Fals
     from difftune.quiet import quiet_loading_bars
 
     quiet_loading_bars()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    accelerator = torch.accelerator.current_accelerator()  # CUDA, XPU, MPS...; None on a CPU
+    device = accelerator.type if accelerator is not None else "cpu"
     family = _family(request)
-    pipe = _load_pipeline(request, getattr(torch, family.gpu_dtype) if device == "cuda" else torch.float32)
+    pipe = _load_pipeline(request, getattr(torch, family.gpu_dtype) if device != "cpu" else torch.float32)
     size = request.resolution or native_resolution(Path(run_output(request.base)), family.denoiser_name)
     call: dict[str, Any] = {"height": size, "width": size} if size else {}
     if request.image is not None:

@@ -92,6 +92,9 @@ class RunConfig(_Section):
                              f"conditioning, and method {method.kind!r} takes none")
         if self.data.cache_text and self.method.train_text_encoder:
             raise ValueError("data.cache_text cannot be used with method.train_text_encoder (the embeddings change)")
+        if self.data.streaming and self.method.kind == "dreambooth":
+            raise ValueError("data.streaming: DreamBooth pairs each instance image with a class image; its few "
+                             "instance images are read whole (leave streaming off)")
         if self.objective.prediction_type is not None and (self.method.kind in ("controlnet", "lora") or self.method.uses_lora):
             raise ValueError(
                 "objective.prediction_type is saved only with a whole pipeline (full, DreamBooth without "

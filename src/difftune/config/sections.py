@@ -244,7 +244,14 @@ class DataConfig(_Section):
     proportion_empty_prompts: float = Field(0.0, ge=0.0, le=1.0)
     """Fraction of captions replaced by "" (classifier-free guidance dropout)."""
     max_samples: int | None = Field(None, gt=0)
-    """Keep only this many samples (shuffled with the seed first), for debugging."""
+    """Keep only this many samples (shuffled with the seed first), for debugging. With
+    streaming: the samples an epoch (required)."""
+    streaming: bool = False
+    """Read the dataset as a stream (Hub, webdataset .tar shards, parquet) instead of
+    downloading and checking it whole; each process reads its own share. Needs
+    max_samples; not with the caches, buckets or loader workers."""
+    shuffle_buffer: int = Field(1000, gt=0)
+    """With streaming: rows shuffled within a buffer of this many (seeded by the epoch)."""
     buckets: bool = False
     """Aspect-ratio buckets: each image trains near its own shape, at about resolution^2
     pixels, every batch from one bucket (instead of a square crop)."""
@@ -276,6 +283,20 @@ class DataConfig(_Section):
     def _latent_cache_needs_fixed_crop(self) -> DataConfig:
         if self.cache_latents and not self.center_crop:
             raise ValueError("cache_latents needs center_crop = true (a random crop changes every epoch)")
+        return self
+
+    @model_validator(mode="after")
+    def _streaming_reads_once(self) -> DataConfig:
+        if not self.streaming:
+            return self
+        if self.max_samples is None:
+            raise ValueError("streaming needs max_samples: the samples an epoch (a stream's length is unknown, "
+                             "and the step count and learning-rate schedule need one)")
+        clashes = [key for key, on in (("cache_latents", self.cache_latents), ("cache_text", self.cache_text),
+                                       ("buckets", self.buckets), ("num_workers", bool(self.num_workers))) if on]
+        if clashes:
+            raise ValueError(f"streaming reads each row as it trains; it cannot be used with {', '.join(clashes)} "
+                             "(they need the whole dataset ahead, or split the stream again)")
         return self
 
     @field_validator("bucket_step")

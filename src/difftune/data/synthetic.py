@@ -91,6 +91,41 @@ def write_fill_circles(
     return out
 
 
+def write_fill_circles_webdataset(
+    out_dir: str | Path, count: int, resolution: int, seed: int, shards: int = 2, colours: list[str] | None = None
+) -> Path:
+    """The same samples as webdataset .tar shards: per sample KEY.png (target),
+    KEY.conditioning.png and KEY.txt (caption), samples dealt to the shards in turn."""
+    import io
+    import tarfile
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    palette = colours or pil_colour_names()
+    archives = [tarfile.open(out / f"shard-{n:05d}.tar", "w") for n in range(shards)]
+
+    def add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+        member = tarfile.TarInfo(name)
+        member.size = len(data)
+        archive.addfile(member, io.BytesIO(data))
+
+    def png(image: Image.Image) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    for index in range(count):
+        circle = random_circle(rng, resolution, palette)
+        archive, key = archives[index % shards], f"{index:06d}"
+        add(archive, f"{key}.png", png(draw_target(circle, resolution)))
+        add(archive, f"{key}.conditioning.png", png(draw_conditioning(circle, resolution)))
+        add(archive, f"{key}.txt", circle.caption.encode())
+    for archive in archives:
+        archive.close()
+    return out
+
+
 def fill_circles_rows(count: int, resolution: int, seed: int, colours: list[str]) -> dict[str, list]:
     """Columns image, conditioning_image (PIL) and text, drawn in memory."""
     rng = random.Random(seed)

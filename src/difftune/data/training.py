@@ -17,7 +17,13 @@ def open_training_data(
     checked: CheckedRows | None = None,
 ) -> TrainingSamples:
     """The samples of the checked rows (`checked`, or checked now: see data.rows.check_rows);
-    the data check's report is on `samples.report`."""
+    the data check's report is on `samples.report`. With data.streaming, the stream's
+    samples (its first row checked: see data.streaming)."""
+    if config.streaming:
+        from difftune.data.streaming import StreamingSamples, check_stream
+
+        columns = check_stream(config, needs_conditioning, fixed_caption)
+        return StreamingSamples(config, seed, columns, fixed_caption)  # type: ignore[return-value]
     checked = checked or check_rows(config, seed, needs_conditioning, fixed_caption)
     rows, columns, keep = checked.rows, checked.columns, checked.keep
     sizes = bucket_of_rows(rows, columns, config, keep) if config.buckets else None

@@ -92,7 +92,8 @@ class Run:
                                                checked.samples, self.accelerator)
         samples, self.offloaded = setup.encoded(samples, trainee, config, self.accelerator, self.events)
         self.loader, self.sampler = setup.make_dataloader(samples, config, self.accelerator.num_processes,
-                                                          self.accelerator.device)
+                                                          self.accelerator.device, self.accelerator.process_index)
+        self.streaming = config.data.streaming
         self.sample_count = len(samples)
         if hasattr(self.sampler, "summary"):
             self.events.write("buckets", samples_per_bucket=self.sampler.summary())
@@ -127,9 +128,13 @@ class Run:
             for module in trainee.trained.values():
                 broadcast_from_main(module)
             set_wrapped_blocks(self.accelerator, next(iter(trainee.trained.values())), trainee.parts.denoiser)
-        *modules, self.optimizer, self.loader, self.schedule = self.accelerator.prepare(
-            *trainee.trained.values(), optimizer, self.loader, schedule
-        )
+        if self.streaming:  # each process reads its own share: accelerate must not split it again
+            *modules, self.optimizer, self.schedule = self.accelerator.prepare(
+                *trainee.trained.values(), optimizer, schedule)
+            self.loader = setup.OnDevice(self.loader, self.accelerator.device)
+        else:
+            *modules, self.optimizer, self.loader, self.schedule = self.accelerator.prepare(
+                *trainee.trained.values(), optimizer, self.loader, schedule)
         trainee.trained = dict(zip(names, modules))
         self.params = [p for m in modules for p in m.parameters() if p.requires_grad]
         # FSDP2's clipping needs a prepared model's whole parameter list to see it is sharded

@@ -124,7 +124,7 @@ def plan_run(config: RunConfig, main_process: bool = True) -> RunPlan:
             f"train.max_steps = {config.train.max_steps}, but the run in {run_dir} is at step {at} "
             f"({plan.resume_from.name if plan.resume_from else ''}): a run cannot go back. Raise max_steps "
             "to continue it, or give another train.output_dir for a new run.")
-    if plan.finished_at is None:
+    if plan.finished_at is None and not config.data.streaming:  # a stream is checked as it is read
         method = config.method
         plan.data = check_rows(config.data, config.train.seed, method.needs_conditioning, method.fixed_caption)
         if plan.resume_from is not None:

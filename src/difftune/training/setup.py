@@ -14,13 +14,14 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, is_torch_xla_available, set_seed
 from torch.utils.data import DataLoader, Dataset
 
 from difftune.training.engines import check_fsdp_version, switch_cpu_job_to_fsdp2
 from difftune.config import ConfigError, RunConfig, to_toml
 from difftune.data.buckets import BucketBatchSampler
 from difftune.data.cache import Processes, build_cache
+from difftune.data.streaming import StreamingSamples
 from difftune.data.rows import CheckedRows
 from difftune.data.samples import EpochSampler
 from difftune.data.training import open_training_data
@@ -95,7 +96,8 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     accelerator = Accelerator(
         # Without an accelerator, say so: only then does accelerate run several CPU
         # processes (torchrun, mpirun) as one gloo job instead of N separate runs.
-        cpu=torch.accelerator.current_accelerator() is None,
+        # A TPU is no torch.accelerator: accelerate finds it through torch_xla.
+        cpu=torch.accelerator.current_accelerator() is None and not is_torch_xla_available(),
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         mixed_precision=config.train.mixed_precision,
         log_with=TRACKERS[config.train.report_to] or None,
@@ -225,6 +227,19 @@ def encoded(samples: Any, trainee: Any, config: RunConfig, accelerator: Accelera
     return cached, offloaded
 
 
+class OnDevice:
+    """A loader's batches moved to the device (what accelerate's prepared loaders do)."""
+
+    def __init__(self, loader: DataLoader, device: torch.device) -> None:
+        self.loader, self.device = loader, device
+
+    def __iter__(self) -> Iterator[Any]:
+        from accelerate.utils import send_to_device
+
+        for batch in self.loader:
+            yield send_to_device(batch, self.device)
+
+
 def loader_workers(config: RunConfig, device: torch.device) -> int:
     """data.num_workers, or when unset: none on the CPU, where workers only take cores
     from torch's own threads (measured: 146, 143, 145 samples/s with 0, 1, 2); on a GPU,
@@ -235,16 +250,21 @@ def loader_workers(config: RunConfig, device: torch.device) -> int:
     if device.type == "cpu":
         return 0
     # this machine's processes: torchrun (and accelerate launch) say; else one per GPU
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or max(1, torch.cuda.device_count())
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or max(1, torch.accelerator.device_count())
     cores = len(os.sched_getaffinity(0)) // processes  # the cores this process may use
     return max(1, min(2 if config.data.cache_latents else 8, cores - 1))
 
 
 def make_dataloader(
-    samples: Dataset, config: RunConfig, num_processes: int, device: torch.device
-) -> tuple[DataLoader, EpochSampler | BucketBatchSampler]:
+    samples: Dataset, config: RunConfig, num_processes: int, device: torch.device, process_index: int = 0
+) -> tuple[DataLoader, Any]:
     """Seeded, resumable order: single samples padded to the global batch, or with
-    aspect buckets whole batches of one bucket each."""
+    aspect buckets whole batches of one bucket each; a stream orders itself (each
+    process reads its own share: the loader is not prepared by accelerate, which
+    would split it again)."""
+    if isinstance(samples, StreamingSamples):
+        samples.bind(process_index, num_processes, config.train.batch_size * num_processes)
+        return DataLoader(samples, batch_size=config.train.batch_size, collate_fn=samples.collate), samples
     workers = loader_workers(config, device)
     common = {
         "collate_fn": samples.collate,  # type: ignore[attr-defined]

@@ -1,0 +1,193 @@
+"""Streaming data (data.streaming = true): rows read as they arrive from the Hub, from
+webdataset tar shards or from local files, never downloaded or scanned whole.
+
+- Each process reads its own share of the stream (datasets' split_dataset_by_node: whole
+  shards when they divide among the processes, else every n-th row).
+- An epoch is data.max_samples samples (required: a stream's length is unknown, and the
+  step count and schedule need one), padded to the global batch; each process reads its
+  share of them, shuffled within data.shuffle_buffer rows by a seed of (seed, epoch). A
+  stream shorter than that starts over.
+- The position is the loop's: samples consumed this epoch by all processes. A resumed
+  run skips its share of them and goes on with the rows it would have read next, with
+  the same flips, captions and noise (seeded by the sample's place in the epoch).
+- Columns are checked on the first row before any model loads. A row that cannot be
+  trained on later stops the run naming its place in the stream, or with
+  data.on_bad = "skip" is passed over (the next row takes its place) and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+from torch.utils.data import IterableDataset
+
+from difftune.config import DataConfig
+from difftune.data.samples import collate, sample_rng
+from difftune.data.sources import Columns, DataError, explain_load_failure, open_image
+from difftune.data.transforms import paired_transform
+
+logger = logging.getLogger(__name__)
+
+TAR_SUFFIX = ".tar"
+
+
+def open_stream(config: DataConfig) -> datasets.IterableDataset:
+    """The split as a stream: a folder of webdataset .tar shards, or anything
+    load_dataset streams (a Hub dataset, parquet, an imagefolder)."""
+    path = Path(config.path)
+    try:
+        shards = sorted(str(f) for f in path.glob(f"*{TAR_SUFFIX}")) if path.is_dir() else []
+        if shards:
+            return datasets.load_dataset("webdataset", data_files={config.split: shards}, split=config.split,
+                                         streaming=True)
+        return datasets.load_dataset(config.path, config.config_name, split=config.split, streaming=True,
+                                     cache_dir=config.cache_dir)
+    except Exception as error:  # noqa: BLE001 (datasets raises many kinds; each is explained)
+        raise DataError(f"data.path {config.path!r}: {explain_load_failure(path, error)}") from None
+
+
+def check_stream(config: DataConfig, needs_conditioning: bool, fixed_caption: str | None) -> Columns:
+    """The configured columns exist in the stream's first row, and its images open."""
+    try:
+        first = next(iter(open_stream(config)))
+    except StopIteration:
+        raise DataError(f"data.path {config.path!r}: the {config.split!r} split has no rows") from None
+    wanted = {"data.image_column": config.image_column}
+    if fixed_caption is None:
+        wanted["data.caption_column"] = config.caption_column
+    if needs_conditioning:
+        wanted["data.conditioning_image_column"] = config.conditioning_image_column
+    missing = [f"{key} = {name!r} is not a column of {config.path} (columns of its first row: "
+               f"{', '.join(first)})" for key, name in wanted.items() if name not in first]
+    if missing:
+        raise DataError("\n".join(missing))
+    columns = Columns(image=config.image_column, caption=config.caption_column if fixed_caption is None else None,
+                      conditioning=config.conditioning_image_column if needs_conditioning else None)
+    for column in (columns.image, columns.conditioning):
+        if column is not None:
+            open_image(first[column], Path(config.path), f"{config.path}, first row, column {column!r}")
+    return columns
+
+
+class StreamingSamples(IterableDataset):
+    """The loop's samples and its sampler at once: `start_epoch(epoch, skip)` sets where
+    the next iteration begins; each process yields its share, `padded` samples an epoch
+    for all processes together."""
+
+    def __init__(self, config: DataConfig, seed: int, columns: Columns, fixed_caption: str | None = None) -> None:
+        self.config = config
+        self.seed = seed
+        self.columns = columns
+        self.fixed_caption = fixed_caption
+        self.root = Path(config.path)
+        self.rank, self.processes, self.padded = 0, 1, int(config.max_samples or 0)
+        self.epoch, self.skip = 0, 0
+        self.skipped_rows = 0
+        self.report: Any = None  # no whole-data check: the stream is read once, as it trains
+        self.sizes = None  # no aspect buckets (sizes are not known ahead)
+
+    def bind(self, rank: int, processes: int, global_batch: int) -> None:
+        """This process's place in the launch; the epoch padded to the global batch."""
+        self.rank, self.processes = rank, processes
+        self.padded = math.ceil(int(self.config.max_samples or 0) / global_batch) * global_batch
+
+    def __len__(self) -> int:
+        return int(self.config.max_samples or 0)
+
+    def start_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """This process's samples of the epoch from the resume point: its k-th is the
+        epoch's sample k * processes + rank (what seeds its randomness and noise)."""
+        rows = self._rows()
+        share, start = self.padded // self.processes, self.skip // self.processes
+        for _ in range(start):  # the rows a stopped run had consumed
+            next(rows)
+        for k in range(start, share):
+            index = k * self.processes + self.rank
+            yield self._sample(rows, index)
+
+    def _rows(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(place in this process's share, row), endlessly: the epoch's shuffled share,
+        started over when it runs out."""
+        from datasets.distributed import split_dataset_by_node
+
+        stream = open_stream(self.config)
+        for column in (self.columns.image, self.columns.conditioning):
+            # undecoded, so that a bad file is reported (or skipped) here, not inside datasets
+            if column is not None and isinstance((stream.features or {}).get(column), datasets.Image):
+                stream = stream.cast_column(column, datasets.Image(decode=False))
+        stream = split_dataset_by_node(stream, rank=self.rank, world_size=self.processes)
+        stream = stream.shuffle(seed=self.seed * 100_003 + self.epoch, buffer_size=self.config.shuffle_buffer)
+        place, passes = 0, 0
+        while True:
+            stream.set_epoch(passes)
+            empty = True
+            for row in stream:
+                empty = False
+                yield place, row
+                place += 1
+            if empty:
+                raise DataError(f"data.path {self.config.path!r}: process {self.rank} of {self.processes} got no rows "
+                                "of the stream (fewer rows than processes?)")
+            passes += 1
+
+    def _sample(self, rows: Iterator[tuple[int, dict[str, Any]]], index: int) -> dict[str, Any]:
+        rng = sample_rng(self.seed, self.epoch, index)
+        flip = self.config.random_flip and rng.random() < 0.5
+        while True:
+            place, row = next(rows)
+            try:
+                caption = self._caption(row, rng, place)
+                image, conditioning = self._images(row, place)
+                break
+            except DataError as problem:
+                if self.config.on_bad == "error":
+                    raise
+                self.skipped_rows += 1
+                logger.warning("skipping a row (data.on_bad = \"skip\"): %s", problem)
+        size = (self.config.resolution, self.config.resolution)
+        pixels, conditioning_pixels, geometry = paired_transform(image, conditioning, size, self.config.center_crop,
+                                                                 flip, rng)
+        sample = {"pixels": pixels, "caption": caption, "key": (self.epoch, index, 0), "geometry": geometry}
+        if conditioning_pixels is not None:
+            sample["conditioning_pixels"] = conditioning_pixels
+        return sample
+
+    def _where(self, place: int, column: str) -> str:
+        return (f"{self.config.path}, row {place} of process {self.rank}'s share of the stream "
+                f"(epoch {self.epoch}), column {column!r}")
+
+    def _images(self, row: dict[str, Any], place: int) -> tuple[Any, Any]:
+        image = open_image(row[self.columns.image], self.root, self._where(place, self.columns.image))
+        conditioning = None
+        if self.columns.conditioning is not None:
+            conditioning = open_image(row[self.columns.conditioning], self.root,
+                                      self._where(place, self.columns.conditioning))
+        return image, conditioning
+
+    def _caption(self, row: dict[str, Any], rng: Any, place: int) -> str:
+        if self.columns.caption is None:
+            caption = self.fixed_caption or ""
+        else:
+            caption = row.get(self.columns.caption)
+            if isinstance(caption, bytes):  # a webdataset .txt member
+                caption = caption.decode("utf-8", errors="replace")
+            if isinstance(caption, (list, tuple)):
+                if not caption:
+                    raise DataError(f"{self._where(place, self.columns.caption)}: empty caption list")
+                caption = rng.choice(list(caption))
+            if not isinstance(caption, str):
+                raise DataError(f"{self._where(place, self.columns.caption)}: caption must be text, "
+                                f"got {type(caption).__name__}")
+        return "" if rng.random() < self.config.proportion_empty_prompts else caption
+
+    @staticmethod
+    def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate(samples)
