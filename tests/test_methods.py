@@ -95,7 +95,7 @@ def test_lora_file_loads_in_diffusers_and_reproduces_the_trained_model(lora_run:
     trainee = lora_run.trainee
     with torch.no_grad():
         memory = generate_text_to_image(
-            trainee.family, trainee.parts, lora_run._unwrapped(), PROMPT, None,
+            trainee.family, trainee.parts, lora_run._whole_modules(), PROMPT, None,
             {"num_inference_steps": 2, "height": 64, "width": 64, "output_type": "np"},
             torch.Generator().manual_seed(0))
     assert np.abs(np.asarray(memory)[0] - lora_image).max() < 1e-5

@@ -117,15 +117,15 @@ def test_loader_workers_default_to_none_on_the_cpu_and_some_on_a_gpu(tiny_base: 
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 1)
     config = build_config(run_config(tiny_base, circles, tmp_path / "run"))
     assert loader_workers(config, torch.device("cpu")) == 0
     assert loader_workers(config, torch.device("cuda", 0)) == 8
     cached = build_config(run_config(tiny_base, circles, tmp_path / "run", data={"cache_latents": True}))
     assert loader_workers(cached, torch.device("cuda", 0)) == 2  # nothing to decode
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 8)
     assert loader_workers(config, torch.device("cuda", 0)) == 1  # 2 cores per GPU, one left for the process
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # each process sees its own GPU only
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 1)  # each process sees its own GPU only
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # but torchrun says there are 4 here
     assert loader_workers(config, torch.device("cuda", 0)) == 3
     chosen = build_config(run_config(tiny_base, circles, tmp_path / "run", data={"num_workers": 3}))
