@@ -1,6 +1,6 @@
 """Peak memory per rank of a sharded full fine-tune (FSDP2) against DDP, on the CPU.
 
-A full fine-tune of a half-width SD1.5 UNet (block channels 160/320/640/640, 216M
+A full fine-tune of a half-width SD1.5 UNet (block channels 160/320/640/640, 220M
 parameters, random weights; the SD1.5 VAE and text encoder, cached) for three steps,
 2 processes over gloo:
 - one process alone (for reference);
@@ -50,6 +50,7 @@ def half_sd15_unet() -> UNet2DConditionModel:
 
 
 def config(base: Path, data: Path, out: Path, batch: int, cache: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
     path = out.parent / f"{out.name}.toml"
     path.write_text(to_toml(build_config({
         "model": {"pretrained": str(base)},
