@@ -31,3 +31,18 @@ def test_committed_data_matches_the_generator() -> None:
         expected = fill_circles_rows(3, 32, seed, DEMO_PALETTE)
         assert rows["text"][:3] == expected["text"]
         assert list(rows[0]["image"].convert("RGB").getdata()) == list(expected["image"][0].getdata())
+
+
+def test_every_fill_circles_preset_trains_on_a_committed_base_of_its_family() -> None:
+    from difftune.families import family_of_pipeline
+
+    presets = sorted((ROOT / "configs" / "demo").glob("fill_circles_*.toml"))
+    assert len(presets) >= 6
+    for preset in presets:
+        config = load_config(preset)
+        base = ROOT / config.model.pretrained
+        assert family_of_pipeline(base).name == config.model.family, preset.name
+        size = sum(f.stat().st_size for f in base.rglob("*") if f.is_file())
+        assert size <= 20 * 2**20, (base, size)  # each tiny base stays within 20 MB
+        for path in (config.data.path, config.validation.metric_data, *config.validation.images):
+            assert (ROOT / path).exists(), (preset.name, path)

@@ -70,6 +70,9 @@ def test_fsdp2_trains_what_one_process_does_at_double_batch(kind: str, tiny_base
     _finish(_launch(_config(tiny_base, circles, tmp_path / "two", kind, max_steps=3, batch_size=2), tmp_path))
     train(build_config(_config(tiny_base, circles, tmp_path / "one", kind, max_steps=3, batch_size=4)))
     assert _engine(tmp_path / "two") == {"processes": 2, "engine": "fsdp2"}
+    events = [json.loads(line) for line in (tmp_path / "two" / "events.jsonl").read_text().splitlines()]
+    engine = next(e for e in events if e["event"] == "engine")
+    assert engine["frozen_denoiser_sharded"] == (kind == "controlnet")  # the frozen UNet: a share per rank
     checkpoint = tmp_path / "two" / "checkpoints" / "step-000002"
     assert (checkpoint / "pytorch_model_fsdp_0").is_dir()  # accelerate's sharded state, one file per rank
     difference = _largest_difference(tmp_path / "two" / "final" / WEIGHTS[kind], tmp_path / "one" / "final" / WEIGHTS[kind])

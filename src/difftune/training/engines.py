@@ -98,6 +98,20 @@ def set_wrapped_blocks(accelerator: Accelerator, module: torch.nn.Module, denois
     plugin.transformer_cls_names_to_wrap = [name for name in dict.fromkeys(names) if name in present]
 
 
+def shard_frozen(module: torch.nn.Module) -> None:
+    """Shard a frozen module over all ranks with torch's fully_shard, block by block (its
+    `_no_split_modules` classes, innermost first, then the whole): a ControlNet run then
+    holds a share of its frozen UNet per rank, not a whole copy. accelerate prepares one
+    model per optimizer, so this one is sharded here; it has no optimizer state."""
+    from torch.distributed.fsdp import fully_shard
+
+    classes = set(getattr(module, "_no_split_modules", None) or [])
+    blocks = [m for m in module.modules() if m is not module and type(m).__name__ in classes]
+    for block in reversed(blocks):  # modules() lists a block before the blocks inside it
+        fully_shard(block)
+    fully_shard(module)
+
+
 def broadcast_from_main(module: torch.nn.Module) -> None:
     """Every rank starts from the main process's weights, as DDP makes them: a module
     built with random parts (a ControlNet's conditioning embedding, LoRA's A matrices)

@@ -40,7 +40,15 @@ from difftune.training.checkpoint import (
     write_final,
 )
 from difftune.training.ema import WeightAverage
-from difftune.training.engines import broadcast_from_main, check_sharded_run, full_copy, is_sharded, set_wrapped_blocks, structure_of
+from difftune.training.engines import (
+    broadcast_from_main,
+    check_sharded_run,
+    full_copy,
+    is_sharded,
+    set_wrapped_blocks,
+    shard_frozen,
+    structure_of,
+)
 from difftune.training.events import (
     EventLog,
     LossWindow,
@@ -98,6 +106,8 @@ class Run:
         if hasattr(self.sampler, "summary"):
             self.events.write("buckets", samples_per_bucket=self.sampler.summary())
         self._prepare()
+        self.events.write("engine", **engine_record(self.accelerator.num_processes, self.sharded),
+                          frozen_denoiser_sharded=self.frozen_structure is not None)
 
     def _load_models(self, checked: setup.Preflight) -> Trainee:
         quiet_loading_bars()
@@ -107,6 +117,10 @@ class Run:
         check_weights_loaded(trained, "the trained modules (method.controlnet?)")
         setup.place_frozen_parts(parts, self.accelerator)
         setup.apply_model_options(self.config, parts, trained, is_sharded(self.accelerator))
+        self.frozen_structure = None  # the frozen denoiser's structure, when FSDP2 shards it
+        if getattr(self.accelerator, "is_fsdp2", False) and all(m is not parts.denoiser for m in trained.values()):
+            self.frozen_structure = structure_of(parts.denoiser)
+            shard_frozen(parts.denoiser)
         objective = checked.family.objective(parts, self.config.objective)
         return Trainee(checked.family, parts, checked.method, objective, trained)
 
@@ -328,23 +342,23 @@ class Run:
         if not self.validation_pairs and self.metric_set is None:
             return
         with self._averaged():
-            trained = self._whole_modules()  # every rank takes part when the weights are sharded
+            trained, parts = self._whole_modules(), self._whole_parts()  # every rank takes part when sharded
             if self.accelerator.is_main_process:
                 started = time.perf_counter()
                 self.show(status="validating")
                 out_dir = self.run_dir / "validation" / f"step-{step:06d}"
                 trainee = self.trainee
                 with self.offloaded.on_device():
-                    results = run_validation(trainee.family, trainee.parts, trainee.method, trained,
+                    results = run_validation(trainee.family, parts, trainee.method, trained,
                                              self.validation_pairs, self.config, out_dir, self._stopping)
-                    scores = {} if self.stop.requested else self._score(trained, out_dir, step)
+                    scores = {} if self.stop.requested else self._score(parts, trained, out_dir, step)
                 log_to_trackers(self.accelerator.trackers, results, step)
                 self.events.write("validation", step=step, path=str(out_dir), pairs=len(results),
                                   seconds=round(time.perf_counter() - started, 2),
                                   interrupted=self.stop.requested, **scores)
                 write_report(self.run_dir, self.config)
                 self.show(status="")
-            del trained
+            del trained, parts
         # Everyone waits for the main process here, never inside its generation.
         self.accelerator.wait_for_everyone()
 
@@ -357,6 +371,15 @@ class Run:
         copies = {name: full_copy(self.accelerator, m, self.structures[name]) for name, m in self.trainee.trained.items()}
         return {name: m for name, m in copies.items() if m is not None}
 
+    def _whole_parts(self) -> Any:
+        """The frozen parts, with a whole copy of the denoiser on the main process when
+        FSDP2 shards it (a collective: every rank calls this)."""
+        parts = self.trainee.parts
+        if self.frozen_structure is None:
+            return parts
+        whole = full_copy(self.accelerator, parts.denoiser, self.frozen_structure)
+        return parts.with_modules({self.trainee.family.denoiser_name: whole}) if whole is not None else parts
+
     def _finite(self) -> bool:
         """Every rank's weights finite (each checks its own shards when sharded)."""
         local = all(all_finite(module) for module in self.trainee.trained.values())
@@ -366,12 +389,12 @@ class Run:
         """The EMA weights swapped in (validation and export see them), if there is an EMA."""
         return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
-    def _score(self, trained: dict[str, torch.nn.Module], out_dir: Path, step: int) -> dict[str, Any]:
+    def _score(self, parts: Any, trained: dict[str, torch.nn.Module], out_dir: Path, step: int) -> dict[str, Any]:
         """Control metric on the held-out set, and once per run its floor (control off)."""
         if self.metric_set is None:
             return {}
         trainee, floor_settings = self.trainee, self.trainee.method.floor_settings
-        args = (trainee.family, trainee.parts, trainee.method, trained, self.metric_set, self.config)
+        args = (trainee.family, parts, trainee.method, trained, self.metric_set, self.config)
         metrics = score_control(*args, out_dir, should_stop=self._stopping)
         if self.floor is None and floor_settings is not None and not self.stop.requested:
             self.floor = score_control(*args, self.run_dir / "validation" / "floor", floor_settings,
@@ -391,11 +414,11 @@ class Run:
         self._release_training_state()
         self._require_disk_space(state.step, "final/")
         with self._averaged():
-            trained = self._whole_modules()
+            trained, parts = self._whole_modules(), self._whole_parts()
             if self.accelerator.is_main_process:
-                self._save_final(trained, state.step)
+                self._save_final(parts, trained, state.step)
                 self.events.write("final", step=state.step, path=str(final), ema=self.ema is not None)
-            del trained
+            del trained, parts
         self._validate(state.step)
         if self.accelerator.is_main_process:
             if self.stop.requested:
@@ -405,9 +428,9 @@ class Run:
         self.accelerator.wait_for_everyone()
         return final
 
-    def _save_final(self, trained: dict[str, torch.nn.Module], step: int) -> None:
+    def _save_final(self, parts: Any, trained: dict[str, torch.nn.Module], step: int) -> None:
         trainee = self.trainee
-        write_final(self.run_dir, step, lambda out: trainee.method.save(trainee.family, trainee.parts, trained, out))
+        write_final(self.run_dir, step, lambda out: trainee.method.save(trainee.family, parts, trained, out))
 
     def _release_training_state(self) -> None:
         """Training is over (a checkpoint, if one was due, is written): free gradients and

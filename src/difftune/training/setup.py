@@ -161,13 +161,12 @@ def apply_model_options(config: RunConfig, parts: Parts, trained: Trained, shard
                 module.gradient_checkpointing_enable()
     speed_up = {id(m): m for m in (parts.denoiser, *trained.values())}.values()
     if config.train.channels_last:
-        trained_ids = {id(m) for m in trained.values()}
         # bitsandbytes' 8-bit step replaces each trained parameter's data with a contiguous
         # tensor (0.50): channels_last trained weights would turn back after the first step,
         # and a resumed run, channels_last again, would compute its first step differently.
         # So those stay contiguous (a LoRA's frozen base convs keep channels_last).
         for module in speed_up:
-            if not (sharded and id(module) in trained_ids):
+            if not sharded:  # FSDP2 shards the trained module and a frozen denoiser
                 module.to(memory_format=torch.channels_last)
         if config.train.use_8bit_adam:
             for module in trained.values():
