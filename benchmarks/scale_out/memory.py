@@ -14,7 +14,7 @@ getrusage's high-water mark), and the launch's whole process tree (benchmarks/me
 On the CPU the weights, gradients and optimizer states live in RAM, so what sharding
 saves shows there as it would in GPU memory.
 
-    python benchmarks/scale_out/memory.py --work /tmp/scale-out --out result.json
+    python benchmarks/scale_out/memory.py --work /tmp/scale-out --out result.json [--method controlnet]
 """
 
 from __future__ import annotations
@@ -49,12 +49,12 @@ def half_sd15_unet() -> UNet2DConditionModel:
     )
 
 
-def config(base: Path, data: Path, out: Path, batch: int, cache: Path) -> Path:
+def config(base: Path, data: Path, out: Path, batch: int, cache: Path, method: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     path = out.parent / f"{out.name}.toml"
     path.write_text(to_toml(build_config({
         "model": {"pretrained": str(base)},
-        "method": {"kind": "full"},
+        "method": {"kind": method},
         "data": {"path": str(data), "resolution": 64, "cache_latents": True, "cache_text": True,
                  "encoded_cache_dir": str(cache)},
         "train": {"output_dir": str(out), "batch_size": batch, "max_steps": 3, "lr_warmup_steps": 0,
@@ -72,6 +72,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--method", choices=["full", "controlnet"], default="full",
+                        help="controlnet: the frozen UNet is sharded too under FSDP2")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     base = args.work / "base"
@@ -88,14 +90,15 @@ def main() -> None:
     }
     runs = {}
     for name, (processes, command, batch) in launches.items():
-        out = args.work / "runs" / name
-        toml = config(base, data, out, batch, args.work / "cache")
+        out = args.work / "runs" / f"{args.method}-{name}"
+        toml = config(base, data, out, batch, args.work / "cache", args.method)
         result = measure([*command, str(toml)], args.work)
         runs[name] = {"processes": processes, "batch_per_process": batch,
                       "main_rank_peak_rss_mb": round(main_rank_peak(out)),
                       "tree_peak_rss_mb": round(result["peak_rss_mb"]), "seconds": round(result["seconds"], 1)}
         print(name, runs[name], flush=True)
-    record = {"model": "half-width SD1.5 UNet, full fine-tune, fp32, AdamW", "unet_parameters": parameters,
+    what = "full fine-tune" if args.method == "full" else "ControlNet from it (the UNet frozen)"
+    record = {"model": f"half-width SD1.5 UNet, {what}, fp32, AdamW", "unet_parameters": parameters,
               "weights_mb_fp32": round(parameters * 4 / 2**20), "runs": runs,
               "fsdp2_over_ddp_main_rank": round(runs["fsdp2"]["main_rank_peak_rss_mb"] / runs["ddp"]["main_rank_peak_rss_mb"], 3),
               "machine": {"cpus": psutil.cpu_count(), "torch": torch.__version__}}

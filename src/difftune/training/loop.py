@@ -414,11 +414,13 @@ class Run:
         self._release_training_state()
         self._require_disk_space(state.step, "final/")
         with self._averaged():
-            trained, parts = self._whole_modules(), self._whole_parts()
+            # Only trained modules are saved: a denoiser FSDP2 shards as a frozen part (a
+            # ControlNet's UNet) is not gathered for it.
+            trained = self._whole_modules()
             if self.accelerator.is_main_process:
-                self._save_final(parts, trained, state.step)
+                self._save_final(self.trainee.parts, trained, state.step)
                 self.events.write("final", step=state.step, path=str(final), ema=self.ema is not None)
-            del trained, parts
+            del trained
         self._validate(state.step)
         if self.accelerator.is_main_process:
             if self.stop.requested:
