@@ -30,6 +30,20 @@ def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(f"{seed}/{epoch}/{index}")
 
 
+def draw_caption(value: Any, rng: random.Random, empty_proportion: float, where: str) -> str:
+    """A sample's caption: one of a list drawn with the sample's generator, then "" with
+    probability empty_proportion (caption dropout). `where` names the cell in errors."""
+    if isinstance(value, bytes):  # a webdataset .txt member
+        value = value.decode("utf-8", errors="replace")
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise DataError(f"{where}: empty caption list")
+        value = rng.choice(list(value))
+    if not isinstance(value, str):
+        raise DataError(f"{where}: caption must be text, got {type(value).__name__}")
+    return "" if rng.random() < empty_proportion else value
+
+
 class EpochSampler(Sampler[tuple[int, int]]):
     """A seeded permutation per epoch that can start part-way through (for resume).
 
@@ -143,21 +157,9 @@ class TrainingSamples(Dataset):
 
     def _caption(self, index: int, rng: random.Random) -> str:
         if self.columns.caption is None:
-            caption = self.fixed_caption or ""
-            return "" if rng.random() < self.config.proportion_empty_prompts else caption
-        caption = self._captions[self.row_numbers[index]]
-        if isinstance(caption, (list, tuple)):
-            if not caption:
-                raise DataError(f"{self._where(index, self.columns.caption)}: empty caption list")
-            caption = rng.choice(list(caption))
-        if not isinstance(caption, str):
-            raise DataError(
-                f"{self._where(index, self.columns.caption)}: caption must be text, "
-                f"got {type(caption).__name__}"
-            )
-        if rng.random() < self.config.proportion_empty_prompts:
-            return ""
-        return caption
+            return draw_caption(self.fixed_caption or "", rng, self.config.proportion_empty_prompts, "")
+        return draw_caption(self._captions[self.row_numbers[index]], rng, self.config.proportion_empty_prompts,
+                            self._where(index, self.columns.caption))
 
     @functools.cached_property
     def _captions(self) -> list[Any]:

@@ -27,7 +27,7 @@ import datasets
 from torch.utils.data import IterableDataset
 
 from difftune.config import DataConfig
-from difftune.data.samples import collate, sample_rng
+from difftune.data.samples import collate, draw_caption, sample_rng
 from difftune.data.sources import Columns, DataError, explain_load_failure, open_image
 from difftune.data.transforms import paired_transform
 
@@ -174,19 +174,9 @@ class StreamingSamples(IterableDataset):
 
     def _caption(self, row: dict[str, Any], rng: Any, place: int) -> str:
         if self.columns.caption is None:
-            caption = self.fixed_caption or ""
-        else:
-            caption = row.get(self.columns.caption)
-            if isinstance(caption, bytes):  # a webdataset .txt member
-                caption = caption.decode("utf-8", errors="replace")
-            if isinstance(caption, (list, tuple)):
-                if not caption:
-                    raise DataError(f"{self._where(place, self.columns.caption)}: empty caption list")
-                caption = rng.choice(list(caption))
-            if not isinstance(caption, str):
-                raise DataError(f"{self._where(place, self.columns.caption)}: caption must be text, "
-                                f"got {type(caption).__name__}")
-        return "" if rng.random() < self.config.proportion_empty_prompts else caption
+            return draw_caption(self.fixed_caption or "", rng, self.config.proportion_empty_prompts, "")
+        return draw_caption(row.get(self.columns.caption), rng, self.config.proportion_empty_prompts,
+                            self._where(place, self.columns.caption))
 
     @staticmethod
     def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

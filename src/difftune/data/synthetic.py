@@ -96,6 +96,7 @@ def write_fill_circles_webdataset(
 ) -> Path:
     """The same samples as webdataset .tar shards: per sample KEY.png (target),
     KEY.conditioning.png and KEY.txt (caption), samples dealt to the shards in turn."""
+    import contextlib
     import io
     import tarfile
 
@@ -103,7 +104,6 @@ def write_fill_circles_webdataset(
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     palette = colours or pil_colour_names()
-    archives = [tarfile.open(out / f"shard-{n:05d}.tar", "w") for n in range(shards)]
 
     def add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
         member = tarfile.TarInfo(name)
@@ -115,14 +115,14 @@ def write_fill_circles_webdataset(
         image.save(buffer, format="PNG")
         return buffer.getvalue()
 
-    for index in range(count):
-        circle = random_circle(rng, resolution, palette)
-        archive, key = archives[index % shards], f"{index:06d}"
-        add(archive, f"{key}.png", png(draw_target(circle, resolution)))
-        add(archive, f"{key}.conditioning.png", png(draw_conditioning(circle, resolution)))
-        add(archive, f"{key}.txt", circle.caption.encode())
-    for archive in archives:
-        archive.close()
+    with contextlib.ExitStack() as stack:
+        archives = [stack.enter_context(tarfile.open(out / f"shard-{n:05d}.tar", "w")) for n in range(shards)]
+        for index in range(count):
+            circle = random_circle(rng, resolution, palette)
+            archive, key = archives[index % shards], f"{index:06d}"
+            add(archive, f"{key}.png", png(draw_target(circle, resolution)))
+            add(archive, f"{key}.conditioning.png", png(draw_conditioning(circle, resolution)))
+            add(archive, f"{key}.txt", circle.caption.encode())
     return out
 
 

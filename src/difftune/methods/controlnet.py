@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from difftune.config import MethodConfig
-from difftune.families.base import Family, ModelInputs, Parts, dtype_of, inference_copy
+from difftune.families.base import Family, ModelInputs, Parts
 from difftune.methods.base import (
     Trained,
     family_usage,
@@ -21,6 +21,7 @@ from difftune.methods.base import (
     store_pretrained,
     trainable_fp32,
 )
+from difftune.methods.full import generate_with_trained
 from difftune.paths import run_output_folder
 
 
@@ -73,8 +74,5 @@ class ControlNet:
         settings: dict[str, Any],
         generator: torch.Generator,
     ) -> list[Image.Image]:
-        controlnet = inference_copy(trained["controlnet"], dtype_of(parts.denoiser))
-        pipeline = family.pipeline(parts.with_modules({"controlnet": controlnet}))
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline(prompt, **family.control_arguments(image), generator=generator,
-                        **family.generation_options(pipeline), **settings).images
+        return generate_with_trained(family, parts, trained, prompt, settings, generator, "controlnet",
+                                     family.control_arguments(image))

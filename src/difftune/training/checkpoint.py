@@ -286,18 +286,14 @@ def _kept_name(run_dir: Path, step: int) -> Path | None:
     return run_dir / f"final-replaced-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def engine_record(processes: int, sharded: bool) -> dict[str, Any]:
-    return {"processes": processes, "engine": "fsdp2" if sharded else "ddp" if processes > 1 else "single"}
-
-
-def check_same_engine(path: Path, processes: int, sharded: bool) -> None:
+def check_same_engine(path: Path, engine: dict[str, Any]) -> None:
     """A checkpoint resumes on the launch that wrote it: each rank's random state and the
     data order (padded to the global batch) belong to its process count, and sharded
     weights are stored in another layout than whole ones."""
     recorded = path / ENGINE_FILE
     if not recorded.is_file():  # written before checkpoints recorded their engine
         return
-    was, now = json.loads(recorded.read_text()), engine_record(processes, sharded)
+    was, now = json.loads(recorded.read_text()), engine
     if was != now:
         raise ResumeError(
             f"{path} was written by {was['processes']} process(es) ({was['engine']}); this launch has "
@@ -306,11 +302,12 @@ def check_same_engine(path: Path, processes: int, sharded: bool) -> None:
         )
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, sharded: bool = False) -> TrainState:
+def load_checkpoint(accelerator: Accelerator, path: Path, engine: dict[str, Any] | None = None) -> TrainState:
     """Restore the accelerate state; a failure names the checkpoint instead of a traceback
     from inside accelerate (the checkpoint was verified, so this means another version of
     a library wrote it)."""
-    check_same_engine(path, accelerator.num_processes, sharded)
+    if engine is not None:  # what wrote the checkpoint must be what resumes it (Engine.record)
+        check_same_engine(path, engine)
     try:
         accelerator.load_state(str(path))
     except Exception as error:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -152,3 +152,52 @@ def full_copy(accelerator: Accelerator, module: torch.nn.Module, structure: torc
         raise RuntimeError(f"the gathered weights do not fit the module: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")
     return plain.to(accelerator.device)
+
+
+class Engine:
+    """What the training loop asks of the launch's engine, whatever it is: shard what
+    the engine shards (a frozen denoiser too, under FSDP2), and give whole modules back
+    for validation and final/ (a collective when sharded: every rank calls it)."""
+
+    def __init__(self, accelerator: Accelerator) -> None:
+        self.accelerator = accelerator
+        self.sharded = is_sharded(accelerator)
+        self.structures: dict[str, torch.nn.Module] = {}
+        """Each trained module's structure, to rebuild whole copies from gathered weights."""
+        self.frozen_structure: torch.nn.Module | None = None
+        """The frozen denoiser's structure, when FSDP2 shards it."""
+
+    def record(self) -> dict[str, Any]:
+        """What a checkpoint records (engine.json): the process count and the engine."""
+        processes = self.accelerator.num_processes
+        return {"processes": processes, "engine": "fsdp2" if self.sharded else "ddp" if processes > 1 else "single"}
+
+    def shard_frozen_denoiser(self, parts: Any, trained: dict[str, torch.nn.Module]) -> None:
+        """Under FSDP2, a denoiser no method trains (a ControlNet's UNet) is sharded too."""
+        if getattr(self.accelerator, "is_fsdp2", False) and all(m is not parts.denoiser for m in trained.values()):
+            self.frozen_structure = structure_of(parts.denoiser)
+            shard_frozen(parts.denoiser)
+
+    def before_prepare(self, trained: dict[str, torch.nn.Module], denoiser: torch.nn.Module, ema: bool) -> None:
+        check_sharded_run(self.accelerator, list(trained), ema)
+        if not self.sharded:
+            return
+        self.structures = {name: structure_of(m) for name, m in trained.items()}
+        for module in trained.values():
+            broadcast_from_main(module)
+        set_wrapped_blocks(self.accelerator, next(iter(trained.values())), denoiser)
+
+    def whole_modules(self, trained: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
+        """The trained modules with their whole weights for the main process: themselves,
+        or under sharding plain copies rebuilt from the gathered shards ({} elsewhere)."""
+        if not self.sharded:
+            return {name: self.accelerator.unwrap_model(m) for name, m in trained.items()}
+        copies = {name: full_copy(self.accelerator, m, self.structures[name]) for name, m in trained.items()}
+        return {name: m for name, m in copies.items() if m is not None}
+
+    def whole_parts(self, parts: Any, denoiser_name: str) -> Any:
+        """The frozen parts, with a whole copy of a sharded frozen denoiser on the main process."""
+        if self.frozen_structure is None:
+            return parts
+        whole = full_copy(self.accelerator, parts.denoiser, self.frozen_structure)
+        return parts.with_modules({denoiser_name: whole}) if whole is not None else parts

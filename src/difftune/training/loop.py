@@ -32,7 +32,6 @@ from difftune.training.checkpoint import (
     TrainState,
     check_disk_space,
     checkpoint_bytes,
-    engine_record,
     load_checkpoint,
     remove_partial_checkpoints,
     save_checkpoint,
@@ -40,15 +39,7 @@ from difftune.training.checkpoint import (
     write_final,
 )
 from difftune.training.ema import WeightAverage
-from difftune.training.engines import (
-    broadcast_from_main,
-    check_sharded_run,
-    full_copy,
-    is_sharded,
-    set_wrapped_blocks,
-    shard_frozen,
-    structure_of,
-)
+from difftune.training.engines import Engine
 from difftune.training.events import (
     EventLog,
     LossWindow,
@@ -106,8 +97,8 @@ class Run:
         if hasattr(self.sampler, "summary"):
             self.events.write("buckets", samples_per_bucket=self.sampler.summary())
         self._prepare()
-        self.events.write("engine", **engine_record(self.accelerator.num_processes, self.sharded),
-                          frozen_denoiser_sharded=self.frozen_structure is not None)
+        self.events.write("engine", **self.engine.record(),
+                          frozen_denoiser_sharded=self.engine.frozen_structure is not None)
 
     def _load_models(self, checked: setup.Preflight) -> Trainee:
         quiet_loading_bars()
@@ -116,11 +107,9 @@ class Run:
         trained = checked.method.build(checked.family, parts)
         check_weights_loaded(trained, "the trained modules (method.controlnet?)")
         setup.place_frozen_parts(parts, self.accelerator)
-        setup.apply_model_options(self.config, parts, trained, is_sharded(self.accelerator))
-        self.frozen_structure = None  # the frozen denoiser's structure, when FSDP2 shards it
-        if getattr(self.accelerator, "is_fsdp2", False) and all(m is not parts.denoiser for m in trained.values()):
-            self.frozen_structure = structure_of(parts.denoiser)
-            shard_frozen(parts.denoiser)
+        self.engine = Engine(self.accelerator)
+        setup.apply_model_options(self.config, parts, trained, self.engine.sharded)
+        self.engine.shard_frozen_denoiser(parts, trained)
         objective = checked.family.objective(parts, self.config.objective)
         return Trainee(checked.family, parts, checked.method, objective, trained)
 
@@ -128,20 +117,13 @@ class Run:
         train, processes = self.config.train, self.accelerator.num_processes
         trainee = self.trainee
         names = list(trainee.trained)
-        self.sharded = is_sharded(self.accelerator)
-        check_sharded_run(self.accelerator, names, self.config.method.ema is not None)
+        self.engine.before_prepare(trainee.trained, trainee.parts.denoiser, self.config.method.ema is not None)
         params = [p for m in trainee.trained.values() for p in m.parameters() if p.requires_grad]
         optimizer = make_optimizer(params, train, processes)
         self.global_batch = train.batch_size * processes
         batches = self.sampler.padded // self.global_batch
         self.max_steps = total_steps(train, batches)
         schedule = make_lr_scheduler(optimizer, train, self.max_steps, processes)
-        if self.sharded:
-            # the modules' structure, kept to rebuild whole copies from gathered weights
-            self.structures = {name: structure_of(m) for name, m in trainee.trained.items()}
-            for module in trainee.trained.values():
-                broadcast_from_main(module)
-            set_wrapped_blocks(self.accelerator, next(iter(trainee.trained.values())), trainee.parts.denoiser)
         if self.streaming:  # each process reads its own share: accelerate must not split it again
             *modules, self.optimizer, self.schedule = self.accelerator.prepare(
                 *trainee.trained.values(), optimizer, schedule)
@@ -152,8 +134,8 @@ class Run:
         trainee.trained = dict(zip(names, modules))
         self.params = [p for m in modules for p in m.parameters() if p.requires_grad]
         # FSDP2's clipping needs a prepared model's whole parameter list to see it is sharded
-        self.clipped = list(modules[0].parameters()) if self.sharded else self.params
-        if not self.sharded:  # sharded state is saved by accelerate itself, by every rank
+        self.clipped = list(modules[0].parameters()) if self.engine.sharded else self.params
+        if not self.engine.sharded:  # sharded state is saved by accelerate itself, by every rank
             store_trained_weights(self.accelerator, trainee.method, names)
         trainee.step_parts = trainee.parts.with_modules(trainee.trained)
         ema = self.config.method.ema
@@ -198,7 +180,7 @@ class Run:
             remove_partial_checkpoints(self.run_dir)
         if self.resume_from is None:
             return TrainState()
-        state = load_checkpoint(self.accelerator, self.resume_from, self.sharded)
+        state = load_checkpoint(self.accelerator, self.resume_from, self.engine.record())
         if state.step > self.max_steps:  # max_steps from epochs (training.plan checks train.max_steps)
             raise ResumeError(f"the run is at step {state.step} ({self.resume_from.name}), past the "
                               f"{self.max_steps} steps of train.epochs = {self.config.train.epochs}: raise "
@@ -315,7 +297,7 @@ class Run:
         started = time.perf_counter()
         self.show(status="saving a checkpoint")
         records = {CONFIG_FILE: to_toml(self.config),
-                   ENGINE_FILE: json.dumps(engine_record(self.accelerator.num_processes, self.sharded))}
+                   ENGINE_FILE: json.dumps(self.engine.record())}
         if self.plan.data is not None:
             records[DATA_FILE] = json.dumps(data_identity(self.plan.data))
         path = save_checkpoint(self.accelerator, self.run_dir, state, self.config.train.checkpoints_total_limit,
@@ -363,22 +345,12 @@ class Run:
         self.accelerator.wait_for_everyone()
 
     def _whole_modules(self) -> dict[str, torch.nn.Module]:
-        """The trained modules with their whole weights, for the main process to generate
-        with and save: the modules themselves, or under FSDP2 plain copies rebuilt from
-        the gathered shards (a collective: every rank calls this; others get {})."""
-        if not self.sharded:
-            return {name: self.accelerator.unwrap_model(m) for name, m in self.trainee.trained.items()}
-        copies = {name: full_copy(self.accelerator, m, self.structures[name]) for name, m in self.trainee.trained.items()}
-        return {name: m for name, m in copies.items() if m is not None}
+        """The trained modules whole, for the main process (a collective when sharded)."""
+        return self.engine.whole_modules(self.trainee.trained)
 
     def _whole_parts(self) -> Any:
-        """The frozen parts, with a whole copy of the denoiser on the main process when
-        FSDP2 shards it (a collective: every rank calls this)."""
-        parts = self.trainee.parts
-        if self.frozen_structure is None:
-            return parts
-        whole = full_copy(self.accelerator, parts.denoiser, self.frozen_structure)
-        return parts.with_modules({self.trainee.family.denoiser_name: whole}) if whole is not None else parts
+        """The frozen parts whole, for the main process (a collective when sharded)."""
+        return self.engine.whole_parts(self.trainee.parts, self.trainee.family.denoiser_name)
 
     def _finite(self) -> bool:
         """Every rank's weights finite (each checks its own shards when sharded)."""

@@ -14,22 +14,27 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, is_torch_xla_available, set_seed
+from accelerate.utils import (
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    is_torch_xla_available,
+    set_seed,
+)
 from torch.utils.data import DataLoader, Dataset
 
-from difftune.training.engines import check_fsdp_version, switch_cpu_job_to_fsdp2
 from difftune.config import ConfigError, RunConfig, to_toml
 from difftune.data.buckets import BucketBatchSampler
 from difftune.data.cache import Processes, build_cache
-from difftune.data.streaming import StreamingSamples
 from difftune.data.rows import CheckedRows
 from difftune.data.samples import EpochSampler
+from difftune.data.streaming import StreamingSamples
 from difftune.data.training import open_training_data
 from difftune.families import Family, Parts, get_family
 from difftune.methods import Method, Trained, make_method
 from difftune.paths import default_cache_dir
 from difftune.processes import agreed
 from difftune.scoring import MetricSet, load_metric_set
+from difftune.training.engines import check_fsdp_version, switch_cpu_job_to_fsdp2
 from difftune.training.optim import MissingExtra, require_bitsandbytes
 from difftune.validation import ValidationPair, load_validation_pairs
 from difftune.versions import problems_for
