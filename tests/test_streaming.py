@@ -119,3 +119,18 @@ def test_a_bad_row_in_the_stream_is_named_or_skipped(tiny_base: Path, tmp_path: 
     raw["data"]["on_bad"] = "skip"
     raw["train"]["output_dir"] = str(tmp_path / "skips")
     assert train(build_config(raw)) is not None
+    # resumed past a skipped row, the run reads the same rows as one that never stopped
+    shard = data / "shard-00000.tar"
+    with tarfile.open(shard) as archive:
+        members = [(m, archive.extractfile(m).read()) for m in archive.getmembers()]
+    with tarfile.open(shard, "w") as archive:  # the bad sample first: the cut run has read past it
+        for member, payload in members[-3:] + members[:-3]:
+            archive.addfile(member, io.BytesIO(payload))
+    raw["train"].update(output_dir=str(tmp_path / "straight"), max_steps=6)
+    train(build_config(raw))
+    raw["train"].update(output_dir=str(tmp_path / "cut"), max_steps=2)
+    train(build_config(raw))
+    raw["train"]["max_steps"] = 6
+    train(build_config(raw))
+    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "cut")
+    assert all((straight[k] == resumed[k]).all() for k in straight)

@@ -8,7 +8,8 @@ webdataset tar shards or from local files, never downloaded or scanned whole.
   share of them, shuffled within data.shuffle_buffer rows by a seed of (seed, epoch). A
   stream shorter than that starts over.
 - The position is the loop's: samples consumed this epoch by all processes. A resumed
-  run skips its share of them and goes on with the rows it would have read next, with
+  run reads its share of them again (checking each row, so that a row skipped as bad
+  is passed over again and the resumed run stays on the same rows) and goes on with the rows it would have read next, with
   the same flips, captions and noise (seeded by the sample's place in the epoch).
 - Columns are checked on the first row before any model loads. A row that cannot be
   trained on later stops the run naming its place in the stream, or with
@@ -54,7 +55,7 @@ def open_stream(config: DataConfig) -> datasets.IterableDataset:
 def check_stream(config: DataConfig, needs_conditioning: bool, fixed_caption: str | None) -> Columns:
     """The configured columns exist in the stream's first row, and its images open."""
     try:
-        first = next(iter(open_stream(config)))
+        first = next(iter(undecoded(open_stream(config))))
     except StopIteration:
         raise DataError(f"data.path {config.path!r}: the {config.split!r} split has no rows") from None
     wanted = {"data.image_column": config.image_column}
@@ -69,9 +70,18 @@ def check_stream(config: DataConfig, needs_conditioning: bool, fixed_caption: st
     columns = Columns(image=config.image_column, caption=config.caption_column if fixed_caption is None else None,
                       conditioning=config.conditioning_image_column if needs_conditioning else None)
     for column in (columns.image, columns.conditioning):
-        if column is not None:
+        if column is not None and config.on_bad == "error":  # else the run passes over a bad first row
             open_image(first[column], Path(config.path), f"{config.path}, first row, column {column!r}")
     return columns
+
+
+def undecoded(stream: datasets.IterableDataset) -> datasets.IterableDataset:
+    """The stream with its image columns left as bytes, so that a bad file is reported (or
+    skipped) by difftune, naming its row, not raised from inside datasets."""
+    for column, feature in (stream.features or {}).items():
+        if isinstance(feature, datasets.Image):
+            stream = stream.cast_column(column, datasets.Image(decode=False))
+    return stream
 
 
 class StreamingSamples(IterableDataset):
@@ -107,8 +117,8 @@ class StreamingSamples(IterableDataset):
         epoch's sample k * processes + rank (what seeds its randomness and noise)."""
         rows = self._rows()
         share, start = self.padded // self.processes, self.skip // self.processes
-        for _ in range(start):  # the rows a stopped run had consumed
-            next(rows)
+        for k in range(start):  # the rows a stopped run had consumed, bad ones passed over as it did
+            self._good_row(rows, sample_rng(self.seed, self.epoch, k * self.processes + self.rank), replay=True)
         for k in range(start, share):
             index = k * self.processes + self.rank
             yield self._sample(rows, index)
@@ -118,11 +128,7 @@ class StreamingSamples(IterableDataset):
         started over when it runs out."""
         from datasets.distributed import split_dataset_by_node
 
-        stream = open_stream(self.config)
-        for column in (self.columns.image, self.columns.conditioning):
-            # undecoded, so that a bad file is reported (or skipped) here, not inside datasets
-            if column is not None and isinstance((stream.features or {}).get(column), datasets.Image):
-                stream = stream.cast_column(column, datasets.Image(decode=False))
+        stream = undecoded(open_stream(self.config))
         stream = split_dataset_by_node(stream, rank=self.rank, world_size=self.processes)
         stream = stream.shuffle(seed=self.seed * 100_003 + self.epoch, buffer_size=self.config.shuffle_buffer)
         place, passes = 0, 0
@@ -141,17 +147,7 @@ class StreamingSamples(IterableDataset):
     def _sample(self, rows: Iterator[tuple[int, dict[str, Any]]], index: int) -> dict[str, Any]:
         rng = sample_rng(self.seed, self.epoch, index)
         flip = self.config.random_flip and rng.random() < 0.5
-        while True:
-            place, row = next(rows)
-            try:
-                caption = self._caption(row, rng, place)
-                image, conditioning = self._images(row, place)
-                break
-            except DataError as problem:
-                if self.config.on_bad == "error":
-                    raise
-                self.skipped_rows += 1
-                logger.warning("skipping a row (data.on_bad = \"skip\"): %s", problem)
+        caption, image, conditioning = self._good_row(rows, rng)
         size = (self.config.resolution, self.config.resolution)
         pixels, conditioning_pixels, geometry = paired_transform(image, conditioning, size, self.config.center_crop,
                                                                  flip, rng)
@@ -159,6 +155,24 @@ class StreamingSamples(IterableDataset):
         if conditioning_pixels is not None:
             sample["conditioning_pixels"] = conditioning_pixels
         return sample
+
+    def _good_row(self, rows: Iterator[tuple[int, dict[str, Any]]], rng: Any,
+                  replay: bool = False) -> tuple[str, Any, Any]:
+        """The next row that can be trained on: (caption, image, conditioning). A bad one
+        stops the run, or with data.on_bad = "skip" is passed over (and counted, unless a
+        resumed run is only replaying what its first part read)."""
+        while True:
+            place, row = next(rows)
+            try:
+                caption = self._caption(row, rng, place)
+                image, conditioning = self._images(row, place)
+                return caption, image, conditioning
+            except DataError as problem:
+                if self.config.on_bad == "error":
+                    raise
+                if not replay:
+                    self.skipped_rows += 1
+                    logger.warning("skipping a row (data.on_bad = \"skip\"): %s", problem)
 
     def _where(self, place: int, column: str) -> str:
         return (f"{self.config.path}, row {place} of process {self.rank}'s share of the stream "
