@@ -169,9 +169,18 @@ def cmd_fill_circles(args: argparse.Namespace) -> int:
     if out.is_dir() and any(out.iterdir()):
         raise InputError(f"out = {args.out!r} is not empty: the samples would be mixed with (and overwrite) "
                          "what is there. Give a new or empty folder.")
-    from difftune.data.synthetic import DEMO_PALETTE, write_fill_circles, write_fill_circles_parquet
+    from difftune.data.synthetic import (
+        DEMO_PALETTE, RAW_BAD_FILES, write_fill_circles, write_fill_circles_parquet, write_raw_circles,
+    )
 
     palette = DEMO_PALETTE if args.palette == "demo" else None
+    if args.raw:
+        if args.parquet or args.n < 4:
+            raise InputError("--raw writes image files (not --parquet), at least 4 (--n)")
+        out = write_raw_circles(args.out, args.n, args.resolution, args.seed, palette)
+        console.print(f"wrote {args.n} raw images with captions to {out}, and {len(RAW_BAD_FILES)} bad files "
+                      f"({', '.join(RAW_BAD_FILES)}) for `difftune data prepare` to drop")
+        return 0
     writer = write_fill_circles_parquet if args.parquet else write_fill_circles
     out = writer(args.out, args.n, args.resolution, args.seed, palette)
     console.print(f"wrote {args.n} fill-circles samples to {out}")
@@ -331,6 +340,9 @@ def _add_data(verbs: Any) -> None:
     circles.add_argument("--palette", choices=["pil", "demo"], default="pil",
                          help="colour names: all of PIL's, or the demo base's eight")
     circles.add_argument("--parquet", action="store_true", help="one parquet file instead of PNGs + metadata.jsonl")
+    circles.add_argument("--raw", action="store_true",
+                         help="targets only, captions in NAME.txt, with a truncated, a duplicate and a tiny file: "
+                              "a folder to start `difftune data prepare` from")
     circles.set_defaults(run=cmd_fill_circles)
 
     check = data.add_parser("check", help="scan a dataset for files and captions training cannot use")
@@ -344,6 +356,10 @@ def _add_data(verbs: Any) -> None:
     check.add_argument("--caption-column", default="text")
     check.add_argument("--conditioning-image-column", default="conditioning_image")
     check.set_defaults(run=cmd_data_check)
+
+    from difftune.data.build.verbs import add_build_verbs
+
+    add_build_verbs(data)
 
 
 def _add_demo(verbs: Any) -> None:

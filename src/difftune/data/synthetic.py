@@ -97,32 +97,57 @@ def write_fill_circles_webdataset(
     """The same samples as webdataset .tar shards: per sample KEY.png (target),
     KEY.conditioning.png and KEY.txt (caption), samples dealt to the shards in turn."""
     import contextlib
-    import io
-    import tarfile
+
+    from difftune.data.build.writers import TarWriter
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     palette = colours or pil_colour_names()
-
-    def add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
-        member = tarfile.TarInfo(name)
-        member.size = len(data)
-        archive.addfile(member, io.BytesIO(data))
-
-    def png(image: Image.Image) -> bytes:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return buffer.getvalue()
-
     with contextlib.ExitStack() as stack:
-        archives = [stack.enter_context(tarfile.open(out / f"shard-{n:05d}.tar", "w")) for n in range(shards)]
+        archives = [stack.enter_context(TarWriter(out / f"shard-{n:05d}.tar")) for n in range(shards)]
         for index in range(count):
             circle = random_circle(rng, resolution, palette)
             archive, key = archives[index % shards], f"{index:06d}"
-            add(archive, f"{key}.png", png(draw_target(circle, resolution)))
-            add(archive, f"{key}.conditioning.png", png(draw_conditioning(circle, resolution)))
-            add(archive, f"{key}.txt", circle.caption.encode())
+            archive.add(f"{key}.png", _png(draw_target(circle, resolution)))
+            archive.add(f"{key}.conditioning.png", _png(draw_conditioning(circle, resolution)))
+            archive.add(f"{key}.txt", circle.caption.encode())
+    return out
+
+
+def _png(image: Image.Image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+RAW_BAD_FILES = {"truncated.png": "unreadable", "000003-copy.png": "duplicate", "tiny.png": "too_small"}
+"""The files write_raw_circles adds for `difftune data prepare` to drop, and why."""
+
+
+def write_raw_circles(out_dir: str | Path, count: int, resolution: int, seed: int,
+                      colours: list[str] | None = None, bad_files: bool = True) -> Path:
+    """A folder as a user starts from: fill-circles targets (no conditioning images),
+    each captioned in NNNNNN.txt, every fourth a JPEG; with bad_files, also a truncated
+    PNG, a byte-for-byte copy of 000003.png and an 8x8 image (RAW_BAD_FILES)."""
+    if bad_files and count < 4:
+        raise ValueError("the bad files copy sample 3: write at least 4 samples")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for index in range(count):
+        circle = random_circle(rng, resolution, colours or DEMO_PALETTE)
+        suffix = ".jpg" if index % 4 == 1 else ".png"
+        draw_target(circle, resolution).save(out / f"{index:06d}{suffix}", quality=95)
+        (out / f"{index:06d}.txt").write_text(circle.caption)
+    if bad_files:
+        whole = _png(draw_target(random_circle(rng, resolution, colours or DEMO_PALETTE), resolution))
+        (out / "truncated.png").write_bytes(whole[: len(whole) // 2])
+        (out / "000003-copy.png").write_bytes((out / "000003.png").read_bytes())
+        (out / "000003-copy.txt").write_text((out / "000003.txt").read_text())
+        Image.new("RGB", (8, 8), "red").save(out / "tiny.png")
     return out
 
 

@@ -1,0 +1,1 @@
+"""Building a dataset: prepare (filter and lay out), condition (conditioning images), caption."""

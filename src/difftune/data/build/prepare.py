@@ -1,0 +1,123 @@
+"""`difftune data prepare IN OUT`: a folder of images (with conditioning images and
+captions, where there are any) filtered into a dataset `difftune train` reads as it
+is, and a JSON report of what happened to every file.
+
+Every image is measured once on a worker process (filters.measure) and the measures go
+to a journal, so a stopped job measures only what is left. The filters then decide
+(fast, all at once: duplicates need every file) and the kept rows are written.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from difftune.data.build.filters import FilterSettings, Measures, duplicate_reasons, measure, single_file_reason
+from difftune.data.build.inputs import Item, read_inputs
+from difftune.data.build.jobs import Journal, Progress, bookkeeping, claim_output, map_on_cores, write_json
+from difftune.data.build.writers import FORMATS, Row, output_name, write
+from difftune.errors import InputError
+
+REPORT = "prepare-report.json"
+MEASURES_VERSION = 1
+"""Bump when filters.measure changes what it records: older journals are then set aside."""
+
+
+def prepare(source: Path, out: Path, settings: FilterSettings | None = None, form: str = "imagefolder",
+            conditioning: Path | None = None, captions: Path | None = None, caption_column: str = "text",
+            workers: int | None = None, shard_size: int = 1000, push_to_hub: str | None = None) -> dict[str, Any]:
+    """Returns the report (also written to OUT/.difftune/prepare-report.json)."""
+    settings = settings or FilterSettings()
+    if form not in FORMATS:
+        raise InputError(f"--format {form!r}: one of {', '.join(FORMATS)}")
+    items = read_inputs(source, conditioning, captions, caption_column)
+    claim_output("OUT", out, "prepare", {"IN": source, "--conditioning": conditioning, "--captions": captions})
+    measures = measure_all(items, out, workers)
+    reasons = decide(items, measures, settings)
+    kept = [item for index, item in enumerate(items) if index not in reasons]
+    rows = [Row(item.file, output_name(item.name), item.conditioning, item.caption) for item in kept]
+    if not rows:
+        _write_report(source, out, form, settings, items, reasons, {})
+        raise InputError(f"every image in {source} was dropped: the reasons are in {out / '.difftune' / REPORT}")
+    written = write(rows, out, form, shard_size, push_to_hub)
+    return _write_report(source, out, form, settings, items, reasons, written)
+
+
+def measure_all(items: list[Item], out: Path, workers: int | None) -> list[Measures]:
+    journal = Journal(bookkeeping(out) / "prepare-journal.jsonl", {"measures": MEASURES_VERSION})
+    keys = [_identity(item) for item in items]
+    todo = [(key, item) for key, item in zip(keys, items) if key not in journal.done]
+    progress = Progress("prepare: measuring", len(items), already=len(items) - len(todo))
+    try:
+        for (key, _), result in zip(todo, map_on_cores(measure, [item for _, item in todo], workers)):
+            journal.record(key, {"measures": result.as_dict()})
+            progress.advance()
+    finally:
+        journal.close()
+    return [Measures(**journal.done[key]["measures"]) for key in keys]
+
+
+def _identity(item: Item) -> str:
+    """A file measured before and unchanged since (same size and time) is not measured again."""
+    try:
+        status = item.file.stat()
+        files = f"{status.st_size}:{status.st_mtime_ns}"
+    except OSError:
+        files = "missing"
+    if item.conditioning is not None:
+        try:
+            status = item.conditioning.stat()
+            files += f"|{item.conditioning}:{status.st_size}:{status.st_mtime_ns}"
+        except OSError:
+            files += f"|{item.conditioning}:missing"
+    return f"{item.name}|{files}"
+
+
+def decide(items: list[Item], measures: list[Measures], settings: FilterSettings) -> dict[int, tuple[str, str]]:
+    """index -> (reason, detail) for every dropped input."""
+    paired = any(item.conditioning is not None for item in items)
+    reasons: dict[int, tuple[str, str]] = {}
+    for index, (item, m) in enumerate(zip(items, measures)):
+        reason = single_file_reason(m, settings)
+        if reason is None and paired and item.conditioning is None:
+            reason = ("no_conditioning", "other images have a conditioning image and this one has none")
+        if reason is not None:
+            reasons[index] = reason
+    kept = [i for i in range(len(items)) if i not in reasons]
+    duplicates = duplicate_reasons([items[i].name for i in kept], [measures[i] for i in kept], settings)
+    reasons.update({kept[i]: reason for i, reason in duplicates.items()})
+    return reasons
+
+
+def _write_report(source: Path, out: Path, form: str, settings: FilterSettings, items: list[Item],
+                  reasons: dict[int, tuple[str, str]], written: dict[str, Any]) -> dict[str, Any]:
+    kept = [item for index, item in enumerate(items) if index not in reasons]
+    report = {
+        "verb": "prepare",
+        "input": str(source),
+        "output": str(out),
+        "format": form,
+        "settings": asdict(settings),
+        "counts": {"input": len(items), "kept": len(kept), "dropped": len(reasons),
+                   "dropped_by_reason": dict(Counter(reason for reason, _ in reasons.values()))},
+        "dropped": [{"file": items[i].name, "reason": reason, "detail": detail}
+                    for i, (reason, detail) in sorted(reasons.items())],
+        "kept_with_caption": sum(item.caption is not None for item in kept),
+        "kept_with_conditioning": sum(item.conditioning is not None for item in kept),
+        "written": written,
+    }
+    path = bookkeeping(out) / REPORT
+    write_json(path, report)
+    print(summary_line(report, path), file=sys.stderr, flush=True)
+    return report
+
+
+def summary_line(report: dict[str, Any], path: Path) -> str:
+    counts = report["counts"]
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(counts["dropped_by_reason"].items()))
+    return (f"prepare: kept {counts['kept']} of {counts['input']} image(s)"
+            + (f"; dropped {counts['dropped']} ({reasons})" if counts["dropped"] else "")
+            + f". Report: {path}")

@@ -1,0 +1,165 @@
+"""The forms a built dataset is written in, each one `difftune train` reads as it is:
+
+  imagefolder  images/..., conditioning_images/..., metadata.jsonl (file_name, text,
+               conditioning_image_file_name): `datasets` loads both image columns as images
+  hf           `Dataset.save_to_disk` (image, conditioning_image, text), and
+               `push_to_hub` when a repository is named
+  webdataset   .tar shards: KEY.EXT (image), KEY.conditioning.EXT, KEY.txt; read with
+               data.streaming (image_column = EXT, conditioning_image_column =
+               "conditioning.EXT", caption_column = "txt")
+
+Files are copied byte for byte (imagefolder) or their bytes stored (webdataset, hf), never
+decoded and saved again: the dataset holds what the user gave, EXIF and all.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from difftune.data.build.jobs import write_metadata
+
+FORMATS = ("imagefolder", "hf", "webdataset")
+IMAGES, CONDITIONING = "images", "conditioning_images"
+
+
+@dataclass(frozen=True)
+class Row:
+    image: Path
+    name: str
+    """The image's path inside the dataset, relative to images/."""
+    conditioning: Path | None
+    caption: str | None
+
+
+def output_name(name: str) -> str:
+    """An input already laid out as images/... keeps its path, without a second images/."""
+    return name[len(IMAGES) + 1:] if name.startswith(f"{IMAGES}/") else name
+
+
+def write(rows: list[Row], out: Path, form: str, shard_size: int = 1000, push_to_hub: str | None = None) -> dict:
+    """Write the rows; returns where they went (for the report)."""
+    if form == "imagefolder":
+        return {"metadata": str(write_imagefolder(rows, out))}
+    if form == "webdataset":
+        return {"shards": [str(p) for p in write_webdataset(rows, out, shard_size)]}
+    dataset = hf_dataset(rows)
+    dataset.save_to_disk(str(out))
+    if push_to_hub:
+        dataset.push_to_hub(push_to_hub)
+    return {"save_to_disk": str(out), "push_to_hub": push_to_hub}
+
+
+def write_imagefolder(rows: list[Row], out: Path) -> Path:
+    records = []
+    for row in rows:
+        record: dict[str, Any] = {"file_name": f"{IMAGES}/{row.name}"}
+        copy_file(row.image, out / IMAGES / row.name)
+        if row.conditioning is not None:
+            target = (Path(CONDITIONING) / row.name).with_suffix(row.conditioning.suffix.lower()).as_posix()
+            copy_file(row.conditioning, out / target)
+            record["conditioning_image_file_name"] = target
+        if row.caption is not None:
+            record["text"] = row.caption
+        records.append(record)
+    return write_metadata(out, records)
+
+
+def copy_file(source: Path, target: Path) -> None:
+    """Copy under a hidden name, then rename: a file is whole or absent. One already
+    there with the same size (an earlier, stopped run) is kept."""
+    if target.is_file() and target.stat().st_size == source.stat().st_size:
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.partial")
+    shutil.copyfile(source, staging)
+    os.replace(staging, target)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the filesystem allows it (no second copy of the bytes), else a copy."""
+    if target.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        copy_file(source, target)
+
+
+def write_webdataset(rows: list[Row], out: Path, shard_size: int) -> list[Path]:
+    """Shards of `shard_size` samples. Every image keeps its bytes and suffix when all
+    share one suffix; mixed suffixes would make mixed columns, so then all are PNG."""
+    suffixes = {_suffix(r.image) for r in rows} | {_suffix(r.conditioning) for r in rows if r.conditioning}
+    as_png = len(suffixes) > 1
+    shards = []
+    for start in range(0, len(rows), shard_size):
+        path = out / f"shard-{start // shard_size:05d}.tar"
+        staging = path.with_name(f".{path.name}.partial")
+        with TarWriter(staging) as archive:
+            for index, row in enumerate(rows[start:start + shard_size], start=start):
+                key = f"{index:08d}"
+                archive.add_image(key, row.image, as_png)
+                if row.conditioning is not None:
+                    archive.add_image(f"{key}.conditioning", row.conditioning, as_png)
+                if row.caption is not None:
+                    archive.add(f"{key}.txt", row.caption.encode())
+        os.replace(staging, path)
+        shards.append(path)
+    return shards
+
+
+def _suffix(path: Path) -> str:
+    suffix = path.suffix.lower().lstrip(".")
+    return "jpg" if suffix == "jpeg" else suffix
+
+
+class TarWriter:
+    """A tar file of in-memory members (webdataset's layout: KEY.COLUMN)."""
+
+    def __init__(self, path: Path) -> None:
+        self.archive = tarfile.open(path, "w")  # noqa: SIM115 (closed by __exit__)
+
+    def __enter__(self) -> TarWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.archive.close()
+
+    def add(self, name: str, data: bytes) -> None:
+        member = tarfile.TarInfo(name)
+        member.size = len(data)
+        self.archive.addfile(member, io.BytesIO(data))
+
+    def add_image(self, key: str, path: Path, as_png: bool) -> None:
+        if not as_png:
+            self.add(f"{key}.{_suffix(path)}", path.read_bytes())
+            return
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        with Image.open(path) as image:
+            image.save(buffer, format="PNG")
+        self.add(f"{key}.png", buffer.getvalue())
+
+
+def hf_dataset(rows: list[Row]) -> Any:
+    """image, conditioning_image (when any row has one) and text columns, the images
+    stored as their files' bytes."""
+    import datasets
+
+    columns: dict[str, list] = {"image": [{"bytes": r.image.read_bytes(), "path": r.name} for r in rows]}
+    features = {"image": datasets.Image()}
+    if any(r.conditioning is not None for r in rows):
+        columns["conditioning_image"] = [{"bytes": r.conditioning.read_bytes(), "path": r.conditioning.name}
+                                         if r.conditioning else None for r in rows]
+        features["conditioning_image"] = datasets.Image()
+    if any(r.caption is not None for r in rows):
+        columns["text"] = [r.caption or "" for r in rows]
+        features["text"] = datasets.Value("string")
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
