@@ -18,7 +18,8 @@ from tiny_vision import tiny_blip, tiny_depth, tiny_segformer, tiny_vitpose
 from difftune.cli import main
 from difftune.config import build_config
 from difftune.data.build import prepare as prepare_module
-from difftune.data.build.conditioning import ConditionSettings, condition, thresholds
+from difftune.data.build import conditioning as conditioning_module
+from difftune.data.build.conditioning import ConditionSettings, canny_file, condition, thresholds
 from difftune.data.build.filters import FilterSettings, measure
 from difftune.data.build.prepare import prepare
 from difftune.data.synthetic import RAW_BAD_FILES, write_raw_circles
@@ -211,3 +212,31 @@ def test_caption_keeps_existing_captions_unless_told(blip: Path, tmp_path: Path)
     assert after[1]["text"].endswith(", flat colours") and after[2]["text"].endswith(", flat colours")
     kept = tmp_path / "data" / ".difftune" / "metadata.before-caption.jsonl"
     assert [json.loads(line) for line in kept.read_text().splitlines()] == before
+
+
+def test_a_stopped_condition_resumes_and_a_second_prepare_keeps_only_what_it_lists(
+        prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[str] = []
+
+    def stopping(task):
+        if len(made) == 3:
+            raise KeyboardInterrupt
+        made.append(task[1].name)
+        return canny_file(task)
+
+    monkeypatch.setattr(conditioning_module, "canny_file", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        condition(prepared, tmp_path / "out", ConditionSettings(), workers=1)
+    monkeypatch.setattr(conditioning_module, "canny_file", lambda task: made.append(task[1].name) or canny_file(task))
+    condition(prepared, tmp_path / "out", ConditionSettings(), workers=1)
+    assert len(made) == 8 and len(set(made)) == 8  # 3 before the stop, the other 5 after
+    assert len(_rows(tmp_path / "out")) == 8
+
+    raw = write_raw_circles(tmp_path / "raw", 6, 64, seed=0, bad_files=False)
+    Image.new("RGB", (40, 40), "red").save(raw / "small.png")
+    prepare(raw, tmp_path / "again", workers=1)
+    assert (tmp_path / "again" / "images" / "small.png").is_file()
+    prepare(raw, tmp_path / "again", FilterSettings(min_size=50), workers=1)  # run again, stricter
+    listed = {row["file_name"] for row in _rows(tmp_path / "again")}
+    on_disk = {f.relative_to(tmp_path / "again").as_posix() for f in (tmp_path / "again" / "images").rglob("*")}
+    assert listed == on_disk and "images/small.png" not in listed

@@ -27,12 +27,14 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
 from difftune.data.build.inputs import Item
 from difftune.data.sources import regular_file_problem, to_rgb
@@ -76,6 +78,23 @@ class Measures:
 
 def measure(item: Item) -> Measures:
     """Decode the image whole (a truncated file fails here) and its conditioning image."""
+    with truncated_files_fail():
+        return _measure(item)
+
+
+@contextmanager
+def truncated_files_fail() -> Iterator[None]:
+    """PIL's LOAD_TRUNCATED_IMAGES off while measuring: some libraries turn it on at
+    import, and a truncated file would then decode as grey and pass."""
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
+def _measure(item: Item) -> Measures:
     import imagehash
 
     problem = regular_file_problem(item.file)

@@ -82,8 +82,8 @@ def add_build_verbs(data: Any) -> None:
     condition.add_argument("input", metavar="IN", help="a dataset `difftune data prepare` wrote")
     condition.add_argument("output", metavar="OUT", help="a new or empty folder")
     condition.add_argument("--kind", choices=["canny", "depth", "segmentation", "pose"], required=True)
-    condition.add_argument("--low", type=int, default=100, help="canny: the low threshold")
-    condition.add_argument("--high", type=int, default=200, help="canny: the high threshold")
+    condition.add_argument("--low", "--low-threshold", dest="low", type=int, default=100, help="canny: the low threshold")
+    condition.add_argument("--high", "--high-threshold", dest="high", type=int, default=200, help="canny: the high threshold")
     condition.add_argument("--jitter", type=int, default=0,
                            help="canny: draw each image's thresholds within this of low and high (augmentation)")
     condition.add_argument("--seed", type=int, default=0, help="canny: the seed of the jittered thresholds")

@@ -67,7 +67,18 @@ def write_imagefolder(rows: list[Row], out: Path) -> Path:
         if row.caption is not None:
             record["text"] = row.caption
         records.append(record)
-    return write_metadata(out, records)
+    path = write_metadata(out, records)
+    _remove_unlisted(out, {r["file_name"] for r in records} | {r.get("conditioning_image_file_name") for r in records})
+    return path
+
+
+def _remove_unlisted(out: Path, listed: set[str | None]) -> None:
+    """Files an earlier run into this OUT copied and this one does not keep (it was run
+    again with other filters): the dataset holds what its metadata lists, no more."""
+    for folder in (out / IMAGES, out / CONDITIONING):
+        for file in folder.rglob("*") if folder.is_dir() else []:
+            if file.is_file() and file.relative_to(out).as_posix() not in listed:
+                file.unlink()
 
 
 def copy_file(source: Path, target: Path) -> None:
