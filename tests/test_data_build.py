@@ -17,8 +17,8 @@ from tiny_vision import tiny_blip, tiny_depth, tiny_segformer, tiny_vitpose
 
 from difftune.cli import main
 from difftune.config import build_config
-from difftune.data.build import prepare as prepare_module
 from difftune.data.build import conditioning as conditioning_module
+from difftune.data.build import prepare as prepare_module
 from difftune.data.build.conditioning import ConditionSettings, canny_file, condition, thresholds
 from difftune.data.build.filters import FilterSettings, measure
 from difftune.data.build.prepare import prepare

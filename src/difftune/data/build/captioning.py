@@ -20,7 +20,14 @@ from typing import Any
 from PIL import Image
 
 from difftune.data.build.conditioning import check_model_path, read_dataset
-from difftune.data.build.jobs import METADATA, Journal, Progress, bookkeeping, write_json, write_metadata
+from difftune.data.build.jobs import (
+    METADATA,
+    Journal,
+    Progress,
+    bookkeeping,
+    write_json,
+    write_metadata,
+)
 from difftune.data.sources import to_rgb
 from difftune.errors import InputError
 

@@ -32,7 +32,14 @@ from PIL import Image, ImageDraw
 
 from difftune.data.build.inputs import _table_rows
 from difftune.data.build.jobs import (
-    METADATA, Journal, Progress, bookkeeping, claim_output, map_on_cores, write_json, write_metadata,
+    METADATA,
+    Journal,
+    Progress,
+    bookkeeping,
+    claim_output,
+    map_on_cores,
+    write_json,
+    write_metadata,
 )
 from difftune.data.build.writers import CONDITIONING, IMAGES, link_or_copy
 from difftune.data.sources import to_rgb

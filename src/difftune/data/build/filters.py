@@ -184,8 +184,7 @@ def duplicate_reasons(names: list[str], measures: list[Measures],
         return drops
     kept = [i for i in order if i not in drops]
     for index, (earlier, distance) in _near_pairs(kept, measures, settings.phash_distance).items():
-        drops[index] = ("near_duplicate", f"perceptual hash {distance} bit(s) from {names[earlier]}, "
-                                          "the same colours")
+        drops[index] = ("near_duplicate", f"perceptual hash {distance} bit(s) from {names[earlier]}, the same colours")
     return drops
 
 
@@ -214,7 +213,7 @@ def _near_pairs(kept: list[int], measures: list[Measures], distance: int) -> dic
             shift += width
         candidates = sorted({c for key in keys for c in buckets[key]})
         for earlier in candidates:
-            apart = bin(value ^ bits[earlier]).count("1")
+            apart = (value ^ bits[earlier]).bit_count()
             if apart <= distance and _same_colours(measures[index], measures[earlier]):
                 found[index] = (earlier, apart)
                 break

@@ -119,8 +119,8 @@ class Progress:
     def line(self, now: float) -> str:
         elapsed = max(now - self.started, 1e-9)
         rate = (self.done - self.already) / elapsed
-        left = (self.total - self.done) / rate if rate > 0 else float("nan")
-        eta = "?" if left != left else f"{int(left // 60)}:{int(left % 60):02d}"
+        left = (self.total - self.done) / rate if rate > 0 else None
+        eta = "?" if left is None else f"{int(left // 60)}:{int(left % 60):02d}"
         return f"{self.verb}: {self.done}/{self.total} ({rate:.1f}/s, ETA {eta})"
 
 

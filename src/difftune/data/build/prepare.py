@@ -15,9 +15,22 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from difftune.data.build.filters import FilterSettings, Measures, duplicate_reasons, measure, single_file_reason
+from difftune.data.build.filters import (
+    FilterSettings,
+    Measures,
+    duplicate_reasons,
+    measure,
+    single_file_reason,
+)
 from difftune.data.build.inputs import Item, read_inputs
-from difftune.data.build.jobs import Journal, Progress, bookkeeping, claim_output, map_on_cores, write_json
+from difftune.data.build.jobs import (
+    Journal,
+    Progress,
+    bookkeeping,
+    claim_output,
+    map_on_cores,
+    write_json,
+)
 from difftune.data.build.writers import FORMATS, Row, output_name, write
 from difftune.errors import InputError
 

@@ -20,7 +20,7 @@ import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from difftune.data.build.jobs import write_metadata
 
@@ -136,7 +136,7 @@ class TarWriter:
     def __init__(self, path: Path) -> None:
         self.archive = tarfile.open(path, "w")  # noqa: SIM115 (closed by __exit__)
 
-    def __enter__(self) -> TarWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
