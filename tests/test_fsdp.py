@@ -80,6 +80,25 @@ def test_fsdp2_trains_what_one_process_does_at_double_batch(kind: str, tiny_base
     _generates_in_diffusers(kind, tiny_base, tmp_path / "two" / "final")
 
 
+def test_fsdp2_keeps_a_sharded_ema_that_matches_one_process_and_resumes(tiny_base: Path, circles: Path,
+                                                                         tmp_path: Path) -> None:
+    def config(out: str, steps: int, batch: int) -> dict:
+        raw = _config(tiny_base, circles, tmp_path / out, "full", max_steps=steps, batch_size=batch)
+        raw["method"]["ema"] = {"decay": 0.5}  # a short average, so that the last steps weigh
+        return raw
+
+    _finish(_launch(config("two", 4, 2), tmp_path))
+    train(build_config(config("one", 4, 4)))
+    name = WEIGHTS["full"]
+    assert _largest_difference(tmp_path / "two" / "final" / name, tmp_path / "one" / "final" / name) < TOLERANCE
+    _finish(_launch(config("cut", 2, 2), tmp_path))  # stopped at its step-2 checkpoint, then resumed
+    _finish(_launch(config("cut", 4, 2), tmp_path))
+    assert _largest_difference(tmp_path / "two" / "final" / name, tmp_path / "cut" / "final" / name) == 0.0
+    # final/ is the average, not the last weights: a run without EMA ends elsewhere
+    train(build_config({**_config(tiny_base, circles, tmp_path / "plain", "full", max_steps=4, batch_size=4)}))
+    assert _largest_difference(tmp_path / "plain" / "final" / name, tmp_path / "one" / "final" / name) > 1e-4
+
+
 def _generates_in_diffusers(kind: str, base: Path, final: Path) -> None:
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
     from PIL import Image

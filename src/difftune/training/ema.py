@@ -1,11 +1,18 @@
 """An exponential moving average of the trained weights (diffusers' EMAModel), kept
-beside training, saved in every checkpoint, and swapped in for validation and export."""
+beside training, saved in every checkpoint, and swapped in for validation and export.
+
+Under FSDP2 the trained parameters are DTensors (each rank holds a shard) and so is
+the average: each rank averages its own shards, with no communication. A checkpoint
+holds the whole average (gathered by every rank; the main process writes it) and a
+resumed run deals it out again, so a checkpoint does not depend on the sharding."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+import torch
 
 from diffusers.training_utils import EMAModel
 
@@ -40,19 +47,42 @@ class WeightAverage:
 
     @contextmanager
     def applied(self) -> Iterator[None]:
-        """The averaged weights in the modules for a while, the trained ones back after."""
-        self.average.store(self.params)
-        self.average.copy_to(self.params)
+        """The averaged weights in the modules for a while, the trained ones back after
+        (copies on the weights' own device: sharded weights stay sharded)."""
+        with torch.no_grad():
+            trained = [p.detach().clone() for p in self.params]
+            for param, average in zip(self.params, self.average.shadow_params):
+                param.copy_(average)
         try:
             yield
         finally:
-            self.average.restore(self.params)
+            with torch.no_grad():
+                for param, kept in zip(self.params, trained):
+                    param.copy_(kept)
 
-    # accelerate's register_for_checkpointing saves and loads these.
+    # accelerate's register_for_checkpointing saves and loads these (every rank calls both).
     def state_dict(self) -> dict[str, Any]:
-        return self.average.state_dict()
+        state = self.average.state_dict()
+        state["shadow_params"] = [whole(p) for p in state["shadow_params"]]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # accelerate loads custom state onto the CPU; the average lives beside the weights.
         self.average.load_state_dict(state)
-        self.average.to(device=self.params[0].device)
+        self.average.shadow_params = [placed_like(p, param) for p, param in zip(self.average.shadow_params, self.params)]
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor gathered whole (a collective), on the CPU; a plain one as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor().cpu() if isinstance(tensor, DTensor) else tensor
+
+
+def placed_like(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A whole tensor sharded as `param` is (a collective when it is), or moved beside it."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        return distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements)
+    return tensor.to(param.device)

@@ -68,7 +68,7 @@ def is_sharded(accelerator: Accelerator) -> bool:
     return plugin is not None and plugin.zero_stage == 3
 
 
-def check_sharded_run(accelerator: Accelerator, trained_names: list[str], ema: bool) -> None:
+def check_sharded_run(accelerator: Accelerator, trained_names: list[str]) -> None:
     """What FSDP2 through accelerate cannot do (yet), said before training starts."""
     if not is_sharded(accelerator):
         return
@@ -76,9 +76,6 @@ def check_sharded_run(accelerator: Accelerator, trained_names: list[str], ema: b
         raise EngineError(f"FSDP2 trains one module per run (accelerate prepares one model with its optimizer); "
                           f"this run trains {', '.join(trained_names)}: leave method.train_text_encoder off, "
                           "or launch with DDP (configs/accelerate/ddp.yaml)")
-    if ema:
-        raise EngineError("method.ema is not supported under FSDP2 yet (the average would have to be sharded "
-                          "too): launch with DDP, or leave method.ema out")
 
 
 def set_wrapped_blocks(accelerator: Accelerator, module: torch.nn.Module, denoiser: torch.nn.Module) -> None:
@@ -178,8 +175,8 @@ class Engine:
             self.frozen_structure = structure_of(parts.denoiser)
             shard_frozen(parts.denoiser)
 
-    def before_prepare(self, trained: dict[str, torch.nn.Module], denoiser: torch.nn.Module, ema: bool) -> None:
-        check_sharded_run(self.accelerator, list(trained), ema)
+    def before_prepare(self, trained: dict[str, torch.nn.Module], denoiser: torch.nn.Module) -> None:
+        check_sharded_run(self.accelerator, list(trained))
         if not self.sharded:
             return
         self.structures = {name: structure_of(m) for name, m in trained.items()}

@@ -117,7 +117,7 @@ class Run:
         train, processes = self.config.train, self.accelerator.num_processes
         trainee = self.trainee
         names = list(trainee.trained)
-        self.engine.before_prepare(trainee.trained, trainee.parts.denoiser, self.config.method.ema is not None)
+        self.engine.before_prepare(trainee.trained, trainee.parts.denoiser)
         params = [p for m in trainee.trained.values() for p in m.parameters() if p.requires_grad]
         optimizer = make_optimizer(params, train, processes)
         self.global_batch = train.batch_size * processes
