@@ -71,7 +71,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             for name, value in {"base": args.base or "", "controlnet": args.controlnet, "image": args.image,
                                 "lora": args.lora, "out": args.out}.items()}
     request = Generation(prompt=args.prompt, negative_prompt=args.negative_prompt, family=args.family,
-                         **{**home, "out": Path(home["out"])}, **settings)
+                         quantize=args.quantize, **{**home, "out": Path(home["out"])}, **settings)
     request = plan_generation(request, given, args.overwrite)  # every argument checked before torch is imported
     for note in request.notes:
         console.print(f"using {note}", highlight=False)
@@ -296,6 +296,8 @@ def _add_generate(verbs: Any) -> None:
                      "data.resolution, or the base's native size)")
     gen.add_argument("--family", help="the base's family (sd, sdxl, ...); default: the run's, or what the "
                      "base's model_index.json says")
+    gen.add_argument("--quantize", choices=["nf4", "int8"],
+                     help="hold the base's denoiser and text encoders in 4 or 8 bits (bitsandbytes)")
     gen.add_argument("--out", required=True, help="the image file to write (.png, .jpg, .webp, ...)")
     gen.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     gen.set_defaults(run=cmd_generate)

@@ -52,6 +52,8 @@ class Generation:
     resolution: int | None = None
     family: str | None = None
     """The base's family: given, the run's, or read from the base's model_index.json."""
+    quantize: str | None = None
+    """Hold the denoiser and text encoders in "nf4" or "int8" (bitsandbytes)."""
     control: bool = False
     """A channel-concat Control result (its pipeline takes --image): a Control run given
     as --base, or a Control-LoRA run as --lora."""
@@ -258,6 +260,10 @@ def generate(request: Generation, should_stop: Callable[[], bool] = lambda: Fals
             raise InputError(f"--negative-prompt: {type(pipe).__name__} takes no negative prompt")
         call["negative_prompt"] = request.negative_prompt
     pipe = pipe.to(device)
+    if request.quantize is not None:
+        from difftune.quantization import quantize_pipeline
+
+        quantize_pipeline(pipe, family.denoiser_name, request.quantize, pipe.dtype)
     pipe.scheduler = family.sampler(pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
 

@@ -90,6 +90,11 @@ class RunConfig(_Section):
         if validation.metric != "none" and not method.needs_conditioning:
             raise ValueError(f"validation.metric: {validation.metric!r} scores how well images follow their "
                              f"conditioning, and method {method.kind!r} takes none")
+        if self.model.quantize and not (self.method.kind in ("lora", "controlnet") or self.method.uses_lora):
+            raise ValueError(f"model.quantize = {self.model.quantize!r}: method {self.method.kind!r} without "
+                             "[method.lora] trains every weight of the denoiser, which cannot be held in "
+                             f"{self.model.quantize}; quantize a frozen base: lora, controlnet, or control / "
+                             "dreambooth with [method.lora]")
         if self.data.cache_text and self.method.train_text_encoder:
             raise ValueError("data.cache_text cannot be used with method.train_text_encoder (the embeddings change)")
         if self.data.streaming and self.method.kind == "dreambooth":

@@ -109,6 +109,7 @@ class Run:
         setup.place_frozen_parts(parts, self.accelerator)
         self.engine = Engine(self.accelerator)
         setup.apply_model_options(self.config, parts, trained, self.engine.sharded)
+        setup.quantize_frozen(self.config, parts, self.accelerator, self.engine.sharded, self.events)
         self.engine.shard_frozen_denoiser(parts, trained)
         objective = checked.family.objective(parts, self.config.objective)
         return Trainee(checked.family, parts, checked.method, objective, trained)

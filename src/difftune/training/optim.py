@@ -16,13 +16,11 @@ class MissingExtra(UserError, RuntimeError):
     """An optional dependency the config asks for is not installed."""
 
 
-def require_bitsandbytes() -> Any:
+def require_bitsandbytes(key: str = "train.use_8bit_adam = true") -> Any:
     try:
         import bitsandbytes
     except ImportError:
-        raise MissingExtra(
-            "train.use_8bit_adam = true needs bitsandbytes: pip install 'difftune[bnb]'"
-        ) from None
+        raise MissingExtra(f"{key} needs bitsandbytes: pip install 'difftune[bnb]'") from None
     return bitsandbytes
 
 

@@ -34,7 +34,7 @@ from difftune.methods import Method, Trained, make_method
 from difftune.paths import default_cache_dir
 from difftune.processes import agreed
 from difftune.scoring import MetricSet, load_metric_set
-from difftune.training.engines import check_fsdp_version, switch_cpu_job_to_fsdp2
+from difftune.training.engines import EngineError, check_fsdp_version, switch_cpu_job_to_fsdp2
 from difftune.training.optim import MissingExtra, require_bitsandbytes
 from difftune.validation import ValidationPair, load_validation_pairs
 from difftune.versions import problems_for
@@ -79,6 +79,8 @@ def check_precision(config: RunConfig) -> None:
 def check_extras(config: RunConfig) -> None:
     if config.train.use_8bit_adam:
         require_bitsandbytes()
+    if config.model.quantize:
+        require_bitsandbytes(f"model.quantize = {config.model.quantize!r}")
     if config.train.attention == "xformers":
         try:
             import xformers  # noqa: F401
@@ -185,6 +187,21 @@ def apply_model_options(config: RunConfig, parts: Parts, trained: Trained, shard
         for module in {id(m): m for m in (parts.denoiser, *trained.values())}.values():
             if hasattr(module, "enable_xformers_memory_efficient_attention"):
                 module.enable_xformers_memory_efficient_attention()
+
+
+def quantize_frozen(config: RunConfig, parts: Parts, accelerator: Accelerator, sharded: bool, events: Any) -> None:
+    """model.quantize: the frozen denoiser and text encoders in 4 or 8 bits (after they
+    are placed and cast; see difftune/quantization.py)."""
+    kind = config.model.quantize
+    if kind is None:
+        return
+    if sharded:
+        raise EngineError(f"model.quantize = {kind!r} under FSDP2: a quantized base is not sharded by difftune; "
+                          "launch with DDP (configs/accelerate/ddp.yaml) or one process")
+    from difftune.quantization import quantize_frozen_parts
+
+    counts = quantize_frozen_parts(parts, kind, compute_dtype(accelerator), config.data.cache_text)
+    events.write("quantized", quantize=kind, linear_layers=counts)
 
 
 class Offloaded:
