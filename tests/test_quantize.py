@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_config
-from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    ControlNetModel,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from PIL import Image
 
 from difftune.cli import main

@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-
 from diffusers.training_utils import EMAModel
 
 from difftune.config import EmaSettings
