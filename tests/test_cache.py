@@ -67,6 +67,24 @@ def test_cache_is_reused_and_reencodes_only_what_changed(tiny_base: Path, circle
     assert _cache_stats(tmp_path / "d")["latents_encoded"] == 12
 
 
+def test_the_cache_verb_lists_and_clears_what_runs_cached(tiny_base: Path, circles: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    from difftune.cli import main
+
+    cache = {"cache_latents": True, "cache_text": True, "encoded_cache_dir": str(tmp_path / "cache")}
+    Run(build_config(run_config(tiny_base, circles, tmp_path / "a", data=cache, train={"max_steps": 1}))).fit()
+    (tmp_path / "cache" / "latents" / "not-ours").mkdir()  # no index.json: never touched
+    capsys.readouterr()
+    assert main(["cache", "list", "--dir", str(tmp_path / "cache")]) == 0
+    listed = capsys.readouterr().err
+    assert "2 context(s)" in listed and "latents" in listed and "12 entries" in listed
+    assert main(["cache", "clear", "--dir", str(tmp_path / "cache"), "--older-than", "1"]) == 0
+    assert "removed 0 context(s)" in capsys.readouterr().err  # both were used a moment ago
+    assert main(["cache", "clear", "--dir", str(tmp_path / "cache")]) == 0
+    assert "removed 2 context(s)" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "cache" / "latents").iterdir()] == ["not-ours"]
+
+
 def test_cache_settings_that_cannot_work_are_config_errors(tiny_base: Path, circles: Path, tmp_path: Path) -> None:
     raw = run_config(tiny_base, circles, tmp_path / "run", data={"cache_latents": True, "center_crop": False})
     with pytest.raises(ConfigError, match="cache_latents needs center_crop"):
