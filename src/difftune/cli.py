@@ -170,7 +170,11 @@ def cmd_fill_circles(args: argparse.Namespace) -> int:
         raise InputError(f"out = {args.out!r} is not empty: the samples would be mixed with (and overwrite) "
                          "what is there. Give a new or empty folder.")
     from difftune.data.synthetic import (
-        DEMO_PALETTE, RAW_BAD_FILES, write_fill_circles, write_fill_circles_parquet, write_raw_circles,
+        DEMO_PALETTE,
+        RAW_BAD_FILES,
+        write_fill_circles,
+        write_fill_circles_parquet,
+        write_raw_circles,
     )
 
     palette = DEMO_PALETTE if args.palette == "demo" else None
