@@ -137,10 +137,13 @@ def test_the_other_filters_each_name_their_reason(tmp_path: Path) -> None:
         (64, 64), Image.Resampling.BICUBIC).save(raw / "soft.png")
     Image.fromarray(rng.integers(0, 255, (40, 200, 3), dtype=np.uint8)).save(raw / "banner.png")
     Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(raw / "squeezed.jpg", quality=1)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(raw / "latin1.png")
+    (raw / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))  # not UTF-8
     settings = FilterSettings(min_sharpness=1000, min_bytes_per_megapixel=200_000)
     report = prepare(raw, tmp_path / "out", settings, workers=1)
     assert {d["file"]: d["reason"] for d in report["dropped"]} == {
-        "soft.png": "blurry", "banner.png": "aspect", "squeezed.jpg": "low_bytes"}
+        "soft.png": "blurry", "banner.png": "aspect", "squeezed.jpg": "low_bytes", "latin1.png": "bad_caption"}
+    assert any("latin1.txt is not UTF-8" in d["detail"] for d in report["dropped"])
 
 
 def test_prepare_writes_hf_and_webdataset_forms(tiny_base: Path, tmp_path: Path) -> None:

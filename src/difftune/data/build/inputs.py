@@ -30,6 +30,8 @@ class Item:
     """Its path relative to the input folder: what the report and the output use."""
     conditioning: Path | None = None
     caption: str | None = None
+    caption_problem: str | None = None
+    """Why its caption file could not be read (the image is then dropped, with this reason)."""
 
 
 def read_inputs(folder: Path, conditioning: Path | None = None, captions: Path | None = None,
@@ -42,9 +44,11 @@ def read_inputs(folder: Path, conditioning: Path | None = None, captions: Path |
     items = _metadata_items(folder, metadata, caption_column) if metadata else _scanned_items(folder, conditioning)
     if captions is not None:
         table = _caption_table(captions, caption_column)
-        items = [Item(i.file, i.name, i.conditioning, table.get(i.name, i.caption)) for i in items]
+        items = [Item(i.file, i.name, i.conditioning, table.get(i.name, i.caption),
+                      None if i.name in table else i.caption_problem) for i in items]
     if conditioning is not None:
-        items = [Item(i.file, i.name, _match(conditioning, i.name) or i.conditioning, i.caption) for i in items]
+        items = [Item(i.file, i.name, _match(conditioning, i.name) or i.conditioning, i.caption, i.caption_problem)
+                 for i in items]
     if not items:
         raise InputError(f"IN = {str(folder)!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return items
@@ -59,9 +63,19 @@ def _scanned_items(folder: Path, conditioning: Path | None) -> list[Item]:
             continue
         if skip is not None and skip in file.resolve().parents:
             continue  # the conditioning images, when their folder is inside IN
-        text = file.with_suffix(".txt")
-        items.append(Item(file, relative.as_posix(), caption=read_caption(text) if text.is_file() else None))
+        items.append(_with_caption_file(file, relative.as_posix()))
     return items
+
+
+def _with_caption_file(file: Path, name: str) -> Item:
+    """The image with the caption of NAME.txt beside it, if there is one."""
+    text = file.with_suffix(".txt")
+    if not text.exists():
+        return Item(file, name)
+    try:
+        return Item(file, name, caption=read_caption(text))
+    except DataError as problem:
+        return Item(file, name, caption_problem=str(problem))
 
 
 def _metadata_items(folder: Path, metadata: Path, caption_column: str) -> list[Item]:

@@ -95,6 +95,8 @@ def decide(items: list[Item], measures: list[Measures], settings: FilterSettings
     reasons: dict[int, tuple[str, str]] = {}
     for index, (item, m) in enumerate(zip(items, measures)):
         reason = single_file_reason(m, settings)
+        if reason is None and item.caption_problem is not None:
+            reason = ("bad_caption", item.caption_problem)
         if reason is None and paired and item.conditioning is None:
             reason = ("no_conditioning", "other images have a conditioning image and this one has none")
         if reason is not None:
