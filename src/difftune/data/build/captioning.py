@@ -17,9 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
-from difftune.data.build.conditioning import check_model_path, read_dataset
+from difftune.data.build.conditioning import check_model_path, read_dataset, read_rgb
 from difftune.data.build.jobs import (
     METADATA,
     Journal,
@@ -28,7 +26,6 @@ from difftune.data.build.jobs import (
     write_json,
     write_metadata,
 )
-from difftune.data.sources import to_rgb
 from difftune.errors import InputError
 
 
@@ -102,7 +99,7 @@ class Captioner:
     def __call__(self, files: list[Path]) -> list[str]:
         import torch
 
-        images = [to_rgb(Image.open(f)) for f in files]
+        images = [read_rgb(f) for f in files]
         extra = {"text": [self.settings.prompt] * len(images)} if self.settings.prompt else {}
         inputs = self.processor(images=images, return_tensors="pt", **extra).to(self.device)
         if self.device == "cuda":

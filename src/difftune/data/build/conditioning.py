@@ -42,7 +42,7 @@ from difftune.data.build.jobs import (
     write_metadata,
 )
 from difftune.data.build.writers import CONDITIONING, IMAGES, link_or_copy
-from difftune.data.sources import to_rgb
+from difftune.data.sources import open_image
 from difftune.errors import DataError, InputError
 
 KINDS = ("canny", "depth", "segmentation", "pose")
@@ -149,10 +149,14 @@ def canny_file(task: tuple[Path, Path, int, int]) -> dict[str, int]:
     import cv2
 
     source, target, low, high = task
-    with Image.open(source) as opened:
-        rgb = np.asarray(to_rgb(opened))
+    rgb = np.asarray(read_rgb(source))
     _save(Image.fromarray(cv2.Canny(rgb, low, high), mode="L"), target)
     return {"low": low, "high": high}
+
+
+def read_rgb(path: Path) -> Image.Image:
+    """The image as training reads it; an unreadable one is a DataError naming the file."""
+    return open_image(path.name, path.parent, str(path))
 
 
 def _save(image: Image.Image, target: Path) -> None:
@@ -215,7 +219,7 @@ class ModelConditioner:
     def __call__(self, files: list[Path]) -> list[Image.Image]:
         import torch
 
-        images = [to_rgb(Image.open(f)) for f in files]
+        images = [read_rgb(f) for f in files]
         with torch.inference_mode():
             return getattr(self, f"_{self.settings.kind}")(images)
 
