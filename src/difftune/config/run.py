@@ -55,7 +55,7 @@ class RunConfig(_Section):
         if self.method.kind not in family.supports:
             raise ValueError(f"method.kind = {self.method.kind!r}: family {family.name!r} ({family.description}) "
                              f"trains {', '.join(sorted(family.supports))}")
-        if self.data.cache_text and not getattr(family, "caches_text", True):
+        if self.data.cache_text is True and not getattr(family, "caches_text", True):
             raise ValueError(f"data.cache_text: family {family.name!r} encodes a caption differently in each batch "
                              "(padded to the batch's longest), so its embeddings cannot be cached")
         allowed = getattr(family, "mixed_precisions", None)
@@ -95,7 +95,7 @@ class RunConfig(_Section):
                              "[method.lora] trains every weight of the denoiser, which cannot be held in "
                              f"{self.model.quantize}; quantize a frozen base: lora, controlnet, or control / "
                              "dreambooth with [method.lora]")
-        if self.data.cache_text and self.method.train_text_encoder:
+        if self.data.cache_text is True and self.method.train_text_encoder:
             raise ValueError("data.cache_text cannot be used with method.train_text_encoder (the embeddings change)")
         if self.data.streaming and self.method.kind == "dreambooth":
             raise ValueError("data.streaming: DreamBooth pairs each instance image with a class image; its few "

@@ -274,18 +274,21 @@ class DataConfig(_Section):
     training.setup.loader_workers)."""
     cache_dir: PathText | None = None
     """Where datasets caches downloads."""
-    cache_latents: bool = False
+    cache_latents: bool | None = None
     """Encode every image with the VAE once (both flips with random_flip) and train from
-    the cached latents; needs center_crop. Keyed on everything that changes them."""
-    cache_text: bool = False
-    """Encode every distinct caption (and "") once; not with a trained text encoder."""
+    the cached latents; needs center_crop. Keyed on everything that changes them. Unset:
+    on when the run sees each sample at least twice (four times with random_flip) and
+    nothing makes the cache stale; the run says which and why."""
+    cache_text: bool | None = None
+    """Encode every distinct caption (and "") once; not with a trained text encoder.
+    Unset: on when the run sees each sample at least twice and the embeddings stay fixed."""
     encoded_cache_dir: PathText | None = None
     """Where cached latents and embeddings live; default ~/.cache/difftune/encoded
     (or $DIFFTUNE_CACHE/encoded)."""
 
     @model_validator(mode="after")
     def _latent_cache_needs_fixed_crop(self) -> DataConfig:
-        if self.cache_latents and not self.center_crop:
+        if self.cache_latents is True and not self.center_crop:
             raise ValueError("cache_latents needs center_crop = true (a random crop changes every epoch)")
         return self
 
@@ -296,7 +299,8 @@ class DataConfig(_Section):
         if self.max_samples is None:
             raise ValueError("streaming needs max_samples: the samples an epoch (a stream's length is unknown, "
                              "and the step count and learning-rate schedule need one)")
-        clashes = [key for key, on in (("cache_latents", self.cache_latents), ("cache_text", self.cache_text),
+        clashes = [key for key, on in (("cache_latents", self.cache_latents is True),
+                                       ("cache_text", self.cache_text is True),
                                        ("buckets", self.buckets), ("num_workers", bool(self.num_workers))) if on]
         if clashes:
             raise ValueError(f"streaming reads each row as it trains; it cannot be used with {', '.join(clashes)} "

@@ -77,6 +77,10 @@ class Run:
         setup.write_run_config(config, self.accelerator)
         self.events = EventLog(self.run_dir, main)
         log_plan(self.plan, self.events, self.console, main)
+        if main and checked.cache_notes:
+            self.events.write("cache_choice", notes=list(checked.cache_notes))
+            for note in checked.cache_notes:
+                self.console.print(f"cache: {note}", highlight=False, soft_wrap=True)
         if main:
             log_data_check(checked.samples, self.run_dir, self.events, self.console)
         self.trainee = self._load_models(checked)

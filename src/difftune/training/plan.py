@@ -226,7 +226,7 @@ def check_written_folders(config: RunConfig) -> None:
     folders = []
     if dreambooth is not None and dreambooth.prior_preservation and dreambooth.class_data:
         folders.append(("method.dreambooth.class_data", dreambooth.class_data))
-    if data.cache_latents or data.cache_text:
+    if data.cache_latents is True or data.cache_text is True:  # unset: chosen only where writable
         folders.append(("data.encoded_cache_dir", data.encoded_cache_dir or str(default_cache_dir())))
     for key, value in folders:
         check_output_dir(key, value)

@@ -34,6 +34,7 @@ from difftune.methods import Method, Trained, make_method
 from difftune.paths import default_cache_dir
 from difftune.processes import agreed
 from difftune.scoring import MetricSet, load_metric_set
+from difftune.training.cache_choice import choose_caches
 from difftune.training.engines import EngineError, check_fsdp_version, switch_cpu_job_to_fsdp2
 from difftune.training.optim import MissingExtra, require_bitsandbytes
 from difftune.validation import ValidationPair, load_validation_pairs
@@ -51,6 +52,8 @@ class Preflight:
     samples: Dataset
     validation_pairs: list[ValidationPair]
     metric_set: MetricSet | None
+    cache_notes: tuple[str, ...] = ()
+    """How the caches left unset were chosen (training/cache_choice.py)."""
 
 
 def preflight(config: RunConfig, rows: CheckedRows | None = None) -> Preflight:
@@ -66,7 +69,8 @@ def preflight(config: RunConfig, rows: CheckedRows | None = None) -> Preflight:
     samples = open_training_data(config.data, config.train.seed, method.needs_conditioning,
                                  method.fixed_caption, rows)
     pairs = load_validation_pairs(config.validation, config.data.resolution)
-    return Preflight(family, method, samples, pairs, load_metric_set(config))
+    caches = choose_caches(config, len(samples), family)
+    return Preflight(family, method, samples, pairs, load_metric_set(config), caches.notes)
 
 
 def check_precision(config: RunConfig) -> None:
