@@ -157,3 +157,30 @@ def test_the_text_cache_key_follows_every_tokenizer_setting(tiny_base: Path) -> 
     tokenizer.model_max_length = 20
     seen.add(str(family.text_cache_identity(parts)))
     assert len(seen) == 3
+
+
+def test_unset_caches_are_chosen_where_they_pay_and_cannot_be_stale(tiny_base: Path, circles: Path,
+                                                                   tmp_path: Path) -> None:
+    from difftune.families import get_family
+    from difftune.training.cache_choice import choose_caches
+
+    def choice(steps: int, data: dict | None = None, method: dict | None = None) -> tuple[bool, bool, str]:
+        raw = run_config(tiny_base, circles, tmp_path / "run", data={"encoded_cache_dir": str(tmp_path / "c"),
+                                                                     **(data or {})},
+                         train={"max_steps": steps}, **({"method": method} if method else {}))
+        raw["validation"] = {"every": 1000}
+        config = build_config(raw)
+        chosen = choose_caches(config, 12, get_family("sd"))
+        assert (config.data.cache_latents, config.data.cache_text) == (chosen.latents, chosen.text)
+        return chosen.latents, chosen.text, " | ".join(chosen.notes)
+
+    assert choice(4)[:2] == (False, False)  # 8 samples drawn of 12: encoding them all first costs more
+    assert choice(12)[:2] == (True, True)  # each sample twice
+    latents, text, notes = choice(12, {"random_flip": True})
+    assert (latents, text) == (False, True) and "random_flip caches both sides" in notes
+    latents, text, notes = choice(100, {"center_crop": False})
+    assert (latents, text) == (False, True) and "a random crop differs every epoch" in notes
+    latents, text, notes = choice(100, method={"kind": "lora", "train_text_encoder": True})
+    assert (latents, text) == (True, False) and "method.train_text_encoder" in notes
+    latents, text, notes = choice(100, {"cache_latents": False})  # as written: only the unset one is chosen
+    assert (latents, text) == (False, True) and "cache_latents" not in notes
