@@ -184,3 +184,16 @@ def test_unset_caches_are_chosen_where_they_pay_and_cannot_be_stale(tiny_base: P
     assert (latents, text) == (True, False) and "method.train_text_encoder" in notes
     latents, text, notes = choice(100, {"cache_latents": False})  # as written: only the unset one is chosen
     assert (latents, text) == (False, True) and "cache_latents" not in notes
+
+
+def test_a_resumed_run_keeps_the_caches_its_start_chose(tiny_base: Path, circles: Path, tmp_path: Path) -> None:
+    import tomllib
+
+    raw = run_config(tiny_base, circles, tmp_path / "run", train={"max_steps": 4, "checkpoint_every": 2})
+    raw["validation"] = {"every": 1000}
+    Run(build_config(raw)).fit()  # 8 samples drawn of 12: no cache
+    raw["train"]["max_steps"] = 30  # would choose both caches for a new run
+    Run(build_config(raw)).fit()
+    recorded = tomllib.loads((tmp_path / "run" / "config.toml").read_text())["data"]
+    assert (recorded["cache_latents"], recorded["cache_text"]) == (False, False)
+    assert not [e for e in read_events(tmp_path / "run") if e["event"] == "cache"]

@@ -108,6 +108,8 @@ def plan_run(config: RunConfig, main_process: bool = True) -> RunPlan:
         plan.lock = take_lock(run_dir)
     plan.resume_from, plan.skipped = pick_checkpoint(run_dir, config.train.resume)
     recorded = recorded_config(run_dir, plan.resume_from)
+    if recorded is not None and plan.resume_from is not None:
+        keep_chosen_caches(config, recorded)
     finished = finished_step(run_dir)
     if recorded is not None and (plan.resume_from is not None or finished is not None):
         plan.changes = compare_configs(recorded, config, plan.resume_from or run_dir)
@@ -259,6 +261,16 @@ def check_class_data(config: RunConfig) -> None:
         raise DataError(f"method.dreambooth.class_data {dreambooth.class_data!r} holds {len(bad)} file(s) that are "
                         f"not readable images: {'; '.join(bad[:5])}. Remove them (missing class images are "
                         "generated again).")
+
+
+def keep_chosen_caches(config: RunConfig, recorded: dict[str, Any]) -> None:
+    """A resumed run keeps the caches its start chose for settings left unset (the choice
+    depends on max_steps, which a resumed run may raise): a run that switched the cache on
+    or off halfway would not be the run that never stopped, bit for bit."""
+    for key in ("cache_latents", "cache_text"):
+        chosen = recorded.get("data", {}).get(key)
+        if getattr(config.data, key) is None and isinstance(chosen, bool):
+            setattr(config.data, key, chosen)
 
 
 def recorded_config(run_dir: Path, checkpoint: Path | None) -> dict[str, Any] | None:
