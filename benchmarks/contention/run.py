@@ -20,10 +20,12 @@ import time
 from pathlib import Path
 
 CASES = {
-    "difftune default": {},
-    "OMP_WAIT_POLICY=ACTIVE (spin, libgomp's default before difftune set PASSIVE)": {"OMP_WAIT_POLICY": "ACTIVE"},
+    "default (libgomp spins, then sleeps)": {},
+    "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"},
     "OMP_NUM_THREADS=1": {"OMP_NUM_THREADS": "1"},
 }
+SETTINGS = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")
 BUSY = "while True: pass"
 
 
@@ -38,7 +40,7 @@ def samples_per_second(events: Path, batch: int) -> tuple[float, int]:
 
 def run_case(env_extra: dict[str, str], busy: bool, seconds: float, work: Path) -> dict:
     out = work / f"run-{time.monotonic_ns()}"
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")} | env_extra
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS} | env_extra
     competitor = subprocess.Popen([sys.executable, "-c", BUSY]) if busy else None
     try:
         command = [sys.executable, "-m", "difftune", "demo", "--output-dir", str(out), "--set", "train.max_steps=100000",
