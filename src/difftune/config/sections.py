@@ -354,6 +354,10 @@ class TrainConfig(_Section):
     channels_last: bool = True
     """Denoiser and trained modules in channels_last memory format (conv-heavy models run
     faster so: 15% a step on the CPU benchmark, benchmarks/README.md)."""
+    cpu_threads: Literal["auto"] | Annotated[int, Field(gt=0, le=4096)] = "auto"
+    """Intra-op threads on the CPU. "auto": as many as cores, fewer while other processes
+    keep cores busy (a spinning thread waiting for a descheduled one stalls every step);
+    a number fixes it. A launch that sets OMP_NUM_THREADS, or an accelerator, is left alone."""
     compile: bool = False
     """torch.compile the denoiser and trained modules (in place): faster steps after a
     compile of a minute or more at the start, and again for new shapes (validation)."""

@@ -54,6 +54,7 @@ from difftune.training.guards import NonFiniteGuard, NonFiniteLoss, all_finite
 from difftune.training.optim import make_lr_scheduler, make_optimizer, total_steps
 from difftune.training.plan import RunPlan, main_process_by_environment, plan_run
 from difftune.training.step import Trainee, training_loss
+from difftune.training.threads import ThreadGovernor
 from difftune.training.summary import log_data_check, log_plan, start_summary
 from difftune.validation import ValidationPair, log_to_trackers, run_validation
 
@@ -83,6 +84,8 @@ class Run:
                 self.console.print(f"cache: {note}", highlight=False, soft_wrap=True)
         if main:
             log_data_check(checked.samples, self.run_dir, self.events, self.console)
+        self.threads = ThreadGovernor(config.train.cpu_threads, self.accelerator.device,
+                                      self.accelerator.num_processes, self.events)
         self.trainee = self._load_models(checked)
         self.nonfinite = NonFiniteGuard(config.train.max_nonfinite_steps)
         self.window_bad = False  # a non-finite loss in the current accumulation window
@@ -205,6 +208,7 @@ class Run:
                 if not self.accelerator.sync_gradients:
                     continue
                 state.step += 1
+                self.threads.after_step(state.step)
                 stopping = agreed(self.accelerator, self.stop.requested)
                 self._after_step(state, loss, clock, losses, validate=not stopping)
                 if stopping:
