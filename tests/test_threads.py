@@ -23,7 +23,8 @@ def test_threads_give_way_to_a_busy_process_and_come_back(monkeypatch: pytest.Mo
     before = torch.get_num_threads()
     events = Events()
     governor = ThreadGovernor("auto", torch.device("cpu"), 1, events)
-    governor.cores, governor.threads = 4, 4
+    governor.cores, governor.threads = 4, 4  # a 4-core machine, whatever this one has
+    torch.set_num_threads(4)
     # (time, machine busy seconds, this process's seconds): another process takes 2 cores
     # for two readings, then a blip of 3 cores once, then nothing
     clock = iter([(10.0, 30.0, 10.0), (20.0, 60.0, 20.0), (30.0, 100.0, 30.0), (40.0, 130.0, 40.0),

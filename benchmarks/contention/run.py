@@ -19,11 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-CASES = {
-    "default (libgomp spins, then sleeps)": {},
-    "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
-    "GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"},
-    "OMP_NUM_THREADS=1": {"OMP_NUM_THREADS": "1"},
+CASES = {  # name: (environment, --set overrides)
+    "train.cpu_threads = \"auto\" (the default)": ({}, []),
+    "train.cpu_threads = 2 (one per core, fixed: torch's default, difftune's before)": ({}, ["train.cpu_threads=2"]),
+    "OMP_WAIT_POLICY=PASSIVE, 2 threads": ({"OMP_WAIT_POLICY": "PASSIVE"}, ["train.cpu_threads=2"]),
 }
 SETTINGS = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")
 BUSY = "while True: pass"
@@ -38,14 +37,15 @@ def samples_per_second(events: Path, batch: int) -> tuple[float, int]:
     return (steps[-1]["step"] - steps[0]["step"]) * batch / elapsed, steps[-1]["step"]
 
 
-def run_case(env_extra: dict[str, str], busy: bool, seconds: float, work: Path) -> dict:
+def run_case(env_extra: dict[str, str], sets: list[str], busy: bool, seconds: float, work: Path) -> dict:
     out = work / f"run-{time.monotonic_ns()}"
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS} | env_extra
     competitor = subprocess.Popen([sys.executable, "-c", BUSY]) if busy else None
     try:
         command = [sys.executable, "-m", "difftune", "demo", "--output-dir", str(out), "--set", "train.max_steps=100000",
                    "--set", "validation.every=1000000", "--set", "train.checkpoint_every=1000000",
-                   "--set", "train.log_every=5", "--set", "train.report_to=none"]
+                   "--set", "train.log_every=5", "--set", "train.report_to=none",
+                   *[arg for item in sets for arg in ("--set", item)]]
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(seconds)
         process.terminate()
@@ -55,7 +55,9 @@ def run_case(env_extra: dict[str, str], busy: bool, seconds: float, work: Path) 
             competitor.kill()
             competitor.wait()
     rate, last = samples_per_second(out / "events.jsonl", batch=16)
-    return {"samples_per_s": round(rate, 1), "steps": last}
+    changes = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines() if '"threads"' in line]
+    return {"samples_per_s": round(rate, 1), "steps": last,
+            "thread_changes": [(c["step"], c["threads"]) for c in changes]}
 
 
 def main() -> None:
@@ -65,9 +67,9 @@ def main() -> None:
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as scratch:
-        for name, env in CASES.items():
-            alone = run_case(env, False, args.seconds, Path(scratch))
-            shared = run_case(env, True, args.seconds, Path(scratch))
+        for name, (env, sets) in CASES.items():
+            alone = run_case(env, sets, False, args.seconds, Path(scratch))
+            shared = run_case(env, sets, True, args.seconds, Path(scratch))
             row = {"case": name, "alone": alone, "beside_a_busy_process": shared,
                    "kept": round(shared["samples_per_s"] / max(alone["samples_per_s"], 1e-9), 2)}
             print(json.dumps(row), flush=True)
