@@ -11,7 +11,7 @@ drops a file naming why:
                  min_sharpness (Pech-Pacheco et al. 2000)
   duplicate      the same pixels as an earlier file (SHA-256 of the decoded RGB)
   near_duplicate the same perceptual hash within phash_distance bits (imagehash's pHash)
-                 and the same colours (8x8 thumbnails within 12 levels on average): pHash
+                 and the same colours (8x8 thumbnails within 2 levels on average): pHash
                  sees structure only, and would call two plain images of different
                  colours the same
 
@@ -41,7 +41,7 @@ from difftune.data.sources import regular_file_problem, to_rgb
 
 LOSSY_FORMATS = frozenset({"JPEG", "WEBP", "MPO"})
 SHARPNESS_SIDE = 512
-COLOUR_TOLERANCE = 12.0
+COLOUR_TOLERANCE = 2.0
 """Mean absolute difference (0-255) of two 8x8 colour thumbnails still called the same."""
 
 
