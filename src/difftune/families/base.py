@@ -111,7 +111,7 @@ def inference_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     transformers and peft-adapted modules.
     """
     patched = "forward" in vars(model)
-    if not patched and all(p.dtype == dtype for p in model.parameters()):
+    if not patched and all(p.dtype == dtype for p in model.parameters() if p.is_floating_point()):
         return model
     fresh = copy.deepcopy(model)
     vars(fresh).pop("forward", None)
@@ -120,8 +120,10 @@ def inference_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def dtype_of(module: nn.Module) -> torch.dtype:
-    """A module's dtype, also through a wrapper (DDP) that has no .dtype."""
-    return next(module.parameters()).dtype
+    """A module's dtype, also through a wrapper (DDP) that has no .dtype: its first
+    floating-point parameter's (a quantized weight is stored as integers)."""
+    parameters = list(module.parameters())
+    return next((p.dtype for p in parameters if p.is_floating_point()), parameters[0].dtype)
 
 
 def device_of(module: nn.Module) -> torch.device:
