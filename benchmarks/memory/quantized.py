@@ -1,0 +1,56 @@
+"""Bytes per parameter of a frozen SD1.5-shaped UNet and CLIP text encoder (random
+weights, full width and depth: benchmarks/sd15.py) as difftune's model.quantize holds
+them: every nn.Linear in NF4 or int8 (bitsandbytes), convolutions and norms as they are.
+
+    python benchmarks/memory/quantized.py [--out result.json]
+
+Counts the bytes of every parameter (4-bit weights are packed two to a byte) and the
+quantization scales, over the parameters the full-precision model has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+from sd15 import sd15_text_encoder, sd15_unet
+
+from difftune.quantization import bytes_per_parameter, quantize_frozen_linears
+
+
+def measure(build, kind: str | None) -> dict:
+    torch.manual_seed(0)
+    module = build().requires_grad_(False).eval()
+    parameters = sum(p.numel() for p in module.parameters())
+    linear = sum(p.numel() for m in module.modules() if type(m) is torch.nn.Linear for p in m.parameters())
+    started = time.perf_counter()
+    layers = quantize_frozen_linears(module, kind, torch.float32) if kind else 0
+    return {"quantize": kind or "none (fp32)", "parameters_m": round(parameters / 1e6, 1),
+            "in_linear_layers": round(linear / parameters, 3), "layers_quantized": layers,
+            "bytes_per_parameter": round(bytes_per_parameter(module), 3),
+            "total_mb": round(bytes_per_parameter(module) * parameters / 2**20, 1),
+            "seconds_to_quantize": round(time.perf_counter() - started, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    rows = []
+    for name, build in (("SD1.5 UNet", sd15_unet), ("SD1.5 CLIP text encoder", lambda: sd15_text_encoder(49408))):
+        for kind in (None, "int8", "nf4"):
+            row = {"model": name, **measure(build, kind)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    if args.out:
+        args.out.write_text(json.dumps({"device": "cpu", "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
