@@ -1,4 +1,4 @@
-"""Bytes per parameter of a frozen SD1.5-shaped UNet and CLIP text encoder (random
+"""Bytes per parameter of a frozen SD1.5-shaped UNet and CLIP text encoder, and FLUX.1's transformer (random
 weights, full width and depth: benchmarks/sd15.py) as difftune's model.quantize holds
 them: every nn.Linear in NF4 or int8 (bitsandbytes), convolutions and norms as they are.
 
@@ -38,6 +38,38 @@ def measure(build, kind: str | None) -> dict:
             "seconds_to_quantize": round(time.perf_counter() - started, 1)}
 
 
+def flux_blocks():
+    """FLUX.1's transformer at full width with one dual-stream and one single-stream block
+    (the real one has 19 and 38): rows for it are scaled per block."""
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                  pooled_projection_dim=768, guidance_embeds=True)
+
+
+def flux_scaled(kind: str | None) -> dict:
+    """Bytes of FLUX.1's 19 + 38 blocks and the rest, from one block of each."""
+    torch.manual_seed(0)
+    module = flux_blocks().requires_grad_(False).eval()
+    if kind:
+        quantize_frozen_linears(module, kind, torch.float32)
+
+    def size(part: torch.nn.Module) -> tuple[int, float]:
+        count = sum(p.numel() if getattr(p, "quant_state", None) is None else p.quant_state.shape.numel()
+                    for p in part.parameters())
+        return count, bytes_per_parameter(part) * count
+
+    double, single = size(module.transformer_blocks[0]), size(module.single_transformer_blocks[0])
+    whole = size(module)
+    rest = (whole[0] - double[0] - single[0], whole[1] - double[1] - single[1])
+    parameters = rest[0] + 19 * double[0] + 38 * single[0]
+    stored = rest[1] + 19 * double[1] + 38 * single[1]
+    return {"model": "FLUX.1 transformer (19 + 38 blocks, scaled from one of each)", "quantize": kind or "none (fp32)",
+            "parameters_m": round(parameters / 1e6, 1), "bytes_per_parameter": round(stored / parameters, 3),
+            "total_mb": round(stored / 2**20, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path)
@@ -48,6 +80,10 @@ def main() -> None:
             row = {"model": name, **measure(build, kind)}
             print(json.dumps(row), flush=True)
             rows.append(row)
+    for kind in (None, "int8", "nf4"):
+        row = flux_scaled(kind)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     if args.out:
         args.out.write_text(json.dumps({"device": "cpu", "rows": rows}, indent=2) + "\n")
 
