@@ -1,6 +1,8 @@
-"""Bytes per parameter of a frozen SD1.5-shaped UNet and CLIP text encoder, and FLUX.1's transformer (random
-weights, full width and depth: benchmarks/sd15.py) as difftune's model.quantize holds
-them: every nn.Linear in NF4 or int8 (bitsandbytes), convolutions and norms as they are.
+"""Bytes per parameter of frozen models as difftune's model.quantize holds them: every
+nn.Linear in NF4 or int8 (bitsandbytes), convolutions and norms as they are. Random
+weights: an SD1.5-shaped UNet and CLIP text encoder at full size (benchmarks/sd15.py),
+and FLUX.1's transformer at full width, built with one block of each kind and scaled to
+its 19 + 38 blocks.
 
     python benchmarks/memory/quantized.py [--out result.json]
 
