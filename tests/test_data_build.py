@@ -243,3 +243,15 @@ def test_a_stopped_condition_resumes_and_a_second_prepare_keeps_only_what_it_lis
     listed = {row["file_name"] for row in _rows(tmp_path / "again")}
     on_disk = {f.relative_to(tmp_path / "again").as_posix() for f in (tmp_path / "again" / "images").rglob("*")}
     assert listed == on_disk and "images/small.png" not in listed
+
+
+def test_a_failed_push_keeps_the_saved_dataset_and_says_how_to_push_it(prepared: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(self, repo: str, *args, **kwargs) -> None:
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets.Dataset, "push_to_hub", offline)
+    with pytest.raises(UserError, match=r"--push-to-hub me/circles: ConnectionError: no network\. The dataset is "
+                                        r"saved in .*hf; push it later"):
+        prepare(prepared, tmp_path / "hf", form="hf", push_to_hub="me/circles")
+    assert len(datasets.load_from_disk(str(tmp_path / "hf"))) == 8

@@ -251,20 +251,6 @@ DATA_FLAGS = {"resolution": 512, "split": "train", "image_column": "image", "cap
 """data check's flags for a dataset path, with their defaults."""
 
 
-def cmd_cache(args: argparse.Namespace) -> int:
-    from difftune.data.cache_folder import clear, contexts, describe
-    from difftune.paths import default_cache_dir
-
-    folder = Path(args.dir).expanduser() if args.dir else default_cache_dir()
-    if args.cache_verb == "list":
-        console.print(describe(folder, contexts(folder)), highlight=False, soft_wrap=True)
-        return 0
-    removed = clear(folder, args.older_than)
-    freed = sum(c.bytes for c in removed) / 2**20
-    console.print(f"removed {len(removed)} context(s) from {folder}, {freed:.1f} MB", highlight=False)
-    return 0
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from difftune.demo import demo_config, in_repository_root
 
@@ -282,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
         "from a TOML config; generate with and export the results; check datasets.",
     )
     verbs = parser.add_subparsers(dest="verb", required=True)
-    for add in (_add_train, _add_generate, _add_export, _add_data, _add_cache, _add_demo):
+    from difftune.data.cache_folder import add_cache_verb
+
+    for add in (_add_train, _add_generate, _add_export, _add_data, add_cache_verb, _add_demo):
         add(verbs)
     return parser
 
@@ -380,19 +368,6 @@ def _add_data(verbs: Any) -> None:
     from difftune.data.build.verbs import add_build_verbs
 
     add_build_verbs(data)
-
-
-def _add_cache(verbs: Any) -> None:
-    cache = verbs.add_parser("cache", help="list or clear the encoded cache (cached latents and text embeddings)")
-    actions = cache.add_subparsers(dest="cache_verb", required=True)
-    for name, text in (("list", "each cached context: its entries, size and last use"),
-                       ("clear", "remove cached contexts (all, or those unused for --older-than days)")):
-        action = actions.add_parser(name, help=text)
-        action.add_argument("--dir", help="the cache folder (default: data.encoded_cache_dir's default, "
-                                          "~/.cache/difftune/encoded or $DIFFTUNE_CACHE/encoded)")
-        if name == "clear":
-            action.add_argument("--older-than", type=float, metavar="DAYS", help="only contexts unused this long")
-        action.set_defaults(run=cmd_cache)
 
 
 def _add_demo(verbs: Any) -> None:

@@ -10,10 +10,13 @@ difftune's and is left alone.
 
 from __future__ import annotations
 
+import argparse
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from difftune.errors import InputError
 
@@ -69,3 +72,29 @@ def clear(folder: Path, older_than_days: float | None = None) -> list[Context]:
     for context in removed:
         shutil.rmtree(context.path)
     return removed
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from difftune.paths import default_cache_dir
+
+    folder = Path(args.dir).expanduser() if args.dir else default_cache_dir()
+    if args.cache_verb == "list":
+        print(describe(folder, contexts(folder)), file=sys.stderr)
+        return 0
+    removed = clear(folder, args.older_than)
+    freed = sum(c.bytes for c in removed) / 2**20
+    print(f"removed {len(removed)} context(s) from {folder}, {freed:.1f} MB", file=sys.stderr)
+    return 0
+
+
+def add_cache_verb(verbs: Any) -> None:
+    cache = verbs.add_parser("cache", help="list or clear the encoded cache (cached latents and text embeddings)")
+    actions = cache.add_subparsers(dest="cache_verb", required=True)
+    for name, text in (("list", "each cached context: its entries, size and last use"),
+                       ("clear", "remove cached contexts (all, or those unused for --older-than days)")):
+        action = actions.add_parser(name, help=text)
+        action.add_argument("--dir", help="the cache folder (default: data.encoded_cache_dir's default, "
+                                          "~/.cache/difftune/encoded or $DIFFTUNE_CACHE/encoded)")
+        if name == "clear":
+            action.add_argument("--older-than", type=float, metavar="DAYS", help="only contexts unused this long")
+        action.set_defaults(run=cmd_cache)

@@ -54,8 +54,8 @@ from difftune.training.guards import NonFiniteGuard, NonFiniteLoss, all_finite
 from difftune.training.optim import make_lr_scheduler, make_optimizer, total_steps
 from difftune.training.plan import RunPlan, main_process_by_environment, plan_run
 from difftune.training.step import Trainee, training_loss
+from difftune.training.summary import log_cache_choice, log_data_check, log_plan, start_summary
 from difftune.training.threads import ThreadGovernor
-from difftune.training.summary import log_data_check, log_plan, start_summary
 from difftune.validation import ValidationPair, log_to_trackers, run_validation
 
 
@@ -78,10 +78,8 @@ class Run:
         setup.write_run_config(config, self.accelerator)
         self.events = EventLog(self.run_dir, main)
         log_plan(self.plan, self.events, self.console, main)
-        if main and checked.cache_notes:
-            self.events.write("cache_choice", notes=list(checked.cache_notes))
-            for note in checked.cache_notes:
-                self.console.print(f"cache: {note}", highlight=False, soft_wrap=True)
+        if main:
+            log_cache_choice(checked.cache_notes, self.events, self.console)
         if main:
             log_data_check(checked.samples, self.run_dir, self.events, self.console)
         self.threads = ThreadGovernor(config.train.cpu_threads, self.accelerator.device,

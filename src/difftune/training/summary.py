@@ -85,3 +85,12 @@ def _count(n: int) -> str:
         if n >= size:
             return f"{n / size:.1f}{unit}"
     return str(n)
+
+
+def log_cache_choice(notes: tuple[str, ...], events: EventLog, console: Console) -> None:
+    """How the caches left unset were chosen (training/cache_choice.py), one line each."""
+    if not notes:
+        return
+    events.write("cache_choice", notes=list(notes))
+    for note in notes:
+        console.print(f"cache: {note}", highlight=False, soft_wrap=True)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from difftune.data.build.inputs import _table_rows
+from difftune.data.build.inputs import table_rows
 from difftune.data.build.jobs import (
     METADATA,
     Journal,
@@ -73,7 +73,7 @@ def read_dataset(source: Path, verb: str) -> list[dict[str, Any]]:
     if not metadata.is_file():
         raise InputError(f"IN = {str(source)!r} has no {METADATA}: `difftune data {verb}` works on a dataset that "
                          "`difftune data prepare` wrote (run it first)")
-    rows = _table_rows(metadata)
+    rows = table_rows(metadata)
     for number, row in enumerate(rows, start=1):
         if not isinstance(row.get("file_name"), str) or not (source / row["file_name"]).is_file():
             raise DataError(f"{metadata}, row {number}: file_name {row.get('file_name')!r} is not a file in {source}")

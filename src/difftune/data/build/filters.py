@@ -97,20 +97,15 @@ def truncated_files_fail() -> Iterator[None]:
 def _measure(item: Item) -> Measures:
     import imagehash
 
-    problem = regular_file_problem(item.file)
-    if problem:
-        return Measures(problem=problem)
-    try:
-        with Image.open(item.file) as opened:
-            opened.load()
-            image_format = opened.format or ""
-            image = to_rgb(opened)
-    except Exception as error:  # noqa: BLE001 (PIL raises many kinds for a bad file)
-        return Measures(problem=f"{type(error).__name__}: {error}")
+    image, image_format = decode_whole(item.file)
+    if isinstance(image, str):
+        return Measures(problem=image)
     if item.conditioning is not None:
-        problem = _conditioning_problem(item.conditioning, image.size)
-        if problem:
-            return Measures(problem=f"conditioning image {item.conditioning.name}: {problem}")
+        conditioning, _ = decode_whole(item.conditioning)
+        if not isinstance(conditioning, str) and conditioning.size != image.size:
+            conditioning = f"{conditioning.width}x{conditioning.height}, the image is {image.width}x{image.height}"
+        if isinstance(conditioning, str):
+            return Measures(problem=f"conditioning image {item.conditioning.name}: {conditioning}")
     pixels = np.asarray(image)
     digest = hashlib.sha256(f"{image.size}".encode() + pixels.tobytes()).hexdigest()
     thumbnail = np.asarray(image.resize((8, 8), Image.Resampling.BOX), dtype=np.uint8).reshape(-1).tolist()
@@ -121,19 +116,18 @@ def _measure(item: Item) -> Measures:
                     thumbnail=thumbnail)
 
 
-def _conditioning_problem(path: Path, size: tuple[int, int]) -> str | None:
+def decode_whole(path: Path) -> tuple[Image.Image | str, str]:
+    """(the image as training reads it, its format), every byte decoded (a truncated file
+    fails here, where sources.image_problem reads the header only); or (why not, "")."""
     problem = regular_file_problem(path)
     if problem:
-        return problem
+        return problem, ""
     try:
         with Image.open(path) as opened:
             opened.load()
-            conditioning = to_rgb(opened)
-    except Exception as error:  # noqa: BLE001
-        return f"{type(error).__name__}: {error}"
-    if conditioning.size != size:
-        return f"{conditioning.width}x{conditioning.height}, the image is {size[0]}x{size[1]}"
-    return None
+            return to_rgb(opened), opened.format or ""
+    except Exception as error:  # noqa: BLE001 (PIL raises many kinds for a bad file)
+        return f"{type(error).__name__}: {error}", ""
 
 
 def sharpness(image: Image.Image) -> float:

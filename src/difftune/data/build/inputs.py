@@ -80,7 +80,7 @@ def _with_caption_file(file: Path, name: str) -> Item:
 
 def _metadata_items(folder: Path, metadata: Path, caption_column: str) -> list[Item]:
     items = []
-    for number, row in enumerate(_table_rows(metadata), start=1):
+    for number, row in enumerate(table_rows(metadata), start=1):
         name = row.get("file_name")
         if not isinstance(name, str) or not name:
             raise DataError(f"{metadata}, row {number}: no file_name")
@@ -95,7 +95,7 @@ def _caption_table(path: Path, caption_column: str) -> dict[str, str]:
     if not path.is_file():
         raise InputError(f"--captions {str(path)!r} is not a file")
     table = {}
-    for number, row in enumerate(_table_rows(path), start=1):
+    for number, row in enumerate(table_rows(path), start=1):
         name, text = row.get("file_name"), row.get(caption_column)
         if not isinstance(name, str) or not isinstance(text, str):
             raise DataError(f"{path}, row {number}: needs file_name and {caption_column!r} (text)")
@@ -103,7 +103,7 @@ def _caption_table(path: Path, caption_column: str) -> dict[str, str]:
     return table
 
 
-def _table_rows(path: Path) -> list[dict]:
+def table_rows(path: Path) -> list[dict]:
     """Rows of a .jsonl or .csv file."""
     if path.suffix.lower() == ".csv":
         with open(path, newline="", encoding="utf-8") as handle:

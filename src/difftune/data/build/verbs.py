@@ -48,6 +48,11 @@ def _path(value: str | None) -> Path | None:
 
 
 def add_build_verbs(data: Any) -> None:
+    for add in (_add_prepare, _add_condition, _add_caption):
+        add(data)
+
+
+def _add_prepare(data: Any) -> None:
     prepare = data.add_parser(
         "prepare", help="filter a folder of images into a dataset (imagefolder, hf or webdataset) with a report",
         description="Read IN (images, with NAME.txt captions or a metadata.jsonl/csv), drop unreadable, too small, "
@@ -75,6 +80,8 @@ def add_build_verbs(data: Any) -> None:
     prepare.add_argument("--push-to-hub", metavar="REPO", help="hf: also push the dataset to this Hub repository")
     prepare.set_defaults(run=cmd_prepare)
 
+
+def _add_condition(data: Any) -> None:
     condition = data.add_parser(
         "condition", help="make a conditioning image for every image of a prepared dataset",
         description="Write a new dataset in OUT: IN's images (hard-linked) and rows, each with a conditioning "
@@ -93,6 +100,8 @@ def add_build_verbs(data: Any) -> None:
     condition.add_argument("--workers", type=int, help="canny: processes (default: every core)")
     condition.set_defaults(run=cmd_condition)
 
+
+def _add_caption(data: Any) -> None:
     caption = data.add_parser(
         "caption", help="caption a prepared dataset's images with an image-to-text model",
         description="Write a caption for every image of IN (a dataset `difftune data prepare` wrote) into its "

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from difftune.data.build.jobs import write_metadata
+from difftune.errors import InputError
 
 FORMATS = ("imagefolder", "hf", "webdataset")
 IMAGES, CONDITIONING = "images", "conditioning_images"
@@ -51,7 +52,12 @@ def write(rows: list[Row], out: Path, form: str, shard_size: int = 1000, push_to
     dataset = hf_dataset(rows)
     dataset.save_to_disk(str(out))
     if push_to_hub:
-        dataset.push_to_hub(push_to_hub)
+        try:
+            dataset.push_to_hub(push_to_hub)
+        except Exception as error:  # noqa: BLE001 (network, auth and Hub errors: the dataset is kept)
+            raise InputError(f"--push-to-hub {push_to_hub}: {type(error).__name__}: {str(error).splitlines()[0]}. "
+                             f"The dataset is saved in {out}; push it later with "
+                             f"datasets.load_from_disk({str(out)!r}).push_to_hub({push_to_hub!r})") from None
     return {"save_to_disk": str(out), "push_to_hub": push_to_hub}
 
 
