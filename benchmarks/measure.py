@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
@@ -33,17 +34,19 @@ def _nvidia_smi(query: list[str]) -> list[str]:
     return subprocess.run(query, capture_output=True, text=True, check=False).stdout.splitlines()
 
 
-def measure(command: list[str], cwd: Path, gpu: bool = False) -> dict:
+def measure(command: list[str], cwd: Path, gpu: bool = False, env: dict[str, str] | None = None) -> dict:
     """Wall time and peaks of one command's process tree; fails loudly.
 
     peak_rss_mb sums the resident sizes (a forked worker counts the pages it shares with
     its parent again); peak_pss_mb sums proportional sizes, which share them out (sampled
     every 5th time: reading it costs more). With gpu: the tree's GPU memory by PID, or,
     where nvidia-smi's PIDs are not this namespace's, the rise in used GPU memory over
-    what was used before the command started (then nothing else may use the GPU)."""
+    what was used before the command started (then nothing else may use the GPU).
+    env: variables to set for the command, over this process's own."""
     baseline = gpu_memory_used() if gpu else 0
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, **env} if env else None)
     peak = {"rss": 0, "pss": 0, "gpu_by_pid": 0, "gpu_rise": 0}
 
     def sample() -> None:

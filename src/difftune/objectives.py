@@ -8,14 +8,12 @@ DreamBooth batch with class images appended all see identical noise per sample.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import math
-from collections.abc import Callable
-
 import torch
-from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3, compute_snr
 
 from difftune.config import ObjectiveConfig
 
@@ -87,6 +85,9 @@ class DiscreteDiffusion:
         gamma = self.options.snr_gamma
         if gamma is None:
             return torch.ones(timesteps.shape[0], device=timesteps.device)
+        # lazily: see training_utils in training/ema.py
+        from diffusers.training_utils import compute_snr
+
         snr = compute_snr(self.scheduler, timesteps).float()
         clipped = torch.minimum(snr, torch.full_like(snr, gamma))
         denominator = snr if self.prediction_type == "epsilon" else snr + 1
@@ -125,6 +126,9 @@ class FlowMatching:
         if options.timestep_sampling == "cosmap":  # the SD3 paper's eq. 21: t = 1 - 1 / (tan(pi u / 2) + 1)
             u = torch.rand((1,), generator=generator, device=device)
             return 1 - 1 / (torch.tan(math.pi * u / 2) + 1)
+        # lazily, as compute_snr
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
         return compute_density_for_timestep_sampling(
             options.timestep_sampling, 1, logit_mean=options.logit_mean, logit_std=options.logit_std,
             mode_scale=options.mode_scale, device=device, generator=generator)
@@ -152,6 +156,9 @@ class FlowMatching:
         eps = torch.stack(noise)
         s = sigmas.view(-1, *[1] * len(shape))
         noisy = (1 - s) * latents + s * eps
+        # lazily, as compute_snr
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
         weight = compute_loss_weighting_for_sd3(self.options.loss_weighting, sigmas).float()
         return NoisedBatch(noisy, sigmas * self.config.num_train_timesteps, eps - latents, weight)
 

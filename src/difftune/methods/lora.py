@@ -8,9 +8,9 @@ The result is diffusers' `pytorch_lora_weights.safetensors`, which
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -27,10 +27,17 @@ from difftune.methods.base import (
 )
 from difftune.methods.full import generate_text_to_image
 
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
 def lora_config(settings: LoraSettings, targets: list[str] | tuple[str, ...]) -> LoraConfig:
+    # Imported here: peft takes ~4 s to import (it loads transformers' models and
+    # bitsandbytes, which compiles), and only runs with adapters need it.
+    from peft import LoraConfig
+
     return LoraConfig(
         r=settings.rank,
         lora_alpha=settings.alpha if settings.alpha is not None else settings.rank,
@@ -53,6 +60,8 @@ def add_lora(module: nn.Module, config: LoraConfig) -> nn.Module:
 
 def adapter_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter weights in peft's naming, contiguous (safetensors needs it)."""
+    from peft import get_peft_model_state_dict
+
     return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(module, save_embedding_layers=False).items()}
 
 
@@ -88,6 +97,8 @@ class Lora:
         save_file(adapter_state(module), folder / name / ADAPTER_FILE)
 
     def restore(self, name: str, module: nn.Module, folder: Path) -> None:
+        from peft import set_peft_model_state_dict
+
         result = set_peft_model_state_dict(module, load_file(folder / name / ADAPTER_FILE))
         if result is not None and getattr(result, "unexpected_keys", None):
             raise ValueError(f"{folder / name / ADAPTER_FILE}: keys the model lacks: {result.unexpected_keys[:5]}")

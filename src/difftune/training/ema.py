@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from diffusers.training_utils import EMAModel
 
 from difftune.config import EmaSettings
 from difftune.methods.base import Trained
@@ -30,6 +29,10 @@ class WeightAverage:
     def __init__(self, trained: Trained, settings: EmaSettings) -> None:
         self.params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
         self.settings = settings
+        # Imported here: diffusers.training_utils imports every diffusers transformer
+        # and torch's compiler (~1 s), which a run without an EMA does not need.
+        from diffusers.training_utils import EMAModel
+
         self.average = EMAModel(
             self.params,
             decay=settings.decay,
