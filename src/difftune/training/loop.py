@@ -20,7 +20,6 @@ from difftune.families.base import check_weights_loaded
 from difftune.processes import agreed, settle
 from difftune.quiet import quiet_loading_bars
 from difftune.report import write_report
-from difftune.scoring import score_control
 from difftune.signals import StopSignals
 from difftune.training import setup
 from difftune.training.checkpoint import (
@@ -56,7 +55,7 @@ from difftune.training.plan import RunPlan, main_process_by_environment, plan_ru
 from difftune.training.step import Trainee, training_loss
 from difftune.training.summary import log_cache_choice, log_data_check, log_plan, start_summary
 from difftune.training.threads import ThreadGovernor
-from difftune.validation import ValidationPair, log_to_trackers, run_validation
+from difftune.training.validate import Validation
 
 
 class Run:
@@ -69,9 +68,6 @@ class Run:
         self.config = config = self.plan.config  # local paths made absolute
         self.run_dir = self.plan.run_dir
         checked = setup.preflight(config, self.plan.data)  # before any model loads
-        self.validation_pairs: list[ValidationPair] = checked.validation_pairs
-        self.metric_set = checked.metric_set
-        self.floor: dict[str, float] | None = None
         self.resume_from = self.plan.resume_from
         self.accelerator: Accelerator = setup.make_accelerator(config)
         main = self.accelerator.is_main_process
@@ -80,7 +76,6 @@ class Run:
         log_plan(self.plan, self.events, self.console, main)
         if main:
             log_cache_choice(checked.cache_notes, self.events, self.console)
-        if main:
             log_data_check(checked.samples, self.run_dir, self.events, self.console)
         self.threads = ThreadGovernor(config.train.cpu_threads, self.accelerator.device,
                                       self.accelerator.num_processes, self.events)
@@ -89,7 +84,8 @@ class Run:
         self.window_bad = False  # a non-finite loss in the current accumulation window
         self.saved_step = -1  # the step of this process's last checkpoint
         self.stop = stop or StopSignals()
-        self._stopping = lambda: self.stop.requested  # read between validation images
+        self.validation = Validation(config, self.run_dir, checked.validation_pairs, checked.metric_set,
+                                     self.accelerator, self.events, lambda: self.stop.requested)
         self.show: Any = lambda **fields: None  # the progress bar's update, while fit() runs
         trainee = self.trainee
         samples = trainee.method.training_data(trainee.family, trainee.parts, trainee.trained,
@@ -328,25 +324,15 @@ class Run:
             raise DiskSpaceError(problem or f"not enough disk space on the main process for {what or 'a checkpoint'}")
 
     def _validate(self, step: int) -> None:
-        if not self.validation_pairs and self.metric_set is None:
+        if not self.validation.wanted:
             return
         with self._averaged():
-            trained, parts = self._whole_modules(), self._whole_parts()  # every rank takes part when sharded
+            # every rank takes part when sharded (gathering is a collective)
+            trained = self._whole_modules()
+            parts = self.engine.whole_parts(self.trainee.parts, self.trainee.family.denoiser_name)
             if self.accelerator.is_main_process:
-                started = time.perf_counter()
-                self.show(status="validating")
-                out_dir = self.run_dir / "validation" / f"step-{step:06d}"
-                trainee = self.trainee
                 with self.offloaded.on_device():
-                    results = run_validation(trainee.family, parts, trainee.method, trained,
-                                             self.validation_pairs, self.config, out_dir, self._stopping)
-                    scores = {} if self.stop.requested else self._score(parts, trained, out_dir, step)
-                log_to_trackers(self.accelerator.trackers, results, step)
-                self.events.write("validation", step=step, path=str(out_dir), pairs=len(results),
-                                  seconds=round(time.perf_counter() - started, 2),
-                                  interrupted=self.stop.requested, **scores)
-                write_report(self.run_dir, self.config)
-                self.show(status="")
+                    self.validation.at_step(step, self.trainee, parts, trained, self.show)
             del trained, parts
         # Everyone waits for the main process here, never inside its generation.
         self.accelerator.wait_for_everyone()
@@ -354,10 +340,6 @@ class Run:
     def _whole_modules(self) -> dict[str, torch.nn.Module]:
         """The trained modules whole, for the main process (a collective when sharded)."""
         return self.engine.whole_modules(self.trainee.trained)
-
-    def _whole_parts(self) -> Any:
-        """The frozen parts whole, for the main process (a collective when sharded)."""
-        return self.engine.whole_parts(self.trainee.parts, self.trainee.family.denoiser_name)
 
     def _finite(self) -> bool:
         """Every rank's weights finite (each checks its own shards when sharded)."""
@@ -367,21 +349,6 @@ class Run:
     def _averaged(self) -> Any:
         """The EMA weights swapped in (validation and export see them), if there is an EMA."""
         return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
-
-    def _score(self, parts: Any, trained: dict[str, torch.nn.Module], out_dir: Path, step: int) -> dict[str, Any]:
-        """Control metric on the held-out set, and once per run its floor (control off)."""
-        if self.metric_set is None:
-            return {}
-        trainee, floor_settings = self.trainee, self.trainee.method.floor_settings
-        args = (trainee.family, parts, trainee.method, trained, self.metric_set, self.config)
-        metrics = score_control(*args, out_dir, should_stop=self._stopping)
-        if self.floor is None and floor_settings is not None and not self.stop.requested:
-            self.floor = score_control(*args, self.run_dir / "validation" / "floor", floor_settings,
-                                       should_stop=self._stopping)
-        logged = {f"validation/{k}": v for k, v in metrics.items()}
-        logged |= {f"validation/floor_{k}": v for k, v in (self.floor or {}).items()}
-        self.accelerator.log(logged, step=step)
-        return {"metrics": metrics, "floor": self.floor}
 
     def _finish(self, state: TrainState) -> Path:
         """final/ (written whole or not at all; a final/ from a shorter run before it is kept
