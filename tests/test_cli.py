@@ -10,7 +10,7 @@ from PIL import Image
 
 from difftune.cli import main
 from difftune.config import build_config
-from difftune.export import push_to_hub
+from difftune.export.hub import push_to_hub
 from difftune.training.loop import train
 
 

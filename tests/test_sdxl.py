@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from difftune.config import build_config
 from difftune.errors import UserError
-from difftune.export import write_model_card
+from difftune.export.hub import write_model_card
 from difftune.export.lora import export_lora
 from difftune.families import ModelInputs, get_family
 from difftune.tiny import build_tiny_sdxl

@@ -1,5 +1,3 @@
-"""What leaves a run: the model card and Hub upload, single-file checkpoints, LoRA formats."""
-
-from difftune.export.hub import push_to_hub, write_model_card
-
-__all__ = ["push_to_hub", "write_model_card"]
+"""What leaves a run: the model card and Hub upload (hub), single-file checkpoints, LoRA
+formats, and the `difftune export` verbs (verbs). Nothing is imported here, so that the
+CLI's parser stays fast."""
