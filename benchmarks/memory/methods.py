@@ -108,7 +108,8 @@ def one_row(row: dict) -> dict:
         "data": {"path": row["data"], "resolution": row["resolution"], "cache_latents": True, "cache_text": True,
                  "encoded_cache_dir": row["cache"]},
         "train": {"output_dir": row["out"], "seed": 0, "batch_size": 1, "max_steps": 2, "lr_warmup_steps": 0,
-                  "mixed_precision": "bf16", "checkpoint_every": 1_000_000, "log_every": 1, "report_to": "none"},
+                  "mixed_precision": "bf16", "checkpoint_every": 1_000_000, "log_every": 1, "report_to": "none",
+                  "gradient_checkpointing": row.get("checkpointing", False)},
     })
     run = Run(config)
     run._finish = lambda state: None  # the steps only: no final/ (its save would be the peak)
@@ -175,6 +176,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=None, help="only these methods")
     parser.add_argument("--quantize", nargs="+", default=["none", "int8", "nf4"])
     parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="every row with train.gradient_checkpointing = true")
     parser.add_argument("--check-full", action="store_true", help="also SDXL LoRA at its real depth")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--row", help=argparse.SUPPRESS)
@@ -186,6 +189,7 @@ def main() -> None:
     data = write_fill_circles_parquet(args.work / f"data-{args.resolution}", 4, args.resolution, seed=0,
                                       colours=DEMO_PALETTE)
     quantize = [None if q == "none" else q for q in args.quantize]
+    suffix = "-gc" if args.gradient_checkpointing else ""
     rows = []
     for shape in args.shapes:
         build, depths, real, methods = SHAPES[shape]
@@ -199,13 +203,15 @@ def main() -> None:
                 for depth, pipeline in pipelines.items():
                     row = {"family": "sd" if shape == "sd15" else shape, "pipeline": str(pipeline), "data": str(data), "resolution": args.resolution,
                            "method": method, "quantize": kind, "cache": str(args.work / "cache"),
-                           "out": str(args.work / "runs" / f"{shape}-{depth}-{method}-{kind}")}
+                           "checkpointing": args.gradient_checkpointing,
+                           "out": str(args.work / "runs" / f"{shape}-{depth}-{method}-{kind}{suffix}")}
                     measured[depth] = run_row(row)
                     print(shape, depth, method, kind, json.dumps(summary(measured[depth])), flush=True)
                 figures = measured[None] if real is None else extrapolate(measured[depths[0]], measured[depths[1]],
                                                                           depths, real)
                 rows.append({"shape": shape, "depth": real, "measured_at_depths": depths, "method": method,
-                             "quantize": kind or "none", **summary(figures), "figures": figures,
+                             "quantize": kind or "none", "gradient_checkpointing": args.gradient_checkpointing,
+                             **summary(figures), "figures": figures,
                              "measured": {str(d): m for d, m in measured.items()}})
                 print("=>", json.dumps({k: v for k, v in rows[-1].items() if k not in ("figures", "measured")}),
                       flush=True)
@@ -218,7 +224,8 @@ def main() -> None:
         rows.append({"shape": "sdxl", "depth": SDXL_DEPTH, "measured_at_depths": [SDXL_DEPTH], "method": "lora",
                      "quantize": "none", **summary(figures), "figures": figures})
         print("full depth =>", json.dumps(summary(figures)), flush=True)
-    record = {"resolution": args.resolution, "batch": 1, "precision": "bf16", "steps": 2, "rows": rows,
+    record = {"resolution": args.resolution, "batch": 1, "precision": "bf16", "steps": 2,
+              "gradient_checkpointing": args.gradient_checkpointing, "rows": rows,
               "machine": {"cpus": psutil.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30)}}
     if args.out:
         args.out.write_text(json.dumps(record, indent=2) + "\n")
