@@ -64,9 +64,11 @@ def test_a_lora_trained_on_an_nf4_base_changes_the_full_precision_output(tiny_ba
     assert np.abs(adapted - plain).max() > 1e-3
 
 
-def test_a_controlnet_trained_on_an_int8_base_steers_the_full_precision_pipeline(tiny_base: Path, circles: Path,
-                                                                                 tmp_path: Path) -> None:
-    raw = run_config(tiny_base, circles, tmp_path / "run", model={"quantize": "int8"},
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_controlnet_trained_on_a_quantized_base_steers_the_full_precision_pipeline(kind: str, tiny_base: Path,
+                                                                                    circles: Path,
+                                                                                    tmp_path: Path) -> None:
+    raw = run_config(tiny_base, circles, tmp_path / "run", model={"quantize": kind},
                      train={"max_steps": 4, "learning_rate": 1e-2})
     final = train(build_config(raw))
     pipe = StableDiffusionControlNetPipeline.from_pretrained(
@@ -82,7 +84,7 @@ def test_a_controlnet_trained_on_an_int8_base_steers_the_full_precision_pipeline
     out = tmp_path / "quantized.png"
     assert main(["generate", "--base", str(tiny_base), "--controlnet", str(tmp_path / "run"), "--image",
                  str(circles / "conditioning_images" / "000000.png"), "--prompt", "red circle", "--steps", "2",
-                 "--quantize", "int8", "--out", str(out)]) == 0
+                 "--quantize", kind, "--out", str(out)]) == 0
     assert Image.open(out).size == (64, 64)
 
 
