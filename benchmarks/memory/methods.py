@@ -213,7 +213,7 @@ def main() -> None:
                     row = {"family": "sd" if shape == "sd15" else shape, "pipeline": str(pipeline), "data": str(data), "resolution": args.resolution,
                            "method": method, "quantize": kind, "cache": str(args.work / "cache"),
                            "checkpointing": args.gradient_checkpointing,
-                           "out": str(args.work / "runs" / f"{shape}-{depth}-{method}-{kind}{suffix}")}
+                           "out": str(args.work / "runs" / f"{shape}-{depth}-{method}-{kind}-{args.resolution}{suffix}")}
                     measured[depth] = run_row(row)
                     print(shape, depth, method, kind, json.dumps(summary(measured[depth])), flush=True)
                 figures = measured[None] if real is None else extrapolate(measured[depths[0]], measured[depths[1]],
