@@ -11,6 +11,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(_CACHE, "datasets"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DIFFTUNE_CACHE", os.path.join(_CACHE, "difftune"))  # runs that choose the cache
+# A fixed thread count: train.cpu_threads = "auto" follows the load of the machine, and a
+# different thread count sums in another order, so a resumed run compared bit for bit
+# with an unbroken one would depend on what else the machine runs (tests/test_threads.py
+# removes it to test the governor).
+os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 from pathlib import Path
 from typing import Any

@@ -1,4 +1,4 @@
-"""model.quantize: a frozen base held in NF4 or int8 (bitsandbytes, on the CPU here) while
+"""model.quantize: a frozen base held in NF4 or int8 (bitsandbytes) or fp8 (torchao), on the CPU here, while
 LoRA adapters or a ControlNet train in full precision; the results load in diffusers on
 the full-precision base and change or steer its output."""
 
@@ -29,7 +29,13 @@ def _events(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("kind, most_bytes", [("nf4", 0.8), ("int8", 1.5)])
+def _quantized_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """bitsandbytes' layers, and linears whose weight torchao made a Float8Tensor."""
+    return [m for m in module.modules() if "bitsandbytes" in type(m).__module__
+            or (type(m) is torch.nn.Linear and hasattr(m.weight, "qdata"))]
+
+
+@pytest.mark.parametrize("kind, most_bytes", [("nf4", 0.8), ("int8", 1.5), ("fp8", 1.6)])  # fp8: tiny layers (4 inputs) pay a 4-byte scale per row
 def test_quantized_linears_stay_close_and_take_fewer_bytes(kind: str, most_bytes: float, tiny_base: Path) -> None:
     unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet").requires_grad_(False).eval()
     linears = [m for m in unet.modules() if type(m) is torch.nn.Linear]
@@ -40,16 +46,17 @@ def test_quantized_linears_stay_close_and_take_fewer_bytes(kind: str, most_bytes
         before = unet(sample, torch.tensor([10, 500]), text).sample
         assert quantize_frozen_linears(unet, kind, torch.float32) == len(linears)
         after = unet(sample, torch.tensor([10, 500]), text).sample
-    quantized = [m for m in unet.modules() if "bitsandbytes" in type(m).__module__]
+    quantized = _quantized_layers(unet)
     assert len(quantized) == len(linears) and full_bytes == 4.0
     assert sum(bytes_per_parameter(m) for m in quantized) / len(quantized) < most_bytes
     relative = ((after - before).norm() / before.norm()).item()
     assert 0 < relative < 0.2  # close to the weights, and not the same (they were quantized)
 
 
-def test_a_lora_trained_on_an_nf4_base_changes_the_full_precision_output(tiny_base: Path, circles: Path,
-                                                                          tmp_path: Path) -> None:
-    raw = run_config(tiny_base, circles, tmp_path / "run", method={"kind": "lora"}, model={"quantize": "nf4"},
+@pytest.mark.parametrize("kind", ["nf4", "fp8"])
+def test_a_lora_trained_on_a_quantized_base_changes_the_full_precision_output(kind: str, tiny_base: Path,
+                                                                               circles: Path, tmp_path: Path) -> None:
+    raw = run_config(tiny_base, circles, tmp_path / "run", method={"kind": "lora"}, model={"quantize": kind},
                      train={"max_steps": 4, "learning_rate": 1e-2})
     raw["validation"] = {"every": 100, "prompts": ["red circle with blue background"], "num_images": 1, "steps": 2}
     final = train(build_config(raw))
@@ -64,7 +71,7 @@ def test_a_lora_trained_on_an_nf4_base_changes_the_full_precision_output(tiny_ba
     assert np.abs(adapted - plain).max() > 1e-3
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("kind", ["nf4", "int8", "fp8"])
 def test_a_controlnet_trained_on_a_quantized_base_steers_the_full_precision_pipeline(kind: str, tiny_base: Path,
                                                                                     circles: Path,
                                                                                     tmp_path: Path) -> None:

@@ -59,7 +59,6 @@ SHAPES = {
     "sdxl": (build_sdxl, [2, 4], SDXL_DEPTH, ["lora", "controlnet"]),
     "flux": (build_flux, [1, 2], FLUX_DEPTH, ["lora", "control_lora"]),
 }
-QUANTIZE = [None, "int8", "nf4"]
 
 
 def method_section(method: str) -> dict:
@@ -84,17 +83,10 @@ def peak_rss() -> int:
 
 def stored_bytes(parameters) -> tuple[int, int]:
     """(parameters they stand for, bytes stored), quantization scales included."""
-    count = stored = 0
-    for p in parameters:
-        state = getattr(p, "quant_state", None)
-        count += state.shape.numel() if state is not None else p.numel()
-        stored += p.numel() * p.element_size()
-        if state is not None:
-            stored += state.absmax.numel() * state.absmax.element_size()
-        scales = getattr(p, "SCB", None)
-        if scales is not None:
-            stored += scales.numel() * scales.element_size()
-    return count, stored
+    from difftune.quantization import parameter_bytes
+
+    sizes = [parameter_bytes(p) for p in parameters]
+    return sum(count for count, _ in sizes), sum(size for _, size in sizes)
 
 
 def one_row(row: dict) -> dict:

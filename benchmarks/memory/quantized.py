@@ -1,6 +1,6 @@
 """Bytes per parameter of frozen models as difftune's model.quantize holds them: every
-nn.Linear in NF4 or int8 (bitsandbytes), convolutions and norms as they are. Random
-weights: an SD1.5-shaped UNet and CLIP text encoder at full size (benchmarks/sd15.py),
+nn.Linear in NF4 or int8 (bitsandbytes) or fp8 (torchao), convolutions and norms as they
+are. Random weights: an SD1.5-shaped UNet and CLIP text encoder at full size (benchmarks/sd15.py),
 and FLUX.1's transformer at full width, built with one block of each kind and scaled to
 its 19 + 38 blocks.
 
@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent.parent))
 from sd15 import sd15_text_encoder, sd15_unet
 
-from difftune.quantization import bytes_per_parameter, quantize_frozen_linears
+from difftune.quantization import bytes_per_parameter, parameter_bytes, quantize_frozen_linears
 
 
 def measure(build, kind: str | None) -> dict:
@@ -58,9 +58,8 @@ def flux_scaled(kind: str | None) -> dict:
         quantize_frozen_linears(module, kind, torch.float32)
 
     def size(part: torch.nn.Module) -> tuple[int, float]:
-        count = sum(p.numel() if getattr(p, "quant_state", None) is None else p.quant_state.shape.numel()
-                    for p in part.parameters())
-        return count, bytes_per_parameter(part) * count
+        sizes = [parameter_bytes(p) for p in part.parameters()]
+        return sum(count for count, _ in sizes), sum(stored for _, stored in sizes)
 
     double, single = size(module.transformer_blocks[0]), size(module.single_transformer_blocks[0])
     whole = size(module)
@@ -78,11 +77,11 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for name, build in (("SD1.5 UNet", sd15_unet), ("SD1.5 CLIP text encoder", lambda: sd15_text_encoder(49408))):
-        for kind in (None, "int8", "nf4"):
+        for kind in (None, "int8", "nf4", "fp8"):
             row = {"model": name, **measure(build, kind)}
             print(json.dumps(row), flush=True)
             rows.append(row)
-    for kind in (None, "int8", "nf4"):
+    for kind in (None, "int8", "nf4", "fp8"):
         row = flux_scaled(kind)
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -232,8 +232,8 @@ def _add_generate(verbs: Any) -> None:
                      "data.resolution, or the base's native size)")
     gen.add_argument("--family", help="the base's family (sd, sdxl, ...); default: the run's, or what the "
                      "base's model_index.json says")
-    gen.add_argument("--quantize", choices=["nf4", "int8"],
-                     help="hold the base's denoiser and text encoders in 4 or 8 bits (bitsandbytes)")
+    gen.add_argument("--quantize", choices=["nf4", "int8", "fp8"],
+                     help="hold the base's denoiser and text encoders in 4 or 8 bits (bitsandbytes; fp8: torchao)")
     gen.add_argument("--out", required=True, help="the image file to write (.png, .jpg, .webp, ...)")
     gen.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     gen.set_defaults(run=cmd_generate)

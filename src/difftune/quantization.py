@@ -1,6 +1,8 @@
 """A frozen base held in 4 or 8 bits (model.quantize): every frozen nn.Linear of the
 denoiser and the text encoders becomes bitsandbytes' NF4 (Dettmers et al. 2023, QLoRA)
-or int8 (LLM.int8()) layer, quantized from the loaded weights on the training device.
+or int8 (LLM.int8()) layer, or keeps its class with an fp8 weight (torchao's
+float8 weight-only: e4m3 with a scale per row, dequantized for each matmul), quantized
+from the loaded weights on the training device.
 
 Why by hand: diffusers' and transformers' bitsandbytes loaders refuse to run without a
 GPU, and bitsandbytes (>= 0.48) itself quantizes and runs on the CPU too; one path then
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-QUANTIZE_KINDS = ("nf4", "int8")
+QUANTIZE_KINDS = ("nf4", "int8", "fp8")
 QUANTIZED_METHODS = "lora, controlnet, control with [method.lora], dreambooth with [method.lora]"
 
 
@@ -29,17 +31,31 @@ def frozen_linear(module: nn.Module) -> bool:
 
 
 def quantize_frozen_linears(module: nn.Module, kind: str, compute_dtype: torch.dtype) -> int:
-    """Replace every frozen nn.Linear inside `module` (peft's wrapped base layers
-    included) by its bitsandbytes layer, in place; returns how many."""
-    count = 0
+    """Quantize every frozen nn.Linear inside `module` (peft's wrapped base layers
+    included), in place: replaced by its bitsandbytes layer, or (fp8) its weight swapped
+    for torchao's float8 tensor. Returns how many."""
+    targets = []
     for path, parent in list(module.named_modules()):
         if ".lora_" in f".{path}":  # peft's adapters (lora_A, lora_B): they are what trains
             continue
-        for name, child in list(parent.named_children()):
-            if frozen_linear(child) and not name.startswith("lora_"):
-                setattr(parent, name, _quantized(child, kind, compute_dtype))
-                count += 1
-    return count
+        targets += [(parent, name, child) for name, child in parent.named_children()
+                    if frozen_linear(child) and not name.startswith("lora_")]
+    if kind == "fp8":
+        _to_float8(module, {id(child) for _, _, child in targets})
+    else:
+        for parent, name, child in targets:
+            setattr(parent, name, _quantized(child, kind, compute_dtype))
+    return len(targets)
+
+
+def _to_float8(module: nn.Module, targets: set[int]) -> None:
+    """torchao's float8 weight-only quantization of the layers in `targets` (by id): the
+    layer stays an nn.Linear (peft's wrapper keeps calling it), its weight becomes a
+    Float8Tensor that F.linear dequantizes. Runs on the CPU too, where it saves memory,
+    not time."""
+    from torchao.quantization import Float8WeightOnlyConfig, quantize_
+
+    quantize_(module, Float8WeightOnlyConfig(), filter_fn=lambda layer, _fqn: id(layer) in targets)
 
 
 def _quantized(linear: nn.Linear, kind: str, compute_dtype: torch.dtype) -> nn.Module:
@@ -87,17 +103,29 @@ def quantize_pipeline(pipe: Any, denoiser_name: str, kind: str, compute_dtype: t
     return counts
 
 
+def parameter_bytes(parameter: torch.Tensor) -> tuple[int, int]:
+    """(the weights it stands for, the bytes it is stored in), scales included: a 4-bit
+    weight is packed two to a uint8 and bitsandbytes keeps its logical shape in
+    quant_state; torchao's Float8Tensor reports its logical shape and dtype and holds
+    its fp8 data in qdata."""
+    data = getattr(parameter, "qdata", None)
+    if data is not None:  # fp8: one byte a weight and a scale per row
+        scale = parameter.scale
+        return parameter.numel(), data.numel() * data.element_size() + scale.numel() * scale.element_size()
+    stored = parameter.numel() * parameter.element_size()
+    state = getattr(parameter, "quant_state", None)
+    if state is not None:  # NF4: a scale per block of 64
+        return state.shape.numel(), stored + state.absmax.numel() * state.absmax.element_size()
+    scales = getattr(parameter, "SCB", None)  # int8: a scale per row
+    if scales is not None:
+        stored += scales.numel() * scales.element_size()
+    return parameter.numel(), stored
+
+
 def bytes_per_parameter(module: nn.Module) -> float:
-    """Bytes the module's weights take per parameter they stand for (a 4-bit weight is
-    stored packed in uint8; bitsandbytes keeps the logical shape in quant_state)."""
-    stored = logical = 0
+    """Bytes the module's weights take per parameter they stand for."""
+    logical = stored = 0
     for parameter in module.parameters():
-        stored += parameter.numel() * parameter.element_size()
-        state = getattr(parameter, "quant_state", None)
-        logical += state.shape.numel() if state is not None else parameter.numel()
-        if state is not None:  # NF4: a scale per block of 64
-            stored += state.absmax.numel() * state.absmax.element_size()
-        scales = getattr(parameter, "SCB", None)  # int8: a scale per row
-        if scales is not None:
-            stored += scales.numel() * scales.element_size()
+        count, size = parameter_bytes(parameter)
+        logical, stored = logical + count, stored + size
     return stored / max(logical, 1)

@@ -17,6 +17,15 @@ _UNRELATED = {
     # bitsandbytes on a CPU with AVX512-BF16: an optional kernel package is missing; the
     # built-in CPU path is used.
     "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
+    # torchao (model.quantize = "fp8"; diffusers imports it whenever it is installed): its
+    # wheel's CUDA kernels do not load beside a CPU torch, nor does Triton exist there;
+    # fp8 weight-only needs neither. torch itself notes an API change torchao still uses.
+    "torchao": "Failed to load",
+    "torchao.kernel.intmm": "Detected no triton",
+    "torch.utils._pytree": "is an Enum subclass",
+    # diffusers 0.42 looks for torchao tensor classes that torchao 0.18 moved, to unpickle
+    # torchao-serialized checkpoints, which difftune never loads.
+    "diffusers.quantizers.torchao.torchao_quantizer": "Unable to import `torchao` Tensor objects",
 }
 
 

@@ -66,10 +66,11 @@ class ModelConfig(_Section):
     guidance: float = Field(3.5, ge=0)
     """The value a guidance-distilled transformer's guidance embedding gets in training
     (Flux dev: 3.5, diffusers' --guidance_scale); a base without one ignores it."""
-    quantize: Literal["nf4", "int8"] | None = None
+    quantize: Literal["nf4", "int8", "fp8"] | None = None
     """Hold the frozen denoiser and text encoders in 4 bits (NF4) or 8 bits (int8) through
-    bitsandbytes, on the CPU or a GPU; what trains stays full precision. For methods that
-    keep the base frozen: lora, controlnet, and control or dreambooth with [method.lora]."""
+    bitsandbytes, or in fp8 (e4m3, weight-only) through torchao, on the CPU or a GPU; what
+    trains stays full precision. For methods that keep the base frozen: lora, controlnet,
+    and control or dreambooth with [method.lora]."""
 
     @field_validator("family")
     @classmethod

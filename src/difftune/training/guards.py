@@ -35,5 +35,8 @@ class NonFiniteGuard:
 
 
 def all_finite(model: torch.nn.Module) -> bool:
-    """Whether this process's weights are finite (its shards, when the model is sharded)."""
-    return all(bool(torch.isfinite(getattr(p, "_local_tensor", p)).all()) for p in model.parameters())
+    """Whether this process's trained weights are finite (its shards, when the model is
+    sharded). Frozen weights cannot turn non-finite, and a quantized one (torchao's fp8)
+    has no isfinite."""
+    return all(bool(torch.isfinite(getattr(p, "_local_tensor", p)).all())
+               for p in model.parameters() if p.requires_grad)

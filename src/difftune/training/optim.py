@@ -24,6 +24,14 @@ def require_bitsandbytes(key: str = "train.use_8bit_adam = true") -> Any:
     return bitsandbytes
 
 
+def require_torchao(key: str) -> Any:
+    try:
+        import torchao
+    except ImportError:
+        raise MissingExtra(f"{key} needs torchao: pip install 'difftune[fp8]'") from None
+    return torchao
+
+
 def learning_rate(config: TrainConfig, num_processes: int) -> float:
     if not config.scale_lr:
         return config.learning_rate

@@ -36,7 +36,7 @@ from difftune.processes import agreed
 from difftune.scoring import MetricSet, load_metric_set
 from difftune.training.cache_choice import choose_caches
 from difftune.training.engines import EngineError, check_fsdp_version, switch_cpu_job_to_fsdp2
-from difftune.training.optim import MissingExtra, require_bitsandbytes
+from difftune.training.optim import MissingExtra, require_bitsandbytes, require_torchao
 from difftune.validation import ValidationPair, load_validation_pairs
 from difftune.versions import problems_for
 
@@ -83,7 +83,9 @@ def check_precision(config: RunConfig) -> None:
 def check_extras(config: RunConfig) -> None:
     if config.train.use_8bit_adam:
         require_bitsandbytes()
-    if config.model.quantize:
+    if config.model.quantize == "fp8":
+        require_torchao(f"model.quantize = {config.model.quantize!r}")
+    elif config.model.quantize:
         require_bitsandbytes(f"model.quantize = {config.model.quantize!r}")
     if config.train.attention == "xformers":
         try:
