@@ -39,6 +39,10 @@ def test_threads_give_way_to_a_busy_process_and_come_back(monkeypatch: pytest.Mo
         assert seen == [4, 2, 2, 2, 2, 4]  # two readings agree before a change; the blip is waited out
         assert [(e["step"], e["threads"], e["before"]) for e in events.written] == [(2, 2, 4), (6, 4, 2)]
         assert events.written[0]["other_processes_cores"] == 2.0
+        with governor:  # the run ends with 4 threads
+            pass
+        # a later run in this process (the Python API, a test session) starts from the count it had
+        assert torch.get_num_threads() == before
     finally:
         torch.set_num_threads(before)
 

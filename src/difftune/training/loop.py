@@ -170,7 +170,8 @@ class Run:
                     task = bar.add_task("train", total=self.max_steps, completed=state.step, loss="-",
                                         rate=0.0, eta="", status="")
                     self.show = lambda **kw: bar.update(task, **kw)
-                    finished = self._train(state)
+                    with self.threads:  # the process's own thread count back afterwards
+                        finished = self._train(state)
                 self.show = lambda **kw: None
             final = self._finish(state) if finished else None
         settle(self.accelerator)  # before end_training tears the process group down

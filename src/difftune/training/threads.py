@@ -44,6 +44,7 @@ class ThreadGovernor:
         # several processes on one machine would each count the others as load
         self.active = (setting == "auto" and device.type == "cpu" and processes == 1
                        and "OMP_NUM_THREADS" not in os.environ)
+        self.original = torch.get_num_threads()
         if isinstance(setting, int):
             torch.set_num_threads(setting)
         self.threads = torch.get_num_threads()
@@ -81,3 +82,12 @@ class ThreadGovernor:
         self.events.write("threads", step=step, threads=wanted, before=self.threads,
                           other_processes_cores=round(others, 2))
         self.threads, self.pending = wanted, None
+
+    def __enter__(self) -> ThreadGovernor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Give the process back the thread count it had: a later run in the same process
+        (the Python API, a test session) must not start from this run's reading."""
+        torch.set_num_threads(self.original)
+        self.threads = self.original
