@@ -166,12 +166,11 @@ class Run:
             if self.stop.requested:  # during setup: nothing trained, nothing to save
                 self.events.write("stopped", step=state.step, reason=self.stop.signal_name, during="setup")
             else:
-                with progress_bar(self.console, main) as bar:
+                with progress_bar(self.console, main) as bar, self.threads:
                     task = bar.add_task("train", total=self.max_steps, completed=state.step, loss="-",
                                         rate=0.0, eta="", status="")
                     self.show = lambda **kw: bar.update(task, **kw)
-                    with self.threads:  # the process's own thread count back afterwards
-                        finished = self._train(state)
+                    finished = self._train(state)
                 self.show = lambda **kw: None
             final = self._finish(state) if finished else None
         settle(self.accelerator)  # before end_training tears the process group down
