@@ -93,17 +93,26 @@ def test_hub_push_uploads_weights_card_and_grids(tmp_path: Path, tiny_base: Path
     assert "red circle with blue background" in card
 
 
-@pytest.mark.parametrize("flag", ["use_8bit_adam", "xformers"])
+@pytest.mark.parametrize("flag", ["use_8bit_adam", "xformers", "quantize_nf4", "quantize_fp8"])
 def test_missing_extras_fail_clearly(flag: str, tmp_path: Path, tiny_base: Path, circles: Path, capsys,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    module, train_keys, expected = {
-        "use_8bit_adam": ("bitsandbytes", {"use_8bit_adam": True}, "pip install 'difftune[bnb]'"),
-        "xformers": ("xformers", {"attention": "xformers"}, "needs xformers"),
+    module, keys, expected = {
+        "use_8bit_adam": ("bitsandbytes", {"train": {"use_8bit_adam": True}}, "pip install 'difftune[bnb]'"),
+        "xformers": ("xformers", {"train": {"attention": "xformers"}}, "needs xformers"),
+        "quantize_nf4": ("bitsandbytes", {"model": {"quantize": "nf4"}},
+                         "model.quantize = 'nf4' needs bitsandbytes: pip install 'difftune[bnb]'"),
+        "quantize_fp8": ("torchao", {"model": {"quantize": "fp8"}},
+                         "model.quantize = 'fp8' needs torchao: pip install 'difftune[fp8]'"),
     }[flag]
     monkeypatch.setitem(sys.modules, module, None)  # as if not installed: importing it raises
-    raw = run_config(tiny_base, circles, tmp_path / "run", train=train_keys)
+    raw = run_config(tiny_base, circles, tmp_path / "run", **keys)
     assert main(["train", str(_write_toml(tmp_path / "c.toml", raw))]) == 2
     assert expected in capsys.readouterr().err
+    if flag.startswith("quantize"):  # generate says it too, before loading anything
+        kind = keys["model"]["quantize"]
+        assert main(["generate", "--base", str(tiny_base), "--prompt", "p", "--quantize", kind,
+                     "--out", str(tmp_path / "o.png")]) == 2
+        assert expected.replace("model.quantize", "--quantize") in capsys.readouterr().err
 
 
 def test_lora_train_generate_and_export_verbs(tmp_path: Path, tiny_base: Path, circles: Path) -> None:

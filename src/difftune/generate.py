@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from difftune.errors import InputError
+from difftune.extras import require_quantizer
 from difftune.paths import (
     LORA_FILE,
     WEIGHT_FILE_SUFFIXES,
@@ -86,6 +87,8 @@ def plan_generation(request: Generation, given: set[str], overwrite: bool = Fals
     command line come from the run directory of --controlnet, --lora or --base, if any."""
     _check_numbers(request)
     check_output_file("--out", str(request.out), IMAGE_SUFFIXES, overwrite)
+    if request.quantize is not None:
+        require_quantizer(request.quantize, "--quantize")
     request = replace(request, control=any(_is_control_run(value) for value in (request.base, request.lora)))
     if request.controlnet is not None and request.image is None:
         raise InputError("--controlnet needs --image (the conditioning image)")

@@ -9,27 +9,7 @@ import torch
 from diffusers.optimization import get_scheduler
 
 from difftune.config import TrainConfig
-from difftune.errors import UserError
-
-
-class MissingExtra(UserError, RuntimeError):
-    """An optional dependency the config asks for is not installed."""
-
-
-def require_bitsandbytes(key: str = "train.use_8bit_adam = true") -> Any:
-    try:
-        import bitsandbytes
-    except ImportError:
-        raise MissingExtra(f"{key} needs bitsandbytes: pip install 'difftune[bnb]'") from None
-    return bitsandbytes
-
-
-def require_torchao(key: str) -> Any:
-    try:
-        import torchao
-    except ImportError:
-        raise MissingExtra(f"{key} needs torchao: pip install 'difftune[fp8]'") from None
-    return torchao
+from difftune.extras import require_bitsandbytes
 
 
 def learning_rate(config: TrainConfig, num_processes: int) -> float:

@@ -29,6 +29,7 @@ from difftune.data.rows import CheckedRows
 from difftune.data.samples import EpochSampler
 from difftune.data.streaming import StreamingSamples
 from difftune.data.training import open_training_data
+from difftune.extras import MissingExtra, require_bitsandbytes, require_quantizer
 from difftune.families import Family, Parts, get_family
 from difftune.methods import Method, Trained, make_method
 from difftune.paths import default_cache_dir
@@ -36,7 +37,6 @@ from difftune.processes import agreed
 from difftune.scoring import MetricSet, load_metric_set
 from difftune.training.cache_choice import choose_caches
 from difftune.training.engines import EngineError, check_fsdp_version, switch_cpu_job_to_fsdp2
-from difftune.training.optim import MissingExtra, require_bitsandbytes, require_torchao
 from difftune.validation import ValidationPair, load_validation_pairs
 from difftune.versions import problems_for
 
@@ -83,10 +83,8 @@ def check_precision(config: RunConfig) -> None:
 def check_extras(config: RunConfig) -> None:
     if config.train.use_8bit_adam:
         require_bitsandbytes()
-    if config.model.quantize == "fp8":
-        require_torchao(f"model.quantize = {config.model.quantize!r}")
-    elif config.model.quantize:
-        require_bitsandbytes(f"model.quantize = {config.model.quantize!r}")
+    if config.model.quantize:
+        require_quantizer(config.model.quantize, "model.quantize")
     if config.train.attention == "xformers":
         try:
             import xformers  # noqa: F401
