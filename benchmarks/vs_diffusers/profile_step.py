@@ -36,11 +36,10 @@ from torch.profiler import profile
 
 from difftune.config import build_config
 from difftune.data.synthetic import DEMO_PALETTE, write_fill_circles_parquet
-from difftune.families.base import ModelInputs
 from difftune.tiny import build_tiny_sd
 from difftune.training.loop import Run
 from difftune.training.optim import make_optimizer
-from difftune.training.step import sample_generators
+from difftune.training.step import denoiser_inputs
 
 WORDS = DEMO_PALETTE + ["circle", "with", "background"]
 
@@ -113,17 +112,13 @@ def bare_step_ms(run: Run, batch: dict, steps: int) -> float:
     step of an optimizer made as the run makes its own, nothing else."""
     trainee = run.trainee
     family, method, parts, trained = trainee.family, trainee.method, trainee.step_parts, trainee.trained
-    device = next(parts.denoiser.parameters()).device
-    generators = sample_generators(device, 0, batch["keys"])
-    with torch.no_grad():
-        latents = family.sample_latents(parts, batch["latent_mean"], batch["latent_std"], generators)
-    noised = trainee.objective.sample(latents, generators)
+    with torch.no_grad():  # drawn once: the bare step is the denoiser's work alone
+        fixed, noised = denoiser_inputs(trainee, batch, 0)
     params = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, run.config.train, 1)
 
     def step() -> None:
-        inputs = ModelInputs(noised.noisy, noised.timesteps, batch["text"])
-        inputs = method.condition(family, parts, trained, batch, inputs)
+        inputs = method.condition(family, parts, trained, batch, fixed)
         torch.nn.functional.mse_loss(family.predict(parts, inputs), noised.target).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

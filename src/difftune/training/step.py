@@ -9,7 +9,7 @@ import torch
 
 from difftune.families.base import Family, ModelInputs, Parts
 from difftune.methods.base import Method, Trained
-from difftune.objectives import Objective, per_sample_mse
+from difftune.objectives import NoisedBatch, Objective, per_sample_mse
 
 
 @dataclass
@@ -38,8 +38,10 @@ def sample_generators(device: torch.device, seed: int, keys: list[tuple[int, ...
     return [torch.Generator(device).manual_seed(hash((seed, *key)) & 0x7FFF_FFFF_FFFF) for key in keys]
 
 
-def training_loss(trainee: Trainee, batch: dict[str, Any], seed: int) -> torch.Tensor:
-    family, method = trainee.family, trainee.method
+def denoiser_inputs(trainee: Trainee, batch: dict[str, Any], seed: int) -> tuple[ModelInputs, NoisedBatch]:
+    """Everything before the denoiser: latents (from the cache or the VAE), prompt
+    embeddings (from the cache or the text encoders), noise and timesteps."""
+    family = trainee.family
     parts = trainee.step_parts or trainee.parts
     # The denoiser's device: with a latent cache the VAE may have left the accelerator.
     device = next(parts.denoiser.parameters()).device
@@ -57,7 +59,13 @@ def training_loss(trainee: Trainee, batch: dict[str, Any], seed: int) -> torch.T
             text = family.encode_prompts(parts, batch["captions"])
     geometry = batch["geometry"].to(device) if "geometry" in batch else None
     noised = trainee.objective.sample(latents, generators)
-    inputs = ModelInputs(noised.noisy, noised.timesteps, text, geometry)
+    return ModelInputs(noised.noisy, noised.timesteps, text, geometry), noised
+
+
+def training_loss(trainee: Trainee, batch: dict[str, Any], seed: int) -> torch.Tensor:
+    family, method = trainee.family, trainee.method
+    parts = trainee.step_parts or trainee.parts
+    inputs, noised = denoiser_inputs(trainee, batch, seed)
     inputs = method.condition(family, parts, trainee.trained, batch, inputs)
     prediction = family.predict(parts, inputs)
     per_sample = noised.weight * per_sample_mse(prediction, noised.target)
