@@ -1,4 +1,4 @@
-"""The run configuration: typed sections (sections.py), the whole run and its checks
+"""The run configuration: typed sections (sections.py; validation and the Hub in outputs.py), the whole run and its checks
 across sections (run.py), reading TOML with overrides and errors by key (loading.py),
 and writing the resolved config (writing.py)."""
 
@@ -11,21 +11,20 @@ from difftune.config.loading import (
     parse_override,
     set_key,
 )
+from difftune.config.outputs import HubConfig, ValidationConfig
+from difftune.config.run import RunConfig
 from difftune.config.sections import (
     LR_SCHEDULERS,
     METHOD_KINDS,
     DataConfig,
     DreamBoothSettings,
     EmaSettings,
-    HubConfig,
     LoraSettings,
     MethodConfig,
     ModelConfig,
     ObjectiveConfig,
     TrainConfig,
-    ValidationConfig,
 )
-from difftune.config.run import RunConfig
 from difftune.config.writing import to_toml, with_absolute_paths
 
 __all__ = [

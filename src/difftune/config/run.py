@@ -7,18 +7,16 @@ from typing import Any
 
 from pydantic import model_validator
 
+from difftune.config.outputs import HubConfig, ValidationConfig
 from difftune.config.sections import (
     OBJECTIVE_OPTIONS,
     DataConfig,
-    HubConfig,
     MethodConfig,
     ModelConfig,
     ObjectiveConfig,
     TrainConfig,
-    ValidationConfig,
     _Section,
 )
-
 
 COMMON_OPTIONS = ("noise_offset",)
 

@@ -1,0 +1,68 @@
+"""The sections about what a run shows and publishes besides its weights: validation
+(images, and the control metric against its floor) and the Hub upload. Typed and strict,
+as every section (sections.py)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from difftune.config.sections import PathText, _Section
+
+
+class ValidationConfig(_Section):
+    every: int = Field(100, gt=0)
+    """Validate every N optimizer steps (and once at the end)."""
+    prompts: list[str] = []
+    images: list[PathText] = []
+    """Conditioning image files; one for all prompts, one per prompt, or N with N prompts."""
+    num_images: int = Field(4, gt=0, le=64)
+    """Images generated per (prompt, conditioning image) pair."""
+    steps: int = Field(20, gt=0, le=1000)
+    """Inference steps (UniPC)."""
+    guidance_scale: float = Field(7.5, ge=0, le=100)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    """Generator seed; defaults to train.seed."""
+    metric: Literal["none", "fill_circles", "canny"] = "none"
+    """Control-fidelity metric computed at each validation (and for the uncontrolled floor)."""
+    metric_data: PathText | None = None
+    """Held-out dataset (same columns as [data]) whose conditionings and captions are scored."""
+    metric_samples: int = Field(32, gt=0, le=100_000)
+    """How many held-out rows the metric scores."""
+
+    @model_validator(mode="after")
+    def _metric_needs_data(self) -> ValidationConfig:
+        if self.metric != "none" and not self.metric_data:
+            raise ValueError(f"metric = {self.metric!r} needs metric_data (a held-out dataset)")
+        return self
+
+    @model_validator(mode="after")
+    def _prompts_match_images(self) -> ValidationConfig:
+        n_prompts, n_images = len(self.prompts), len(self.images)
+        if n_images == 0:
+            return self
+        if n_prompts == 0:
+            raise ValueError("images need prompts")
+        if n_prompts != n_images and 1 not in (n_prompts, n_images):
+            raise ValueError(
+                f"{n_prompts} prompts and {n_images} images: give one of them once, "
+                "or the same number of each"
+            )
+        return self
+
+    def pairs(self) -> list[tuple[str, str | None]]:
+        """(prompt, conditioning image path or None) pairs, broadcasting a single one."""
+        if not self.images:
+            return [(prompt, None) for prompt in self.prompts]
+        count = max(len(self.prompts), len(self.images))
+        prompts = self.prompts * count if len(self.prompts) == 1 else self.prompts
+        images = self.images * count if len(self.images) == 1 else self.images
+        return list(zip(prompts, images))
+
+
+class HubConfig(_Section):
+    push: bool = False
+    model_id: str | None = None
+    """Repository id; defaults to the output_dir's name."""
+    private: bool = False
