@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from difftune.errors import UserError
 from difftune.files import apply_umask, crc32, discard, fsync_tree, publish, staging_path
@@ -37,6 +38,20 @@ CONFIG_FILE = "config.toml"
 DATA_FILE = "data.json"
 ENGINE_FILE = "engine.json"
 """How many processes wrote the checkpoint, and whether their weights were sharded."""
+RNG_PICKLE = re.compile(r"random_states_\d+\.pkl")
+"""The one pickle a checkpoint holds: accelerate's RNG state, read with weights_only=True
+(torch's restricted unpickler, which builds tensors and numpy arrays and calls nothing)."""
+STATE_METADATA_KEY = "difftune.state"
+"""Where an extra state's JSON counters sit in its safetensors header."""
+
+
+class CheckpointedState(Protocol):
+    """State kept beside the trained weights (the EMA): tensors by name plus JSON counters,
+    saved as NAME.safetensors. Every rank calls both methods."""
+
+    def checkpoint_tensors(self) -> tuple[dict[str, Any], dict[str, Any]]: ...
+
+    def restore_tensors(self, tensors: dict[str, Any], counters: dict[str, Any]) -> None: ...
 
 
 class ResumeError(UserError, ValueError):
@@ -139,6 +154,10 @@ def verify_checkpoint(path: Path) -> str | None:
         return state
     if f"{PREFIX}{state.step:06d}" != path.name:
         return f"{STATE_FILE} says step {state.step}, the folder name says {path.name}"
+    foreign = foreign_pickles(path)
+    if foreign:
+        return (f"{foreign[0]} is a pickle that difftune does not write, and reading a pickle can run code; "
+                "it was not read")
     manifest_file = path / MANIFEST
     if not manifest_file.is_file():
         # Written by a difftune from before manifests: check what can be checked.
@@ -156,6 +175,14 @@ def verify_checkpoint(path: Path) -> str | None:
         if crc32(file) != expected["crc32"]:
             return f"{name} has changed since it was written (checksum)"
     return None
+
+
+def foreign_pickles(path: Path) -> list[str]:
+    """Pickle files in a checkpoint other than accelerate's RNG states (accelerate's
+    custom-state pickles are read with weights_only=False: difftune never writes them,
+    and an EMA checkpoint of a difftune before 2026-12 is refused for that reason)."""
+    return sorted(str(f.relative_to(path)) for f in path.rglob("*")
+                  if f.suffix in (".pkl", ".pickle") and not RNG_PICKLE.fullmatch(f.name))
 
 
 def _read_state(path: Path) -> TrainState | str:
@@ -199,11 +226,12 @@ def remove_partial_checkpoints(run_dir: Path) -> None:
 
 def save_checkpoint(
     accelerator: Accelerator, run_dir: Path, state: TrainState, total_limit: int | None,
-    records: dict[str, str] | None = None,
+    records: dict[str, str] | None = None, extras: dict[str, CheckpointedState] | None = None,
 ) -> Path:
     """Write accelerate state (weights in diffusers format), trainer state, the run's
-    records (its config, CONFIG_FILE, and what it trains on, DATA_FILE) and a manifest
-    atomically; prune old checkpoints after the new one is complete."""
+    records (its config, CONFIG_FILE, and what it trains on, DATA_FILE), extra states
+    (NAME.safetensors) and a manifest atomically; prune old checkpoints after the new one
+    is complete."""
     final = checkpoint_dir(run_dir, state.step)
     staging = staging_path(final)
     if accelerator.is_main_process and staging.exists():
@@ -213,6 +241,8 @@ def save_checkpoint(
     # save_state ends without a barrier: every rank must have written its RNG state
     # before the main process marks the folder complete and renames it.
     accelerator.wait_for_everyone()
+    for name, extra in (extras or {}).items():
+        _save_state_file(extra, staging / f"{name}.safetensors", accelerator.is_main_process)
     if accelerator.is_main_process:
         (staging / STATE_FILE).write_text(json.dumps(asdict(state)))
         for name, text in (records or {}).items():
@@ -227,6 +257,46 @@ def save_checkpoint(
         _prune(run_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def _check_random_state(file: Path) -> None:
+    """accelerate passes over an RNG state it cannot read with a log line, and the resumed
+    run would then draw other noise than the stopped one: refuse instead. Read with
+    accelerate's own loader (weights_only=True: no code runs)."""
+    from accelerate.utils import load
+
+    try:
+        states = load(str(file))
+        readable = isinstance(states, dict) and "torch_manual_seed" in states
+    except Exception as error:  # the restricted unpickler's refusals are of many types
+        raise ResumeError(f"{file} cannot be restored as random state ({type(error).__name__}); it was "
+                          "not written by difftune, or is damaged") from error
+    if not readable:
+        raise ResumeError(f"{file} cannot be restored: it holds no random state")
+
+
+def _save_state_file(extra: CheckpointedState, file: Path, main: bool) -> None:
+    from safetensors.torch import save_file
+
+    tensors, counters = extra.checkpoint_tensors()  # every rank: gathering may be a collective
+    if main:
+        save_file(tensors, str(file), metadata={STATE_METADATA_KEY: json.dumps(counters)})
+
+
+def _load_state_file(extra: CheckpointedState, file: Path) -> None:
+    """Restore one extra state; a file missing or unfit raises ResumeError naming it."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise ResumeError(f"{file} is missing: the checkpoint was written without it (another [method] "
+                          "config, or a difftune before 2026-12). Resume with the config that wrote it.")
+    try:
+        with safe_open(str(file), framework="pt") as opened:
+            counters = json.loads((opened.metadata() or {})[STATE_METADATA_KEY])
+        extra.restore_tensors(load_file(str(file)), counters)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ResumeError(f"{file} cannot be restored ({type(error).__name__}: {error})") from error
 
 
 def _write_manifest(folder: Path) -> None:
@@ -302,12 +372,17 @@ def check_same_engine(path: Path, engine: dict[str, Any]) -> None:
         )
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, engine: dict[str, Any] | None = None) -> TrainState:
-    """Restore the accelerate state; a failure names the checkpoint instead of a traceback
-    from inside accelerate (the checkpoint was verified, so this means another version of
-    a library wrote it)."""
+def load_checkpoint(accelerator: Accelerator, path: Path, engine: dict[str, Any] | None = None,
+                    extras: dict[str, CheckpointedState] | None = None) -> TrainState:
+    """Restore the accelerate state and the extra states; a failure names the checkpoint
+    instead of a traceback from inside accelerate (the checkpoint was verified, so this
+    means another version of a library wrote it, or someone crafted it)."""
     if engine is not None:  # what wrote the checkpoint must be what resumes it (Engine.record)
         check_same_engine(path, engine)
+    foreign = foreign_pickles(path)  # verified before; checked again right before reading
+    if foreign:
+        raise ResumeError(f"{path / foreign[0]} is a pickle that difftune does not write; it was not read")
+    _check_random_state(path / f"random_states_{accelerator.process_index}.pkl")
     try:
         accelerator.load_state(str(path))
     except Exception as error:
@@ -316,6 +391,8 @@ def load_checkpoint(accelerator: Accelerator, path: Path, engine: dict[str, Any]
             "setup (number of processes, library versions?); resume with the one that wrote it, "
             "or set train.resume to an earlier checkpoint."
         ) from error
+    for name, extra in (extras or {}).items():
+        _load_state_file(extra, path / f"{name}.safetensors")
     state = _read_state(path)
     assert isinstance(state, TrainState)  # verified before
     return state

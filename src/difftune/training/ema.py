@@ -62,16 +62,31 @@ class WeightAverage:
                 for param, kept in zip(self.params, trained):
                     param.copy_(kept)
 
-    # accelerate's register_for_checkpointing saves and loads these (every rank calls both).
-    def state_dict(self) -> dict[str, Any]:
-        state = self.average.state_dict()
-        state["shadow_params"] = [whole(p) for p in state["shadow_params"]]
-        return state
+    # Saved by training.checkpoint as safetensors plus JSON, never through accelerate's
+    # custom-state pickle: a checkpoint may come from anywhere, and reading a pickle runs
+    # whatever it names. Every rank calls both (gathering a sharded average is a collective).
+    def checkpoint_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The average's tensors, whole and contiguous, by name; and its counters (JSON)."""
+        state = dict(self.average.state_dict())
+        shadows = state.pop("shadow_params")
+        tensors = {_shadow_name(i): whole(p).contiguous() for i, p in enumerate(shadows)}
+        return tensors, state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        # accelerate loads custom state onto the CPU; the average lives beside the weights.
-        self.average.load_state_dict(state)
+    def restore_tensors(self, tensors: dict[str, torch.Tensor], counters: dict[str, Any]) -> None:
+        """The inverse of checkpoint_tensors; a ValueError names what does not fit."""
+        expected = [_shadow_name(i) for i in range(len(self.params))]
+        if sorted(tensors) != expected:
+            raise ValueError(f"it holds {len(tensors)} averaged tensors, this run trains {len(self.params)}")
+        for name, param in zip(expected, self.params):
+            if tensors[name].shape != param.shape:
+                raise ValueError(f"{name} has shape {tuple(tensors[name].shape)}, the weight {tuple(param.shape)}")
+        # The file is read onto the CPU; the average lives beside the weights.
+        self.average.load_state_dict({**counters, "shadow_params": [tensors[name] for name in expected]})
         self.average.shadow_params = [placed_like(p, param) for p, param in zip(self.average.shadow_params, self.params)]
+
+
+def _shadow_name(index: int) -> str:
+    return f"shadow_params.{index:05d}"
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:

@@ -142,8 +142,9 @@ class Run:
         trainee.step_parts = trainee.parts.with_modules(trainee.trained)
         ema = self.config.method.ema
         self.ema = WeightAverage(trainee.trained, ema) if ema is not None else None
-        if self.ema is not None:
-            self.accelerator.register_for_checkpointing(self.ema)
+        # Saved beside the weights as safetensors (training.checkpoint), not as accelerate's
+        # custom-state pickle, which load_state reads with weights_only=False.
+        self.checkpointed = {"ema": self.ema} if self.ema is not None else {}
         self.samples_per_epoch = self.sampler.padded
         self.samples_per_step = train.batch_size * train.gradient_accumulation_steps * processes
 
@@ -182,7 +183,7 @@ class Run:
             remove_partial_checkpoints(self.run_dir)
         if self.resume_from is None:
             return TrainState()
-        state = load_checkpoint(self.accelerator, self.resume_from, self.engine.record())
+        state = load_checkpoint(self.accelerator, self.resume_from, self.engine.record(), self.checkpointed)
         if state.step > self.max_steps:  # max_steps from epochs (training.plan checks train.max_steps)
             raise ResumeError(f"the run is at step {state.step} ({self.resume_from.name}), past the "
                               f"{self.max_steps} steps of train.epochs = {self.config.train.epochs}: raise "
@@ -304,7 +305,7 @@ class Run:
         if self.plan.data is not None:
             records[DATA_FILE] = json.dumps(data_identity(self.plan.data))
         path = save_checkpoint(self.accelerator, self.run_dir, state, self.config.train.checkpoints_total_limit,
-                               records)
+                               records, self.checkpointed)
         self.show(status="")
         self.saved_step = state.step
         self.events.write("checkpoint", path=str(path),
