@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Sampler
 
+from difftune.data.images import oriented_size
 from difftune.data.sources import DataError, image_source
 
 
@@ -56,13 +57,14 @@ def assign_bucket(
 
 
 def image_size(value: Any, root: Path, where: str) -> tuple[int, int]:
-    """Width and height from the file's header (nothing decoded)."""
+    """Width and height as training sees them (EXIF orientation applied), from the file's
+    header (nothing decoded): a phone's portrait photo goes to a portrait bucket."""
     source = image_source(value, root)
     if source is None:
         raise DataError(f"{where}: expected an image, bytes or a path")
     try:
         with Image.open(source) as image:
-            return image.size
+            return oriented_size(image)
     except Exception as error:  # PIL raises many types for a bad file
         raise DataError(f"{where}: unreadable image ({type(error).__name__}: {error})") from None
 

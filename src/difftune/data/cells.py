@@ -12,6 +12,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from difftune.data.images import oriented_size
 from difftune.data.report import Finding
 from difftune.data.sources import regular_file_problem
 
@@ -58,7 +59,10 @@ class ImageScanner:
         except Exception as error:  # PIL raises many types for a file it cannot identify
             return [finding("unreadable", _unidentified(error, readable))], None
         with image:
-            header = Header.of(image)
+            try:
+                header = Header.of(image)
+            except Exception as error:  # a malformed EXIF block: training's exif_transpose fails on it too
+                return [finding("unreadable", f"its EXIF cannot be read ({_error(error)})")], None
             try:
                 # verify() checks what the format allows without decoding; load() decodes all.
                 image.load() if self.full else image.verify()
@@ -135,7 +139,8 @@ class Header:
         # has chosen an 8-bit mode (RGB;16B is read as RGB); it is gone after load().
         tile = getattr(image, "tile", None) or []
         rawmode = tile[0][3] if tile and isinstance(tile[0][3], str) else ""
-        return cls(image.size, image.mode, image.format, rawmode, "transparency" in image.info)
+        # The size training sees: EXIF orientation applied, as images.to_rgb does.
+        return cls(oriented_size(image), image.mode, image.format, rawmode, "transparency" in image.info)
 
     def describe(self) -> str:
         return f"{self.format or 'image'} {self.size[0]}x{self.size[1]} {self.mode}"

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from difftune.config import DataConfig
 from difftune.data.diagnose import explain_load_failure
+from difftune.data.images import open_oriented, to_rgb
 from difftune.errors import DataError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -211,7 +211,8 @@ def image_source(value: Any, root: Path) -> Path | io.BytesIO | None:
 
 
 def open_image(value: Any, root: Path, where: str) -> Image.Image:
-    """A cell's image as RGB: a decoded image, bytes, a path, or an undecoded Image."""
+    """A cell's image as RGB, upright (images.to_rgb): a decoded image, bytes, a path, or
+    an undecoded Image."""
     if isinstance(value, Image.Image):
         return to_rgb(value)
     source = image_source(value, root)
@@ -221,24 +222,6 @@ def open_image(value: Any, root: Path, where: str) -> Image.Image:
     if problem:
         raise DataError(f"{where}: {source}: {problem}")
     try:
-        with Image.open(source) as image:
-            return to_rgb(image)
+        return open_oriented(source)
     except Exception as error:
         raise DataError(f"{where}: unreadable image {_short(value)} ({type(error).__name__}: {error})") from None
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB, upright. EXIF orientation is applied (as diffusers' DreamBooth does), so
-    a phone photo trains the way it displays; 16- and 32-bit images are rescaled to 8 bits
-    (PIL's own convert would clip everything above 255 to white)."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        if image.mode.startswith("I;16"):
-            array = array / 257.0  # the 16-bit range onto 8 bits, whatever this image's brightest pixel
-        elif image.mode == "I" and array.max(initial=0.0) > 255:
-            array = array / 257.0  # 32-bit integers holding 16-bit values (PIL's older 16-bit PNGs)
-        elif image.mode == "F" and array.max(initial=0.0) <= 1.0:
-            array = array * 255.0  # float images in [0, 1]
-        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
-    return image.convert("RGB")

@@ -37,7 +37,8 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from difftune.data.build.inputs import Item
-from difftune.data.sources import regular_file_problem, to_rgb
+from difftune.data.images import to_rgb
+from difftune.data.sources import regular_file_problem
 
 LOSSY_FORMATS = frozenset({"JPEG", "WEBP", "MPO"})
 SHARPNESS_SIDE = 512

@@ -159,9 +159,13 @@ class TarWriter:
             return
         from PIL import Image
 
+        from difftune.data.images import upright
+
         buffer = io.BytesIO()
         with Image.open(path) as image:
-            image.save(buffer, format="PNG")
+            # Turned as its EXIF says before the PNG is made: PNG keeps no EXIF here, and
+            # the conditioning image (drawn for the upright photo) must match it.
+            upright(image).save(buffer, format="PNG")
         self.add(f"{key}.png", buffer.getvalue())
 
 
