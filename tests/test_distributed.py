@@ -96,4 +96,4 @@ def test_two_processes_with_aspect_buckets_and_a_shared_cache(tiny_base: Path, t
     # each process encoded its half into its own shard; the merged index holds all
     (latents,) = (cache / "latents").iterdir()
     assert len(list(latents.glob("shard-*.safetensors"))) == 2
-    assert len(json.loads((latents / "index.json").read_text())) == 12
+    assert len(json.loads((latents / "index.json").read_text())["entries"]) == 12

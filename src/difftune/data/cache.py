@@ -12,6 +12,9 @@ Never stale: every entry's key is a hash of everything that changes it.
 A changed image, caption or model re-encodes just the entries it changes; the rest are
 read back. Shards are only ever added (and written under a temporary name, then
 renamed), and the index is replaced atomically, so a killed run leaves a usable cache.
+Never trusted: each shard is checked against its checksum before it is read, and a
+damaged one is encoded again (cache_store.py). A run holds a lock on each context it
+uses until it closes the dataset (`close_cache`), so `difftune cache clear` leaves it.
 
 What is stored: the VAE posterior's mean and std, not a sample, so each step still
 draws its own latent with the sample's generator (as without the cache); with
@@ -21,12 +24,9 @@ one embedding per distinct caption, including "" for caption dropout.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
-import os
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,20 +34,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Dataset
 
+from difftune.data.cache_store import CacheStore
 from difftune.data.samples import PriorPreservationSamples, TrainingSamples, collate
 from difftune.data.sources import image_source
 from difftune.data.transforms import centre_geometry, paired_transform
-from difftune.files import apply_umask
 
 logger = logging.getLogger(__name__)
-CACHE_VERSION = 2  # 2: text entries by the family's names, latent entries with geometry
-SHARD_ENTRIES = 256
-INDEX = "index.json"
+# 2: text entries by the family's names, latent entries with geometry; 3: shards with
+# checksums (cache_manifest.py). A version-2 cache is another context, never read: it is
+# encoded again rather than checked and recorded, since a checksum taken now would bless
+# whatever damage its shards already have. `difftune cache clear` removes it.
+CACHE_VERSION = 3
 
 
 def fingerprint(module: nn.Module) -> str:
@@ -62,90 +62,6 @@ def fingerprint(module: nn.Module) -> str:
 
 def _hash(*parts: Any) -> str:
     return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
-
-
-class CacheStore:
-    """Entries (a few named tensors each) in append-only safetensors shards, found
-    through index.json: {key: shard file name}."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        self.index: dict[str, str] = _read_index(folder / INDEX)
-        self._pending: dict[str, dict[str, torch.Tensor]] = {}
-        self._handles: dict[str, Any] = {}  # opened lazily, per process (DataLoader workers)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.index or key in self._pending
-
-    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
-        # clone: rows of one batch share storage, which safetensors refuses to save
-        self._pending[key] = {name: t.detach().cpu().clone(memory_format=torch.contiguous_format)
-                              for name, t in tensors.items()}
-        if len(self._pending) >= SHARD_ENTRIES:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write the pending entries as one new shard, then add them to the index.
-
-        Several runs may share a cache: temporary names are this writer's own, and the
-        index is re-read and merged under a lock, so no run's entries are lost."""
-        if not self._pending:
-            return
-        token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        name = f"shard-{_hash(sorted(self._pending), token)}.safetensors"
-        flat = {f"{key}/{field}": t for key, entry in self._pending.items() for field, t in entry.items()}
-        partial = self.folder / f".{name}.partial"
-        save_file(flat, partial)
-        apply_umask(partial)  # the cache is shared: not safetensors' private 0600
-        os.replace(partial, self.folder / name)
-        with open(self.folder / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            index = self.folder / INDEX
-            merged = _read_index(index)
-            merged.update(dict.fromkeys(self._pending, name))
-            index_partial = self.folder / f".{INDEX}.{token}.partial"
-            index_partial.write_text(json.dumps(merged))
-            os.replace(index_partial, index)
-        self.index = merged
-        self._pending.clear()
-
-    def get(self, key: str) -> dict[str, torch.Tensor]:
-        handle, fields = self._open(self.index[key])
-        return {name.split("/", 1)[1]: handle.get_tensor(name) for name in fields[key]}
-
-    def _open(self, shard: str) -> tuple[Any, dict[str, list[str]]]:
-        """A shard's handle and its tensor names by entry key, read once per process
-        (so a lookup on the training hot path does not scan the shard's names)."""
-        if shard not in self._handles:
-            handle = safe_open(str(self.folder / shard), framework="pt")
-            fields: dict[str, list[str]] = {}
-            for name in handle.keys():
-                fields.setdefault(name.split("/", 1)[0], []).append(name)
-            self._handles[shard] = (handle, fields)
-        return self._handles[shard]
-
-    def drop_unreadable(self) -> list[str]:
-        """Forget the entries of shards that cannot be read back (truncated, zeroed,
-        deleted): they are encoded again. Returns a sentence per bad shard."""
-        problems = []
-        for shard in sorted(set(self.index.values())):
-            try:
-                _, fields = self._open(shard)
-                lacking = [key for key, name in self.index.items() if name == shard and key not in fields]
-            except Exception as error:  # noqa: BLE001 (safetensors raises several kinds for a bad file)
-                problems.append(f"{shard} is unreadable ({type(error).__name__}); its entries are encoded again")
-                lacking = [key for key, name in self.index.items() if name == shard]
-            else:
-                if lacking:
-                    problems.append(f"{shard} lacks {len(lacking)} entries; they are encoded again")
-            for key in lacking:
-                del self.index[key]
-        return problems
-
-    def __getstate__(self) -> dict[str, Any]:
-        # safetensors handles do not pickle; each DataLoader worker opens its own.
-        return {**self.__dict__, "_handles": {}}
 
 
 class EncodedSamples(Dataset):
@@ -163,6 +79,11 @@ class EncodedSamples(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def close(self) -> None:
+        for store in (self.latents, self.texts):
+            if store is not None:
+                store.close()
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, index = key
@@ -243,50 +164,47 @@ def build_cache(
 
         return samples.map(encode), {**dict.fromkeys(STAT_NAMES, 0), **totals}
     stats = dict.fromkeys(STAT_NAMES, 0)
-    latents, latent_keys = None, []
-    texts, text_keys = None, {}
+    latents: CacheStore | None = None
+    texts: CacheStore | None = None
+    latent_keys: list[str] = []
+    text_keys: dict[str, str] = {}
     if cache_latents:
         latent_keys = [_latent_key(samples, i, conditioning_latents) for i in range(len(samples))]
-        latent_folder = folder / "latents" / _latent_context(samples, family, parts)
-        missing = _missing(latent_folder, dict(enumerate(latent_keys)), processes)
+        latents = CacheStore(folder / "latents" / _latent_context(samples, family, parts))
+        missing = _missing(latents, dict(enumerate(latent_keys)), processes)
         stats["latents_encoded"], stats["latents_reused"] = len(missing), len(set(latent_keys)) - len(missing)
         mine = [i for i in missing if _owner(latent_keys[i], processes.count) == processes.index]
-        processes.run_share(lambda: _encode_latents(samples, family, parts, CacheStore(latent_folder), latent_keys,
+        processes.run_share(lambda: _encode_latents(samples, family, parts, latents, latent_keys,
                                                     mine, batch_size, conditioning_latents))
-        latents = _complete(CacheStore(latent_folder), latent_keys)
+        _complete(latents, latent_keys)
     if cache_text:
         # sorted: a set's order differs between processes (string hashing is salted per process)
         text_keys = {caption: _hash(caption) for caption in sorted(samples.caption_options())}
-        text_folder = folder / "text" / _text_context(family, parts)
-        missing = _missing(text_folder, text_keys, processes)
+        texts = CacheStore(folder / "text" / _text_context(family, parts))
+        missing = _missing(texts, text_keys, processes)
         stats["texts_encoded"], stats["texts_reused"] = len(missing), len(text_keys) - len(missing)
         mine = [c for c in missing if _owner(text_keys[c], processes.count) == processes.index]
-        processes.run_share(lambda: _encode_texts(family, parts, CacheStore(text_folder), text_keys, mine, batch_size))
-        texts = _complete(CacheStore(text_folder), list(text_keys.values()))
+        processes.run_share(lambda: _encode_texts(family, parts, texts, text_keys, mine, batch_size))
+        _complete(texts, list(text_keys.values()))
     return EncodedSamples(samples, latents, latent_keys, texts, text_keys), stats
 
 
-def _read_index(path: Path) -> dict[str, str]:
-    """{key: shard}; a damaged index counts as empty (everything is encoded again, and
-    the next flush writes a sound one)."""
-    if not path.is_file():
-        return {}
-    try:
-        index = json.loads(path.read_text())
-    except (ValueError, OSError):
-        return {}
-    return index if isinstance(index, dict) and all(isinstance(v, str) for v in index.values()) else {}
+def close_cache(samples: Any) -> None:
+    """Let go of the cache contexts a dataset from build_cache holds (then `difftune cache
+    clear` may remove them); anything else is left as it is."""
+    for half in (samples, getattr(samples, "instances", None), getattr(samples, "classes", None)):
+        if isinstance(half, EncodedSamples):
+            half.close()
 
 
-def _missing(folder: Path, keys: dict[Any, str], processes: Processes) -> list[Any]:
+def _missing(store: CacheStore, keys: dict[Any, str], processes: Processes) -> list[Any]:
     """The items whose key the cache lacks or holds in a damaged shard, one per distinct
     key, in order. Every process reads the index before any of them writes to it, so the
     counts reported are this run's (without the barrier a fast process's entries would
     count as reused)."""
-    store = CacheStore(folder)
-    for problem in store.drop_unreadable():
+    for problem in store.drop_damaged(keys.values()):
         if processes.index == 0:
-            logger.warning("cache %s: %s", folder, problem)
+            logger.warning("cache %s: %s", store.folder, problem)
     seen: set[str] = set()
     missing = []
     for item, key in keys.items():
@@ -304,11 +222,15 @@ def _owner(key: str, count: int) -> int:
     return int(key[:8], 16) % count
 
 
-def _complete(store: CacheStore, keys: list[str]) -> CacheStore:
+def _complete(store: CacheStore, keys: list[str]) -> None:
+    """Every key is in the index, in a shard that passes its check (the other processes'
+    new shards are checked here, once, before training reads them)."""
+    store.reload()
+    problems = store.drop_damaged(keys)
     lacking = sum(key not in store for key in set(keys))
     if lacking:
-        raise RuntimeError(f"cache {store.folder}: {lacking} entries were not written (a process failed?)")
-    return store
+        raise RuntimeError(f"cache {store.folder}: {lacking} entries were not written (a process failed?)"
+                           + "".join(f"; {problem}" for problem in problems))
 
 
 def _latent_context(samples: TrainingSamples, family: Any, parts: Any) -> str:

@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from rich.console import Console
 
 from difftune.config import RunConfig, to_toml
+from difftune.data.cache import close_cache
 from difftune.data.rows import data_identity
 from difftune.families.base import check_weights_loaded
 from difftune.processes import agreed, settle
@@ -91,6 +92,7 @@ class Run:
         samples = trainee.method.training_data(trainee.family, trainee.parts, trainee.trained,
                                                checked.samples, self.accelerator)
         samples, self.offloaded = setup.encoded(samples, trainee, config, self.accelerator, self.events)
+        self.cached = samples  # holds the cache contexts it reads until fit ends (data/cache.py)
         self.loader, self.sampler = setup.make_dataloader(samples, config, self.accelerator.num_processes,
                                                           self.accelerator.device, self.accelerator.process_index)
         self.streaming = config.data.streaming
@@ -176,6 +178,7 @@ class Run:
             final = self._finish(state) if finished else None
         settle(self.accelerator)  # before end_training tears the process group down
         self.accelerator.end_training()
+        close_cache(self.cached)  # `difftune cache clear` may remove them now
         return final
 
     def _restore(self) -> TrainState:
