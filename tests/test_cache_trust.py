@@ -212,3 +212,24 @@ def test_older_than_that_is_not_a_number_of_days_is_refused(days: str, encoder: 
     code, said = _clear(cache, capsys, f"--older-than={days}")  # "=": argparse reads "-inf" alone as a flag
     assert code == 2 and "--older-than" in said and "removed" not in said
     assert len(list((cache / "latents").iterdir())) == 1 and len(list((cache / "text").iterdir())) == 1
+
+
+def test_an_unset_cache_is_not_chosen_where_its_folder_cannot_hold_it(tiny_base: Path, circles: Path,
+                                                                       tmp_path: Path) -> None:
+    """A cache folder that is a file, under a file, or inside the training data: set to
+    true it is a config error before any model loads (training.plan); left unset, the
+    cache must not be chosen there (it failed after the models loaded, or read its shards
+    as training data)."""
+    from difftune.training.cache_choice import choose_caches
+
+    data = shutil.copytree(circles, tmp_path / "data")
+    (tmp_path / "a-file").write_text("mine")
+    for folder, reason in ((tmp_path / "a-file", "is a file"), (tmp_path / "a-file" / "sub", "is a file"),
+                           (data / "cache", "inside data.path")):
+        raw = run_config(tiny_base, data, tmp_path / "run", data={"encoded_cache_dir": str(folder)},
+                         train={"max_steps": 12})  # each sample twice: the caches would pay
+        raw["validation"] = {"every": 1000}
+        chosen = choose_caches(build_config(raw), 12, get_family("sd"))
+        assert (chosen.latents, chosen.text) == (False, False), folder
+        assert all(reason in note and "data.encoded_cache_dir" in note for note in chosen.notes), chosen.notes
+    assert (tmp_path / "a-file").read_text() == "mine" and not (data / "cache").exists()

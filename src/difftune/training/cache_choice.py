@@ -11,7 +11,8 @@ much as one epoch of encoding (twice with random_flip, both sides being stored).
 It is never chosen where it would be stale or cannot work: a random crop (differs every
 epoch), a trained text encoder, a family whose embeddings depend on the batch (CogView4
 pads to the batch's longest caption), a stream (read once), or a cache folder that
-cannot be written. Each choice is said in one line, with its reason.
+cannot hold it (not writable, a file, inside the training data). Each choice is said in
+one line, with its reason.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from difftune.config import RunConfig
-from difftune.paths import default_cache_dir
+from difftune.paths import PathError, check_output_dir, default_cache_dir, within
 
 
 @dataclass(frozen=True)
@@ -76,10 +77,19 @@ def _blocked(config: RunConfig, family: Any, kind: str) -> str | None:
         return "method.train_text_encoder changes the embeddings as it trains"
     if kind == "text" and not getattr(family, "caches_text", True):
         return f"family {family.name!r} embeds a caption differently in each batch"
-    folder = Path(data.encoded_cache_dir).expanduser() if data.encoded_cache_dir else default_cache_dir()
-    nearest = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if nearest is None or not os.access(nearest, os.W_OK):
-        return f"the cache folder {folder} cannot be written (set data.encoded_cache_dir)"
+    return _folder_problem(data)
+
+
+def _folder_problem(data: Any) -> str | None:
+    """What training.plan refuses for a cache set to true (a file, under a file, not
+    writable, inside the training data), said as the reason to leave an unset one off."""
+    folder = data.encoded_cache_dir or str(default_cache_dir())
+    try:
+        path = check_output_dir("data.encoded_cache_dir", folder)
+    except PathError as error:
+        return str(error)
+    if Path(data.path).exists() and within(path, Path(data.path)):
+        return f"data.encoded_cache_dir = {folder!r} is inside data.path: the cache would be read as training data"
     return None
 
 
