@@ -233,3 +233,73 @@ def test_an_unset_cache_is_not_chosen_where_its_folder_cannot_hold_it(tiny_base:
         assert (chosen.latents, chosen.text) == (False, False), folder
         assert all(reason in note and "data.encoded_cache_dir" in note for note in chosen.notes), chosen.notes
     assert (tmp_path / "a-file").read_text() == "mine" and not (data / "cache").exists()
+
+
+def test_each_shard_is_checked_once_per_process_never_per_row(encoder: dict[str, Any], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+
+    from difftune.data import cache_manifest
+
+    _build(encoder, tmp_path / "cache")[0].close()
+    checked: list[str] = []
+    checksum = cache_manifest.crc32  # the real one, counted
+    monkeypatch.setattr(cache_manifest, "crc32", lambda path: checked.append(Path(path).name) or checksum(path))
+    dataset, stats = _build(encoder, tmp_path / "cache")  # a new run: every shard it reads is checked
+    assert stats["latents_encoded"] == stats["texts_encoded"] == 0
+    shards = {p.name for p in (tmp_path / "cache").glob("*/*/shard-*.safetensors")}
+    assert sorted(checked) == sorted(shards) and len(shards) == 2
+    checked.clear()
+    for epoch in range(2):
+        for index in range(len(dataset)):
+            dataset[(epoch, index)]
+    worker = pickle.loads(pickle.dumps(dataset))  # what a DataLoader worker started by spawn gets
+    for index in range(len(worker)):
+        worker[(0, index)]
+    assert checked == []
+
+
+def test_a_finished_run_lets_go_while_its_loader_workers_live(encoder: dict[str, Any], tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """Forked DataLoader workers (persistent: alive until the loader goes) inherit the
+    lock's descriptor; the lock must still end when the run closes its dataset."""
+    from torch.utils.data import DataLoader
+
+    cache = tmp_path / "cache"
+    dataset, _ = _build(encoder, cache)
+    loader = DataLoader(dataset, batch_size=2, sampler=[(0, 0), (0, 1)], collate_fn=dataset.collate, num_workers=1,
+                        multiprocessing_context="fork", persistent_workers=True)
+    batches = iter(loader)
+    assert next(batches)["latent_mean"].shape[0] == 2  # the worker is alive, and stays so
+    dataset.close()
+    code, said = _clear(cache, capsys)
+    del batches, loader
+    assert "removed 2 context(s)" in said, said
+
+
+def test_a_link_among_a_contexts_own_files_is_never_written_through(encoder: dict[str, Any], tmp_path: Path) -> None:
+    cache, precious = tmp_path / "cache", tmp_path / "precious.txt"
+    _build(encoder, cache)[0].close()
+    context = _latent_context(cache)
+    precious.write_text("mine")
+    for name in (".lock", ".in-use"):
+        (context / name).unlink(missing_ok=True)
+        (context / name).symlink_to(precious)
+    next(context.glob("shard-*.safetensors")).unlink()  # the next build writes a shard and the index
+    dataset, stats = _build(encoder, cache)
+    assert stats["latents_encoded"] == 12 and precious.read_text() == "mine"
+    assert not (context / ".lock").is_symlink() and not (context / ".in-use").is_symlink()
+
+
+def test_a_context_that_is_a_link_is_refused_naming_it(encoder: dict[str, Any], tmp_path: Path) -> None:
+    from difftune.errors import UserError
+
+    cache = tmp_path / "cache"
+    _build(encoder, cache)[0].close()
+    context = _latent_context(cache)
+    elsewhere = shutil.move(context, tmp_path / "elsewhere")
+    context.symlink_to(elsewhere)
+    before = _listing(Path(elsewhere))
+    with pytest.raises(UserError, match=re.escape(str(context)) + ".* symbolic link"):
+        _build(encoder, cache)
+    assert _listing(Path(elsewhere)) == before

@@ -166,8 +166,7 @@ def why_not_a_context(path: Path, leftover: bool = False) -> str | None:
 
 
 class CacheFolderError(UserError):
-    """A context's own files are not what difftune writes there (a link where its lock
-    file should be)."""
+    """A context folder difftune cannot use as it is (a symbolic link)."""
 
 
 def hold_context(folder: Path) -> int | None:
@@ -179,6 +178,9 @@ def hold_context(folder: Path) -> int | None:
     path = folder / IN_USE
     while True:
         folder.mkdir(parents=True, exist_ok=True)
+        if folder.is_symlink():  # difftune makes a plain folder: someone else put a link there
+            raise CacheFolderError(f"cache context {folder} is a symbolic link, which difftune never follows: "
+                                   "remove the link (difftune cache clear leaves links alone)")
         fd = _open_lock(path)
         if fd is None:
             return None
@@ -221,16 +223,26 @@ def in_use(folder: Path) -> bool:
 
 def _open_lock(path: Path) -> int | None:
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        return open_own_file(path, os.O_RDWR | os.O_CREAT)
     except PermissionError:
         pass  # a read-only cache: a lock on an existing file still works
-    except OSError as error:
-        raise CacheFolderError(f"cache context {path.parent}: {IN_USE} cannot be opened ({_reason(error)}); "
-                           "remove that folder") from None
     try:
-        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        return open_own_file(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
+
+
+def open_own_file(path: Path, flags: int) -> int:
+    """One of the context's own files (its lock files), never through a link: difftune
+    makes plain files, so a link there is someone else's, and is removed (the link, not
+    what it points to) instead of being followed."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, 0o666)
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+    path.unlink()
+    return os.open(path, flags | os.O_NOFOLLOW, 0o666)
 
 
 def _still_there(fd: int, path: Path) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import os
 import uuid
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from safetensors.torch import save_file
 from difftune.data.cache_manifest import (
     WRITE_LOCK,
     hold_context,
+    open_own_file,
     read_manifest,
     shard_checksum,
     shard_problem,
@@ -35,6 +37,22 @@ from difftune.data.cache_manifest import (
 from difftune.files import apply_umask
 
 SHARD_ENTRIES = 256
+
+
+_HOLDING: weakref.WeakSet[CacheStore] = weakref.WeakSet()
+
+
+def _let_go_in_child() -> None:
+    """A forked child (a DataLoader worker) inherits the lock's descriptor, and a flock
+    lasts while any copy is open: closing the child's copies (not unlocking: that would
+    end the parent's lock too) leaves the lock to end when the run closes its dataset."""
+    for store in list(_HOLDING):
+        if store._hold is not None:
+            os.close(store._hold)
+            store._hold = None
+
+
+os.register_at_fork(after_in_child=_let_go_in_child)
 
 
 class DamagedShard(RuntimeError):
@@ -47,6 +65,7 @@ class CacheStore:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._hold = hold_context(folder)  # before reading: `cache clear` waits for no reader
+        _HOLDING.add(self)
         manifest = read_manifest(folder)
         self.index, self.sums, self.problems = manifest.entries, manifest.sums, manifest.problems
         self._pending: dict[str, dict[str, torch.Tensor]] = {}
@@ -78,7 +97,7 @@ class CacheStore:
         apply_umask(partial)  # the cache is shared: not safetensors' private 0600
         checksum = shard_checksum(partial)  # of the bytes on disk, read back
         os.replace(partial, self.folder / name)
-        with open(self.folder / WRITE_LOCK, "w") as lock:
+        with os.fdopen(open_own_file(self.folder / WRITE_LOCK, os.O_WRONLY | os.O_CREAT), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             merged = read_manifest(self.folder)
             merged.entries = {key: shard for key, shard in merged.entries.items() if shard not in self._damaged}
