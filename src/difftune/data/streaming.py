@@ -12,15 +12,21 @@ webdataset tar shards or from local files, never downloaded or scanned whole.
   is passed over again and the resumed run stays on the same rows) and goes on with the rows it would have read next, with
   the same flips, captions and noise (seeded by the sample's place in the epoch).
 - Columns are checked on the first row before any model loads. A row that cannot be
-  trained on later stops the run naming its place in the stream, or with
-  data.on_bad = "skip" is passed over (the next row takes its place) and logged.
+  trained on later stops the run naming its place in the stream (and a webdataset
+  row's shard and member), or with data.on_bad = "skip" is passed over (the next row
+  takes its place) and logged; so is what is left of a damaged shard (data.shards).
+  The loop saves a checkpoint of its last finished step before it stops.
+- A share of the stream with no row that can be trained on stops the run, rather than
+  reading it again forever; so does a stream datasets cannot read on (a damaged
+  parquet file, a lost connection), named, whatever data.on_bad says.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +35,14 @@ from torch.utils.data import IterableDataset
 
 from difftune.config import DataConfig
 from difftune.data.samples import collate, draw_caption, sample_rng
+from difftune.data.shards import KEY, PROBLEM, SHARD, stream_of_shards
 from difftune.data.sources import Columns, DataError, explain_load_failure, open_image
 from difftune.data.transforms import paired_transform
 
 logger = logging.getLogger(__name__)
 
 TAR_SUFFIX = ".tar"
+SKIPPING = 'skipping (data.on_bad = "skip"): %s'
 
 
 def open_stream(config: DataConfig) -> datasets.IterableDataset:
@@ -44,8 +52,7 @@ def open_stream(config: DataConfig) -> datasets.IterableDataset:
     try:
         shards = sorted(str(f) for f in path.glob(f"*{TAR_SUFFIX}")) if path.is_dir() else []
         if shards:
-            return datasets.load_dataset("webdataset", data_files={config.split: shards}, split=config.split,
-                                         streaming=True)
+            return stream_of_shards(shards)
         return datasets.load_dataset(config.path, config.config_name, split=config.split, streaming=True,
                                      cache_dir=config.cache_dir)
     except Exception as error:  # noqa: BLE001 (datasets raises many kinds; each is explained)
@@ -54,16 +61,14 @@ def open_stream(config: DataConfig) -> datasets.IterableDataset:
 
 def check_stream(config: DataConfig, needs_conditioning: bool, fixed_caption: str | None) -> Columns:
     """The configured columns exist in the stream's first row, and its images open."""
-    try:
-        first = next(iter(undecoded(open_stream(config))))
-    except StopIteration:
-        raise DataError(f"data.path {config.path!r}: the {config.split!r} split has no rows") from None
+    first = _first_row(config)
     wanted = {"data.image_column": config.image_column}
     if fixed_caption is None:
         wanted["data.caption_column"] = config.caption_column
     if needs_conditioning:
         wanted["data.conditioning_image_column"] = config.conditioning_image_column
-    missing = [f"{key} = {name!r} is not a column of {config.path} (columns of its first row: "
+    sample = f", sample {first[KEY]} of {first[SHARD]}" if first.get(SHARD) else ""
+    missing = [f"{key} = {name!r} is not a column of {config.path} (columns of its first row{sample}: "
                f"{', '.join(first)})" for key, name in wanted.items() if name not in first]
     if missing:
         raise DataError("\n".join(missing))
@@ -75,6 +80,43 @@ def check_stream(config: DataConfig, needs_conditioning: bool, fixed_caption: st
     return columns
 
 
+def _first_row(config: DataConfig) -> dict[str, Any]:
+    """The stream's first row that is not a damaged shard or sample: those before it
+    stop the run, or with data.on_bad = "skip" are passed over (logged)."""
+    passed_over = 0
+    stream = undecoded(open_stream(config))
+    for row in named_failures(stream, config.path, lambda: f"after {passed_over} damaged row(s)"):
+        if not row.get(PROBLEM):
+            return row
+        if config.on_bad == "error":
+            raise DataError(row[PROBLEM])
+        passed_over += 1
+        logger.warning(SKIPPING, row[PROBLEM])
+    if passed_over:
+        raise DataError(f"data.path {config.path!r}: no row of the stream can be trained on (data.on_bad = "
+                        f"\"skip\" passed over {passed_over}, each logged)")
+    raise DataError(f"data.path {config.path!r}: the {config.split!r} split has no rows")
+
+
+def named_failures(stream: Iterable[dict[str, Any]], path: str, where: Callable[[], str]) -> Iterator[dict[str, Any]]:
+    """The stream's rows; a failure inside datasets (a damaged parquet file, a lost
+    connection) becomes a DataError naming the stream and `where()` it broke, so the
+    loop keeps the work done (a checkpoint) and the user reads a sentence. Rows can be
+    passed over; a stream that cannot be read on cannot."""
+    rows = iter(stream)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except DataError:
+            raise
+        except Exception as error:  # noqa: BLE001 (datasets and its readers raise many kinds)
+            raise DataError(f"data.path {path!r}: the stream cannot be read on {where()} ({type(error).__name__}: "
+                            f"{error}); data.on_bad = \"skip\" passes over rows, not a stream that breaks") from None
+        yield row
+
+
 def undecoded(stream: datasets.IterableDataset) -> datasets.IterableDataset:
     """The stream with its image columns left as bytes, so that a bad file is reported (or
     skipped) by difftune, naming its row, not raised from inside datasets."""
@@ -82,6 +124,20 @@ def undecoded(stream: datasets.IterableDataset) -> datasets.IterableDataset:
         if isinstance(feature, datasets.Image):
             stream = stream.cast_column(column, datasets.Image(decode=False))
     return stream
+
+
+def member_text(value: Any, field: str, where: str) -> Any:
+    """A webdataset member's bytes as its text (JSON decoded for a .json member, as
+    datasets' builder does); an undecodable one is named, never replaced."""
+    if not isinstance(value, bytes):
+        return value
+    try:
+        text = value.decode("utf-8")
+        return json.loads(text) if field.rsplit(".", 1)[-1] in ("json", "jsn") else text
+    except UnicodeDecodeError as error:
+        raise DataError(f"{where}: not UTF-8 text ({error})") from None
+    except ValueError as error:
+        raise DataError(f"{where}: not JSON ({error})") from None
 
 
 class StreamingSamples(IterableDataset):
@@ -98,6 +154,7 @@ class StreamingSamples(IterableDataset):
         self.rank, self.processes, self.padded = 0, 1, int(config.max_samples or 0)
         self.epoch, self.skip = 0, 0
         self.skipped_rows = 0
+        self._trained_this_pass = False  # a row of the current pass could be trained on
         self.report: Any = None  # no whole-data check: the stream is read once, as it trains
         self.sizes = None  # no aspect buckets (sizes are not known ahead)
 
@@ -132,16 +189,23 @@ class StreamingSamples(IterableDataset):
         stream = split_dataset_by_node(stream, rank=self.rank, world_size=self.processes)
         stream = stream.shuffle(seed=self.seed * 100_003 + self.epoch, buffer_size=self.config.shuffle_buffer)
         place, passes = 0, 0
+
+        def where() -> str:
+            return f"after {place} row(s) of process {self.rank}'s share in epoch {self.epoch}"
+
         while True:
             stream.set_epoch(passes)
-            empty = True
-            for row in stream:
-                empty = False
+            start, self._trained_this_pass = place, False
+            for row in named_failures(stream, self.config.path, where):
                 yield place, row
                 place += 1
-            if empty:
+            if place == start:
                 raise DataError(f"data.path {self.config.path!r}: process {self.rank} of {self.processes} got no rows "
                                 "of the stream (fewer rows than processes?)")
+            if not self._trained_this_pass:  # every row was passed over: another pass would be the same
+                raise DataError(f"data.path {self.config.path!r}: no row of process {self.rank}'s share of the stream "
+                                f"can be trained on (data.on_bad = \"skip\" passed over all {place - start}, each "
+                                "logged)")
             passes += 1
 
     def _sample(self, rows: Iterator[tuple[int, dict[str, Any]]], index: int) -> dict[str, Any]:
@@ -164,33 +228,53 @@ class StreamingSamples(IterableDataset):
         while True:
             place, row = next(rows)
             try:
+                if row.get(PROBLEM):  # a damaged shard or sample (data.shards)
+                    raise DataError(f"{row[PROBLEM]} ({self._place(place)})")
                 caption = self._caption(row, rng, place)
                 image, conditioning = self._images(row, place)
+                self._trained_this_pass = True
                 return caption, image, conditioning
             except DataError as problem:
                 if self.config.on_bad == "error":
                     raise
                 if not replay:
                     self.skipped_rows += 1
-                    logger.warning("skipping a row (data.on_bad = \"skip\"): %s", problem)
+                    logger.warning(SKIPPING, problem)
 
-    def _where(self, place: int, column: str) -> str:
+    def _place(self, place: int) -> str:
+        return f"row {place} of process {self.rank}'s share of the stream in epoch {self.epoch}"
+
+    def _where(self, row: dict[str, Any], place: int, column: str) -> str:
+        """The cell: a webdataset row's shard and member, else its place in the stream."""
+        if row.get(SHARD):
+            return f"{row[SHARD]}, member {row[KEY]}.{column} ({self._place(place)}, column {column!r})"
         return (f"{self.config.path}, row {place} of process {self.rank}'s share of the stream "
                 f"(epoch {self.epoch}), column {column!r}")
 
+    def _cell(self, row: dict[str, Any], place: int, column: str) -> Any:
+        """The row's value in a column; a webdataset sample without that member is named."""
+        value = row.get(column)
+        if value is None and row.get(SHARD):
+            members = ", ".join(f"{row[KEY]}.{field}" for field in row if not field.startswith("__"))
+            raise DataError(f"{row[SHARD]}, sample {row[KEY]} ({self._place(place)}): no member {row[KEY]}.{column} "
+                            f"(its members: {members or 'none'})")
+        return value
+
     def _images(self, row: dict[str, Any], place: int) -> tuple[Any, Any]:
-        image = open_image(row[self.columns.image], self.root, self._where(place, self.columns.image))
+        column = self.columns.image
+        image = open_image(self._cell(row, place, column), self.root, self._where(row, place, column))
         conditioning = None
-        if self.columns.conditioning is not None:
-            conditioning = open_image(row[self.columns.conditioning], self.root,
-                                      self._where(place, self.columns.conditioning))
+        if (column := self.columns.conditioning) is not None:
+            conditioning = open_image(self._cell(row, place, column), self.root, self._where(row, place, column))
         return image, conditioning
 
     def _caption(self, row: dict[str, Any], rng: Any, place: int) -> str:
         if self.columns.caption is None:
             return draw_caption(self.fixed_caption or "", rng, self.config.proportion_empty_prompts, "")
-        return draw_caption(row.get(self.columns.caption), rng, self.config.proportion_empty_prompts,
-                            self._where(place, self.columns.caption))
+        column = self.columns.caption
+        where = self._where(row, place, column)
+        caption = member_text(self._cell(row, place, column), column, where)
+        return draw_caption(caption, rng, self.config.proportion_empty_prompts, where)
 
     @staticmethod
     def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,0 +1,152 @@
+"""Webdataset .tar shards for a stream (data.streaming), read here rather than by datasets'
+"webdataset" builder: its tarfile loop ends a truncated or damaged shard without a word
+(the rest of the shard silently lost), and a file that is not a tar, or a caption that is
+not UTF-8, raises from inside datasets without naming the shard.
+
+datasets still makes the stream (IterableDataset.from_generator over the list of shards:
+split among processes and shuffled by shard, as before); each shard is read in order and
+every problem becomes a row naming the shard and the member (PROBLEM). The stream stops
+on such a row, or with data.on_bad = "skip" passes over it (data.streaming); the samples
+read before it are kept.
+
+- A sample is the members that share a key, webdataset's rule: the name up to the first
+  dot of its last part ("000003.conditioning.png": key "000003", field
+  "conditioning.png"). Names starting with "." or "__" are passed over, as datasets does.
+- Members are read, never extracted, so a member's name reaches no folder; links,
+  folders and devices are passed over; a member larger than MAX_MEMBER_BYTES is not read.
+- Values stay bytes: the stream decodes only what it trains on (images, the caption).
+- A whole archive ends with tar's end-of-archive block; tarfile stops quietly at a
+  missing or damaged header, so an archive without that block is reported truncated.
+"""
+
+from __future__ import annotations
+
+import re
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from difftune.data.sources import regular_file_problem
+
+KEY, SHARD, PROBLEM = "__key__", "__url__", "__problem__"
+"""A row's sample key and shard (the names datasets' builder uses), and what is wrong
+with it (only on a row that cannot be trained on)."""
+
+MAX_MEMBER_BYTES = 1 << 31
+"""No member is read whole above this (2 GiB): a bigger one is damage, not a sample."""
+
+MAX_SHARD_BYTES = 1 << 50  # no limit in practice: only a file is opened, never a FIFO or a device
+
+_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext, as datasets uses it
+
+
+def stream_of_shards(shards: list[str]) -> datasets.IterableDataset:
+    """The shards as one stream of samples, sharded by file for datasets."""
+    return datasets.IterableDataset.from_generator(shard_rows, gen_kwargs={"shards": shards})
+
+
+def shard_rows(shards: list[str]) -> Iterator[dict[str, Any]]:
+    """Every sample of the shards, in order (the generator datasets runs)."""
+    for shard in shards:
+        yield from read_shard(Path(shard))
+
+
+def split_name(name: str) -> tuple[str | None, str]:
+    """(key, field) of a member name; key None for a name without an extension."""
+    match = _NAME.match(name)
+    return (match.group(1), match.group(2)) if match else (None, "")
+
+
+def read_shard(shard: Path) -> Iterator[dict[str, Any]]:
+    """The shard's samples in order. A damaged shard gives the samples before the damage,
+    then one row naming the shard and the member where it broke; the sample being read
+    then (perhaps incomplete) is dropped with the rest."""
+    problem = regular_file_problem(shard, limit=MAX_SHARD_BYTES)  # a FIFO named .tar would block
+    if problem:
+        yield {KEY: None, SHARD: str(shard), PROBLEM: f"{shard}: {problem}"}
+        return
+    sample: dict[str, Any] = {}
+    last = None  # the last member read whole
+    try:
+        archive = tarfile.open(shard, mode="r:*")  # noqa: SIM115 (closed below)
+    except tarfile.ReadError:  # its message lists every compression tried, one a line
+        yield {KEY: None, SHARD: str(shard), PROBLEM: f"{shard}: not a tar archive (nor a gzip, bzip2 or xz one)"}
+        return
+    except Exception as error:  # noqa: BLE001 (tarfile and the decompressors raise many kinds)
+        yield {KEY: None, SHARD: str(shard), PROBLEM: f"{shard}: cannot be opened ({_said(error)})"}
+        return
+    with archive:
+        try:
+            for member in _files(archive):
+                key, field = split_name(member.name)
+                if sample and sample[KEY] != key:
+                    yield sample
+                    sample = {}
+                sample = sample or {KEY: key, SHARD: str(shard)}
+                _add(sample, field, member, archive, shard)
+                last = member.name
+            complete = _has_end_block(archive)
+        except _CutShort as cut:
+            yield _broken(shard, sample, str(cut))
+            return
+        except Exception as error:  # noqa: BLE001 (as above)
+            yield _broken(shard, sample, f"truncated or damaged {_after(last)} ({_said(error)})")
+            return
+    if not complete:
+        yield _broken(shard, sample, f"truncated: it ends {_after(last)} without tar's end-of-archive block")
+    elif sample:
+        yield sample
+
+
+def _files(archive: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The archive's regular files with a key, not hidden; the member list is not kept
+    (a shard may hold millions)."""
+    while (member := archive.next()) is not None:
+        archive.members = []
+        name = member.name.rsplit("/", 1)[-1]
+        if member.isreg() and not name.startswith((".", "__")) and split_name(member.name)[0] is not None:
+            yield member
+
+
+def _add(sample: dict[str, Any], field: str, member: tarfile.TarInfo, archive: tarfile.TarFile, shard: Path) -> None:
+    """The member's bytes into its sample, or why the sample cannot be trained on."""
+    if PROBLEM in sample:
+        return
+    if field in sample:
+        sample[PROBLEM] = f"{shard}: sample {sample[KEY]} has two members named {member.name}"
+    elif member.size > MAX_MEMBER_BYTES:
+        sample[PROBLEM] = (f"{shard}: member {member.name} is {member.size / 2**30:.1f} GiB, more than the "
+                           f"{MAX_MEMBER_BYTES / 2**30:.0f} GiB a member may hold")
+    else:
+        try:
+            sample[field] = archive.extractfile(member).read()  # type: ignore[union-attr]
+        except Exception as error:  # noqa: BLE001 (a short or damaged member)
+            raise _CutShort(f"truncated: member {member.name} is cut short ({_said(error)})") from None
+
+
+def _has_end_block(archive: tarfile.TarFile) -> bool:
+    """Whether a zero block follows the last member (tarfile stops without a word at a
+    missing, cut or damaged header: that is where its offset stays)."""
+    archive.fileobj.seek(archive.offset)
+    return archive.fileobj.read(tarfile.BLOCKSIZE) == tarfile.NUL * tarfile.BLOCKSIZE
+
+
+class _CutShort(Exception):
+    """A member's data ends before its size (the message says which)."""
+
+
+def _broken(shard: Path, sample: dict[str, Any], what: str) -> dict[str, Any]:
+    """The row standing for a shard broken at `sample` (the one being read, if any)."""
+    lost = f"sample {sample[KEY]} and the rest of the shard are lost" if sample else "the rest of the shard is lost"
+    return {KEY: sample.get(KEY), SHARD: str(shard), PROBLEM: f"{shard}: {what}; {lost}"}
+
+
+def _after(member: str | None) -> str:
+    return f"after member {member}" if member else "before its first member"
+
+
+def _said(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
