@@ -22,7 +22,7 @@ from difftune.processes import agreed, settle
 from difftune.quiet import quiet_loading_bars
 from difftune.report import write_report
 from difftune.signals import StopSignals
-from difftune.training import setup
+from difftune.training import guards, setup
 from difftune.training.checkpoint import (
     CONFIG_FILE,
     DATA_FILE,
@@ -175,6 +175,8 @@ class Run:
                     self.show = lambda **kw: bar.update(task, **kw)
                     finished = self._train(state)
                 self.show = lambda **kw: None
+            if finished:  # NoStepTrained when every step was skipped: final/ would be the starting weights
+                guards.log_skipped_steps(self.nonfinite, self.events, self.console, main)
             final = self._finish(state) if finished else None
         settle(self.accelerator)  # before end_training tears the process group down
         self.accelerator.end_training()
@@ -194,18 +196,32 @@ class Run:
         return state
 
     def _train(self, state: TrainState) -> bool:
-        """Run optimizer steps to max_steps; False if a stop signal ended it early."""
+        """Run optimizer steps to max_steps; False if a stop signal ended it early. A row
+        that cannot be trained on stops it too (BadRowStop, on every process at the same
+        batch), after a checkpoint of its last finished optimizer step."""
+        self.stepped = guards.StepMark(state, self.accelerator)  # the last finished step
+        if self.resume_from is not None:
+            self.saved_step = state.step  # its checkpoint holds this step
+        try:
+            return self._steps(state)
+        except guards.BadRowStop as stop:
+            state = self.stepped.restore()
+            self._stop(state, problem=str(stop))
+            raise stop.kept_at(state.step) from None
+
+    def _steps(self, state: TrainState) -> bool:
         clock, losses = Throughput(), LossWindow()
         while state.step < self.max_steps:
             if state.samples_in_epoch >= self.samples_per_epoch:
                 state.epoch, state.samples_in_epoch = state.epoch + 1, 0
             self.sampler.start_epoch(state.epoch, state.samples_in_epoch)
-            for batch in self.loader:
+            for batch in guards.batches_until_a_bad_row(self.loader, self.accelerator):
                 loss = self._micro_step(batch, state)
                 state.samples_in_epoch += self.global_batch
                 if not self.accelerator.sync_gradients:
                     continue
                 state.step += 1
+                self.stepped = guards.StepMark(state, self.accelerator)
                 self.threads.after_step(state.step)
                 stopping = agreed(self.accelerator, self.stop.requested)
                 self._after_step(state, loss, clock, losses, validate=not stopping)
@@ -266,16 +282,20 @@ class Run:
         scaler would never update and the next unscale would fail. This is normal early
         in fp16 training, so it is logged but not counted as a non-finite step."""
         self.optimizer.step()  # GradScaler: skipped, scale lowered
+        self.nonfinite.overflow()
         self.schedule.step()  # accelerate skips it too when the optimizer step was skipped
         self.optimizer.zero_grad(set_to_none=self.config.train.set_grads_to_none)
         self.events.write("overflow", step=state.step + 1, scale=float(self.accelerator.scaler.get_scale()))
 
-    def _stop(self, state: TrainState) -> None:
-        """A stop signal: keep the work (a checkpoint at this step) and leave cleanly."""
-        if self.saved_step != state.step:
+    def _stop(self, state: TrainState, problem: str | None = None) -> None:
+        """A stop signal, or a row that cannot be trained on (`problem`, which the caller
+        raises): keep the work (a checkpoint at this step, if it trained any) and leave."""
+        if self.saved_step != state.step and state.step > 0:
             self._checkpoint(state)
-        self.events.write("stopped", step=state.step, reason=self.stop.signal_name)
-        self.console.log(f"stopped at step {state.step}; run the same command again to resume")
+        self.events.write("stopped", step=state.step, reason="bad data" if problem else self.stop.signal_name,
+                          **({"problem": problem} if problem else {}))
+        if problem is None:
+            self.console.log(f"stopped at step {state.step}; run the same command again to resume")
 
     def _after_step(
         self, state: TrainState, loss: float, clock: Throughput, losses: LossWindow, validate: bool = True
