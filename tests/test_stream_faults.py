@@ -256,3 +256,26 @@ def test_a_bad_row_met_in_a_loader_worker_keeps_its_own_sentence() -> None:
         next(iter(DataLoader(Unreadable(), num_workers=1)))
     assert "Traceback" in str(caught.value)  # what torch hands on
     assert own_sentence(caught.value) == "data, row 0, column 'image': unreadable image"
+
+
+def test_a_bad_row_in_one_process_stops_both_after_one_checkpoint(tiny_base: Path, tmp_path: Path) -> None:
+    """Two processes, a shard each: the bad row is in process 0's second batch. Both stop
+    at the same batch, save step 1 together and exit with a message (none waits forever
+    in a collective for the other)."""
+    import subprocess
+    import sys
+
+    from difftune.config import to_toml
+
+    data = write_fill_circles_webdataset(tmp_path / "shards", 10, 64, seed=0, shards=2)
+    shard = data / "shard-00000.tar"  # 000000, 000002, ... 000008
+    _rewrite(shard, [(m, b"not a png" if m.name == "000006.png" else p) for m, p in _members(shard)])
+    run = tmp_path / "run"
+    config = tmp_path / "run.toml"
+    config.write_text(to_toml(build_config(_streaming_run(tiny_base, data, run, max_steps=3))))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "difftune",
+                           "train", str(config)], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "shard-00000.tar, member 000006.png" in " ".join(done.stderr.split()), done.stderr[-3000:]
+    assert [c.name for c in complete_checkpoints(run)] == ["step-000001"]
+    assert [e["step"] for e in read_events(run) if e["event"] == "stopped"] == [1]
