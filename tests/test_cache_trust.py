@@ -303,3 +303,38 @@ def test_a_context_that_is_a_link_is_refused_naming_it(encoder: dict[str, Any], 
     with pytest.raises(UserError, match=re.escape(str(context)) + ".* symbolic link"):
         _build(encoder, cache)
     assert _listing(Path(elsewhere)) == before
+
+
+def test_a_run_that_starts_while_clear_removes_its_context_makes_it_anew(tmp_path: Path) -> None:
+    """The run waits for clear's lock, then must not use the removed folder's lock file
+    (or write into a folder that is gone): it makes the context again."""
+    import threading
+    import time
+
+    from difftune.data.cache import CacheStore
+    from difftune.data.cache_folder import remove_locked
+    from difftune.data.cache_manifest import IN_USE, lock_alone
+
+    context = tmp_path / "latents" / ("a" * 32)
+    first = CacheStore(context)
+    first.put("b" * 32, {"x": torch.ones(3)})
+    first.flush()
+    first.close()
+    lock = lock_alone(context)  # what clear holds while it removes the context
+    started: list[CacheStore] = []
+    run = threading.Thread(target=lambda: started.append(CacheStore(context)))
+    run.start()
+    waiter = f":{os.stat(context / IN_USE).st_ino} "
+    deadline = time.monotonic() + 60  # a condition, not a delay: the run is queued on the lock
+    while not any("->" in line and waiter in line for line in Path("/proc/locks").read_text().splitlines()):
+        assert time.monotonic() < deadline, "the run never waited for the lock"
+        time.sleep(0.01)
+    assert remove_locked(context) is None
+    os.close(lock)
+    run.join()
+    (store,) = started
+    assert store.index == {} and (context / IN_USE).is_file()
+    store.put("c" * 32, {"x": torch.zeros(3)})
+    store.flush()
+    assert torch.equal(CacheStore(context).get("c" * 32)["x"], torch.zeros(3))
+    assert not [p for p in context.parent.iterdir() if p.name.startswith(".removing")]

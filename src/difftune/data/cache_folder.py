@@ -60,7 +60,7 @@ def survey(folder: Path) -> Survey:
         return found
     for item in sorted(folder.iterdir()):
         if item.name not in KINDS:
-            found.strangers.append(f"{item.name} (not a difftune cache folder)")
+            found.strangers.append(f"{item.name} (difftune keeps only latents/ and text/ here)")
         elif item.is_symlink() or not item.is_dir():
             found.strangers.append(f"{item.name} (a symbolic link or a file, never followed)")
         else:
@@ -110,7 +110,7 @@ def clear(folder: Path, older_than_days: float | None = None) -> Cleared:
     """Remove every context (or those unused for longer than the given days) that no run
     holds; what is kept is said in `notes`."""
     if older_than_days is not None and not (math.isfinite(older_than_days) and older_than_days >= 0):
-        raise InputError(f"--older-than {older_than_days}: give a number of days, 0 or more")
+        raise InputError(f"--older-than {older_than_days}: give a finite number of days, 0 or more")
     found = survey(folder)
     cutoff = time.time() - (older_than_days or 0) * 86400
     done = Cleared(notes=[f"not difftune's, left alone: {line}" for line in found.strangers])
@@ -128,9 +128,7 @@ def clear(folder: Path, older_than_days: float | None = None) -> Cleared:
 
 
 def _remove(path: Path) -> str | None:
-    """Remove a context unless a run holds it; None when removed, else why it was kept.
-    Under its lock, it is checked again and renamed out of the way first: a run that
-    starts meanwhile waits for the lock, then finds the name free and makes it anew."""
+    """Remove a context unless a run holds it; None when removed, else why it was kept."""
     try:
         lock = lock_alone(path)
     except OSError as error:
@@ -138,16 +136,24 @@ def _remove(path: Path) -> str | None:
     if lock is None:
         return "a running training holds it (its lock is taken); run clear again once it ends"
     try:
-        problem = why_not_a_context(path)  # it may have changed since the survey
-        if problem is not None:
-            return f"not difftune's, left alone ({problem})"
+        return remove_locked(path)
+    finally:
+        os.close(lock)
+
+
+def remove_locked(path: Path) -> str | None:
+    """Remove a context whose lock this process holds alone. It is checked again (it may
+    have changed since the survey), then renamed out of the way first: a run that starts
+    meanwhile waits for the lock, then finds the name free and makes the context anew."""
+    problem = why_not_a_context(path)
+    if problem is not None:
+        return f"not difftune's, left alone ({problem})"
+    try:
         doomed = path.with_name(f".removing-{path.name}-{uuid.uuid4().hex[:8]}")
         os.rename(path, doomed)
         _remove_own_files(doomed)
     except OSError as error:
         return f"it could not be removed ({error.strerror or error})"
-    finally:
-        os.close(lock)
     return None
 
 
