@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from difftune.data.build.confine import clean_name, inside_name, outside_problem
 from difftune.data.build.inputs import table_rows
 from difftune.data.build.jobs import (
     METADATA,
@@ -68,24 +69,47 @@ class ConditionSettings:
 
 
 def read_dataset(source: Path, verb: str) -> list[dict[str, Any]]:
-    """The rows of a prepared dataset (what `difftune data prepare` writes)."""
+    """The rows of a prepared dataset (what `difftune data prepare` writes), each
+    file_name cleaned ("./a.png" -> "a.png"). A row whose file is missing, or points
+    outside IN (absolute, "..", a link out), stops the verb before anything is read or
+    written, as a missing file always has: the message names the row."""
     metadata = source / METADATA
     if not metadata.is_file():
         raise InputError(f"IN = {str(source)!r} has no {METADATA}: `difftune data {verb}` works on a dataset that "
                          "`difftune data prepare` wrote (run it first)")
     rows = table_rows(metadata)
     for number, row in enumerate(rows, start=1):
-        if not isinstance(row.get("file_name"), str) or not (source / row["file_name"]).is_file():
-            raise DataError(f"{metadata}, row {number}: file_name {row.get('file_name')!r} is not a file in {source}")
+        name = row.get("file_name")
+        outside = outside_problem(source, name, f"{metadata}, row {number}: file_name", "IN") if isinstance(
+            name, str) else None
+        if outside:
+            raise DataError(outside)
+        if not isinstance(name, str) or not (source / name).is_file():
+            raise DataError(f"{metadata}, row {number}: file_name {name!r} is not a file in {source}")
+        row["file_name"] = clean_name(name)
     return rows
+
+
+def conditioning_targets(rows: list[dict[str, Any]], metadata: Path) -> list[str]:
+    """Each row's conditioning_name; two different images that would share one (a.jpg and
+    a.png) are refused: one conditioning image would be written over the other."""
+    targets = [conditioning_name(row["file_name"]) for row in rows]
+    first: dict[str, int] = {}
+    for number, target in enumerate(targets, start=1):
+        earlier = first.setdefault(target, number)
+        if rows[earlier - 1]["file_name"] != rows[number - 1]["file_name"]:
+            raise DataError(f"{metadata}, rows {earlier} and {number}: {rows[earlier - 1]['file_name']!r} and "
+                            f"{rows[number - 1]['file_name']!r} would both have the conditioning image {target}; "
+                            "rename one of them")
+    return targets
 
 
 def condition(source: Path, out: Path, settings: ConditionSettings, workers: int | None = None) -> dict[str, Any]:
     """Returns the manifest (also written to OUT/.difftune/condition-manifest.json)."""
     _check_settings(settings)
     rows = read_dataset(source, "condition")
+    targets = conditioning_targets(rows, source / METADATA)
     claim_output("OUT", out, "condition", {"IN": source})
-    targets = [conditioning_name(row["file_name"]) for row in rows]
     identity = {key: value for key, value in asdict(settings).items() if key != "batch_size"}
     journal = Journal(bookkeeping(out) / "condition-journal.jsonl", identity)
     todo = [i for i, name in enumerate(targets) if name not in journal.done or not (out / name).is_file()]
@@ -128,7 +152,8 @@ def _check_settings(settings: ConditionSettings) -> None:
 def conditioning_name(file_name: str) -> str:
     """images/a/b.jpg -> conditioning_images/a/b.png (PNG: an edge or class map must not
     go through JPEG's losses)."""
-    name = file_name[len(IMAGES) + 1:] if file_name.startswith(f"{IMAGES}/") else file_name
+    name = inside_name(file_name, "OUT")
+    name = inside_name(name[len(IMAGES) + 1:] if name.startswith(f"{IMAGES}/") else name, f"OUT/{CONDITIONING}")
     return (Path(CONDITIONING) / name).with_suffix(".png").as_posix()
 
 

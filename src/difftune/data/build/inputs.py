@@ -7,15 +7,22 @@ conditioning image and a caption.
 - `--captions FILE` (.csv or .jsonl with `file_name` and a caption column) and
   `--conditioning FOLDER` (an image of the same relative name, any image suffix) add to
   either.
+
+A file an item names outside its folder (a metadata `file_name` or conditioning name that
+is absolute or climbs out with "..", a link, an image's caption file or its conditioning
+image that resolves outside IN or --conditioning) is never read: the item carries why
+(`Item.outside`), and `prepare` drops it with that reason, as it drops an unreadable
+image, and lists it in its report (see confine.py).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from difftune.data.build.confine import clean_name, outside_problem, resolves_inside
 from difftune.data.sources import IMAGE_SUFFIXES, read_caption
 from difftune.errors import DataError, InputError
 
@@ -32,6 +39,8 @@ class Item:
     caption: str | None = None
     caption_problem: str | None = None
     """Why its caption file could not be read (the image is then dropped, with this reason)."""
+    outside: str | None = None
+    """Which of its files points outside its folder: then none is read (and it is dropped)."""
 
 
 def read_inputs(folder: Path, conditioning: Path | None = None, captions: Path | None = None,
@@ -44,11 +53,9 @@ def read_inputs(folder: Path, conditioning: Path | None = None, captions: Path |
     items = _metadata_items(folder, metadata, caption_column) if metadata else _scanned_items(folder, conditioning)
     if captions is not None:
         table = _caption_table(captions, caption_column)
-        items = [Item(i.file, i.name, i.conditioning, table.get(i.name, i.caption),
-                      None if i.name in table else i.caption_problem) for i in items]
+        items = [replace(i, caption=table[i.name], caption_problem=None) if i.name in table else i for i in items]
     if conditioning is not None:
-        items = [Item(i.file, i.name, _match(conditioning, i.name) or i.conditioning, i.caption, i.caption_problem)
-                 for i in items]
+        items = [_with_conditioning(i, conditioning) for i in items]
     if not items:
         raise InputError(f"IN = {str(folder)!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return items
@@ -63,15 +70,21 @@ def _scanned_items(folder: Path, conditioning: Path | None) -> list[Item]:
             continue
         if skip is not None and skip in file.resolve().parents:
             continue  # the conditioning images, when their folder is inside IN
-        items.append(_with_caption_file(file, relative.as_posix()))
+        if not resolves_inside(folder, file):
+            items.append(Item(file, relative.as_posix(), outside=f"{relative.as_posix()} is a link that points "
+                                                                 "outside IN"))
+            continue
+        items.append(_with_caption_file(folder, file, relative.as_posix()))
     return items
 
 
-def _with_caption_file(file: Path, name: str) -> Item:
+def _with_caption_file(folder: Path, file: Path, name: str) -> Item:
     """The image with the caption of NAME.txt beside it, if there is one."""
     text = file.with_suffix(".txt")
     if not text.exists():
         return Item(file, name)
+    if not resolves_inside(folder, text):
+        return Item(file, name, outside=f"its caption file {text.name} is a link that points outside IN")
     try:
         return Item(file, name, caption=read_caption(text))
     except DataError as problem:
@@ -84,10 +97,18 @@ def _metadata_items(folder: Path, metadata: Path, caption_column: str) -> list[I
         name = row.get("file_name")
         if not isinstance(name, str) or not name:
             raise DataError(f"{metadata}, row {number}: no file_name")
-        hint = next((row[k] for k in CONDITIONING_KEYS if isinstance(row.get(k), str) and row[k]), None)
+        key, hint = next(((k, row[k]) for k in CONDITIONING_KEYS if isinstance(row.get(k), str) and row[k]),
+                         ("", None))
         caption = row.get(caption_column)
-        items.append(Item(folder / name, name, folder / hint if hint else None,
-                          caption if isinstance(caption, str) else None))
+        outside = outside_problem(folder, name, f"{metadata}, row {number}: file_name", "IN")
+        if hint and not outside:
+            outside = outside_problem(folder, hint, f"{metadata}, row {number}: {key}", "IN")
+        if outside:  # kept as written, never read: the report names it
+            items.append(Item(folder / name, name, folder / hint if hint else None, outside=outside))
+            continue
+        name = str(clean_name(name))  # "./a.png" and "a.png" are one file, and one output name
+        conditioning = folder / str(clean_name(hint)) if hint else None
+        items.append(Item(folder / name, name, conditioning, caption if isinstance(caption, str) else None))
     return items
 
 
@@ -122,6 +143,17 @@ def table_rows(path: Path) -> list[dict]:
             raise DataError(f"{path}, line {number}: not a JSON object")
         rows.append(row)
     return rows
+
+
+def _with_conditioning(item: Item, folder: Path) -> Item:
+    """The item with its --conditioning image, when the folder has one of its name."""
+    found = None if item.outside else _match(folder, item.name)
+    if found is None:
+        return item
+    if not resolves_inside(folder, found):
+        return replace(item, conditioning=found,
+                       outside=item.outside or f"its conditioning image {found} points outside --conditioning")
+    return replace(item, conditioning=found)
 
 
 def _match(folder: Path, name: str) -> Path | None:

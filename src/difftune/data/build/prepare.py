@@ -5,6 +5,11 @@ is, and a JSON report of what happened to every file.
 Every image is measured once on a worker process (filters.measure) and the measures go
 to a journal, so a stopped job measures only what is left. The filters then decide
 (fast, all at once: duplicates need every file) and the kept rows are written.
+
+Besides the filters' reasons (filters.py), an input is dropped, never read, as
+`outside_input` when a file it names points outside IN or --conditioning (inputs.py);
+and in an imagefolder as `name_clash` when an earlier kept input writes the same output
+file ("a.png" and "images/a.png" are both images/a.png): nothing is written over.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from difftune.data.build.jobs import (
     map_on_cores,
     write_json,
 )
-from difftune.data.build.writers import FORMATS, Row, output_name, write
+from difftune.data.build.writers import FORMATS, IMAGES, Row, conditioning_target, output_name, write
 from difftune.errors import InputError
 
 REPORT = "prepare-report.json"
@@ -50,6 +55,8 @@ def prepare(source: Path, out: Path, settings: FilterSettings | None = None, for
     claim_output("OUT", out, "prepare", {"IN": source, "--conditioning": conditioning, "--captions": captions})
     measures = measure_all(items, out, workers)
     reasons = decide(items, measures, settings)
+    if form == "imagefolder":
+        reasons.update(name_clashes(items, reasons))
     kept = [item for index, item in enumerate(items) if index not in reasons]
     rows = [Row(item.file, output_name(item.name), item.conditioning, item.caption) for item in kept]
     if not rows:
@@ -60,9 +67,11 @@ def prepare(source: Path, out: Path, settings: FilterSettings | None = None, for
 
 
 def measure_all(items: list[Item], out: Path, workers: int | None) -> list[Measures]:
+    """Every item's measures; an item with a file outside its folder is not read (decide
+    drops it), and stands here as a blank."""
     journal = Journal(bookkeeping(out) / "prepare-journal.jsonl", {"measures": MEASURES_VERSION})
-    keys = [_identity(item) for item in items]
-    todo = [(key, item) for key, item in zip(keys, items) if key not in journal.done]
+    keys = [None if item.outside else _identity(item) for item in items]
+    todo = [(key, item) for key, item in zip(keys, items) if key is not None and key not in journal.done]
     progress = Progress("prepare: measuring", len(items), already=len(items) - len(todo))
     try:
         for (key, _), result in zip(todo, map_on_cores(measure, [item for _, item in todo], workers)):
@@ -70,7 +79,7 @@ def measure_all(items: list[Item], out: Path, workers: int | None) -> list[Measu
             progress.advance()
     finally:
         journal.close()
-    return [Measures(**journal.done[key]["measures"]) for key in keys]
+    return [Measures(**journal.done[key]["measures"]) if key is not None else Measures() for key in keys]
 
 
 def _identity(item: Item) -> str:
@@ -94,7 +103,7 @@ def decide(items: list[Item], measures: list[Measures], settings: FilterSettings
     paired = any(item.conditioning is not None for item in items)
     reasons: dict[int, tuple[str, str]] = {}
     for index, (item, m) in enumerate(zip(items, measures)):
-        reason = single_file_reason(m, settings)
+        reason = ("outside_input", item.outside) if item.outside else single_file_reason(m, settings)
         if reason is None and item.caption_problem is not None:
             reason = ("bad_caption", item.caption_problem)
         if reason is None and paired and item.conditioning is None:
@@ -105,6 +114,24 @@ def decide(items: list[Item], measures: list[Measures], settings: FilterSettings
     duplicates = duplicate_reasons([items[i].name for i in kept], [measures[i] for i in kept], settings)
     reasons.update({kept[i]: reason for i, reason in duplicates.items()})
     return reasons
+
+
+def name_clashes(items: list[Item], reasons: dict[int, tuple[str, str]]) -> dict[int, tuple[str, str]]:
+    """index -> reason for each kept input whose output file (image or conditioning image)
+    an earlier kept input already has: the later is dropped, not written over the first."""
+    owners: dict[str, int] = {}
+    clashes: dict[int, tuple[str, str]] = {}
+    for index, item in enumerate(items):
+        if index in reasons:
+            continue
+        name = output_name(item.name)
+        targets = [f"{IMAGES}/{name}"] + ([conditioning_target(name, item.conditioning)] if item.conditioning else [])
+        taken = next((t for t in targets if t in owners), None)
+        if taken is not None:
+            clashes[index] = ("name_clash", f"its output file {taken} is already {items[owners[taken]].name}'s")
+            continue
+        owners.update(dict.fromkeys(targets, index))
+    return clashes
 
 
 def _write_report(source: Path, out: Path, form: str, settings: FilterSettings, items: list[Item],

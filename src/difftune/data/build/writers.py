@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
+from difftune.data.build.confine import inside_name
 from difftune.data.build.jobs import write_metadata
 from difftune.errors import InputError
 
@@ -39,8 +40,16 @@ class Row:
 
 
 def output_name(name: str) -> str:
-    """An input already laid out as images/... keeps its path, without a second images/."""
-    return name[len(IMAGES) + 1:] if name.startswith(f"{IMAGES}/") else name
+    """An input already laid out as images/... keeps its path, without a second images/.
+    Never a name that leads out of images/ (confine.inside_name)."""
+    name = inside_name(name, f"OUT/{IMAGES}")
+    return inside_name(name[len(IMAGES) + 1:] if name.startswith(f"{IMAGES}/") else name, f"OUT/{IMAGES}")
+
+
+def conditioning_target(name: str, conditioning: Path) -> str:
+    """Where an image's conditioning image goes: its output name under conditioning_images/,
+    with the conditioning file's own suffix."""
+    return (Path(CONDITIONING) / output_name(name)).with_suffix(conditioning.suffix.lower()).as_posix()
 
 
 def write(rows: list[Row], out: Path, form: str, shard_size: int = 1000, push_to_hub: str | None = None) -> dict:
@@ -67,7 +76,7 @@ def write_imagefolder(rows: list[Row], out: Path) -> Path:
         record: dict[str, Any] = {"file_name": f"{IMAGES}/{row.name}"}
         copy_file(row.image, out / IMAGES / row.name)
         if row.conditioning is not None:
-            target = (Path(CONDITIONING) / row.name).with_suffix(row.conditioning.suffix.lower()).as_posix()
+            target = conditioning_target(row.name, row.conditioning)
             copy_file(row.conditioning, out / target)
             record["conditioning_image_file_name"] = target
         if row.caption is not None:
