@@ -59,6 +59,9 @@ class Parts:
     trainable_text_encoder_names: tuple[str, ...] | None = None
     """The text encoders a method may train or adapt (None: all; Flux: CLIP, not T5,
     as diffusers' Flux LoRA loader reads)."""
+    weight_options: dict[str, Any] = field(default_factory=dict)
+    """How the base's weights were read (revision, variant), to read a part again in full
+    precision (a Control-LoRA's fused copy, when the loaded part was quantized)."""
 
     @property
     def trainable_text_encoders(self) -> tuple[str, ...]:

@@ -84,7 +84,7 @@ class LatentFamily:
         components["scheduler"] = getattr(diffusers, self.scheduler_class).from_pretrained(
             source, subfolder="scheduler", **common)
         return Parts(source, components, self.denoiser_name, self.text_encoder_names,
-                     self.pipeline_settings(source, config.revision))
+                     self.pipeline_settings(source, config.revision), weight_options=weights)
 
     def pipeline_settings(self, source: str, revision: str | None) -> dict[str, Any]:
         """The options in the base's model_index.json that the family's pipelines take

@@ -10,7 +10,8 @@ adapters train on the family's targets plus the widened projection, whose base w
 keep their zeros; final/ is a LoRA file that the control pipeline's load_lora_weights
 reads (diffusers widens the base projection with zeros again when it loads it). Where
 the control pipeline has no LoRA loader (CogView4), final/<denoiser>/ also holds the
-transformer with the adapters fused in.
+transformer with the adapters fused in, fused onto the base read again in full precision
+(`fused_copy`: a quantized or bf16 base cannot take them exactly).
 
 The control image is encoded with the VAE's posterior mean, shifted and scaled like
 the latents (kept in the latent cache when data.cache_latents is on); the control
@@ -66,6 +67,27 @@ def widen_input(denoiser: nn.Module, path: str, config: dict[str, Any]) -> None:
     new.requires_grad_(old.weight.requires_grad)
     setattr(parent, name, new)
     denoiser.register_to_config(**config)
+
+
+def fused_copy(family: Family, parts: Parts, adapted: nn.Module) -> nn.Module:
+    """The adapters of `adapted` fused into the base's denoiser read again from its files,
+    in fp32 on the CPU, widened as training widened it. Not a copy of the trained module:
+    its frozen weights may be 4- or 8-bit (model.quantize), which nothing can be fused
+    into, or bf16, which would round the adapters' small changes away; and a copy on the
+    accelerator would need a second denoiser's memory there."""
+    import diffusers
+    from peft import set_peft_model_state_dict
+
+    from difftune.methods.lora import adapter_state
+
+    denoiser = getattr(diffusers, family.denoiser_class).from_pretrained(
+        parts.source, subfolder=parts.denoiser_name, dtype=torch.float32, **parts.weight_options)
+    widen_input(denoiser, family.input_projection, family.widened_config(denoiser.config))
+    denoiser.add_adapter(copy.deepcopy(adapted.peft_config["default"]))
+    set_peft_model_state_dict(denoiser, {name: tensor.cpu() for name, tensor in adapter_state(adapted).items()})
+    denoiser.fuse_lora()
+    denoiser.unload_lora()
+    return denoiser
 
 
 class Control:
@@ -124,10 +146,8 @@ class Control:
         if not hasattr(family.pipeline_class("control"), "load_lora_weights"):
             # CogView4ControlPipeline reads no LoRA: the adapters fused into a plain
             # (widened) transformer as well, in final/<denoiser>/
-            fused = copy.deepcopy(trained[parts.denoiser_name])
-            fused.fuse_lora()
-            fused.unload_lora()
-            fused.to(torch.float32).save_pretrained(out_dir / parts.denoiser_name, safe_serialization=True)
+            fused = fused_copy(family, parts, trained[parts.denoiser_name])
+            fused.save_pretrained(out_dir / parts.denoiser_name, safe_serialization=True)
 
     def usage(self, family: Family, repo: str, base: str) -> str:
         return family.usage(self.result, repo, base)

@@ -32,6 +32,7 @@ from difftune.training.checkpoint import (
     TrainState,
     check_disk_space,
     checkpoint_bytes,
+    checkpoint_dir,
     load_checkpoint,
     remove_partial_checkpoints,
     save_checkpoint,
@@ -39,6 +40,7 @@ from difftune.training.checkpoint import (
     write_final,
 )
 from difftune.training.ema import WeightAverage
+from difftune.training.final_guard import attempt, keep_weights_and_raise
 from difftune.training.engines import Engine
 from difftune.training.events import (
     EventLog,
@@ -387,10 +389,15 @@ class Run:
             # Only trained modules are saved: a denoiser FSDP2 shards as a frozen part (a
             # ControlNet's UNet) is not gathered for it.
             trained = self._whole_modules()
+            failure = None
             if self.accelerator.is_main_process:
-                self._save_final(self.trainee.parts, trained, state.step)
-                self.events.write("final", step=state.step, path=str(final), ema=self.ema is not None)
+                failure = attempt(lambda: self._save_final(self.trainee.parts, trained, state.step))
+                if failure is None:
+                    self.events.write("final", step=state.step, path=str(final), ema=self.ema is not None)
             del trained
+        if agreed(self.accelerator, failure is not None):  # the weights kept in a checkpoint first
+            keep_weights_and_raise(failure, state.step, checkpoint_dir(self.run_dir, state.step),
+                                   self.saved_step == state.step, lambda: self._checkpoint(state), self.events)
         self._validate(state.step)
         if self.accelerator.is_main_process:
             if self.stop.requested:
