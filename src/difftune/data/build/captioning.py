@@ -26,6 +26,7 @@ from difftune.data.build.jobs import (
     write_json,
     write_metadata,
 )
+from difftune.data.build.limits import check_caption
 from difftune.errors import InputError
 
 
@@ -44,6 +45,7 @@ class CaptionSettings:
 
 def caption(source: Path, settings: CaptionSettings) -> dict[str, Any]:
     """Caption the dataset in `source` in place (its metadata.jsonl); returns a summary."""
+    check_caption(settings)
     rows = read_dataset(source, "caption")
     todo = [i for i, row in enumerate(rows) if settings.overwrite or not str(row.get(settings.column) or "").strip()]
     identity = {k: v for k, v in asdict(settings).items() if k not in ("batch_size", "overwrite")}

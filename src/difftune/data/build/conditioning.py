@@ -42,6 +42,7 @@ from difftune.data.build.jobs import (
     write_json,
     write_metadata,
 )
+from difftune.data.build.limits import check_condition
 from difftune.data.build.writers import CONDITIONING, IMAGES, link_or_copy
 from difftune.data.sources import open_image
 from difftune.errors import DataError, InputError
@@ -107,6 +108,7 @@ def conditioning_targets(rows: list[dict[str, Any]], metadata: Path) -> list[str
 def condition(source: Path, out: Path, settings: ConditionSettings, workers: int | None = None) -> dict[str, Any]:
     """Returns the manifest (also written to OUT/.difftune/condition-manifest.json)."""
     _check_settings(settings)
+    check_condition(settings, workers)
     rows = read_dataset(source, "condition")
     targets = conditioning_targets(rows, source / METADATA)
     claim_output("OUT", out, "condition", {"IN": source})

@@ -36,6 +36,7 @@ from difftune.data.build.jobs import (
     map_on_cores,
     write_json,
 )
+from difftune.data.build.limits import check_prepare
 from difftune.data.build.writers import FORMATS, IMAGES, Row, conditioning_target, output_name, write
 from difftune.errors import InputError
 
@@ -49,6 +50,7 @@ def prepare(source: Path, out: Path, settings: FilterSettings | None = None, for
             workers: int | None = None, shard_size: int = 1000, push_to_hub: str | None = None) -> dict[str, Any]:
     """Returns the report (also written to OUT/.difftune/prepare-report.json)."""
     settings = settings or FilterSettings()
+    check_prepare(settings, workers, shard_size)
     if form not in FORMATS:
         raise InputError(f"--format {form!r}: one of {', '.join(FORMATS)}")
     items = read_inputs(source, conditioning, captions, caption_column)
