@@ -37,13 +37,13 @@ from difftune.data.build.jobs import (
     Journal,
     Progress,
     bookkeeping,
-    claim_output,
     map_on_cores,
     write_json,
     write_metadata,
 )
 from difftune.data.build.limits import check_condition
-from difftune.data.build.writers import CONDITIONING, IMAGES, link_or_copy
+from difftune.data.build.output import Output, claim_output
+from difftune.data.build.writers import CONDITIONING, IMAGES, link_or_copy, remove_unlisted
 from difftune.data.sources import open_image
 from difftune.errors import DataError, InputError
 
@@ -106,39 +106,58 @@ def conditioning_targets(rows: list[dict[str, Any]], metadata: Path) -> list[str
 
 
 def condition(source: Path, out: Path, settings: ConditionSettings, workers: int | None = None) -> dict[str, Any]:
-    """Returns the manifest (also written to OUT/.difftune/condition-manifest.json)."""
+    """Returns the manifest (also written to OUT/.difftune/condition-manifest.json). A run
+    into an OUT made with other settings builds the new dataset beside it and swaps it in
+    whole (output.py): OUT never holds conditioning images of two settings."""
     _check_settings(settings)
     check_condition(settings, workers)
     rows = read_dataset(source, "condition")
     targets = conditioning_targets(rows, source / METADATA)
-    claim_output("OUT", out, "condition", {"IN": source})
-    identity = {key: value for key, value in asdict(settings).items() if key != "batch_size"}
-    journal = Journal(bookkeeping(out) / "condition-journal.jsonl", identity)
-    todo = [i for i, name in enumerate(targets) if name not in journal.done or not (out / name).is_file()]
-    progress = Progress(f"condition ({settings.kind})", len(rows), already=len(rows) - len(todo))
+    identity = {"input": str(source.resolve()), **{k: v for k, v in asdict(settings).items() if k != "batch_size"}}
+    output = claim_output("OUT", out, "condition", {"IN": source}, identity)
+    journal = Journal(bookkeeping(output.folder) / "condition-journal.jsonl", identity)
     try:
-        if settings.kind == "canny":
-            tasks = [(source / rows[i]["file_name"], out / targets[i], *thresholds(settings, rows[i]["file_name"]))
-                     for i in todo]
-            for i, result in zip(todo, map_on_cores(canny_file, tasks, workers)):
-                journal.record(targets[i], result)
-                progress.advance()
-        else:
-            draw = ModelConditioner(settings)
-            for start in range(0, len(todo), settings.batch_size):
-                batch = todo[start:start + settings.batch_size]
-                for i, image in zip(batch, draw([source / rows[i]["file_name"] for i in batch])):
-                    _save(image, out / targets[i])
-                    journal.record(targets[i], {})
-                progress.advance(len(batch))
+        _draw_all(source, output.folder, rows, targets, settings, journal, workers)
     finally:
         journal.close()
     for row in rows:
-        link_or_copy(source / row["file_name"], out / row["file_name"])
+        link_or_copy(source / row["file_name"], output.folder / row["file_name"])
     new_rows = [{**{k: v for k, v in row.items() if k not in ("conditioning_image", "conditioning_image_file_name")},
                  "conditioning_image_file_name": target} for row, target in zip(rows, targets)]
-    write_metadata(out, new_rows)
-    return _write_manifest(source, out, settings, journal, targets)
+    write_metadata(output.folder, new_rows)
+    remove_unlisted(output.folder, {row["file_name"] for row in rows} | set(targets))
+    manifest = _write_manifest(source, output, settings, journal, targets)
+    output.finish()
+    return manifest
+
+
+def _draw_all(source: Path, folder: Path, rows: list[dict[str, Any]], targets: list[str],
+              settings: ConditionSettings, journal: Journal, workers: int | None) -> None:
+    """Every conditioning image the journal does not hold for the image as it is now
+    (a resumed run redraws one whose image changed since)."""
+    stamps = [_stamp(source / row["file_name"]) for row in rows]
+    todo = [i for i, name in enumerate(targets)
+            if journal.done.get(name, {}).get("source") != stamps[i] or not (folder / name).is_file()]
+    progress = Progress(f"condition ({settings.kind})", len(rows), already=len(rows) - len(todo))
+    if settings.kind == "canny":
+        tasks = [(source / rows[i]["file_name"], folder / targets[i], *thresholds(settings, rows[i]["file_name"]))
+                 for i in todo]
+        for i, result in zip(todo, map_on_cores(canny_file, tasks, workers)):
+            journal.record(targets[i], {"source": stamps[i], **result})
+            progress.advance()
+        return
+    draw = ModelConditioner(settings) if todo else None
+    for start in range(0, len(todo), settings.batch_size):
+        batch = todo[start:start + settings.batch_size]
+        for i, image in zip(batch, draw([source / rows[i]["file_name"] for i in batch])):
+            _save(image, folder / targets[i])
+            journal.record(targets[i], {"source": stamps[i]})
+        progress.advance(len(batch))
+
+
+def _stamp(path: Path) -> str:
+    status = path.stat()
+    return f"{status.st_size}:{status.st_mtime_ns}"
 
 
 def _check_settings(settings: ConditionSettings) -> None:
@@ -196,9 +215,9 @@ def _save(image: Image.Image, target: Path) -> None:
     os.replace(staging, target)
 
 
-def _write_manifest(source: Path, out: Path, settings: ConditionSettings, journal: Journal,
+def _write_manifest(source: Path, output: Output, settings: ConditionSettings, journal: Journal,
                     targets: list[str]) -> dict[str, Any]:
-    manifest: dict[str, Any] = {"verb": "condition", "input": str(source), "output": str(out),
+    manifest: dict[str, Any] = {"verb": "condition", "input": str(source), "output": str(output.final),
                                 "kind": settings.kind, "images": len(targets)}
     if settings.kind == "canny":
         manifest.update(low=settings.low, high=settings.high, jitter=settings.jitter, seed=settings.seed,
@@ -210,7 +229,7 @@ def _write_manifest(source: Path, out: Path, settings: ConditionSettings, journa
         manifest.update(model=settings.model, batch_size=settings.batch_size)
         if settings.kind == "pose":
             manifest["min_score"] = settings.min_score
-    write_json(bookkeeping(out) / MANIFEST, manifest)
+    write_json(bookkeeping(output.folder) / MANIFEST, manifest)
     return manifest
 
 

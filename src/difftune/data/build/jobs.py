@@ -1,9 +1,9 @@
 """What every dataset-building verb (prepare, condition, caption) shares:
 
-- the output folder: never an input or inside one, never someone else's folder; its
-  bookkeeping (journal, report, manifest) under a hidden `.difftune/` that `datasets`
-  does not read as data (a visible .json beside a few images makes it load the folder as
-  JSON rows instead of an imagefolder);
+- the output folder's bookkeeping (journal, report, manifest) under a hidden
+  `.difftune/` that `datasets` does not read as data (a visible .json beside a few
+  images makes it load the folder as JSON rows instead of an imagefolder); which folder
+  a job may write is output.py's;
 - a journal, one JSON line per finished item, so a stopped job resumes where it stopped;
 - a progress line with rate and ETA;
 - a pool of worker processes, one per core, for the per-image work.
@@ -20,8 +20,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from difftune.errors import InputError
-from difftune.paths import check_not_an_input
 
 BOOKKEEPING = ".difftune"
 METADATA = "metadata.jsonl"
@@ -31,30 +29,6 @@ def bookkeeping(out: Path) -> Path:
     folder = out / BOOKKEEPING
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-def claim_output(key: str, out: Path, verb: str, inputs: dict[str, Path | None]) -> bool:
-    """Make `out` ready for `verb`: a new or empty folder, or one this verb started (then
-    it resumes; returns True). Anything else is refused: a job never writes over an input
-    or into a folder it did not make."""
-    check_not_an_input(key, out, {name: path for name, path in inputs.items() if path is not None})
-    for name, path in inputs.items():
-        if path is not None and path.exists() and out.exists() and out.resolve() in path.resolve().parents:
-            raise InputError(f"{key} = {str(out)!r} holds {name} {str(path)!r}; give an output folder outside it")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{key} = {str(out)!r} is a file; give a folder to write the dataset into")
-    owner = out / BOOKKEEPING / "job.json"
-    if owner.is_file():
-        started = json.loads(owner.read_text()).get("verb")
-        if started != verb:
-            raise InputError(f"{key} = {str(out)!r} holds the output of `difftune data {started}`; give a new folder")
-        return True
-    if out.exists() and any(out.iterdir()):
-        raise InputError(f"{key} = {str(out)!r} is a folder with files that difftune did not write; give a new or "
-                         "empty folder (nothing in it was changed)")
-    bookkeeping(out)
-    owner.write_text(json.dumps({"verb": verb}))
-    return False
 
 
 class Journal:

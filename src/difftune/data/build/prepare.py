@@ -29,18 +29,29 @@ from difftune.data.build.filters import (
 )
 from difftune.data.build.inputs import Item, read_inputs
 from difftune.data.build.jobs import (
+    BOOKKEEPING,
     Journal,
     Progress,
     bookkeeping,
-    claim_output,
     map_on_cores,
     write_json,
 )
 from difftune.data.build.limits import check_prepare
-from difftune.data.build.writers import FORMATS, IMAGES, Row, conditioning_target, output_name, write
+from difftune.data.build.output import Output, claim_output
+from difftune.data.build.writers import (
+    FORMATS,
+    IMAGES,
+    Row,
+    conditioning_target,
+    output_name,
+    push_saved,
+    write,
+)
 from difftune.errors import InputError
 
 REPORT = "prepare-report.json"
+JOURNAL = "prepare-journal.jsonl"
+"""The measures: they hold whatever the settings, so a run with other ones reuses them."""
 MEASURES_VERSION = 1
 """Bump when filters.measure changes what it records: older journals are then set aside."""
 
@@ -54,24 +65,36 @@ def prepare(source: Path, out: Path, settings: FilterSettings | None = None, for
     if form not in FORMATS:
         raise InputError(f"--format {form!r}: one of {', '.join(FORMATS)}")
     items = read_inputs(source, conditioning, captions, caption_column)
-    claim_output("OUT", out, "prepare", {"IN": source, "--conditioning": conditioning, "--captions": captions})
-    measures = measure_all(items, out, workers)
+    identity = {"input": str(source.resolve()), "format": form, "filters": asdict(settings),
+                "conditioning": str(conditioning.resolve()) if conditioning else None,
+                "captions": str(captions.resolve()) if captions else None, "caption_column": caption_column,
+                "shard_size": shard_size if form == "webdataset" else None}
+    output = claim_output("OUT", out, "prepare", {"IN": source, "--conditioning": conditioning,
+                                                  "--captions": captions}, identity, carried=(JOURNAL,))
+    measures = measure_all(items, output.folder, workers)
     reasons = decide(items, measures, settings)
     if form == "imagefolder":
         reasons.update(name_clashes(items, reasons))
     kept = [item for index, item in enumerate(items) if index not in reasons]
     rows = [Row(item.file, output_name(item.name), item.conditioning, item.caption) for item in kept]
     if not rows:
-        _write_report(source, out, form, settings, items, reasons, {})
-        raise InputError(f"every image in {source} was dropped: the reasons are in {out / '.difftune' / REPORT}")
-    written = write(rows, out, form, shard_size, push_to_hub)
-    return _write_report(source, out, form, settings, items, reasons, written)
+        _write_report(source, output, form, settings, items, reasons, {})
+        untouched = f"; {out} was left as it was" if output.folder != out else ""
+        raise InputError(f"every image in {source} was dropped: the reasons are in "
+                         f"{output.folder / BOOKKEEPING / REPORT}{untouched}")
+    written = write(rows, output.folder, form, shard_size, shown_as=out)
+    report = _write_report(source, output, form, settings, items, reasons, written)
+    output.finish()
+    print(summary_line(report, out / BOOKKEEPING / REPORT), file=sys.stderr, flush=True)
+    if push_to_hub:
+        push_saved(out, push_to_hub)
+    return report
 
 
 def measure_all(items: list[Item], out: Path, workers: int | None) -> list[Measures]:
     """Every item's measures; an item with a file outside its folder is not read (decide
     drops it), and stands here as a blank."""
-    journal = Journal(bookkeeping(out) / "prepare-journal.jsonl", {"measures": MEASURES_VERSION})
+    journal = Journal(bookkeeping(out) / JOURNAL, {"measures": MEASURES_VERSION})
     keys = [None if item.outside else _identity(item) for item in items]
     todo = [(key, item) for key, item in zip(keys, items) if key is not None and key not in journal.done]
     progress = Progress("prepare: measuring", len(items), already=len(items) - len(todo))
@@ -136,13 +159,15 @@ def name_clashes(items: list[Item], reasons: dict[int, tuple[str, str]]) -> dict
     return clashes
 
 
-def _write_report(source: Path, out: Path, form: str, settings: FilterSettings, items: list[Item],
+def _write_report(source: Path, output: Output, form: str, settings: FilterSettings, items: list[Item],
                   reasons: dict[int, tuple[str, str]], written: dict[str, Any]) -> dict[str, Any]:
+    """The report, into the folder this run writes (it names OUT); an empty one is also
+    summed up on stderr here (a written one once it is in OUT)."""
     kept = [item for index, item in enumerate(items) if index not in reasons]
     report = {
         "verb": "prepare",
         "input": str(source),
-        "output": str(out),
+        "output": str(output.final),
         "format": form,
         "settings": asdict(settings),
         "counts": {"input": len(items), "kept": len(kept), "dropped": len(reasons),
@@ -153,9 +178,10 @@ def _write_report(source: Path, out: Path, form: str, settings: FilterSettings, 
         "kept_with_conditioning": sum(item.conditioning is not None for item in kept),
         "written": written,
     }
-    path = bookkeeping(out) / REPORT
+    path = bookkeeping(output.folder) / REPORT
     write_json(path, report)
-    print(summary_line(report, path), file=sys.stderr, flush=True)
+    if not written:
+        print(summary_line(report, path), file=sys.stderr, flush=True)
     return report
 
 

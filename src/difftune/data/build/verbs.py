@@ -57,10 +57,11 @@ def _add_prepare(data: Any) -> None:
         "prepare", help="filter a folder of images into a dataset (imagefolder, hf or webdataset) with a report",
         description="Read IN (images, with NAME.txt captions or a metadata.jsonl/csv), drop unreadable, too small, "
                     "extreme-aspect, over-compressed, blurry and duplicate images, and write the rest to OUT. "
-                    "The report (OUT/.difftune/prepare-report.json) names every dropped file and why. A stopped "
-                    "run resumes: give the same command again.")
+                    "The report (OUT/.difftune/prepare-report.json) names every dropped file and why (a file "
+                    "named outside IN is dropped unread). A stopped run resumes: give the same command again; "
+                    "other settings into the same OUT replace its dataset whole once the new one is complete.")
     prepare.add_argument("input", metavar="IN")
-    prepare.add_argument("output", metavar="OUT", help="a new or empty folder")
+    prepare.add_argument("output", metavar="OUT", help="a new or empty folder, or one `prepare` wrote")
     prepare.add_argument("--format", choices=["imagefolder", "hf", "webdataset"], default="imagefolder")
     prepare.add_argument("--conditioning", help="a folder of conditioning images named as the images")
     prepare.add_argument("--captions", help="a .jsonl or .csv of file_name and caption")
@@ -87,7 +88,7 @@ def _add_condition(data: Any) -> None:
         description="Write a new dataset in OUT: IN's images (hard-linked) and rows, each with a conditioning "
                     "image of the chosen kind, and the parameters in OUT/.difftune/condition-manifest.json.")
     condition.add_argument("input", metavar="IN", help="a dataset `difftune data prepare` wrote")
-    condition.add_argument("output", metavar="OUT", help="a new or empty folder")
+    condition.add_argument("output", metavar="OUT", help="a new or empty folder, or one `condition` wrote")
     condition.add_argument("--kind", choices=["canny", "depth", "segmentation", "pose"], required=True)
     condition.add_argument("--low", "--low-threshold", dest="low", type=int, default=100, help="canny: the low threshold")
     condition.add_argument("--high", "--high-threshold", dest="high", type=int, default=200, help="canny: the high threshold")

@@ -52,22 +52,44 @@ def conditioning_target(name: str, conditioning: Path) -> str:
     return (Path(CONDITIONING) / output_name(name)).with_suffix(conditioning.suffix.lower()).as_posix()
 
 
-def write(rows: list[Row], out: Path, form: str, shard_size: int = 1000, push_to_hub: str | None = None) -> dict:
-    """Write the rows; returns where they went (for the report)."""
+def write(rows: list[Row], out: Path, form: str, shard_size: int = 1000, shown_as: Path | None = None) -> dict:
+    """Write the rows into `out`, and nothing else of this form stays there (a resumed
+    run's inputs may have changed); returns where they went (for the report), as paths
+    under `shown_as` (the OUT a replacement folder becomes) or `out`."""
+    def shown(path: Path) -> str:
+        return str((shown_as or out) / path.relative_to(out))
+
     if form == "imagefolder":
-        return {"metadata": str(write_imagefolder(rows, out))}
+        return {"metadata": shown(write_imagefolder(rows, out))}
     if form == "webdataset":
-        return {"shards": [str(p) for p in write_webdataset(rows, out, shard_size)]}
-    dataset = hf_dataset(rows)
-    dataset.save_to_disk(str(out))
-    if push_to_hub:
-        try:
-            dataset.push_to_hub(push_to_hub)
-        except Exception as error:  # noqa: BLE001 (network, auth and Hub errors: the dataset is kept)
-            raise InputError(f"--push-to-hub {push_to_hub}: {type(error).__name__}: {str(error).splitlines()[0]}. "
-                             f"The dataset is saved in {out}; push it later with "
-                             f"datasets.load_from_disk({str(out)!r}).push_to_hub({push_to_hub!r})") from None
-    return {"save_to_disk": str(out), "push_to_hub": push_to_hub}
+        return {"shards": [shown(p) for p in write_webdataset(rows, out, shard_size)]}
+    hf_dataset(rows).save_to_disk(str(out))
+    _remove_stale_arrow(out)
+    return {"save_to_disk": shown(out)}
+
+
+def push_saved(out: Path, repo: str) -> None:
+    """Push a dataset `write` saved (form hf) to the Hub; a failure keeps it and says how
+    to push it later."""
+    import datasets
+
+    try:
+        datasets.load_from_disk(str(out)).push_to_hub(repo)
+    except Exception as error:  # noqa: BLE001 (network, auth and Hub errors: the dataset is kept)
+        raise InputError(f"--push-to-hub {repo}: {type(error).__name__}: {str(error).splitlines()[0]}. "
+                         f"The dataset is saved in {out}; push it later with "
+                         f"datasets.load_from_disk({str(out)!r}).push_to_hub({repo!r})") from None
+
+
+def _remove_stale_arrow(out: Path) -> None:
+    """save_to_disk leaves an earlier save's data files beside its own (fewer shards this
+    time): those state.json does not list are removed."""
+    import json
+
+    listed = {entry.get("filename") for entry in json.loads((out / "state.json").read_text()).get("_data_files", [])}
+    for file in out.glob("data-*.arrow"):
+        if file.name not in listed:
+            file.unlink()
 
 
 def write_imagefolder(rows: list[Row], out: Path) -> Path:
@@ -83,11 +105,11 @@ def write_imagefolder(rows: list[Row], out: Path) -> Path:
             record["text"] = row.caption
         records.append(record)
     path = write_metadata(out, records)
-    _remove_unlisted(out, {r["file_name"] for r in records} | {r.get("conditioning_image_file_name") for r in records})
+    remove_unlisted(out, {r["file_name"] for r in records} | {r.get("conditioning_image_file_name") for r in records})
     return path
 
 
-def _remove_unlisted(out: Path, listed: set[str | None]) -> None:
+def remove_unlisted(out: Path, listed: set[str | None]) -> None:
     """Files an earlier run into this OUT copied and this one does not keep (it was run
     again with other filters): the dataset holds what its metadata lists, no more."""
     for folder in (out / IMAGES, out / CONDITIONING):
@@ -97,25 +119,42 @@ def _remove_unlisted(out: Path, listed: set[str | None]) -> None:
 
 
 def copy_file(source: Path, target: Path) -> None:
-    """Copy under a hidden name, then rename: a file is whole or absent. One already
-    there with the same size (an earlier, stopped run) is kept."""
-    if target.is_file() and target.stat().st_size == source.stat().st_size:
+    """Copy under a hidden name, then rename: a file is whole or absent. The copy takes
+    the source's modification time, so one already there with the same size and time (an
+    earlier, stopped run) is kept, and a source changed since (even to the same size) is
+    copied again."""
+    if _same_file(source, target):
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{target.name}.partial")
     shutil.copyfile(source, staging)
+    status = source.stat()
+    os.utime(staging, ns=(status.st_atime_ns, status.st_mtime_ns))
     os.replace(staging, target)
 
 
 def link_or_copy(source: Path, target: Path) -> None:
-    """A hard link where the filesystem allows it (no second copy of the bytes), else a copy."""
-    if target.exists():
+    """A hard link where the filesystem allows it (no second copy of the bytes), else a
+    copy; one already there is kept only while it is the source's (copy_file)."""
+    if _same_file(source, target):
         return
     target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.partial")
+    staging.unlink(missing_ok=True)
     try:
-        os.link(source, target)
+        os.link(source, staging)
     except OSError:
         copy_file(source, target)
+        return
+    os.replace(staging, target)
+
+
+def _same_file(source: Path, target: Path) -> bool:
+    """`target` is a link to `source`, or a copy of it (same size and modification time)."""
+    if not target.is_file():
+        return False
+    a, b = source.stat(), target.stat()
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) or (a.st_size, a.st_mtime_ns) == (b.st_size, b.st_mtime_ns)
 
 
 def write_webdataset(rows: list[Row], out: Path, shard_size: int) -> list[Path]:
@@ -137,6 +176,8 @@ def write_webdataset(rows: list[Row], out: Path, shard_size: int) -> list[Path]:
                     archive.add(f"{key}.txt", row.caption.encode())
         os.replace(staging, path)
         shards.append(path)
+    for stale in {*out.glob("shard-*.tar"), *out.glob(".shard-*.tar.partial")} - set(shards):
+        stale.unlink()  # an earlier run's shards past this run's last (fewer rows now)
     return shards
 
 
