@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,25 @@ def test_condition_and_caption_refuse_a_row_outside_in(dataset: Path, tmp_path: 
     with pytest.raises(DataError, match=message.replace(".", r"\.")):
         caption(dataset, CaptionSettings(model=str(tmp_path / "no-model")))
     assert (dataset / "metadata.jsonl").read_bytes() == metadata
+
+
+def test_a_metadata_file_or_bookkeeping_folder_linked_outside_in_is_refused(dataset: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (dataset / "metadata.jsonl").rename(elsewhere / "metadata.jsonl")
+    os.symlink(elsewhere / "metadata.jsonl", dataset / "metadata.jsonl")
+    for run in (lambda: prepare(dataset, tmp_path / "out", workers=1),
+                lambda: condition(dataset, tmp_path / "out", ConditionSettings(), workers=1)):
+        with pytest.raises(DataError, match=r"metadata\.jsonl is a link that points outside IN"):
+            run()
+        assert not (tmp_path / "out").exists()
+    (dataset / "metadata.jsonl").unlink()
+    (elsewhere / "metadata.jsonl").rename(dataset / "metadata.jsonl")
+    shutil.rmtree(dataset / ".difftune")
+    os.symlink(elsewhere, dataset / ".difftune")  # caption writes its journal and backup there
+    with pytest.raises(DataError, match=r"\.difftune is a link that points outside IN"):
+        caption(dataset, CaptionSettings(model=str(tmp_path / "no-model"), overwrite=True))
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_two_inputs_never_write_one_output_file(tmp_path: Path) -> None:

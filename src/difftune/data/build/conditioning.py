@@ -30,9 +30,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from difftune.data.build.confine import clean_name, inside_name, outside_problem
+from difftune.data.build.confine import check_link_inside, clean_name, inside_name, outside_problem
 from difftune.data.build.inputs import table_rows
 from difftune.data.build.jobs import (
+    BOOKKEEPING,
     METADATA,
     Journal,
     Progress,
@@ -78,6 +79,8 @@ def read_dataset(source: Path, verb: str) -> list[dict[str, Any]]:
     if not metadata.is_file():
         raise InputError(f"IN = {str(source)!r} has no {METADATA}: `difftune data {verb}` works on a dataset that "
                          "`difftune data prepare` wrote (run it first)")
+    check_link_inside(source, metadata, "IN")
+    check_link_inside(source, source / BOOKKEEPING, "IN")  # caption writes its journal and backup there
     rows = table_rows(metadata)
     for number, row in enumerate(rows, start=1):
         name = row.get("file_name")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path, PureWindowsPath
 
+from difftune.errors import DataError
+
 
 def clean_name(value: str) -> str | None:
     """`value` as a relative POSIX path without empty, "." or ".." parts; None when it is
@@ -53,3 +55,12 @@ def inside_name(value: str, label: str) -> str:
     if name is None:
         raise ValueError(f"{value!r} would be written outside {label}")
     return name
+
+
+def check_link_inside(folder: Path, path: Path, label: str) -> None:
+    """A file the verb reads or writes as a whole (metadata.jsonl, the .difftune folder)
+    that is a link out of `folder` stops the verb: reading it reads a file elsewhere,
+    writing it writes there."""
+    if (path.exists() or path.is_symlink()) and not resolves_inside(folder, path):
+        raise DataError(f"{path} is a link that points outside {label} ({path.resolve()}); difftune reads and "
+                        f"writes only inside {label}")

@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from difftune.data.build.confine import clean_name, outside_problem, resolves_inside
+from difftune.data.build.confine import check_link_inside, clean_name, outside_problem, resolves_inside
 from difftune.data.sources import IMAGE_SUFFIXES, read_caption
 from difftune.errors import DataError, InputError
 
@@ -50,6 +50,8 @@ def read_inputs(folder: Path, conditioning: Path | None = None, captions: Path |
     if conditioning is not None and not conditioning.is_dir():
         raise InputError(f"--conditioning {str(conditioning)!r} is not a folder")
     metadata = next((folder / n for n in ("metadata.jsonl", "metadata.csv") if (folder / n).is_file()), None)
+    if metadata is not None:
+        check_link_inside(folder, metadata, "IN")
     items = _metadata_items(folder, metadata, caption_column) if metadata else _scanned_items(folder, conditioning)
     if captions is not None:
         table = _caption_table(captions, caption_column)
