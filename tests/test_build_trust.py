@@ -202,6 +202,19 @@ def test_two_inputs_never_write_one_output_file(tmp_path: Path) -> None:
     assert not (tmp_path / "canny").exists()
 
 
+@pytest.mark.parametrize("name, message", [
+    ("conditioning_images/0.png", r"rows 4 and 1: the image 'conditioning_images/0\.png' is where row 1's"),
+    (".difftune/job.png", r"row 4: file_name '\.difftune/job\.png' names difftune's own file"),
+])
+def test_condition_never_writes_an_image_over_its_own_files(dataset: Path, tmp_path: Path, name: str,
+                                                            message: str) -> None:
+    _noise(dataset / name, seed=5)
+    _write_rows(dataset, _rows(dataset) + [{"file_name": name, "text": "x"}])
+    with pytest.raises(DataError, match=message):
+        condition(dataset, tmp_path / "canny", ConditionSettings(), workers=1)
+    assert not (tmp_path / "canny").exists()
+
+
 def test_an_output_folder_never_holds_or_is_an_input(dataset: Path, tmp_path: Path) -> None:
     for out in (dataset, dataset / "canny"):
         with pytest.raises(UserError, match="would write over IN"):

@@ -83,21 +83,34 @@ def read_dataset(source: Path, verb: str) -> list[dict[str, Any]]:
     check_link_inside(source, source / BOOKKEEPING, "IN")  # caption writes its journal and backup there
     rows = table_rows(metadata)
     for number, row in enumerate(rows, start=1):
-        name = row.get("file_name")
-        outside = outside_problem(source, name, f"{metadata}, row {number}: file_name", "IN") if isinstance(
-            name, str) else None
-        if outside:
-            raise DataError(outside)
-        if not isinstance(name, str) or not (source / name).is_file():
-            raise DataError(f"{metadata}, row {number}: file_name {name!r} is not a file in {source}")
-        row["file_name"] = clean_name(name)
+        row["file_name"] = _image_name(source, row.get("file_name"), f"{metadata}, row {number}: file_name")
     return rows
+
+
+def _image_name(source: Path, name: Any, where: str) -> str:
+    """A row's file_name, cleaned: a file inside IN, and not difftune's own (condition
+    writes the image at the same name in OUT, beside OUT's metadata and bookkeeping)."""
+    outside = outside_problem(source, name, where, "IN") if isinstance(name, str) else None
+    if outside:
+        raise DataError(outside)
+    if not isinstance(name, str) or not (source / name).is_file():
+        raise DataError(f"{where} {name!r} is not a file in {source}")
+    clean = str(clean_name(name))
+    if clean == METADATA or clean.split("/")[0] == BOOKKEEPING:
+        raise DataError(f"{where} {name!r} names difftune's own file, not an image")
+    return clean
 
 
 def conditioning_targets(rows: list[dict[str, Any]], metadata: Path) -> list[str]:
     """Each row's conditioning_name; two different images that would share one (a.jpg and
-    a.png) are refused: one conditioning image would be written over the other."""
+    a.png), or an image named as another's conditioning image, are refused: one file
+    would be written over the other."""
     targets = [conditioning_name(row["file_name"]) for row in rows]
+    images = {row["file_name"]: number for number, row in enumerate(rows, start=1)}
+    for number, target in enumerate(targets, start=1):
+        if target in images:
+            raise DataError(f"{metadata}, rows {images[target]} and {number}: the image {target!r} is where row "
+                            f"{number}'s conditioning image would be written; move it out of {CONDITIONING}/")
     first: dict[str, int] = {}
     for number, target in enumerate(targets, start=1):
         earlier = first.setdefault(target, number)
