@@ -88,7 +88,8 @@ def test_prepare_drops_metadata_rows_that_point_outside_in(tmp_path: Path, measu
     assert {name: reason for name, (reason, _) in dropped.items()} == {
         "../secret.png": "outside_input", str(secret): "outside_input", "outside-link.png": "outside_input",
         "images/../../secret.png": "outside_input"}
-    assert dropped["../secret.png"][1] == f"{raw / 'metadata.jsonl'}, row 2: file_name '../secret.png' points outside IN"
+    expected = f"{raw / 'metadata.jsonl'}, row 2: file_name '../secret.png' points outside IN"
+    assert dropped["../secret.png"][1] == expected
     assert all(f.is_relative_to(raw.resolve()) for f in measured), measured  # nothing outside IN was read
     assert {r["file_name"] for r in _rows(tmp_path / "out")} == {"images/a.png", "images/c-link.png"}
     assert _outside(tmp_path, tmp_path / "out") == before

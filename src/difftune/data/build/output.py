@@ -60,6 +60,8 @@ def claim_output(key: str, out: Path, verb: str, inputs: dict[str, Path | None],
         if out.exists() and any(out.iterdir()):
             raise InputError(f"{key} = {str(out)!r} is a folder with files that difftune did not write; give a new "
                              "or empty folder (nothing in it was changed)")
+        if _job(key, replacement_folder(out)) is not None:
+            shutil.rmtree(replacement_folder(out))  # a replacement of an OUT since deleted
         _start(out, verb, identity)
         return Output(out, out, resumed=False)
     if started.get("verb") != verb:
