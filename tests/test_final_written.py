@@ -130,3 +130,12 @@ def test_when_final_cannot_be_written_the_last_checkpoint_holds_the_weights(monk
     assert steps == [1, 2, 3]  # nothing trained again
     saved = load_file(final / "diffusion_pytorch_model.safetensors")
     assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k]) for k in saved)
+
+
+def test_the_model_card_loads_a_flux_controlnet_with_its_class() -> None:
+    """The card written beside final/ for the Hub: a Flux ControlNet is a FluxControlNetModel."""
+    from difftune.families import get_family
+
+    usage = get_family("flux").usage("controlnet", "me/net", "black-forest-labs/FLUX.1-dev")
+    assert 'FluxControlNetModel.from_pretrained("me/net")' in usage and "FluxControlNetPipeline" in usage
+    assert 'ControlNetModel.from_pretrained("me/net")' in get_family("sd").usage("controlnet", "me/net", "base")

@@ -154,9 +154,10 @@ def test_single_file_export_of_a_full_run_generates_the_same_image(tiny_sdxl: Pa
     assert np.abs(_image(single) - _image(folder)).max() < 1e-5
 
 
-def test_an_sd_folder_given_as_sdxl_names_the_missing_part(tiny_base: Path, circles: Path, tmp_path: Path) -> None:
+def test_an_sd_folder_given_as_sdxl_names_its_family(tiny_base: Path, circles: Path, tmp_path: Path) -> None:
     raw = _sdxl_run(tiny_base, circles, tmp_path / "run", kind="lora")
-    with pytest.raises(UserError, match="text_encoder_2"):
+    with pytest.raises(UserError, match=r"is a Stable Diffusion 1.x and 2.x pipeline \(family 'sd'\), but "
+                                        r"model.family is 'sdxl'"):
         plan_run(build_config(raw))
     assert not (tmp_path / "run").exists()
 

@@ -123,11 +123,13 @@ def plan_generation(request: Generation, given: set[str], overwrite: bool = Fals
     check_pipeline(base_key, run_output(request.base), _family(request).components)
     check_base(base_key, run_output(request.base), _family(request).name, "--family (or the run's model.family)")
     _check_lora_family(request)
+    _check_family_takes(request, given)
     if request.controlnet is not None:
         check_controlnet_fits("--controlnet", request.controlnet, run_output(request.base),
                               _family(request).denoiser_name)
     if request.image is not None:
         _check_image(request.image)
+    _check_size(request, given)
     folders = {"--base": request.base, "--controlnet": request.controlnet, "--lora": request.lora}
     check_not_an_input("--out", request.out, {"--image": request.image} | {  # a run's final/, not the run
         flag: run_output(value) for flag, value in folders.items() if value})
@@ -217,6 +219,41 @@ def _check_lora_family(request: Generation) -> None:
     if run is not None and family != request.family:
         raise InputError(f"--lora {request.lora} was trained on a {family!r} base, and --base {request.base} is "
                          f"{request.family!r}: give a base of the LoRA's family")
+
+
+def _check_family_takes(request: Generation, given: set[str]) -> None:
+    """Flags the family's pipeline would ignore (or refuse after loading) are refused here."""
+    family = _family(request)
+    if request.negative_prompt is not None and not getattr(family, "negative_prompt", True):
+        raise InputError(f"--negative-prompt: {family.description} is guidance-distilled, and its pipelines use no "
+                         "negative prompt as difftune generate runs them; leave it out")
+    if "conditioning_scale" in given and request.controlnet is None:
+        raise InputError("--conditioning-scale is the strength of a ControlNet (--controlnet); "
+                         f"{'a Control model' if request.control else 'this generation'} has none")
+    if "lora_scale" in given and request.lora is None:
+        raise InputError("--lora-scale is the strength of a LoRA (--lora), and none is given")
+    if "lora_scale" in given and request.control and not _reads_lora(family):
+        raise InputError(f"--lora-scale: {family.pipeline_classes['control']} reads no LoRA, so this Control-LoRA "
+                         "runs as the transformer its run fused (final/"
+                         f"{family.denoiser_name}/), whose strength is fixed; leave --lora-scale out")
+
+
+def _check_size(request: Generation, given: set[str]) -> None:
+    """The size the image is rendered at (--resolution, the run's data.resolution, the base's
+    native size, or the --image's own) fits the base's VAE and denoiser (families.limits)."""
+    from difftune.families import check_sizes_fit
+
+    base = run_output(request.base)
+    key = "--resolution" if "resolution" in given else "--resolution (the run's data.resolution)"
+    sizes = {key: request.resolution} if request.resolution else {}
+    native = native_resolution(Path(base).expanduser(), _family(request).denoiser_name)
+    if not sizes and request.image is not None and native is None:
+        from PIL import Image
+
+        with Image.open(request.image) as image:
+            sizes = {f"--image {request.image}'s width": image.width,
+                     f"--image {request.image}'s height": image.height}
+    check_sizes_fit(sizes, _family(request), base)
 
 
 def _check_image(path: str | None) -> None:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from pydantic import model_validator
@@ -45,8 +47,43 @@ class RunConfig(_Section):
             return raw  # ModelConfig names the unknown family
         return {**raw, "data": {**raw["data"], "resolution": family.default_resolution}}
 
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown_family_named_by_base(cls, raw: Any) -> Any:
+        """An unknown model.family, said with what the base is (its model_index.json)."""
+        model = raw.get("model") if isinstance(raw, dict) else None
+        if not isinstance(model, dict) or not isinstance(model.get("family"), str):
+            return raw
+        from difftune.families import families, family_of_pipeline
+
+        name, base = model["family"], model.get("pretrained")
+        if name in families() or not isinstance(base, str) or not base.strip():
+            return raw
+        found = family_of_pipeline(Path(os.path.expanduser(base)), model.get("revision"))
+        if found is not None:
+            raise ValueError(f"model.family: unknown family {name!r}; difftune has "
+                             f"{', '.join(map(repr, sorted(families())))}, and model.pretrained {base!r} is a "
+                             f"{found.description} pipeline: set model.family = {found.name!r}")
+        return raw
+
     @model_validator(mode="after")
     def _family_trains_the_method(self) -> RunConfig:
+        """What the family trains; a refusal that comes from a base of another family (an
+        "sd" left as the default on a CogView4 base) names the base's family instead. (The
+        plan checks the base's family in any case, before models load.)"""
+        from difftune.families import base_family_problem
+
+        try:
+            self._family_fits()
+        except ValueError:
+            problem = base_family_problem("model.pretrained", self.model.pretrained, self.model.family,
+                                          self.model.revision)
+            if problem:
+                raise ValueError(problem) from None
+            raise
+        return self
+
+    def _family_fits(self) -> None:
         from difftune.families import get_family
 
         family = get_family(self.model.family)
@@ -68,13 +105,26 @@ class RunConfig(_Section):
         if blocks and not getattr(family, "controlnet_blocks", False):
             raise ValueError(f"method.{next(iter(blocks))}: family {family.name!r} copies its whole encoder into a "
                              "ControlNet; the block counts are for Flux")
+        self._check_controlnet_blocks(family, blocks)
         foreign = [name for kind, names in OBJECTIVE_OPTIONS.items() if kind != family.objective_kind
                    for name in names if getattr(self.objective, name) != ObjectiveConfig.model_fields[name].default]
         if foreign:
             raise ValueError(f"objective.{foreign[0]}: family {family.name!r} trains with {family.objective_kind}, "
                              f"which has no such option (its options: "
                              f"{', '.join(OBJECTIVE_OPTIONS[family.objective_kind] + COMMON_OPTIONS)})")
-        return self
+
+    def _check_controlnet_blocks(self, family: Any, blocks: dict[str, int]) -> None:
+        """A new Flux ControlNet copies some blocks (none at all would steer nothing); a
+        ControlNet continued from method.controlnet keeps its own."""
+        method = self.method
+        if method.kind != "controlnet" or not getattr(family, "controlnet_blocks", False):
+            return
+        if method.controlnet is not None and blocks:
+            raise ValueError(f"method.{next(iter(blocks))}: method.controlnet continues an existing ControlNet, "
+                             "which keeps its own blocks; leave the block counts unset")
+        if method.controlnet is None and method.controlnet_double_blocks + method.controlnet_single_blocks == 0:
+            raise ValueError("method.controlnet_double_blocks and controlnet_single_blocks are both 0: a ControlNet "
+                             "of no blocks adds nothing to the transformer; copy at least one")
 
     @model_validator(mode="after")
     def _caches_fit_the_method(self) -> RunConfig:

@@ -63,8 +63,13 @@ def export_controlnet(folder: str | Path, out_file: str | Path, half: bool = Fal
     """Write the ControlNet folder (config.json + weights; a run's final/) as one file."""
     root = Path(folder)
     config, state = load_component(root.parent, root.name)
-    if "ControlNet" not in str(config.get("_class_name", "")):
-        raise ValueError(f"{root} holds a {config.get('_class_name', 'model of unknown class')}, not a ControlNet")
+    found = str(config.get("_class_name", "model of unknown class"))
+    if "ControlNet" not in found:
+        raise ValueError(f"{root} holds a {found}, not a ControlNet")
+    if found != "ControlNetModel":  # FluxControlNetModel, SD3ControlNetModel...: no such layout
+        raise ValueError(f"{root} holds a {found}; the original single-file ControlNet layout (control_model.*) "
+                         "exists for SD 1.x/2.x ControlNets (ControlNetModel) only. Use the folder as it is "
+                         f"({found}.from_pretrained), which diffusers and ComfyUI read")
     converted = apply_rules(state, controlnet_rules(config), PREFIX, root)
     if half:
         converted = {k: v.half() if v.is_floating_point() else v for k, v in converted.items()}

@@ -106,6 +106,21 @@ def _alpha(found: dict | None, module: str, down: torch.Tensor) -> float:
     return found["alpha"]
 
 
+def check_kohya_names(family: Any, state: dict[str, torch.Tensor]) -> None:
+    """The kohya format names the parts of families that have kohya names (SD, SDXL); a
+    file adapting other parts (a transformer: Flux, CogView4) is refused with what is written."""
+    from difftune.families import families
+
+    named = sorted(name for name, f in families().items() if f.kohya_prefixes)
+    parts = sorted({key.split(".", 1)[0] for key in state} - set(family.kohya_prefixes))
+    if not family.kohya_prefixes or parts:
+        what = f"a {family.description} LoRA" if not family.kohya_prefixes else f"a LoRA of the {', '.join(parts)}"
+        raise ValueError(f"{what} has no kohya names that difftune writes: the kohya format is written for "
+                         f"{', '.join(repr(n) for n in named)} LoRAs (a UNet and CLIP text encoders). Use its "
+                         "pytorch_lora_weights.safetensors as it is (diffusers' load_lora_weights and ComfyUI "
+                         "read it), or --format diffusers")
+
+
 def run_model(source: Path) -> dict:
     """The [model] section of the run whose final/ holds the file ({} if it is not in a run)."""
     from difftune.generate import run_config
@@ -164,6 +179,7 @@ def export_lora(run_or_file: str | Path, out_file: str | Path, format: str = "ko
     state = load_file(source)
     if format == "kohya":
         chosen = get_family(lora_family(source, state, family))
+        check_kohya_names(chosen, state)
         unet_names = original_unet_namer(chosen, source, base) if chosen.kohya_unet_names == "original" else None
         state = to_kohya(state, adapter_alphas(source), chosen.kohya_prefixes, unet_names)
         metadata = {"format": "pt", "ss_network_module": "networks.lora"}

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import functools
 import importlib
-import json
 import pkgutil
 from pathlib import Path
 
 from difftune.families.base import Family, ModelInputs, Parts
+from difftune.families.limits import check_sizes_fit, size_rule, vae_factor
 
 
 @functools.cache
@@ -31,58 +31,70 @@ def get_family(name: str) -> Family:
     return families()[name]
 
 
-def family_of_pipeline(folder: Path) -> Family | None:
-    """The family whose pipeline class a saved pipeline's model_index.json names (None:
-    not a local pipeline, or a class no family knows)."""
-    try:
-        index = json.loads((folder / "model_index.json").read_text())
-    except (OSError, ValueError):
+def family_of_pipeline(folder: Path, revision: str | None = None) -> Family | None:
+    """The family a saved pipeline is of (None: no readable model_index.json, or nothing
+    any family knows): the one whose pipeline classes include the _class_name its
+    model_index.json names, else the one whose denoiser and text encoders it lists, by
+    class (a pipeline class of its own over a family's models, as LCM's over SD's)."""
+    from difftune.families.limits import read_config
+
+    index = read_config(str(folder), "model_index.json", revision)
+    if index is None:
         return None
-    name = index.get("_class_name") if isinstance(index, dict) else None
+    name = index.get("_class_name")
     for family in families().values():
         if name in family.pipeline_classes.values():
             return family
-    return None
+    return next((family for family in families().values() if _lists_models_of(index, family)), None)
 
 
-def check_base(key: str, base: str, family_name: str, flag: str) -> None:
-    """A local base pipeline is of the family the run or command says (an SDXL folder run
-    as "sd" fails deep inside the UNet otherwise), and whole in what that family needs
-    beyond its files (SDXL: tokenizers of one length). Named before any model loads."""
+def _lists_models_of(index: dict, family: Family) -> bool:
+    """model_index.json lists exactly the family's text encoders and its denoiser, by class."""
+    def listed_class(part: str) -> str | None:
+        entry = index.get(part)
+        return entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+
+    encoders = {key for key, entry in index.items() if key.startswith("text_encoder") and listed_class(key)}
+    classes = getattr(family, "text_encoder_classes", {})
+    return (listed_class(family.denoiser_name) == getattr(family, "denoiser_class", None)
+            and encoders == set(classes) and all(listed_class(key) == cls for key, cls in classes.items()))
+
+
+def check_base(key: str, base: str, family_name: str, flag: str, revision: str | None = None) -> None:
+    """A base pipeline is of the family the run or command says (an SDXL folder run as
+    "sd" fails deep inside the UNet otherwise), of a family difftune has at all, and whole
+    in what that family needs beyond its files (SDXL: tokenizers of one length). Named
+    from its configs (a local folder, or a Hub id in the local cache) before any model loads."""
+    from difftune.families.limits import pipeline_class
     from difftune.paths import PathError
 
     folder = Path(base).expanduser()
-    found = family_of_pipeline(folder)
+    found = family_of_pipeline(folder, revision)
     if found is not None and found.name != family_name:
         raise PathError(f"{key} = {base!r} is a {found.description} pipeline (family {found.name!r}), but {flag} "
                         f"is {family_name!r}: set {flag} to {found.name!r}")
+    named = pipeline_class(base, revision)
+    if found is None and named is not None:
+        known = "; ".join(f"{f.name!r}: {', '.join(sorted(f.pipeline_classes.values()))}"
+                          for f in families().values())
+        raise PathError(f"{key} = {base!r} is a {named} (its model_index.json), which no difftune family trains "
+                        f"or runs (difftune has {known})")
     problems = get_family(family_name).folder_problems(folder) if folder.is_dir() else []
     if problems:
         raise PathError(f"{key} = {base!r}: " + "; ".join(problems))
 
 
-def vae_factor(vae: str | None, base: str) -> int | None:
-    """How many pixels make one latent, from the VAE's config.json (local folders only)."""
-    config = Path(vae).expanduser() / "config.json" if vae else Path(base).expanduser() / "vae" / "config.json"
+def base_family_problem(key: str, base: str, family_name: str, revision: str | None = None) -> str | None:
+    """The sentence check_base raises about the base's family (another family, or none
+    difftune has), for the config's own checks; None when it fits or cannot be read."""
+    from difftune.paths import PathError
+
     try:
-        return 2 ** (len(json.loads(config.read_text(encoding="utf-8"))["block_out_channels"]) - 1)
-    except (ValueError, OSError, KeyError, TypeError):
-        return None
+        check_base(key, base, family_name, "model.family", revision)
+    except PathError as error:
+        return str(error)
+    return None
 
 
-def check_sizes_fit(sizes: dict[str, int], factor: int | None, patch: int, family: str) -> None:
-    """Every training size makes whole latent patches: a multiple of the VAE factor times
-    the denoiser's patch (Flux packs 2x2), named before any model loads."""
-    if factor is None:
-        return
-    multiple = factor * patch
-    for key, value in sizes.items():
-        if value % multiple:
-            why = f"the VAE factor {factor} x the {patch}x{patch} patches {family} packs" if patch > 1 else \
-                f"the VAE factor {factor}"
-            from difftune.paths import PathError
-
-            raise PathError(f"{key} = {value} must be a multiple of {multiple} ({why})")
-
-
-__all__ = ["Family", "ModelInputs", "Parts", "check_base", "check_sizes_fit", "families", "family_of_pipeline", "get_family", "vae_factor"]
+__all__ = ["Family", "ModelInputs", "Parts", "base_family_problem", "check_base", "check_sizes_fit", "families",
+           "family_of_pipeline", "get_family", "size_rule", "vae_factor"]

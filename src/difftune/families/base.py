@@ -167,7 +167,20 @@ class Family(Protocol):
     """The denoiser's input layer (a module path) that channel-concat Control widens."""
     latent_patch: int
     """Latent pixels per side of one denoiser token (Flux: 2); sizes are multiples of VAE factor x this."""
-    """The torch dtype name `difftune generate` uses on a GPU."""
+    pipeline_multiple: int
+    """What the family's pipelines demand of a size besides (CogView4Pipeline: 16)."""
+    negative_prompt: bool
+    """Whether its pipelines use a negative prompt as `difftune generate` runs them."""
+    controlnet_class: str
+    """The diffusers class of its ControlNets."""
+
+    def latent_patch_of(self, base: str, revision: str | None = None) -> tuple[int, str]:
+        """(latent_patch as the base's configs say, where that comes from), before any weight loads."""
+        ...
+
+    def method_problems(self, method: MethodConfig, base: str, revision: str | None = None) -> list[str]:
+        """What the base's configs rule out in the [method] section, before any weight loads."""
+        ...
 
     def folder_problems(self, folder: Path) -> list[str]:
         """What a local pipeline folder lacks for this family beyond its files (from the

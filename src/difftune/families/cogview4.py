@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from difftune.objectives import Objective
 
 PATCH = 2
+"""The transformer's patch when its config does not say (CogView4Transformer2DModel's default)."""
+PIPELINE_MULTIPLE = 16
+"""CogView4Pipeline and CogView4ControlPipeline refuse sizes that are not multiples of 16."""
 MAX_SEQUENCE_LENGTH = 1024
 """Where CogView4Pipeline cuts a prompt (its max_sequence_length default)."""
 TOKEN_MULTIPLE = 16
@@ -56,6 +59,7 @@ class CogView4(LatentFamily):
     pipeline_classes = {"text_to_image": "CogView4Pipeline", "control": "CogView4ControlPipeline"}
     input_projection = "patch_embed.proj"
     latent_patch = PATCH
+    pipeline_multiple = PIPELINE_MULTIPLE
     attention_options = "attention_kwargs"
     gpu_dtype = "bfloat16"
     caches_text = False
@@ -73,10 +77,18 @@ class CogView4(LatentFamily):
     def folder_problems(self, folder: Path) -> list[str]:
         return []
 
+    def latent_patch_of(self, base: str, revision: str | None = None) -> tuple[int, str]:
+        """The transformer's patch_size, from its config.json (2 for CogView4-6B)."""
+        from difftune.families.limits import read_config
+
+        config = read_config(base, f"{self.denoiser_name}/config.json", revision) or {}
+        patch = config.get("patch_size", PATCH)
+        return patch, f"the transformer's {patch}x{patch} patches ({self.denoiser_name}/config.json patch_size)"
+
     def objective(self, parts: Parts, config: ObjectiveConfig) -> Objective:
         from difftune.objectives import FlowMatching
 
-        return FlowMatching(parts.noise_scheduler, config, self.shift_mu(parts), PATCH)
+        return FlowMatching(parts.noise_scheduler, config, self.shift_mu(parts), _patch(parts.denoiser))
 
     def shift_mu(self, parts: Parts) -> Callable[[int], float]:
         """CogView4Pipeline's calculate_shift: sqrt(tokens / base_image_seq_len) * max_shift + base_shift."""
@@ -108,8 +120,9 @@ class CogView4(LatentFamily):
         transformer = parts.denoiser
         dtype, device = dtype_of(transformer), inputs.noisy.device
         batch, _, height, width = inputs.noisy.shape
-        if height % PATCH or width % PATCH:
-            raise ValueError(f"CogView4 embeds {PATCH}x{PATCH} patches: latents of {height}x{width} do not divide")
+        patch = _patch(transformer)
+        if height % patch or width % patch:
+            raise ValueError(f"CogView4 embeds {patch}x{patch} patches: latents of {height}x{width} do not divide")
         if inputs.geometry is None:  # every sample at its target size, in pixels
             h, w = height * self.vae_scale_factor(parts), width * self.vae_scale_factor(parts)
             geometry = torch.tensor([[h, w, 0, 0, h, w]] * batch, device=device)
@@ -136,6 +149,11 @@ class CogView4(LatentFamily):
 
     def export_single_file(self, pipeline_dir: Path, out_file: Path, half: bool) -> Path:
         raise ValueError("a single-file CogView4 checkpoint is not written yet; final/ is a diffusers folder")
+
+
+def _patch(transformer: Any) -> int:
+    """The transformer's patch_size (through a wrapper such as DDP, which has no .config)."""
+    return getattr(getattr(transformer, "module", transformer).config, "patch_size", PATCH)
 
 
 FAMILY = CogView4()

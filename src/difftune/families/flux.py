@@ -59,10 +59,16 @@ class Flux(LatentFamily):
     card_tags = ["flux", "flux-diffusers", "text-to-image"]
     pipeline_classes = {"text_to_image": "FluxPipeline", "control": "FluxControlPipeline",
                         "controlnet": "FluxControlNetPipeline"}
+    trainable_text_encoder_names = ("text_encoder",)
+    """diffusers' Flux LoRA loader adapts CLIP, never T5 (train_text_encoder: CLIP alone)."""
+    controlnet_class = "FluxControlNetModel"
     controlnet_blocks = True
     """method.controlnet_double_blocks / _single_blocks choose the ControlNet's depth."""
     input_projection = "x_embedder"
     """The denoiser's input layer, which channel-concat Control widens."""
+    negative_prompt = False
+    """Guidance-distilled: FluxControlPipeline takes no negative prompt, and the others use
+    one only with true classifier-free guidance (true_cfg_scale), which generation does not run."""
     attention_options = "joint_attention_kwargs"
     latent_patch = PATCH
     gpu_dtype = "bfloat16"  # Flux overflows in fp16
@@ -71,11 +77,30 @@ class Flux(LatentFamily):
         from dataclasses import replace
 
         parts = self.load_parts(config, denoiser_in_memory)
-        # diffusers' Flux LoRA loader adapts CLIP, never T5 (train_text_encoder: CLIP alone)
-        return replace(parts, constants={"guidance": config.guidance}, trainable_text_encoder_names=("text_encoder",))
+        return replace(parts, constants={"guidance": config.guidance},
+                       trainable_text_encoder_names=self.trainable_text_encoder_names)
 
     def folder_problems(self, folder: Path) -> list[str]:
         return []
+
+    def method_problems(self, method: MethodConfig, base: str, revision: str | None = None) -> list[str]:
+        """A new ControlNet copies blocks of the transformer: a count set above what it has is
+        refused (the default, 4, takes all a smaller base has, saying so: make_controlnet)."""
+        from difftune.families.limits import read_config
+
+        if method.kind != "controlnet" or method.controlnet is not None:
+            return []
+        config = read_config(base, f"{self.denoiser_name}/config.json", revision) or {}
+        problems = []
+        for key, count, kind in (("controlnet_double_blocks", "num_layers", "dual-stream"),
+                                 ("controlnet_single_blocks", "num_single_layers", "single-stream")):
+            has, wanted = config.get(count), getattr(method, key)
+            # a count left at its default (diffusers' 4) takes what a smaller base has, with a line (make_controlnet)
+            if isinstance(has, int) and wanted > has and wanted != type(method).model_fields[key].default:
+                problems.append(f"method.{key} = {wanted}: the base's transformer has {has} {kind} blocks "
+                                f"({count} in {self.denoiser_name}/config.json), and a ControlNet copies at most "
+                                "that many")
+        return problems
 
     def objective(self, parts: Parts, config: ObjectiveConfig) -> Objective:
         from difftune.objectives import FlowMatching
@@ -164,6 +189,13 @@ class Flux(LatentFamily):
         config = parts.denoiser.config
         double = settings.controlnet_double_blocks if settings is not None else 4
         single = settings.controlnet_single_blocks if settings is not None else 4
+        # more than it has: the default on a smaller base, or a base whose config the plan could not read
+        if double > config.num_layers or single > config.num_single_layers:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "method.controlnet_double_blocks / _single_blocks = %d / %d: the base's transformer has %d / %d; "
+                "the ControlNet copies them all", double, single, config.num_layers, config.num_single_layers)
         return FluxControlNetModel.from_transformer(
             parts.denoiser, num_layers=min(double, config.num_layers),
             num_single_layers=min(single, config.num_single_layers), attention_head_dim=config.attention_head_dim,

@@ -43,6 +43,12 @@ class LatentFamily:
     latent_patch = 1
     """Latent pixels per side of one denoiser token (Flux packs 2x2): training sizes are
     multiples of the VAE factor times this."""
+    controlnet_class = "ControlNetModel"
+    """The diffusers class of the family's ControlNets."""
+    negative_prompt = True
+    """Whether the family's pipelines use a negative prompt as generation runs them."""
+    pipeline_multiple = 1
+    """What the family's diffusers pipelines demand of a size besides (a check of their own)."""
     gpu_dtype = "float16"
     """The dtype `difftune generate` runs the pipeline in on a GPU."""
     attention_options = "cross_attention_kwargs"
@@ -56,6 +62,16 @@ class LatentFamily:
     def components(self) -> dict[str, str]:
         return {**dict.fromkeys(self.tokenizer_names, "tokenizer"), **dict.fromkeys(self.text_encoder_names, "model"),
                 "vae": "model", self.denoiser_name: "model", "scheduler": "scheduler"}
+
+    def latent_patch_of(self, base: str, revision: str | None = None) -> tuple[int, str]:
+        """(latent pixels per side of one denoiser token, where that comes from), before any
+        weight loads; a family whose patch is in its denoiser's config reads it there."""
+        return self.latent_patch, f"the {self.latent_patch}x{self.latent_patch} patches {self.description} packs"
+
+    def method_problems(self, method: Any, base: str, revision: str | None = None) -> list[str]:
+        """What the base's configs rule out in the [method] section (Flux: more ControlNet
+        blocks than its transformer has), one sentence each, before any weight loads."""
+        return []
 
     # --- loading ---------------------------------------------------------------------------
 
@@ -233,8 +249,9 @@ class LatentFamily:
                     f'pipe.load_lora_weights("{repo}")')
         if result == "controlnet":
             pipeline = self.pipeline_classes["controlnet"]
-            return (f"from diffusers import ControlNetModel, {pipeline}\n"
-                    f'controlnet = ControlNetModel.from_pretrained("{repo}")\n'
+            net = self.controlnet_class
+            return (f"from diffusers import {net}, {pipeline}\n"
+                    f'controlnet = {net}.from_pretrained("{repo}")\n'
                     f'pipe = {pipeline}.from_pretrained("{base}", controlnet=controlnet)')
         if result == "lora":
             return (f"from diffusers import {text_to_image}\n"

@@ -52,6 +52,8 @@ class StableDiffusion(LatentFamily):
     pipeline_options: dict[str, Any] = {"safety_checker": None, "feature_extractor": None,
                                         "requires_safety_checker": False}
     """Keyword arguments every pipeline of the family is built with."""
+    pipeline_multiple = 8
+    """StableDiffusion(XL)Pipeline.check_inputs refuses sizes that are not multiples of 8."""
 
     # --- loading ---------------------------------------------------------------------------
 

@@ -40,9 +40,11 @@ def keep_weights_and_raise(failure: BaseException | None, step: int, checkpoint:
                      traceback="".join(traceback.format_exception(failure)))
     if not already_saved:
         write_checkpoint()
+    if isinstance(failure, UserError):  # its own sentence (a full disk), with where the weights are
+        failure.args = (f"{failure} (the trained weights: {checkpoint}; the same command writes final/ from it "
+                        "and trains nothing again)",)
+        raise failure
     why = f"{type(failure).__name__}: {failure}" if failure is not None else "on the main process"
-    if isinstance(failure, UserError):
-        why = str(failure)
     raise FinalNotWritten(
         f"training finished at step {step}, but final/ could not be written ({why}). The trained weights are "
         f"in {checkpoint}: once the cause is fixed, run the same command again to write final/ from it "

@@ -167,7 +167,7 @@ def check_sources(config: RunConfig) -> None:
         note = offline_if_hub_unreachable()
         if note:
             logger.warning(note)
-    from difftune.families import check_base, check_sizes_fit, get_family, vae_factor
+    from difftune.families import check_base, check_sizes_fit, get_family
 
     components = dict(get_family(model.family).components)
     if model.tokenizer:
@@ -176,14 +176,19 @@ def check_sources(config: RunConfig) -> None:
     if model.vae:
         check_model_folder("model.vae", model.vae, "AutoencoderKL", revision=model.revision)
         components.pop("vae", None)
+    # the family first: an SD folder named "sdxl" is another family's base, not one that lacks a part
+    check_base("model.pretrained", model.pretrained, model.family, "model.family", model.revision)
     check_pipeline("model.pretrained", model.pretrained, components, model.variant, model.revision)
-    check_base("model.pretrained", model.pretrained, model.family, "model.family")
     if model.vae:
         check_vae_fits("model.vae", model.vae, model.pretrained)
     family = get_family(model.family)
+    # data.resolution is also the validation and class-image size
     sizes: dict[str, int] = {"data.resolution": config.data.resolution} | (
         {"data.bucket_step": config.data.bucket_step} if config.data.buckets else {})
-    check_sizes_fit(sizes, vae_factor(model.vae, model.pretrained), family.latent_patch, family.name)
+    check_sizes_fit(sizes, family, model.pretrained, model.vae, model.revision)
+    problems = family.method_problems(config.method, model.pretrained, model.revision)
+    if problems:
+        raise ConfigError(problems, "the config, for this base")
     if config.method.controlnet:
         check_model_folder("method.controlnet", config.method.controlnet, "ControlNet")
         check_controlnet_fits("method.controlnet", config.method.controlnet, model.pretrained, family.denoiser_name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
 import time
 from collections.abc import Iterator
@@ -36,7 +37,7 @@ from difftune.paths import default_cache_dir
 from difftune.processes import agreed
 from difftune.scoring import MetricSet, load_metric_set
 from difftune.training.cache_choice import choose_caches
-from difftune.training.engines import EngineError, check_fsdp_version, switch_cpu_job_to_fsdp2
+from difftune.training.engines import EngineError, check_fsdp_version, fsdp_requested, switch_cpu_job_to_fsdp2
 from difftune.validation import ValidationPair, load_validation_pairs
 from difftune.versions import problems_for
 
@@ -66,6 +67,8 @@ def preflight(config: RunConfig, rows: CheckedRows | None = None) -> Preflight:
         raise ConfigError(broken, "the installed packages")
     check_extras(config)
     check_precision(config)
+    check_launch(config)
+    check_lora_targets(config, family)
     samples = open_training_data(config.data, config.train.seed, method.needs_conditioning,
                                  method.fixed_caption, rows)
     pairs = load_validation_pairs(config.validation, config.data.resolution)
@@ -78,6 +81,59 @@ def check_precision(config: RunConfig) -> None:
     if config.train.mixed_precision == "fp16" and torch.accelerator.current_accelerator() is None:
         raise ConfigError(['train.mixed_precision = "fp16" needs a GPU, and none is available here: '
                            'use "bf16" or "no" on the CPU'])
+
+
+def sharded_launch() -> str | None:
+    """The engine that will shard the trained weights, as the launcher's environment says
+    before the accelerator exists: "FSDP2" (accelerate turns FSDP on for several processes
+    only), "DeepSpeed ZeRO-3", or None."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if fsdp_requested() and processes > 1:
+        return "FSDP2"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes") and \
+            os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
+def check_launch(config: RunConfig) -> None:
+    """What a sharded launch cannot train, refused before any model loads (the engine
+    would find it only after loading: training.engines)."""
+    engine = sharded_launch()
+    if engine is None:
+        return
+    if config.model.quantize:
+        raise EngineError(f"model.quantize = {config.model.quantize!r} under {engine}: a quantized base is not "
+                          "sharded by difftune; launch with DDP (configs/accelerate/ddp.yaml) or one process, or "
+                          "leave model.quantize unset")
+    if config.method.train_text_encoder:
+        raise EngineError(f"method.train_text_encoder under {engine}: a sharded launch trains one module per run "
+                          "(accelerate prepares one model with its optimizer); leave it off, or launch with DDP "
+                          "(configs/accelerate/ddp.yaml)")
+
+
+def check_lora_targets(config: RunConfig, family: Family) -> None:
+    """Every LoRA target names a module of the part it adapts, checked on the base's
+    skeleton (families.limits; no weights): peft drops a target that matches nothing."""
+    from difftune.families.limits import part_module_names, unmatched_targets
+
+    settings, model = config.method.lora, config.model
+    if settings is None:
+        return
+    wanted = {family.denoiser_name: ("method.lora.target_modules", settings.target_modules or family.lora_targets)}
+    if config.method.train_text_encoder:
+        trainable = getattr(family, "trainable_text_encoder_names", None) or family.text_encoder_names
+        wanted |= dict.fromkeys(trainable, ("method.lora.text_encoder_target_modules",
+                                            settings.text_encoder_target_modules))
+    for part, (key, targets) in wanted.items():
+        names = part_module_names(family, model.pretrained, part, model.revision)
+        missing = unmatched_targets(targets, names) if names is not None else []
+        if missing:
+            ends = {".".join(name.split(".")[-depth:]) for name in names for depth in (1, 2)}
+            close = difflib.get_close_matches(missing[0], ends, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError([f"{key}: {', '.join(map(repr, missing))} match no module of the base's {part}, "
+                               f"so nothing would adapt there{hint}"], "the config, for this base")
 
 
 def check_extras(config: RunConfig) -> None:
