@@ -55,7 +55,7 @@ def _weights(run: Path) -> dict:
 def test_two_processes_equal_one_process_with_double_batch(tiny_base: Path, circles: Path, tmp_path: Path) -> None:
     # Noise is drawn per sample (keyed by its place in the data), and the padded epoch
     # order gives rank r every other batch, so both runs see the same samples per step.
-    settings = {"max_steps": 3, "checkpoint_every": 10}
+    settings = {"max_steps": 3, "checkpoint_every": 10, "cpu_threads": 1}  # see test_fsdp.TOLERANCE
     two = _write(run_config(tiny_base, circles, tmp_path / "two", train={**settings, "batch_size": 2}), tmp_path / "2.toml")
     one = _write(run_config(tiny_base, circles, tmp_path / "one", train={**settings, "batch_size": 4}), tmp_path / "1.toml")
     _torchrun(two, 2)

@@ -25,7 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_CONFIGS = ROOT / "configs" / "accelerate"
 TOLERANCE = 1e-5
 """Largest weight difference allowed between a sharded run and one process at double
-batch (measured: 6e-8 ControlNet, 9e-8 LoRA, 3.4e-6 full; sums in another order)."""
+batch: sums in another order. Every run of a comparison fixes train.cpu_threads = 1, in
+each rank too: the thread count splits a matmul's sums, and with 2 threads a side the
+full fine-tune differed by 1.0e-5 (3 steps, weights moved 3e-3), against 1.5e-6 with 1
+(ControlNet 1.2e-7 either way; measured 2026-12-05 on the 2-core box, under load)."""
 
 WEIGHTS = {"controlnet": "diffusion_pytorch_model.safetensors", "lora": "pytorch_lora_weights.safetensors",
            "full": "unet/diffusion_pytorch_model.safetensors"}
@@ -33,7 +36,8 @@ WEIGHTS = {"controlnet": "diffusion_pytorch_model.safetensors", "lora": "pytorch
 
 def _config(base: Path, data: Path, out: Path, kind: str, **train_settings: object) -> dict:
     """A run that validates once, at the end (with whole weights gathered from the shards)."""
-    raw = run_config(base, data, out, method={"kind": kind}, train={"checkpoint_every": 2, **train_settings},
+    raw = run_config(base, data, out, method={"kind": kind},
+                     train={"checkpoint_every": 2, "cpu_threads": 1, **train_settings},
                      data={"cache_latents": False, "cache_text": False})  # the same whatever max_steps is
     raw["validation"] = {"every": 100, "prompts": ["red circle with blue background"], "num_images": 1, "steps": 2}
     if kind == "controlnet":
