@@ -153,12 +153,26 @@ def test_the_start_summary_says_where_what_how_long_and_where_to_watch(finished_
         assert expected in text, text
 
 
-def test_a_dataset_smaller_than_a_batch_says_so(tiny_base, circles, tmp_path) -> None:
-    raw = run_config(tiny_base, circles, tmp_path / "run", train={"max_steps": 1, "batch_size": 16})
+@pytest.mark.parametrize(("batch", "accumulation"), [(16, 1), (4, 4)])
+def test_a_dataset_smaller_than_a_step_says_so(batch, accumulation, tiny_base, circles, tmp_path) -> None:
+    raw = run_config(tiny_base, circles, tmp_path / "run",
+                     train={"max_steps": 1, "batch_size": batch, "gradient_accumulation_steps": accumulation})
     raw["validation"] = {"every": 100}
     train(build_config(raw))
     start = next(e for e in read_events(tmp_path / "run") if e["event"] == "start")
-    assert any("fewer than one batch of 16" in line for line in start["summary"])
+    assert any("12 sample(s), fewer than one step's 16" in line for line in start["summary"])
+
+
+def test_aspect_buckets_smaller_than_a_batch_say_so(tiny_base, tmp_path) -> None:
+    from test_buckets import _three_shapes  # 12 images, 4 of each of three shapes
+
+    raw = run_config(tiny_base, _three_shapes(tmp_path / "shapes"), tmp_path / "run", method={"kind": "full"},
+                     data={"buckets": True, "bucket_step": 16}, train={"max_steps": 1, "batch_size": 6})
+    raw["validation"] = {"every": 100}
+    train(build_config(raw))
+    start = next(e for e in read_events(tmp_path / "run") if e["event"] == "start")
+    assert any("3 of 3 aspect bucket(s)" in line and "fewer samples than one batch of 6" in line
+               for line in start["summary"]), start["summary"]
 
 
 def test_the_bar_shows_a_mean_loss_and_a_steady_time_left() -> None:

@@ -202,3 +202,19 @@ def test_resume_after_fallback_trains_to_the_same_weights(finished_run, tiny_bas
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     assert any(e["event"] == "checkpoint_skipped" for e in events)
+
+
+def test_a_finished_run_asked_for_fewer_steps_says_it_kept_the_result(finished_run, tiny_base, circles, tmp_path,
+                                                                       capsys) -> None:
+    from difftune.cli import main
+    from difftune.config import to_toml
+
+    run = copy_run(finished_run, tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in (run / "final").iterdir()}
+    path = tmp_path / "fewer.toml"
+    path.write_text(to_toml(_config(run, tiny_base, circles, train={"max_steps": 1, "checkpoint_every": 1})))
+    assert main(["train", str(path)]) == 0
+    said = " ".join(capsys.readouterr().err.split())  # the console folds long lines
+    assert "finished at step 2" in said and "train.max_steps = 1 is below that" in said, said
+    assert "step-000001 holds the weights of step 1" in said
+    assert before == {p: p.stat().st_mtime_ns for p in (run / "final").iterdir()}

@@ -163,3 +163,15 @@ def test_every_written_form_keeps_the_photo_upright(tmp_path: Path) -> None:
     prepare(canny, tmp_path / "hf", form="hf", workers=1)
     report = check_dataset(DataConfig(path=str(tmp_path / "hf"), resolution=32), needs_conditioning=True)
     assert not report.findings, report.summary()
+
+
+def test_validation_and_generate_turn_a_conditioning_photo_upright(tmp_path: Path) -> None:
+    """Validation images and `generate --image` are conditioning images too: read as training reads them."""
+    from difftune.config import ValidationConfig
+    from difftune.generate import _conditioning
+    from difftune.validation import load_validation_pairs
+
+    shown = _phone_photo(tmp_path / "photo.png", form="PNG")  # lossless: pixels compare exactly
+    (pair,) = load_validation_pairs(ValidationConfig(prompts=["p"], images=[str(tmp_path / "photo.png")]), 64)
+    assert np.array_equal(np.asarray(pair.image), np.asarray(shown.resize((64, 64), Image.Resampling.BILINEAR)))
+    assert np.array_equal(np.asarray(_conditioning(str(tmp_path / "photo.png"), None)), np.asarray(shown))

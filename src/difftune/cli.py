@@ -39,10 +39,10 @@ def run_training(config: Any) -> int:
 
 def _train_planned(plan: Any, stop: Any, main_process: bool) -> int:
     if plan.finished_at is not None:
+        from difftune.training.plan import finished_message
+
         if main_process:
-            console.print(f"this run finished at step {plan.finished_at}: its result is {plan.run_dir / 'final'}. "
-                          "Nothing to train. To train longer, raise train.max_steps; for a new run, give "
-                          "another train.output_dir.", highlight=False, soft_wrap=True)
+            console.print(finished_message(plan), highlight=False, soft_wrap=True)
         return 0
     from difftune.training.loop import Run
 

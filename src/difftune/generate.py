@@ -250,9 +250,11 @@ def _check_size(request: Generation, given: set[str]) -> None:
     if not sizes and request.image is not None and native is None:
         from PIL import Image
 
-        with Image.open(request.image) as image:
-            sizes = {f"--image {request.image}'s width": image.width,
-                     f"--image {request.image}'s height": image.height}
+        from difftune.data.images import oriented_size
+
+        with Image.open(request.image) as image:  # upright, as _conditioning turns it
+            width, height = oriented_size(image)
+        sizes = {f"--image {request.image}'s width": width, f"--image {request.image}'s height": height}
     check_sizes_fit(sizes, _family(request), base)
 
 
@@ -398,8 +400,9 @@ def _format(path: Path) -> str:
 def _conditioning(path: str | None, resolution: int | None) -> Any:
     from PIL import Image
 
-    with Image.open(path) as opened:  # type: ignore[arg-type]
-        control = opened.convert("RGB")
+    from difftune.data.images import open_oriented
+
+    control = open_oriented(Path(path))  # type: ignore[arg-type]  # upright, as training saw its images
     if resolution is not None:
         control = control.resize((resolution, resolution), Image.Resampling.BILINEAR)
     return control

@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from difftune.config import RunConfig, ValidationConfig
+from difftune.data.images import open_oriented
 from difftune.data.sources import DataError
 from difftune.families.base import Family, Parts
 from difftune.methods.base import Method, Trained, evaluating
@@ -34,8 +35,8 @@ def load_validation_pairs(config: ValidationConfig, resolution: int) -> list[Val
             pairs.append(ValidationPair(prompt, None, None))
             continue
         try:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB").resize((resolution, resolution), Image.Resampling.BILINEAR)
+            # upright (EXIF orientation), as training saw its conditioning images
+            image = open_oriented(Path(path)).resize((resolution, resolution), Image.Resampling.BILINEAR)
         except FileNotFoundError:
             raise DataError(f"validation.images[{index}]: no such file {path}") from None
         except Exception as error:

@@ -57,8 +57,9 @@ class NonFiniteGuard:
         if self.in_a_row > self.limit:
             raise NonFiniteLoss(
                 f"{self.in_a_row} steps in a row had a non-finite loss (train.max_nonfinite_steps = "
-                f"{self.limit}); stopping. Checkpoints hold only finite weights: lower "
-                "train.learning_rate or use bf16 instead of fp16, then resume."
+                f"{self.limit}); stopping. Checkpoints hold only finite weights. A resumed run keeps the "
+                "settings it was trained with, so lower train.learning_rate or use bf16 instead of fp16 in a "
+                "new run (another train.output_dir)."
             )
 
     def counts(self) -> dict[str, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import time
 from dataclasses import asdict
@@ -54,11 +55,13 @@ from difftune.training.events import (
 )
 from difftune.training.guards import NonFiniteGuard, NonFiniteLoss, all_finite
 from difftune.training.optim import make_lr_scheduler, make_optimizer, total_steps
-from difftune.training.plan import RunPlan, main_process_by_environment, plan_run
+from difftune.training.plan import RunPlan, finished_message, main_process_by_environment, plan_run
 from difftune.training.step import Trainee, training_loss
 from difftune.training.summary import log_cache_choice, log_data_check, log_plan, start_summary
 from difftune.training.threads import ThreadGovernor
 from difftune.training.validate import Validation
+
+logger = logging.getLogger(__name__)
 
 
 class Run:
@@ -426,6 +429,7 @@ def train(config: RunConfig, console: Console | None = None, plan: RunPlan | Non
     that finished before is not trained again (its final/ is returned)."""
     plan = plan or plan_run(config, main_process=main_process_by_environment())
     if plan.finished_at is not None:
+        logger.warning(finished_message(plan))
         return plan.run_dir / "final"
     with StopSignals() as stop:  # from before the models load
         return Run(plan.config, console, plan, stop).fit()

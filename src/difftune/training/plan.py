@@ -50,7 +50,9 @@ from difftune.paths import (
 from difftune.training.checkpoint import (
     CONFIG_FILE,
     DATA_FILE,
+    MARKER,
     ResumeError,
+    checkpoint_dir,
     checkpoint_step,
     finished_step,
     pick_checkpoint,
@@ -287,6 +289,22 @@ def recorded_config(run_dir: Path, checkpoint: Path | None) -> dict[str, Any] | 
             except (tomllib.TOMLDecodeError, UnicodeDecodeError):
                 continue
     return None
+
+
+def finished_message(plan: RunPlan) -> str:
+    """What `train` does with a run that finished before (nothing), and where its result
+    is; a max_steps below the finished step is named, since the run is not cut back."""
+    assert plan.finished_at is not None
+    text = (f"this run finished at step {plan.finished_at}: its result is {plan.run_dir / 'final'}. "
+            "Nothing was trained or changed.")
+    asked = plan.config.train.max_steps
+    if asked is None or asked >= plan.finished_at:
+        return text + " To train longer, raise train.max_steps; for a new run, give another train.output_dir."
+    kept = checkpoint_dir(plan.run_dir, asked)
+    where = (f"its checkpoint {kept} holds the weights of step {asked}" if (kept / MARKER).is_file()
+             else f"no checkpoint of step {asked} is kept")
+    return (text + f" train.max_steps = {asked} is below that, and a finished run is not cut back ({where}); "
+            f"for a {asked}-step result, start a new run in another train.output_dir.")
 
 
 def _reached(config: RunConfig, recorded: dict[str, Any] | None, finished: int) -> bool:

@@ -74,10 +74,27 @@ def start_summary(run: Any, step: int) -> list[str]:
         + (f" or tensorboard --logdir {shlex.quote(str(run.run_dir / 'logs'))}"
            if train.report_to in ("tensorboard", "all") else ""),
     ]
-    if samples < run.global_batch:
-        lines.append(f"note: the data has {samples} sample(s), fewer than one batch of {run.global_batch}: "
-                     "each batch repeats samples")
-    return lines
+    return lines + small_data_notes(run, samples)
+
+
+def small_data_notes(run: Any, samples: int) -> list[str]:
+    """What repeats when the data is smaller than a step, or an aspect bucket smaller
+    than a batch (each batch comes from one bucket, padded with its own samples)."""
+    train = run.config.train
+    notes = []
+    if samples < run.samples_per_step:
+        notes.append(
+            f"note: the data has {samples} sample(s), fewer than one step's {run.samples_per_step} (batch "
+            f"{train.batch_size} x {train.gradient_accumulation_steps} accumulation x "
+            f"{run.accelerator.num_processes} process(es)): each step repeats samples")
+    per_bucket = run.sampler.summary() if hasattr(run.sampler, "summary") else {}
+    small = sorted(name for name, count in per_bucket.items() if count < train.batch_size)
+    if small:
+        notes.append(
+            f"note: {len(small)} of {len(per_bucket)} aspect bucket(s) ({', '.join(small[:5])}"
+            f"{', ...' if len(small) > 5 else ''}) hold fewer samples than one batch of {train.batch_size}: "
+            "their batches repeat samples (a larger data.bucket_step makes fewer buckets)")
+    return notes
 
 
 def _count(n: int) -> str:
