@@ -89,3 +89,18 @@ def copy_run(run: Path, where: Path) -> Path:
     target = where / run.name
     shutil.copytree(run, target)
     return target
+
+
+def poison_loss(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int]) -> None:
+    """Make the loss NaN on the given (1-based) calls of the training loss."""
+    import difftune.training.stepping as stepping
+
+    real = stepping.training_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] in bad_calls else loss
+
+    monkeypatch.setattr(stepping, "training_loss", poisoned)

@@ -8,31 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_config
+from conftest import poison_loss, run_config
 from safetensors.torch import load_file
 
-import difftune.training.loop as loop_module
 from difftune.config import build_config, to_toml
 from difftune.training.events import read_events
 from difftune.training.guards import NonFiniteLoss
 from difftune.training.loop import Run
 
 
-def _poison(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int]) -> None:
-    """Make the loss NaN on the given (1-based) calls of the training loss."""
-    real = loop_module.training_loss
-    calls = {"n": 0}
-
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if calls["n"] in bad_calls else loss
-
-    monkeypatch.setattr(loop_module, "training_loss", poisoned)
-
-
 def test_nonfinite_steps_are_skipped(monkeypatch, tiny_base: Path, circles: Path, tmp_path: Path) -> None:
-    _poison(monkeypatch, {2, 3})
+    poison_loss(monkeypatch, {2, 3})
     Run(build_config(run_config(tiny_base, circles, tmp_path / "run", train={"max_steps": 5}))).fit()
     events = read_events(tmp_path / "run")
     assert [e["step"] for e in events if e["event"] == "nonfinite"] == [2, 3]
@@ -42,7 +28,7 @@ def test_nonfinite_steps_are_skipped(monkeypatch, tiny_base: Path, circles: Path
 
 
 def test_too_many_nonfinite_steps_stop_the_run(monkeypatch, tiny_base: Path, circles: Path, tmp_path: Path) -> None:
-    _poison(monkeypatch, set(range(3, 100)))
+    poison_loss(monkeypatch, set(range(3, 100)))
     raw = run_config(tiny_base, circles, tmp_path / "run", train={"max_steps": 10, "max_nonfinite_steps": 2})
     with pytest.raises(NonFiniteLoss, match="3 steps in a row"):
         Run(build_config(raw)).fit()
@@ -76,7 +62,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(tiny_base: Path, circles: Path, t
 
 
 def test_nonfinite_micro_batch_skips_its_whole_accumulation_window(monkeypatch, tiny_base: Path, circles: Path, tmp_path: Path) -> None:
-    _poison(monkeypatch, {1, 3})  # the first micro-batch of windows 1 and 2
+    poison_loss(monkeypatch, {1, 3})  # the first micro-batch of windows 1 and 2
     raw = run_config(tiny_base, circles, tmp_path / "run",
                      train={"max_steps": 4, "gradient_accumulation_steps": 2, "max_nonfinite_steps": 1})
     with pytest.raises(NonFiniteLoss, match="2 steps in a row"):

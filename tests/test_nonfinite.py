@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_config
+from conftest import poison_loss, run_config
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 
-import difftune.training.loop as loop_module
 from difftune.cli import main
 from difftune.config import build_config, to_toml
 from difftune.training.events import read_events
@@ -53,26 +52,13 @@ def test_a_run_whose_every_step_was_skipped_fails_without_final_or_done(tiny_bas
     assert [e["trained"] for e in read_events(tmp_path / "run") if e["event"] == "skipped_steps"] == [0]
 
 
-def _poison(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int]) -> None:
-    """Make the loss NaN on the given (1-based) calls of the training loss."""
-    real = loop_module.training_loss
-    calls = {"n": 0}
-
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if calls["n"] in bad_calls else loss
-
-    monkeypatch.setattr(loop_module, "training_loss", poisoned)
-
-
 @pytest.mark.parametrize("bad_calls, said", [
     ({2, 3}, r"^(?!warning).*2 of 5 optimizer steps were skipped"),
     ({1, 2, 4, 5}, r"^warning: 4 of 5 optimizer steps were skipped.*train\.learning_rate"),
 ])
 def test_a_run_with_skipped_steps_finishes_and_says_how_many(bad_calls, said, monkeypatch, tiny_base, circles,
                                                              tmp_path) -> None:
-    _poison(monkeypatch, bad_calls)
+    poison_loss(monkeypatch, bad_calls)
     console = Console(file=io.StringIO(), width=400)
     raw = _config(tiny_base, circles, tmp_path / "run", max_steps=5)
     assert Run(build_config(raw), console=console).fit() == tmp_path / "run" / "final"

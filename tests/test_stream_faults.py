@@ -5,7 +5,6 @@ local) saves a checkpoint of its last finished step first, as SIGTERM does, so t
 command resumes from it."""
 
 import io
-import json
 import logging
 import random
 import re

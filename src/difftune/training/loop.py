@@ -56,7 +56,8 @@ from difftune.training.events import (
 from difftune.training.guards import NonFiniteGuard, NonFiniteLoss, all_finite
 from difftune.training.optim import make_lr_scheduler, make_optimizer, total_steps
 from difftune.training.plan import RunPlan, finished_message, main_process_by_environment, plan_run
-from difftune.training.step import Trainee, training_loss
+from difftune.training.step import Trainee
+from difftune.training.stepping import OptimizerSteps
 from difftune.training.summary import log_cache_choice, log_data_check, log_plan, start_summary
 from difftune.training.threads import ThreadGovernor
 from difftune.training.validate import Validation
@@ -87,7 +88,6 @@ class Run:
                                       self.accelerator.num_processes, self.events)
         self.trainee = self._load_models(checked)
         self.nonfinite = NonFiniteGuard(config.train.max_nonfinite_steps)
-        self.window_bad = False  # a non-finite loss in the current accumulation window
         self.saved_step = -1  # the step of this process's last checkpoint
         self.stop = stop or StopSignals()
         self.validation = Validation(config, self.run_dir, checked.validation_pairs, checked.metric_set,
@@ -152,6 +152,8 @@ class Run:
         # Saved beside the weights as safetensors (training.checkpoint), not as accelerate's
         # custom-state pickle, which load_state reads with weights_only=False.
         self.checkpointed = {"ema": self.ema} if self.ema is not None else {}
+        self.steps = OptimizerSteps(train, self.accelerator, trainee, self.optimizer, self.schedule, self.clipped,
+                                    self.nonfinite, self.ema, self.events)
         self.samples_per_epoch = self.sampler.padded
         self.samples_per_step = train.batch_size * train.gradient_accumulation_steps * processes
 
@@ -221,7 +223,7 @@ class Run:
                 state.epoch, state.samples_in_epoch = state.epoch + 1, 0
             self.sampler.start_epoch(state.epoch, state.samples_in_epoch)
             for batch in guards.batches_until_a_bad_row(self.loader, self.accelerator):
-                loss = self._micro_step(batch, state)
+                loss = self.steps.micro_step(batch, state)
                 state.samples_in_epoch += self.global_batch
                 if not self.accelerator.sync_gradients:
                     continue
@@ -237,60 +239,6 @@ class Run:
                     return True
             state.samples_in_epoch = self.samples_per_epoch
         return True
-
-    def _micro_step(self, batch: dict[str, Any], state: TrainState) -> float:
-        """Forward and backward; on the window's last micro-batch, the optimizer step.
-        A non-finite loss anywhere in the accumulation window skips that whole step."""
-        train, accelerator = self.config.train, self.accelerator
-        with accelerator.accumulate(*self.trainee.trained.values()):
-            loss = training_loss(self.trainee, batch, train.seed)
-            finite = not agreed(accelerator, not bool(torch.isfinite(loss.detach()).all()))
-            if finite:
-                accelerator.backward(loss)
-            self.window_bad |= not finite
-            if accelerator.sync_gradients:
-                self._optimizer_step(state)
-                self.window_bad = False
-            else:
-                self.schedule.step()  # as accelerate expects on every micro-batch
-        return accelerator.reduce(loss.detach(), reduction="mean").item() if finite else float("nan")
-
-    def _optimizer_step(self, state: TrainState) -> None:
-        """Clip and step, unless the window's loss or gradient norm was not finite: then
-        the gradients are dropped, the step is skipped and counted."""
-        train, accelerator = self.config.train, self.accelerator
-        good = not self.window_bad
-        if good:
-            norm = accelerator.clip_grad_norm_(self.clipped, train.max_grad_norm)
-            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-            good = norm is None or not agreed(accelerator, not bool(torch.isfinite(norm).all()))
-            if not good and accelerator.scaler is not None:
-                self._gradient_overflow(state)  # fp16: the loss scale was too high
-                return
-        if good:
-            self.optimizer.step()
-            self.schedule.step()
-            self.optimizer.zero_grad(set_to_none=train.set_grads_to_none)
-            self.nonfinite.good()
-            if self.ema is not None:
-                self.ema.after_step(state.step + 1)
-            return
-        # accelerate's zero_grad does nothing off a sync step; clear the real optimizer's
-        self.optimizer.optimizer.zero_grad(set_to_none=True)
-        self.events.write("nonfinite", step=state.step + 1, in_a_row=self.nonfinite.in_a_row + 1,
-                          total=self.nonfinite.total + 1)
-        self.nonfinite.bad()
-
-    def _gradient_overflow(self, state: TrainState) -> None:
-        """fp16's loss scale overflowed (a finite loss, inf gradients after unscaling).
-        The scaler's own step skips the update and lowers the scale; without it the
-        scaler would never update and the next unscale would fail. This is normal early
-        in fp16 training, so it is logged but not counted as a non-finite step."""
-        self.optimizer.step()  # GradScaler: skipped, scale lowered
-        self.nonfinite.overflow()
-        self.schedule.step()  # accelerate skips it too when the optimizer step was skipped
-        self.optimizer.zero_grad(set_to_none=self.config.train.set_grads_to_none)
-        self.events.write("overflow", step=state.step + 1, scale=float(self.accelerator.scaler.get_scale()))
 
     def _stop(self, state: TrainState, problem: str | None = None) -> None:
         """A stop signal, or a row that cannot be trained on (`problem`, which the caller
