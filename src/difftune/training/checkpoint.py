@@ -18,14 +18,12 @@ import json
 import os
 import re
 import shutil
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from difftune.errors import UserError
-from difftune.files import apply_umask, crc32, discard, fsync_tree, publish, staging_path
+from difftune.files import apply_umask, crc32, fsync_tree, staging_path
 
 if TYPE_CHECKING:  # this module is also read before torch is imported (resume checks)
     from accelerate import Accelerator
@@ -305,55 +303,6 @@ def _write_manifest(folder: Path) -> None:
         for f in sorted(folder.rglob("*")) if f.is_file()
     }
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
-
-
-def finished_step(run_dir: Path) -> int | None:
-    """The step final/ was written at, if the run finished (its last "final" event) and
-    final/ still holds weights; None otherwise (the run then writes final/ again)."""
-    final = run_dir / "final"
-    if not final.is_dir() or not any(f.suffix in (".safetensors", ".bin") for f in final.rglob("*")):
-        return None
-    step = None
-    events = run_dir / "events.jsonl"
-    if events.is_file():
-        for line in events.read_text(errors="replace").splitlines():
-            if '"event": "final"' in line:
-                try:
-                    step = int(json.loads(line)["step"])
-                except (ValueError, KeyError, TypeError):
-                    continue
-    return step
-
-
-def write_final(run_dir: Path, step: int, save: Callable[[Path], None]) -> Path:
-    """final/, written whole or not at all: `save` writes into a staging folder that is
-    published once complete. A final/ of an earlier, shorter run is kept as final-step-N;
-    a failed write (a full disk) leaves nothing behind and says where the weights are."""
-    final = run_dir / "final"
-    staging = staging_path(final)
-    discard(staging)
-    try:
-        save(staging)
-    except OSError as error:
-        discard(staging)
-        raise DiskSpaceError(f"final/ could not be written ({error}); the run's last checkpoint holds "
-                             "its weights: free some space and run the same command again") from error
-    publish(staging, final, _kept_name(run_dir, step))
-    return final
-
-
-def _kept_name(run_dir: Path, step: int) -> Path | None:
-    """Where an existing final/ goes when a new one replaces it: final-step-N for the
-    step it was written at, or final-replaced-TIME when the events no longer say (the
-    log damaged or deleted); None only for a final/ of this very step (written again)."""
-    if not (run_dir / "final").exists():
-        return None
-    earlier = finished_step(run_dir)
-    if earlier == step:
-        return None
-    if earlier is not None:
-        return run_dir / f"final-step-{earlier:06d}"
-    return run_dir / f"final-replaced-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def check_same_engine(path: Path, engine: dict[str, Any]) -> None:

@@ -38,10 +38,9 @@ from difftune.training.checkpoint import (
     remove_partial_checkpoints,
     save_checkpoint,
     store_trained_weights,
-    write_final,
 )
 from difftune.training.ema import WeightAverage
-from difftune.training.final_guard import attempt, keep_weights_and_raise
+from difftune.training.final import attempt, keep_weights_and_raise, write_final
 from difftune.training.engines import Engine
 from difftune.training.events import (
     EventLog,

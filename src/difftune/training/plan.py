@@ -54,9 +54,9 @@ from difftune.training.checkpoint import (
     ResumeError,
     checkpoint_dir,
     checkpoint_step,
-    finished_step,
     pick_checkpoint,
 )
+from difftune.training.final import finished_step
 from difftune.training.rundir import check_run_directory, take_lock
 
 # Keys that may differ between a run's checkpoint and the config that resumes it: they
