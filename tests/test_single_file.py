@@ -15,7 +15,7 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
 )
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from difftune.export import single_file
 from difftune.export.single_file import export_single_file, single_file_state_dict
@@ -106,9 +106,9 @@ def make_sd2_variant(tiny_base: Path, dest: Path) -> Path:
 
     The UNet also varies the shape the mapping must follow: attention in the first block
     rather than the last, one layer per block, linear projections, per-block head dims
-    and two transformer layers per attention. The text encoder is rewritten the way
-    transformers 4.x saved it (pytorch_model.bin, text_model. prefix, position_ids) to
-    cover the .bin fallback and the legacy key names.
+    and two transformer layers per attention. The text encoder's keys are rewritten the way
+    transformers 4.x named them (text_model. prefix, position_ids) to cover the legacy key
+    names (in safetensors: a pickled .bin is refused, tests/test_export_trust.py).
     """
     shutil.copytree(tiny_base, dest)
     torch.manual_seed(1)
@@ -136,8 +136,7 @@ def make_sd2_variant(tiny_base: Path, dest: Path) -> Path:
     legacy = {f"text_model.{k}": v for k, v in weights.items()}
     positions = torch.arange(config["max_position_embeddings"])[None]
     legacy["text_model.embeddings.position_ids"] = positions
-    (text / "model.safetensors").unlink()
-    torch.save(legacy, text / "pytorch_model.bin")
+    save_file(legacy, str(text / "model.safetensors"))
     return dest
 
 
@@ -148,7 +147,7 @@ def test_sd2_open_clip_layout_round_trips(tiny_base: Path, tmp_path: Path) -> No
     assert not any(k.startswith("cond_stage_model.transformer.") for k in state)
     assert "model.diffusion_model.output_blocks.1.1.conv.weight" in state  # no attention before it
     assert "model.diffusion_model.input_blocks.1.1.transformer_blocks.1.attn2.to_k.weight" in state
-    legacy = torch.load(variant / "text_encoder" / "pytorch_model.bin", weights_only=True)
+    legacy = load_file(str(variant / "text_encoder" / "model.safetensors"))
     source = {k.removeprefix("text_model."): v for k, v in legacy.items()}
     layer = "encoder.layers.1.self_attn"
     fused = state["cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight"]
@@ -180,8 +179,7 @@ def test_unmapped_key_is_named(tiny_base: Path, tmp_path: Path) -> None:
     weights = extra / "unet" / "diffusion_pytorch_model.safetensors"
     state = load_file(str(weights))
     state["time_embedding.cond_proj.weight"] = torch.zeros(16, 4)
-    weights.unlink()
-    torch.save(state, extra / "unet" / "diffusion_pytorch_model.bin")
+    save_file(state, str(weights))
     with pytest.raises(ValueError, match="time_embedding.cond_proj.weight"):
         single_file_state_dict(extra)
 

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from difftune import paths
+from difftune.export.weights import WeightsError, read_json_object, read_metadata, read_tensors
 from difftune.files import apply_umask
 
 LORA_FILE = paths.LORA_FILE
@@ -45,17 +45,26 @@ def lora_file(run_or_file: str | Path) -> Path:
 def adapter_alphas(path: Path) -> dict[str, dict]:
     """Per component: the LoRA alpha and any per-module alpha pattern, from the file's
     adapter metadata (written by difftune and diffusers' save_lora_weights)."""
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
-    found: dict[str, dict] = {}
-    for component in _COMPONENTS:
-        if f"{component}.lora_alpha" in config:
-            found[component] = {
-                "alpha": float(config[f"{component}.lora_alpha"]),
-                "pattern": config.get(f"{component}.alpha_pattern") or {},
-            }
-    return found
+    key = "lora_adapter_metadata"
+    config = read_json_object(path, read_metadata(path).get(key, "{}"), key)
+    return {component: _component_alphas(config, component, f"{path}'s {key} {component}")
+            for component in _COMPONENTS if f"{component}.lora_alpha" in config}
+
+
+def _component_alphas(config: dict[str, Any], component: str, where: str) -> dict[str, Any]:
+    """One component's alpha and alpha pattern, each a number (a crafted or damaged
+    metadata names its key, rather than failing inside float())."""
+    pattern = config.get(f"{component}.alpha_pattern") or {}
+    if not isinstance(pattern, dict):
+        raise WeightsError(f"{where}.alpha_pattern is not an object of module names and alphas")
+    return {"alpha": _number(config[f"{component}.lora_alpha"], f"{where}.lora_alpha"),
+            "pattern": {name: _number(value, f"{where}.alpha_pattern {name}") for name, value in pattern.items()}}
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise WeightsError(f"{what} is {json.dumps(value)[:40]}, not a number")
+    return float(value)
 
 
 def kohya_module_name(component: str, module: str, prefixes: dict[str, str],
@@ -176,7 +185,7 @@ def export_lora(run_or_file: str | Path, out_file: str | Path, format: str = "ko
     from difftune.families import get_family
 
     source = lora_file(run_or_file)
-    state = load_file(source)
+    state = read_tensors(source)
     if format == "kohya":
         chosen = get_family(lora_family(source, state, family))
         check_kohya_names(chosen, state)
@@ -184,8 +193,7 @@ def export_lora(run_or_file: str | Path, out_file: str | Path, format: str = "ko
         state = to_kohya(state, adapter_alphas(source), chosen.kohya_prefixes, unet_names)
         metadata = {"format": "pt", "ss_network_module": "networks.lora"}
     elif format == "diffusers":
-        with safe_open(str(source), framework="pt") as handle:
-            metadata = handle.metadata() or {"format": "pt"}
+        metadata = read_metadata(source) or {"format": "pt"}
     else:
         raise ValueError(f"unknown LoRA format {format!r} (kohya or diffusers)")
     out = Path(out_file)

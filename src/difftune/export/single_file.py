@@ -3,7 +3,8 @@
 Many tools (A1111, ComfyUI, `StableDiffusionPipeline.from_single_file`) want one
 `.safetensors` file rather than a diffusers folder. This module writes that file from a
 diffusers SD 1.x / 2.x folder (`unet/`, `vae/`, `text_encoder/`, each with `config.json`
-and `diffusion_pytorch_model.safetensors` / `model.safetensors`, or the `.bin` fallback).
+and `diffusion_pytorch_model.safetensors` / `model.safetensors`; pickled `.bin` weights
+are refused, see export/weights.py).
 
 The layout written, by component (the inverse of what diffusers'
 `loaders/single_file_utils.py` reads back):
@@ -47,20 +48,21 @@ consumed: a key with no place in the layout is an error, not a silent drop.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from difftune.export.text_layouts import check_consumed, clip_state, open_clip_state
+from difftune.export.weights import read_json_object, read_tensors
 from difftune.files import apply_umask
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 
-# First match wins: safetensors before the pickle fallback.
+# First match wins. The .bin names are looked for only to say that such a folder's
+# weights are pickled, which export/weights.py refuses to read.
 WEIGHT_NAMES = (
     "diffusion_pytorch_model.safetensors",
     "model.safetensors",
@@ -157,12 +159,8 @@ def load_component(root: Path, name: str) -> tuple[dict, dict[str, torch.Tensor]
     weights = next((folder / n for n in WEIGHT_NAMES if (folder / n).is_file()), None)
     if weights is None:
         raise ValueError(f"no weight file in {folder}: expected one of {', '.join(WEIGHT_NAMES)}")
-    if weights.suffix == ".safetensors":
-        state = load_file(str(weights))
-    else:
-        # weights_only: a .bin is a pickle, and a pickle can run code; plain tensors only.
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    return json.loads(config_path.read_text()), dict(state)
+    # read_tensors refuses a .bin (a pickle) by name, naming it, rather than reading it
+    return read_json_object(config_path), read_tensors(weights)
 
 
 def _text_layout(config: dict, folder: Path) -> str:
