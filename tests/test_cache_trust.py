@@ -66,6 +66,16 @@ def _flip_a_data_byte(context: Path, _: Path) -> None:
     shard.write_bytes(bytes(data))
 
 
+def _grow_a_shard(context: Path, _: Path) -> None:
+    with next(context.glob("shard-*.safetensors")).open("ab") as shard:
+        shard.write(b"\0" * 7)  # safetensors still reads it: only the recorded size tells
+
+
+def _cut_a_shard(context: Path, _: Path) -> None:
+    shard = next(context.glob("shard-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-5])
+
+
 def _unreadable_index(context: Path, _: Path) -> None:
     (context / "index.json").write_text('{"half an ind')
 
@@ -98,7 +108,10 @@ def _index_without_checksums(context: Path, _: Path) -> None:
 
 
 DAMAGES = {
-    "a flipped byte in a shard": (_flip_a_data_byte, r"shard-\w+\.safetensors does not match its checksum"),
+    "a flipped byte in a shard": (_flip_a_data_byte,
+                                  r"shard-\w+\.safetensors has the size index\.json records, but its checksum differs"),
+    "a shard that grew": (_grow_a_shard, r"shard-\w+\.safetensors is 7 bytes longer than index\.json records"),
+    "a shard cut short": (_cut_a_shard, r"shard-\w+\.safetensors is 5 bytes shorter than index\.json records"),
     "an unreadable index": (_unreadable_index, r"index\.json is unreadable"),
     "an index naming a path outside": (_index_naming_a_path_outside, r"name no shard of this folder"),
     "a shard that is a link": (_shard_linked_to_a_copy, r"shard-\w+\.safetensors is not a plain file"),

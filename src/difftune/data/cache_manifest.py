@@ -134,9 +134,11 @@ def shard_problem(folder: Path, shard: str, recorded: dict[str, Any] | None) -> 
     if not stat.S_ISREG(info.st_mode):
         return "is not a plain file (a symbolic link is never followed)"
     if info.st_size != recorded["bytes"]:
-        return f"has {info.st_size} bytes where its checksum was taken over {recorded['bytes']} (truncated?)"
+        change = "longer" if info.st_size > recorded["bytes"] else "shorter"
+        return (f"is {abs(info.st_size - recorded['bytes'])} bytes {change} than index.json records "
+                f"({info.st_size}, not {recorded['bytes']})")
     if crc32(path) != recorded["crc32"]:
-        return "does not match its checksum"
+        return "has the size index.json records, but its checksum differs (its bytes changed)"
     return None
 
 
