@@ -175,17 +175,38 @@ def _remove_own_files(path: Path) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from difftune.paths import default_cache_dir
-
-    folder = Path(args.dir).expanduser() if args.dir else default_cache_dir()
-    if args.cache_verb == "list":
-        print(describe(folder, survey(folder)), file=sys.stderr)
-        return 0
-    done = clear(folder, args.older_than)
+    folder = cache_folder(args.dir)
+    try:
+        if args.cache_verb == "list":
+            print(describe(folder, survey(folder)), file=sys.stderr)
+            return 0
+        done = clear(folder, args.older_than)
+    except PermissionError as error:  # a folder this user cannot read: a sentence, not a traceback
+        raise InputError(f"cache folder {folder}: {error.filename} cannot be read ({error.strerror})") from None
     freed = sum(c.bytes for c in done.removed) / 2**20
     print("\n".join([f"removed {len(done.removed)} context(s) from {folder}, {freed:.1f} MB", *done.notes]),
           file=sys.stderr)
     return 0
+
+
+def cache_folder(given: str | None) -> Path:
+    """The folder --dir names (or the default), refused where it cannot be a cache folder:
+    a file, or under one. A --dir that does not exist is refused too (a typo would read as
+    an empty cache, and clear would say it removed nothing); the default may not exist yet."""
+    from difftune.paths import default_cache_dir
+
+    folder = Path(given).expanduser() if given else default_cache_dir()
+    named = f"--dir {folder}" if given else f"the cache folder {folder} (data.encoded_cache_dir's default)"
+    existing = next(path for path in (folder, *folder.absolute().parents) if path.exists())
+    if not existing.is_dir():
+        what = "a file" if existing.is_file() else "something other than a folder"
+        where = "" if existing == folder else f"{existing}, above it, "
+        raise InputError(f"{named}: {where}is {what}, not a folder; name the cache folder "
+                         "(data.encoded_cache_dir)")
+    if existing != folder and given:
+        raise InputError(f"{named} does not exist; name the cache folder (data.encoded_cache_dir), "
+                         f"by default {default_cache_dir()}")
+    return folder
 
 
 def add_cache_verb(verbs: Any) -> None:
