@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from difftune.data.build.conditioning import check_model_path, read_dataset, read_rgb
+from difftune.data.build.confine import check_link_inside
 from difftune.data.build.jobs import (
+    BOOKKEEPING,
     METADATA,
     Journal,
     Progress,
@@ -28,6 +30,9 @@ from difftune.data.build.jobs import (
 )
 from difftune.data.build.limits import check_caption
 from difftune.errors import InputError
+
+JOURNAL = "caption-journal.jsonl"
+BACKUP = "metadata.before-caption.jsonl"
 
 
 @dataclass(frozen=True)
@@ -47,9 +52,12 @@ def caption(source: Path, settings: CaptionSettings) -> dict[str, Any]:
     """Caption the dataset in `source` in place (its metadata.jsonl); returns a summary."""
     check_caption(settings)
     rows = read_dataset(source, "caption")
+    check_model_path(settings.model)  # before the journal: a refusal writes nothing into IN
+    for name in (JOURNAL, BACKUP):  # appended to, copied to: a link out of IN would be written through
+        check_link_inside(source, source / BOOKKEEPING / name, "IN")
     todo = [i for i, row in enumerate(rows) if settings.overwrite or not str(row.get(settings.column) or "").strip()]
     identity = {k: v for k, v in asdict(settings).items() if k not in ("batch_size", "overwrite")}
-    journal = Journal(bookkeeping(source) / "caption-journal.jsonl", identity)
+    journal = Journal(bookkeeping(source) / JOURNAL, identity)
     left = [i for i in todo if rows[i]["file_name"] not in journal.done]
     progress = Progress("caption", len(todo), already=len(todo) - len(left))
     try:
@@ -65,7 +73,7 @@ def caption(source: Path, settings: CaptionSettings) -> dict[str, Any]:
         journal.close()
     for i in todo:
         rows[i][settings.column] = journal.done[rows[i]["file_name"]]["text"]
-    kept = source / ".difftune" / "metadata.before-caption.jsonl"
+    kept = source / BOOKKEEPING / BACKUP
     if not kept.exists():
         shutil.copyfile(source / METADATA, kept)
     write_metadata(source, rows)

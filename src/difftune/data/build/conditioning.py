@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from difftune.data.build.confine import check_link_inside, clean_name, inside_name, outside_problem
-from difftune.data.build.inputs import table_rows
+from difftune.data.build.inputs import metadata_file, table_rows
 from difftune.data.build.jobs import (
     BOOKKEEPING,
     METADATA,
@@ -45,7 +45,7 @@ from difftune.data.build.jobs import (
 from difftune.data.build.limits import check_condition
 from difftune.data.build.output import Output, claim_output
 from difftune.data.build.writers import CONDITIONING, IMAGES, link_or_copy, remove_unlisted
-from difftune.data.sources import open_image
+from difftune.data.sources import open_image, regular_file_problem
 from difftune.errors import DataError, InputError
 
 KINDS = ("canny", "depth", "segmentation", "pose")
@@ -75,11 +75,10 @@ def read_dataset(source: Path, verb: str) -> list[dict[str, Any]]:
     file_name cleaned ("./a.png" -> "a.png"). A row whose file is missing, or points
     outside IN (absolute, "..", a link out), stops the verb before anything is read or
     written, as a missing file always has: the message names the row."""
-    metadata = source / METADATA
-    if not metadata.is_file():
+    metadata = metadata_file(source, (METADATA,)) if source.is_dir() else None
+    if metadata is None:
         raise InputError(f"IN = {str(source)!r} has no {METADATA}: `difftune data {verb}` works on a dataset that "
                          "`difftune data prepare` wrote (run it first)")
-    check_link_inside(source, metadata, "IN")
     check_link_inside(source, source / BOOKKEEPING, "IN")  # caption writes its journal and backup there
     rows = table_rows(metadata)
     for number, row in enumerate(rows, start=1):
@@ -90,11 +89,12 @@ def read_dataset(source: Path, verb: str) -> list[dict[str, Any]]:
 def _image_name(source: Path, name: Any, where: str) -> str:
     """A row's file_name, cleaned: a file inside IN, and not difftune's own (condition
     writes the image at the same name in OUT, beside OUT's metadata and bookkeeping)."""
-    outside = outside_problem(source, name, where, "IN") if isinstance(name, str) else None
+    outside = outside_problem(source, name, where, "IN")  # a name no file can have: a DataError there
     if outside:
         raise DataError(outside)
-    if not isinstance(name, str) or not (source / name).is_file():
-        raise DataError(f"{where} {name!r} is not a file in {source}")
+    problem = regular_file_problem(source / name)
+    if problem:
+        raise DataError(f"{where} {name!r} is not a file in {source}: {problem}")
     clean = str(clean_name(name))
     if clean == METADATA or clean.split("/")[0] == BOOKKEEPING:
         raise DataError(f"{where} {name!r} names difftune's own file, not an image")
@@ -129,6 +129,8 @@ def condition(source: Path, out: Path, settings: ConditionSettings, workers: int
     check_condition(settings, workers)
     rows = read_dataset(source, "condition")
     targets = conditioning_targets(rows, source / METADATA)
+    if settings.kind in MODEL_KINDS:
+        check_model_path(str(settings.model))  # before OUT is made: a refusal leaves nothing behind
     identity = {"input": str(source.resolve()), **{k: v for k, v in asdict(settings).items() if k != "batch_size"}}
     output = claim_output("OUT", out, "condition", {"IN": source}, identity)
     journal = Journal(bookkeeping(output.folder) / "condition-journal.jsonl", identity)
@@ -349,9 +351,15 @@ def load_model(kind: str, name: str) -> tuple[Any, Any]:
 
 
 def check_model_path(name: str) -> None:
-    """A --model that is meant as a folder (it looks like a path) must be one."""
+    """A --model that is meant as a folder (it looks like a path, or is a folder) must be
+    one with a config.json (every transformers model has one). Called before the verb
+    writes anything: a model that cannot be found must not leave a half-made OUT."""
     from difftune.paths import looks_like_path
 
-    if looks_like_path(name) and not Path(name).expanduser().is_dir():
+    folder = Path(name).expanduser()
+    if looks_like_path(name) and not folder.is_dir():
         raise InputError(f"--model {name!r}: no such folder (give the folder that holds the model's config.json, "
                          "or a Hub id such as owner/name)")
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise InputError(f"--model {name!r}: the folder has no config.json (give the folder that holds the "
+                         "model's config.json, weights and processor files, or a Hub id such as owner/name)")

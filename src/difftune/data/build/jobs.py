@@ -20,13 +20,19 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from difftune.errors import DataError
 
 BOOKKEEPING = ".difftune"
 METADATA = "metadata.jsonl"
 
 
 def bookkeeping(out: Path) -> Path:
+    """The folder's .difftune/, made if missing; one that is not a folder (a file, a link
+    that leads nowhere) is named, not a FileExistsError."""
     folder = out / BOOKKEEPING
+    if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
+        raise DataError(f"{folder} is not a folder (a file, or a link that leads nowhere); difftune keeps its "
+                        "bookkeeping there: move it away")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -121,7 +127,7 @@ def map_on_cores(work: Callable[[Any], Any], items: Iterable[Any], workers: int 
 
 def write_json(path: Path, value: Any) -> None:
     """A whole JSON file, replaced in one step."""
-    staging = path.with_name(f".{path.name}.partial")
+    staging = _staging(path)
     staging.write_text(json.dumps(value, indent=2) + "\n")
     os.replace(staging, path)
 
@@ -129,8 +135,27 @@ def write_json(path: Path, value: Any) -> None:
 def write_metadata(out: Path, rows: list[dict[str, Any]]) -> Path:
     """metadata.jsonl, replaced in one step (a reader never sees half of it)."""
     path = out / METADATA
-    staging = path.with_name(f".{path.name}.partial")
-    with open(staging, "w") as handle:
-        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    staging = _staging(path)
+    with open(staging, "w", encoding="utf-8") as handle:
+        handle.writelines(_json_line(row) for row in rows)
     os.replace(staging, path)
     return path
+
+
+def _staging(path: Path) -> Path:
+    """The hidden name a whole file is written under, cleared first: a link left there (a
+    downloaded dataset's, for `caption`) is replaced, not written through."""
+    staging = path.with_name(f".{path.name}.partial")
+    staging.unlink(missing_ok=True)
+    return staging
+
+
+def _json_line(row: dict[str, Any]) -> str:
+    """One row, its text as UTF-8; a row holding what UTF-8 cannot (a lone surrogate an
+    input gave as JSON's "\\udcff") keeps it as that escape, as it came in."""
+    line = json.dumps(row, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(row)
+    return line + "\n"

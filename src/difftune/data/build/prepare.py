@@ -8,6 +8,7 @@ to a journal, so a stopped job measures only what is left. The filters then deci
 
 Besides the filters' reasons (filters.py), an input is dropped, never read, as
 `outside_input` when a file it names points outside IN or --conditioning (inputs.py);
+as `bad_name` when its file name is not UTF-8 text (metadata.jsonl cannot hold it);
 and in an imagefolder as `name_clash` when an earlier kept input writes the same output
 file ("a.png" and "images/a.png" are both images/a.png): nothing is written over.
 """
@@ -95,7 +96,7 @@ def measure_all(items: list[Item], out: Path, workers: int | None) -> list[Measu
     """Every item's measures; an item with a file outside its folder is not read (decide
     drops it), and stands here as a blank."""
     journal = Journal(bookkeeping(out) / JOURNAL, {"measures": MEASURES_VERSION})
-    keys = [None if item.outside else _identity(item) for item in items]
+    keys = [None if item.outside or item.bad_name else _identity(item) for item in items]
     todo = [(key, item) for key, item in zip(keys, items) if key is not None and key not in journal.done]
     progress = Progress("prepare: measuring", len(items), already=len(items) - len(todo))
     try:
@@ -128,7 +129,8 @@ def decide(items: list[Item], measures: list[Measures], settings: FilterSettings
     paired = any(item.conditioning is not None for item in items)
     reasons: dict[int, tuple[str, str]] = {}
     for index, (item, m) in enumerate(zip(items, measures)):
-        reason = ("outside_input", item.outside) if item.outside else single_file_reason(m, settings)
+        reason = (("outside_input", item.outside) if item.outside else ("bad_name", item.bad_name) if item.bad_name
+                  else single_file_reason(m, settings))
         if reason is None and item.caption_problem is not None:
             reason = ("bad_caption", item.caption_problem)
         if reason is None and paired and item.conditioning is None:
