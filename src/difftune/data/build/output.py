@@ -9,8 +9,10 @@ the same OUT behaves:
   (`.OUT.difftune-next`) and then swapped in for the old one. The old output stays as it
   was until the new one is complete: a stopped run leaves it untouched, and the same
   command again resumes the hidden folder. OUT never mixes the two runs' files;
-- anything else is refused: OUT is an input, holds an input, is a file, holds files
-  difftune did not write, or another verb's output.
+- anything else is refused: OUT is an input, holds an input, is a file, is a link (a
+  swap renames OUT: it would replace the link, not the folder it leads to), holds files
+  difftune did not write (or changed since it wrote them: owned.py), or another verb's
+  output. Every refusal comes before anything is written.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from difftune.data.build.jobs import BOOKKEEPING, bookkeeping
+from difftune.data.build.owned import forget_written, not_written, record_written
 from difftune.errors import InputError
 from difftune.paths import check_not_an_input
 
@@ -36,9 +39,14 @@ class Output:
     folder: Path
     """Where this run writes: OUT, or the hidden folder that replaces it when complete."""
     resumed: bool
+    key: str = "OUT"
 
     def finish(self) -> None:
-        """Put a complete new output in OUT's place (nothing to do when written in OUT)."""
+        """Record what this run wrote, and put a complete new output in OUT's place. OUT
+        is checked again first: files the user put there during the run are not removed."""
+        if self.folder != self.final:
+            check_only_written(self.key, self.final)
+        record_written(self.folder)
         if self.folder != self.final:
             swap_in(self.folder, self.final)
 
@@ -48,6 +56,7 @@ def claim_output(key: str, out: Path, verb: str, inputs: dict[str, Path | None],
     """Make a folder ready for `verb` (see the module docstring). `carried`: files of
     OUT's .difftune/ that hold for any settings (prepare's measures), copied into a new
     replacement so its work is not done again."""
+    check_not_a_link(key, out)
     check_not_an_input(key, out, {name: path for name, path in inputs.items() if path is not None})
     for name, path in inputs.items():
         if path is not None and path.exists() and out.exists() and out.resolve() in path.resolve().parents:
@@ -63,13 +72,43 @@ def claim_output(key: str, out: Path, verb: str, inputs: dict[str, Path | None],
         if _job(key, replacement_folder(out)) is not None:
             shutil.rmtree(replacement_folder(out))  # a replacement of an OUT since deleted
         _start(out, verb, identity)
-        return Output(out, out, resumed=False)
+        return Output(out, out, resumed=False, key=key)
     if started.get("verb") != verb:
         raise InputError(f"{key} = {str(out)!r} holds the output of `difftune data {started.get('verb')}`; give a "
                          "new folder")
+    check_only_written(key, out)
     if started.get("identity") == identity:
-        return Output(out, out, resumed=True)
-    return Output(out, *_claim_replacement(key, out, verb, identity, carried))
+        forget_written(out)  # this run changes OUT in place: a stop leaves it as a stopped run's
+        return Output(out, out, resumed=True, key=key)
+    return Output(out, *_claim_replacement(key, out, verb, identity, carried), key=key)
+
+
+def check_not_a_link(key: str, out: Path) -> None:
+    """OUT, and the hidden folders beside it that a swap renames, are no links (a rename
+    would move the link, and shutil.rmtree refuses one), and OUT's path does not loop."""
+    hidden = ((replacement_folder(out), "builds the new"), (_old_folder(out), "sets aside the old"))
+    for path, role in ((out, None), *hidden):
+        if not path.is_symlink():
+            continue
+        if role is None:
+            raise InputError(f"{key} = {str(out)!r} is a link (to {os.readlink(out)!r}); give a folder, not a link "
+                             "to one: difftune swaps a new output in by renaming OUT, which would replace the link")
+        raise InputError(f"{str(path)!r} (where difftune {role} output of {key}) is a link; move it away")
+    try:
+        out.resolve()
+    except (RuntimeError, OSError) as error:  # a folder on OUT's path is a link that loops
+        raise InputError(f"{key} = {str(out)!r}: its path cannot be followed ({error})") from None
+
+
+def check_only_written(key: str, out: Path) -> None:
+    """OUT holds only what difftune recorded writing there, as it wrote it (owned.py)."""
+    found = not_written(out)
+    if found is None:
+        return
+    name, how = found
+    what = "which difftune did not write" if how == "added" else "which was changed since difftune wrote it"
+    raise InputError(f"{key} = {str(out)!r} holds {name}, {what}; a run into {key} replaces what is there, so "
+                     f"move {name} out of it, or give another folder (nothing was changed)")
 
 
 def _claim_replacement(key: str, out: Path, verb: str, identity: dict[str, Any],
