@@ -9,9 +9,18 @@ every problem becomes a row naming the shard and the member (PROBLEM). The strea
 on such a row, or with data.on_bad = "skip" passes over it (data.streaming); the samples
 read before it are kept.
 
+- The shards are the folder's files named *.tar, *.tar.gz or *.tgz (tarfile reads the
+  gzipped ones; their damage is named the same way). A name among them that is not a
+  regular file, or a link to a file outside the folder, stops the run when the stream
+  is opened, before any model loads (SHARD_SUFFIXES, list_shards).
 - A sample is the members that share a key, webdataset's rule: the name up to the first
   dot of its last part ("000003.conditioning.png": key "000003", field
   "conditioning.png"). Names starting with "." or "__" are passed over, as datasets does.
+- A sample's members are consecutive (webdataset writes them so, and reads a shard in
+  one pass). A shard where a key comes back after another is refused whole, naming the
+  key, before any of its samples is read: read in order, it would give each part as a
+  sample of its own, and one would be said to lack the member another part holds. The
+  check reads headers only (a gzipped shard is decompressed once more for it).
 - Members are read, never extracted, so a member's name reaches no folder; links,
   folders and devices are passed over; a member larger than MAX_MEMBER_BYTES is not read.
 - Values stay bytes: the stream decodes only what it trains on (images, the caption).
@@ -21,6 +30,7 @@ read before it are kept.
 
 from __future__ import annotations
 
+import os
 import re
 import tarfile
 from collections.abc import Iterator
@@ -30,6 +40,7 @@ from typing import Any
 import datasets
 
 from difftune.data.sources import regular_file_problem
+from difftune.errors import DataError
 
 KEY, SHARD, PROBLEM = "__key__", "__url__", "__problem__"
 """A row's sample key and shard (the names datasets' builder uses), and what is wrong
@@ -40,7 +51,33 @@ MAX_MEMBER_BYTES = 1 << 31
 
 MAX_SHARD_BYTES = 1 << 50  # no limit in practice: only a file is opened, never a FIFO or a device
 
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
 _NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext, as datasets uses it
+
+
+def list_shards(folder: Path) -> list[str]:
+    """The folder's shards, sorted. One that is a link out of the folder, or not a file,
+    stops here: found only when the stream reached it, it would stop a run mid-way (or
+    a FIFO block it) after the models had loaded."""
+    shards = sorted(str(path) for path in folder.iterdir() if path.name.endswith(SHARD_SUFFIXES))
+    for shard in map(Path, shards):
+        problem = _shard_file_problem(shard, folder)
+        if problem:
+            raise DataError(f"{shard}: {problem}")
+    return shards
+
+
+def _shard_file_problem(shard: Path, folder: Path) -> str | None:
+    """Why a shard's path is refused: a link whose target is outside the folder (data is
+    hostile input; a link inside it, or a linked data.path, is fine), or not a file."""
+    target = os.path.realpath(shard)
+    if shard.is_symlink() and not target.startswith(os.path.realpath(folder) + os.sep):
+        return f"a link to {target}, outside data.path; copy the shard into the folder (a link must stay inside it)"
+    problem = regular_file_problem(shard, limit=MAX_SHARD_BYTES)
+    if problem:
+        return f"{problem}; every *.tar, *.tar.gz and *.tgz in data.path is read as a shard, so it must be a file"
+    return None
 
 
 def stream_of_shards(shards: list[str]) -> datasets.IterableDataset:
@@ -68,10 +105,14 @@ def read_shard(shard: Path) -> Iterator[dict[str, Any]]:
     if problem:
         yield {KEY: None, SHARD: str(shard), PROBLEM: f"{shard}: {problem}"}
         return
+    ungrouped = _ungrouped(shard)
+    if ungrouped:
+        yield {KEY: ungrouped[0], SHARD: str(shard), PROBLEM: f"{shard}: {ungrouped[1]}"}
+        return
     sample: dict[str, Any] = {}
     last = None  # the last member read whole
     try:
-        archive = tarfile.open(shard, mode="r:*")  # noqa: SIM115 (closed below)
+        archive = tarfile.open(shard, mode="r:*", tarinfo=_Header)  # noqa: SIM115 (closed below)
     except tarfile.ReadError:  # its message lists every compression tried, one a line
         yield {KEY: None, SHARD: str(shard), PROBLEM: f"{shard}: not a tar archive (nor a gzip, bzip2 or xz one)"}
         return
@@ -88,7 +129,7 @@ def read_shard(shard: Path) -> Iterator[dict[str, Any]]:
                 sample = sample or {KEY: key, SHARD: str(shard)}
                 _add(sample, field, member, archive, shard)
                 last = member.name
-            complete = _has_end_block(archive)
+            complete = getattr(archive, "ended", False)
         except _CutShort as cut:
             yield _broken(shard, sample, str(cut))
             return
@@ -127,11 +168,40 @@ def _add(sample: dict[str, Any], field: str, member: tarfile.TarInfo, archive: t
             raise _CutShort(f"truncated: member {member.name} is cut short ({_said(error)})") from None
 
 
-def _has_end_block(archive: tarfile.TarFile) -> bool:
-    """Whether a zero block follows the last member (tarfile stops without a word at a
-    missing, cut or damaged header: that is where its offset stays)."""
-    archive.fileobj.seek(archive.offset)
-    return archive.fileobj.read(tarfile.BLOCKSIZE) == tarfile.NUL * tarfile.BLOCKSIZE
+def _ungrouped(shard: Path) -> tuple[str, str] | None:
+    """(key, why) when a sample's members are not consecutive in the shard, from its
+    headers alone. Damage ends the check quietly: the read names it where it is."""
+    seen: set[str | None] = set()
+    key = previous = None
+    try:
+        with tarfile.open(shard, mode="r:*") as archive:
+            for member in _files(archive):
+                if split_name(member.name)[0] != key:
+                    key = split_name(member.name)[0]
+                    if key in seen:
+                        return key, (f"the members of sample {key} are not consecutive ({member.name} comes after "
+                                     f"{previous}); a sample's files must be next to each other in a shard, as "
+                                     "webdataset writes them, so this shard is not read")
+                    seen.add(key)
+                previous = member.name
+    except Exception:  # noqa: BLE001, S110 (as in read_shard)
+        pass
+    return None
+
+
+class _Header(tarfile.TarInfo):
+    """A member header that marks the archive `ended` when it reads tar's end-of-archive
+    block: tarfile stops without a word at a missing, cut or damaged header too. Noted
+    as it is read, not by seeking back to it (in a gzipped shard that would decompress
+    it again from the start)."""
+
+    @classmethod
+    def fromtarfile(cls, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(archive)
+        except tarfile.EOFHeaderError:
+            archive.ended = True  # type: ignore[attr-defined]
+            raise
 
 
 class _CutShort(Exception):

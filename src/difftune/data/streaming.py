@@ -35,26 +35,27 @@ from torch.utils.data import IterableDataset
 
 from difftune.config import DataConfig
 from difftune.data.samples import collate, draw_caption, sample_rng
-from difftune.data.shards import KEY, PROBLEM, SHARD, stream_of_shards
+from difftune.data.shards import KEY, PROBLEM, SHARD, list_shards, stream_of_shards
 from difftune.data.sources import Columns, DataError, explain_load_failure, open_image
 from difftune.data.transforms import paired_transform
 
 logger = logging.getLogger(__name__)
 
-TAR_SUFFIX = ".tar"
 SKIPPING = 'skipping (data.on_bad = "skip"): %s'
 
 
 def open_stream(config: DataConfig) -> datasets.IterableDataset:
-    """The split as a stream: a folder of webdataset .tar shards, or anything
+    """The split as a stream: a folder of webdataset shards (data.shards), or anything
     load_dataset streams (a Hub dataset, parquet, an imagefolder)."""
     path = Path(config.path)
     try:
-        shards = sorted(str(f) for f in path.glob(f"*{TAR_SUFFIX}")) if path.is_dir() else []
+        shards = list_shards(path) if path.is_dir() else []
         if shards:
             return stream_of_shards(shards)
         return datasets.load_dataset(config.path, config.config_name, split=config.split, streaming=True,
                                      cache_dir=config.cache_dir)
+    except DataError:
+        raise
     except Exception as error:  # noqa: BLE001 (datasets raises many kinds; each is explained)
         raise DataError(f"data.path {config.path!r}: {explain_load_failure(path, error)}") from None
 
