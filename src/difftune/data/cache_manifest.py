@@ -3,14 +3,18 @@ marks a folder as a difftune context), its shard names and checksums, and the lo
 holds on a context while it uses it.
 
 A context folder holds only these names, all plain files:
-- index.json: {"format": FORMAT, "version": 3, "entries": {key: shard},
-  "shards": {shard: {"bytes": size, "crc32": checksum}}}, replaced atomically;
+- index.json: {"format": FORMAT, "version": 4, "context": the folder's name,
+  "entries": {key: shard}, "shards": {shard: {"bytes": size, "crc32": checksum}}},
+  replaced atomically. "context" ties it to its folder: the folder's name is the hash of
+  everything that shapes the entries (cache.py), so another context's index and shards
+  copied here (sound checksums, wrong shapes) are not read as this one's;
 - shard-<32 hex>.safetensors, and the hidden .partial files of a writer at work;
 - .lock (writers merging the index, one at a time) and .in-use (runs using the context).
 
 Everything read here is checked: a name that is not a shard name (a path, "..") is never
-opened, a symbolic link is never followed, a malformed record is dropped with a sentence
-that says what happens instead. This module imports only the standard library, so
+opened, a symbolic link is never followed, a file that is not a plain file (a named pipe,
+whose open or read would wait forever) is never read, a malformed record is dropped with
+a sentence that says what happens instead. This module imports only the standard library, so
 `difftune cache list` does not import torch.
 """
 
@@ -31,7 +35,7 @@ from difftune.errors import UserError
 from difftune.files import crc32
 
 FORMAT = "difftune encoded cache"
-VERSION = 3
+VERSION = 4  # 3 had no "context"
 INDEX = "index.json"
 WRITE_LOCK = ".lock"
 IN_USE = ".in-use"
@@ -54,25 +58,32 @@ class Manifest:
     """The index says it is a difftune cache index (this format, or version 2's {key: shard})."""
     unreadable: bool = False
     """index.json is there but does not parse (a damaged context, or not a cache at all)."""
+    strays: set[str] = field(default_factory=set)
+    """Shards named by an index that was not this context's: removed once a new index is written."""
 
 
 def read_manifest(folder: Path) -> Manifest:
     """The context's index; a missing one is empty, a damaged one is empty with a sentence."""
     path = folder / INDEX
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:  # O_NONBLOCK: opening a named pipe would otherwise wait for a writer forever
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return Manifest()
     except OSError as error:  # ELOOP: a symbolic link, never followed
         return Manifest(problems=[f"{INDEX} cannot be read ({_reason(error)}); every entry is encoded again"])
     try:
         with os.fdopen(fd, "rb") as handle:
+            kind = _not_plain(os.fstat(fd).st_mode)
+            if kind is not None:
+                return Manifest(problems=[f"{INDEX} is not a plain file ({kind}); every entry is encoded again"])
             raw = json.loads(handle.read())
     except (ValueError, OSError) as error:
         return Manifest(problems=[f"{INDEX} is unreadable ({type(error).__name__}); every entry is encoded again"],
                         unreadable=True)
     if isinstance(raw, dict) and raw.get("format") == FORMAT:
         manifest = Manifest(ours=True)
+        if raw.get("context") != folder.name:
+            return _not_this_contexts(manifest, raw)
         entries, sums = raw.get("entries"), raw.get("shards")
         _add_entries(manifest, entries if isinstance(entries, dict) else {})
         _add_sums(manifest, sums if isinstance(sums, dict) else {})
@@ -84,6 +95,32 @@ def read_manifest(folder: Path) -> Manifest:
         _add_entries(manifest, raw)
         return manifest
     return Manifest(problems=[f"{INDEX} is not a difftune cache index; every entry is encoded again"])
+
+
+def _not_plain(mode: int) -> str | None:
+    """What a file that is not a plain file is, in words (None: a plain file)."""
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISDIR, "a folder"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+    return next((name for test, name in kinds if test(mode)), "not a file difftune writes")
+
+
+def _not_this_contexts(manifest: Manifest, raw: dict[str, Any]) -> Manifest:
+    """An index without this folder's name: its entries may have any shape (another VAE,
+    resolution or flip setting with the same entry keys), so none is read. Its shards
+    are left for the next index written to remove."""
+    stamp = raw.get("context")
+    if stamp is None:
+        manifest.problems.append(f"{INDEX} does not name its context (written before difftune named it, "
+                                 "or edited); every entry is encoded again")
+    else:
+        manifest.problems.append(f"{INDEX} was written for another context ({str(stamp)[:40]!r}, not this "
+                                 "folder's name: copied here?); every entry is encoded again")
+    entries = raw.get("entries")
+    shards = entries.values() if isinstance(entries, dict) else ()
+    manifest.strays = {shard for shard in shards if isinstance(shard, str) and SHARD_NAME.fullmatch(shard)}
+    return manifest
 
 
 def _add_entries(manifest: Manifest, entries: dict[Any, Any]) -> None:
@@ -110,7 +147,7 @@ def write_manifest(folder: Path, manifest: Manifest, token: str) -> None:
     """Replace index.json in one step (a reader sees the old index or the new one).
     Only checksums of shards that entries name are kept."""
     used = set(manifest.entries.values())
-    body = {"format": FORMAT, "version": VERSION, "entries": manifest.entries,
+    body = {"format": FORMAT, "version": VERSION, "context": folder.name, "entries": manifest.entries,
             "shards": {shard: record for shard, record in manifest.sums.items() if shard in used}}
     partial = folder / f".{INDEX}.{token}.partial"
     partial.write_text(json.dumps(body))
@@ -211,7 +248,7 @@ def lock_alone(folder: Path) -> int | None:
 def in_use(folder: Path) -> bool:
     """Whether a run holds the context now (nothing is created: `cache list` writes nothing)."""
     try:
-        fd = os.open(folder / IN_USE, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(folder / IN_USE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a pipe: no wait
     except OSError:
         return False
     try:
@@ -235,16 +272,41 @@ def _open_lock(path: Path) -> int | None:
 
 
 def open_own_file(path: Path, flags: int) -> int:
-    """One of the context's own files (its lock files), never through a link: difftune
-    makes plain files, so a link there is someone else's, and is removed (the link, not
-    what it points to) instead of being followed."""
+    """One of the context's own files (its lock files), only ever a plain file: difftune
+    makes plain files, so anything else there (a link, a named pipe, whose open would
+    wait forever) is someone else's, and is removed (the name, not what a link points
+    to) instead of being opened."""
+    for _ in range(2):
+        fd = _open_plain(path, flags)
+        if fd is not None:
+            return fd
+        _remove_stranger(path)
+    raise CacheFolderError(f"{path} is put back as something other than a plain file each time difftune "
+                           "replaces it: remove it, and whatever makes it")
+
+
+def _open_plain(path: Path, flags: int) -> int | None:
+    """The file opened, or None where it is not a plain file. O_NONBLOCK: a named pipe
+    opens at once (or fails, ENXIO) instead of waiting for its other end."""
     try:
-        return os.open(path, flags | os.O_NOFOLLOW, 0o666)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
     except OSError as error:
-        if error.errno != errno.ELOOP:
-            raise
-    path.unlink()
-    return os.open(path, flags | os.O_NOFOLLOW, 0o666)
+        if error.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            return None
+        raise
+    if _not_plain(os.fstat(fd).st_mode) is not None:
+        os.close(fd)
+        return None
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _remove_stranger(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError as error:
+        raise CacheFolderError(f"{path} is not a plain file, and difftune cannot replace it "
+                               f"({error.strerror or error}): remove it") from None
 
 
 def _still_there(fd: int, path: Path) -> bool:

@@ -4,8 +4,10 @@ append-only safetensors shards, found and checked through index.json (cache_mani
 The cache is a cache: never trusted. Each shard's checksum is recorded in the index when
 the shard is complete, and checked the first time a process opens it (once per shard,
 not per row; DataLoader workers inherit what their process checked). A shard that is
-missing, truncated, damaged or unchecked is said in one line, and its entries are encoded
-again. Nothing in it is unpickled; no name in the index leads out of its folder.
+missing, longer or shorter than recorded, damaged or unchecked is said in one line, and
+its entries are encoded again; so is every entry of an index written for another context
+(cache_manifest.py). Nothing in it is unpickled; no name in the index leads out of its
+folder, and no file in it that is not a plain file (a named pipe) is opened.
 
 A CacheStore holds the context's lock (shared) from its creation to `close`: while a run
 uses the context, `difftune cache clear` leaves it alone.
@@ -64,14 +66,22 @@ class CacheStore:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        # first: what close needs, so that an __init__ that fails below closes cleanly
+        self._handles: dict[str, Any] = {}  # opened lazily, per process (DataLoader workers)
+        self._hold: int | None = None
         self._hold = hold_context(folder)  # before reading: `cache clear` waits for no reader
         _HOLDING.add(self)
-        manifest = read_manifest(folder)
+        try:
+            manifest = read_manifest(folder)
+        except BaseException:
+            self.close()  # not left to __del__: the traceback keeps this store (and the lock) alive
+            raise
         self.index, self.sums, self.problems = manifest.entries, manifest.sums, manifest.problems
         self._pending: dict[str, dict[str, torch.Tensor]] = {}
-        self._handles: dict[str, Any] = {}  # opened lazily, per process (DataLoader workers)
         self._checked: set[str] = set()  # shards whose checksum matched in this process (or its parent)
-        self._damaged: set[str] = set()  # shards found damaged: left out of the next index written
+        # shards found damaged (or named only by another context's index): left out of the
+        # next index written, then removed
+        self._damaged: set[str] = set(manifest.strays)
 
     def __contains__(self, key: str) -> bool:
         return key in self.index or key in self._pending
@@ -182,7 +192,7 @@ class CacheStore:
             self._hold = None
 
     def __del__(self) -> None:
-        if hasattr(self, "_hold"):  # not when __init__ failed before taking the lock
+        if "_hold" in self.__dict__:  # not when __init__ failed before its first line
             self.close()
 
     def __getstate__(self) -> dict[str, Any]:
