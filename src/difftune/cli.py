@@ -209,7 +209,8 @@ def _add_train(verbs: Any) -> None:
     train = verbs.add_parser("train", help="train from a TOML config")
     train.add_argument("config")
     train.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key")
-    train.add_argument("--resume", help='"latest" or a checkpoint folder')
+    train.add_argument("--resume", help='"latest", a checkpoint of the run by name (step-000100, looked up in '
+                       'train.output_dir/checkpoints), or a path to a checkpoint folder')
     train.set_defaults(run=cmd_train)
 
 

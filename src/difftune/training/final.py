@@ -101,5 +101,10 @@ def _kept_name(run_dir: Path, step: int) -> Path | None:
     if earlier == step:
         return None
     if earlier is not None:
-        return run_dir / f"final-step-{earlier:06d}"
+        return kept_final(run_dir, earlier)
     return run_dir / f"final-replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def kept_final(run_dir: Path, step: int) -> Path:
+    """Where the final/ of a run that finished at `step` is kept once it trains on."""
+    return run_dir / f"final-step-{step:06d}"

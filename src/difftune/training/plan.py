@@ -52,11 +52,13 @@ from difftune.training.checkpoint import (
     DATA_FILE,
     MARKER,
     ResumeError,
+    check_nothing_newer,
     checkpoint_dir,
     checkpoint_step,
+    is_checkpoint_name,
     pick_checkpoint,
 )
-from difftune.training.final import finished_step
+from difftune.training.final import finished_step, kept_final
 from difftune.training.rundir import check_run_directory, take_lock
 
 # Keys that may differ between a run's checkpoint and the config that resumes it: they
@@ -101,7 +103,7 @@ def plan_run(config: RunConfig, main_process: bool = True) -> RunPlan:
     config and the data against it. Raises a UserError naming the problem; creates only
     the run directory and its lock file, and only once everything is sound (an existing
     run directory is locked first, so no other run changes it while it is read)."""
-    config = with_absolute_paths(config)
+    config = with_resume_kept(with_absolute_paths(config), config.train.resume)
     check_sources(config)
     run_dir = check_output_dir("train.output_dir", config.train.output_dir)
     check_run_directory(run_dir, config)
@@ -128,6 +130,8 @@ def plan_run(config: RunConfig, main_process: bool = True) -> RunPlan:
             f"train.max_steps = {config.train.max_steps}, but the run in {run_dir} is at step {at} "
             f"({plan.resume_from.name if plan.resume_from else ''}): a run cannot go back. Raise max_steps "
             "to continue it, or give another train.output_dir for a new run.")
+    if plan.finished_at is None and plan.resume_from is not None:
+        check_nothing_newer(run_dir, plan.resume_from, config.train.resume)
     if plan.finished_at is None and not config.data.streaming:  # a stream is checked as it is read
         method = config.method
         plan.data = check_rows(config.data, config.train.seed, method.needs_conditioning, method.fixed_caption)
@@ -137,6 +141,15 @@ def plan_run(config: RunConfig, main_process: bool = True) -> RunPlan:
         run_dir.mkdir(parents=True, exist_ok=True)
         plan.lock = take_lock(run_dir)
     return plan
+
+
+def with_resume_kept(config: RunConfig, given: str | None) -> RunConfig:
+    """A bare checkpoint name in train.resume stays a name (a checkpoint of this run,
+    checkpoint.resume_path), where making paths absolute would have turned it into a
+    folder of that name in the current directory, had one been there."""
+    if given is not None and is_checkpoint_name(given):
+        config.train.resume = given
+    return config
 
 
 def check_same_data(checkpoint: Path, rows: CheckedRows) -> None:
@@ -300,11 +313,21 @@ def finished_message(plan: RunPlan) -> str:
     asked = plan.config.train.max_steps
     if asked is None or asked >= plan.finished_at:
         return text + " To train longer, raise train.max_steps; for a new run, give another train.output_dir."
-    kept = checkpoint_dir(plan.run_dir, asked)
-    where = (f"its checkpoint {kept} holds the weights of step {asked}" if (kept / MARKER).is_file()
-             else f"no checkpoint of step {asked} is kept")
-    return (text + f" train.max_steps = {asked} is below that, and a finished run is not cut back ({where}); "
-            f"for a {asked}-step result, start a new run in another train.output_dir.")
+    return (text + f" train.max_steps = {asked} is below that, and a finished run is not cut back "
+            f"({_kept_at(plan.run_dir, asked)}); for a {asked}-step result, start a new run in another "
+            "train.output_dir.")
+
+
+def _kept_at(run_dir: Path, step: int) -> str:
+    """What the run keeps of an earlier step: the result of a run that finished there
+    before it was trained on (final-step-N), and that step's checkpoint."""
+    kept = []
+    if kept_final(run_dir, step).is_dir():
+        kept.append(f"its earlier result {kept_final(run_dir, step)} is the {step}-step one")
+    checkpoint = checkpoint_dir(run_dir, step)
+    if (checkpoint / MARKER).is_file():
+        kept.append(f"its checkpoint {checkpoint} holds the weights of step {step}")
+    return "; ".join(kept) or f"no checkpoint of step {step} is kept"
 
 
 def _reached(config: RunConfig, recorded: dict[str, Any] | None, finished: int) -> bool:
