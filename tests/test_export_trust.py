@@ -154,3 +154,18 @@ def test_export_of_a_run_with_truncated_final_weights_names_them(finished_run, t
     said = _said(capsys)
     _one_sentence(said)
     assert str(weights) in said
+
+
+@pytest.mark.parametrize(("verb", "key"), [("controlnet", "conditioning_embedding_out_channels"),
+                                           ("single-file", "down_block_types")])
+def test_a_config_without_a_key_the_layout_needs_is_named(verb, key, controlnet_folder, tiny_base, tmp_path,
+                                                          capsys) -> None:
+    folder = controlnet_folder if verb == "controlnet" else shutil.copytree(tiny_base, tmp_path / "pipeline") / "unet"
+    config = json.loads((folder / "config.json").read_text())
+    del config[key]
+    (folder / "config.json").write_text(json.dumps(config))
+    source = folder if verb == "controlnet" else folder.parent
+    assert main(["export", verb, str(source), str(tmp_path / "out.safetensors")]) == 2
+    said = _said(capsys)
+    _one_sentence(said)
+    assert str(folder / "config.json") in said and key in said

@@ -55,7 +55,7 @@ import torch
 from safetensors.torch import save_file
 
 from difftune.export.text_layouts import check_consumed, clip_state, open_clip_state
-from difftune.export.weights import read_json_object, read_tensors
+from difftune.export.weights import read_config, read_tensors
 from difftune.files import apply_umask
 
 UNET_PREFIX = "model.diffusion_model."
@@ -160,7 +160,7 @@ def load_component(root: Path, name: str) -> tuple[dict, dict[str, torch.Tensor]
     if weights is None:
         raise ValueError(f"no weight file in {folder}: expected one of {', '.join(WEIGHT_NAMES)}")
     # read_tensors refuses a .bin (a pickle) by name, naming it, rather than reading it
-    return read_json_object(config_path), read_tensors(weights)
+    return read_config(config_path), read_tensors(weights)
 
 
 def _text_layout(config: dict, folder: Path) -> str:

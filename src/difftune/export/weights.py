@@ -47,6 +47,23 @@ def read_metadata(file: Path) -> dict[str, str]:
         raise _unreadable(file, error) from None
 
 
+class Config(dict):
+    """A component's config.json: a key the conversion needs and the file lacks is a
+    WeightsError naming both (as `config[key]`; `config.get` reads optional keys)."""
+
+    def __init__(self, file: Path, values: dict[str, Any]) -> None:
+        super().__init__(values)
+        self.file = file
+
+    def __missing__(self, key: str) -> Any:
+        raise WeightsError(f"{self.file} has no {key!r}, which the conversion needs: is it the config of another "
+                           "kind of model, or was it edited? Write or download it again")
+
+
+def read_config(file: Path) -> Config:
+    return Config(file, read_json_object(file))
+
+
 def read_json_object(file: Path, text: str | None = None, what: str = "") -> dict[str, Any]:
     """A JSON object: the file's text, or `text` found in it (`what` names where)."""
     where = f"{file}'s {what}" if what else str(file)
