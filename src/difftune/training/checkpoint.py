@@ -21,38 +21,20 @@ import os
 import pickle
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from difftune.errors import UserError
 from difftune.files import apply_umask, crc32, fsync_tree, staging_path
+from difftune.training.checkpoint_checks import (  # noqa: F401 (callers import them from here too)
+    ACCELERATE_PICKLE, CONFIG_FILE, DATA_FILE, ENGINE_FILE, MANIFEST, MARKER, PREFIX, STATE_FILE,
+    STATE_METADATA_KEY, ResumeError, TrainState, _read_state, read_engine,
+    refuse_unsafe_files, verify_checkpoint,
+)
 
 if TYPE_CHECKING:  # this module is also read before torch is imported (resume checks)
     from accelerate import Accelerator
-
-PREFIX = "step-"
-MARKER = "COMPLETE"
-STATE_FILE = "trainer_state.json"
-MANIFEST = "MANIFEST.json"
-CONFIG_FILE = "config.toml"
-DATA_FILE = "data.json"
-ENGINE_FILE = "engine.json"
-"""How many processes wrote the checkpoint, and whether their weights were sharded."""
-ACCELERATE_PICKLE = re.compile(
-    r"random_states_\d+\.pkl|(optimizer|scheduler|sampler|dl_state_dict|pytorch_model_fsdp)(_\d+)?\.bin|scaler\.pt")
-"""The pickles a checkpoint may hold at its top: the files accelerate writes and reads
-back with weights_only=True (torch's restricted unpickler, which builds tensors and numpy
-arrays and calls nothing). Any other file named as a pickle is refused unread."""
-PICKLE_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt")
-DCP_INDEX = re.compile(r"(pytorch_model_fsdp|optimizer)_\d+/\.metadata")
-"""torch.distributed.checkpoint's index of a sharded state (FSDP2), which torch reads with
-plain pickle.load: checked by `dcp_index_problem` before torch reads it."""
-RECORDS_INTRODUCED_WITH_MANIFEST = (CONFIG_FILE, ENGINE_FILE, DATA_FILE)
-"""A checkpoint with one of these was written by a difftune that writes MANIFEST.json
-(2026-12-01 on): without its manifest, it is damaged."""
-STATE_METADATA_KEY = "difftune.state"
-"""Where an extra state's JSON counters sit in its safetensors header."""
 
 
 class CheckpointedState(Protocol):
@@ -62,10 +44,6 @@ class CheckpointedState(Protocol):
     def checkpoint_tensors(self) -> tuple[dict[str, Any], dict[str, Any]]: ...
 
     def restore_tensors(self, tensors: dict[str, Any], counters: dict[str, Any]) -> None: ...
-
-
-class ResumeError(UserError, ValueError):
-    """train.resume names something that cannot be resumed from."""
 
 
 class DiskSpaceError(UserError, RuntimeError):
@@ -96,16 +74,6 @@ def check_disk_space(run_dir: Path, needed: int, step: int, what: str = "") -> s
         f"and {free / 2**20:.0f} MB are free in {run_dir}. Nothing was written; {last}. "
         "Free some space (or lower train.checkpoints_total_limit) and run the same command to resume."
     )
-
-
-@dataclass
-class TrainState:
-    """Where training stands: optimizer steps done, and the position in the data."""
-
-    step: int = 0
-    epoch: int = 0
-    samples_in_epoch: int = 0
-    """Samples of this epoch's (padded) order consumed by all processes together."""
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -183,156 +151,6 @@ def check_nothing_newer(run_dir: Path, chosen: Path, resume: str | None) -> None
             f"train.resume = {resume!r} names {chosen}, but the run has a newer checkpoint, {newest}: training on "
             f"from {chosen.name} would write over it. To continue the run, set train.resume = \"latest\" (or "
             f"leave it out); to go back to {chosen.name}, delete the newer checkpoints first.")
-
-
-def verify_checkpoint(path: Path) -> str | None:
-    """Why a complete checkpoint cannot be resumed from (None: it is sound). Nothing is
-    read through a link, and no pickle but DCP's index (by a loader that builds nothing)."""
-    checks = (_odd_entry, _state_problem, _foreign_pickle, _manifest_problem, _records_problem, dcp_index_problem)
-    return next((problem for check in checks if (problem := check(path)) is not None), None)
-
-
-def refuse_unsafe_files(path: Path) -> None:
-    """Right before a checkpoint is read (it was verified, but may have changed since): a
-    link, a special file, a foreign pickle or a DCP index naming code is a ResumeError."""
-    for check in (_odd_entry, _foreign_pickle, dcp_index_problem):
-        problem = check(path)
-        if problem is not None:
-            raise ResumeError(f"{path} cannot be resumed from: {problem}")
-
-
-def _odd_entry(path: Path) -> str | None:
-    """A link (its target may be anywhere) or a special file (a FIFO would block the
-    read): difftune writes neither into a checkpoint."""
-    for entry in path.rglob("*"):  # rglob does not descend into linked folders
-        if entry.is_symlink():
-            return f"{entry.relative_to(path)} is a link (to {os.readlink(entry)}), which difftune never writes"
-        if not entry.is_dir() and not entry.is_file():
-            return f"{entry.relative_to(path)} is not a regular file"
-    return None
-
-
-def foreign_pickles(path: Path) -> list[str]:
-    """Files in a checkpoint named as pickles (.pkl, .bin, .pt...) other than accelerate's
-    own, which it reads with weights_only=True. accelerate's custom-state pickles are read
-    with weights_only=False: difftune never writes them, and an EMA checkpoint of a
-    difftune before 2026-12 is refused for that reason."""
-    return sorted(str(f.relative_to(path)) for f in path.rglob("*")
-                  if f.suffix.lower() in PICKLE_SUFFIXES and not (f.parent == path and ACCELERATE_PICKLE.fullmatch(f.name)))
-
-
-def _foreign_pickle(path: Path) -> str | None:
-    foreign = foreign_pickles(path)
-    if not foreign:
-        return None
-    return (f"{foreign[0]} is a pickle that difftune does not write, and reading a pickle can run code; "
-            "it was not read")
-
-
-def _state_problem(path: Path) -> str | None:
-    state = _read_state(path)
-    if isinstance(state, str):
-        return state
-    if f"{PREFIX}{state.step:06d}" != path.name:
-        return f"{STATE_FILE} says step {state.step}, the folder name says {path.name}"
-    return None
-
-
-def _read_state(path: Path) -> TrainState | str:
-    try:
-        state = TrainState(**json.loads((path / STATE_FILE).read_text()))
-    except FileNotFoundError:
-        return f"no {STATE_FILE}"
-    except (ValueError, TypeError, OSError) as error:
-        return f"{STATE_FILE} is unreadable ({type(error).__name__})"
-    for key, value in asdict(state).items():
-        if type(value) is not int or value < 0:  # bool is an int subclass: not a count
-            return f"{STATE_FILE} has {key} = {json.dumps(value)}, not a whole number of 0 or more"
-    return state
-
-
-def _manifest_problem(path: Path) -> str | None:
-    """The files the manifest lists are there, of the size and checksum written."""
-    files = _read_manifest(path)
-    if isinstance(files, str):
-        return files
-    for name, expected in files.items():
-        file = path / name
-        if not file.is_file():
-            return f"{name} is missing"
-        if file.stat().st_size != expected["bytes"]:
-            return f"{name} has {file.stat().st_size} bytes, {expected['bytes']} were written"
-        if crc32(file) != expected["crc32"]:
-            return f"{name} has changed since it was written (checksum)"
-    return None
-
-
-def _read_manifest(path: Path) -> dict[str, dict[str, Any]] | str:
-    """The manifest's files, each inside the checkpoint with its bytes and crc32; a
-    sentence when it is missing or of another shape ({} for a pre-manifest checkpoint)."""
-    if not (path / MANIFEST).is_file():
-        return _no_manifest(path)
-    try:
-        files = json.loads((path / MANIFEST).read_text())["files"]
-    except (ValueError, KeyError, TypeError, OSError) as error:
-        return f"{MANIFEST} is unreadable ({type(error).__name__})"
-    if not isinstance(files, dict) or not all(_manifest_entry(entry) for entry in files.values()):
-        return f"{MANIFEST} does not list files with their bytes and crc32, as difftune writes it"
-    outside = next((name for name in files if not _inside(name)), None)
-    if outside is not None:
-        return f"{MANIFEST} lists {outside}, which is outside the checkpoint"
-    return files
-
-
-def _manifest_entry(entry: Any) -> bool:
-    return isinstance(entry, dict) and type(entry.get("bytes")) is int and isinstance(entry.get("crc32"), str)
-
-
-def _inside(name: str) -> bool:
-    """A manifest name is a path inside the checkpoint: relative, with no '..' part."""
-    parts = Path(name).parts
-    return bool(parts) and not Path(name).is_absolute() and ".." not in parts
-
-
-def _no_manifest(path: Path) -> dict[str, dict[str, Any]] | str:
-    """Every difftune that wrote config.toml, engine.json or data.json into a checkpoint
-    wrote MANIFEST.json with them (2026-12-01 on): such a checkpoint without it is
-    damaged. One with none of them is a difftune's from before: check what can be."""
-    record = next((name for name in RECORDS_INTRODUCED_WITH_MANIFEST if (path / name).exists()), None)
-    if record is not None:
-        return f"{MANIFEST} is missing, and every difftune that writes {record} into a checkpoint writes it"
-    return {} if any(path.glob("random_states_*.pkl")) else "no random_states_*.pkl (RNG state)"
-
-
-def _records_problem(path: Path) -> str | None:
-    """engine.json and data.json, when there, read as difftune writes them."""
-    engine = read_engine(path)
-    if isinstance(engine, str):
-        return engine
-    if (path / DATA_FILE).is_file():
-        try:
-            data = json.loads((path / DATA_FILE).read_text())
-        except (ValueError, OSError) as error:
-            return f"{DATA_FILE} is unreadable ({type(error).__name__})"
-        if not isinstance(data, dict):
-            return f"{DATA_FILE} is not the digest of rows difftune writes"
-    return None
-
-
-def read_engine(path: Path) -> dict[str, Any] | str | None:
-    """What engine.json records (None: a checkpoint from before it was written), or why it
-    cannot be used."""
-    recorded = path / ENGINE_FILE
-    if not recorded.is_file():
-        return None
-    try:
-        engine = json.loads(recorded.read_text())
-    except (ValueError, OSError) as error:
-        return f"{ENGINE_FILE} is unreadable ({type(error).__name__})"
-    if not isinstance(engine, dict) or type(engine.get("processes")) is not int \
-            or not isinstance(engine.get("engine"), str):
-        return f"{ENGINE_FILE} does not say how many processes wrote the checkpoint and on which engine"
-    return engine
 
 
 def checkpoint_step(path: Path) -> int:
@@ -528,118 +346,3 @@ def _prune(run_dir: Path, total_limit: int | None) -> None:
 
 def _fsync_tree(root: Path) -> None:
     fsync_tree(root)
-
-
-# --- torch.distributed.checkpoint's pickled index ------------------------------------------
-
-DCP_RECORDS = {
-    "torch.distributed.checkpoint.metadata": {
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "BytesStorageMetadata", "ChunkStorageMetadata"},
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-}
-"""DCP's own records: dataclasses whose state the index sets (BUILD)."""
-DCP_VALUES = {
-    "torch.distributed.checkpoint.metadata": {"_MEM_FORMAT_ENCODING"},
-    "torch.serialization": {"_get_layout"},
-    "pathlib": {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
-    "collections": {"OrderedDict"},
-}
-"""The other names an index may hold: an enum, torch's layout by name, a path, an ordered
-dict, and torch.Size and its dtypes (TORCH_VALUES). Called with any arguments, none of
-these (nor a record's constructor) runs anything."""
-TORCH_VALUES = re.compile(r"Size|bool|bfloat16|(u?int|float|complex)\d+|float8_e\w+")
-
-
-class _StandIn:
-    """Built in place of what the index names while it is checked, keeping the arguments
-    and state it is given; `name` says what it stands for."""
-
-    name = ""
-    record = False
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> _StandIn:
-        made = object.__new__(cls)
-        made.args, made.state = args, None
-        return made
-
-    def __init__(self, *args: Any) -> None:  # a REDUCE: the constructor's arguments
-        self.args = args
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-
-class _IndexCheck(pickle._Unpickler):  # the Python unpickler, whose opcodes can be overridden
-    """Reads an index with a stand-in for each name it allows and refuses any other name,
-    and any state set on what is not a fresh DCP record (a class, a dtype, an enum member):
-    whatever this accepts, torch's own pickle.load of it builds records and values only."""
-
-    dispatch = dict(pickle._Unpickler.dispatch)
-
-    def __init__(self, file: Any) -> None:
-        super().__init__(file)
-        self.made: list[_StandIn] = []
-
-    def find_class(self, module: str, name: str) -> Any:
-        record = name in DCP_RECORDS.get(module, ())
-        if not (record or name in DCP_VALUES.get(module, ()) or (module == "torch" and TORCH_VALUES.fullmatch(name))):
-            raise pickle.UnpicklingError(f"it names {module}.{name}")
-        made = self.made
-
-        def new(cls: type, *args: Any, **kwargs: Any) -> _StandIn:
-            instance = _StandIn.__new__(cls, *args)
-            made.append(instance)
-            return instance
-
-        return type(name, (_StandIn,), {"name": name, "record": record, "__new__": new})
-
-    def load_build(self) -> None:
-        target = self.stack[-2]
-        if isinstance(target, type) or not getattr(target, "record", False):
-            raise pickle.UnpicklingError("it sets the state of something other than one of its records")
-        super().load_build()
-
-    dispatch[pickle.BUILD[0]] = load_build
-
-
-def dcp_index_problem(path: Path) -> str | None:
-    """Why a sharded state's DCP index (FSDP2: pytorch_model_fsdp_N/.metadata,
-    optimizer_N/.metadata) may not be read by torch, which unpickles it with no limit on
-    what it runs: it must name only DCP's records, and point at data inside its folder."""
-    for index in sorted(path.glob("*/.metadata")):
-        name = str(index.relative_to(path))
-        if not DCP_INDEX.fullmatch(name):
-            return f"{name} is a file difftune does not write, and may be a pickle; it was not read"
-        problem = _index_problem(index)
-        if problem is not None:
-            return f"{name} is not an index torch.distributed.checkpoint writes: {problem}; it was not read"
-    return None
-
-
-def _index_problem(index: Path) -> str | None:
-    try:
-        with open(index, "rb") as file:
-            check = _IndexCheck(file)
-            check.load()
-    except pickle.UnpicklingError as error:
-        return str(error)
-    except Exception as error:  # noqa: BLE001 (a crafted pickle fails in many ways; each is a refusal)
-        return f"it does not read: {type(error).__name__}"
-    outside = next((where for where in _data_paths(check.made) if not _plain_name(where)), None)
-    return None if outside is None else f"it points at {outside!r}, outside its folder"
-
-
-def _data_paths(made: list[_StandIn]) -> list[Any]:
-    """Every relative_path the index gives, set as state (as DCP writes it) or passed to
-    _StorageInfo's constructor: where torch would read a tensor's bytes from."""
-    paths = [stand.args[0] for stand in made if stand.name == "_StorageInfo" and stand.args]
-    for stand in made:
-        state = stand.state[1] if isinstance(stand.state, tuple) and len(stand.state) == 2 else stand.state
-        if isinstance(state, dict) and "relative_path" in state:
-            paths.append(state["relative_path"])
-    return paths
-
-
-def _plain_name(where: Any) -> bool:
-    return isinstance(where, str) and where not in ("", ".", "..") and Path(where).name == where
