@@ -8,7 +8,6 @@ then loads and renders.
 from __future__ import annotations
 
 import math
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,8 +26,8 @@ from difftune.paths import (
     check_pipeline,
     looks_like_path,
     lora_file,
-    run_output_folder,
 )
+from difftune.rundir import model_source, run_config, stands_for
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MAX_STEPS = 1000
@@ -62,26 +61,6 @@ class Generation:
     """What was taken from a run directory, to say so."""
 
 
-def run_output(path: str) -> str:
-    """A run directory stands for its final/; anything else (a folder, a file, a Hub
-    id) is returned as given."""
-    return str(run_output_folder(Path(path))) if Path(path).is_dir() else path
-
-
-def run_config(path: str | None) -> dict[str, Any] | None:
-    """The config.toml of a difftune run directory (or of the run a final/ folder is in)."""
-    if path is None:
-        return None
-    folder = Path(path)
-    for candidate in (folder, folder.parent):
-        if (candidate / "config.toml").is_file() and (candidate / "events.jsonl").is_file():
-            try:
-                return tomllib.loads((candidate / "config.toml").read_text())
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError):
-                return None
-    return None
-
-
 def plan_generation(request: Generation, given: set[str], overwrite: bool = False) -> Generation:
     """Check every argument (before torch is imported); settings not `given` on the
     command line come from the run directory of --controlnet, --lora or --base, if any."""
@@ -113,26 +92,26 @@ def plan_generation(request: Generation, given: set[str], overwrite: bool = Fals
         raise InputError("--base is needed: the base pipeline (Hub id or folder); it can be left out only when "
                          "--controlnet or --lora is a difftune run directory, which records its base")
     check_finished_run(base_key, request.base)
-    base_folder = Path(run_output(request.base))
+    base_folder = Path(model_source(request.base))
     if run_config(request.base) is not None and not (base_folder / "model_index.json").is_file():
         raise InputError(f"--base {request.base!r} is a run whose result is not a whole pipeline (a ControlNet "
                          "or a LoRA): give it as --controlnet or --lora, and its base as --base")
     request = _with_family(request)
     from difftune.families import check_base
 
-    check_pipeline(base_key, run_output(request.base), _family(request).components)
-    check_base(base_key, run_output(request.base), _family(request).name, "--family (or the run's model.family)")
+    check_pipeline(base_key, model_source(request.base), _family(request).components)
+    check_base(base_key, model_source(request.base), _family(request).name, "--family (or the run's model.family)")
     _check_lora_family(request)
     _check_family_takes(request, given)
     if request.controlnet is not None:
-        check_controlnet_fits("--controlnet", request.controlnet, run_output(request.base),
+        check_controlnet_fits("--controlnet", request.controlnet, model_source(request.base),
                               _family(request).denoiser_name)
     if request.image is not None:
         _check_image(request.image)
     _check_size(request, given)
     folders = {"--base": request.base, "--controlnet": request.controlnet, "--lora": request.lora}
     check_not_an_input("--out", request.out, {"--image": request.image} | {  # a run's final/, not the run
-        flag: run_output(value) for flag, value in folders.items() if value})
+        flag: model_source(value) for flag, value in folders.items() if value})
     return request
 
 
@@ -149,7 +128,7 @@ def _check_run_result(flag: str, value: str | None) -> None:
     --controlnet, a LoRA run to --lora, a full fine-tune to --base)."""
     if not value or run_config(value) is None:
         return
-    final = run_output_folder(Path(value).expanduser())
+    final = stands_for(Path(value).expanduser())
     kind = ("pipeline" if (final / "model_index.json").is_file() else "lora" if (final / LORA_FILE).is_file()
             else "controlnet" if (final / "config.json").is_file() else None)
     if kind is not None and RESULT_FLAGS[kind] != flag:
@@ -202,7 +181,7 @@ def _with_family(request: Generation) -> Generation:
         if request.family not in families():
             raise InputError(f"--family {request.family!r} is unknown; difftune has {', '.join(sorted(families()))}")
         return request
-    found = family_of_pipeline(Path(run_output(request.base)).expanduser())
+    found = family_of_pipeline(Path(model_source(request.base)).expanduser())
     return replace(request, family=found.name if found is not None else "sd")
 
 
@@ -243,7 +222,7 @@ def _check_size(request: Generation, given: set[str]) -> None:
     native size, or the --image's own) fits the base's VAE and denoiser (families.limits)."""
     from difftune.families import check_sizes_fit
 
-    base = run_output(request.base)
+    base = model_source(request.base)
     key = "--resolution" if "resolution" in given else "--resolution (the run's data.resolution)"
     sizes = {key: request.resolution} if request.resolution else {}
     native = native_resolution(Path(base).expanduser(), _family(request).denoiser_name)
@@ -286,7 +265,7 @@ def generate(request: Generation, should_stop: Callable[[], bool] = lambda: Fals
     device = accelerator.type if accelerator is not None else "cpu"
     family = _family(request)
     pipe = _load_pipeline(request, getattr(torch, family.gpu_dtype) if device != "cpu" else torch.float32)
-    size = request.resolution or native_resolution(Path(run_output(request.base)), family.denoiser_name)
+    size = request.resolution or native_resolution(Path(model_source(request.base)), family.denoiser_name)
     call: dict[str, Any] = {"height": size, "width": size} if size else {}
     if request.image is not None:
         control = _conditioning(request.image, size)
@@ -341,24 +320,24 @@ def _load_pipeline(request: Generation, dtype: Any) -> Any:
     from difftune.families.base import check_weights_loaded
 
     family = _family(request)
-    base = run_output(request.base)
+    base = model_source(request.base)
     what = f"--base {request.base}"
     try:
         net = None
         if request.controlnet is not None:
             what = f"--controlnet {request.controlnet}"
-            net = family.load_controlnet(run_output(request.controlnet), dtype)
+            net = family.load_controlnet(model_source(request.controlnet), dtype)
             what = f"--base {request.base}"
         parts = {}
         fused = request.lora is not None and request.control and not _reads_lora(family)
         if fused:  # a Control-LoRA for a pipeline without a LoRA loader: its fused denoiser (CogView4)
             what = f"--lora {request.lora}"
-            parts = {family.denoiser_name: _fused_denoiser(family, run_output(request.lora), dtype)}
+            parts = {family.denoiser_name: _fused_denoiser(family, model_source(request.lora), dtype)}
             what = f"--base {request.base}"
         pipe = family.load_pipeline(base, dtype, net, kind="control" if request.control else None, **parts)
         if request.lora is not None and not fused:
             what = f"--lora {request.lora} (was it trained on another base?)"
-            pipe.load_lora_weights(run_output(request.lora))
+            pipe.load_lora_weights(model_source(request.lora))
     except Exception as error:  # noqa: BLE001 (diffusers, transformers and peft raise many kinds)
         raise InputError(f"cannot load {what}: {type(error).__name__}: {error}") from None
     modules = {name: part for name, part in pipe.components.items() if isinstance(part, torch.nn.Module)}

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from difftune.errors import UserError
+from difftune.rundir import RunDir, stands_for
 
 # owner/name or name, as the Hub spells repository ids
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -71,7 +72,7 @@ def check_model_folder(key: str, value: str, class_hint: str, variant: str | Non
     if _hub_or_missing(key, value, "config.json", revision, f"a {class_hint} folder"):
         return
     check_finished_run(key, value)
-    folder = run_output_folder(Path(value).expanduser())
+    folder = stands_for(Path(value).expanduser())
     problem = _component_problem(folder, "model", variant)
     if problem:
         raise PathError(f"{key} = {value!r}: {_what_is(folder) if not (folder / 'config.json').is_file() else problem}; "
@@ -96,7 +97,7 @@ def check_controlnet_fits(key: str, controlnet: str, base: str, denoiser: str = 
             return None
         return found if isinstance(found, dict) else None
 
-    net = config(run_output_folder(Path(controlnet).expanduser()) / "config.json")
+    net = config(stands_for(Path(controlnet).expanduser()) / "config.json")
     unet = config(Path(base).expanduser() / denoiser / "config.json")
     if net is None or unet is None:
         return
@@ -134,17 +135,9 @@ def check_tokenizer(key: str, value: str, revision: str | None = None) -> None:
         raise PathError(f"{key} = {value!r}: {problem}{hint}")
 
 
-def run_output_folder(path: Path) -> Path:
-    """A difftune run directory stands for its final/ folder."""
-    if (path / "final").is_dir() and (path / "events.jsonl").is_file():
-        return path / "final"
-    return path
-
-
 def check_finished_run(key: str, value: str) -> None:
     """A difftune run directory given as a model must have its result (final/)."""
-    path = Path(value).expanduser()
-    if (path / "events.jsonl").is_file() and (path / "config.toml").is_file() and not (path / "final").is_dir():
+    if RunDir(Path(value)).unfinished():
         raise PathError(f"{key} = {value!r} is a difftune run that has not finished: it has no final/ yet. "
                         "Run `difftune train` on it again to finish it")
 
@@ -294,7 +287,7 @@ def lora_file(key: str, value: str) -> Path:
     checked to be a safetensors file that holds LoRA weights (from its header alone)."""
     path = Path(value).expanduser()
     check_finished_run(key, value)
-    found = next((c for c in (path, path / LORA_FILE, path / "final" / LORA_FILE) if c.is_file()), None)
+    found = next((c for c in (path, path / LORA_FILE, RunDir(path).final / LORA_FILE) if c.is_file()), None)
     if found is None:
         what = "no such file or folder" if not path.exists() else f"no {LORA_FILE} here, in it or in its final/"
         raise PathError(f"{key} = {value!r}: {what}")

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from difftune.training.events import read_events
+from difftune.rundir import read_events
 
 WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 640, 230, 64, 150, 28, 34
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]

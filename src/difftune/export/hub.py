@@ -11,6 +11,7 @@ from huggingface_hub import HfApi, ModelCardData
 from difftune.config import RunConfig
 from difftune.families import get_family
 from difftune.methods import make_method
+from difftune.rundir import RunDir
 
 TAGS = ["diffusers", "difftune"]
 
@@ -74,7 +75,7 @@ def _repo_name(config: RunConfig) -> str:
 
 def push_to_hub(run_dir: Path, config: RunConfig, api: Any | None = None) -> str:
     """Upload final/ (weights, card, grids) to the Hub; return the repo id."""
-    folder = run_dir / "final"
+    folder = RunDir(run_dir).final
     write_model_card(run_dir, config, folder)
     api = api or HfApi()
     repo_id = api.create_repo(_repo_name(config), private=config.hub.private, exist_ok=True).repo_id

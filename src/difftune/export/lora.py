@@ -132,7 +132,7 @@ def check_kohya_names(family: Any, state: dict[str, torch.Tensor]) -> None:
 
 def run_model(source: Path) -> dict:
     """The [model] section of the run whose final/ holds the file ({} if it is not in a run)."""
-    from difftune.generate import run_config
+    from difftune.rundir import run_config
 
     return (run_config(str(source.parent)) or {}).get("model", {})
 

@@ -41,7 +41,7 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
 
 def cmd_export_single_file(args: argparse.Namespace) -> int:
     from difftune.families import family_of_pipeline
-    from difftune.generate import run_output
+    from difftune.rundir import model_source
     from difftune.paths import (
         check_finished_run,
         check_not_an_input,
@@ -51,7 +51,7 @@ def cmd_export_single_file(args: argparse.Namespace) -> int:
 
     check_output_file("out", args.out, (".safetensors",), args.overwrite)
     check_finished_run("pipeline", args.pipeline)
-    pipeline = run_output(args.pipeline)
+    pipeline = model_source(args.pipeline)
     check_not_an_input("out", args.out, {"the pipeline": pipeline})
     family = family_of_pipeline(Path(pipeline))
     if family is None:
@@ -69,14 +69,14 @@ def cmd_export_single_file(args: argparse.Namespace) -> int:
 
 
 def cmd_export_controlnet(args: argparse.Namespace) -> int:
-    from difftune.generate import run_output
+    from difftune.rundir import model_source
     from difftune.paths import check_model_folder, check_not_an_input, check_output_file
 
     check_output_file("out", args.out, (".safetensors",), args.overwrite)
     check_model_folder("controlnet", args.controlnet, "ControlNet")
     from difftune.export.controlnet import export_controlnet
 
-    folder = run_output(args.controlnet)
+    folder = model_source(args.controlnet)
     check_not_an_input("out", args.out, {"the ControlNet": folder})
     try:
         out = export_controlnet(folder, args.out, half=args.half)

@@ -22,7 +22,7 @@ from difftune.methods.base import (
     trainable_fp32,
 )
 from difftune.methods.full import generate_with_trained
-from difftune.paths import run_output_folder
+from difftune.rundir import stands_for
 
 
 class ControlNet:
@@ -41,7 +41,7 @@ class ControlNet:
         freeze(parts)
         source = self.config.controlnet
         if source is not None and Path(source).is_dir():
-            source = str(run_output_folder(Path(source)))  # a ControlNet run continues from its final/
+            source = str(stands_for(Path(source)))  # a ControlNet run continues from its final/
         controlnet = family.make_controlnet(parts, source, self.config)
         return {"controlnet": trainable_fp32(controlnet)}
 

@@ -14,6 +14,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+from difftune.rundir import RunDir, read_events  # noqa: F401 (the run directory owns its log's reading)
+
 
 def peak_memory_mb(device: torch.device) -> float:
     """Peak accelerator memory, or peak resident memory of this process on CPU."""
@@ -74,7 +76,7 @@ class EventLog:
     """Appends one JSON object per line to events.jsonl, on the main process only."""
 
     def __init__(self, run_dir: Path, enabled: bool) -> None:
-        self.path = run_dir / "events.jsonl"
+        self.path = RunDir(run_dir).events
         self.enabled = enabled
 
     def write(self, kind: str, **fields: Any) -> None:
@@ -92,24 +94,6 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-def read_events(run_dir: Path) -> list[dict[str, Any]]:
-    """The events, oldest first. A line that is not a JSON object (cut short by a kill or a
-    full disk, or edited by hand) is left out: the log is for reading, never a reason to
-    stop a run."""
-    path = run_dir / "events.jsonl"
-    if not path.is_file():
-        return []
-    events = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict) and isinstance(event.get("event"), str):
-            events.append(event)
-    return events
 
 
 def progress_bar(console: Console, enabled: bool) -> Progress:

@@ -8,7 +8,6 @@ training/setup.py); this is what keeps the weights when something else fails."""
 
 from __future__ import annotations
 
-import json
 import time
 import traceback
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from typing import Any, NoReturn
 
 from difftune.errors import UserError
 from difftune.files import discard, publish, staging_path
+from difftune.rundir import RunDir
 from difftune.training.checkpoint import DiskSpaceError
 
 
@@ -59,26 +59,18 @@ def keep_weights_and_raise(failure: BaseException | None, step: int, checkpoint:
 def finished_step(run_dir: Path) -> int | None:
     """The step final/ was written at, if the run finished (its last "final" event) and
     final/ still holds weights; None otherwise (the run then writes final/ again)."""
-    final = run_dir / "final"
-    if not final.is_dir() or not any(f.suffix in (".safetensors", ".bin") for f in final.rglob("*")):
+    run = RunDir(run_dir)
+    if not run.final.is_dir() or not any(f.suffix in (".safetensors", ".bin") for f in run.final.rglob("*")):
         return None
-    step = None
-    events = run_dir / "events.jsonl"
-    if events.is_file():
-        for line in events.read_text(errors="replace").splitlines():
-            if '"event": "final"' in line:
-                try:
-                    step = int(json.loads(line)["step"])
-                except (ValueError, KeyError, TypeError):
-                    continue
-    return step
+    steps = [event.get("step") for event in run.read_events() if event["event"] == "final"]
+    return next((step for step in reversed(steps) if type(step) is int), None)
 
 
 def write_final(run_dir: Path, step: int, save: Callable[[Path], None]) -> Path:
     """final/, written whole or not at all: `save` writes into a staging folder that is
     published once complete. A final/ of an earlier, shorter run is kept as final-step-N;
     a failed write (a full disk) leaves nothing behind and says where the weights are."""
-    final = run_dir / "final"
+    final = RunDir(run_dir).final
     staging = staging_path(final)
     discard(staging)
     try:
@@ -95,16 +87,11 @@ def _kept_name(run_dir: Path, step: int) -> Path | None:
     """Where an existing final/ goes when a new one replaces it: final-step-N for the
     step it was written at, or final-replaced-TIME when the events no longer say (the
     log damaged or deleted); None only for a final/ of this very step (written again)."""
-    if not (run_dir / "final").exists():
+    if not RunDir(run_dir).final.exists():
         return None
     earlier = finished_step(run_dir)
     if earlier == step:
         return None
     if earlier is not None:
-        return kept_final(run_dir, earlier)
+        return RunDir(run_dir).kept_final(earlier)
     return run_dir / f"final-replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def kept_final(run_dir: Path, step: int) -> Path:
-    """Where the final/ of a run that finished at `step` is kept once it trains on."""
-    return run_dir / f"final-step-{step:06d}"

@@ -22,6 +22,7 @@ from difftune.families.base import check_weights_loaded
 from difftune.processes import agreed, settle
 from difftune.quiet import quiet_loading_bars
 from difftune.report import write_report
+from difftune.rundir import RunDir
 from difftune.signals import StopSignals
 from difftune.training import guards, setup
 from difftune.training.checkpoint import (
@@ -329,7 +330,7 @@ class Run:
     def _finish(self, state: TrainState) -> Path:
         """final/ (written whole or not at all; a final/ from a shorter run before it is kept
         as final-step-N), then the last validation and the report."""
-        final = self.run_dir / "final"
+        final = RunDir(self.run_dir).final
         self.accelerator.wait_for_everyone()
         if not self._finite():
             raise NonFiniteLoss(f"step {state.step}: the weights are not finite; final/ not written")
@@ -377,6 +378,6 @@ def train(config: RunConfig, console: Console | None = None, plan: RunPlan | Non
     plan = plan or plan_run(config, main_process=main_process_by_environment())
     if plan.finished_at is not None:
         logger.warning(finished_message(plan))
-        return plan.run_dir / "final"
+        return RunDir(plan.run_dir).final
     with StopSignals() as stop:  # from before the models load
         return Run(plan.config, console, plan, stop).fit()

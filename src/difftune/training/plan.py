@@ -58,7 +58,8 @@ from difftune.training.checkpoint import (
     is_checkpoint_name,
     pick_checkpoint,
 )
-from difftune.training.final import finished_step, kept_final
+from difftune.training.final import finished_step
+from difftune.rundir import RunDir
 from difftune.training.rundir import check_run_directory, take_lock
 
 # Keys that may differ between a run's checkpoint and the config that resumes it: they
@@ -295,7 +296,7 @@ def keep_chosen_caches(config: RunConfig, recorded: dict[str, Any]) -> None:
 
 def recorded_config(run_dir: Path, checkpoint: Path | None) -> dict[str, Any] | None:
     """The config the run was trained with: the checkpoint's own copy, else the run's."""
-    for path in ([checkpoint / CONFIG_FILE] if checkpoint is not None else []) + [run_dir / "config.toml"]:
+    for path in ([checkpoint / CONFIG_FILE] if checkpoint is not None else []) + [RunDir(run_dir).config_file]:
         if path.is_file() and path.stat().st_size:
             try:
                 return tomllib.loads(path.read_text())
@@ -322,8 +323,8 @@ def _kept_at(run_dir: Path, step: int) -> str:
     """What the run keeps of an earlier step: the result of a run that finished there
     before it was trained on (final-step-N), and that step's checkpoint."""
     kept = []
-    if kept_final(run_dir, step).is_dir():
-        kept.append(f"its earlier result {kept_final(run_dir, step)} is the {step}-step one")
+    if RunDir(run_dir).kept_final(step).is_dir():
+        kept.append(f"its earlier result {RunDir(run_dir).kept_final(step)} is the {step}-step one")
     checkpoint = checkpoint_dir(run_dir, step)
     if (checkpoint / MARKER).is_file():
         kept.append(f"its checkpoint {checkpoint} holds the weights of step {step}")

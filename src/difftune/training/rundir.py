@@ -1,5 +1,5 @@
-"""A run directory: what it may hold, how difftune knows one it made, and its lock (one
-process trains in it at a time)."""
+"""Checks on a run directory before a run writes into it (its layout: difftune/rundir.py),
+and its lock (one process trains in it at a time)."""
 
 from __future__ import annotations
 
@@ -10,32 +10,12 @@ from typing import Any
 
 from difftune.config import RunConfig
 from difftune.paths import PathError
+from difftune.rundir import LOCK_TEXT, RunDir
 from difftune.training.checkpoint import ResumeError
-
-LOCK_FILE = ".lock"
 
 _HELD: dict[Path, Any] = {}
 """Locks this process holds, by run directory: a later run in the same process (a
 notebook, a test) takes the same directory again."""
-
-
-# What a run directory holds, and of which kind: anything else of these names is not ours.
-RUN_ENTRIES = {LOCK_FILE: "file", "config.toml": "file", "events.jsonl": "file", "data-check.json": "file",
-               "report.html": "file", "checkpoints": "folder", "validation": "folder", "logs": "folder",
-               "final": "folder"}
-LOCK_TEXT = "pid "
-"""How the lock file difftune writes begins (a lock file of another tool is not ours)."""
-
-
-def is_run_directory(folder: Path) -> bool:
-    """A folder difftune made for a run: its events log, or its own lock file (a run
-    stopped before its first event). Another tool's checkpoints/ or config.toml are not."""
-    if (folder / "events.jsonl").is_file():
-        return True
-    try:
-        return (folder / LOCK_FILE).read_text(errors="replace").startswith(LOCK_TEXT)
-    except OSError:
-        return False
 
 
 def check_run_directory(run_dir: Path, config: RunConfig) -> None:
@@ -49,18 +29,18 @@ def check_run_directory(run_dir: Path, config: RunConfig) -> None:
     if data.is_dir() and (run_dir.resolve() == data.resolve() or data.resolve() in run_dir.resolve().parents):
         raise PathError(f"train.output_dir = {str(run_dir)!r} is inside data.path {config.data.path!r}: the "
                           "run's checkpoints and images would be read as training data. Give a folder outside it.")
-    inside = next((folder for folder in run_dir.resolve().parents if is_run_directory(folder)), None)
+    inside = next((folder for folder in run_dir.resolve().parents if RunDir(folder).is_run()), None)
     if inside is not None:
         raise PathError(f"train.output_dir = {str(run_dir)!r} is inside the run directory {str(inside)!r}: give "
                         "each run a folder of its own")
     if not run_dir.is_dir():
         return
     theirs = sorted(entry.name for entry in run_dir.iterdir())
-    if theirs and not is_run_directory(run_dir):
+    if theirs and not RunDir(run_dir).is_run():
         shown = ", ".join(theirs[:5]) + (f" and {len(theirs) - 5} more" if len(theirs) > 5 else "")
         raise PathError(f"train.output_dir = {str(run_dir)!r} holds files that are not a difftune run ({shown}); "
                           "difftune would write over them. Give an empty or new folder.")
-    for name, kind in RUN_ENTRIES.items():
+    for name, kind in RunDir.ENTRIES.items():
         path = run_dir / name
         if path.exists() and path.is_dir() != (kind == "folder"):
             raise PathError(f"{path} should be a {kind}; this run directory was changed by hand. Move "
@@ -73,7 +53,7 @@ def take_lock(run_dir: Path) -> Any:
     key = run_dir.resolve()
     if key in _HELD:
         return _HELD[key]
-    handle = open(run_dir / LOCK_FILE, "a+")  # held open on purpose: the lock lives with it
+    handle = open(RunDir(run_dir).lock, "a+")  # held open on purpose: the lock lives with it
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -35,6 +35,7 @@ from difftune.families import Family, Parts, get_family
 from difftune.methods import Method, Trained, make_method
 from difftune.paths import default_cache_dir
 from difftune.processes import agreed
+from difftune.rundir import RunDir
 from difftune.scoring import MetricSet, load_metric_set
 from difftune.training.cache_choice import choose_caches
 from difftune.training.engines import EngineError, check_fsdp_version, fsdp_requested, switch_cpu_job_to_fsdp2
@@ -184,7 +185,7 @@ def write_run_config(config: RunConfig, accelerator: Accelerator) -> None:
     if accelerator.is_main_process:
         run_dir = Path(config.train.output_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(config))
+        RunDir(run_dir).config_file.write_text(to_toml(config))
 
 
 def compute_dtype(accelerator: Accelerator) -> torch.dtype:
