@@ -14,7 +14,7 @@ from conftest import copy_run
 from safetensors.torch import load_file, save_file
 
 from difftune.cli import main
-from difftune.export.weights import WeightsError, read_tensors
+from difftune.weights import WeightsError, read_tensors
 
 
 class _Payload:

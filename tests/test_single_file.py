@@ -17,8 +17,8 @@ from diffusers.loaders.single_file_utils import (
 )
 from safetensors.torch import load_file, save_file
 
-from difftune.export import single_file
-from difftune.export.single_file import export_single_file, single_file_state_dict
+from difftune.families.sd import single_file
+from difftune.families.sd.single_file import export_single_file, single_file_state_dict
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 NO_SAFETY = {"safety_checker": None, "requires_safety_checker": False}
@@ -212,8 +212,8 @@ def test_full_size_layout_matches_diffusers_reader(unet_kwargs: dict) -> None:
             up_block_types=["UpDecoderBlock2D"] * 4,
         )
     for model, rules, prefix, reader, count in [
-        (unet, single_file._unet_rules, single_file.UNET_PREFIX, convert_ldm_unet_checkpoint, 686),
-        (vae, single_file._vae_rules, single_file.VAE_PREFIX, convert_ldm_vae_checkpoint, 248),
+        (unet, single_file.unet_rules, single_file.UNET_PREFIX, convert_ldm_unet_checkpoint, 686),
+        (vae, single_file.vae_rules, single_file.VAE_PREFIX, convert_ldm_vae_checkpoint, 248),
     ]:
         config, state = dict(model.config), model.state_dict()
         ldm = single_file.apply_rules(state, rules(config), prefix, Path(type(model).__name__))

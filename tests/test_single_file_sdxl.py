@@ -24,8 +24,8 @@ from diffusers.loaders.single_file_utils import (
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from difftune.export import single_file_sdxl as sdxl
-from difftune.export.single_file_sdxl import export_sdxl_single_file, sdxl_single_file_state_dict
+from difftune.families.sdxl import single_file as sdxl
+from difftune.families.sdxl.single_file import export_sdxl_single_file, sdxl_single_file_state_dict
 from difftune.tiny import write_word_tokenizer
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")

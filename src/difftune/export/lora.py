@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from difftune import paths
-from difftune.export.weights import WeightsError, read_json_object, read_metadata, read_tensors
+from difftune.weights import WeightsError, read_json_object, read_metadata, read_tensors
 from difftune.files import apply_umask
 
 LORA_FILE = paths.LORA_FILE

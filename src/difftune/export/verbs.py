@@ -74,7 +74,7 @@ def cmd_export_controlnet(args: argparse.Namespace) -> int:
 
     check_output_file("out", args.out, (".safetensors",), args.overwrite)
     check_model_folder("controlnet", args.controlnet, "ControlNet")
-    from difftune.export.controlnet import export_controlnet
+    from difftune.families.sd.controlnet_file import export_controlnet
 
     folder = model_source(args.controlnet)
     check_not_an_input("out", args.out, {"the ControlNet": folder})

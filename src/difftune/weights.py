@@ -1,9 +1,10 @@
-"""The one place exports open what they convert. A weights file may come from anywhere (a
-download, a shared disk), so it is read as safetensors only: a pickled one (.bin, .pt,
-.ckpt) is refused without being read, since unpickling can run code and no file name
-tells a harmless pickle from a crafted one. A file that is truncated or damaged, and a
-config or adapter metadata that is not what it should be, is one sentence naming the
-file (WeightsError, exit 2), never a traceback from inside safetensors or json."""
+"""The one place a user's weights file is opened for conversion (exports and the families'
+single-file layouts). A weights file may come from anywhere (a download, a shared disk),
+so it is read as safetensors only: a pickled one (.bin, .pt, .ckpt) is refused without
+being read, since unpickling can run code and no file name tells a harmless pickle from a
+crafted one. A file that is truncated or damaged, and a config or adapter metadata that is
+not what it should be, is one sentence naming the file (WeightsError, exit 2), never a
+traceback from inside safetensors or json."""
 
 from __future__ import annotations
 

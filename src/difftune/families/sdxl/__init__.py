@@ -75,13 +75,13 @@ class StableDiffusionXL(StableDiffusion):
     def original_unet_names(self, config: dict) -> Callable[[str], str]:
         """diffusers' UNet module paths -> the SGM layout's (`down_blocks.1.attentions.0` ->
         `input_blocks.4.1`), as sd-scripts names SDXL LoRA modules: the single-file mapping."""
-        from difftune.export.single_file import _place
-        from difftune.export.single_file_sdxl import sdxl_unet_rules
+        from difftune.families.sdxl.single_file import sdxl_unet_rules
+        from difftune.layouts.rules import place
 
         rules = sdxl_unet_rules(config)
 
         def name(module: str) -> str:
-            placed = _place(module + ".weight", rules)
+            placed = place(module + ".weight", rules)
             if placed is None:
                 raise ValueError(f"unet module {module} has no place in the original SDXL layout")
             return placed[0].removesuffix(".weight")
@@ -89,7 +89,7 @@ class StableDiffusionXL(StableDiffusion):
         return name
 
     def export_single_file(self, pipeline_dir: Path, out_file: Path, half: bool) -> Path:
-        from difftune.export.single_file_sdxl import export_sdxl_single_file
+        from difftune.families.sdxl.single_file import export_sdxl_single_file
 
         return export_sdxl_single_file(pipeline_dir, out_file, half=half)
 

@@ -4,7 +4,7 @@ Many tools (A1111, ComfyUI, `StableDiffusionPipeline.from_single_file`) want one
 `.safetensors` file rather than a diffusers folder. This module writes that file from a
 diffusers SD 1.x / 2.x folder (`unet/`, `vae/`, `text_encoder/`, each with `config.json`
 and `diffusion_pytorch_model.safetensors` / `model.safetensors`; pickled `.bin` weights
-are refused, see export/weights.py).
+are refused, see difftune/weights.py).
 
 The layout written, by component (the inverse of what diffusers'
 `loaders/single_file_utils.py` reads back):
@@ -48,27 +48,15 @@ consumed: a key with no place in the layout is an error, not a silent drop.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from difftune.export.text_layouts import check_consumed, clip_state, open_clip_state
-from difftune.export.weights import read_config, read_tensors
-from difftune.files import apply_umask
+from difftune.layouts.rules import ConvLeaves, Rule, apply_rules, load_component, save_atomic, to_half
+from difftune.layouts.text_encoders import clip_state, open_clip_state
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-
-# First match wins. The .bin names are looked for only to say that such a folder's
-# weights are pickled, which export/weights.py refuses to read.
-WEIGHT_NAMES = (
-    "diffusion_pytorch_model.safetensors",
-    "model.safetensors",
-    "diffusion_pytorch_model.bin",
-    "pytorch_model.bin",
-)
 
 # Leaf-module renames inside one block (diffusers name -> LDM name).
 UNET_RESNET = {
@@ -86,23 +74,19 @@ VAE_RESNET = {
     "conv2": "conv2",
     "conv_shortcut": "nin_shortcut",
 }
-VAE_ATTENTION = {
+VAE_ATTENTION = ConvLeaves({
     "group_norm": "norm",
     "to_q": "q",
     "to_k": "k",
     "to_v": "v",
     "to_out.0": "proj_out",
-}
+})
 
 # Block types the LDM layout (and diffusers' reader of it) has a place for: name -> has attention.
 UNET_DOWN = {"DownBlock2D": False, "CrossAttnDownBlock2D": True}
 UNET_UP = {"UpBlock2D": False, "CrossAttnUpBlock2D": True}
 VAE_DOWN, VAE_UP = {"DownEncoderBlock2D"}, {"UpDecoderBlock2D"}
 TEXT_LAYOUTS = {"quick_gelu": "clip", "gelu": "open_clip"}
-
-# (diffusers prefix, LDM prefix, leaf rename table or None for "names unchanged")
-Rule = tuple[str, str, dict[str, str] | None]
-
 
 def export_single_file(
     pipeline_dir: str | Path,
@@ -131,8 +115,8 @@ def single_file_state_dict(
     vae_config, vae = load_component(root, "vae")
     text_config, text = load_component(root, "text_encoder")
     state: dict[str, torch.Tensor] = {}
-    state.update(apply_rules(unet, _unet_rules(unet_config), UNET_PREFIX, root / "unet"))
-    state.update(apply_rules(vae, _vae_rules(vae_config), VAE_PREFIX, root / "vae"))
+    state.update(apply_rules(unet, unet_rules(unet_config), UNET_PREFIX, root / "unet"))
+    state.update(apply_rules(vae, vae_rules(vae_config), VAE_PREFIX, root / "vae"))
     layout = text_layout or _text_layout(text_config, root / "text_encoder")
     if layout == "clip":
         state.update(clip_state(text, root / "text_encoder"))
@@ -144,23 +128,6 @@ def single_file_state_dict(
 
 
 # ---------------------------------------------------------------- reading the folder
-
-
-def load_component(root: Path, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config, state dict) of one component folder, with errors naming what is missing."""
-    folder = root / name
-    if not folder.is_dir():
-        raise ValueError(
-            f"component folder {folder} is missing (a diffusers SD pipeline needs {name}/)"
-        )
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise ValueError(f"{config_path} is missing")
-    weights = next((folder / n for n in WEIGHT_NAMES if (folder / n).is_file()), None)
-    if weights is None:
-        raise ValueError(f"no weight file in {folder}: expected one of {', '.join(WEIGHT_NAMES)}")
-    # read_tensors refuses a .bin (a pickle) by name, naming it, rather than reading it
-    return read_config(config_path), read_tensors(weights)
 
 
 def _text_layout(config: dict, folder: Path) -> str:
@@ -187,7 +154,7 @@ def _block_kinds(types: list[str], known: dict[str, bool], folder: str) -> list[
     return [known[t] for t in types]
 
 
-def _uniform_layers(config: dict) -> int:
+def uniform_layers(config: dict) -> int:
     """layers_per_block as one int: diffusers' reader assumes the same count in every block."""
     layers = config["layers_per_block"]
     if isinstance(layers, int):
@@ -199,9 +166,9 @@ def _uniform_layers(config: dict) -> int:
     return layers[0]
 
 
-def _unet_rules(config: dict) -> list[Rule]:
+def unet_rules(config: dict) -> list[Rule]:
     """Prefix rules for a UNet2DConditionModel, walked block by block as LDM numbers them."""
-    layers = _uniform_layers(config)
+    layers = uniform_layers(config)
     up = _block_kinds(config["up_block_types"], UNET_UP, "unet")
     rules = unet_encoder_rules(config) + [
         ("conv_norm_out.", "out.0.", None),
@@ -225,7 +192,7 @@ def _unet_rules(config: dict) -> list[Rule]:
 def unet_encoder_rules(config: dict) -> list[Rule]:
     """conv_in, the time embedding, the down blocks (input_blocks) and the mid block: the
     half of a UNet that a ControlNet copies, named the same in both LDM layouts."""
-    layers = _uniform_layers(config)
+    layers = uniform_layers(config)
     down = _block_kinds(config["down_block_types"], UNET_DOWN, "unet")
     rules: list[Rule] = [
         ("conv_in.", "input_blocks.0.0.", None),
@@ -259,7 +226,7 @@ def _unet_mid_rules(config: dict) -> list[Rule]:
     ]
 
 
-def _vae_rules(config: dict) -> list[Rule]:
+def vae_rules(config: dict) -> list[Rule]:
     """Prefix rules for an AutoencoderKL (encoder counts up, decoder counts down)."""
     _block_kinds(config["down_block_types"], dict.fromkeys(VAE_DOWN, False), "vae")
     _block_kinds(config["up_block_types"], dict.fromkeys(VAE_UP, False), "vae")
@@ -310,73 +277,3 @@ def _vae_rules(config: dict) -> list[Rule]:
                 )
             )
     return rules
-
-
-def apply_rules(
-    state: dict[str, torch.Tensor], rules: list[Rule], prefix: str, folder: Path
-) -> dict[str, torch.Tensor]:
-    """Rename every key by its rule; fail on keys no rule places and rules no key fills."""
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-    unmapped: list[str] = []
-    for key, tensor in state.items():
-        placed = _place(key, rules)
-        if placed is None:
-            unmapped.append(key)
-            continue
-        name, source, leaves = placed
-        used.add(source)
-        out[prefix + name] = _as_conv(tensor) if leaves is VAE_ATTENTION else tensor
-    check_consumed(state, out, unmapped, folder)
-    empty = [source for source, _, _ in rules if source not in used]
-    if empty:
-        raise ValueError(
-            f"{folder}: config.json implies weights under {empty[:5]} but the weight file has none"
-        )
-    return out
-
-
-def _place(key: str, rules: list[Rule]) -> tuple[str, str, dict[str, str] | None] | None:
-    """(LDM name, matched diffusers prefix, its leaf table) of one key; None if unplaced."""
-    for source, target, leaves in rules:
-        if not key.startswith(source):
-            continue
-        rest = key[len(source) :]
-        if leaves is None:
-            return target + rest, source, leaves
-        module, _, param = rest.rpartition(".")
-        return (target + leaves[module] + "." + param, source, leaves) if module in leaves else None
-    return None
-
-
-def _as_conv(tensor: torch.Tensor) -> torch.Tensor:
-    """LDM's VAE attention has 1x1 convs where diffusers has linears: [o, i] -> [o, i, 1, 1]."""
-    return tensor[:, :, None, None] if tensor.ndim == 2 else tensor
-
-
-# ---------------------------------------------------------------- writing
-
-
-def to_half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """fp16 copies of the floating tensors; integer buffers (position_ids) stay as they are."""
-    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-
-
-def save_atomic(state: dict[str, torch.Tensor], out: Path) -> Path:
-    """Write to a temporary name beside out, then rename: readers never see half a file.
-
-    Same folder, so os.replace is an atomic rename on one filesystem. The pid keeps two
-    concurrent exports apart. safetensors (0.8) creates its file with mode 0600, so the
-    umask's modes are applied before the rename.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in state.items()}  # safetensors refuses strided views
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        apply_umask(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out

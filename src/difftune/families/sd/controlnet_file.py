@@ -3,7 +3,7 @@
 
 The layout, from a diffusers ControlNetModel:
 - the copied UNet half keeps the LDM names of the single-file UNet (`input_blocks`,
-  `middle_block`, `time_embed`: export/single_file.py's rules);
+  `middle_block`, `time_embed`: families/sd/single_file.py's rules);
 - `controlnet_cond_embedding.conv_in` -> `input_hint_block.0`, its blocks i ->
   `input_hint_block.{2i+2}` (the odd slots are SiLUs), `conv_out` -> the slot after them;
 - `controlnet_down_blocks.i` -> `zero_convs.i.0`, `controlnet_mid_block` -> `middle_block_out.0`.
@@ -18,13 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from difftune.export.single_file import (
-    Rule,
-    apply_rules,
-    load_component,
-    save_atomic,
-    unet_encoder_rules,
-)
+from difftune.families.sd.single_file import unet_encoder_rules
+from difftune.layouts.rules import Rule, apply_rules, load_component, save_atomic
 
 PREFIX = "control_model."
 HINT_BLOCKS = 6  # the original layout's conditioning embedding: conv_out at input_hint_block.14

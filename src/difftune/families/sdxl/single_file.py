@@ -29,21 +29,9 @@ from pathlib import Path
 
 import torch
 
-from difftune.export.single_file import (
-    UNET_DOWN,
-    UNET_PREFIX,
-    UNET_UP,
-    VAE_PREFIX,
-    Rule,
-    _unet_rules,
-    _uniform_layers,
-    _vae_rules,
-    apply_rules,
-    load_component,
-    save_atomic,
-    to_half,
-)
-from difftune.export.text_layouts import clip_state, open_clip_state
+from difftune.families.sd.single_file import UNET_DOWN, UNET_PREFIX, UNET_UP, VAE_PREFIX, uniform_layers, unet_rules, vae_rules
+from difftune.layouts.rules import Rule, apply_rules, load_component, save_atomic, to_half
+from difftune.layouts.text_encoders import clip_state, open_clip_state
 
 CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
 OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
@@ -78,7 +66,7 @@ def sdxl_single_file_state_dict(pipeline_dir: str | Path) -> dict[str, torch.Ten
         unet, sdxl_unet_rules(unet_config, root / "unet"), UNET_PREFIX, root / "unet"
     )
     check_depths(unet_config, unet, root / "unet")  # after the rules: they name unknown blocks
-    state.update(apply_rules(vae, _vae_rules(vae_config), VAE_PREFIX, root / "vae"))
+    state.update(apply_rules(vae, vae_rules(vae_config), VAE_PREFIX, root / "vae"))
     state.update(clip_state(clip, root / "text_encoder", CLIP_PREFIX))
     state.update(projected_open_clip_state(big, root / "text_encoder_2"))
     return state
@@ -92,7 +80,7 @@ def sdxl_unet_rules(config: dict, folder: Path = Path("unet")) -> list[Rule]:
             f"{folder}/config.json has addition_embed_type={kind!r}: an SDXL UNet takes the "
             "pooled text and image sizes through 'text_time' (label_emb in the SGM layout)"
         )
-    return _unet_rules(config) + ADDED_EMBEDDING
+    return unet_rules(config) + ADDED_EMBEDDING
 
 
 def _check_encoder_widths(clip_config: dict, big_config: dict, root: Path) -> None:
@@ -157,7 +145,7 @@ def expected_depths(config: dict) -> dict[str, int]:
     """{attention prefix: transformer_blocks count}, built the way UNet2DConditionModel builds
     them: per down block an int (every layer) or a list (per layer); up blocks reversed unless
     reverse_transformer_layers_per_block says otherwise; the mid block takes the last entry."""
-    layers = _uniform_layers(config)
+    layers = uniform_layers(config)
     down_types, up_types = config["down_block_types"], config["up_block_types"]
     per_block = config.get("transformer_layers_per_block", 1)
     down = [per_block] * len(down_types) if isinstance(per_block, int) else list(per_block)

@@ -1,6 +1,6 @@
 """The text encoder of a single-file SD checkpoint: OpenAI CLIP's keys as they are (SD 1.x),
 or OpenCLIP's names with each layer's q/k/v fused (SD 2.x); SDXL has one of each, under its
-own prefixes. See single_file.py and single_file_sdxl.py."""
+own prefixes. See families/sd/single_file.py and families/sdxl/single_file.py."""
 
 from __future__ import annotations
 

@@ -162,7 +162,7 @@ class StableDiffusion(LatentFamily):
         return ControlNetModel.from_pretrained(path, dtype=dtype)
 
     def export_single_file(self, pipeline_dir: Path, out_file: Path, half: bool) -> Path:
-        from difftune.export.single_file import export_single_file
+        from difftune.families.sd.single_file import export_single_file
 
         return export_single_file(pipeline_dir, out_file, half=half)
 
