@@ -40,7 +40,7 @@ class RunConfig(_Section):
             return raw
         model = raw.get("model")
         name = model.get("family", "sd") if isinstance(model, dict) else getattr(model, "family", "sd")
-        from difftune.families import families
+        from difftune.catalog import families
 
         family = families().get(name) if isinstance(name, str) else None
         if family is None:
@@ -54,7 +54,7 @@ class RunConfig(_Section):
         model = raw.get("model") if isinstance(raw, dict) else None
         if not isinstance(model, dict) or not isinstance(model.get("family"), str):
             return raw
-        from difftune.families import families, family_of_pipeline
+        from difftune.catalog import families, family_of_pipeline
 
         name, base = model["family"], model.get("pretrained")
         if name in families() or not isinstance(base, str) or not base.strip():
@@ -71,38 +71,38 @@ class RunConfig(_Section):
         """What the family trains; a refusal that comes from a base of another family (an
         "sd" left as the default on a CogView4 base) names the base's family instead. (The
         plan checks the base's family in any case, before models load.)"""
-        from difftune.families import base_family_problem
+        from difftune.catalog import base_family_problem
 
         try:
             self._family_fits()
         except ValueError:
             problem = base_family_problem("model.pretrained", self.model.pretrained, self.model.family,
-                                          self.model.revision)
+                                          "model.family", self.model.revision)
             if problem:
                 raise ValueError(problem) from None
             raise
         return self
 
     def _family_fits(self) -> None:
-        from difftune.families import get_family
+        from difftune.catalog import families
 
-        family = get_family(self.model.family)
+        family = families()[self.model.family]
         if self.method.kind not in family.supports:
             raise ValueError(f"method.kind = {self.method.kind!r}: family {family.name!r} ({family.description}) "
                              f"trains {', '.join(sorted(family.supports))}")
-        if self.data.cache_text is True and not getattr(family, "caches_text", True):
+        if self.data.cache_text is True and not family.caches_text:
             raise ValueError(f"data.cache_text: family {family.name!r} encodes a caption differently in each batch "
                              "(padded to the batch's longest), so its embeddings cannot be cached")
-        allowed = getattr(family, "mixed_precisions", None)
+        allowed = family.mixed_precisions
         if allowed is not None and self.train.mixed_precision not in allowed:
             raise ValueError(f"train.mixed_precision = {self.train.mixed_precision!r}: family {family.name!r} trains "
                              f"in {' or '.join(map(repr, allowed))} (it overflows in fp16)")
-        if self.method.train_text_encoder and not getattr(family, "text_encoder_trainable", True):
+        if self.method.train_text_encoder and not family.text_encoder_trainable:
             raise ValueError(f"method.train_text_encoder: family {family.name!r} trains its transformer alone "
                              "(diffusers loads no text-encoder weights for it)")
         blocks = {name: getattr(self.method, name) for name in ("controlnet_double_blocks", "controlnet_single_blocks")
                   if getattr(self.method, name) != MethodConfig.model_fields[name].default}
-        if blocks and not getattr(family, "controlnet_blocks", False):
+        if blocks and not family.controlnet_blocks:
             raise ValueError(f"method.{next(iter(blocks))}: family {family.name!r} copies its whole encoder into a "
                              "ControlNet; the block counts are for Flux")
         self._check_controlnet_blocks(family, blocks)
@@ -117,7 +117,7 @@ class RunConfig(_Section):
         """A new Flux ControlNet copies some blocks (none at all would steer nothing); a
         ControlNet continued from method.controlnet keeps its own."""
         method = self.method
-        if method.kind != "controlnet" or not getattr(family, "controlnet_blocks", False):
+        if method.kind != "controlnet" or not family.controlnet_blocks:
             return
         if method.controlnet is not None and blocks:
             raise ValueError(f"method.{next(iter(blocks))}: method.controlnet continues an existing ControlNet, "

@@ -41,10 +41,10 @@ NonEmpty = Field(min_length=1, pattern=r"\S")
 """A string with something in it besides spaces."""
 
 def family_names() -> list[str]:
-    """The families difftune knows (each a file in difftune/families; light to import)."""
-    from difftune.families import families
+    """The families difftune knows (each a folder in difftune/families, listed by the catalog)."""
+    from difftune.catalog import family_names as listed
 
-    return sorted(families())
+    return listed()
 
 
 class ModelConfig(_Section):

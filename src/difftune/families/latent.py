@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from difftune.catalog import FamilyFacts
 from difftune.families.base import Parts
 
 if TYPE_CHECKING:
@@ -24,20 +26,23 @@ if TYPE_CHECKING:
 
 
 class LatentFamily:
+    facts: FamilyFacts
+    """What the catalog lists (families/<name>/facts.py): name, description, supports,
+    objective_kind, default_resolution, denoiser_name, denoiser_class, text_encoder_classes,
+    pipeline_classes, caches_text, mixed_precisions, text_encoder_trainable,
+    controlnet_blocks. Each is also an attribute of the family (__init_subclass__)."""
     name: str
     description: str
     supports: frozenset[str]
     denoiser_name: str
     denoiser_class: str
-    """diffusers class of the denoiser."""
-    scheduler_class: str
-    """diffusers class the training noise schedule is read with."""
     objective_kind: str
     text_encoder_classes: dict[str, str]
-    """transformers class of each text encoder, by part name (in encoding order)."""
+    pipeline_classes: dict[str, str]
+    scheduler_class: str
+    """diffusers class the training noise schedule is read with."""
     tokenizer_names: tuple[str, ...]
     """One tokenizer per text encoder, in the same order."""
-    pipeline_classes: dict[str, str]
     pipeline_options: dict[str, Any] = {}
     """Keyword arguments every pipeline of the family is built with."""
     latent_patch = 1
@@ -53,6 +58,12 @@ class LatentFamily:
     """The dtype `difftune generate` runs the pipeline in on a GPU."""
     attention_options = "cross_attention_kwargs"
     """The pipeline call's argument that carries a LoRA scale to the denoiser's attention."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """The facts, written once in facts.py, are the family's attributes too."""
+        super().__init_subclass__(**kwargs)
+        for fact in fields(cls.facts):
+            setattr(cls, fact.name, getattr(cls.facts, fact.name))
 
     @property
     def text_encoder_names(self) -> tuple[str, ...]:

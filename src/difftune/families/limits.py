@@ -1,5 +1,5 @@
 """What a base allows, read from its configs before any weight loads: the image sizes
-its VAE and denoiser can take, and what its model_index.json says it is.
+its VAE and denoiser can take, and what its model_index.json says it is (read by difftune/model_files.py).
 
 Every number comes from the base's own files (a local folder, or a Hub id already in the
 local Hub cache; nothing is downloaded here): the VAE's downsampling from
@@ -10,41 +10,11 @@ libraries check as they load. Light: no torch, no diffusers.
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any
 
+from difftune.model_files import read_config
 from difftune.paths import PathError
-
-
-def read_config(base: str, name: str, revision: str | None = None) -> dict[str, Any] | None:
-    """The JSON file `name` ("vae/config.json", "model_index.json") of a local folder or of a
-    Hub id in the local Hub cache; None when neither has it or it is not a JSON object."""
-    path = Path(base).expanduser() / name
-    if not path.is_file():
-        path = _cached(base, name, revision)
-    if path is None:
-        return None
-    try:
-        found = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return found if isinstance(found, dict) else None
-
-
-def _cached(repo_id: str, name: str, revision: str | None) -> Path | None:
-    from difftune.paths import looks_like_path
-
-    if looks_like_path(repo_id):
-        return None
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        found = try_to_load_from_cache(repo_id, name, revision=revision)
-    except ValueError:  # not a valid repository id after all
-        return None
-    return Path(found) if isinstance(found, str) else None
 
 
 def vae_factor(vae: str | None, base: str, revision: str | None = None) -> int | None:
@@ -90,13 +60,6 @@ def check_sizes_fit(sizes: dict[str, int], family: Any, base: str, vae: str | No
             nearest = f"{lower} or {upper}" if lower else f"{upper}"
             raise PathError(f"{key} = {value} must be a multiple of {multiple} ({why}, from the base's configs); "
                             f"{nearest} would do")
-
-
-def pipeline_class(base: str, revision: str | None = None) -> str | None:
-    """The _class_name a base's model_index.json names (None: not readable)."""
-    index = read_config(base, "model_index.json", revision)
-    name = index.get("_class_name") if index is not None else None
-    return name if isinstance(name, str) else None
 
 
 def part_module_names(family: Any, base: str, part: str, revision: str | None = None) -> set[str] | None:

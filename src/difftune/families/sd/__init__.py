@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from difftune.families.base import ModelInputs, Parts, dtype_of
 from difftune.families.latent import LatentFamily
+from difftune.families.sd.facts import FACTS
 
 if TYPE_CHECKING:
     import torch
@@ -27,19 +28,10 @@ _CONDITIONING_CHANNELS = (16, 32, 96, 256)
 
 
 class StableDiffusion(LatentFamily):
-    name = "sd"
-    description = "Stable Diffusion 1.x and 2.x"
-    supports = frozenset({"controlnet", "full", "lora", "dreambooth"})
-    denoiser_name = "unet"
-    denoiser_class = "UNet2DConditionModel"
+    facts = FACTS
     scheduler_class = "DDPMScheduler"
-    objective_kind = "ddpm"
-    """Which options of [objective] apply (config.sections.OBJECTIVE_OPTIONS)."""
-    text_encoder_classes = {"text_encoder": "CLIPTextModel"}
-    """transformers class of each text encoder, by part name (in encoding order)."""
     tokenizer_names = ("tokenizer",)
     """One tokenizer per text encoder, in the same order."""
-    default_resolution = 512
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     """UNet attention projections, as diffusers' SD LoRA scripts adapt."""
     kohya_prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
@@ -48,7 +40,6 @@ class StableDiffusion(LatentFamily):
     by the "original" (LDM/SGM) layout's."""
     license = "creativeml-openrail-m"
     card_tags = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image"]
-    pipeline_classes = {"text_to_image": "StableDiffusionPipeline", "controlnet": "StableDiffusionControlNetPipeline"}
     pipeline_options: dict[str, Any] = {"safety_checker": None, "feature_extractor": None,
                                         "requires_safety_checker": False}
     """Keyword arguments every pipeline of the family is built with."""

@@ -18,23 +18,19 @@ from typing import TYPE_CHECKING, Any
 
 from difftune.families.base import ModelInputs, Parts, device_of
 from difftune.families.sd import StableDiffusion
+from difftune.families.sdxl.facts import FACTS
 
 if TYPE_CHECKING:
     import torch
 
 
 class StableDiffusionXL(StableDiffusion):
-    name = "sdxl"
-    description = "Stable Diffusion XL"
-    text_encoder_classes = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
+    facts = FACTS
     tokenizer_names = ("tokenizer", "tokenizer_2")
-    default_resolution = 1024
     kohya_prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
     kohya_unet_names = "original"  # sd-scripts' SDXL UNet is the SGM one: input_blocks_4_1_...
     license = "openrail++"
     card_tags = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image"]
-    pipeline_classes = {"text_to_image": "StableDiffusionXLPipeline",
-                        "controlnet": "StableDiffusionXLControlNetPipeline"}
     # No invisible watermark on validation images (diffusers adds one when the package is installed).
     pipeline_options: dict[str, Any] = {"add_watermarker": False}
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from difftune.families.base import ModelInputs, Parts, device_of, dtype_of
 from difftune.families.latent import LatentFamily
+from difftune.families.flux.facts import FACTS
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -40,16 +41,9 @@ PATCH = 2
 
 
 class Flux(LatentFamily):
-    name = "flux"
-    description = "FLUX.1"
-    supports = frozenset({"controlnet", "control", "full", "lora", "dreambooth"})
-    denoiser_name = "transformer"
-    denoiser_class = "FluxTransformer2DModel"
+    facts = FACTS
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
-    objective_kind = "flow_matching"
-    text_encoder_classes = {"text_encoder": "CLIPTextModel", "text_encoder_2": "T5EncoderModel"}
     tokenizer_names = ("tokenizer", "tokenizer_2")
-    default_resolution = 1024
     lora_targets = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0")
     """The attention projections, as diffusers' Flux LoRA script adapts by default."""
     kohya_prefixes: dict[str, str] = {}
@@ -57,13 +51,9 @@ class Flux(LatentFamily):
     kohya_unet_names = "diffusers"
     license = "other"
     card_tags = ["flux", "flux-diffusers", "text-to-image"]
-    pipeline_classes = {"text_to_image": "FluxPipeline", "control": "FluxControlPipeline",
-                        "controlnet": "FluxControlNetPipeline"}
     trainable_text_encoder_names = ("text_encoder",)
     """diffusers' Flux LoRA loader adapts CLIP, never T5 (train_text_encoder: CLIP alone)."""
     controlnet_class = "FluxControlNetModel"
-    controlnet_blocks = True
-    """method.controlnet_double_blocks / _single_blocks choose the ControlNet's depth."""
     input_projection = "x_embedder"
     """The denoiser's input layer, which channel-concat Control widens."""
     negative_prompt = False
@@ -86,7 +76,7 @@ class Flux(LatentFamily):
     def method_problems(self, method: MethodConfig, base: str, revision: str | None = None) -> list[str]:
         """A new ControlNet copies blocks of the transformer: a count set above what it has is
         refused (the default, 4, takes all a smaller base has, saying so: make_controlnet)."""
-        from difftune.families.limits import read_config
+        from difftune.model_files import read_config
 
         if method.kind != "controlnet" or method.controlnet is not None:
             return []

@@ -1,5 +1,4 @@
-"""CogView4 (Zhipu AI 2025): a flow-matching transformer over 2x2 patches of the latents,
-conditioned on the GLM encoder's second-to-last hidden states and on each image's
+"""CogView4 (Zhipu AI 2025): a flow-matching transformer over 2x2 patches of the latents,conditioned on the GLM encoder's second-to-last hidden states and on each image's
 original size, crop top-left and target size.
 
 As diffusers' CogView4Pipeline and examples/cogview4-control/train_control_cogview4.py:
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from difftune.families.base import ModelInputs, Parts, device_of, dtype_of
 from difftune.families.latent import LatentFamily
+from difftune.families.cogview4.facts import FACTS
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -41,33 +41,20 @@ TOKEN_MULTIPLE = 16
 
 
 class CogView4(LatentFamily):
-    name = "cogview4"
-    description = "CogView4"
-    supports = frozenset({"control", "full", "lora", "dreambooth"})
-    denoiser_name = "transformer"
-    denoiser_class = "CogView4Transformer2DModel"
+    facts = FACTS
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
-    objective_kind = "flow_matching"
-    text_encoder_classes = {"text_encoder": "GlmModel"}
     tokenizer_names = ("tokenizer",)
-    default_resolution = 1024
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     kohya_prefixes: dict[str, str] = {}
     kohya_unet_names = "diffusers"
     license = "apache-2.0"
     card_tags = ["cogview4", "text-to-image"]
-    pipeline_classes = {"text_to_image": "CogView4Pipeline", "control": "CogView4ControlPipeline"}
     input_projection = "patch_embed.proj"
     latent_patch = PATCH
     pipeline_multiple = PIPELINE_MULTIPLE
     attention_options = "attention_kwargs"
     gpu_dtype = "bfloat16"
-    caches_text = False
-    mixed_precisions = ("no", "bf16")
-    """CogView4 overflows in fp16."""
 
-    text_encoder_trainable = False
-    """diffusers' CogView4 LoRA loader reads the transformer's adapters alone."""
 
     def load(self, config: ModelConfig, denoiser_in_memory: bool = False) -> Parts:
         from dataclasses import replace
@@ -79,7 +66,7 @@ class CogView4(LatentFamily):
 
     def latent_patch_of(self, base: str, revision: str | None = None) -> tuple[int, str]:
         """The transformer's patch_size, from its config.json (2 for CogView4-6B)."""
-        from difftune.families.limits import read_config
+        from difftune.model_files import read_config
 
         config = read_config(base, f"{self.denoiser_name}/config.json", revision) or {}
         patch = config.get("patch_size", PATCH)
