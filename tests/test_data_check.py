@@ -258,7 +258,7 @@ def test_training_stops_before_any_model_loads_naming_each_bad_file(
     from conftest import run_config
 
     from difftune.config import build_config
-    from difftune.families.sd import StableDiffusion
+    from difftune.families.sd.family import StableDiffusion
     from difftune.training.loop import Run
 
     def no_models(*args, **kwargs):

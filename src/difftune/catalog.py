@@ -4,7 +4,7 @@ base is. At the bottom of the tree: the config checks a run against the catalog 
 torch is imported, and nothing here imports the config, torch or a family's code.
 
 A family declares its facts in `families/<name>/facts.py` (FACTS); the catalog finds
-every family folder that has one. The family's code (`families/<name>/__init__.py`)
+every family folder that has one. The family's code (`families/<name>/family.py`)
 takes the same facts as its attributes (families.latent.LatentFamily), so each is
 written once.
 """

@@ -1,5 +1,5 @@
 """Model families, by config name: every folder here with a facts.py (what the catalog
-lists) and an __init__.py that defines `FAMILY` (its code).
+lists) and a family.py that defines `FAMILY` (its code).
 
 A new family is one folder here (and its presets in configs/<name>/); nothing else names
 it. The config reads only the facts (difftune/catalog.py); the code is light too (heavy
@@ -20,7 +20,7 @@ from difftune.families.limits import check_sizes_fit, size_rule, vae_factor
 @functools.cache
 def families() -> dict[str, Family]:
     """Each family's code (its FAMILY), by the names the catalog lists."""
-    return {name: importlib.import_module(f"{__name__}.{name}").FAMILY for name in catalog.families()}
+    return {name: importlib.import_module(f"{__name__}.{name}.family").FAMILY for name in catalog.families()}
 
 
 def get_family(name: str) -> Family:
