@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from difftune.config import DataConfig
 from difftune.data.diagnose import explain_load_failure
@@ -223,5 +223,26 @@ def open_image(value: Any, root: Path, where: str) -> Image.Image:
         raise DataError(f"{where}: {source}: {problem}")
     try:
         return open_oriented(source)
+    except UnidentifiedImageError:
+        raise DataError(f"{where}: unreadable image{_named(value)}: {_not_an_image(source)}") from None
     except Exception as error:
-        raise DataError(f"{where}: unreadable image {_short(value)} ({type(error).__name__}: {error})") from None
+        raise DataError(f"{where}: unreadable image{_named(value)} ({type(error).__name__}: {error})") from None
+
+
+def _named(value: Any) -> str:
+    """The cell's file, when it names one (bytes have no name worth a word)."""
+    return "" if isinstance(value, (bytes, bytearray)) else f" {_short(value)}"
+
+
+def _not_an_image(source: Path | io.BytesIO) -> str:
+    """What a file PIL cannot identify holds, in words: PIL's own message names a
+    BytesIO object; the first bytes say more (text, HTML, a Git LFS pointer, ...)."""
+    if isinstance(source, io.BytesIO):
+        start = source.getvalue()[:16]
+    else:
+        try:
+            with source.open("rb") as handle:
+                start = handle.read(16)
+        except OSError as error:
+            return f"it cannot be read ({error.strerror or type(error).__name__})"
+    return f"it is not an image (it starts with {start!r})" if start else "it is empty (0 bytes)"

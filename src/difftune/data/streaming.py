@@ -11,10 +11,13 @@ webdataset tar shards or from local files, never downloaded or scanned whole.
   run reads its share of them again (checking each row, so that a row skipped as bad
   is passed over again and the resumed run stays on the same rows) and goes on with the rows it would have read next, with
   the same flips, captions and noise (seeded by the sample's place in the epoch).
-- Columns are checked on the first row before any model loads. A row that cannot be
-  trained on later stops the run naming its place in the stream (and a webdataset
-  row's shard and member), or with data.on_bad = "skip" is passed over (the next row
-  takes its place) and logged; so is what is left of a damaged shard (data.shards).
+- Columns are checked on the first row before any model loads. A webdataset sample
+  lacking a member there is that sample's fault when a later one has it (named by its
+  shard and key, or skipped with data.on_bad = "skip"); when none of the next LOOKAHEAD
+  has it, the column is misnamed, and said to be. A row that cannot be trained on
+  later stops the run naming its place in the stream (and a webdataset row's shard
+  and member), or with data.on_bad = "skip" is passed over (the next row takes its
+  place) and logged; so is what is left of a damaged shard (data.shards).
   The loop saves a checkpoint of its last finished step before it stops.
 - A share of the stream with no row that can be trained on stops the run, rather than
   reading it again forever; so does a stream datasets cannot read on (a damaged
@@ -23,6 +26,7 @@ webdataset tar shards or from local files, never downloaded or scanned whole.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -43,6 +47,10 @@ logger = logging.getLogger(__name__)
 
 SKIPPING = 'skipping (data.on_bad = "skip"): %s'
 
+LOOKAHEAD = 100
+"""Samples read past a first one lacking a member before a run starts: a later one with
+it makes that the sample's fault; none with it, a misnamed column."""
+
 
 def open_stream(config: DataConfig) -> datasets.IterableDataset:
     """The split as a stream: a folder of webdataset shards (data.shards), or anything
@@ -62,41 +70,72 @@ def open_stream(config: DataConfig) -> datasets.IterableDataset:
 
 def check_stream(config: DataConfig, needs_conditioning: bool, fixed_caption: str | None) -> Columns:
     """The configured columns exist in the stream's first row, and its images open."""
-    first = _first_row(config)
     wanted = {"data.image_column": config.image_column}
     if fixed_caption is None:
         wanted["data.caption_column"] = config.caption_column
     if needs_conditioning:
         wanted["data.conditioning_image_column"] = config.conditioning_image_column
+    first, lacking = _first_row(config, tuple(wanted.values()))
     sample = f", sample {first[KEY]} of {first[SHARD]}" if first.get(SHARD) else ""
-    missing = [f"{key} = {name!r} is not a column of {config.path} (columns of its first row{sample}: "
-               f"{', '.join(first)})" for key, name in wanted.items() if name not in first]
+    seen = f"no sample of the first {lacking} has it; columns of the first" if lacking > 1 else \
+        "columns of its first row"
+    missing = [f"{key} = {name!r} is not a column of {config.path} ({seen}{sample}: {', '.join(first)})"
+               for key, name in wanted.items() if first.get(name) is None]
     if missing:
         raise DataError("\n".join(missing))
     columns = Columns(image=config.image_column, caption=config.caption_column if fixed_caption is None else None,
                       conditioning=config.conditioning_image_column if needs_conditioning else None)
     for column in (columns.image, columns.conditioning):
         if column is not None and config.on_bad == "error":  # else the run passes over a bad first row
-            open_image(first[column], Path(config.path), f"{config.path}, first row, column {column!r}")
+            where = (f"{first[SHARD]}, member {first[KEY]}.{column} (the stream's first sample)" if first.get(SHARD)
+                     else f"{config.path}, first row, column {column!r}")
+            open_image(first[column], Path(config.path), where)
     return columns
 
 
-def _first_row(config: DataConfig) -> dict[str, Any]:
-    """The stream's first row that is not a damaged shard or sample: those before it
-    stop the run, or with data.on_bad = "skip" are passed over (logged)."""
-    passed_over = 0
+def _first_row(config: DataConfig, wanted: tuple[str, ...]) -> tuple[dict[str, Any], int]:
+    """The stream's first row that is not a damaged shard or sample, and how many
+    samples before it lacked a wanted member. Those stop the run, or with data.on_bad
+    = "skip" are passed over (logged); but when no sample of the first LOOKAHEAD has
+    the member, the first of them is returned: the column is misnamed, not the data."""
+    passed_over, lacking = 0, []
     stream = undecoded(open_stream(config))
-    for row in named_failures(stream, config.path, lambda: f"after {passed_over} damaged row(s)"):
-        if not row.get(PROBLEM):
-            return row
-        if config.on_bad == "error":
-            raise DataError(row[PROBLEM])
-        passed_over += 1
-        logger.warning(SKIPPING, row[PROBLEM])
+    for row in named_failures(stream, config.path, lambda: f"after {passed_over + len(lacking)} damaged row(s)"):
+        if row.get(PROBLEM):
+            if config.on_bad == "error":
+                raise DataError(row[PROBLEM])
+            passed_over += 1
+            logger.warning(SKIPPING, row[PROBLEM])
+        elif row.get(SHARD) and any(row.get(name) is None for name in wanted):  # a sample lacking a member
+            lacking.append(row)
+            if len(lacking) > LOOKAHEAD:
+                break
+        else:
+            _pass_over_lacking(lacking, wanted, config.on_bad)
+            return row, len(lacking)
+    if lacking:
+        return lacking[0], len(lacking)
     if passed_over:
         raise DataError(f"data.path {config.path!r}: no row of the stream can be trained on (data.on_bad = "
                         f"\"skip\" passed over {passed_over}, each logged)")
     raise DataError(f"data.path {config.path!r}: the {config.split!r} split has no rows")
+
+
+def _pass_over_lacking(lacking: list[dict[str, Any]], wanted: tuple[str, ...], on_bad: str) -> None:
+    """Samples lacking a member that a later sample has: the first stops the run, or
+    with data.on_bad = "skip" each is passed over (logged)."""
+    for row in lacking:
+        problem = no_member(row, next(name for name in wanted if row.get(name) is None), "checked before training")
+        if on_bad == "error":
+            raise DataError(problem)
+        logger.warning(SKIPPING, problem)
+
+
+def no_member(row: dict[str, Any], field: str, place: str) -> str:
+    """A webdataset sample without the member a column names, and the members it has."""
+    members = ", ".join(f"{row[KEY]}.{name}" for name, value in row.items()
+                        if not name.startswith("__") and value is not None)
+    return f"{row[SHARD]}, sample {row[KEY]} ({place}): no member {row[KEY]}.{field} (its members: {members or 'none'})"
 
 
 def named_failures(stream: Iterable[dict[str, Any]], path: str, where: Callable[[], str]) -> Iterator[dict[str, Any]]:
@@ -105,17 +144,30 @@ def named_failures(stream: Iterable[dict[str, Any]], path: str, where: Callable[
     loop keeps the work done (a checkpoint) and the user reads a sentence. Rows can be
     passed over; a stream that cannot be read on cannot."""
     rows = iter(stream)
-    while True:
-        try:
-            row = next(rows)
-        except StopIteration:
-            return
-        except DataError:
-            raise
-        except Exception as error:  # noqa: BLE001 (datasets and its readers raise many kinds)
-            raise DataError(f"data.path {path!r}: the stream cannot be read on {where()} ({type(error).__name__}: "
-                            f"{error}); data.on_bad = \"skip\" passes over rows, not a stream that breaks") from None
-        yield row
+    try:
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except DataError:
+                raise
+            except Exception as error:  # noqa: BLE001 (datasets and its readers raise many kinds)
+                raise DataError(f"data.path {path!r}: the stream cannot be read on {where()} "
+                                f"({type(error).__name__}: {error}); data.on_bad = \"skip\" passes over rows, not a "
+                                "stream that breaks") from None
+            yield row
+    finally:
+        _close(rows)
+
+
+def _close(rows: Iterator[Any]) -> None:
+    """Close a stream left part-read here, not in the garbage collector: datasets' reader
+    then shuts its thread pool down, and from the collector, in a thread being started,
+    that deadlocks (a stopped run, or a test holding the error, hung)."""
+    close = getattr(rows, "close", None)
+    if close is not None:
+        close()
 
 
 def undecoded(stream: datasets.IterableDataset) -> datasets.IterableDataset:
@@ -173,13 +225,13 @@ class StreamingSamples(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """This process's samples of the epoch from the resume point: its k-th is the
         epoch's sample k * processes + rank (what seeds its randomness and noise)."""
-        rows = self._rows()
         share, start = self.padded // self.processes, self.skip // self.processes
-        for k in range(start):  # the rows a stopped run had consumed, bad ones passed over as it did
-            self._good_row(rows, sample_rng(self.seed, self.epoch, k * self.processes + self.rank), replay=True)
-        for k in range(start, share):
-            index = k * self.processes + self.rank
-            yield self._sample(rows, index)
+        with contextlib.closing(self._rows()) as rows:  # an endless stream, left part-read (named_failures)
+            for k in range(start):  # the rows a stopped run had consumed, bad ones passed over as it did
+                self._good_row(rows, sample_rng(self.seed, self.epoch, k * self.processes + self.rank), replay=True)
+            for k in range(start, share):
+                index = k * self.processes + self.rank
+                yield self._sample(rows, index)
 
     def _rows(self) -> Iterator[tuple[int, dict[str, Any]]]:
         """(place in this process's share, row), endlessly: the epoch's shuffled share,
@@ -256,9 +308,7 @@ class StreamingSamples(IterableDataset):
         """The row's value in a column; a webdataset sample without that member is named."""
         value = row.get(column)
         if value is None and row.get(SHARD):
-            members = ", ".join(f"{row[KEY]}.{field}" for field in row if not field.startswith("__"))
-            raise DataError(f"{row[SHARD]}, sample {row[KEY]} ({self._place(place)}): no member {row[KEY]}.{column} "
-                            f"(its members: {members or 'none'})")
+            raise DataError(no_member(row, column, self._place(place)))
         return value
 
     def _images(self, row: dict[str, Any], place: int) -> tuple[Any, Any]:
