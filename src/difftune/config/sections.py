@@ -84,6 +84,10 @@ class ModelConfig(_Section):
 class LoraSettings(_Section):
     """Low-rank adapters (Hu et al. 2021) through peft; only adapter weights train."""
 
+    variant: Literal["lora", "dora"] = "lora"
+    """"lora"; "dora" (Liu et al. 2024: each adapted weight's direction and magnitude
+    learned apart, peft's use_dora), loaded by diffusers' load_lora_weights as a LoRA is
+    and exported to the kohya format with its `dora_scale`."""
     rank: int = Field(4, gt=0)
     alpha: float | None = Field(None, gt=0)
     """Scale numerator (alpha / rank); None means alpha = rank, as in diffusers' scripts."""

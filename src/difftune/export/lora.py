@@ -3,7 +3,7 @@
 A LoRA run's final/ holds diffusers' `pytorch_lora_weights.safetensors`. The kohya
 format (sd-scripts, AUTOMATIC1111, ComfyUI, InvokeAI) names each adapted module by its
 path with dots turned to underscores, with `lora_down`/`lora_up` weights and an `alpha`
-scalar per module. diffusers' own `convert_state_dict_to_kohya` writes alpha = rank and
+scalar per module (and a DoRA's magnitude as `dora_scale`, as LyCORIS writes it). diffusers' own `convert_state_dict_to_kohya` writes alpha = rank and
 `lora_te1_` (the SDXL name) for the text encoder, which loses a trained alpha and the
 SD1.x/2.x text-encoder name, hence this small converter. The prefixes are the family's
 (SD: `lora_unet_`, `lora_te_`; SDXL: `lora_unet_`, `lora_te1_`, `lora_te2_`).
@@ -31,7 +31,8 @@ LORA_FILE = paths.LORA_FILE
 # (lora.down / lora_linear_layer.down) or reads (peft's lora_A / lora_B).
 _KEY = re.compile(
     r"^(?P<component>unet|text_encoder_2|text_encoder)\.(?P<module>.+)\."
-    r"(?P<matrix>lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up|lora_A|lora_B)\.weight$"
+    r"(?P<matrix>(lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up|lora_A|lora_B)\.weight"
+    r"|lora_magnitude_vector)$"
 )
 _DOWN = {"lora.down", "lora_linear_layer.down", "lora_A"}
 _COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -93,7 +94,10 @@ def to_kohya(state: dict[str, torch.Tensor], alphas: dict[str, dict], prefixes: 
             unknown.append(key)
             continue
         name = kohya_module_name(component, module, prefixes, unet_names)
-        is_down = match["matrix"] in _DOWN
+        if match["matrix"] == "lora_magnitude_vector":
+            converted[f"{name}.dora_scale"] = dora_scale(tensor)
+            continue
+        is_down = match["matrix"].removesuffix(".weight") in _DOWN
         converted[f"{name}.{'lora_down' if is_down else 'lora_up'}.weight"] = tensor.contiguous()
         if is_down:
             converted[f"{name}.alpha"] = torch.tensor(_alpha(alphas.get(component), module, tensor))
@@ -102,6 +106,15 @@ def to_kohya(state: dict[str, torch.Tensor], alphas: dict[str, dict], prefixes: 
         raise ValueError(f"{len(unknown)} key(s) are not LoRA weights of the parts this family adapts "
                          f"({', '.join(prefixes)}): {shown}")
     return converted
+
+
+def dora_scale(magnitude: torch.Tensor) -> torch.Tensor:
+    """peft's DoRA magnitude ((out,) for a linear, (1, out, 1, 1) for a conv) as the
+    `dora_scale` LyCORIS writes by default and ComfyUI reads: one value per output row,
+    (out, 1) or (out, 1, 1, 1). Both scale the same thing, W + delta normalised per output
+    row, so the conversion is exact."""
+    out = magnitude.reshape(-1, 1)
+    return (out if magnitude.ndim == 1 else out[:, :, None, None]).contiguous()
 
 
 def _alpha(found: dict | None, module: str, down: torch.Tensor) -> float:

@@ -1,5 +1,6 @@
 """LoRA (Hu et al. 2021): low-rank adapters on the denoiser's attention projections
 (and optionally the text encoder's), through peft; only the adapters train and are saved.
+With variant "dora" (Liu et al. 2024), each adapted weight also learns its magnitude.
 
 The result is diffusers' `pytorch_lora_weights.safetensors`, which
 `pipe.load_lora_weights` reads; `difftune export lora --format kohya` converts it.
@@ -44,6 +45,7 @@ def lora_config(settings: LoraSettings, targets: list[str] | tuple[str, ...]) ->
         lora_dropout=settings.dropout,
         init_lora_weights="gaussian" if settings.init == "gaussian" else True,
         target_modules=list(targets),
+        use_dora=settings.variant == "dora",
     )
 
 

@@ -232,15 +232,16 @@ def apply_model_options(config: RunConfig, parts: Parts, trained: Trained, shard
         # bitsandbytes' 8-bit step replaces each trained parameter's data with a contiguous
         # tensor (0.50): channels_last trained weights would turn back after the first step,
         # and a resumed run, channels_last again, would compute its first step differently.
-        # So those stay contiguous (a LoRA's frozen base convs keep channels_last).
+        # So those stay contiguous (a LoRA's frozen base convs keep channels_last). So do
+        # adapters' conv weights: peft's DoRA views them flat, which channels_last refuses,
+        # and a rank-r adapter gains nothing from it.
         for module in speed_up:
             if not sharded:  # FSDP2 shards the trained module and a frozen denoiser
                 module.to(memory_format=torch.channels_last)
-        if config.train.use_8bit_adam:
-            for module in trained.values():
-                for parameter in module.parameters():
-                    if parameter.requires_grad and parameter.dim() == 4:
-                        parameter.data = parameter.data.contiguous()
+        for module in trained.values():
+            for name, parameter in module.named_parameters():
+                if parameter.requires_grad and parameter.dim() == 4 and (config.train.use_8bit_adam or "lora_" in name):
+                    parameter.data = parameter.data.contiguous()
     if config.train.compile:
         for module in speed_up:
             module.compile()  # in place: names, state dicts and saving stay as they are
