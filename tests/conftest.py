@@ -91,6 +91,29 @@ def copy_run(run: Path, where: Path) -> Path:
     return target
 
 
+def unfinished(run: Path) -> Path:
+    """The run as if killed after its last checkpoint, before final/."""
+    import shutil
+
+    shutil.rmtree(run / "final")
+    events = [line for line in (run / "events.jsonl").read_text().splitlines() if '"event": "final"' not in line]
+    (run / "events.jsonl").write_text("\n".join(events) + "\n")
+    return run
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_base: Path, circles: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The tiny SD's samples, family and frozen parts: what a run hands build_cache."""
+    from difftune.config import build_config
+    from difftune.data.training import open_training_data
+    from difftune.families import get_family
+
+    config = build_config(run_config(tiny_base, circles, tmp_path_factory.mktemp("run") / "run"))
+    family = get_family("sd")
+    return {"samples": open_training_data(config.data, 0, True), "family": family,
+            "parts": family.load(config.model)}
+
+
 def poison_loss(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int]) -> None:
     """Make the loss NaN on the given (1-based) calls of the training loss."""
     import difftune.training.stepping as stepping

@@ -24,17 +24,7 @@ from conftest import run_config
 from difftune.cli import main
 from difftune.config import build_config
 from difftune.data.cache import Processes, build_cache
-from difftune.data.training import open_training_data
 from difftune.families import get_family
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_base: Path, circles: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The tiny SD's samples, family and frozen parts: what a run hands build_cache."""
-    config = build_config(run_config(tiny_base, circles, tmp_path_factory.mktemp("run") / "run"))
-    family = get_family("sd")
-    return {"samples": open_training_data(config.data, 0, True), "family": family,
-            "parts": family.load(config.model)}
 
 
 def _build(encoder: dict[str, Any], folder: Path) -> tuple[Any, dict[str, int]]:

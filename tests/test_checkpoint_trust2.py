@@ -9,13 +9,13 @@ an edit rewrites the manifest to match, since whoever crafts a checkpoint can cr
 checksums too."""
 
 import json
-import os
 import pickle
 import shutil
 from pathlib import Path
 
 import pytest
-from conftest import copy_run, run_config
+from conftest import copy_run, run_config, unfinished
+from test_checkpoint_trust import _Payload
 
 from difftune.cli import main
 from difftune.config import build_config, to_toml
@@ -29,33 +29,15 @@ from difftune.training.checkpoint import (
 from difftune.training.plan import finished_message, plan_run
 
 
-class _Payload:
-    """Unpickling this makes a folder: the proof that code ran."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (str(self.marker),))
-
-
 def _config(run: Path, base: Path, data_dir: Path, **train):
     raw = run_config(base, data_dir, run, train={"max_steps": 2, "checkpoint_every": 1, **train})
     raw["validation"] = {"every": 100}
     return build_config(raw)
 
 
-def _unfinished(run: Path) -> Path:
-    """The run as if killed after its step-2 checkpoint, before final/."""
-    shutil.rmtree(run / "final")
-    events = [line for line in (run / "events.jsonl").read_text().splitlines() if '"event": "final"' not in line]
-    (run / "events.jsonl").write_text("\n".join(events) + "\n")
-    return run
-
-
 @pytest.fixture()
 def run(finished_run: Path, tmp_path: Path) -> Path:
-    return _unfinished(copy_run(finished_run, tmp_path))
+    return unfinished(copy_run(finished_run, tmp_path))
 
 
 def _newest(run: Path) -> Path:

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import copy_run, run_config
+from conftest import copy_run, run_config, unfinished
 
 from difftune.config import build_config
 from difftune.training.checkpoint import ResumeError, complete_checkpoints, verify_checkpoint
@@ -23,14 +23,6 @@ def _config(run: Path, base: Path, data_dir: Path, **sections):
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return build_config(raw)
-
-
-def _unfinished(run: Path) -> Path:
-    """The run as if killed after its step-2 checkpoint, before final/."""
-    shutil.rmtree(run / "final")
-    events = [line for line in (run / "events.jsonl").read_text().splitlines() if '"event": "final"' not in line]
-    (run / "events.jsonl").write_text("\n".join(events) + "\n")
-    return run
 
 
 REFUSED = [
@@ -55,7 +47,7 @@ REFUSED = [
 @pytest.mark.parametrize(("section", "key", "value"), REFUSED, ids=[f"{s}.{k}" for s, k, _ in REFUSED])
 def test_resume_refuses_a_setting_that_changes_the_run(section, key, value, finished_run, tiny_base, circles,
                                                        tmp_path) -> None:
-    run = _unfinished(copy_run(finished_run, tmp_path))
+    run = unfinished(copy_run(finished_run, tmp_path))
     config = _config(run, tiny_base, circles, **{section: {key: value}})
     with pytest.raises(ResumeError) as refused:
         plan_run(config)
@@ -65,7 +57,7 @@ def test_resume_refuses_a_setting_that_changes_the_run(section, key, value, fini
 
 
 def test_resume_refuses_another_base_and_lists_every_difference(finished_run, tiny_base, circles, tmp_path) -> None:
-    run = _unfinished(copy_run(finished_run, tmp_path))
+    run = unfinished(copy_run(finished_run, tmp_path))
     other_base = shutil.copytree(tiny_base, tmp_path / "other-base")
     config = _config(run, other_base, circles, train={"learning_rate": 0.5, "seed": 3})
     with pytest.raises(ResumeError) as refused:
@@ -91,7 +83,7 @@ ALLOWED = [
 @pytest.mark.parametrize(("section", "key", "value"), ALLOWED, ids=[f"{s}.{k}" for s, k, _ in ALLOWED])
 def test_resume_allows_and_lists_a_setting_that_only_watches_or_saves(section, key, value, finished_run,
                                                                        tiny_base, circles, tmp_path) -> None:
-    run = _unfinished(copy_run(finished_run, tmp_path))
+    run = unfinished(copy_run(finished_run, tmp_path))
     config = _config(run, tiny_base, circles, **{section: {key: value}})
     if key == "max_steps":
         config = _config(run, tiny_base, circles, train={"max_steps": 5, "checkpoint_every": 1})
@@ -102,7 +94,7 @@ def test_resume_allows_and_lists_a_setting_that_only_watches_or_saves(section, k
 
 
 def test_max_steps_below_the_checkpoint_is_refused(finished_run, tiny_base, circles, tmp_path) -> None:
-    run = _unfinished(copy_run(finished_run, tmp_path))
+    run = unfinished(copy_run(finished_run, tmp_path))
     config = _config(run, tiny_base, circles, train={"max_steps": 1, "checkpoint_every": 1})
     with pytest.raises(ResumeError, match="a run cannot go back"):
         plan_run(config)
@@ -130,7 +122,7 @@ def test_a_finished_run_without_checkpoints_is_not_restarted_from_zero(finished_
 
 
 def test_switching_the_method_is_refused_before_any_file_is_read(finished_run, tiny_base, circles, tmp_path) -> None:
-    run = _unfinished(copy_run(finished_run, tmp_path))
+    run = unfinished(copy_run(finished_run, tmp_path))
     config = _config(run, tiny_base, circles, method={"kind": "full"})
     with pytest.raises(ResumeError, match='method.kind: "controlnet" in the run, "full" now'):
         plan_run(config)
@@ -162,7 +154,7 @@ DAMAGES = ["deleted", "truncated", "zeroed", "no_rng", "step_999", "no_state"]
 @pytest.mark.parametrize("how", DAMAGES)
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(how, finished_run, tiny_base, circles,
                                                                   tmp_path) -> None:
-    run = _unfinished(copy_run(finished_run, tmp_path))
+    run = unfinished(copy_run(finished_run, tmp_path))
     newest = complete_checkpoints(run)[-1]
     _damage(newest, how)
     assert verify_checkpoint(newest) is not None
@@ -173,7 +165,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(how, finished_
 
 @pytest.mark.parametrize("how", ["truncated", "zeroed"])
 def test_every_checkpoint_damaged_stops_with_a_message(how, finished_run, tiny_base, circles, tmp_path) -> None:
-    run = _unfinished(copy_run(finished_run, tmp_path))
+    run = unfinished(copy_run(finished_run, tmp_path))
     for checkpoint in complete_checkpoints(run):
         _damage(checkpoint, how)
     with pytest.raises(ResumeError, match="every checkpoint .* is damaged"):
@@ -181,7 +173,7 @@ def test_every_checkpoint_damaged_stops_with_a_message(how, finished_run, tiny_b
 
 
 def test_a_damaged_checkpoint_named_explicitly_is_refused(finished_run, tiny_base, circles, tmp_path) -> None:
-    run = _unfinished(copy_run(finished_run, tmp_path))
+    run = unfinished(copy_run(finished_run, tmp_path))
     _damage(run / "checkpoints" / "step-000002", "zeroed")
     with pytest.raises(ResumeError, match="step-000002 is damaged"):
         plan_run(_config(run, tiny_base, circles, train={"resume": "step-000002"}))
@@ -194,7 +186,7 @@ def test_resume_after_fallback_trains_to_the_same_weights(finished_run, tiny_bas
 
     from difftune.training.loop import train
 
-    run = _unfinished(copy_run(finished_run, tmp_path))
+    run = unfinished(copy_run(finished_run, tmp_path))
     _damage(run / "checkpoints" / "step-000002", "truncated")
     assert train(_config(run, tiny_base, circles)) == run / "final"
     name = "diffusion_pytorch_model.safetensors"
