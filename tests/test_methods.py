@@ -46,6 +46,17 @@ def load_base(base: Path) -> StableDiffusionPipeline:
     return pipe
 
 
+def trained_image(run: Run) -> np.ndarray:
+    """What the trained model in memory renders, as pipeline_image renders a loaded one."""
+    trainee = run.trainee
+    with torch.no_grad():
+        memory = generate_text_to_image(
+            trainee.family, trainee.parts, run._whole_modules(), PROMPT, None,
+            {"num_inference_steps": 2, "height": 64, "width": 64, "output_type": "np"},
+            torch.Generator().manual_seed(0))
+    return np.asarray(memory)[0]
+
+
 @pytest.fixture(scope="module")
 def captions(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return caption_folder(tmp_path_factory.mktemp("captions") / "folder", 8)
@@ -92,13 +103,7 @@ def test_lora_file_loads_in_diffusers_and_reproduces_the_trained_model(lora_run:
     loaded.load_lora_weights(final)
     lora_image = pipeline_image(loaded)
     assert np.abs(lora_image - base_image).max() > 1e-3  # the LoRA changes the image
-    trainee = lora_run.trainee
-    with torch.no_grad():
-        memory = generate_text_to_image(
-            trainee.family, trainee.parts, lora_run._whole_modules(), PROMPT, None,
-            {"num_inference_steps": 2, "height": 64, "width": 64, "output_type": "np"},
-            torch.Generator().manual_seed(0))
-    assert np.abs(np.asarray(memory)[0] - lora_image).max() < 1e-5
+    assert np.abs(trained_image(lora_run) - lora_image).max() < 1e-5
 
 
 def test_kohya_export_maps_to_modules_and_loads(lora_run: Run, tiny_base: Path, tmp_path: Path) -> None:

@@ -53,22 +53,6 @@ class RunDir:
     def final(self) -> Path:
         return self.path / self.FINAL
 
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
-
-    @property
-    def validation(self) -> Path:
-        return self.path / "validation"
-
-    @property
-    def report(self) -> Path:
-        return self.path / "report.html"
-
-    @property
-    def data_check(self) -> Path:
-        return self.path / "data-check.json"
-
     def kept_final(self, step: int) -> Path:
         """Where a final/ written at `step` is kept when a longer run replaces it."""
         return self.path / f"final-step-{step:06d}"
