@@ -85,8 +85,8 @@ def test_a_pair_trains_and_diffusers_loads_its_result(family: str, method: str, 
                      train={"max_steps": 2, "checkpoint_every": 2}, validation={"every": 2, "steps": 2})
     raw["model"]["family"] = family
     raw["method"] = dict(METHODS[method])
-    if not getattr(families()[family], "text_encoder_trainable", True):
-        raw["method"]["train_text_encoder"] = False
+    if not families()[family].text_encoder_trainable:
+        raw["method"].pop("train_text_encoder", None)
     raw["data"] |= DATA[method]
     if not getattr(families()[family], "caches_text", True):  # refused where a batch changes the encoding
         raw["data"].pop("cache_text", None)
@@ -140,15 +140,18 @@ def test_sdxl_defaults_to_its_native_resolution(tiny_base: Path, circles: Path) 
     assert build_config(raw).data.resolution == 512
 
 
-def test_the_config_knows_every_method_and_family_of_the_registries() -> None:
-    """The config's method kinds are the methods registry's, and every family trains only
-    methods that exist (so the pair check at config load covers every kind)."""
-    from difftune.config import METHOD_KINDS
-    from difftune.methods import METHODS
+def test_every_method_spec_builds_its_method_and_every_family_trains_listed_methods() -> None:
+    """Each method folder's spec names its own kind, settings whose kind it is, and a
+    factory that builds a method reporting that kind; every family trains only listed
+    methods (so the pair check at config load covers every kind)."""
+    from difftune.catalog import methods
 
-    assert set(METHOD_KINDS) == set(METHODS)
+    for kind, spec in methods().items():
+        assert spec.settings.model_fields["kind"].default == kind
+        if kind != "dreambooth":  # needs its instance prompt
+            assert spec.make(spec.settings()).name == kind
     for family in families().values():
-        assert family.supports <= set(METHODS), family.name
+        assert family.supports <= set(methods()), family.name
         assert family.denoiser_name in family.components and set(family.text_encoder_names) <= set(family.components)
 
 

@@ -97,7 +97,7 @@ def test_a_full_disk_before_final_stops_with_the_checkpoint_kept(monkeypatch, ti
 
 
 def test_a_write_error_in_final_discards_the_staging_folder(monkeypatch, tiny_base, circles, tmp_path) -> None:
-    from difftune.methods.controlnet import ControlNet
+    from difftune.methods.controlnet.method import ControlNet
 
     def disk_full(self, family, parts, trained, out_dir):
         Path(out_dir).mkdir(parents=True)

@@ -71,7 +71,7 @@ def test_the_fused_transformer_is_the_adapters_on_the_full_precision_base(tiny_c
     from safetensors.torch import load_file
 
     from difftune.families import get_family
-    from difftune.methods.control import widen_input
+    from difftune.methods.control.method import widen_input
 
     raw = _control_lora(tiny_cogview4, circles, tmp_path / "run")
     raw["train"]["mixed_precision"] = "bf16"
@@ -106,7 +106,7 @@ def test_when_final_cannot_be_written_the_last_checkpoint_holds_the_weights(monk
     from safetensors.torch import load_file
 
     from difftune.errors import UserError
-    from difftune.methods.controlnet import ControlNet
+    from difftune.methods.controlnet.method import ControlNet
 
     raw = run_config(tiny_base, circles, tmp_path / "run", train={"max_steps": 3, "checkpoint_every": 2})
     raw["validation"] = {"every": 100}

@@ -131,12 +131,12 @@ def test_the_default_depth_on_a_smaller_base_copies_all_its_blocks_saying_so(flu
                                                                             caplog: pytest.LogCaptureFixture) -> None:
     from diffusers import FluxTransformer2DModel
 
-    from difftune.config import MethodConfig
+    from difftune.methods.controlnet.spec import ControlNetMethod
     from difftune.families import Parts, get_family
 
     transformer = FluxTransformer2DModel.from_pretrained(flux, subfolder="transformer")
     parts = Parts(str(flux), {"transformer": transformer}, "transformer")
-    net = get_family("flux").make_controlnet(parts, None, MethodConfig(kind="controlnet"))  # 4 and 4 by default
+    net = get_family("flux").make_controlnet(parts, None, ControlNetMethod())  # 4 and 4 by default
     assert len(net.transformer_blocks) == 1 and len(net.single_transformer_blocks) == 1
     assert "controlnet_double_blocks / _single_blocks = 4 / 4: the base's transformer has 1 / 1" in caplog.text
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from difftune.config import EmaSettings, build_config
 from difftune.data.synthetic import fill_circles_rows
 from difftune.export.lora import export_lora
-from difftune.methods.full import generate_text_to_image
+from difftune.methods.full.method import generate_text_to_image
 from difftune.training.ema import WeightAverage
 from difftune.training.events import read_events
 from difftune.training.loop import Run

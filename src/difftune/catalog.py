@@ -1,12 +1,14 @@
 """What difftune trains, listed without loading any of it: each family's facts (its name,
-pipelines, classes, what it trains, its limits at config load) and which family a saved
-base is. At the bottom of the tree: the config checks a run against the catalog before
-torch is imported, and nothing here imports the config, torch or a family's code.
+pipelines, classes, capabilities, its limits at config load), each method's spec (its
+settings, what it needs of a family, its factory) and which family a saved base is. At
+the bottom of the tree: the config checks a run against the catalog before torch is
+imported, and nothing here imports the config, torch or a family's or method's code.
 
-A family declares its facts in `families/<name>/facts.py` (FACTS); the catalog finds
-every family folder that has one. The family's code (`families/<name>/family.py`)
-takes the same facts as its attributes (families.latent.LatentFamily), so each is
-written once.
+A family declares its facts in `families/<name>/facts.py` (FACTS), a method its spec in
+`methods/<kind>/spec.py` (SPEC); the catalog finds every folder that has one. A family's
+code (`families/<name>/family.py`) takes the same facts as its attributes
+(families.latent.LatentFamily), so each is written once; a method's code is imported
+from its spec's factory when a run starts.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import importlib.util
 import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from difftune.model_files import pipeline_class, read_config
 
@@ -28,8 +31,12 @@ class FamilyFacts:
     name: str
     description: str
     """What the family covers, for messages and the config's docs."""
-    supports: frozenset[str]
-    """The method kinds it can train."""
+    capabilities: frozenset[str]
+    """What its code offers beyond the core every family has (load, encode, predict,
+    pipelines): "controlnet" (make_controlnet and its residuals), "control" (the
+    channel-concat input widened), "lora" (peft adapters on its denoiser and their key
+    formats), "token_embeddings" (CLIP text encoders whose vocabulary can grow, read by
+    its pipelines' load_textual_inversion). The methods it trains follow (`supports`)."""
     objective_kind: str
     """"ddpm" or "flow_matching": which [objective] options apply."""
     default_resolution: int
@@ -48,20 +55,70 @@ class FamilyFacts:
     """Whether a new ControlNet copies a chosen number of blocks (Flux) rather than the
     whole encoder (the UNet families)."""
 
+    @property
+    def supports(self) -> frozenset[str]:
+        """The method kinds it trains: those whose needs its capabilities meet."""
+        return frozenset(kind for kind, spec in methods().items() if spec.needs <= self.capabilities)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A training method as the config and the CLI see it, before any of its code loads."""
+
+    kind: str
+    """Its `[method] kind`; also its folder, methods/<kind>/."""
+    description: str
+    settings: type
+    """Its [method] table: a methods.settings.MethodSettings subclass with only its own
+    keys, whose traits (needs_conditioning, result, ...) the config's checks read."""
+    needs: frozenset[str]
+    """The family capabilities it needs (FamilyFacts.capabilities)."""
+    factory: str
+    """"module:name" of what builds the method from its settings; imported when a run starts."""
+    default: bool = False
+    """The kind a [method] table without `kind` is (one method says so)."""
+
+    def make(self, settings: Any) -> Any:
+        module, name = self.factory.split(":")
+        return getattr(importlib.import_module(module), name)(settings)
+
+
+def _discover(package: str, file: str, attribute: str) -> dict[str, Any]:
+    """`attribute` of `<package>.<folder>.<file>` for every folder that has the file, by folder."""
+    spec = importlib.util.find_spec(package)
+    assert spec is not None and spec.submodule_search_locations is not None
+    found: dict[str, Any] = {}
+    for info in sorted(pkgutil.iter_modules(spec.submodule_search_locations), key=lambda m: m.name):
+        if info.ispkg and importlib.util.find_spec(f"{package}.{info.name}.{file}") is not None:
+            found[info.name] = getattr(importlib.import_module(f"{package}.{info.name}.{file}"), attribute)
+    return found
+
 
 @functools.cache
 def families() -> dict[str, FamilyFacts]:
     """Every family folder's facts, by name."""
-    spec = importlib.util.find_spec("difftune.families")
-    assert spec is not None and spec.submodule_search_locations is not None
-    found: dict[str, FamilyFacts] = {}
-    for info in sorted(pkgutil.iter_modules(spec.submodule_search_locations), key=lambda m: m.name):
-        if info.ispkg and importlib.util.find_spec(f"difftune.families.{info.name}.facts") is not None:
-            facts = importlib.import_module(f"difftune.families.{info.name}.facts").FACTS
-            if facts.name != info.name:  # the folder is how the family's code is found
-                raise RuntimeError(f"families/{info.name}/facts.py names its family {facts.name!r}, not {info.name!r}")
-            found[facts.name] = facts
+    found = _discover("difftune.families", "facts", "FACTS")
+    for folder, facts in found.items():
+        if facts.name != folder:  # the folder is how the family's code is found
+            raise RuntimeError(f"families/{folder}/facts.py names its family {facts.name!r}, not {folder!r}")
+    return {facts.name: facts for facts in found.values()}
+
+
+@functools.cache
+def methods() -> dict[str, MethodSpec]:
+    """Every method folder's spec, by kind."""
+    found = _discover("difftune.methods", "spec", "SPEC")
+    for folder, spec in found.items():
+        if spec.kind != folder:
+            raise RuntimeError(f"methods/{folder}/spec.py names its kind {spec.kind!r}, not {folder!r}")
+    defaults = [spec.kind for spec in found.values() if spec.default]
+    if len(defaults) != 1:
+        raise RuntimeError(f"exactly one method spec must be the default kind (found {defaults})")
     return found
+
+
+def default_method() -> str:
+    return next(kind for kind, spec in methods().items() if spec.default)
 
 
 def family_names() -> list[str]:

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 QUANTIZE_KINDS = ("nf4", "int8", "fp8")
-QUANTIZED_METHODS = "lora, controlnet, control with [method.lora], dreambooth with [method.lora]"
 
 
 def frozen_linear(module: nn.Module) -> bool:

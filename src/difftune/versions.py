@@ -71,7 +71,7 @@ def features_used(config: object) -> set[str]:
     """The features of a run config that a broken pair can touch."""
     method = getattr(config, "method", None)
     used = set()
-    if method is not None and method.train_text_encoder and method.uses_lora:
+    if method is not None and method.trains_text_encoder and method.uses_lora:
         used.add("text_encoder_lora")
     return used
 

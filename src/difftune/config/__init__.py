@@ -15,12 +15,7 @@ from difftune.config.outputs import HubConfig, ValidationConfig
 from difftune.config.run import RunConfig
 from difftune.config.sections import (
     LR_SCHEDULERS,
-    METHOD_KINDS,
     DataConfig,
-    DreamBoothSettings,
-    EmaSettings,
-    LoraSettings,
-    MethodConfig,
     ModelConfig,
     ObjectiveConfig,
     TrainConfig,
@@ -28,8 +23,7 @@ from difftune.config.sections import (
 from difftune.config.writing import to_toml, with_absolute_paths
 
 __all__ = [
-    "LR_SCHEDULERS", "METHOD_KINDS", "ConfigError", "DataConfig", "DreamBoothSettings",
-    "EmaSettings", "HubConfig", "LoraSettings", "MethodConfig", "ModelConfig", "ObjectiveConfig", "RunConfig",
+    "LR_SCHEDULERS", "ConfigError", "DataConfig", "HubConfig", "ModelConfig", "ObjectiveConfig", "RunConfig",
     "TrainConfig", "ValidationConfig", "apply_overrides", "build_config", "build_section", "load_config",
     "parse_override", "set_key", "to_toml", "with_absolute_paths",
 ]

@@ -32,6 +32,8 @@ PATTERNS = {
 
 
 def _format_error(error: dict[str, Any], section: type[BaseModel] = BaseModel) -> str:
+    if section is RunConfig and error["loc"][:1] == ("method",):
+        return _method_error(error)
     path = ".".join(str(part) for part in error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
         return f"{path}: unknown key{_did_you_mean(section, error['loc'])}"
@@ -49,6 +51,40 @@ def _format_error(error: dict[str, Any], section: type[BaseModel] = BaseModel) -
     if "got" in message or isinstance(error["input"], dict):
         return f"{path}: {message}"
     return f"{path}: {message} (got {error['input']!r})"
+
+
+def _method_error(error: dict[str, Any]) -> str:
+    """A problem in [method], whose table is the settings class of its kind (pydantic puts
+    the kind in the error's location: method.<kind>.key, said here as method.key, with
+    the kind named where a key belongs to another)."""
+    from difftune.catalog import methods
+
+    if error["type"] == "unknown_method":
+        kind = error["input"].get("kind") if isinstance(error["input"], dict) else None
+        known = ", ".join(map(repr, methods()))
+        if kind is None:
+            return f"method: must be a table (a [method] section) with a kind ({known}), got {error['input']!r}"
+        return f"method.kind: unknown method kind {kind!r}; difftune has {known}"
+    kind, *rest = error["loc"][1:]
+    settings = methods()[kind].settings
+    located = {**error, "loc": ("method", *rest)}
+    if error["type"] != "extra_forbidden":
+        return _format_error(located, settings_table(settings))
+    key = rest[0] if len(rest) == 1 else None
+    owners = [other for other, spec in methods().items() if key in spec.settings.model_fields]
+    if owners:
+        kinds = " or ".join(f'"{owner}"' for owner in owners)
+        return (f"method.{key} is for kind = {kinds} (kind is {kind!r}; its keys: "
+                f"{', '.join(settings.model_fields)})")
+    return _format_error(located, settings_table(settings))
+
+
+def settings_table(settings: type[BaseModel]) -> type[BaseModel]:
+    """A stand-in for RunConfig with `method` of one settings class, so the generic
+    formatting (and its did-you-mean) reads that class's keys."""
+    from pydantic import create_model
+
+    return create_model("Run", method=(settings, ...))
 
 
 def _did_you_mean(section: type[BaseModel], loc: tuple[Any, ...]) -> str:

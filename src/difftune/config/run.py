@@ -5,27 +5,45 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Union
 
-from pydantic import model_validator
+from pydantic import Discriminator, Tag, model_validator
 
 from difftune.config.outputs import HubConfig, ValidationConfig
+from difftune.catalog import default_method, methods
 from difftune.config.sections import (
     OBJECTIVE_OPTIONS,
     DataConfig,
-    MethodConfig,
     ModelConfig,
     ObjectiveConfig,
     TrainConfig,
     _Section,
 )
+from difftune.methods.settings import MethodSettings
 
 COMMON_OPTIONS = ("noise_offset",)
 
 
+def _kind_of(raw: Any) -> Any:
+    """The tag that picks a [method] table's settings class: its kind (the default kind
+    when the table says none)."""
+    if isinstance(raw, dict):
+        return raw.get("kind", default_method())
+    return getattr(raw, "kind", None)
+
+
+MethodTable = Annotated[
+    Union[tuple(Annotated[spec.settings, Tag(kind)] for kind, spec in methods().items())],  # noqa: UP007
+    Discriminator(_kind_of, custom_error_type="unknown_method",
+                  custom_error_message="unknown method kind"),
+]
+"""[method]: the settings class of its `kind` (each method's spec.py), so each kind takes
+only its own keys."""
+
+
 class RunConfig(_Section):
     model: ModelConfig
-    method: MethodConfig = MethodConfig()
+    method: MethodTable = methods()[default_method()].settings()
     objective: ObjectiveConfig = ObjectiveConfig()
     data: DataConfig
     train: TrainConfig
@@ -97,34 +115,15 @@ class RunConfig(_Section):
         if allowed is not None and self.train.mixed_precision not in allowed:
             raise ValueError(f"train.mixed_precision = {self.train.mixed_precision!r}: family {family.name!r} trains "
                              f"in {' or '.join(map(repr, allowed))} (it overflows in fp16)")
-        if self.method.train_text_encoder and not family.text_encoder_trainable:
-            raise ValueError(f"method.train_text_encoder: family {family.name!r} trains its transformer alone "
-                             "(diffusers loads no text-encoder weights for it)")
-        blocks = {name: getattr(self.method, name) for name in ("controlnet_double_blocks", "controlnet_single_blocks")
-                  if getattr(self.method, name) != MethodConfig.model_fields[name].default}
-        if blocks and not family.controlnet_blocks:
-            raise ValueError(f"method.{next(iter(blocks))}: family {family.name!r} copies its whole encoder into a "
-                             "ControlNet; the block counts are for Flux")
-        self._check_controlnet_blocks(family, blocks)
+        problem = self.method.family_problem(family)
+        if problem is not None:
+            raise ValueError(problem)
         foreign = [name for kind, names in OBJECTIVE_OPTIONS.items() if kind != family.objective_kind
                    for name in names if getattr(self.objective, name) != ObjectiveConfig.model_fields[name].default]
         if foreign:
             raise ValueError(f"objective.{foreign[0]}: family {family.name!r} trains with {family.objective_kind}, "
                              f"which has no such option (its options: "
                              f"{', '.join(OBJECTIVE_OPTIONS[family.objective_kind] + COMMON_OPTIONS)})")
-
-    def _check_controlnet_blocks(self, family: Any, blocks: dict[str, int]) -> None:
-        """A new Flux ControlNet copies some blocks (none at all would steer nothing); a
-        ControlNet continued from method.controlnet keeps its own."""
-        method = self.method
-        if method.kind != "controlnet" or not family.controlnet_blocks:
-            return
-        if method.controlnet is not None and blocks:
-            raise ValueError(f"method.{next(iter(blocks))}: method.controlnet continues an existing ControlNet, "
-                             "which keeps its own blocks; leave the block counts unset")
-        if method.controlnet is None and method.controlnet_double_blocks + method.controlnet_single_blocks == 0:
-            raise ValueError("method.controlnet_double_blocks and controlnet_single_blocks are both 0: a ControlNet "
-                             "of no blocks adds nothing to the transformer; copy at least one")
 
     @model_validator(mode="after")
     def _caches_fit_the_method(self) -> RunConfig:
@@ -138,17 +137,17 @@ class RunConfig(_Section):
         if validation.metric != "none" and not method.needs_conditioning:
             raise ValueError(f"validation.metric: {validation.metric!r} scores how well images follow their "
                              f"conditioning, and method {method.kind!r} takes none")
-        if self.model.quantize and not (self.method.kind in ("lora", "controlnet") or self.method.uses_lora):
-            raise ValueError(f"model.quantize = {self.model.quantize!r}: method {self.method.kind!r} without "
-                             "[method.lora] trains every weight of the denoiser, which cannot be held in "
-                             f"{self.model.quantize}; quantize a frozen base: lora, controlnet, or control / "
-                             "dreambooth with [method.lora]")
-        if self.data.cache_text is True and self.method.train_text_encoder:
+        if self.model.quantize and self.method.trains_every_weight:
+            lora = " without [method.lora]" if "lora" in type(self.method).model_fields else ""
+            raise ValueError(f"model.quantize = {self.model.quantize!r}: method {self.method.kind!r}{lora} trains "
+                             f"every weight of the denoiser, which cannot be held in {self.model.quantize}; quantize "
+                             "a frozen base: train adapters ([method.lora]) or a ControlNet")
+        if self.data.cache_text is True and self.method.trains_text_encoder:
             raise ValueError("data.cache_text cannot be used with method.train_text_encoder (the embeddings change)")
-        if self.data.streaming and self.method.kind == "dreambooth":
-            raise ValueError("data.streaming: DreamBooth pairs each instance image with a class image; its few "
-                             "instance images are read whole (leave streaming off)")
-        if self.objective.prediction_type is not None and (self.method.kind in ("controlnet", "lora") or self.method.uses_lora):
+        if self.data.streaming and self.method.streaming_refused:
+            raise ValueError(f"data.streaming: method {self.method.kind!r} {self.method.streaming_refused}; "
+                             "leave streaming off")
+        if self.objective.prediction_type is not None and self.method.result not in ("pipeline", "control"):
             raise ValueError(
                 "objective.prediction_type is saved only with a whole pipeline (full, DreamBooth without "
                 "LoRA); a ControlNet or LoRA trained for another type would sample wrongly on its base"

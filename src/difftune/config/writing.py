@@ -9,7 +9,7 @@ from typing import Any
 from difftune.config.run import RunConfig
 
 LOCAL_PATH_KEYS = (
-    ("model", "pretrained"), ("model", "tokenizer"), ("method", "controlnet"), ("data", "path"),
+    ("model", "pretrained"), ("model", "tokenizer"), ("data", "path"),
     ("data", "cache_dir"), ("data", "encoded_cache_dir"), ("train", "output_dir"), ("train", "resume"),
     ("validation", "metric_data"),
 )
@@ -26,9 +26,13 @@ def with_absolute_paths(config: RunConfig) -> RunConfig:
         if value and (Path(value).exists() or (section, key) == ("train", "output_dir")):
             raw[section][key] = os.path.abspath(value)
     raw["validation"]["images"] = [os.path.abspath(v) if Path(v).exists() else v for v in raw["validation"]["images"]]
-    dreambooth = raw["method"].get("dreambooth")
-    if dreambooth and dreambooth.get("class_data"):
-        dreambooth["class_data"] = os.path.abspath(dreambooth["class_data"])
+    for dotted in config.method.PATH_KEYS:  # each method's own (method.controlnet, ...)
+        *tables, key = dotted.split(".")
+        table = raw["method"]
+        for name in tables:
+            table = table.get(name) or {}
+        if table.get(key) and Path(table[key]).exists():
+            table[key] = os.path.abspath(table[key])
     return RunConfig.model_validate(raw)
 
 

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from difftune.config import MethodConfig, ModelConfig, ObjectiveConfig
+    from difftune.config import ModelConfig, ObjectiveConfig
+    from difftune.methods.settings import MethodSettings
     from difftune.objectives import Objective
 
 GEOMETRY_FIELDS = ("original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width")
@@ -178,7 +179,7 @@ class Family(Protocol):
         """(latent_patch as the base's configs say, where that comes from), before any weight loads."""
         ...
 
-    def method_problems(self, method: MethodConfig, base: str, revision: str | None = None) -> list[str]:
+    def method_problems(self, method: MethodSettings, base: str, revision: str | None = None) -> list[str]:
         """What the base's configs rule out in the [method] section, before any weight loads."""
         ...
 
@@ -222,7 +223,7 @@ class Family(Protocol):
 
     def predict(self, parts: Parts, inputs: ModelInputs) -> torch.Tensor: ...
 
-    def make_controlnet(self, parts: Parts, source: str | None, settings: MethodConfig | None = None) -> nn.Module:
+    def make_controlnet(self, parts: Parts, source: str | None, settings: MethodSettings | None = None) -> nn.Module:
         """A new ControlNet from the denoiser (its size from `settings` where the family
         has a choice), or the one at `source` to continue."""
         ...

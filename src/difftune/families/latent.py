@@ -27,13 +27,13 @@ if TYPE_CHECKING:
 
 class LatentFamily:
     facts: FamilyFacts
-    """What the catalog lists (families/<name>/facts.py): name, description, supports,
+    """What the catalog lists (families/<name>/facts.py): name, description, capabilities,
     objective_kind, default_resolution, denoiser_name, denoiser_class, text_encoder_classes,
     pipeline_classes, caches_text, mixed_precisions, text_encoder_trainable,
     controlnet_blocks. Each is also an attribute of the family (__init_subclass__)."""
     name: str
     description: str
-    supports: frozenset[str]
+    capabilities: frozenset[str]
     denoiser_name: str
     denoiser_class: str
     objective_kind: str
@@ -64,6 +64,11 @@ class LatentFamily:
         super().__init_subclass__(**kwargs)
         for fact in fields(cls.facts):
             setattr(cls, fact.name, getattr(cls.facts, fact.name))
+
+    @property
+    def supports(self) -> frozenset[str]:
+        """The method kinds it trains (derived from its capabilities: FamilyFacts.supports)."""
+        return self.facts.supports
 
     @property
     def text_encoder_names(self) -> tuple[str, ...]:

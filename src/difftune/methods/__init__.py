@@ -1,26 +1,25 @@
-"""Training methods, by config name; each is built from its [method] section."""
+"""Training methods: each is a folder here, methods/<kind>/, holding spec.py (SPEC: its
+[method] settings, traits and needs, which the catalog lists without loading torch) and
+method.py (its code, built from the settings by the spec's factory when a run starts).
 
-from collections.abc import Callable
+A new method is one folder here (and its presets in configs/); nothing else names it.
+The seam it implements is methods.base.Method.
+"""
 
-from difftune.config import MethodConfig
-from difftune.methods.base import Method, Trained
-from difftune.methods.control import Control
-from difftune.methods.controlnet import ControlNet
-from difftune.methods.dreambooth import DreamBooth
-from difftune.methods.full import FullFineTune
-from difftune.methods.lora import Lora
+from __future__ import annotations
 
-METHODS: dict[str, Callable[[MethodConfig], Method]] = {
-    "controlnet": ControlNet,
-    "control": Control,
-    "full": FullFineTune,
-    "lora": Lora,
-    "dreambooth": DreamBooth,
-}
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from difftune.methods.base import Method
+    from difftune.methods.settings import MethodSettings
 
 
-def make_method(config: MethodConfig) -> Method:
-    return METHODS[config.kind](config)
+def make_method(settings: MethodSettings) -> Method:
+    """The method of a run's [method] settings, its code imported now."""
+    from difftune.catalog import methods
+
+    return methods()[settings.kind].make(settings)
 
 
-__all__ = ["METHODS", "Method", "Trained", "make_method"]
+__all__ = ["make_method"]

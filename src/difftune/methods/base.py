@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from difftune.families.base import Family, ModelInputs, Parts
+from difftune.methods.settings import MethodSettings
 
 Trained = dict[str, nn.Module]
 """The modules a method trains, by the name of the part they replace (the family's
@@ -24,7 +25,7 @@ name is also their folder in a checkpoint."""
 class Method(Protocol):
     """A training method: what trains, what it adds to the model inputs, what it saves.
 
-    A method is built from its [method] config section (see methods/__init__.py).
+    A method is built from its [method] settings by its spec's factory (methods/<kind>/).
     """
 
     name: str
@@ -82,6 +83,30 @@ class Method(Protocol):
         settings: dict[str, Any],
         generator: torch.Generator,
     ) -> list[Image.Image]: ...
+
+
+class FromSettings:
+    """The Method members its settings already say (methods/<kind>/spec.py), read from
+    them so that each trait is written once; `config` is the run's [method] settings."""
+
+    def __init__(self, config: MethodSettings) -> None:
+        self.config = config
+
+    @property
+    def name(self) -> str:
+        return self.config.kind
+
+    @property
+    def needs_conditioning(self) -> bool:
+        return self.config.needs_conditioning
+
+    @property
+    def fixed_caption(self) -> str | None:
+        return self.config.fixed_caption
+
+    @property
+    def result(self) -> str:
+        return self.config.result
 
 
 def freeze(parts: Parts) -> None:

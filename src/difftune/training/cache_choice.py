@@ -73,7 +73,7 @@ def _blocked(config: RunConfig, family: Any, kind: str) -> str | None:
         return "data.streaming reads each row once"
     if kind == "latents" and not data.center_crop:
         return "data.center_crop = false: a random crop differs every epoch"
-    if kind == "text" and config.method.train_text_encoder:
+    if kind == "text" and config.method.trains_text_encoder:
         return "method.train_text_encoder changes the embeddings as it trains"
     if kind == "text" and not getattr(family, "caches_text", True):
         return f"family {family.name!r} embeds a caption differently in each batch"

@@ -177,8 +177,8 @@ def check_same_data(checkpoint: Path, rows: CheckedRows) -> None:
 def check_sources(config: RunConfig) -> None:
     """The models and files the config names exist and are what they should be."""
     model = config.model
-    named = [model.pretrained, model.tokenizer, model.vae, config.method.controlnet, config.data.path,
-             config.validation.metric_data]
+    named = [model.pretrained, model.tokenizer, model.vae, *config.method.model_folders().values(),
+             config.data.path, config.validation.metric_data]
     if any(value and not Path(value).expanduser().exists() and not looks_like_path(value) for value in named):
         note = offline_if_hub_unreachable()
         if note:
@@ -205,9 +205,9 @@ def check_sources(config: RunConfig) -> None:
     problems = family.method_problems(config.method, model.pretrained, model.revision)
     if problems:
         raise ConfigError(problems, "the config, for this base")
-    if config.method.controlnet:
-        check_model_folder("method.controlnet", config.method.controlnet, "ControlNet")
-        check_controlnet_fits("method.controlnet", config.method.controlnet, model.pretrained, family.denoiser_name)
+    for key, folder in config.method.model_folders().items():
+        check_model_folder(key, folder, "ControlNet")
+        check_controlnet_fits(key, folder, model.pretrained, family.denoiser_name)
     for key, value in (("data.path", config.data.path), ("validation.metric_data", config.validation.metric_data)):
         if value and looks_like_path(value) and not Path(value).exists():
             raise DataError(f"{key} = {value!r}: no such folder or file")
@@ -244,11 +244,8 @@ def check_hub_push() -> None:
 def check_written_folders(config: RunConfig) -> None:
     """Folders a run writes besides its own: DreamBooth's class images and the encoded
     cache, writable, and never inside the training data."""
-    dreambooth = config.method.dreambooth
     data = config.data
-    folders = []
-    if dreambooth is not None and dreambooth.prior_preservation and dreambooth.class_data:
-        folders.append(("method.dreambooth.class_data", dreambooth.class_data))
+    folders = list(config.method.image_folders().items())
     if data.cache_latents is True or data.cache_text is True:  # unset: chosen only where writable
         folders.append(("data.encoded_cache_dir", data.encoded_cache_dir or str(default_cache_dir())))
     for key, value in folders:
@@ -259,29 +256,23 @@ def check_written_folders(config: RunConfig) -> None:
 
 
 def check_class_data(config: RunConfig) -> None:
-    """DreamBooth's class folder: a folder (images are generated into it), whose images
-    are readable; a bad one would count toward num_class_images, and be found only
-    after the missing ones were generated."""
-    dreambooth = config.method.dreambooth
-    if dreambooth is None or not dreambooth.class_data:
-        return
-    folder = Path(dreambooth.class_data)
-    data = Path(config.data.path)
-    if data.exists() and (within(folder, data) or within(data, folder)):
-        raise DataError(f"method.dreambooth.class_data = {dreambooth.class_data!r} and data.path {config.data.path!r} "
-                        "overlap: generated class images would be trained on as instance images. Give the class "
-                        "images a folder of their own.")
-    if not folder.exists():
-        return
-    if not folder.is_dir():
-        raise DataError(f"method.dreambooth.class_data = {dreambooth.class_data!r} is a file; give a folder "
-                        "(class images are generated into it)")
-    bad = [f"{image.name} ({problem})" for image in sorted(folder.iterdir())
-           if image.suffix.lower() in IMAGE_SUFFIXES and (problem := image_problem(image))]
-    if bad:
-        raise DataError(f"method.dreambooth.class_data {dreambooth.class_data!r} holds {len(bad)} file(s) that are "
-                        f"not readable images: {'; '.join(bad[:5])}. Remove them (missing class images are "
-                        "generated again).")
+    """A folder the method trains on and fills with generated images (DreamBooth's class
+    images): a folder, whose images are readable; a bad one would count toward the images
+    wanted, and be found only after the missing ones were generated."""
+    for key, value in config.method.image_folders().items():
+        folder, data = Path(value), Path(config.data.path)
+        if data.exists() and (within(folder, data) or within(data, folder)):
+            raise DataError(f"{key} = {value!r} and data.path {config.data.path!r} overlap: generated images would "
+                            "be trained on as the data's. Give them a folder of their own.")
+        if not folder.exists():
+            continue
+        if not folder.is_dir():
+            raise DataError(f"{key} = {value!r} is a file; give a folder (images are generated into it)")
+        bad = [f"{image.name} ({problem})" for image in sorted(folder.iterdir())
+               if image.suffix.lower() in IMAGE_SUFFIXES and (problem := image_problem(image))]
+        if bad:
+            raise DataError(f"{key} {value!r} holds {len(bad)} file(s) that are not readable images: "
+                            f"{'; '.join(bad[:5])}. Remove them (missing images are generated again).")
 
 
 def keep_chosen_caches(config: RunConfig, recorded: dict[str, Any]) -> None:

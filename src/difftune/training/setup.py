@@ -32,7 +32,8 @@ from difftune.data.streaming import StreamingSamples
 from difftune.data.training import open_training_data
 from difftune.extras import MissingExtra, require_bitsandbytes, require_quantizer
 from difftune.families import Family, Parts, get_family
-from difftune.methods import Method, Trained, make_method
+from difftune.methods import make_method
+from difftune.methods.base import Method, Trained
 from difftune.paths import default_cache_dir
 from difftune.processes import agreed
 from difftune.rundir import RunDir
@@ -107,7 +108,7 @@ def check_launch(config: RunConfig) -> None:
         raise EngineError(f"model.quantize = {config.model.quantize!r} under {engine}: a quantized base is not "
                           "sharded by difftune; launch with DDP (configs/accelerate/ddp.yaml) or one process, or "
                           "leave model.quantize unset")
-    if config.method.train_text_encoder:
+    if config.method.trains_text_encoder:
         raise EngineError(f"method.train_text_encoder under {engine}: a sharded launch trains one module per run "
                           "(accelerate prepares one model with its optimizer); leave it off, or launch with DDP "
                           "(configs/accelerate/ddp.yaml)")
@@ -118,11 +119,11 @@ def check_lora_targets(config: RunConfig, family: Family) -> None:
     skeleton (families.limits; no weights): peft drops a target that matches nothing."""
     from difftune.families.limits import part_module_names, unmatched_targets
 
-    settings, model = config.method.lora, config.model
+    settings, model = config.method.lora if config.method.uses_lora else None, config.model
     if settings is None:
         return
     wanted = {family.denoiser_name: ("method.lora.target_modules", settings.target_modules or family.lora_targets)}
-    if config.method.train_text_encoder:
+    if config.method.trains_text_encoder:
         trainable = getattr(family, "trainable_text_encoder_names", None) or family.text_encoder_names
         wanted |= dict.fromkeys(trainable, ("method.lora.text_encoder_target_modules",
                                             settings.text_encoder_target_modules))

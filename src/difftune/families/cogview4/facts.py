@@ -5,7 +5,7 @@ from difftune.catalog import FamilyFacts
 FACTS = FamilyFacts(
     name="cogview4",
     description="CogView4",
-    supports=frozenset({"control", "full", "lora", "dreambooth"}),
+    capabilities=frozenset({"control", "lora"}),
     objective_kind="flow_matching",
     default_resolution=1024,
     denoiser_name="transformer",

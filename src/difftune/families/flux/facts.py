@@ -5,7 +5,7 @@ from difftune.catalog import FamilyFacts
 FACTS = FamilyFacts(
     name="flux",
     description="FLUX.1",
-    supports=frozenset({"controlnet", "control", "full", "lora", "dreambooth"}),
+    capabilities=frozenset({"controlnet", "control", "lora"}),
     objective_kind="flow_matching",
     default_resolution=1024,
     denoiser_name="transformer",

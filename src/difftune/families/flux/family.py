@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from difftune.config import MethodConfig, ModelConfig, ObjectiveConfig
+    from difftune.config import ModelConfig, ObjectiveConfig
+    from difftune.methods.settings import MethodSettings
     from difftune.objectives import Objective
 
 MAX_SEQUENCE_LENGTH = 512
@@ -73,12 +74,12 @@ class Flux(LatentFamily):
     def folder_problems(self, folder: Path) -> list[str]:
         return []
 
-    def method_problems(self, method: MethodConfig, base: str, revision: str | None = None) -> list[str]:
+    def method_problems(self, method: MethodSettings, base: str, revision: str | None = None) -> list[str]:
         """A new ControlNet copies blocks of the transformer: a count set above what it has is
         refused (the default, 4, takes all a smaller base has, saying so: make_controlnet)."""
         from difftune.model_files import read_config
 
-        if method.kind != "controlnet" or method.controlnet is not None:
+        if method.result != "controlnet" or method.controlnet is not None:
             return []
         config = read_config(base, f"{self.denoiser_name}/config.json", revision) or {}
         problems = []
@@ -166,7 +167,7 @@ class Flux(LatentFamily):
     def export_single_file(self, pipeline_dir: Path, out_file: Path, half: bool) -> Path:
         raise ValueError("a single-file Flux checkpoint is not written yet; the run's final/ is a diffusers folder")
 
-    def make_controlnet(self, parts: Parts, source: str | None, settings: MethodConfig | None = None) -> nn.Module:
+    def make_controlnet(self, parts: Parts, source: str | None, settings: MethodSettings | None = None) -> nn.Module:
         """FluxControlNetModel.from_transformer, as diffusers' train_controlnet_flux.py: the
         first `controlnet_double_blocks` dual-stream and `controlnet_single_blocks`
         single-stream blocks copied, zero-initialised output projections, and the control

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from difftune.config import MethodConfig, ModelConfig, ObjectiveConfig
+    from difftune.config import ModelConfig, ObjectiveConfig
+    from difftune.methods.settings import MethodSettings
     from difftune.objectives import Objective
 
 # The ControlNet conditioning embedding downsamples by 2 per channel stage after the
@@ -108,7 +109,7 @@ class StableDiffusion(LatentFamily):
             return_dict=False,
         )[0]
 
-    def make_controlnet(self, parts: Parts, source: str | None, settings: MethodConfig | None = None) -> nn.Module:
+    def make_controlnet(self, parts: Parts, source: str | None, settings: MethodSettings | None = None) -> nn.Module:
         """A ControlNet copied from the UNet's encoder (or loaded from `source`), taking an
         RGB conditioning image through an embedding of the VAE's stride."""
         import torch

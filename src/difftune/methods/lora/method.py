@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from difftune.config import LoraSettings, MethodConfig
 from difftune.families.base import Family, Parts
 from difftune.methods.base import (
+    FromSettings,
     Trained,
     denoiser_and_text_encoders,
     family_usage,
@@ -26,10 +26,12 @@ from difftune.methods.base import (
     no_extra_inputs,
     same_samples,
 )
-from difftune.methods.full import generate_text_to_image
+from difftune.methods.full.method import generate_text_to_image
 
 if TYPE_CHECKING:
     from peft import LoraConfig
+
+    from difftune.methods.lora.spec import LoraSettings, OptionalLora
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
@@ -67,22 +69,18 @@ def adapter_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(module, save_embedding_layers=False).items()}
 
 
-class Lora:
-    name = "lora"
-    needs_conditioning = False
-    fixed_caption = None
+class Lora(FromSettings):
     floor_settings = None
     card_tags = ["lora"]
-    result = "lora"
 
-    def __init__(self, config: MethodConfig) -> None:
-        assert config.lora is not None  # the config fills in defaults for kind "lora"
-        self.config = config
-        self.settings = config.lora
+    def __init__(self, config: OptionalLora) -> None:
+        assert config.lora is not None  # kind "lora" fills in defaults; the others train adapters when given
+        super().__init__(config)
+        self.settings: LoraSettings = config.lora
 
     def build(self, family: Family, parts: Parts) -> Trained:
         freeze(parts)
-        chosen = denoiser_and_text_encoders(parts, self.config.train_text_encoder)
+        chosen = denoiser_and_text_encoders(parts, self.config.trains_text_encoder)
         denoiser_targets = self.settings.target_modules or family.lora_targets
         return {name: add_lora(module, lora_config(self.settings, denoiser_targets if name == parts.denoiser_name
                                                    else self.settings.text_encoder_target_modules))

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from difftune.config import MethodConfig
 from difftune.families.base import Family, ModelInputs, Parts
 from difftune.methods.base import (
+    FromSettings,
     Trained,
     family_usage,
     freeze,
@@ -21,21 +21,16 @@ from difftune.methods.base import (
     store_pretrained,
     trainable_fp32,
 )
-from difftune.methods.full import generate_with_trained
+from difftune.methods.full.method import generate_with_trained
+from difftune.methods.controlnet.spec import ControlNetMethod
 from difftune.rundir import stands_for
 
 
-class ControlNet:
-    name = "controlnet"
-    needs_conditioning = True
-    fixed_caption = None
+class ControlNet(FromSettings):
     floor_settings = {"controlnet_conditioning_scale": 0.0}
     """Generation settings that switch the method off: the base alone, for the metric floor."""
     card_tags = ["controlnet"]
-    result = "controlnet"
-
-    def __init__(self, config: MethodConfig) -> None:
-        self.config = config
+    config: ControlNetMethod
 
     def build(self, family: Family, parts: Parts) -> Trained:
         freeze(parts)

@@ -17,39 +17,31 @@ from PIL import Image
 from rich.console import Console
 from torch.utils.data import Dataset
 
-from difftune.config import DreamBoothSettings, MethodConfig
 from difftune.data.samples import PriorPreservationSamples, TrainingSamples
 from difftune.data.sources import IMAGE_SUFFIXES
 from difftune.data.training import open_training_data
 from difftune.families.base import Family, Parts
-from difftune.methods.base import Trained, no_extra_inputs
-from difftune.methods.full import FullFineTune
-from difftune.methods.lora import Lora
+from difftune.methods.base import FromSettings, Trained, no_extra_inputs
+from difftune.methods.dreambooth.spec import DreamBoothMethod, DreamBoothSettings
+from difftune.methods.full.method import FullFineTune
+from difftune.methods.lora.method import Lora
 from difftune.processes import agreed
 from difftune.signals import stop_requested
 
 
-class DreamBooth:
-    name = "dreambooth"
-    needs_conditioning = False
+class DreamBooth(FromSettings):
     floor_settings = None
 
-    def __init__(self, config: MethodConfig) -> None:
-        assert config.dreambooth is not None  # the config requires the section
+    def __init__(self, config: DreamBoothMethod) -> None:
+        super().__init__(config)
         self.settings: DreamBoothSettings = config.dreambooth
         self.inner: Lora | FullFineTune = Lora(config) if config.uses_lora else FullFineTune(config)
         self.card_tags = ["dreambooth", *self.inner.card_tags]
-        self.result = self.inner.result
         # What trains, how it is stored, saved and sampled: the inner method's, unchanged.
         self.build = self.inner.build
         self.store, self.restore = self.inner.store, self.inner.restore
         self.save = self.inner.save
         self.generate = self.inner.generate
-
-    @property
-    def fixed_caption(self) -> str | None:
-        """The prompt every instance image takes, unless the dataset's captions are used."""
-        return None if self.settings.use_captions else self.settings.instance_prompt
 
     def training_data(
         self, family: Family, parts: Parts, trained: Trained, samples: Dataset, accelerator: Any

@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from difftune.config import MethodConfig
 from difftune.families.base import Family, Parts, dtype_of, inference_copy
 from difftune.methods.base import (
+    FromSettings,
     Trained,
     denoiser_and_text_encoders,
     family_usage,
@@ -63,20 +63,13 @@ def generate_text_to_image(
     return generate_with_trained(family, parts, trained, prompt, settings, generator)
 
 
-class FullFineTune:
-    name = "full"
-    needs_conditioning = False
-    fixed_caption = None
+class FullFineTune(FromSettings):
     floor_settings = None
     card_tags = ["full-fine-tune"]
-    result = "pipeline"
-
-    def __init__(self, config: MethodConfig) -> None:
-        self.config = config
 
     def build(self, family: Family, parts: Parts) -> Trained:
         freeze(parts)
-        chosen = denoiser_and_text_encoders(parts, self.config.train_text_encoder)
+        chosen = denoiser_and_text_encoders(parts, self.config.trains_text_encoder)
         return {name: trainable_fp32(module) for name, module in chosen.items()}
 
     training_data = staticmethod(same_samples)

@@ -30,9 +30,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from difftune.config import MethodConfig
 from difftune.families.base import Family, ModelInputs, Parts
+from difftune.methods.control.spec import ControlMethod
 from difftune.methods.base import (
+    FromSettings,
     Trained,
     freeze,
     mean_loss,
@@ -41,8 +42,8 @@ from difftune.methods.base import (
     store_pretrained,
     trainable_fp32,
 )
-from difftune.methods.full import generate_with_trained, save_pipeline
-from difftune.methods.lora import Lora, add_lora, lora_config
+from difftune.methods.full.method import generate_with_trained, save_pipeline
+from difftune.methods.lora.method import Lora, add_lora, lora_config
 
 
 def widen_input(denoiser: nn.Module, path: str, config: dict[str, Any]) -> None:
@@ -78,7 +79,7 @@ def fused_copy(family: Family, parts: Parts, adapted: nn.Module) -> nn.Module:
     import diffusers
     from peft import set_peft_model_state_dict
 
-    from difftune.methods.lora import adapter_state
+    from difftune.methods.lora.method import adapter_state
 
     denoiser = getattr(diffusers, family.denoiser_class).from_pretrained(
         parts.source, subfolder=parts.denoiser_name, dtype=torch.float32, **parts.weight_options)
@@ -90,19 +91,15 @@ def fused_copy(family: Family, parts: Parts, adapted: nn.Module) -> nn.Module:
     return denoiser
 
 
-class Control:
-    name = "control"
-    needs_conditioning = True
-    fixed_caption = None
+class Control(FromSettings):
     floor_settings = None  # the control input cannot be switched off by a pipeline setting
     card_tags = ["control"]
     conditioning_latents = True
     """With data.cache_latents, the cache holds the control image's latents too."""
 
-    def __init__(self, config: MethodConfig) -> None:
-        self.config = config
+    def __init__(self, config: ControlMethod) -> None:
+        super().__init__(config)
         self.lora = Lora(config) if config.lora is not None else None  # its adapter files and checkpoints
-        self.result = "control_lora" if self.lora is not None else "control"
 
     def build(self, family: Family, parts: Parts) -> Trained:
         freeze(parts)

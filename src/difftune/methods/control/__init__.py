@@ -1,0 +1,1 @@
+"""Channel-concat Control: spec.py (its [method] settings, what it needs), method.py (its code)."""

@@ -1,0 +1,1 @@
+"""DreamBooth: spec.py (its [method] settings, what it needs), method.py (its code)."""

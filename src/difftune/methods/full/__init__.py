@@ -1,0 +1,1 @@
+"""Full fine-tuning: spec.py (its [method] settings, what it needs), method.py (its code)."""
