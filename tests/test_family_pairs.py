@@ -20,6 +20,9 @@ from diffusers import (
     FluxControlNetPipeline,
     FluxControlPipeline,
     FluxPipeline,
+    SD3ControlNetModel,
+    StableDiffusion3ControlNetPipeline,
+    StableDiffusion3Pipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLControlNetPipeline,
@@ -30,6 +33,7 @@ from PIL import Image
 
 from difftune.config import ConfigError, build_config
 from difftune.families import families
+from difftune.families.sd3.tiny import build_tiny_sd3
 from difftune.tiny import build_tiny_cogview4, build_tiny_flux, build_tiny_sd, build_tiny_sdxl
 from difftune.training.loop import train
 
@@ -43,11 +47,13 @@ PIPELINES = {
     "flux": ({"text_to_image": FluxPipeline, "control": FluxControlPipeline, "controlnet": FluxControlNetPipeline},
              {}),
     "cogview4": ({"text_to_image": CogView4Pipeline, "control": CogView4ControlPipeline}, {}),
+    "sd3": ({"text_to_image": StableDiffusion3Pipeline, "controlnet": StableDiffusion3ControlNetPipeline}, {}),
 }
 # The ControlNet class, and the keyword the pipelines take a control image by, per family.
 CONTROLNETS = {"sd": (ControlNetModel, "image"), "sdxl": (ControlNetModel, "image"),
-               "flux": (FluxControlNetModel, "control_image")}
-BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "flux": build_tiny_flux, "cogview4": build_tiny_cogview4}
+               "flux": (FluxControlNetModel, "control_image"), "sd3": (SD3ControlNetModel, "control_image")}
+BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "flux": build_tiny_flux, "cogview4": build_tiny_cogview4,
+            "sd3": build_tiny_sd3}
 METHODS: dict[str, dict[str, Any]] = {
     "controlnet": {"kind": "controlnet"},
     "control": {"kind": "control"},
