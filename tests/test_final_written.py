@@ -135,7 +135,9 @@ def test_when_final_cannot_be_written_the_last_checkpoint_holds_the_weights(monk
 def test_the_model_card_loads_a_flux_controlnet_with_its_class() -> None:
     """The card written beside final/ for the Hub: a Flux ControlNet is a FluxControlNetModel."""
     from difftune.families import get_family
+    from difftune.results import RESULTS
 
-    usage = get_family("flux").usage("controlnet", "me/net", "black-forest-labs/FLUX.1-dev")
+    usage = RESULTS["controlnet"].usage(get_family("flux"), "me/net", "black-forest-labs/FLUX.1-dev")
     assert 'FluxControlNetModel.from_pretrained("me/net")' in usage and "FluxControlNetPipeline" in usage
-    assert 'ControlNetModel.from_pretrained("me/net")' in get_family("sd").usage("controlnet", "me/net", "base")
+    assert 'ControlNetModel.from_pretrained("me/net")' in RESULTS["controlnet"].usage(get_family("sd"), "me/net",
+                                                                                      "base")

@@ -12,7 +12,8 @@ from diffusers import StableDiffusionPipeline, UniPCMultistepScheduler
 from PIL import Image
 from safetensors.torch import load_file
 
-from difftune.config import EmaSettings, build_config
+from difftune.config import build_config
+from difftune.method_settings import EmaSettings
 from difftune.data.synthetic import fill_circles_rows
 from difftune.export.lora import export_lora
 from difftune.methods.full.method import generate_text_to_image

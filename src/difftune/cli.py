@@ -69,7 +69,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings = {name: getattr(args, name) for name in given}
     home = {name: os.path.expanduser(value) if value else value  # a quoted '~/x' reaches us as it is
             for name, value in {"base": args.base or "", "controlnet": args.controlnet, "image": args.image,
-                                "lora": args.lora, "out": args.out}.items()}
+                                "lora": args.lora, "embedding": args.embedding, "out": args.out}.items()}
     request = Generation(prompt=args.prompt, negative_prompt=args.negative_prompt, family=args.family,
                          quantize=args.quantize, **{**home, "out": Path(home["out"])}, **settings)
     request = plan_generation(request, given, args.overwrite)  # every argument checked before torch is imported
@@ -220,7 +220,9 @@ def _add_generate(verbs: Any) -> None:
                      "may be left out when --controlnet or --lora is a run directory (it records its base)")
     gen.add_argument("--controlnet", help="ControlNet folder, run directory or Hub id (needs --image)")
     gen.add_argument("--image", help="conditioning image for --controlnet")
-    gen.add_argument("--lora", help="LoRA run directory, folder or .safetensors file")
+    gen.add_argument("--lora", help="LoRA run directory, folder or .safetensors file (LoRA, DoRA; a LoKr or LoHa "
+                     "run directory or its final/)")
+    gen.add_argument("--embedding", help="textual-inversion run directory or folder (learned_embeds.safetensors)")
     gen.add_argument("--lora-scale", type=float, help="default 1.0")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt")

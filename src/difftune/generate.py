@@ -1,4 +1,6 @@
-"""Inference with trained weights: a ControlNet, a LoRA, or a full fine-tune's pipeline.
+"""Inference with trained weights: a ControlNet, a LoRA (or LoKr, LoHa), a textual-inversion
+embedding, or a full fine-tune's pipeline; each run's result loads through its
+results.Result, as its model card says.
 
 `plan_generation` checks every argument and fills in what a run directory knows (its
 base, resolution, guidance and steps) before anything heavy is imported; `generate`
@@ -16,7 +18,6 @@ from typing import Any
 from difftune.errors import InputError
 from difftune.extras import require_quantizer
 from difftune.paths import (
-    LORA_FILE,
     WEIGHT_FILE_SUFFIXES,
     check_controlnet_fits,
     check_finished_run,
@@ -27,6 +28,7 @@ from difftune.paths import (
     looks_like_path,
     lora_file,
 )
+from difftune.results import ADAPTER_CONFIG, EMBEDDINGS_FILE, RESULTS, adapter_parts, read_adapter_config, recognise
 from difftune.rundir import model_source, run_config, stands_for
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -44,6 +46,8 @@ class Generation:
     image: str | None = None
     lora: str | None = None
     lora_scale: float = 1.0
+    embedding: str | None = None
+    """A textual-inversion result (its run directory or final/)."""
     steps: int = 20
     seed: int = 0
     guidance_scale: float = 7.5
@@ -76,14 +80,17 @@ def plan_generation(request: Generation, given: set[str], overwrite: bool = Fals
                          "as --lora)")
     if request.control and request.image is None:
         raise InputError("a Control model needs --image (the conditioning image its latents are made from)")
-    for flag, value in (("--controlnet", request.controlnet), ("--lora", request.lora), ("--base", request.base)):
+    for flag, value in (("--controlnet", request.controlnet), ("--lora", request.lora), ("--base", request.base),
+                        ("--embedding", request.embedding)):
         _check_run_result(flag, value)
     if request.controlnet is not None:
         check_model_folder("--controlnet", request.controlnet, "ControlNet")
     if request.lora is not None:
         _check_lora(request.lora)
+    if request.embedding is not None:
+        _check_embedding(request.embedding)
     base_key = "--base" if request.base else "--base (the run's model.pretrained)"
-    trained = request.controlnet or request.lora
+    trained = request.controlnet or request.lora or request.embedding
     if trained is not None and run_config(trained) is not None:
         request = _from_run(request, run_config(trained), given)  # its base, size, guidance, steps
     elif request.base and run_config(request.base) is not None:
@@ -109,13 +116,11 @@ def plan_generation(request: Generation, given: set[str], overwrite: bool = Fals
     if request.image is not None:
         _check_image(request.image)
     _check_size(request, given)
-    folders = {"--base": request.base, "--controlnet": request.controlnet, "--lora": request.lora}
+    folders = {"--base": request.base, "--controlnet": request.controlnet, "--lora": request.lora,
+               "--embedding": request.embedding}
     check_not_an_input("--out", request.out, {"--image": request.image} | {  # a run's final/, not the run
         flag: model_source(value) for flag, value in folders.items() if value})
     return request
-
-
-RESULT_FLAGS = {"pipeline": "--base", "lora": "--lora", "controlnet": "--controlnet"}
 
 
 def _is_control_run(value: str | None) -> bool:
@@ -128,12 +133,9 @@ def _check_run_result(flag: str, value: str | None) -> None:
     --controlnet, a LoRA run to --lora, a full fine-tune to --base)."""
     if not value or run_config(value) is None:
         return
-    final = stands_for(Path(value).expanduser())
-    kind = ("pipeline" if (final / "model_index.json").is_file() else "lora" if (final / LORA_FILE).is_file()
-            else "controlnet" if (final / "config.json").is_file() else None)
-    if kind is not None and RESULT_FLAGS[kind] != flag:
-        made = {"pipeline": "a whole pipeline", "lora": "a LoRA", "controlnet": "a ControlNet"}[kind]
-        raise InputError(f"{flag} {value}: this run made {made}; give it as {RESULT_FLAGS[kind]}")
+    made = recognise(stands_for(Path(value).expanduser()))
+    if made is not None and made.flag != flag:
+        raise InputError(f"{flag} {value}: this run made {made.made}; give it as {made.flag}")
 
 
 def _check_numbers(request: Generation) -> None:
@@ -192,12 +194,13 @@ def _family(request: Generation) -> Any:
 
 
 def _check_lora_family(request: Generation) -> None:
-    """A LoRA run of another family than the base (an SDXL LoRA on an SD base)."""
-    run = run_config(request.lora)
-    family = (run or {}).get("model", {}).get("family", "sd")
-    if run is not None and family != request.family:
-        raise InputError(f"--lora {request.lora} was trained on a {family!r} base, and --base {request.base} is "
-                         f"{request.family!r}: give a base of the LoRA's family")
+    """A LoRA or embedding run of another family than the base (an SDXL LoRA on an SD base)."""
+    for flag, value in (("--lora", request.lora), ("--embedding", request.embedding)):
+        run = run_config(value)
+        family = (run or {}).get("model", {}).get("family", "sd")
+        if run is not None and family != request.family:
+            raise InputError(f"{flag} {value} was trained on a {family!r} base, and --base {request.base} is "
+                             f"{request.family!r}: give a base of its family")
 
 
 def _check_family_takes(request: Generation, given: set[str]) -> None:
@@ -248,7 +251,24 @@ def _check_image(path: str | None) -> None:
 def _check_lora(path: str) -> None:
     if not Path(path).exists() and not looks_like_path(path) and not path.endswith(WEIGHT_FILE_SUFFIXES):
         return  # a Hub id: load_lora_weights fetches it
+    folder = stands_for(Path(path).expanduser())
+    if RESULTS["adapter"].recognise(folder):  # LoKr / LoHa: peft's folders, one per part
+        check_finished_run("--lora", path)
+        for part in adapter_parts(folder):
+            try:
+                read_adapter_config(folder / part / ADAPTER_CONFIG)
+            except ValueError as error:
+                raise InputError(f"--lora {path}: {error}") from None
+        return
     lora_file("--lora", path)
+
+
+def _check_embedding(path: str) -> None:
+    check_finished_run("--embedding", path)
+    folder = stands_for(Path(path).expanduser())
+    if not RESULTS["embedding"].recognise(folder):
+        what = "no such folder" if not folder.exists() else f"no {EMBEDDINGS_FILE} here or in its final/"
+        raise InputError(f"--embedding {path}: {what}")
 
 
 def generate(request: Generation, should_stop: Callable[[], bool] = lambda: False) -> Path:
@@ -337,13 +357,23 @@ def _load_pipeline(request: Generation, dtype: Any) -> Any:
         pipe = family.load_pipeline(base, dtype, net, kind="control" if request.control else None, **parts)
         if request.lora is not None and not fused:
             what = f"--lora {request.lora} (was it trained on another base?)"
-            pipe.load_lora_weights(model_source(request.lora))
+            _attached(request.lora, "lora").attach(family, pipe, Path(model_source(request.lora)))
+        if request.embedding is not None:
+            what = f"--embedding {request.embedding} (was it trained on another base?)"
+            RESULTS["embedding"].attach(family, pipe, Path(model_source(request.embedding)))
     except Exception as error:  # noqa: BLE001 (diffusers, transformers and peft raise many kinds)
         raise InputError(f"cannot load {what}: {type(error).__name__}: {error}") from None
     modules = {name: part for name, part in pipe.components.items() if isinstance(part, torch.nn.Module)}
     check_weights_loaded(modules, f"--base {request.base}" + (f" or --controlnet {request.controlnet}"
                                                              if request.controlnet else ""))
     return pipe
+
+
+def _attached(value: str, default: str) -> Any:
+    """The Result a --lora names: peft adapters (LoKr, LoHa) where its folder holds them,
+    else a LoRA file (a file, a folder or a Hub id load_lora_weights reads)."""
+    folder = Path(model_source(value))
+    return RESULTS["adapter"] if RESULTS["adapter"].recognise(folder) else RESULTS[default]
 
 
 def _reads_lora(family: Any) -> bool:

@@ -19,7 +19,6 @@ from difftune.config.sections import (
     TrainConfig,
     _Section,
 )
-from difftune.methods.settings import MethodSettings
 
 COMMON_OPTIONS = ("noise_offset",)
 

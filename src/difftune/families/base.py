@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from difftune.config import ModelConfig, ObjectiveConfig
-    from difftune.methods.settings import MethodSettings
+    from difftune.method_settings import MethodSettings
     from difftune.objectives import Objective
 
 GEOMETRY_FIELDS = ("original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width")
@@ -273,10 +273,6 @@ class Family(Protocol):
     def original_unet_names(self, config: dict) -> Any:
         """With kohya_unet_names "original": a function from the denoiser's diffusers module
         paths to the original layout's, given its config."""
-        ...
-
-    def usage(self, result: str, repo: str, base: str) -> str:
-        """Python that loads a result ("pipeline", "lora", "controlnet") with diffusers."""
         ...
 
     def export_single_file(self, pipeline_dir: Path, out_file: Path, half: bool) -> Path:

@@ -246,31 +246,3 @@ class LatentFamily:
             layers[f"{name}_lora_layers"] = {k: v.contiguous() for k, v in state.items()}  # channels_last
             metadata[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
         self.pipeline_class("text_to_image").save_lora_weights(out_dir, safe_serialization=True, **layers, **metadata)
-
-    def usage(self, result: str, repo: str, base: str) -> str:
-        """result: "pipeline", "lora", "controlnet", "control" (a whole control pipeline)
-        or "control_lora" (adapters for the base's control pipeline)."""
-        text_to_image = self.pipeline_classes["text_to_image"]
-        if result in ("control", "control_lora"):
-            control = self.pipeline_classes["control"]
-            if result == "control":
-                return f'from diffusers import {control}\npipe = {control}.from_pretrained("{repo}")'
-            if not hasattr(self.pipeline_class("control"), "load_lora_weights"):  # the fused transformer
-                return (f"from diffusers import {control}, {self.denoiser_class}\n"
-                        f'{self.denoiser_name} = {self.denoiser_class}.from_pretrained("{repo}", '
-                        f'subfolder="{self.denoiser_name}")\n'
-                        f'pipe = {control}.from_pretrained("{base}", {self.denoiser_name}={self.denoiser_name})')
-            return (f"from diffusers import {control}\n"
-                    f'pipe = {control}.from_pretrained("{base}")\n'
-                    f'pipe.load_lora_weights("{repo}")')
-        if result == "controlnet":
-            pipeline = self.pipeline_classes["controlnet"]
-            net = self.controlnet_class
-            return (f"from diffusers import {net}, {pipeline}\n"
-                    f'controlnet = {net}.from_pretrained("{repo}")\n'
-                    f'pipe = {pipeline}.from_pretrained("{base}", controlnet=controlnet)')
-        if result == "lora":
-            return (f"from diffusers import {text_to_image}\n"
-                    f'pipe = {text_to_image}.from_pretrained("{base}")\n'
-                    f'pipe.load_lora_weights("{repo}")')
-        return f'from diffusers import {text_to_image}\npipe = {text_to_image}.from_pretrained("{repo}")'

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from difftune.methods.base import Method
-    from difftune.methods.settings import MethodSettings
+    from difftune.method_settings import MethodSettings
 
 
 def make_method(settings: MethodSettings) -> Method:

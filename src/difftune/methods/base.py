@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from difftune.families.base import Family, ModelInputs, Parts
-from difftune.methods.settings import MethodSettings
+from difftune.method_settings import MethodSettings
 
 Trained = dict[str, nn.Module]
 """The modules a method trains, by the name of the part they replace (the family's
@@ -168,7 +168,9 @@ def no_extra_inputs(
 
 def family_usage(self: Any, family: Family, repo: str, base: str) -> str:
     """Method.usage: how the family's pipelines load this method's kind of result."""
-    return family.usage(self.result, repo, base)
+    from difftune.results import result_of
+
+    return result_of(self.result).usage(family, repo, base)
 
 
 def mean_loss(per_sample_loss: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:

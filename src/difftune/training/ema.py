@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from difftune.methods.settings import EmaSettings
+from difftune.method_settings import EmaSettings
 from difftune.methods.base import Trained
 
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from difftune.config import ModelConfig, ObjectiveConfig
-    from difftune.methods.settings import MethodSettings
+    from difftune.method_settings import MethodSettings
     from difftune.objectives import Objective
 
 # The ControlNet conditioning embedding downsamples by 2 per channel stage after the

@@ -34,6 +34,7 @@ from difftune.families.base import Family, ModelInputs, Parts
 from difftune.methods.control.spec import ControlMethod
 from difftune.methods.base import (
     FromSettings,
+    family_usage,
     Trained,
     freeze,
     mean_loss,
@@ -146,8 +147,7 @@ class Control(FromSettings):
             fused = fused_copy(family, parts, trained[parts.denoiser_name])
             fused.save_pretrained(out_dir / parts.denoiser_name, safe_serialization=True)
 
-    def usage(self, family: Family, repo: str, base: str) -> str:
-        return family.usage(self.result, repo, base)
+    usage = family_usage
 
     def generate(
         self,

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from pydantic import Field
 
 from difftune.catalog import MethodSpec
-from difftune.methods.settings import MethodSettings
+from difftune.method_settings import MethodSettings
 from difftune.strict import PathText
 
 if TYPE_CHECKING:

@@ -7,8 +7,8 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from difftune.catalog import MethodSpec
-from difftune.methods.lora.spec import OptionalLora
-from difftune.methods.settings import TextEncoderOption
+from difftune.methods.lora.spec import OptionalLora, lora_result
+from difftune.method_settings import TextEncoderOption
 from difftune.strict import PathText, Section
 
 
@@ -56,7 +56,7 @@ class DreamBoothMethod(OptionalLora, TextEncoderOption):
 
     @property
     def result(self) -> str:
-        return "lora" if self.uses_lora else "pipeline"
+        return lora_result(self.lora) if self.lora is not None else "pipeline"
 
     @property
     def fixed_caption(self) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from difftune.catalog import MethodSpec
-from difftune.methods.settings import TextEncoderOption
+from difftune.method_settings import TextEncoderOption
 
 
 class FullMethod(TextEncoderOption):

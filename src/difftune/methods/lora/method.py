@@ -1,15 +1,24 @@
 """LoRA (Hu et al. 2021): low-rank adapters on the denoiser's attention projections
 (and optionally the text encoder's), through peft; only the adapters train and are saved.
-With variant "dora" (Liu et al. 2024), each adapted weight also learns its magnitude.
+With variant "dora" (Liu et al. 2024), each adapted weight also learns its magnitude;
+variants "lokr" and "loha" train peft's LoKr and LoHa (LyCORIS' Kronecker and Hadamard
+products) instead.
 
-The result is diffusers' `pytorch_lora_weights.safetensors`, which
-`pipe.load_lora_weights` reads; `difftune export lora --format kohya` converts it.
+The result of LoRA and DoRA is diffusers' `pytorch_lora_weights.safetensors`, which
+`pipe.load_lora_weights` reads. diffusers reads no LoKr or LoHa file, so theirs is
+peft's own: `final/<part>/adapter_config.json` (the peft config, as JSON that
+`PeftConfig.from_peft_type(**config)` reads) and `final/<part>/adapter_model.safetensors`
+(get_peft_model_state_dict), for each trained part (results.AdapterResult attaches them).
+`difftune export lora --format kohya` converts either (LoKr/LoHa: LyCORIS names).
+Checkpoints hold each part's adapter state in peft's names, whatever the variant.
 """
 
 from __future__ import annotations
 
+import enum
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,22 +37,30 @@ from difftune.methods.base import (
 )
 from difftune.methods.full.method import generate_text_to_image
 
+from difftune.methods.lora.spec import lora_result
+
 if TYPE_CHECKING:
-    from peft import LoraConfig
+    from peft import PeftConfig
 
     from difftune.methods.lora.spec import LoraSettings, OptionalLora
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
-def lora_config(settings: LoraSettings, targets: list[str] | tuple[str, ...]) -> LoraConfig:
+def lora_config(settings: LoraSettings, targets: list[str] | tuple[str, ...]) -> PeftConfig:
+    """The peft config of the settings' variant: LoraConfig (LoRA, DoRA), LoKrConfig or
+    LoHaConfig (rank r, alpha; peft's own init, no dropout: the settings refuse the others)."""
     # Imported here: peft takes ~4 s to import (it loads transformers' models and
     # bitsandbytes, which compiles), and only runs with adapters need it.
-    from peft import LoraConfig
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
 
+    alpha = settings.alpha if settings.alpha is not None else settings.rank
+    if settings.variant in ("lokr", "loha"):
+        lycoris = LoKrConfig if settings.variant == "lokr" else LoHaConfig
+        return lycoris(r=settings.rank, alpha=alpha, target_modules=list(targets))
     return LoraConfig(
         r=settings.rank,
-        lora_alpha=settings.alpha if settings.alpha is not None else settings.rank,
+        lora_alpha=alpha,
         lora_dropout=settings.dropout,
         init_lora_weights="gaussian" if settings.init == "gaussian" else True,
         target_modules=list(targets),
@@ -51,7 +68,7 @@ def lora_config(settings: LoraSettings, targets: list[str] | tuple[str, ...]) ->
     )
 
 
-def add_lora(module: nn.Module, config: LoraConfig) -> nn.Module:
+def add_lora(module: nn.Module, config: PeftConfig) -> nn.Module:
     """Inject adapters; only they require grad, and they stay fp32 (the base may be
     cast to the compute dtype later)."""
     module.add_adapter(config)
@@ -67,6 +84,38 @@ def adapter_state(module: nn.Module) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
     return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(module, save_embedding_layers=False).items()}
+
+
+def adapter_config_json(config: PeftConfig) -> dict[str, Any]:
+    """A peft config as JSON data that `PeftConfig.from_peft_type(**data)` reads back: sets
+    (target_modules) as sorted lists, enums (peft_type) as their values; inference_mode
+    true, as peft's save_pretrained writes it (a loaded adapter does not train)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, enum.Enum):
+            return plain(value.value)
+        if isinstance(value, (set, frozenset)):
+            return sorted(plain(v) for v in value)
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        return value
+
+    return {**plain(config.to_dict()), "inference_mode": True}
+
+
+def save_adapters(out_dir: Path, adapted: dict[str, nn.Module]) -> None:
+    """peft's own files for each adapted part: `<part>/adapter_config.json` and
+    `<part>/adapter_model.safetensors` (results.AdapterResult reads them)."""
+    from difftune.results import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    for name, module in adapted.items():
+        folder = out_dir / name
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(adapter_state(module), folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        text = json.dumps(adapter_config_json(module.peft_config["default"]), indent=2, sort_keys=True)
+        (folder / ADAPTER_CONFIG).write_text(text + "\n", encoding="utf-8")
 
 
 class Lora(FromSettings):
@@ -104,7 +153,10 @@ class Lora(FromSettings):
             raise ValueError(f"{folder / name / ADAPTER_FILE}: keys the model lacks: {result.unexpected_keys[:5]}")
 
     def save(self, family: Family, parts: Parts, trained: Trained, out_dir: Path) -> None:
-        family.save_lora(out_dir, trained)
+        if lora_result(self.settings) == "adapter":  # LoKr, LoHa: no file diffusers' LoRA loader reads
+            save_adapters(out_dir, trained)
+        else:
+            family.save_lora(out_dir, trained)
 
     usage = family_usage
 

@@ -1,6 +1,6 @@
 """What every method's [method] table shares: the base class of each method's settings
 (methods/<kind>/spec.py), its traits with their defaults, and the tables more than one
-method reads (EMA, the text-encoder switch, optional LoRA). Torch-free: the config
+method reads (EMA, the text-encoder switch). Torch-free: the config
 validates these before any model loads."""
 
 from __future__ import annotations
