@@ -69,7 +69,7 @@ class MethodSpec:
     """Its `[method] kind`; also its folder, methods/<kind>/."""
     description: str
     settings: type
-    """Its [method] table: a methods.settings.MethodSettings subclass with only its own
+    """Its [method] table: a method_settings.MethodSettings subclass with only its own
     keys, whose traits (needs_conditioning, result, ...) the config's checks read."""
     needs: frozenset[str]
     """The family capabilities it needs (FamilyFacts.capabilities)."""
