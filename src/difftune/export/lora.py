@@ -7,6 +7,12 @@ scalar per module (and a DoRA's magnitude as `dora_scale`, as LyCORIS writes it)
 `lora_te1_` (the SDXL name) for the text encoder, which loses a trained alpha and the
 SD1.x/2.x text-encoder name, hence this small converter. The prefixes are the family's
 (SD: `lora_unet_`, `lora_te_`; SDXL: `lora_unet_`, `lora_te1_`, `lora_te2_`).
+
+A LoKr or LoHa run's final/ holds peft's adapters instead, one folder per part
+(`<part>/adapter_config.json`, `<part>/adapter_model.safetensors`): their kohya export
+is one LyCORIS file (export/lycoris.py) with the same module names, which ComfyUI,
+A1111 and LyCORIS read. diffusers reads no LoKr/LoHa file, so there is no diffusers
+format of them.
 """
 
 from __future__ import annotations
@@ -128,31 +134,38 @@ def _alpha(found: dict | None, module: str, down: torch.Tensor) -> float:
     return found["alpha"]
 
 
-def check_kohya_names(family: Any, state: dict[str, torch.Tensor]) -> None:
+def check_kohya_names(family: Any, state: dict[str, torch.Tensor], adapters: str | None = None) -> None:
     """The kohya format names the parts of families that have kohya names (SD, SDXL); a
-    file adapting other parts (a transformer: Flux, CogView4) is refused with what is written."""
+    file adapting other parts (a transformer: Flux, CogView4) is refused with what is written.
+    `adapters`: "LoKr"/"LoHa" for peft adapters (the LyCORIS export), whose refusal says how
+    they load instead."""
     from difftune.families import families
 
     named = sorted(name for name, f in families().items() if f.kohya_prefixes)
     parts = sorted({key.split(".", 1)[0] for key in state} - set(family.kohya_prefixes))
     if not family.kohya_prefixes or parts:
-        what = f"a {family.description} LoRA" if not family.kohya_prefixes else f"a LoRA of the {', '.join(parts)}"
+        kind = adapters or "LoRA"
+        what = f"a {family.description} {kind}" if not family.kohya_prefixes else f"a {kind} of the {', '.join(parts)}"
+        instead = ("Use its pytorch_lora_weights.safetensors as it is (diffusers' load_lora_weights and ComfyUI "
+                   "read it), or --format diffusers") if adapters is None else (
+                   "Load its final/ with peft as the model card shows (`difftune generate --lora RUN` does)")
         raise ValueError(f"{what} has no kohya names that difftune writes: the kohya format is written for "
-                         f"{', '.join(repr(n) for n in named)} LoRAs (a UNet and CLIP text encoders). Use its "
-                         "pytorch_lora_weights.safetensors as it is (diffusers' load_lora_weights and ComfyUI "
-                         "read it), or --format diffusers")
+                         f"{', '.join(repr(n) for n in named)} {'LoRAs' if adapters is None else 'adapters'} "
+                         f"(a UNet and CLIP text encoders). {instead}")
 
 
 def run_model(source: Path) -> dict:
-    """The [model] section of the run whose final/ holds the file ({} if it is not in a run)."""
+    """The [model] section of the run whose final/ holds the file, or is the folder ({} if
+    it is not in a run)."""
     from difftune.rundir import run_config
 
-    return (run_config(str(source.parent)) or {}).get("model", {})
+    return (run_config(str(source if source.is_dir() else source.parent)) or {}).get("model", {})
 
 
 def lora_family(source: Path, state: dict[str, torch.Tensor], given: str | None = None) -> str:
-    """The family a LoRA file was trained on: given, the run's (the file sits in a run's
-    final/), or the one whose adapted parts the file's keys name."""
+    """The family a LoRA file (or adapter folder) was trained on: given, the run's (the file
+    sits in a run's final/, the folder is it), or the one whose adapted parts the file's
+    keys name."""
     if given is not None:
         return given
     model = run_model(source)
@@ -190,13 +203,34 @@ def _unet_config(base: str) -> dict | None:
     return json.loads(path.read_text())
 
 
+def adapter_folder(run_or_folder: str | Path) -> Path | None:
+    """The folder of peft adapters (LoKr, LoHa: `<part>/adapter_config.json`) that a run
+    directory, its final/ or the folder itself is; None for anything else (a LoRA file,
+    a LoRA run)."""
+    from difftune.results import adapter_parts
+    from difftune.rundir import stands_for
+
+    path = Path(run_or_folder).expanduser()
+    if not path.is_dir():
+        return None
+    folder = stands_for(path)
+    return folder if adapter_parts(folder) else None
+
+
 def export_lora(run_or_file: str | Path, out_file: str | Path, format: str = "kohya",
                 family: str | None = None, base: str | None = None) -> Path:
     """Write a run's LoRA in `format` ("kohya" or "diffusers"), atomically; kohya names
     with the prefixes and UNet names of `family` (default: see lora_family); `base`: the
-    pipeline it was trained on, when the family names UNet modules by the original layout."""
+    pipeline it was trained on, when the family names UNet modules by the original layout.
+    A LoKr/LoHa run (or its final/) is written as one LyCORIS file (export_adapters)."""
     from difftune.families import get_family
 
+    if format not in ("kohya", "diffusers"):
+        raise ValueError(f"unknown LoRA format {format!r} (kohya or diffusers)")
+    folder = adapter_folder(run_or_file)
+    if folder is not None:
+        state, metadata = export_adapters(folder, format, family, base)
+        return _write(state, metadata, out_file)
     source = lora_file(run_or_file)
     state = read_tensors(source)
     if format == "kohya":
@@ -205,10 +239,49 @@ def export_lora(run_or_file: str | Path, out_file: str | Path, format: str = "ko
         unet_names = original_unet_namer(chosen, source, base) if chosen.kohya_unet_names == "original" else None
         state = to_kohya(state, adapter_alphas(source), chosen.kohya_prefixes, unet_names)
         metadata = {"format": "pt", "ss_network_module": "networks.lora"}
-    elif format == "diffusers":
-        metadata = read_metadata(source) or {"format": "pt"}
     else:
-        raise ValueError(f"unknown LoRA format {format!r} (kohya or diffusers)")
+        metadata = read_metadata(source) or {"format": "pt"}
+    return _write(state, metadata, out_file)
+
+
+def export_adapters(folder: Path, format: str, family: str | None = None,
+                    base: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A LoKr/LoHa final/ (peft's folder per part) as one LyCORIS state in kohya module
+    names (the family's prefixes; SDXL's UNet in its original names, as for a LoRA), with
+    its metadata. Only "kohya": diffusers' LoRA format has no LoKr or LoHa."""
+    from difftune.export.lycoris import to_lycoris
+    from difftune.families import get_family
+    from difftune.results import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_parts, read_adapter_config
+
+    parts = adapter_parts(folder)
+    configs = {part: read_adapter_config(folder / part / ADAPTER_CONFIG) for part in parts}
+    kinds = sorted({str(config["peft_type"]) for config in configs.values()})
+    label = " and ".join({"LOKR": "LoKr", "LOHA": "LoHa"}.get(kind, kind) for kind in kinds)
+    if format != "kohya":
+        raise ValueError(f"{folder} holds peft {label} adapters (<part>/{ADAPTER_WEIGHTS}), and there is no "
+                         f"{format} LoRA file of them: diffusers' load_lora_weights reads no LoKr or LoHa. Export "
+                         "--format kohya (LyCORIS names, which ComfyUI and A1111 read), or load the folder with "
+                         "peft as the model card shows (`difftune generate --lora RUN` does)")
+    states = {part: read_tensors(folder / part / ADAPTER_WEIGHTS) for part in parts}
+    named = {f"{part}.{key}": tensor for part, state in states.items() for key, tensor in state.items()}
+    chosen = get_family(lora_family(folder, named, family))
+    check_kohya_names(chosen, named, label)
+    unet_names = original_unet_namer(chosen, folder, base) if chosen.kohya_unet_names == "original" else None
+    out: dict[str, torch.Tensor] = {}
+    for part in parts:
+        def module_name(module: str, part: str = part) -> str:
+            return kohya_module_name(part, module, chosen.kohya_prefixes, unet_names)
+
+        try:
+            out |= to_lycoris(states[part], configs[part], module_name)
+        except ValueError as error:
+            raise ValueError(f"{folder / part}: {error}") from None
+    # what LyCORIS' kohya-style training writes (readers go by the key names)
+    algo = ",".join(kind.lower() for kind in kinds)
+    return out, {"format": "pt", "ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": algo})}
+
+
+def _write(state: dict[str, torch.Tensor], metadata: dict[str, str], out_file: str | Path) -> Path:
     out = Path(out_file)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")

@@ -71,6 +71,17 @@ class LoraSettings(Section):
                              "LyCORIS start it (one factor zero: no change before the first step); leave init out")
         return value
 
+    def quantize_problem(self, quantize: str) -> str | None:
+        """Why these adapters cannot train on a base held in `quantize` (model.quantize), or
+        None. peft's LoKr and LoHa reshape their delta to the base layer's weight shape,
+        which NF4 packs two to a byte (bitsandbytes' Params4bit): the first step fails.
+        int8 and fp8 keep the shape, and train."""
+        if quantize == "nf4" and self.variant in ADAPTER_VARIANTS:
+            return (f"model.quantize: 'nf4' packs the frozen weights that peft's {self.variant!r} adapters "
+                    "(method.lora.variant) take their shape from; quantize to 'int8' or 'fp8', or train variant "
+                    "'lora' or 'dora'")
+        return None
+
 
 def lora_result(settings: LoraSettings) -> str:
     """What final/ holds for these adapters (a results.Result kind): "lora", diffusers'
