@@ -163,16 +163,16 @@ def test_a_base_of_another_family_is_named_by_its_family_when_the_config_loads(c
 def test_an_unknown_family_is_said_with_what_the_base_is(cogview4: Path, circles: Path) -> None:
     raw = run_config(cogview4, circles, Path("out"), model={"family": "cogview"}, method={"kind": "lora"})
     with pytest.raises(ConfigError, match=r"model.family: unknown family 'cogview'; difftune has 'cogview4', "
-                                          r"'flux', 'sd', 'sdxl', and model.pretrained .* is a CogView4 pipeline: "
+                                          r"'flux', 'sd', 'sd3', 'sdxl', and model.pretrained .* is a CogView4 pipeline: "
                                           r"set model.family = 'cogview4'"):
         build_config(raw)
 
 
 def test_a_base_no_family_knows_is_named_by_its_class(tiny_base: Path, circles: Path, tmp_path: Path,
                                                       nothing_loads: None) -> None:
-    base = _edited(tiny_base, tmp_path, "model_index.json", _class_name="StableDiffusion3Pipeline",
-                   unet=["diffusers", "SD3Transformer2DModel"])
-    with pytest.raises(PathError, match=r"is a StableDiffusion3Pipeline \(its model_index.json\), which no "
+    base = _edited(tiny_base, tmp_path, "model_index.json", _class_name="HunyuanDiTPipeline",
+                   unet=["diffusers", "HunyuanDiT2DModel"])
+    with pytest.raises(PathError, match=r"is a HunyuanDiTPipeline \(its model_index.json\), which no "
                                         r"difftune family trains or runs"):
         _train(run_config(base, circles, tmp_path / "run"))
 

@@ -206,7 +206,7 @@ def _check_lora_family(request: Generation) -> None:
 def _check_family_takes(request: Generation, given: set[str]) -> None:
     """Flags the family's pipeline would ignore (or refuse after loading) are refused here."""
     family = _family(request)
-    if request.negative_prompt is not None and not getattr(family, "negative_prompt", True):
+    if request.negative_prompt is not None and not family.negative_prompt:
         raise InputError(f"--negative-prompt: {family.description} is guidance-distilled, and its pipelines use no "
                          "negative prompt as difftune generate runs them; leave it out")
     if "conditioning_scale" in given and request.controlnet is None:

@@ -35,8 +35,9 @@ def family_names() -> list[str]:
 
 class ModelConfig(_Section):
     family: str = "sd"
-    """Model family: "sd" (Stable Diffusion 1.x and 2.x), "sdxl" (Stable Diffusion XL),
-    "flux" (FLUX.1), "cogview4" (CogView4)."""
+    """Model family, a folder of difftune/families: "sd" (Stable Diffusion 1.x and 2.x),
+    "sdxl" (Stable Diffusion XL), "sd3" (Stable Diffusion 3 / 3.5), "flux" (FLUX.1),
+    "cogview4" (CogView4)."""
     pretrained: PathText = NonEmpty
     """Hub id or local folder of the base pipeline (diffusers layout)."""
     vae: PathText | None = None

@@ -134,15 +134,20 @@ def device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-class Family(Protocol):
-    """A model family: what its pipeline holds, how to load it, encode its inputs, run
-    its denoiser, and every pipeline, file and snippet that uses the result."""
+class FamilyCore(Protocol):
+    """What every family is: its facts (families/<name>/facts.py, also its attributes), how
+    to load its parts, encode prompts and images, run its denoiser with its objective, and
+    the pipelines that run the result. families.latent.LatentFamily implements most of it
+    from class names; a family writes its prompt encoding, its denoiser call and its
+    objective."""
 
     name: str
     description: str
     """What the family covers, for messages and the config's docs."""
+    capabilities: frozenset[str]
+    """What it offers beyond this core: the protocols below it implements."""
     supports: frozenset[str]
-    """The method kinds it can train."""
+    """The method kinds it can train (derived from its capabilities)."""
     components: dict[str, str]
     """Subfolder of the pipeline -> its kind ("model", "tokenizer", "scheduler"), checked
     before anything loads."""
@@ -150,31 +155,25 @@ class Family(Protocol):
     objective_kind: str
     """"ddpm" or "flow_matching": which [objective] options apply, checked at config load."""
     text_encoder_names: tuple[str, ...]
+    tokenizer_names: tuple[str, ...]
+    trainable_text_encoder_names: tuple[str, ...] | None
+    """The text encoders train_text_encoder trains (None: every one)."""
+    caches_text: bool
+    """Whether a caption's embedding is the same in every batch (so it can be cached)."""
     default_resolution: int
-    lora_targets: tuple[str, ...]
-    """Denoiser module names a LoRA adapts by default."""
-    kohya_prefixes: dict[str, str]
-    """LoRA key prefix of each adapted part in the kohya/ComfyUI format."""
-    kohya_unet_names: str
-    """"diffusers" or "original": how the kohya format names the denoiser's modules."""
     license: str
     card_tags: list[str]
     pipeline_classes: dict[str, str]
-    """diffusers pipeline class names by what they run: "text_to_image", "controlnet"."""
-    attention_options: str
-    """The pipeline call's argument that carries a LoRA scale ("cross_attention_kwargs")."""
+    """diffusers pipeline class names by what they run: "text_to_image", "controlnet", "control"."""
     gpu_dtype: str
-    input_projection: str
-    """The denoiser's input layer (a module path) that channel-concat Control widens."""
     latent_patch: int
     """Latent pixels per side of one denoiser token (Flux: 2); sizes are multiples of VAE factor x this."""
     pipeline_multiple: int
     """What the family's pipelines demand of a size besides (CogView4Pipeline: 16)."""
     negative_prompt: bool
     """Whether its pipelines use a negative prompt as `difftune generate` runs them."""
-    controlnet_class: str
-    """The diffusers class of its ControlNets."""
 
+    # --- its limits, from the base's configs before any weight loads (families/limits.py)
     def latent_patch_of(self, base: str, revision: str | None = None) -> tuple[int, str]:
         """(latent_patch as the base's configs say, where that comes from), before any weight loads."""
         ...
@@ -188,6 +187,7 @@ class Family(Protocol):
         configs alone, before anything loads)."""
         ...
 
+    # --- load, encode, predict
     def load(self, config: ModelConfig, denoiser_in_memory: bool = False) -> Parts:
         """The frozen parts. denoiser_in_memory: read the denoiser's weights into memory
         instead of mapping the file (see setup.denoiser_in_memory)."""
@@ -223,6 +223,37 @@ class Family(Protocol):
 
     def predict(self, parts: Parts, inputs: ModelInputs) -> torch.Tensor: ...
 
+    # --- pipelines
+    def sampler(self, scheduler: Any) -> Any:
+        """The scheduler pipelines sample with, made from a base's scheduler."""
+        ...
+
+    def pipeline(self, parts: Parts, kind: str | None = None) -> Any:
+        """An inference pipeline over the loaded parts (nothing re-read from disk) of `kind`
+        ("text_to_image", "controlnet", "control"); by default, with a "controlnet"
+        component, the ControlNet pipeline, else text-to-image."""
+        ...
+
+    def pipeline_class(self, kind: str) -> Any: ...
+
+    def generation_options(self, pipeline: Any) -> dict[str, Any]:
+        """Call arguments every generation with the family's pipelines takes, so it sees
+        the prompt as training encoded it (Flux: max_sequence_length)."""
+        ...
+
+    def load_pipeline(self, base: str, dtype: Any, controlnet: Any = None, kind: str | None = None,
+                      **parts: Any) -> Any:
+        """The pipeline of a saved base (with a loaded ControlNet, of `kind`, with parts
+        in place of its own), for `difftune generate`."""
+        ...
+
+
+class ControlNetCapability(Protocol):
+    """capability "controlnet": a ControlNet beside the frozen denoiser."""
+
+    controlnet_class: str
+    """The diffusers class of its ControlNets."""
+
     def make_controlnet(self, parts: Parts, source: str | None, settings: MethodSettings | None = None) -> nn.Module:
         """A new ControlNet from the denoiser (its size from `settings` where the family
         has a choice), or the one at `source` to continue."""
@@ -235,35 +266,37 @@ class Family(Protocol):
         conditioning pixels in [0, 1]."""
         ...
 
-    def sampler(self, scheduler: Any) -> Any:
-        """The scheduler pipelines sample with, made from a base's scheduler."""
-        ...
-
-    def pipeline(self, parts: Parts, kind: str | None = None) -> Any:
-        """An inference pipeline over the loaded parts (nothing re-read from disk) of `kind`
-        ("text_to_image", "controlnet", "control"); by default, with a "controlnet"
-        component, the ControlNet pipeline, else text-to-image."""
-        ...
-
-    def widened_config(self, config: Any) -> dict[str, Any]:
-        """Channel-concat Control: the denoiser config entries after `input_projection`
-        takes the control latents too."""
-        ...
-
-    def generation_options(self, pipeline: Any) -> dict[str, Any]:
-        """Call arguments every generation with the family's pipelines takes, so it sees
-        the prompt as training encoded it (Flux: max_sequence_length)."""
-        ...
-
     def control_arguments(self, image: Any) -> dict[str, Any]:
         """The pipeline call's keyword for a conditioning image (`image=`, `control_image=`)."""
         ...
 
-    def load_pipeline(self, base: str, dtype: Any, controlnet: Any = None, kind: str | None = None,
-                      **parts: Any) -> Any:
-        """The pipeline of a saved base (with a loaded ControlNet, of `kind`, with parts
-        in place of its own), for `difftune generate`."""
+    def load_controlnet(self, path: str, dtype: Any) -> Any: ...
+
+
+class ControlCapability(Protocol):
+    """capability "control": channel-concat Control, the control image's latents beside
+    the noisy ones at the denoiser's input."""
+
+    input_projection: str
+    """The denoiser's input layer (a module path) that channel-concat Control widens."""
+
+    def widened_config(self, config: Any) -> dict[str, Any]:
+        """The denoiser config entries after `input_projection` takes the control latents too."""
         ...
+
+
+class LoraCapability(Protocol):
+    """capability "lora": peft adapters on the denoiser (and text encoders), the file its
+    pipelines' load_lora_weights reads, and the kohya/ComfyUI key names."""
+
+    lora_targets: tuple[str, ...]
+    """Denoiser module names a LoRA adapts by default."""
+    attention_options: str
+    """The pipeline call's argument that carries a LoRA scale ("cross_attention_kwargs")."""
+    kohya_prefixes: dict[str, str]
+    """LoRA key prefix of each adapted part in the kohya/ComfyUI format ({}: not written)."""
+    kohya_unet_names: str
+    """"diffusers" or "original": how the kohya format names the denoiser's modules."""
 
     def save_lora(self, out_dir: Path, adapted: dict[str, nn.Module]) -> None:
         """Adapter weights of the adapted parts (by part name) in the file the family's
@@ -275,6 +308,16 @@ class Family(Protocol):
         paths to the original layout's, given its config."""
         ...
 
+
+class SingleFileCapability(Protocol):
+    """A single-file checkpoint in the family's original layout (families/<name>/single_file.py)."""
+
     def export_single_file(self, pipeline_dir: Path, out_file: Path, half: bool) -> Path:
         """The pipeline folder as one checkpoint in the family's original layout."""
         ...
+
+
+class Family(FamilyCore, ControlNetCapability, ControlCapability, LoraCapability, SingleFileCapability, Protocol):
+    """A family as the loop, the methods and the verbs see it: the core, and the
+    capabilities its facts list (a method needing one runs only on families that list it;
+    catalog.FamilyFacts.supports)."""

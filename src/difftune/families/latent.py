@@ -43,6 +43,8 @@ class LatentFamily:
     """diffusers class the training noise schedule is read with."""
     tokenizer_names: tuple[str, ...]
     """One tokenizer per text encoder, in the same order."""
+    trainable_text_encoder_names: tuple[str, ...] | None = None
+    """The text encoders train_text_encoder trains (None: every one)."""
     pipeline_options: dict[str, Any] = {}
     """Keyword arguments every pipeline of the family is built with."""
     latent_patch = 1

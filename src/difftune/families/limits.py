@@ -39,7 +39,7 @@ def size_rule(family: Any, base: str, vae: str | None = None, revision: str | No
     if patch > 1:
         why += f" x {patch_why}"
     multiple = factor * patch
-    demanded = getattr(family, "pipeline_multiple", 1)
+    demanded = family.pipeline_multiple
     if multiple % demanded:
         multiple = math.lcm(multiple, demanded)
         why += f", and {family.pipeline_classes['text_to_image']} takes multiples of {demanded}"

@@ -124,7 +124,7 @@ def check_lora_targets(config: RunConfig, family: Family) -> None:
         return
     wanted = {family.denoiser_name: ("method.lora.target_modules", settings.target_modules or family.lora_targets)}
     if config.method.trains_text_encoder:
-        trainable = getattr(family, "trainable_text_encoder_names", None) or family.text_encoder_names
+        trainable = family.trainable_text_encoder_names or family.text_encoder_names
         wanted |= dict.fromkeys(trainable, ("method.lora.text_encoder_target_modules",
                                             settings.text_encoder_target_modules))
     for part, (key, targets) in wanted.items():
