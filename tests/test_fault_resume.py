@@ -14,7 +14,8 @@ from conftest import copy_run, run_config, unfinished
 
 from difftune.config import build_config
 from difftune.training.checkpoint import ResumeError, complete_checkpoints, verify_checkpoint
-from difftune.training.plan import MAY_CHANGE, plan_run
+from difftune.training.plan import plan_run
+from difftune.training.resume_contract import MAY_CHANGE
 
 
 def _config(run: Path, base: Path, data_dir: Path, **sections):

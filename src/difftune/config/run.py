@@ -141,6 +141,10 @@ class RunConfig(_Section):
             raise ValueError(f"model.quantize = {self.model.quantize!r}: method {self.method.kind!r}{lora} trains "
                              f"every weight of the denoiser, which cannot be held in {self.model.quantize}; quantize "
                              "a frozen base: train adapters ([method.lora]) or a ControlNet")
+        if self.model.quantize and self.method.uses_lora:
+            problem = self.method.lora.quantize_problem(self.model.quantize)
+            if problem:
+                raise ValueError(problem)
         if self.data.cache_text is True and self.method.trains_text_encoder:
             raise ValueError("data.cache_text cannot be used with method.train_text_encoder (the embeddings change)")
         if self.data.streaming and self.method.streaming_refused:

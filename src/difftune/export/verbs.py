@@ -21,9 +21,12 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
     check_output_file("out", args.out, (".safetensors",), args.overwrite)
     from difftune.paths import check_not_an_input, is_kohya, lora_file
 
-    source = lora_file("source", args.source)
+    from difftune.export.lora import adapter_folder
+
+    adapters = adapter_folder(args.source)  # a LoKr/LoHa run: one LyCORIS file out
+    source = adapters if adapters is not None else lora_file("source", args.source)
     check_not_an_input("out", args.out, {"the source": source})
-    if is_kohya(source) and args.format == "kohya":
+    if adapters is None and is_kohya(source) and args.format == "kohya":
         raise InputError(f"source = {args.source!r} is already in the kohya format")
     from difftune.families import families
 

@@ -44,6 +44,8 @@ from difftune.validation import ValidationPair, load_validation_pairs
 from difftune.versions import problems_for
 
 TRACKERS = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"], "none": []}
+ADAPTER_TENSORS = ("lora_", "lokr_", "hada_")
+"""Names of peft adapter weights (LoRA and DoRA, LoKr, LoHa)."""
 
 
 @dataclass
@@ -57,7 +59,6 @@ class Preflight:
     metric_set: MetricSet | None
     cache_notes: tuple[str, ...] = ()
     """How the caches left unset were chosen (training/cache_choice.py)."""
-
 
 def preflight(config: RunConfig, rows: CheckedRows | None = None) -> Preflight:
     """Check pairing, versions, extras, precision, data, validation images; load no model.
@@ -235,13 +236,14 @@ def apply_model_options(config: RunConfig, parts: Parts, trained: Trained, shard
         # and a resumed run, channels_last again, would compute its first step differently.
         # So those stay contiguous (a LoRA's frozen base convs keep channels_last). So do
         # adapters' conv weights: peft's DoRA views them flat, which channels_last refuses,
-        # and a rank-r adapter gains nothing from it.
+        # LoKr makes each forward a contiguous copy of it, and a rank-r adapter gains nothing.
         for module in speed_up:
             if not sharded:  # FSDP2 shards the trained module and a frozen denoiser
                 module.to(memory_format=torch.channels_last)
         for module in trained.values():
             for name, parameter in module.named_parameters():
-                if parameter.requires_grad and parameter.dim() == 4 and (config.train.use_8bit_adam or "lora_" in name):
+                adapter = any(kind in name for kind in ADAPTER_TENSORS)
+                if parameter.requires_grad and parameter.dim() == 4 and (config.train.use_8bit_adam or adapter):
                     parameter.data = parameter.data.contiguous()
     if config.train.compile:
         for module in speed_up:
