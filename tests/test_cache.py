@@ -91,7 +91,7 @@ def test_cache_settings_that_cannot_work_are_config_errors(tiny_base: Path, circ
         build_config(raw)
     raw = run_config(tiny_base, circles, tmp_path / "run", data={"cache_text": True},
                      method={"kind": "full", "train_text_encoder": True})
-    with pytest.raises(ConfigError, match="cache_text cannot be used with method.train_text_encoder"):
+    with pytest.raises(ConfigError, match=r"data.cache_text: method 'full' trains the text encoders \(method.train_text_encoder"):
         build_config(raw)
 
 
@@ -181,7 +181,7 @@ def test_unset_caches_are_chosen_where_they_pay_and_cannot_be_stale(tiny_base: P
     latents, text, notes = choice(100, {"center_crop": False})
     assert (latents, text) == (False, True) and "a random crop differs every epoch" in notes
     latents, text, notes = choice(100, method={"kind": "lora", "train_text_encoder": True})
-    assert (latents, text) == (True, False) and "method.train_text_encoder" in notes
+    assert (latents, text) == (True, False) and "trains the text encoders" in notes
     latents, text, notes = choice(100, {"cache_latents": False})  # as written: only the unset one is chosen
     assert (latents, text) == (False, True) and "cache_latents" not in notes
 

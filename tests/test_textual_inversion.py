@@ -214,3 +214,23 @@ def test_the_token_init_word_and_captions_are_checked_against_the_base(tiny_base
     with pytest.raises(DataError, match=r"row 1, column 'text': the caption 'a green circle' does not contain "
                                         r"method.textual_inversion.token '<blob>'"):
         make_method(config.method).training_data(family, None, {}, samples, None)
+
+
+def test_generate_takes_the_run_as_embedding_and_names_the_flag_otherwise(sd_run: Run, tiny_base: Path,
+                                                                          tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    """`difftune generate --embedding RUN` loads final/ through its Result (the run knows
+    its base); the same run given as --lora is named with the flag that takes it."""
+    from PIL import Image
+
+    from difftune.cli import main
+
+    same = ["--steps", "2", "--resolution", "64", "--guidance-scale", "7.5", "--seed", "0"]
+    common = ["--prompt", TRAINED, *same]
+    assert main(["generate", "--embedding", str(sd_run.run_dir), *common, "--out", str(tmp_path / "t.png")]) == 0
+    assert main(["generate", "--base", str(tiny_base), "--prompt", INITIAL, *same, "--out", str(tmp_path / "b.png")]) == 0
+    trained, base = (np.asarray(Image.open(tmp_path / name), dtype=np.int16) for name in ("t.png", "b.png"))
+    assert np.abs(trained - base).max() > 0, "the embedding changed nothing"
+    capsys.readouterr()
+    assert main(["generate", "--lora", str(sd_run.run_dir), *common, "--out", str(tmp_path / "l.png")]) == 2
+    assert "this run made a textual-inversion embedding; give it as --embedding" in capsys.readouterr().err

@@ -146,7 +146,8 @@ class RunConfig(_Section):
             if problem:
                 raise ValueError(problem)
         if self.data.cache_text is True and self.method.trains_text_encoder:
-            raise ValueError("data.cache_text cannot be used with method.train_text_encoder (the embeddings change)")
+            raise ValueError(f"data.cache_text: method {self.method.kind!r} trains the text encoders "
+                             "(method.train_text_encoder, or its own kind), so the embeddings change")
         if self.data.streaming and self.method.streaming_refused:
             raise ValueError(f"data.streaming: method {self.method.kind!r} {self.method.streaming_refused}; "
                              "leave streaming off")

@@ -74,7 +74,7 @@ def _blocked(config: RunConfig, family: Any, kind: str) -> str | None:
     if kind == "latents" and not data.center_crop:
         return "data.center_crop = false: a random crop differs every epoch"
     if kind == "text" and config.method.trains_text_encoder:
-        return "method.train_text_encoder changes the embeddings as it trains"
+        return f"method {config.method.kind!r} trains the text encoders, so the embeddings change as it trains"
     if kind == "text" and not family.caches_text:
         return f"family {family.name!r} embeds a caption differently in each batch"
     return _folder_problem(data)

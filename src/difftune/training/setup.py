@@ -110,8 +110,9 @@ def check_launch(config: RunConfig) -> None:
                           "sharded by difftune; launch with DDP (configs/accelerate/ddp.yaml) or one process, or "
                           "leave model.quantize unset")
     if config.method.trains_text_encoder:
-        raise EngineError(f"method.train_text_encoder under {engine}: a sharded launch trains one module per run "
-                          "(accelerate prepares one model with its optimizer); leave it off, or launch with DDP "
+        raise EngineError(f"method {config.method.kind!r} trains the text encoders (method.train_text_encoder, or "
+                          f"its own kind) under {engine}: a sharded launch trains one module per run (accelerate "
+                          "prepares one model with its optimizer); leave it off, or launch with DDP "
                           "(configs/accelerate/ddp.yaml)")
 
 
