@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from difftune.config import ModelConfig, ObjectiveConfig
-    from difftune.methods.settings import MethodSettings
+    from difftune.method_settings import MethodSettings
     from difftune.objectives import Objective
 
 MAX_SEQUENCE_LENGTH = 256
