@@ -12,7 +12,7 @@ from pathlib import Path
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from difftune.tiny import save_random_sd
+from difftune.families.sd.tiny import save_random_sd
 
 
 def sd15_unet() -> UNet2DConditionModel:

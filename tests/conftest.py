@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from difftune.data.synthetic import pil_colour_names, write_fill_circles
-from difftune.tiny import build_tiny_sd
+from difftune.families.sd.tiny import build_tiny_sd
 
 WORDS = pil_colour_names() + ["circle", "with", "background"]
 

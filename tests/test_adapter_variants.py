@@ -24,7 +24,7 @@ from difftune.config import ConfigError, build_config
 from difftune.export.lora import export_lora
 from difftune.families import get_family
 from difftune.results import RESULTS
-from difftune.tiny import build_tiny_flux
+from difftune.families.flux.tiny import build_tiny_flux
 from difftune.training.loop import Run
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]  # linears and 3x3 convs (channels_last)

@@ -13,7 +13,7 @@ from diffusers import CogView4Pipeline
 
 from difftune.config import ConfigError, build_config
 from difftune.families import ModelInputs, get_family
-from difftune.tiny import build_tiny_cogview4
+from difftune.families.cogview4.tiny import build_tiny_cogview4
 
 PROMPT = "red circle with blue background"
 

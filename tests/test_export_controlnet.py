@@ -10,7 +10,7 @@ from diffusers import ControlNetModel
 
 from difftune.cli import main
 from difftune.config import build_config
-from difftune.tiny import build_tiny_sd
+from difftune.families.sd.tiny import build_tiny_sd
 from difftune.training.loop import train
 
 

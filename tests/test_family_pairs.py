@@ -33,8 +33,11 @@ from PIL import Image
 
 from difftune.config import ConfigError, build_config
 from difftune.families import families
+from difftune.families.cogview4.tiny import build_tiny_cogview4
+from difftune.families.flux.tiny import build_tiny_flux
+from difftune.families.sd.tiny import build_tiny_sd
 from difftune.families.sd3.tiny import build_tiny_sd3
-from difftune.tiny import build_tiny_cogview4, build_tiny_flux, build_tiny_sd, build_tiny_sdxl
+from difftune.families.sdxl.tiny import build_tiny_sdxl
 from difftune.training.loop import train
 
 PROMPT = "red circle with blue background"

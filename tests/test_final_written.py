@@ -14,7 +14,7 @@ from conftest import WORDS, run_config
 from PIL import Image
 
 from difftune.config import build_config
-from difftune.tiny import build_tiny_cogview4
+from difftune.families.cogview4.tiny import build_tiny_cogview4
 from difftune.training.loop import train
 
 PROMPT = "red circle with blue background"

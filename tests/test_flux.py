@@ -19,7 +19,7 @@ from difftune.config import ConfigError, build_config
 from difftune.errors import UserError
 from difftune.families import ModelInputs, get_family
 from difftune.families.flux.family import image_ids, pack, unpack
-from difftune.tiny import build_tiny_flux
+from difftune.families.flux.tiny import build_tiny_flux
 from difftune.training.loop import train
 from difftune.training.plan import plan_run
 

@@ -11,7 +11,7 @@ import pytest
 
 from difftune.config import build_config
 from difftune.data.synthetic import DEMO_PALETTE, write_fill_circles_parquet
-from difftune.tiny import build_tiny_sd
+from difftune.families.sd.tiny import build_tiny_sd
 from difftune.training.events import read_events
 from difftune.training.loop import train
 

@@ -18,7 +18,8 @@ from difftune.cli import main
 from difftune.config import ConfigError, build_config
 from difftune.families.latent import LatentFamily
 from difftune.paths import PathError
-from difftune.tiny import build_tiny_cogview4, build_tiny_flux
+from difftune.families.cogview4.tiny import build_tiny_cogview4
+from difftune.families.flux.tiny import build_tiny_flux
 
 CONTROL = "conditioning_images/000000.png"
 
@@ -272,6 +273,17 @@ def test_export_controlnet_of_a_flux_controlnet_is_a_sentence(flux: Path, tmp_pa
     err = capsys.readouterr().err.replace("\n", "")
     assert code == 2 and "holds a FluxControlNetModel; the original single-file ControlNet layout" in err
     assert "KeyError" not in err and not (tmp_path / "net.safetensors").exists()
+
+
+def test_export_single_file_of_a_family_without_the_layout_is_a_sentence(flux: Path, cogview4: Path,
+                                                                         tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    """Only families with the "single_file" capability write one; the others are named."""
+    for base, name in ((flux, "FLUX.1"), (cogview4, "CogView4")):
+        code = main(["export", "single-file", str(base), str(tmp_path / "out.safetensors")])
+        err = capsys.readouterr().err.replace("\n", "")
+        assert code == 2 and f"is a {name} pipeline, whose single-file layout difftune does not write yet" in err
+        assert not (tmp_path / "out.safetensors").exists()
 
 
 @pytest.mark.parametrize("family", [None, "flux", "cogview4"])

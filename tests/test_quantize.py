@@ -111,7 +111,7 @@ def test_a_flux_control_lora_trains_on_an_nf4_base(circles: Path, tmp_path: Path
     from conftest import WORDS
     from diffusers import FluxControlPipeline
 
-    from difftune.tiny import build_tiny_flux
+    from difftune.families.flux.tiny import build_tiny_flux
 
     base = build_tiny_flux(tmp_path / "flux", WORDS, seed=0)
     raw = run_config(base, circles, tmp_path / "run", model={"family": "flux", "quantize": "nf4"},

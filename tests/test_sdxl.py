@@ -20,7 +20,7 @@ from difftune.errors import UserError
 from difftune.export.hub import write_model_card
 from difftune.export.lora import export_lora
 from difftune.families import ModelInputs, get_family
-from difftune.tiny import build_tiny_sdxl
+from difftune.families.sdxl.tiny import build_tiny_sdxl
 from difftune.training.loop import train
 from difftune.training.plan import plan_run
 

@@ -27,7 +27,7 @@ from difftune.families import get_family
 from difftune.methods import make_method
 from difftune.methods.full.method import generate_text_to_image
 from difftune.results import RESULTS
-from difftune.tiny import build_tiny_sdxl
+from difftune.families.sdxl.tiny import build_tiny_sdxl
 from difftune.training.loop import Run
 
 TOKEN = "<blob>"

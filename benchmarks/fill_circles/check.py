@@ -1,7 +1,8 @@
 """Score a trained fill-circles control model with diffusers' own pipeline, apart from training.
 
 Loads the pipeline that runs RUN/final for the base's family (its model_index.json says
-which): a ControlNet into StableDiffusion(XL)ControlNetPipeline or FluxControlNetPipeline;
+which): a ControlNet into StableDiffusion(XL)ControlNetPipeline, FluxControlNetPipeline or
+StableDiffusion3ControlNetPipeline (the family's load_controlnet and "controlnet" pipeline);
 a Control model as a FluxControlPipeline; a Control-LoRA into the base's
 FluxControlPipeline. It generates for every held-out outline with its caption, once with
 the result on and once off (ControlNet scale 0, LoRA scale 0, or the base's text-to-image

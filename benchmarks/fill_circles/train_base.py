@@ -8,10 +8,11 @@
 The result is a diffusers pipeline folder (safetensors) that the demo ControlNet uses.
 `--family sdxl` builds an SDXL-architecture base instead (two text encoders, the pooled
 embedding and time ids), `--family flux` a Flux one (CLIP + T5, a flow-matching
-transformer over 2x2 patches) and `--family cogview4` a CogView4 one (GLM, a flow-matching
-transformer with size conditioning), each trained the same way through its family.
+transformer over 2x2 patches), `--family cogview4` a CogView4 one (GLM, a flow-matching
+transformer with size conditioning) and `--family sd3` an SD3 one (two CLIPs and T5, an
+MMDiT with the scheduler's static shift), each trained the same way through its family.
 
-    python benchmarks/fill_circles/train_base.py OUT_DIR [--family sd|sdxl|flux|cogview4] [--unet-steps 6000]
+    python benchmarks/fill_circles/train_base.py OUT_DIR [--family sd|sdxl|flux|cogview4|sd3] [--unet-steps 6000]
         [--vae FOLDER]   (reuse a trained fill-circles VAE instead of training one)
 """
 
@@ -27,7 +28,11 @@ from diffusers import AutoencoderKL
 
 from difftune.config import build_config
 from difftune.data.synthetic import DEMO_PALETTE, write_fill_circles
-from difftune.tiny import build_tiny_cogview4, build_tiny_flux, build_tiny_sd, build_tiny_sdxl
+from difftune.families.cogview4.tiny import build_tiny_cogview4
+from difftune.families.flux.tiny import build_tiny_flux
+from difftune.families.sd.tiny import build_tiny_sd
+from difftune.families.sd3.tiny import build_tiny_sd3
+from difftune.families.sdxl.tiny import build_tiny_sdxl
 from difftune.training.loop import train
 
 
@@ -43,7 +48,13 @@ def build_cogview4_base(out: Path, words: list[str], size: str, seed: int, max_l
     return build_tiny_cogview4(out, words, size=size, seed=seed)
 
 
-BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "flux": build_flux_base, "cogview4": build_cogview4_base}
+def build_sd3_base(out: Path, words: list[str], size: str, seed: int, max_length: int) -> Path:
+    """SD3 with its T5 at the prompt length too (the pipeline pads T5 to 256 tokens otherwise)."""
+    return build_tiny_sd3(out, words, size=size, seed=seed, max_length=max_length, t5_length=max_length)
+
+
+BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "flux": build_flux_base, "cogview4": build_cogview4_base,
+            "sd3": build_sd3_base}
 
 PALETTE = DEMO_PALETTE
 WORDS = PALETTE + ["circle", "with", "background"]
@@ -134,8 +145,8 @@ def main() -> None:
     else:
         vae = AutoencoderKL.from_pretrained(args.vae)
         vae_l1, scale = float("nan"), vae.config.scaling_factor
-        if args.family == "flux" and vae.config.shift_factor is None:
-            vae.register_to_config(shift_factor=0.0)  # FluxPipeline shifts latents back when it decodes
+        if args.family in ("flux", "sd3") and vae.config.shift_factor is None:
+            vae.register_to_config(shift_factor=0.0)  # Flux's and SD3's pipelines shift latents back when they decode
     vae.save_pretrained(initial / "vae")
     print(f"vae done: l1 {vae_l1:.4f}, scaling_factor {scale:.4f}, {time.perf_counter() - started:.0f}s", flush=True)
     final = train(build_config(unet_config(initial, data, work / "unet-run", args.unet_steps, args.family)))

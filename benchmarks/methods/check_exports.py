@@ -21,7 +21,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
-from difftune.tiny import build_tiny_sd
+from difftune.families.sd.tiny import build_tiny_sd
 
 root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/check-exports")
 shutil.rmtree(root, ignore_errors=True)

@@ -34,7 +34,7 @@ from sd15 import sd15_text_encoder, sd15_vae
 
 from difftune.config import build_config, to_toml
 from difftune.data.synthetic import DEMO_PALETTE, write_fill_circles
-from difftune.tiny import save_random_sd
+from difftune.families.sd.tiny import save_random_sd
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = DEMO_PALETTE + ["circle", "with", "background"]

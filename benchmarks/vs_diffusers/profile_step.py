@@ -36,7 +36,7 @@ from torch.profiler import profile
 
 from difftune.config import build_config
 from difftune.data.synthetic import DEMO_PALETTE, write_fill_circles_parquet
-from difftune.tiny import build_tiny_sd
+from difftune.families.sd.tiny import build_tiny_sd
 from difftune.training.loop import Run
 from difftune.training.optim import make_optimizer
 from difftune.training.step import denoiser_inputs

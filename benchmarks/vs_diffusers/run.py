@@ -53,7 +53,7 @@ import psutil
 
 from difftune.config import build_config, to_toml
 from difftune.data.synthetic import DEMO_PALETTE, write_fill_circles_parquet
-from difftune.tiny import build_tiny_sd
+from difftune.families.sd.tiny import build_tiny_sd
 
 sys.path.insert(0, str(Path(__file__).parent.parent))  # benchmarks/sd15.py and measure.py
 from measure import measure

@@ -36,7 +36,8 @@ class FamilyFacts:
     pipelines): "controlnet" (make_controlnet and its residuals), "control" (the
     channel-concat input widened), "lora" (peft adapters on its denoiser and their key
     formats), "token_embeddings" (CLIP text encoders whose vocabulary can grow, read by
-    its pipelines' load_textual_inversion). The methods it trains follow (`supports`)."""
+    its pipelines' load_textual_inversion), "single_file" (its original single-file layout,
+    for `difftune export single-file`). The methods it trains follow (`supports`)."""
     objective_kind: str
     """"ddpm" or "flow_matching": which [objective] options apply."""
     default_resolution: int

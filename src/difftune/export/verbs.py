@@ -61,6 +61,9 @@ def cmd_export_single_file(args: argparse.Namespace) -> int:
         check_pipeline("pipeline", pipeline, {})  # names what the folder is, if not a pipeline
         raise InputError(f"pipeline = {pipeline!r}: its model_index.json names a pipeline class no difftune family "
                          "exports")
+    if "single_file" not in family.capabilities:
+        raise InputError(f"pipeline = {pipeline!r} is a {family.description} pipeline, whose single-file layout "
+                         "difftune does not write yet; its diffusers folder is what loads it")
     weighted = {name: kind for name, kind in family.components.items() if kind == "model"}
     check_pipeline("pipeline", pipeline, weighted)
     try:

@@ -134,9 +134,6 @@ class CogView4(LatentFamily):
     def control_arguments(self, image: Any) -> dict[str, Any]:
         return {"control_image": image}
 
-    def export_single_file(self, pipeline_dir: Path, out_file: Path, half: bool) -> Path:
-        raise ValueError("a single-file CogView4 checkpoint is not written yet; final/ is a diffusers folder")
-
 
 def _patch(transformer: Any) -> int:
     """The transformer's patch_size (through a wrapper such as DDP, which has no .config)."""

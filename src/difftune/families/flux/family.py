@@ -164,9 +164,6 @@ class Flux(LatentFamily):
     def control_arguments(self, image: Any) -> dict[str, Any]:
         return {"control_image": image}
 
-    def export_single_file(self, pipeline_dir: Path, out_file: Path, half: bool) -> Path:
-        raise ValueError("a single-file Flux checkpoint is not written yet; the run's final/ is a diffusers folder")
-
     def make_controlnet(self, parts: Parts, source: str | None, settings: MethodSettings | None = None) -> nn.Module:
         """FluxControlNetModel.from_transformer, as diffusers' train_controlnet_flux.py: the
         first `controlnet_double_blocks` dual-stream and `controlnet_single_blocks`

@@ -5,7 +5,7 @@ from difftune.catalog import FamilyFacts
 FACTS = FamilyFacts(
     name="sd",
     description="Stable Diffusion 1.x and 2.x",
-    capabilities=frozenset({"controlnet", "lora", "token_embeddings"}),
+    capabilities=frozenset({"controlnet", "lora", "token_embeddings", "single_file"}),
     objective_kind="ddpm",
     default_resolution=512,
     denoiser_name="unet",

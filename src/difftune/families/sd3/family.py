@@ -189,9 +189,6 @@ class StableDiffusion3(LatentFamily):
     def control_arguments(self, image: Any) -> dict[str, Any]:
         return {"control_image": image}
 
-    def export_single_file(self, pipeline_dir: Path, out_file: Path, half: bool) -> Path:
-        raise ValueError("a single-file SD3 checkpoint is not written yet; the run's final/ is a diffusers folder")
-
     def make_controlnet(self, parts: Parts, source: str | None, settings: MethodSettings | None = None) -> nn.Module:
         """SD3ControlNetModel.from_transformer, as diffusers' train_controlnet_sd3.py: the
         position and time-text embeddings, the context embedder and the first
