@@ -50,6 +50,8 @@ class LatentFamily:
     latent_patch = 1
     """Latent pixels per side of one denoiser token (Flux packs 2x2): training sizes are
     multiples of the VAE factor times this."""
+    patch_in_config = False
+    """Whether the denoiser's config.json says its patch (patch_size; latent_patch when not)."""
     controlnet_class = "ControlNetModel"
     """The diffusers class of the family's ControlNets."""
     negative_prompt = True
@@ -83,8 +85,20 @@ class LatentFamily:
 
     def latent_patch_of(self, base: str, revision: str | None = None) -> tuple[int, str]:
         """(latent pixels per side of one denoiser token, where that comes from), before any
-        weight loads; a family whose patch is in its denoiser's config reads it there."""
+        weight loads; a family whose patch is in its denoiser's config (patch_in_config)
+        reads it there."""
+        if self.patch_in_config:
+            from difftune.model_files import read_config
+
+            config = read_config(base, f"{self.denoiser_name}/config.json", revision) or {}
+            patch = config.get("patch_size", self.latent_patch)
+            return patch, f"the transformer's {patch}x{patch} patches ({self.denoiser_name}/config.json patch_size)"
         return self.latent_patch, f"the {self.latent_patch}x{self.latent_patch} patches {self.description} packs"
+
+    def folder_problems(self, folder: Path) -> list[str]:
+        """What a local pipeline folder lacks for this family beyond its files (none, unless
+        the family says)."""
+        return []
 
     def method_problems(self, method: Any, base: str, revision: str | None = None) -> list[str]:
         """What the base's configs rule out in the [method] section (Flux: more ControlNet

@@ -23,7 +23,6 @@ from difftune.families.cogview4.facts import FACTS
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from pathlib import Path
 
     import torch
 
@@ -51,6 +50,7 @@ class CogView4(LatentFamily):
     card_tags = ["cogview4", "text-to-image"]
     input_projection = "patch_embed.proj"
     latent_patch = PATCH
+    patch_in_config = True  # its transformer config.json says patch_size
     pipeline_multiple = PIPELINE_MULTIPLE
     attention_options = "attention_kwargs"
     gpu_dtype = "bfloat16"
@@ -60,17 +60,6 @@ class CogView4(LatentFamily):
         from dataclasses import replace
 
         return replace(self.load_parts(config, denoiser_in_memory), trainable_text_encoder_names=())
-
-    def folder_problems(self, folder: Path) -> list[str]:
-        return []
-
-    def latent_patch_of(self, base: str, revision: str | None = None) -> tuple[int, str]:
-        """The transformer's patch_size, from its config.json (2 for CogView4-6B)."""
-        from difftune.model_files import read_config
-
-        config = read_config(base, f"{self.denoiser_name}/config.json", revision) or {}
-        patch = config.get("patch_size", PATCH)
-        return patch, f"the transformer's {patch}x{patch} patches ({self.denoiser_name}/config.json patch_size)"
 
     def objective(self, parts: Parts, config: ObjectiveConfig) -> Objective:
         from difftune.objectives import FlowMatching

@@ -24,7 +24,6 @@ from difftune.families.flux.facts import FACTS
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from pathlib import Path
 
     import torch
     from torch import nn
@@ -70,9 +69,6 @@ class Flux(LatentFamily):
         parts = self.load_parts(config, denoiser_in_memory)
         return replace(parts, constants={"guidance": config.guidance},
                        trainable_text_encoder_names=self.trainable_text_encoder_names)
-
-    def folder_problems(self, folder: Path) -> list[str]:
-        return []
 
     def method_problems(self, method: MethodSettings, base: str, revision: str | None = None) -> list[str]:
         """A new ControlNet copies blocks of the transformer: a count set above what it has is

@@ -30,7 +30,6 @@ from difftune.families.sd3.facts import FACTS
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from pathlib import Path
 
     import torch
     from torch import nn
@@ -63,6 +62,7 @@ class StableDiffusion3(LatentFamily):
     controlnet_class = "SD3ControlNetModel"
     attention_options = "joint_attention_kwargs"
     latent_patch = PATCH
+    patch_in_config = True  # its transformer config.json says patch_size
     gpu_dtype = "bfloat16"  # SD3.5's T5 and transformer are run in bf16; fp16 overflows in T5
 
     def load(self, config: ModelConfig, denoiser_in_memory: bool = False) -> Parts:
@@ -70,17 +70,6 @@ class StableDiffusion3(LatentFamily):
 
         return replace(self.load_parts(config, denoiser_in_memory),
                        trainable_text_encoder_names=self.trainable_text_encoder_names)
-
-    def folder_problems(self, folder: Path) -> list[str]:
-        return []
-
-    def latent_patch_of(self, base: str, revision: str | None = None) -> tuple[int, str]:
-        """The transformer's patch_size, from its config.json (2 for SD3 and SD3.5)."""
-        from difftune.model_files import read_config
-
-        config = read_config(base, f"{self.denoiser_name}/config.json", revision) or {}
-        patch = config.get("patch_size", PATCH)
-        return patch, f"the transformer's {patch}x{patch} patches ({self.denoiser_name}/config.json patch_size)"
 
     def method_problems(self, method: MethodSettings, base: str, revision: str | None = None) -> list[str]:
         """A new SD3 ControlNet copies `controlnet_double_blocks` of the transformer's joint
