@@ -28,7 +28,15 @@ from difftune.paths import (
     looks_like_path,
     lora_file,
 )
-from difftune.results import ADAPTER_CONFIG, EMBEDDINGS_FILE, RESULTS, adapter_parts, read_adapter_config, recognise
+from difftune.results import (
+    ADAPTER_CONFIG,
+    EMBEDDINGS_FILE,
+    RESULTS,
+    adapter_parts,
+    read_adapter_config,
+    recognise,
+    run_result,
+)
 from difftune.rundir import model_source, run_config, stands_for
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -124,8 +132,9 @@ def plan_generation(request: Generation, given: set[str], overwrite: bool = Fals
 
 
 def _is_control_run(value: str | None) -> bool:
-    run = run_config(value)
-    return run is not None and run.get("method", {}).get("kind") == "control"
+    """Whether a run's result runs in its family's control pipeline (a Control run, or a
+    Control-LoRA), as its recorded [method] settings say."""
+    return run_result(run_config(value)) in ("control", "control_lora")
 
 
 def _check_run_result(flag: str, value: str | None) -> None:
@@ -133,7 +142,7 @@ def _check_run_result(flag: str, value: str | None) -> None:
     --controlnet, a LoRA run to --lora, a full fine-tune to --base)."""
     if not value or run_config(value) is None:
         return
-    made = recognise(stands_for(Path(value).expanduser()))
+    made = recognise(stands_for(Path(value).expanduser()), run_result(run_config(value)))
     if made is not None and made.flag != flag:
         raise InputError(f"{flag} {value}: this run made {made.made}; give it as {made.flag}")
 

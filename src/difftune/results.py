@@ -211,6 +211,21 @@ def result_of(kind: str) -> Result:
     return RESULTS[kind]
 
 
+def run_result(config: dict[str, Any] | None) -> str | None:
+    """The kind of result a run's recorded config makes (its [method] settings' `result`);
+    None when there is no config or its [method] table is not one this version reads."""
+    from difftune.catalog import default_method, methods
+
+    table = (config or {}).get("method")
+    if not isinstance(table, dict):
+        return None
+    spec = methods().get(table.get("kind", default_method()))
+    try:
+        return spec.settings.model_validate(table).result if spec is not None else None
+    except ValueError:
+        return None
+
+
 def recognise(folder: Path, kind: str | None = None) -> Result | None:
     """The result a final/ folder holds: of the `kind` its run recorded when known, else
     the first whose files it has (a whole pipeline before a ControlNet's config.json)."""
