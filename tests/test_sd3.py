@@ -304,3 +304,5 @@ def test_the_presets_are_the_methods_they_are_named_after() -> None:
     assert presets["controlnet"].method.kind == "controlnet"
     assert presets["controlnet"].method.controlnet_double_blocks == 12
     assert presets["full"].method.kind == "full" and not presets["full"].method.uses_lora
+    demo = load_config(root / "demo" / "fill_circles_controlnet_sd3.toml")
+    assert demo.model.family == "sd3" and demo.method.kind == "controlnet"
