@@ -24,10 +24,10 @@ class ControlNetMethod(MethodSettings):
     controlnet: PathText | None = None
     """Existing ControlNet (Hub id or folder) to continue from; None starts from the denoiser."""
     controlnet_double_blocks: int = Field(4, ge=0)
-    """Flux ControlNet: dual-stream blocks copied from the transformer (diffusers'
-    --num_double_layers); UNet families copy the whole encoder and ignore it."""
+    """Transformer families' ControlNet: the dual-stream (Flux, diffusers' --num_double_layers)
+    or joint (SD3, --num_layers) blocks copied; UNet families copy the whole encoder."""
     controlnet_single_blocks: int = Field(4, ge=0)
-    """Flux ControlNet: single-stream blocks copied (--num_single_layers)."""
+    """Flux ControlNet: single-stream blocks copied (--num_single_layers); SD3 has none."""
 
     needs_conditioning: ClassVar[bool] = True
     RESULT: ClassVar[str] = "controlnet"
