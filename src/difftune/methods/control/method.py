@@ -27,15 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import nn
 
 from difftune.families.base import Family, ModelInputs, Parts
-from difftune.methods.control.spec import ControlMethod
 from difftune.methods.base import (
     FromSettings,
-    family_usage,
     Trained,
+    family_usage,
     freeze,
     mean_loss,
     restore_pretrained,
@@ -43,7 +41,8 @@ from difftune.methods.base import (
     store_pretrained,
     trainable_fp32,
 )
-from difftune.methods.full.method import generate_with_trained, save_pipeline
+from difftune.methods.control.spec import ControlMethod
+from difftune.methods.full.method import generate_conditioned, save_pipeline
 from difftune.methods.lora.method import Lora, add_lora, lora_config
 
 
@@ -149,15 +148,4 @@ class Control(FromSettings):
 
     usage = family_usage
 
-    def generate(
-        self,
-        family: Family,
-        parts: Parts,
-        trained: Trained,
-        prompt: str | list[str],
-        image: Image.Image | list[Image.Image] | None,
-        settings: dict[str, Any],
-        generator: torch.Generator,
-    ) -> list[Image.Image]:
-        return generate_with_trained(family, parts, trained, prompt, settings, generator, "control",
-                                     family.control_arguments(image))
+    generate = generate_conditioned("control")

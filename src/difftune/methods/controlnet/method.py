@@ -6,9 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-from PIL import Image
-
 from difftune.families.base import Family, ModelInputs, Parts
 from difftune.methods.base import (
     FromSettings,
@@ -21,8 +18,8 @@ from difftune.methods.base import (
     store_pretrained,
     trainable_fp32,
 )
-from difftune.methods.full.method import generate_with_trained
 from difftune.methods.controlnet.spec import ControlNetMethod
+from difftune.methods.full.method import generate_conditioned
 from difftune.rundir import stands_for
 
 
@@ -59,15 +56,4 @@ class ControlNet(FromSettings):
 
     usage = family_usage
 
-    def generate(
-        self,
-        family: Family,
-        parts: Parts,
-        trained: Trained,
-        prompt: str | list[str],
-        image: Image.Image | list[Image.Image] | None,
-        settings: dict[str, Any],
-        generator: torch.Generator,
-    ) -> list[Image.Image]:
-        return generate_with_trained(family, parts, trained, prompt, settings, generator, "controlnet",
-                                     family.control_arguments(image))
+    generate = generate_conditioned("controlnet")

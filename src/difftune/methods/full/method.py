@@ -63,6 +63,19 @@ def generate_text_to_image(
     return generate_with_trained(family, parts, trained, prompt, settings, generator)
 
 
+def generate_conditioned(kind: str) -> Any:
+    """Method.generate for a method whose pipeline of `kind` ("controlnet", "control")
+    takes the conditioning image, as the family's pipelines name it."""
+
+    def generate(self: Any, family: Family, parts: Parts, trained: Trained, prompt: str | list[str],
+                 image: Image.Image | list[Image.Image] | None, settings: dict[str, Any],
+                 generator: torch.Generator) -> list[Image.Image]:
+        return generate_with_trained(family, parts, trained, prompt, settings, generator, kind,
+                                     family.control_arguments(image))
+
+    return generate
+
+
 class FullFineTune(FromSettings):
     floor_settings = None
     card_tags = ["full-fine-tune"]
