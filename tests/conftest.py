@@ -14,8 +14,10 @@ os.environ.setdefault("DIFFTUNE_CACHE", os.path.join(_CACHE, "difftune"))  # run
 # A fixed thread count: train.cpu_threads = "auto" follows the load of the machine, and a
 # different thread count sums in another order, so a resumed run compared bit for bit
 # with an unbroken one would depend on what else the machine runs (tests/test_threads.py
-# removes it to test the governor).
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# removes it to test the governor). One thread: the tiny models gain nothing from two,
+# the two-process tests then take one core each, and beside another busy process (a
+# shared CI box) two spinning OpenMP threads fall to a fraction of one (training/threads.py).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path
 from typing import Any
