@@ -18,26 +18,16 @@ from typing import Any
 from difftune.errors import InputError
 from difftune.extras import require_quantizer
 from difftune.paths import (
-    WEIGHT_FILE_SUFFIXES,
     check_controlnet_fits,
     check_finished_run,
     check_model_folder,
     check_not_an_input,
     check_output_file,
     check_pipeline,
-    looks_like_path,
-    lora_file,
 )
-from difftune.results import (
-    ADAPTER_CONFIG,
-    EMBEDDINGS_FILE,
-    RESULTS,
-    adapter_parts,
-    read_adapter_config,
-    recognise,
-    run_result,
-)
-from difftune.rundir import model_source, run_config, stands_for
+from difftune.results import RESULTS
+from difftune.rundir import model_source, run_config
+from difftune.trained_inputs import attached_result, check_embedding, check_lora, check_run_result, is_control_run
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MAX_STEPS = 1000
@@ -80,7 +70,7 @@ def plan_generation(request: Generation, given: set[str], overwrite: bool = Fals
     check_output_file("--out", str(request.out), IMAGE_SUFFIXES, overwrite)
     if request.quantize is not None:
         require_quantizer(request.quantize, "--quantize")
-    request = replace(request, control=any(_is_control_run(value) for value in (request.base, request.lora)))
+    request = replace(request, control=any(is_control_run(value) for value in (request.base, request.lora)))
     if request.controlnet is not None and request.image is None:
         raise InputError("--controlnet needs --image (the conditioning image)")
     if request.image is not None and request.controlnet is None and not request.control:
@@ -90,13 +80,13 @@ def plan_generation(request: Generation, given: set[str], overwrite: bool = Fals
         raise InputError("a Control model needs --image (the conditioning image its latents are made from)")
     for flag, value in (("--controlnet", request.controlnet), ("--lora", request.lora), ("--base", request.base),
                         ("--embedding", request.embedding)):
-        _check_run_result(flag, value)
+        check_run_result(flag, value)
     if request.controlnet is not None:
         check_model_folder("--controlnet", request.controlnet, "ControlNet")
     if request.lora is not None:
-        _check_lora(request.lora)
+        check_lora(request.lora)
     if request.embedding is not None:
-        _check_embedding(request.embedding)
+        check_embedding(request.embedding)
     base_key = "--base" if request.base else "--base (the run's model.pretrained)"
     trained = request.controlnet or request.lora or request.embedding
     if trained is not None and run_config(trained) is not None:
@@ -129,22 +119,6 @@ def plan_generation(request: Generation, given: set[str], overwrite: bool = Fals
     check_not_an_input("--out", request.out, {"--image": request.image} | {  # a run's final/, not the run
         flag: model_source(value) for flag, value in folders.items() if value})
     return request
-
-
-def _is_control_run(value: str | None) -> bool:
-    """Whether a run's result runs in its family's control pipeline (a Control run, or a
-    Control-LoRA), as its recorded [method] settings say."""
-    return run_result(run_config(value)) in ("control", "control_lora")
-
-
-def _check_run_result(flag: str, value: str | None) -> None:
-    """A run directory given to the flag that takes what it made (a ControlNet run to
-    --controlnet, a LoRA run to --lora, a full fine-tune to --base)."""
-    if not value or run_config(value) is None:
-        return
-    made = recognise(stands_for(Path(value).expanduser()), run_result(run_config(value)))
-    if made is not None and made.flag != flag:
-        raise InputError(f"{flag} {value}: this run made {made.made}; give it as {made.flag}")
 
 
 def _check_numbers(request: Generation) -> None:
@@ -257,29 +231,6 @@ def _check_image(path: str | None) -> None:
         raise InputError(f"--image {path}: {problem}")
 
 
-def _check_lora(path: str) -> None:
-    if not Path(path).exists() and not looks_like_path(path) and not path.endswith(WEIGHT_FILE_SUFFIXES):
-        return  # a Hub id: load_lora_weights fetches it
-    folder = stands_for(Path(path).expanduser())
-    if RESULTS["adapter"].recognise(folder):  # LoKr / LoHa: peft's folders, one per part
-        check_finished_run("--lora", path)
-        for part in adapter_parts(folder):
-            try:
-                read_adapter_config(folder / part / ADAPTER_CONFIG)
-            except ValueError as error:
-                raise InputError(f"--lora {path}: {error}") from None
-        return
-    lora_file("--lora", path)
-
-
-def _check_embedding(path: str) -> None:
-    check_finished_run("--embedding", path)
-    folder = stands_for(Path(path).expanduser())
-    if not RESULTS["embedding"].recognise(folder):
-        what = "no such folder" if not folder.exists() else f"no {EMBEDDINGS_FILE} here or in its final/"
-        raise InputError(f"--embedding {path}: {what}")
-
-
 def generate(request: Generation, should_stop: Callable[[], bool] = lambda: False) -> Path:
     """Render one image with the family's sampler (UniPC for SD/SDXL) in its half precision
     on a GPU (fp16, Flux bf16), the conditioning image resized to the
@@ -366,7 +317,7 @@ def _load_pipeline(request: Generation, dtype: Any) -> Any:
         pipe = family.load_pipeline(base, dtype, net, kind="control" if request.control else None, **parts)
         if request.lora is not None and not fused:
             what = f"--lora {request.lora} (was it trained on another base?)"
-            _attached(request.lora, "lora").attach(family, pipe, Path(model_source(request.lora)))
+            attached_result(request.lora, "lora").attach(family, pipe, Path(model_source(request.lora)))
         if request.embedding is not None:
             what = f"--embedding {request.embedding} (was it trained on another base?)"
             RESULTS["embedding"].attach(family, pipe, Path(model_source(request.embedding)))
@@ -376,13 +327,6 @@ def _load_pipeline(request: Generation, dtype: Any) -> Any:
     check_weights_loaded(modules, f"--base {request.base}" + (f" or --controlnet {request.controlnet}"
                                                              if request.controlnet else ""))
     return pipe
-
-
-def _attached(value: str, default: str) -> Any:
-    """The Result a --lora names: peft adapters (LoKr, LoHa) where its folder holds them,
-    else a LoRA file (a file, a folder or a Hub id load_lora_weights reads)."""
-    folder = Path(model_source(value))
-    return RESULTS["adapter"] if RESULTS["adapter"].recognise(folder) else RESULTS[default]
 
 
 def _reads_lora(family: Any) -> bool:

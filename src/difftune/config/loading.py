@@ -65,7 +65,9 @@ def _method_error(error: dict[str, Any]) -> str:
         if kind is None:
             return f"method: must be a table (a [method] section) with a kind ({known}), got {error['input']!r}"
         return f"method.kind: unknown method kind {kind!r}; difftune has {known}"
-    kind, *rest = error["loc"][1:]
+    kind, *rest = error["loc"][1:] or (None,)
+    if kind not in methods():  # not inside one kind's table: said as any other error
+        return _format_error(error)
     settings = methods()[kind].settings
     located = {**error, "loc": ("method", *rest)}
     if error["type"] != "extra_forbidden":
