@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 
 from difftune.config import build_config
 from difftune.data.synthetic import Circle, draw_conditioning, draw_target
-from difftune.metrics import FillCirclesIoU, enclosed_region, iou, mean_scores
+from difftune.metrics import FillCirclesEdit, FillCirclesIoU, enclosed_region, iou, mean_scores
 from difftune.training.events import read_events
 from difftune.training.loop import Run
 
@@ -102,3 +102,76 @@ def test_canny_edge_f1_known_answers() -> None:
     shifted = metric.score(_scene(offset=8), edges, "")["edge_f1"]
     assert 0.2 < shifted < 0.8  # the ellipse still matches, the moved rectangle does not
     assert metric.score(Image.new("RGB", (64, 64), "black"), edges, "")["edge_f1"] == 0.0
+
+
+EDIT = FillCirclesEdit()
+REFERENCE = Circle(32, 32, 16, "blue", "yellow")  # A = blue on B = yellow
+TARGET = Circle(32, 32, 16, "red", "yellow")  # C = red: "make the circle red"
+
+
+def _disc_in(colour: str | tuple[int, int, int], circle: Circle = TARGET, size: int = 64) -> Image.Image:
+    image = Image.new("RGB", (size, size), circle.background)
+    scale = size / 64
+    box = tuple(round(v * scale) for v in circle.box)
+    ImageDraw.Draw(image).ellipse(box, fill=colour)
+    return image
+
+
+def test_edit_true_target_and_unedited_reference() -> None:
+    reference = draw_target(REFERENCE, 64)
+    assert EDIT.score(draw_target(TARGET, 64), reference, "make the circle red") == {
+        "shape_iou": 1.0, "colour_accuracy": 1.0}
+    # Returning the reference untouched keeps the shape and misses the edit.
+    assert EDIT.score(reference, reference, "make the circle red") == {"shape_iou": 1.0, "colour_accuracy": 0.0}
+    # Any other colour than the prompted one is wrong, the background's included.
+    assert EDIT.score(draw_target(TARGET, 64), reference, "Make the circle green.")["colour_accuracy"] == 0.0
+
+
+def test_edit_generated_at_another_size_is_resized_to_the_reference() -> None:
+    scores = EDIT.score(_disc_in("red", size=128), draw_target(REFERENCE, 64), "make the circle red")
+    assert scores["shape_iou"] > 0.95 and scores["colour_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("shift", [8, 16])
+def test_edit_blank_or_shifted_disc_loses_shape(shift: int) -> None:
+    reference = draw_target(REFERENCE, 64)
+    blank = EDIT.score(Image.new("RGB", (64, 64), "yellow"), reference, "make the circle red")
+    assert blank == {"shape_iou": 0.0, "colour_accuracy": 0.0}  # colour read over the reference's disc: yellow
+    moved = Circle(32 + shift, 32, 16, "red", "yellow")
+    scores = EDIT.score(draw_target(moved, 64), reference, "make the circle red")
+    assert scores["shape_iou"] == pytest.approx(_disc_iou(16, shift), abs=0.03)
+    assert scores["shape_iou"] < 0.65 and scores["colour_accuracy"] == 1.0
+
+
+def test_edit_colour_near_misses() -> None:
+    reference = draw_target(REFERENCE, 64)
+    near_red = EDIT.score(_disc_in((220, 35, 30)), reference, "make the circle red")
+    assert near_red == {"shape_iou": 1.0, "colour_accuracy": 1.0}
+    # Red turned towards orange: past halfway it is orange's, not red's.
+    assert EDIT.score(_disc_in((255, 120, 0)), reference, "make the circle red")["colour_accuracy"] == 0.0
+    assert EDIT.score(_disc_in((255, 120, 0)), reference, "make the circle orange")["colour_accuracy"] == 1.0
+    # A slightly dull yellow on orange (the palette's closest pair, 0.204 apart) is still a
+    # disc: 0.18 from orange, under FillCirclesIoU's 0.2 but over half the closest gap.
+    on_orange = Circle(32, 32, 16, "green", "orange")
+    scores = EDIT.score(_disc_in((245, 240, 20), on_orange), draw_target(on_orange, 64), "make the circle yellow")
+    assert scores == {"shape_iou": 1.0, "colour_accuracy": 1.0}
+    # A colour outside the palette is judged among the palette and itself.
+    assert EDIT.score(_disc_in("crimson"), reference, "make the circle crimson")["colour_accuracy"] == 1.0
+    assert EDIT.score(_disc_in("red"), reference, "make the circle crimson")["colour_accuracy"] == 0.0
+
+
+def test_edit_prompt_it_cannot_read_is_named() -> None:
+    reference = draw_target(REFERENCE, 64)
+    with pytest.raises(ValueError, match="'red circle with yellow background'"):
+        EDIT.score(reference, reference, "red circle with yellow background")
+    with pytest.raises(ValueError, match="'make the circle blurple'"):
+        EDIT.score(reference, reference, "make the circle blurple")
+
+
+def test_edit_metric_is_a_validation_choice() -> None:
+    from difftune.metrics import METRICS
+
+    assert METRICS["fill_circles_edit"].name == "fill_circles_edit"
+    config = build_config({"model": {"pretrained": "b"}, "data": {"path": "d"}, "train": {"output_dir": "o"},
+                           "validation": {"metric": "fill_circles_edit", "metric_data": "held"}})
+    assert config.validation.metric == "fill_circles_edit"

@@ -13,6 +13,8 @@ from typing import Protocol
 import numpy as np
 from PIL import Image, ImageColor
 
+from difftune.data.synthetic import DEMO_PALETTE
+
 CAPTION = re.compile(r"^\s*(?P<fg>[a-z ]+?) circle with (?P<bg>[a-z ]+?) background\s*$")
 
 
@@ -138,7 +140,72 @@ class CannyEdgeF1:
         return {"edge_f1": edge_f1(canny_edges(generated), reference)}
 
 
-METRICS: dict[str, ControlMetric] = {"fill_circles": FillCirclesIoU(), "canny": CannyEdgeF1()}
+EDIT_PROMPT = re.compile(r"^\s*make the circle (?P<colour>[a-z ]+?)\s*\.?\s*$")
+
+
+def palette_rgb(names: list[str]) -> np.ndarray:
+    return np.array([ImageColor.getrgb(name)[:3] for name in names], dtype=np.float32) / 255
+
+
+class FillCirclesEdit:
+    """fill-circles edit ("make the circle C", data/synthetic.write_fill_circles_edit):
+    did the model recolour the reference's disc, and only recolour it?
+
+    Scores the generated image against the reference (the conditioning), resized to the
+    reference's size. shape_iou: IoU of the two discs, each the pixels standing out from
+    its own image's border colour. colour_accuracy: 1.0 when the generated disc's median
+    colour (over its own disc, or over the reference's disc when it drew none) is nearer
+    C than any other palette colour. The palette is the data's (DEMO_PALETTE by default,
+    as write_fill_circles_edit's); C is added to it when the prompt names another PIL colour.
+    """
+
+    name = "fill_circles_edit"
+
+    def __init__(self, palette: list[str] | None = None) -> None:
+        self.palette = list(palette or DEMO_PALETTE)
+        colours = palette_rgb(self.palette)
+        gaps = np.linalg.norm(colours[:, None] - colours[None], axis=-1) / np.sqrt(3)
+        smallest = gaps[gaps > 0].min() if (gaps > 0).any() else 0.4
+        # Halfway to the nearest other palette colour: DEMO_PALETTE's yellow and orange are
+        # only 0.204 apart, so FillCirclesIoU's 0.2 would barely find a yellow disc on
+        # orange; the floor keeps a dense palette (PIL's names) from counting noise as disc.
+        self.threshold = float(np.clip(smallest / 2, 0.05, 0.2))
+
+    def score(self, generated: Image.Image, conditioning: Image.Image, prompt: str) -> dict[str, float]:
+        wanted = self.prompted_colour(prompt)
+        reference = _rgb(conditioning)
+        image = _rgb(generated, conditioning.size)
+        reference_disc = standout_mask(reference, self.threshold)
+        disc = standout_mask(image, self.threshold)
+        scores = {"shape_iou": iou(disc, reference_disc)}
+        where = disc if disc.any() else reference_disc
+        if not where.any():  # no disc in either image: no colour to judge
+            scores["colour_accuracy"] = float("nan")
+            return scores
+        colour = np.median(image[where], axis=0)
+        names = self.palette + [wanted]
+        distances = np.linalg.norm(palette_rgb(names) - colour, axis=-1)
+        nearest = palette_rgb([names[int(distances.argmin())]])[0]
+        # Compared as RGB, so an alias of C in the palette (grey for gray) counts as C.
+        scores["colour_accuracy"] = float(np.array_equal(nearest, palette_rgb([wanted])[0]))
+        return scores
+
+    @staticmethod
+    def prompted_colour(prompt: str) -> str:
+        """C of "make the circle C" as a PIL colour name; a ValueError names the prompt."""
+        match = EDIT_PROMPT.match(prompt.lower())
+        if match is None:
+            raise ValueError(f"fill_circles_edit: prompt {prompt!r} is not \"make the circle <colour>\"")
+        name = match["colour"].replace(" ", "")
+        try:
+            ImageColor.getrgb(name)
+        except ValueError:
+            raise ValueError(f"fill_circles_edit: prompt {prompt!r} names no PIL colour ({name!r})") from None
+        return name
+
+
+METRICS: dict[str, ControlMetric] = {
+    "fill_circles": FillCirclesIoU(), "canny": CannyEdgeF1(), "fill_circles_edit": FillCirclesEdit()}
 
 
 def mean_scores(scores: list[dict[str, float]]) -> dict[str, float]:

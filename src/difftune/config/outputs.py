@@ -24,7 +24,7 @@ class ValidationConfig(_Section):
     guidance_scale: float = Field(7.5, ge=0, le=100)
     seed: int | None = Field(None, ge=0, lt=2**63)
     """Generator seed; defaults to train.seed."""
-    metric: Literal["none", "fill_circles", "canny"] = "none"
+    metric: Literal["none", "fill_circles", "canny", "fill_circles_edit"] = "none"
     """Control-fidelity metric computed at each validation (and for the uncontrolled floor)."""
     metric_data: PathText | None = None
     """Held-out dataset (same columns as [data]) whose conditionings and captions are scored."""

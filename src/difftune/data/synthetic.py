@@ -195,3 +195,114 @@ def write_subject_folder(
         image.save(out / f"{index:06d}.png")
         (out / f"{index:06d}.txt").write_text(f"{shape.foreground} {word} with {shape.background} background")
     return out
+
+
+@dataclass(frozen=True)
+class CircleEdit:
+    """One fill-circles edit: the reference disc (colour A on background B) and the
+    target, the same disc (centre, radius, background) recoloured C."""
+
+    reference: Circle
+    target: Circle
+
+    @property
+    def instruction(self) -> str:
+        return f"make the circle {self.target.foreground}"
+
+
+def distinct_colours(colours: list[str]) -> list[str]:
+    """The palette with each RGB value once (grey/gray would make A == C in pixels)."""
+    by_rgb: dict[tuple[int, ...], str] = {}
+    for name in colours:
+        by_rgb.setdefault(ImageColor.getrgb(name)[:3], name)
+    return list(by_rgb.values())
+
+
+def random_circle_edit(rng: random.Random, resolution: int, colours: list[str]) -> CircleEdit:
+    reference = random_circle(rng, resolution, colours)
+    recolour = rng.choice([c for c in colours if c not in (reference.foreground, reference.background)])
+    return CircleEdit(reference, Circle(reference.x, reference.y, reference.radius, recolour, reference.background))
+
+
+def _edit_samples(count: int, resolution: int, seed: int, colours: list[str],
+                  without_reference: float, references: int) -> tuple[list[CircleEdit], set[int]]:
+    """The edits and the indices of the rows left without a reference. The circles are
+    drawn first, so a seed gives the same circles whatever the fraction without one."""
+    if not 0.0 <= without_reference <= 1.0:
+        raise ValueError(f"without_reference = {without_reference}: a fraction in [0, 1]")
+    if references not in (1, 2):
+        raise ValueError(f"references = {references}: 1 (the disc) or 2 (the disc and a swatch)")
+    palette = distinct_colours(colours)
+    if len(palette) < 3:
+        raise ValueError(f"an edit needs 3 distinct colours (A, B, C); the palette has {palette}")
+    rng = random.Random(seed)
+    edits = [random_circle_edit(rng, resolution, palette) for _ in range(count)]
+    # An exact count, not a coin per row: a small set still gets its share of null rows.
+    bare = set(rng.sample(range(count), round(count * without_reference)))
+    return edits, bare
+
+
+def _edit_text(edit: CircleEdit, has_reference: bool) -> str:
+    # Without a reference the row trains text-to-image, so its text describes the target.
+    return edit.instruction if has_reference else edit.target.caption
+
+
+def fill_circles_edit_rows(
+    count: int, resolution: int, seed: int, colours: list[str] = DEMO_PALETTE,
+    without_reference: float = 0.0, references: int = 1,
+) -> dict[str, list]:
+    """write_fill_circles_edit's rows in memory (the same samples for the same arguments):
+    columns image (PIL target), reference_image (PIL, a list of PIL with references=2, or
+    None) and text."""
+    edits, bare = _edit_samples(count, resolution, seed, colours, without_reference, references)
+    columns: dict[str, list] = {"image": [], "reference_image": [], "text": []}
+    for index, edit in enumerate(edits):
+        images = _edit_references(edit, resolution, references)
+        columns["image"].append(draw_target(edit.target, resolution))
+        columns["reference_image"].append(None if index in bare else images if references > 1 else images[0])
+        columns["text"].append(_edit_text(edit, index not in bare))
+    return columns
+
+
+def _edit_references(edit: CircleEdit, resolution: int, references: int) -> list[Image.Image]:
+    images = [draw_target(edit.reference, resolution)]
+    if references > 1:
+        images.append(Image.new("RGB", (resolution, resolution), edit.target.foreground))
+    return images
+
+
+def write_fill_circles_edit(
+    out_dir: str | Path, count: int, resolution: int, seed: int, colours: list[str] = DEMO_PALETTE,
+    without_reference: float = 0.0, references: int = 1,
+) -> Path:
+    """An edit dataset (FLUX.1 Kontext / Qwen-Image-Edit style) as images/, reference_images/
+    and metadata.jsonl with columns file_name (the target), reference_image (path relative
+    to the folder) and text (the instruction "make the circle C").
+
+    The reference is a disc of colour A on background B, the target the same disc in C on
+    B (A, B, C distinct palette colours). A fraction `without_reference` of the rows have
+    reference_image null and as text the target's caption "C circle with B background" (they
+    train text-to-image). With references=2, reference_image is a list of two paths: the
+    disc, then swatch_images/NNNNNN.png, an image filled with C (the colour to paint, shown
+    rather than named: it only exercises rows with several references).
+    """
+    edits, bare = _edit_samples(count, resolution, seed, colours, without_reference, references)
+    out = Path(out_dir)
+    folders = ["images", "reference_images"] + (["swatch_images"] if references > 1 else [])
+    for folder in folders:
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index, edit in enumerate(edits):
+        name = f"{index:06d}.png"
+        draw_target(edit.target, resolution).save(out / "images" / name)
+        paths = None
+        if index not in bare:
+            paths = [f"{folder}/{name}" for folder in folders[1:]]
+            for path, image in zip(paths, _edit_references(edit, resolution, references)):
+                image.save(out / path)
+        reference = paths if paths is None or references > 1 else paths[0]
+        rows.append({"file_name": f"images/{name}", "reference_image": reference,
+                     "text": _edit_text(edit, index not in bare)})
+    with open(out / "metadata.jsonl", "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    return out
