@@ -37,7 +37,9 @@ class FamilyFacts:
     channel-concat input widened), "lora" (peft adapters on its denoiser and their key
     formats), "token_embeddings" (CLIP text encoders whose vocabulary can grow, read by
     its pipelines' load_textual_inversion), "single_file" (its original single-file layout,
-    for `difftune export single-file`). The methods it trains follow (`supports`)."""
+    for `difftune export single-file`), "edit" (reference images' latents joined to the
+    denoiser's tokens, as its edit pipeline does: FLUX.1 Kontext, Qwen-Image-Edit). The
+    methods it trains follow (`supports`)."""
     objective_kind: str
     """"ddpm" or "flow_matching": which [objective] options apply."""
     default_resolution: int

@@ -148,6 +148,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
         run = load_config(source, list(args.set or []))
         data, needs_conditioning, fixed = run.data, run.method.needs_conditioning, run.method.fixed_caption
+        references = run.method.takes_references
     else:
         from difftune.config import DataConfig, build_section
 
@@ -157,10 +158,10 @@ def cmd_data_check(args: argparse.Namespace) -> int:
                  "image_column": args.image_column, "caption_column": args.caption_column,
                  "conditioning_image_column": args.conditioning_image_column}
         data = build_section(DataConfig, flags, "the data check's flags")
-        needs_conditioning, fixed = None, None
+        needs_conditioning, fixed, references = None, None, False
     from difftune.data.check import check_dataset, write_report
 
-    report = check_dataset(data, needs_conditioning, fixed, full=not args.fast)
+    report = check_dataset(data, needs_conditioning, fixed, full=not args.fast, references=references)
     out = write_report(report, Path(args.report))
     console.print(escape(report.summary()), highlight=False, soft_wrap=True)
     console.print(f"report: {out}")

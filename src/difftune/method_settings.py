@@ -44,6 +44,10 @@ class MethodSettings(Section):
     needs_conditioning: ClassVar[bool] = False
     """Whether training samples carry a conditioning image (known before the method's
     code is imported, so the data is checked before torch loads)."""
+    takes_references: ClassVar[bool] = False
+    """Whether the conditioning images are references (edit): read from
+    data.reference_image_column, optional per row, several per row allowed, and encoded
+    at the size the family's edit pipeline gives them."""
     streaming_refused: ClassVar[str | None] = None
     """Why it cannot train from a streamed dataset (data.streaming), if it cannot."""
     RESULT: ClassVar[str] = "pipeline"

@@ -105,6 +105,26 @@ class ControlLoraResult(Result):
 
 
 @dataclass(frozen=True)
+class EditResult(Result):
+    """A whole edit pipeline (FluxKontextPipeline, QwenImageEditPipeline)."""
+
+    def usage(self, family: Any, repo: str, base: str) -> str:
+        edit = family.pipeline_classes["edit"]
+        return f'from diffusers import {edit}\npipe = {edit}.from_pretrained("{repo}")'
+
+
+@dataclass(frozen=True)
+class EditLoraResult(LoraResult):
+    """An edit LoRA: the LoRA file the base's edit pipeline's load_lora_weights reads."""
+
+    def usage(self, family: Any, repo: str, base: str) -> str:
+        edit = family.pipeline_classes["edit"]
+        return (f"from diffusers import {edit}\n"
+                f'pipe = {edit}.from_pretrained("{base}")\n'
+                f'pipe.load_lora_weights("{repo}")')
+
+
+@dataclass(frozen=True)
 class AdapterResult(Result):
     """peft adapters diffusers' LoRA loader does not read (LoKr, LoHa): one folder per
     adapted part, `<part>/adapter_config.json` and `<part>/adapter_model.safetensors`
@@ -203,6 +223,8 @@ RESULTS: dict[str, Result] = {result.kind: result for result in (
     ControlLoraResult("control_lora", "a Control-LoRA", "--lora", LORA_FILE),
     AdapterResult("adapter", "peft adapters (LoKr or LoHa)", "--lora", ADAPTER_CONFIG),
     EmbeddingResult("embedding", "a textual-inversion embedding", "--embedding", EMBEDDINGS_FILE),
+    EditResult("edit", "an edit pipeline", "--base", "model_index.json"),
+    EditLoraResult("edit_lora", "an edit LoRA", "--lora", LORA_FILE),
 )}
 """Every kind of result, by the name MethodSettings.result gives."""
 

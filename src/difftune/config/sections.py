@@ -106,6 +106,10 @@ class DataConfig(_Section):
     """Target image column; in a metadata.jsonl folder this is the file_name column."""
     conditioning_image_column: str = "conditioning_image"
     """Control image column; in a metadata.jsonl folder, paths relative to the folder."""
+    reference_image_column: str = "reference_image"
+    """Reference image column of an edit run (method kind "edit"): one image, a list of
+    images (several references), or empty (the row trains as text-to-image); in a
+    metadata.jsonl folder, paths relative to the folder."""
     caption_column: str = "text"
     """Caption column (a string, or a list of strings of which one is drawn)."""
     resolution: int = Field(512, gt=0, le=8192)

@@ -31,7 +31,7 @@ import datasets
 from difftune.config import DataConfig
 from difftune.data.cells import ImageScanner, Scanned
 from difftune.data.report import KINDS, DataReport, Finding
-from difftune.data.sources import Columns, DataError, check_columns, load_rows, undecoded
+from difftune.data.sources import Columns, DataError, check_columns, load_rows, reference_cells, undecoded
 
 MAX_ASPECT = 20
 """Longer side over shorter side beyond which an image cannot be trained on: its shorter
@@ -44,6 +44,7 @@ def check_dataset(
     needs_conditioning: bool | None,
     fixed_caption: str | None = None,
     full: bool = True,
+    references: bool = False,
 ) -> DataReport:
     """Open the dataset as training does and scan every row.
 
@@ -59,7 +60,7 @@ def check_dataset(
     if needs_conditioning is None:
         needs_conditioning = config.conditioning_image_column in rows.column_names
         needs_captions = config.caption_column in rows.column_names
-    columns = check_columns(rows, whole, needs_conditioning, needs_captions=needs_captions)
+    columns = check_columns(rows, whole, needs_conditioning, needs_captions=needs_captions, references=references)
     return scan_rows(undecoded(rows, columns), columns, whole, Path(config.path), full)
 
 
@@ -75,7 +76,9 @@ def scan_rows(
         return report
     scanner = ImageScanner(root, full)
     images = _scan_image_column(rows, columns.image, scanner, config.resolution, report)
-    if columns.conditioning is not None:
+    if columns.conditioning is not None and columns.references:
+        _scan_reference_column(rows, columns.conditioning, scanner, report)
+    elif columns.conditioning is not None:
         conditioning = _scan_image_column(rows, columns.conditioning, scanner, None, report)
         report.findings += _size_mismatches(images, conditioning, columns)
     if full:
@@ -129,6 +132,15 @@ def _scan_image_column(
         report.findings += findings
         scanned.append(result)
     return scanned
+
+
+def _scan_reference_column(rows: datasets.Dataset, column: str, scanner: ImageScanner, report: DataReport) -> None:
+    """An edit's references: each image of each row (an empty cell is a row without one,
+    which trains as text-to-image); their sizes are free, the family resizes them."""
+    report.checked_columns.append(column)
+    for row, value in enumerate(rows[column]):
+        for cell in reference_cells(value):
+            report.findings += scanner.scan(cell, row, column, hashed=False)[0]
 
 
 def _extreme_aspect(scanned: Scanned, row: int, column: str) -> list[Finding]:

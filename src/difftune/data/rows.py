@@ -12,7 +12,7 @@ from typing import Any
 
 from difftune.config import DataConfig
 from difftune.data.check import DataReport, scan_rows
-from difftune.data.sources import Columns, DataError, check_columns, load_rows, undecoded
+from difftune.data.sources import Columns, DataError, check_columns, load_rows, reference_cells, undecoded
 
 
 @dataclass
@@ -25,20 +25,22 @@ class CheckedRows:
     """The rows trained on, by their number in the dataset."""
 
 
-def check_rows(config: DataConfig, seed: int, needs_conditioning: bool, fixed_caption: str | None = None
-               ) -> CheckedRows:
+def check_rows(config: DataConfig, seed: int, needs_conditioning: bool, fixed_caption: str | None = None,
+               references: bool = False) -> CheckedRows:
     """Open and check the dataset (columns, and every file's header).
 
     Rows that cannot be trained on stop the run with the list, or with data.on_bad =
     "skip" are left out (the report names each). max_samples then keeps a seeded random
     subset of the good rows. Rows keep their number in the dataset for every message.
     With `fixed_caption`, every sample takes that prompt and no caption column is needed.
+    With `references`, the conditioning column holds an edit's references (sources.Columns).
     """
     whole = config.model_copy(update={"max_samples": None})
     rows = load_rows(whole, seed)
     if len(rows) == 0:
         raise DataError(f"data.path {config.path!r}: the {config.split!r} split has no rows")
-    columns = check_columns(rows, config, needs_conditioning, needs_captions=fixed_caption is None)
+    columns = check_columns(rows, config, needs_conditioning, needs_captions=fixed_caption is None,
+                            references=references)
     rows = undecoded(rows, columns)
     report = scan_rows(rows, columns, config, Path(config.path), full=False)
     bad = set(report.bad_rows())
@@ -53,6 +55,19 @@ def check_rows(config: DataConfig, seed: int, needs_conditioning: bool, fixed_ca
     if config.max_samples is not None and config.max_samples < len(keep):
         keep = sorted(keep[i] for i in _seeded_order(len(keep), seed)[: config.max_samples])
     return CheckedRows(rows, columns, report, keep)
+
+
+def check_reference_counts(checked: CheckedRows, limit: int | None, pipeline: str) -> None:
+    """No kept row has more references than the family's edit pipeline takes (`limit`)."""
+    column = checked.columns.conditioning
+    if limit is None or column is None or not checked.columns.references:
+        return
+    cells = checked.rows.select_columns([column]).with_format("python")[column]
+    over = [row for row in checked.keep if len(reference_cells(cells[row])) > limit]
+    if over:
+        shown = ", ".join(str(row) for row in over[:5]) + (f" and {len(over) - 5} more" if len(over) > 5 else "")
+        raise DataError(f"{checked.report.path}: row(s) {shown} of column {column!r} have more than {limit} "
+                        f"reference image(s), and {pipeline} takes {limit} per prompt")
 
 
 def data_identity(checked: CheckedRows) -> dict[str, Any]:

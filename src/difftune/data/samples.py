@@ -22,8 +22,8 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from difftune.config import DataConfig
-from difftune.data.sources import Columns, DataError, open_image
-from difftune.data.transforms import paired_transform
+from difftune.data.sources import Columns, DataError, open_image, reference_cells
+from difftune.data.transforms import paired_transform, to_tensor
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -110,6 +110,9 @@ class TrainingSamples(Dataset):
         """Each sample's (width, height) bucket; None: all data.resolution squares."""
         self.report: Any = None
         """The data check of these rows (a DataReport), when open_training_data made them."""
+        self.reference_size: Any = None
+        """An edit's (reference (w, h), target (w, h)) -> the reference's (w, h): the
+        family's EditCapability.reference_size (None: the target's size)."""
 
     def __len__(self) -> int:
         return len(self.row_numbers)
@@ -125,6 +128,8 @@ class TrainingSamples(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, index = key
         plan = self.plan(epoch, index)
+        if self.columns.references:
+            return self._edit_sample(epoch, index, plan)
         image, conditioning = self.images(plan.row, index)
         pixels, conditioning_pixels, geometry = paired_transform(
             image, conditioning, self.size_of(index), self.config.center_crop, plan.flip, plan.rng
@@ -134,6 +139,44 @@ class TrainingSamples(Dataset):
         if conditioning_pixels is not None:
             sample["conditioning_pixels"] = conditioning_pixels
         return sample
+
+    def _edit_sample(self, epoch: int, index: int, plan: SamplePlan) -> dict[str, Any]:
+        """An edit's target and its references (`references`, pixels in [0, 1]): each at the
+        size `reference_size` gives it; at the target's own size, cropped and flipped as
+        the target is (the same box), otherwise resized whole and flipped alike."""
+        row = self.rows[plan.row]
+        image = open_image(row[self.columns.image], self.root, self._where(index, self.columns.image))
+        references = self.references(plan.row, index)
+        size = self.size_of(index)
+        state = plan.rng.getstate()  # each reference's crop is the target's
+        pixels, _, geometry = paired_transform(image, None, size, self.config.center_crop, plan.flip, plan.rng)
+        encoded = []
+        for reference in references:
+            wanted = self.reference_size(reference.size, size) if self.reference_size else size
+            if tuple(wanted) == tuple(size):
+                plan.rng.setstate(state)
+                encoded.append(paired_transform(image, reference, size, self.config.center_crop, plan.flip,
+                                                plan.rng)[1])
+            else:
+                resized = reference.resize(tuple(wanted), Image.Resampling.BILINEAR)
+                encoded.append(to_tensor(resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if plan.flip else resized))
+        return {"pixels": pixels, "caption": plan.caption, "key": (epoch, index, 0), "geometry": geometry,
+                "references": encoded}
+
+    def reference_counts(self) -> list[int]:
+        """How many references each sample's row has (an edit's; read without decoding)."""
+        column = self.columns.conditioning
+        cells = self.rows.select_columns([column]).with_format("python")[column]
+        return [len(reference_cells(cells[row])) for row in self.row_numbers]
+
+    def references(self, row_number: int, index: int) -> list[Image.Image]:
+        """An edit row's reference images, as RGB (none: the row trains as text-to-image)."""
+        column = self.columns.conditioning
+        assert column is not None
+        cells = reference_cells(self.rows[row_number][column])
+        where = self._where(index, column)
+        return [open_image(cell, self.root, where + (f" [{number}]" if len(cells) > 1 else ""))
+                for number, cell in enumerate(cells)]
 
     def size_of(self, index: int) -> tuple[int, int]:
         """(width, height) the sample trains at."""
@@ -146,6 +189,9 @@ class TrainingSamples(Dataset):
         row = self.rows[row_number]
         image = open_image(row[self.columns.image], self.root, self._where(index, self.columns.image))
         conditioning = None
+        if self.columns.references:  # an edit's one reference (the latent cache holds that case only)
+            references = self.references(row_number, index)
+            return image, references[0] if len(references) == 1 else None
         if self.columns.conditioning is not None:
             where = self._where(index, self.columns.conditioning)
             conditioning = open_image(row[self.columns.conditioning], self.root, where)
@@ -239,6 +285,12 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Tensors stacked by name; "text" (a family's named conditioning, from a text
     cache) stacked name by name, whatever the names are."""
     batch: dict[str, Any] = {"captions": [s["caption"] for s in samples], "keys": [s["key"] for s in samples]}
+    if "references" in samples[0]:  # an edit: one reference each, of one size, stacks as a conditioning image
+        shapes = {tuple(tuple(r.shape) for r in s["references"]) for s in samples}
+        if len(shapes) == 1 and len(samples[0]["references"]) == 1:
+            batch["conditioning_pixels"] = torch.stack([s["references"][0] for s in samples]).contiguous()
+        else:
+            batch["references"] = [s["references"] for s in samples]
     for key in ("pixels", "conditioning_pixels", "conditioning_latent_mean", "latent_mean", "latent_std", "geometry"):
         if key in samples[0]:
             batch[key] = torch.stack([s[key] for s in samples]).contiguous()

@@ -29,6 +29,9 @@ class Columns:
     caption: str | None
     """None when every sample takes one fixed prompt (DreamBooth's instance/class prompt)."""
     conditioning: str | None
+    references: bool = False
+    """Whether the conditioning column holds an edit's references: optional per row, and a
+    list of images where a row has several."""
 
 
 def is_caption_folder(path: Path) -> bool:
@@ -161,14 +164,17 @@ def _open_rows(path: Path, config: DataConfig) -> datasets.Dataset:
 
 
 def check_columns(
-    rows: datasets.Dataset, config: DataConfig, needs_conditioning: bool, needs_captions: bool = True
+    rows: datasets.Dataset, config: DataConfig, needs_conditioning: bool, needs_captions: bool = True,
+    references: bool = False,
 ) -> Columns:
-    """Every configured column exists; say which key names a missing one."""
+    """Every configured column exists; say which key names a missing one. With
+    `references`, the conditioning images are an edit's references (data.reference_image_column)."""
     wanted = {"data.image_column": config.image_column}
     if needs_captions:
         wanted["data.caption_column"] = config.caption_column
+    conditioning_key = "reference_image_column" if references else "conditioning_image_column"
     if needs_conditioning:
-        wanted["data.conditioning_image_column"] = config.conditioning_image_column
+        wanted[f"data.{conditioning_key}"] = getattr(config, conditioning_key)
     available = list(rows.column_names)
     problems = [
         f"{key} = {name!r} is not a column of {config.path} (columns: {', '.join(available)})"
@@ -180,7 +186,8 @@ def check_columns(
     return Columns(
         image=config.image_column,
         caption=config.caption_column if needs_captions else None,
-        conditioning=config.conditioning_image_column if needs_conditioning else None,
+        conditioning=getattr(config, conditioning_key) if needs_conditioning else None,
+        references=references and needs_conditioning,
     )
 
 
@@ -208,6 +215,18 @@ def image_source(value: Any, root: Path) -> Path | io.BytesIO | None:
     if isinstance(value, str):
         return root / value
     return None
+
+
+def reference_cells(value: Any) -> list[Any]:
+    """An edit row's reference images: none (an empty cell: the row trains as
+    text-to-image), one, or a list of several."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return []
+    if isinstance(value, dict) and not value.get("bytes") and not value.get("path"):
+        return []  # an undecoded Image cell left empty
+    if isinstance(value, (list, tuple)):
+        return [cell for cell in value if reference_cells(cell)]
+    return [value]
 
 
 def open_image(value: Any, root: Path, where: str) -> Image.Image:

@@ -14,7 +14,7 @@ from difftune.data.sources import DataError
 
 def open_training_data(
     config: DataConfig, seed: int, needs_conditioning: bool, fixed_caption: str | None = None,
-    checked: CheckedRows | None = None,
+    checked: CheckedRows | None = None, references: bool = False,
 ) -> TrainingSamples:
     """The samples of the checked rows (`checked`, or checked now: see data.rows.check_rows);
     the data check's report is on `samples.report`. With data.streaming, the stream's
@@ -24,7 +24,7 @@ def open_training_data(
 
         columns = check_stream(config, needs_conditioning, fixed_caption)
         return StreamingSamples(config, seed, columns, fixed_caption)  # type: ignore[return-value]
-    checked = checked or check_rows(config, seed, needs_conditioning, fixed_caption)
+    checked = checked or check_rows(config, seed, needs_conditioning, fixed_caption, references)
     rows, columns, keep = checked.rows, checked.columns, checked.keep
     sizes = bucket_of_rows(rows, columns, config, keep) if config.buckets else None
     samples = TrainingSamples(rows, columns, config, seed, fixed_caption, row_numbers=keep, sizes=sizes)

@@ -309,6 +309,45 @@ class LoraCapability(Protocol):
         ...
 
 
+class EditCapability(Protocol):
+    """capability "edit": reference images beside the instruction (FLUX.1 Kontext,
+    Qwen-Image-Edit). Their latents are appended to the denoiser's token sequence with
+    position ids of their own, as the family's edit pipeline does at inference, and the
+    prediction is the target's tokens only. `predict` reads them from
+    `ModelInputs.extra["references"]` (families/edit.py: a list over samples of each
+    sample's reference latents; `predict_by_references` runs the samples that share a
+    reference count and sizes together)."""
+
+    def reference_size(self, reference: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+        """(width, height) a reference of size `reference` is encoded at beside a target of
+        size `target`, as the family's edit pipeline sizes it."""
+        ...
+
+    def encode_edit_prompts(
+        self, parts: Parts, captions: list[str], references: list[list[torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """The instructions' conditioning, each with its sample's references (pixels in
+        [0, 1], (3, h, w)): `encode_prompts` unless the family's text encoder sees the image."""
+        ...
+
+    def max_references(self, base: str, revision: str | None = None) -> int | None:
+        """How many references one prompt takes (None: any), as the base's edit pipeline
+        reads them (FluxKontextPipeline: 1), from its configs before any weight loads."""
+        ...
+
+    prompt_sees_references: bool
+    references_at_target_size: bool
+    """Whether `reference_size` is always the target's (FLUX.1 Kontext as generation runs
+    it), so that a reference is cropped and flipped with its target and can be cached."""
+    """Whether the instruction's conditioning depends on the reference images (Qwen-Image-Edit's
+    vision-language encoder): then no text cache."""
+
+    def edit_arguments(self, references: list[Any], width: int, height: int) -> dict[str, Any]:
+        """The edit pipeline call's keywords for one prompt's reference image(s) (PIL) and
+        the target's size."""
+        ...
+
+
 class SingleFileCapability(Protocol):
     """A single-file checkpoint in the family's original layout (families/<name>/single_file.py)."""
 
@@ -317,7 +356,8 @@ class SingleFileCapability(Protocol):
         ...
 
 
-class Family(FamilyCore, ControlNetCapability, ControlCapability, LoraCapability, SingleFileCapability, Protocol):
+class Family(FamilyCore, ControlNetCapability, ControlCapability, LoraCapability, EditCapability,
+             SingleFileCapability, Protocol):
     """A family as the loop, the methods and the verbs see it: the core, and the
     capabilities its facts list (a method needing one runs only on families that list it;
     catalog.FamilyFacts.supports)."""

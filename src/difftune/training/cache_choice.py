@@ -34,22 +34,28 @@ class CacheChoice:
     """One line per cache the run chose (unset in the config), with why."""
 
 
-def choose_caches(config: RunConfig, sample_count: int, family: Any) -> CacheChoice:
+def choose_caches(config: RunConfig, sample_count: int, family: Any, samples: Any = None) -> CacheChoice:
     """Settle data.cache_latents and data.cache_text (written into config.data)."""
     data = config.data
+    for kind, wanted in (("latents", data.cache_latents), ("text", data.cache_text)):
+        refused = reference_problem(config, family, samples, kind)
+        if wanted and refused:
+            from difftune.config import ConfigError
+
+            raise ConfigError([f"data.cache_{kind} = true: {refused}; leave it unset or false"])
     visits = planned_visits(config, sample_count)
     per_sample = visits / max(sample_count, 1)
     notes = []
     latents, text = data.cache_latents, data.cache_text
     if latents is None:
         flips = 2 if data.random_flip else 1
-        reason = _blocked(config, family, "latents") or (
+        reason = _blocked(config, family, "latents", samples) or (
             f"the run sees each sample {per_sample:.1f} times; the latent cache pays from {2 * flips}"
             + (" (random_flip caches both sides)" if flips == 2 else "") if per_sample < 2 * flips else None)
         latents = reason is None
         notes.append(_note("latents", latents, reason, per_sample))
     if text is None:
-        reason = _blocked(config, family, "text") or (
+        reason = _blocked(config, family, "text", samples) or (
             f"the run sees each sample {per_sample:.1f} times; the text cache pays from 2" if per_sample < 2 else None)
         text = reason is None
         notes.append(_note("text", text, reason, per_sample))
@@ -66,7 +72,7 @@ def planned_visits(config: RunConfig, sample_count: int) -> int:
     return train.max_steps * train.batch_size * train.gradient_accumulation_steps * processes
 
 
-def _blocked(config: RunConfig, family: Any, kind: str) -> str | None:
+def _blocked(config: RunConfig, family: Any, kind: str, samples: Any = None) -> str | None:
     """Why a cache of this kind would be stale or cannot work here, if it would."""
     data = config.data
     if data.streaming:
@@ -77,7 +83,24 @@ def _blocked(config: RunConfig, family: Any, kind: str) -> str | None:
         return f"method {config.method.kind!r} trains the text encoders, so the embeddings change as it trains"
     if kind == "text" and not family.caches_text:
         return f"family {family.name!r} embeds a caption differently in each batch"
-    return _folder_problem(data)
+    return reference_problem(config, family, samples, kind) or _folder_problem(data)
+
+
+def reference_problem(config: RunConfig, family: Any, samples: Any, kind: str) -> str | None:
+    """Why an edit run's cache of this kind cannot hold what its steps see, if it cannot:
+    the latent cache holds one reference per row, encoded at the target's size."""
+    if not config.method.takes_references:
+        return None
+    if kind == "text" and family.prompt_sees_references:
+        return f"family {family.name!r} encodes each instruction with its reference images"
+    if kind == "latents" and not family.references_at_target_size:
+        return f"family {family.name!r} encodes each reference at its own size, not the target's"
+    if kind == "latents" and samples is not None:
+        counts = samples.reference_counts()
+        odd = sum(count != 1 for count in counts)
+        if odd:
+            return f"{odd} of {len(counts)} rows have no reference or several; the latent cache holds one each"
+    return None
 
 
 def _folder_problem(data: Any) -> str | None:

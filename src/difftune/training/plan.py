@@ -44,7 +44,7 @@ from difftune.training.resume_contract import (
     recorded_config,
 )
 from difftune.training.rundir import check_run_directory, take_lock
-from difftune.training.source_checks import check_sources
+from difftune.training.source_checks import check_edit_rows, check_sources
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,10 @@ def plan_run(config: RunConfig, main_process: bool = True) -> RunPlan:
         check_nothing_newer(run_dir, plan.resume_from, config.train.resume)
     if plan.finished_at is None and not config.data.streaming:  # a stream is checked as it is read
         method = config.method
-        plan.data = check_rows(config.data, config.train.seed, method.needs_conditioning, method.fixed_caption)
+        plan.data = check_rows(config.data, config.train.seed, method.needs_conditioning, method.fixed_caption,
+                               method.takes_references)
+        if method.takes_references:
+            check_edit_rows(config, plan.data)
         if plan.resume_from is not None:
             check_same_data(plan.resume_from, plan.data)
     if main_process and plan.lock is None:

@@ -73,9 +73,11 @@ def preflight(config: RunConfig, rows: CheckedRows | None = None) -> Preflight:
     check_launch(config)
     check_lora_targets(config, family)
     samples = open_training_data(config.data, config.train.seed, method.needs_conditioning,
-                                 method.fixed_caption, rows)
+                                 method.fixed_caption, rows, config.method.takes_references)
+    if config.method.takes_references:
+        samples.reference_size = family.reference_size
     pairs = load_validation_pairs(config.validation, config.data.resolution)
-    caches = choose_caches(config, len(samples), family)
+    caches = choose_caches(config, len(samples), family, samples)
     return Preflight(family, method, samples, pairs, load_metric_set(config), caches.notes)
 
 

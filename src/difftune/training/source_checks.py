@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from difftune.config import ConfigError, RunConfig
+from difftune.data.rows import CheckedRows, check_reference_counts
 from difftune.data.sources import IMAGE_SUFFIXES, image_problem
 from difftune.errors import DataError
 from difftune.paths import (
@@ -127,3 +128,12 @@ def check_class_data(config: RunConfig) -> None:
         if bad:
             raise DataError(f"{key} {value!r} holds {len(bad)} file(s) that are not readable images: "
                             f"{'; '.join(bad[:5])}. Remove them (missing images are generated again).")
+
+
+def check_edit_rows(config: RunConfig, checked: CheckedRows) -> None:
+    """No row has more references than the base's edit pipeline takes per prompt."""
+    from difftune.families import get_family
+
+    family = get_family(config.model.family)
+    limit = family.max_references(config.model.pretrained, config.model.revision)
+    check_reference_counts(checked, limit, family.pipeline_classes["edit"])

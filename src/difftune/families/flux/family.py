@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from difftune.families.base import ModelInputs, Parts, device_of, dtype_of
+from difftune.families.edit import predict_by_references
 from difftune.families.latent import LatentFamily
 from difftune.families.flux.facts import FACTS
 
@@ -126,6 +127,11 @@ class Flux(LatentFamily):
     # --- the denoiser ----------------------------------------------------------------------
 
     def predict(self, parts: Parts, inputs: ModelInputs) -> torch.Tensor:
+        if "references" in inputs.extra:  # an edit batch (FLUX.1 Kontext)
+            return predict_by_references(inputs, lambda group: self._predict(parts, group))
+        return self._predict(parts, inputs)
+
+    def _predict(self, parts: Parts, inputs: ModelInputs) -> torch.Tensor:
         import torch
 
         transformer = parts.denoiser  # possibly wrapped (DDP): no .config or .dtype there
@@ -135,20 +141,58 @@ class Flux(LatentFamily):
             raise ValueError(f"Flux packs latents in {PATCH}x{PATCH} patches: latents of {height}x{width} do not "
                              "divide (data.resolution must be a multiple of the VAE factor x 2)")
         text = inputs.text["hidden_states"]
+        tokens, ids = pack(inputs.noisy), image_ids(height // PATCH, width // PATCH, device, dtype)
+        target_tokens = tokens.shape[1]
+        for reference in inputs.extra.get("reference_latents", ()):
+            # after the target's tokens, its ids' first axis 1 (FluxKontextPipeline.prepare_latents)
+            reference_ids = image_ids(reference.shape[2] // PATCH, reference.shape[3] // PATCH, device, dtype)
+            reference_ids[:, 0] = 1
+            tokens, ids = torch.cat([tokens, pack(reference.to(tokens.dtype))], 1), torch.cat([ids, reference_ids])
         velocity = transformer(
-            hidden_states=pack(inputs.noisy).to(dtype),
+            hidden_states=tokens.to(dtype),
             timestep=(inputs.timesteps / 1000).to(dtype),
             guidance=self._guidance(parts, transformer, batch, device),
             pooled_projections=inputs.text["pooled"].to(dtype),
             encoder_hidden_states=text.to(dtype),
             txt_ids=torch.zeros(text.shape[1], 3, device=device, dtype=dtype),
-            img_ids=image_ids(height // PATCH, width // PATCH, device, dtype),
+            img_ids=ids,
             controlnet_block_samples=_cast(inputs.extra.get("controlnet_block_samples"), dtype),
             controlnet_single_block_samples=_cast(inputs.extra.get("controlnet_single_block_samples"), dtype),
             return_dict=False,
-        )[0]
+        )[0][:, :target_tokens]
         # Control widens the input (noisy and control latents); the output keeps the latents' channels
         return unpack(velocity, velocity.shape[-1] // PATCH**2, height, width)
+
+    # --- edit (FLUX.1 Kontext) ---------------------------------------------------------------
+
+    prompt_sees_references = False
+    references_at_target_size = True
+
+    def reference_size(self, reference: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+        """The target's size: generation passes the reference at that size and keeps it
+        (`edit_arguments`: no resizing to Kontext's preferred resolutions)."""
+        return target
+
+    def max_references(self, base: str, revision: str | None = None) -> int | None:
+        """FluxKontextPipeline takes one reference image."""
+        return 1
+
+    def encode_edit_prompts(self, parts: Parts, captions: list[str], references: list[Any]) -> dict[str, Any]:
+        return self.encode_prompts(parts, captions)
+
+    def edit_arguments(self, references: list[Any], width: int | None, height: int | None) -> dict[str, Any]:
+        """The reference at the target's size, kept there (`_auto_resize` off), and the
+        target's area as max_area (the pipeline otherwise sizes both for 1024x1024)."""
+        if not references:
+            return {"height": height, "width": width}
+        reference = references[0]
+        width, height = width or reference.width, height or reference.height
+        if reference.size != (width, height):
+            from PIL import Image
+
+            reference = reference.resize((width, height), Image.Resampling.BILINEAR)
+        return {"image": reference, "height": height, "width": width, "max_area": width * height,
+                "_auto_resize": False}
 
     # --- pipelines and what leaves a run ----------------------------------------------------
 

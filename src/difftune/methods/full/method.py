@@ -46,7 +46,8 @@ def generate_with_trained(
     copies = {name: inference_copy(module, dtype) for name, module in trained.items()}
     pipeline = family.pipeline(parts.with_modules(copies), kind)
     pipeline.set_progress_bar_config(disable=True)
-    return pipeline(prompt, **(call or {}), generator=generator, **family.generation_options(pipeline),
+    # by name: the edit pipelines take `image` first
+    return pipeline(prompt=prompt, **(call or {}), generator=generator, **family.generation_options(pipeline),
                     **settings).images
 
 

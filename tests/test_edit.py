@@ -1,0 +1,169 @@
+"""Edit training (kind "edit") on FLUX.1 Kontext: the reference tokens, position ids and
+target slice checked against diffusers' FluxKontextPipeline; an edit LoRA that the
+pipeline's load_lora_weights reads and that changes the edit; a full run that saves a
+FluxKontextPipeline; rows without a reference; the cache; what is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import WORDS, run_config
+from diffusers import FluxKontextPipeline
+from PIL import Image, ImageDraw
+
+from difftune.config import ConfigError, build_config
+from difftune.data.sources import DataError
+from difftune.families import ModelInputs, get_family
+from difftune.families.flux.family import pack
+from difftune.families.flux.tiny import build_tiny_flux
+from difftune.training.loop import train
+
+INSTRUCTION = "red circle"
+COLOURS = ["red", "green", "blue", "yellow"]
+
+
+@pytest.fixture(scope="module")
+def kontext(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_flux(tmp_path_factory.mktemp("kontext") / "tiny-flux", WORDS + ["make", "the"], seed=0,
+                           t5_length=32)
+
+
+def _disc(colour: str, background: str, box: tuple[int, int, int, int], size: int = 64) -> Image.Image:
+    image = Image.new("RGB", (size, size), background)
+    ImageDraw.Draw(image).ellipse(box, fill=colour)
+    return image
+
+
+def write_edits(folder: Path, rows: int, missing: tuple[int, ...] = (), several: tuple[int, ...] = ()) -> Path:
+    """A metadata.jsonl folder of edits: the reference's disc recoloured in the target.
+    Rows in `missing` have no reference (a text-to-image caption); rows in `several` two."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for row in range(rows):
+        box = (8 + row * 3, 10, 40 + row * 3, 42)
+        old, new = COLOURS[row % 4], COLOURS[(row + 1) % 4]
+        _disc(new, "white", box).save(folder / f"target-{row}.png")
+        _disc(old, "white", box).save(folder / f"reference-{row}.png")
+        reference: object = f"reference-{row}.png"
+        if several:  # a list column (metadata.jsonl keeps one type per column): one or two each
+            reference = [f"reference-{row}.png"] + ([f"target-{(row + 1) % rows}.png"] if row in several else [])
+        text = f"make the circle {new}"
+        if row in missing:
+            reference, text = None, f"{new} circle with white background"
+        lines.append(json.dumps({"file_name": f"target-{row}.png", "reference_image": reference, "text": text}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def edits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_edits(tmp_path_factory.mktemp("edits") / "data", 4)
+
+
+def _edit_run(base: Path, data: Path, out: Path, **method) -> dict:
+    raw = run_config(base, data, out, train={"max_steps": 2, "checkpoint_every": 2, "learning_rate": 1e-2},
+                     validation={"every": 2, "steps": 2, "prompts": ["make the circle red"],
+                                 "images": [str(data / "reference-0.png")]})
+    raw["model"]["family"] = "flux"
+    raw["method"] = {"kind": "edit", **method}
+    return raw
+
+
+def _pipeline(base: Path) -> FluxKontextPipeline:
+    pipe = FluxKontextPipeline.from_pretrained(base)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _edited(pipe: FluxKontextPipeline, reference: Image.Image) -> np.ndarray:
+    arguments = get_family("flux").edit_arguments([reference], 64, 64)
+    return pipe(prompt="make the circle red", num_inference_steps=2, output_type="np", max_sequence_length=32,
+                generator=torch.Generator().manual_seed(0), **arguments).images[0]
+
+
+def test_the_reference_tokens_and_ids_are_what_fluxkontextpipeline_builds(kontext: Path) -> None:
+    family = get_family("flux")
+    parts = family.load(build_config(_edit_run(kontext, Path("."), Path("."), lora={})).model)
+    pipe = _pipeline(kontext)
+    text = family.encode_prompts(parts, ["make the circle red"])
+    embeds, pooled, text_ids = pipe.encode_prompt(["make the circle red"], prompt_2=None, max_sequence_length=32)
+    reference = torch.rand(1, 3, 48, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    latents, image_latents, latent_ids, image_ids = pipe.prepare_latents(
+        reference, 1, 1, 64, 32, torch.float32, torch.device("cpu"), torch.Generator().manual_seed(0))
+    noisy = torch.randn(1, 1, 64, 32, generator=torch.Generator().manual_seed(2))  # 64x32 px, VAE x1
+    encoded = family.encode_images(parts, reference, None)
+    assert torch.allclose(pack(encoded), image_latents, atol=1e-6)  # the pipeline's argmax = the posterior mean
+    inputs = ModelInputs(noisy, torch.tensor([600.0]), text, extra={"references": [[encoded[0]]]})
+    with torch.no_grad():
+        ours = family.predict(parts, inputs)
+        theirs = pipe.transformer(hidden_states=torch.cat([pack(noisy), image_latents], 1),
+                                  timestep=torch.tensor([0.6]), guidance=torch.full((1,), 3.5),
+                                  pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
+                                  img_ids=torch.cat([latent_ids, image_ids]), return_dict=False)[0]
+    assert ours.shape == noisy.shape
+    assert torch.allclose(pack(ours), theirs[:, : pack(noisy).shape[1]], atol=1e-5)
+
+
+def test_an_edit_lora_loads_into_fluxkontextpipeline_and_changes_the_edit(kontext: Path, edits: Path,
+                                                                         tmp_path: Path) -> None:
+    final = train(build_config(_edit_run(kontext, edits, tmp_path / "run", lora={"rank": 4})))
+    assert (final / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "run" / "validation" / "step-000002" / "pair-00-grid.png").is_file()
+    reference = Image.open(edits / "reference-0.png")
+    pipe = _pipeline(kontext)
+    before = _edited(pipe, reference)
+    pipe.load_lora_weights(str(final))
+    after = _edited(pipe, reference)
+    assert np.abs(after - before).max() > 1e-3
+    card = (final / "README.md").read_text() if (final / "README.md").is_file() else ""
+    assert "FluxKontextPipeline" in card or not card
+
+
+def test_rows_without_a_reference_train_beside_rows_with_one(kontext: Path, tmp_path: Path) -> None:
+    """A batch mixing both runs as two groups; the full run saves a FluxKontextPipeline."""
+    data = write_edits(tmp_path / "mixed", 4, missing=(1, 2))
+    raw = _edit_run(kontext, data, tmp_path / "run")
+    raw["data"]["cache_latents"] = False
+    final = train(build_config(raw))
+    assert json.loads((final / "model_index.json").read_text())["_class_name"] == "FluxKontextPipeline"
+    pipe = _pipeline(final)
+    assert _edited(pipe, Image.open(data / "reference-0.png")).shape == (64, 64, 3)
+
+
+def test_an_edit_run_from_the_latent_cache_trains_as_one_without(kontext: Path, edits: Path,
+                                                                 tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    finals = {}
+    for cached in (False, True):
+        raw = _edit_run(kontext, edits, tmp_path / f"run-{cached}", lora={"rank": 4})
+        raw["data"] |= {"cache_latents": cached, "random_flip": True, "encoded_cache_dir": str(tmp_path / "cache")}
+        raw["validation"] = {"every": 100}
+        finals[cached] = load_file(train(build_config(raw)) / "pytorch_lora_weights.safetensors")
+    assert all(torch.allclose(finals[False][k], finals[True][k], atol=1e-5) for k in finals[False])
+
+
+def test_what_an_edit_run_refuses(kontext: Path, tiny_base: Path, tmp_path: Path) -> None:
+    from difftune.training.plan import plan_run
+
+    several = write_edits(tmp_path / "several", 3, several=(1,))
+    with pytest.raises(DataError, match=r"row\(s\) 1 .*more than 1 reference.*FluxKontextPipeline"):
+        plan_run(build_config(_edit_run(kontext, several, tmp_path / "a")))
+    unnamed = write_edits(tmp_path / "unnamed", 2)
+    raw = _edit_run(kontext, unnamed, tmp_path / "b")
+    raw["data"]["reference_image_column"] = "source"
+    with pytest.raises(DataError, match=r"data.reference_image_column = 'source' is not a column"):
+        plan_run(build_config(raw))
+    sd = _edit_run(tiny_base, unnamed, tmp_path / "c")
+    sd["model"]["family"] = "sd"
+    with pytest.raises(ConfigError, match="edit"):
+        build_config(sd)
+    mixed = write_edits(tmp_path / "mixed", 3, missing=(0,))
+    raw = _edit_run(kontext, mixed, tmp_path / "d")
+    raw["data"]["cache_latents"] = True
+    with pytest.raises(ConfigError, match="1 of 3 rows have no reference or several"):
+        train(build_config(raw))
