@@ -80,7 +80,7 @@ def _pipeline(base: Path) -> FluxKontextPipeline:
 
 
 def _edited(pipe: FluxKontextPipeline, reference: Image.Image) -> np.ndarray:
-    arguments = get_family("flux").edit_arguments([reference], 64, 64)
+    arguments = get_family("flux").edit_arguments(reference, 64, 64)
     return pipe(prompt="make the circle red", num_inference_steps=2, output_type="np", max_sequence_length=32,
                 generator=torch.Generator().manual_seed(0), **arguments).images[0]
 
@@ -110,9 +110,19 @@ def test_the_reference_tokens_and_ids_are_what_fluxkontextpipeline_builds(kontex
 
 def test_an_edit_lora_loads_into_fluxkontextpipeline_and_changes_the_edit(kontext: Path, edits: Path,
                                                                          tmp_path: Path) -> None:
-    final = train(build_config(_edit_run(kontext, edits, tmp_path / "run", lora={"rank": 4})))
+    """...and its validation scores the edit metric against the LoRA-off floor."""
+    from difftune.data.synthetic import write_fill_circles_edit
+    from difftune.training.events import read_events
+
+    raw = _edit_run(kontext, edits, tmp_path / "run", lora={"rank": 4})
+    held = write_fill_circles_edit(tmp_path / "held", 2, 64, seed=7)
+    raw["validation"] |= {"metric": "fill_circles_edit", "metric_data": str(held), "metric_samples": 2}
+    final = train(build_config(raw))
     assert (final / "pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "run" / "validation" / "step-000002" / "pair-00-grid.png").is_file()
+    validation = next(e for e in read_events(tmp_path / "run") if e["event"] == "validation")
+    assert set(validation["metrics"]) == set(validation["floor"]) == {"shape_iou", "colour_accuracy"}
+    assert (tmp_path / "run" / "validation" / "floor" / "metric-grid.png").is_file()
     reference = Image.open(edits / "reference-0.png")
     pipe = _pipeline(kontext)
     before = _edited(pipe, reference)

@@ -19,6 +19,7 @@ from difftune.data.sources import (
     check_columns,
     load_rows,
     open_image,
+    reference_cells,
     undecoded,
 )
 from difftune.families.base import Family, Parts
@@ -47,23 +48,28 @@ def load_metric_set(config: RunConfig) -> MetricSet | None:
         path=validation.metric_data,
         resolution=config.data.resolution,
         conditioning_image_column=config.data.conditioning_image_column,
+        reference_image_column=config.data.reference_image_column,
         caption_column=config.data.caption_column,
         image_column=config.data.image_column,
     )
     rows = load_rows(data, seed=0, key="validation.metric_data")
-    columns = check_columns(rows, data, needs_conditioning=True)
+    references = config.method.takes_references  # an edit's: scored with each row's (first) reference
+    columns = check_columns(rows, data, needs_conditioning=True, references=references)
     count = min(validation.metric_samples, len(rows))
     only_conditioning = Columns(image=columns.conditioning, caption=columns.caption, conditioning=None)
     rows = undecoded(rows.select(range(count)), only_conditioning)
-    report = scan_rows(rows, only_conditioning, data, Path(data.path), full=False)
-    if not report.ok:
+    report = scan_rows(rows, only_conditioning, data, Path(data.path), full=False) if not references else None
+    if report is not None and not report.ok:
         raise DataError(f"validation.metric_data has rows that cannot be read:\n{report.summary(fatal_only=True)}")
     size = (config.data.resolution, config.data.resolution)
     conditionings, captions = [], []
     for index in range(count):
         row = rows[index]
-        where = f"validation.metric_data {data.path}, row {index}"
-        conditionings.append(open_image(row[columns.conditioning], Path(data.path), where).resize(size))
+        where = f"validation.metric_data {data.path}, row {index}, column {columns.conditioning!r}"
+        cells = reference_cells(row[columns.conditioning]) if references else [row[columns.conditioning]]
+        if not cells:
+            raise DataError(f"{where}: no reference image; the edit metric scores an edit of each row's reference")
+        conditionings.append(open_image(cells[0], Path(data.path), where).resize(size))
         caption = row[columns.caption]
         captions.append(caption[0] if isinstance(caption, list) else caption)
     if not conditionings:

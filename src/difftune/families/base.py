@@ -342,9 +342,9 @@ class EditCapability(Protocol):
     """Whether the instruction's conditioning depends on the reference images (Qwen-Image-Edit's
     vision-language encoder): then no text cache."""
 
-    def edit_arguments(self, references: list[Any], width: int, height: int) -> dict[str, Any]:
-        """The edit pipeline call's keywords for one prompt's reference image(s) (PIL) and
-        the target's size."""
+    def edit_arguments(self, image: Any, width: int | None, height: int | None) -> dict[str, Any]:
+        """The edit pipeline call's keywords for its `image` (one PIL reference, or a list
+        with one per prompt) and the target's size."""
         ...
 
 

@@ -180,19 +180,22 @@ class Flux(LatentFamily):
     def encode_edit_prompts(self, parts: Parts, captions: list[str], references: list[Any]) -> dict[str, Any]:
         return self.encode_prompts(parts, captions)
 
-    def edit_arguments(self, references: list[Any], width: int | None, height: int | None) -> dict[str, Any]:
-        """The reference at the target's size, kept there (`_auto_resize` off), and the
+    def edit_arguments(self, image: Any, width: int | None, height: int | None) -> dict[str, Any]:
+        """Each reference at the target's size, kept there (`_auto_resize` off), and the
         target's area as max_area (the pipeline otherwise sizes both for 1024x1024)."""
-        if not references:
-            return {"height": height, "width": width}
-        reference = references[0]
-        width, height = width or reference.width, height or reference.height
-        if reference.size != (width, height):
-            from PIL import Image
+        from PIL import Image
 
-            reference = reference.resize((width, height), Image.Resampling.BILINEAR)
-        return {"image": reference, "height": height, "width": width, "max_area": width * height,
-                "_auto_resize": False}
+        if image is None:
+            return {"height": height, "width": width}
+        first = image[0] if isinstance(image, list) else image
+        width, height = width or first.width, height or first.height
+
+        def sized(reference: Image.Image) -> Image.Image:
+            return reference if reference.size == (width, height) else reference.resize(
+                (width, height), Image.Resampling.BILINEAR)
+
+        image = [sized(one) for one in image] if isinstance(image, list) else sized(image)
+        return {"image": image, "height": height, "width": width, "max_area": width * height, "_auto_resize": False}
 
     # --- pipelines and what leaves a run ----------------------------------------------------
 

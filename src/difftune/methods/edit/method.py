@@ -67,7 +67,9 @@ def reference_latents(family: Family, parts: Parts, batch: dict[str, Any], devic
 
 
 class Edit(FromSettings):
-    floor_settings = None  # the reference cannot be switched off by a pipeline setting
+    floor_settings: dict[str, Any] | None = None
+    """With adapters, the LoRA scale 0: the base's own edit, the metric's floor (set in
+    build, where the family names the pipeline argument). A full run has no switch."""
     card_tags = ["image-editing"]
     conditioning_latents = True
     """With data.cache_latents, the cache holds the reference's latents too."""
@@ -81,6 +83,7 @@ class Edit(FromSettings):
         if self.lora is None:
             return {parts.denoiser_name: trainable_fp32(parts.denoiser)}
         settings = self.config.lora
+        self.floor_settings = {family.attention_options: {"scale": 0.0}}
         targets = settings.target_modules or family.lora_targets
         return {parts.denoiser_name: add_lora(parts.denoiser, lora_config(settings, targets))}
 
@@ -115,10 +118,8 @@ class Edit(FromSettings):
     def generate(self, family: Family, parts: Parts, trained: Trained, prompt: str | list[str],
                  image: Image.Image | list[Image.Image] | None, settings: dict[str, Any],
                  generator: torch.Generator) -> list[Image.Image]:
-        """The family's edit pipeline with the prompt's reference image(s)."""
-        references = [] if image is None else image if isinstance(image, list) else [image]
-        width, height = settings.get("width"), settings.get("height")
-        kind = "edit_plus" if len(references) > 1 and "edit_plus" in family.pipeline_classes else "edit"
-        call = family.edit_arguments(references, width, height)
+        """The family's edit pipeline with each prompt's reference image (`image`: one, or a
+        list aligned with a list of prompts)."""
+        call = family.edit_arguments(image, settings.get("width"), settings.get("height"))
         rest = {key: value for key, value in settings.items() if key not in ("width", "height")}
-        return generate_with_trained(family, parts, trained, prompt, rest, generator, kind, call)
+        return generate_with_trained(family, parts, trained, prompt, rest, generator, "edit", call)
