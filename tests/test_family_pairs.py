@@ -20,6 +20,9 @@ from diffusers import (
     FluxControlNetPipeline,
     FluxControlPipeline,
     FluxPipeline,
+    QwenImageControlNetModel,
+    QwenImageControlNetPipeline,
+    QwenImagePipeline,
     SD3ControlNetModel,
     StableDiffusion3ControlNetPipeline,
     StableDiffusion3Pipeline,
@@ -35,6 +38,7 @@ from difftune.config import ConfigError, build_config
 from difftune.families import families
 from difftune.families.cogview4.tiny import build_tiny_cogview4
 from difftune.families.flux.tiny import build_tiny_flux
+from difftune.families.qwenimage.tiny import build_tiny_qwenimage
 from difftune.families.sd.tiny import build_tiny_sd
 from difftune.families.sd3.tiny import build_tiny_sd3
 from difftune.families.sdxl.tiny import build_tiny_sdxl
@@ -51,12 +55,14 @@ PIPELINES = {
              {}),
     "cogview4": ({"text_to_image": CogView4Pipeline, "control": CogView4ControlPipeline}, {}),
     "sd3": ({"text_to_image": StableDiffusion3Pipeline, "controlnet": StableDiffusion3ControlNetPipeline}, {}),
+    "qwenimage": ({"text_to_image": QwenImagePipeline, "controlnet": QwenImageControlNetPipeline}, {}),
 }
 # The ControlNet class, and the keyword the pipelines take a control image by, per family.
 CONTROLNETS = {"sd": (ControlNetModel, "image"), "sdxl": (ControlNetModel, "image"),
-               "flux": (FluxControlNetModel, "control_image"), "sd3": (SD3ControlNetModel, "control_image")}
+               "flux": (FluxControlNetModel, "control_image"), "sd3": (SD3ControlNetModel, "control_image"),
+               "qwenimage": (QwenImageControlNetModel, "control_image")}
 BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "flux": build_tiny_flux, "cogview4": build_tiny_cogview4,
-            "sd3": build_tiny_sd3}
+            "sd3": build_tiny_sd3, "qwenimage": build_tiny_qwenimage}
 METHODS: dict[str, dict[str, Any]] = {
     "controlnet": {"kind": "controlnet"},
     "control": {"kind": "control"},

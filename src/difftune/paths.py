@@ -114,6 +114,8 @@ def check_vae_fits(key: str, vae: str, base: str) -> None:
     def shape(path: Path) -> tuple | None:
         try:
             found = json.loads(path.read_text(encoding="utf-8"))
+            if "temperal_downsample" in found:  # Qwen-Image's VAE: z_dim channels, one halving per entry
+                return found.get("z_dim"), len(found["temperal_downsample"]) + 1
             return found.get("latent_channels"), len(found["block_out_channels"])
         except (ValueError, OSError, KeyError, TypeError, AttributeError):
             return None

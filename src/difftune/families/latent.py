@@ -54,6 +54,8 @@ class LatentFamily:
     """Whether the denoiser's config.json says its patch (patch_size; latent_patch when not)."""
     controlnet_class = "ControlNetModel"
     """The diffusers class of the family's ControlNets."""
+    vae_class = "AutoencoderKL"
+    """The diffusers class of the family's VAE (Qwen-Image: AutoencoderKLQwenImage)."""
     negative_prompt = True
     """Whether the family's pipelines use a negative prompt as generation runs them."""
     pipeline_multiple = 1
@@ -124,7 +126,7 @@ class LatentFamily:
             components[name] = AutoTokenizer.from_pretrained(other or source, subfolder="" if other else name, **common)
         for name, class_name in self.text_encoder_classes.items():
             components[name] = getattr(transformers, class_name).from_pretrained(source, subfolder=name, **weights)
-        vae_class = diffusers.AutoencoderKL
+        vae_class = getattr(diffusers, self.vae_class)
         components["vae"] = (vae_class.from_pretrained(config.vae, revision=config.revision) if config.vae
                              else vae_class.from_pretrained(source, subfolder="vae", **weights))
         components[self.denoiser_name] = getattr(diffusers, self.denoiser_class).from_pretrained(

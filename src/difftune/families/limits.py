@@ -19,9 +19,12 @@ from difftune.paths import PathError
 
 def vae_factor(vae: str | None, base: str, revision: str | None = None) -> int | None:
     """How many pixels make one latent: 2 ** (VAE stages - 1), from the VAE's config.json
-    (model.vae's, else the base's vae/)."""
+    (model.vae's, else the base's vae/); Qwen-Image's VAE halves once per entry of its
+    temperal_downsample."""
     config = read_config(vae, "config.json", revision) if vae else read_config(base, "vae/config.json", revision)
     try:
+        if "temperal_downsample" in config:  # type: ignore[operator]
+            return 2 ** len(config["temperal_downsample"])  # type: ignore[index]
         return 2 ** (len(config["block_out_channels"]) - 1)  # type: ignore[index]
     except (KeyError, TypeError):
         return None

@@ -1,0 +1,251 @@
+"""Qwen-Image: the prompt, the latents, the time shift, the transformer call and the
+ControlNet's inputs checked against diffusers' own QwenImagePipeline and
+QwenImageControlNetPipeline on pipelines built here from diffusers' and transformers'
+classes; LoRA, full and ControlNet runs whose results those pipelines load and render."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import WORDS, run_config
+from diffusers import (
+    AutoencoderKLQwenImage,
+    FlowMatchEulerDiscreteScheduler,
+    QwenImageControlNetModel,
+    QwenImageControlNetPipeline,
+    QwenImageEditPipeline,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+)
+from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+from PIL import Image
+
+from difftune.config import ConfigError, build_config
+from difftune.families import ModelInputs, family_of_pipeline, get_family
+from difftune.families.qwenimage.tiny import build_tiny_qwenimage, tiny_qwen_vl, write_qwen_tokenizer
+from difftune.training.loop import train
+
+PROMPT = "red circle with blue background"
+
+
+@pytest.fixture(scope="module")
+def tiny_qwenimage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_qwenimage(tmp_path_factory.mktemp("qwen") / "tiny-qwenimage", WORDS, seed=0)
+
+
+@pytest.fixture(scope="module")
+def other_qwenimage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another Qwen-Image shape, built here rather than by the family's builder: a VAE of
+    factor 4 with 6 latent channels, a text encoder 24 wide, a transformer of one block of
+    3 heads of 8, and a schedule whose shift runs between other token counts."""
+    out = tmp_path_factory.mktemp("qwen-other")
+    tokenizer = write_qwen_tokenizer(out / "scratch", WORDS)
+    torch.manual_seed(1)
+    vae = AutoencoderKLQwenImage(base_dim=4, z_dim=6, dim_mult=[1, 2, 2], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.3, -0.2, 0.1, 0.0, 0.5, -0.4],
+                                 latents_std=[0.5, 2.0, 1.5, 1.0, 0.8, 1.2])
+    text_encoder = tiny_qwen_vl({"text": 24, "text_heads": 2, "mrope": (2, 2, 2), "vision": 8}, tokenizer)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=24, out_channels=6, num_layers=1,
+                                              attention_head_dim=8, num_attention_heads=3, joint_attention_dim=24,
+                                              axes_dims_rope=(4, 2, 2))
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.3, max_shift=1.2,
+                                                base_image_seq_len=16, max_image_seq_len=1024,
+                                                time_shift_type="exponential")
+    QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                      transformer=transformer).save_pretrained(out / "base")
+    return out / "base"
+
+
+def _run(base: Path, data: Path, out: Path, family: str = "qwenimage", **method: object) -> dict:
+    raw = run_config(base, data, out, train={"max_steps": 2, "checkpoint_every": 2, "learning_rate": 1e-2},
+                     validation={"every": 2, "steps": 2, "prompts": [PROMPT]})
+    raw["model"]["family"] = family
+    raw["method"] = method
+    if method.get("kind") == "controlnet":
+        raw["validation"] |= {"images": [str(data / "conditioning_images" / "000000.png")], "num_images": 1}
+    return raw
+
+
+def _load(base: Path, family: str = "qwenimage"):
+    return get_family(family).load(build_config(_run(base, Path("."), Path("."), family, kind="lora")).model)
+
+
+def _pipeline(cls: type, base: Path, **parts: object):
+    pipe = cls.from_pretrained(base, **parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _image(pipe, **call: object) -> np.ndarray:
+    """64x64 in two steps."""
+    return pipe(prompt=PROMPT, num_inference_steps=2, height=64, width=64, output_type="np",
+                generator=torch.Generator().manual_seed(0), **call).images[0]
+
+
+def _catch(module: torch.nn.Module) -> dict:
+    """The keyword arguments and output (a tuple's first) of the module's next calls (the
+    last kept: the second of two steps, as a single step's time is not finite with the
+    bases' shift_terminal)."""
+    seen: dict = {}
+
+    def catch(module: object, args: tuple, kwargs: dict, output: object) -> None:
+        seen.update(kwargs, output=output[0] if isinstance(output, tuple) else output)
+
+    module.register_forward_hook(catch, with_kwargs=True)
+    return seen
+
+
+def _unpack(tokens: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    """Packed 2x2 patches back to (B, C, H, W), with the pipeline's own unpacking (factor 1)."""
+    return QwenImagePipeline._unpack_latents(tokens, rows * 2, columns * 2, 1)[:, :, 0]
+
+
+def _pixels(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+# --- Qwen-Image: what the family computes, against the pipeline --------------------------
+
+
+def test_prompt_latents_time_and_transformer_call_are_what_the_pipeline_uses(other_qwenimage: Path) -> None:
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from difftune.families.limits import size_rule
+    from difftune.objectives import FlowMatching
+
+    family = get_family("qwenimage")
+    parts = _load(other_qwenimage)
+    pipe = _pipeline(QwenImagePipeline, other_qwenimage)
+    system = pipe.prompt_template_encode.split("{}")[0]  # the template's system prefix: what the pipeline drops
+    assert len(pipe.tokenizer(system).input_ids) == pipe.prompt_template_encode_start_idx == 34
+    captions = [PROMPT, "", "green circle with " * 200]  # the last one past the pipeline's 512 tokens
+    text = family.encode_prompts(parts, captions)
+    embeds, mask = pipe.encode_prompt(captions, device="cpu", max_sequence_length=512)
+    # each caption's tokens and the template's 5 after it; the last cut at 512
+    assert text["hidden_states"].shape == (3, 512, 24) and text["mask"][:2].sum(1).tolist() == [10, 5]
+    assert torch.equal(text["hidden_states"], embeds) and torch.equal(text["mask"], mask)
+
+    pixels = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    edit = QwenImageEditPipeline(**pipe.components, processor=None)  # its _encode_vae_image: the mean, normalised
+    encoded = edit._encode_vae_image(pixels[:, :, None], None)[:, :, 0]
+    assert torch.equal(family.encode_images(parts, pixels, None), encoded)
+    ours = family.encode_images(parts, pixels, [torch.Generator().manual_seed(s) for s in (3, 4)])
+    vae = pipe.vae
+    drawn = torch.cat([vae.encode(pixels[i : i + 1, :, None]).latent_dist.sample(torch.Generator().manual_seed(s))
+                       for i, s in enumerate((3, 4))])  # as QwenImageControlNetPipeline draws its control latents
+    mean, std = (torch.tensor(getattr(vae.config, k)).view(1, 6, 1, 1, 1) for k in ("latents_mean", "latents_std"))
+    assert ours.shape == (2, 6, 4, 6) and torch.allclose(ours, ((drawn - mean) * (1.0 / std))[:, :, 0], atol=1e-6)
+    assert isinstance(vae.encode(pixels[:, :, None]).latent_dist, DiagonalGaussianDistribution)
+    assert family.vae_scale_factor(parts) == pipe.vae_scale_factor == 4
+    assert size_rule(family, str(other_qwenimage))[0] == 8  # the VAE's 4 x the 2x2 patches
+
+    options = build_config(_run(other_qwenimage, Path("."), Path("."), kind="lora")).objective
+    objective = family.objective(parts, options)
+    assert isinstance(objective, FlowMatching)
+    sigmas = np.linspace(1.0, 1 / 8, 8)
+    config = pipe.scheduler.config  # the shift for 8x12 latents (24 tokens), as the pipeline computes it
+    mu = calculate_shift(24, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)
+    pipe.scheduler.set_timesteps(sigmas=sigmas, mu=mu)
+    assert torch.allclose(objective.shift(torch.tensor(sigmas, dtype=torch.float32), 8, 12),
+                          pipe.scheduler.sigmas[:-1], atol=1e-6)
+
+    seen = _catch(pipe.transformer)  # one step of the pipeline, a batch whose prompts differ in length
+    pipe([PROMPT, "green circle"], num_inference_steps=1, height=32, width=48, output_type="latent",
+         generator=torch.Generator().manual_seed(0))
+    assert seen["img_shapes"] == [[(1, 4, 6)]] * 2 and seen["encoder_hidden_states_mask"] is not None
+    noisy = _unpack(seen["hidden_states"], 4, 6)
+    with torch.no_grad():
+        text = family.encode_prompts(parts, [PROMPT, "green circle"])
+        ours = family.predict(parts, ModelInputs(noisy, seen["timestep"] * 1000, text))
+    assert torch.equal(text["hidden_states"], seen["encoder_hidden_states"])
+    assert torch.allclose(ours, _unpack(seen["output"], 4, 6), atol=1e-5)
+
+
+def _randomised(net: QwenImageControlNetModel) -> QwenImageControlNetModel:
+    """A ControlNet as if trained: its zero-initialised input and outputs made random."""
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for module in (net.controlnet_x_embedder, *net.controlnet_blocks):
+            for parameter in module.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return net
+
+
+def test_the_controlnet_sees_what_the_controlnet_pipeline_gives_it(tiny_qwenimage: Path, circles: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step of QwenImageControlNetPipeline, its ControlNet's inputs and outputs caught,
+    and the family's residuals for the same noisy latents, time and control image: equal
+    (the pipeline's control latents drawn at the posterior's mean, as training takes them)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+    family = get_family("qwenimage")
+    config = build_config(_run(tiny_qwenimage, circles, Path("."), kind="controlnet", controlnet_double_blocks=1))
+    parts = family.load(config.model)
+    fresh = family.make_controlnet(parts, None, config.method)
+    assert fresh.config.num_layers == 1
+    text = family.encode_prompts(parts, [PROMPT, ""])
+    inputs = ModelInputs(torch.randn(2, 5, 8, 8, generator=torch.Generator().manual_seed(0)),
+                         torch.tensor([250.0, 900.0]), text)
+    with torch.no_grad():  # a new ControlNet changes nothing until it trains
+        residuals = family.controlnet_residuals(parts, fresh, inputs, torch.rand(2, 3, 64, 64))
+        assert torch.equal(family.predict(parts, inputs), family.predict(parts, inputs.with_extra(**residuals)))
+
+    net = _randomised(fresh)
+    pipe = family.pipeline(parts.with_modules({"controlnet": net}))
+    assert isinstance(pipe, QwenImageControlNetPipeline)
+    pipe.set_progress_bar_config(disable=True)
+    seen = _catch(net)
+    control = Image.open(circles / "conditioning_images" / "000000.png").convert("RGB")
+    with torch.no_grad():
+        pipe(PROMPT, **family.control_arguments(control), num_inference_steps=2, height=64, width=64,
+             generator=torch.Generator().manual_seed(0), output_type="latent", **family.generation_options(pipe))
+        text = family.encode_prompts(parts, [PROMPT])
+        inputs = ModelInputs(_unpack(seen["hidden_states"], 4, 4), seen["timestep"] * 1000, text)
+        ours = family.controlnet_residuals(parts, net, inputs, _pixels(control)[None])["controlnet_block_samples"]
+    assert len(ours) == 1 and torch.allclose(ours[0], seen["output"][0], atol=1e-5) and ours[0].abs().max() > 1e-3
+
+
+def test_the_base_and_the_method_are_checked_before_anything_loads(tiny_qwenimage: Path, circles: Path) -> None:
+    from difftune.training.source_checks import check_sources
+
+    assert family_of_pipeline(tiny_qwenimage).name == "qwenimage"
+    for method, problem in (({"controlnet_single_blocks": 2}, "dual-stream blocks only"),
+                            ({"controlnet_double_blocks": 3}, "has 2 blocks")):
+        with pytest.raises(ConfigError, match=problem):
+            check_sources(build_config(_run(tiny_qwenimage, circles, Path("."), kind="controlnet", **method)))
+
+
+# --- Qwen-Image runs whose results diffusers loads ------------------------------------------
+
+
+def test_a_lora_run_loads_into_the_pipeline_and_changes_it(tiny_qwenimage: Path, circles: Path,
+                                                           tmp_path: Path) -> None:
+    final = train(build_config(_run(tiny_qwenimage, circles, tmp_path / "run", kind="lora")))
+    assert (tmp_path / "run" / "validation" / "step-000002" / "pair-00-grid.png").is_file()
+    pipe = _pipeline(QwenImagePipeline, tiny_qwenimage)
+    before = _image(pipe)
+    pipe.load_lora_weights(final)
+    assert not np.allclose(before, _image(pipe), atol=1e-4), "the LoRA changed nothing"
+    assert np.allclose(before, _image(pipe, attention_kwargs={"scale": 0.0}), atol=1e-5)
+
+
+def test_a_full_run_saves_a_pipeline_that_loads(tiny_qwenimage: Path, circles: Path, tmp_path: Path) -> None:
+    final = train(build_config(_run(tiny_qwenimage, circles, tmp_path / "run", kind="full")))
+    pipe = _pipeline(QwenImagePipeline, final)
+    trained = pipe.transformer.state_dict()
+    base = QwenImageTransformer2DModel.from_pretrained(tiny_qwenimage, subfolder="transformer").state_dict()
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+    assert np.isfinite(_image(pipe)).all()
+
+
+def test_a_controlnet_run_loads_into_the_controlnet_pipeline(tiny_qwenimage: Path, circles: Path,
+                                                             tmp_path: Path) -> None:
+    final = train(build_config(_run(tiny_qwenimage, circles, tmp_path / "run", kind="controlnet")))
+    net = QwenImageControlNetModel.from_pretrained(final)
+    pipe = _pipeline(QwenImageControlNetPipeline, tiny_qwenimage, controlnet=net)
+    control = Image.open(circles / "conditioning_images" / "000000.png").convert("RGB")
+    assert _image(pipe, control_image=control).shape == (64, 64, 3)
