@@ -26,7 +26,8 @@ def test_the_config_loads_without_any_familys_code_or_torch() -> None:
 
 
 def test_each_familys_code_has_the_facts_the_catalog_lists() -> None:
-    assert sorted(listed()) == sorted(families()) == ["cogview4", "flux", "qwenimage", "sd", "sd3", "sdxl"]
+    assert sorted(listed()) == sorted(families()) == ["cogview4", "flux", "qwenimage", "qwenimage_edit", "sd", "sd3",
+                                                       "sdxl"]
     for name, facts in listed().items():
         family = families()[name]
         for fact in fields(facts):

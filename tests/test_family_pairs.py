@@ -22,6 +22,7 @@ from diffusers import (
     FluxPipeline,
     QwenImageControlNetModel,
     QwenImageControlNetPipeline,
+    QwenImageEditPipeline,
     QwenImagePipeline,
     SD3ControlNetModel,
     StableDiffusion3ControlNetPipeline,
@@ -39,6 +40,7 @@ from difftune.families import families
 from difftune.families.cogview4.tiny import build_tiny_cogview4
 from difftune.families.flux.tiny import build_tiny_flux
 from difftune.families.qwenimage.tiny import build_tiny_qwenimage
+from difftune.families.qwenimage_edit.tiny import build_tiny_qwenimage_edit
 from difftune.families.sd.tiny import build_tiny_sd
 from difftune.families.sd3.tiny import build_tiny_sd3
 from difftune.families.sdxl.tiny import build_tiny_sdxl
@@ -56,13 +58,14 @@ PIPELINES = {
     "cogview4": ({"text_to_image": CogView4Pipeline, "control": CogView4ControlPipeline}, {}),
     "sd3": ({"text_to_image": StableDiffusion3Pipeline, "controlnet": StableDiffusion3ControlNetPipeline}, {}),
     "qwenimage": ({"text_to_image": QwenImagePipeline, "controlnet": QwenImageControlNetPipeline}, {}),
+    "qwenimage_edit": ({"text_to_image": QwenImagePipeline, "edit": QwenImageEditPipeline}, {}),
 }
 # The ControlNet class, and the keyword the pipelines take a control image by, per family.
 CONTROLNETS = {"sd": (ControlNetModel, "image"), "sdxl": (ControlNetModel, "image"),
                "flux": (FluxControlNetModel, "control_image"), "sd3": (SD3ControlNetModel, "control_image"),
                "qwenimage": (QwenImageControlNetModel, "control_image")}
 BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "flux": build_tiny_flux, "cogview4": build_tiny_cogview4,
-            "sd3": build_tiny_sd3, "qwenimage": build_tiny_qwenimage}
+            "sd3": build_tiny_sd3, "qwenimage": build_tiny_qwenimage, "qwenimage_edit": build_tiny_qwenimage_edit}
 METHODS: dict[str, dict[str, Any]] = {
     "controlnet": {"kind": "controlnet"},
     "control": {"kind": "control"},

@@ -165,7 +165,7 @@ def test_a_base_of_another_family_is_named_by_its_family_when_the_config_loads(c
 def test_an_unknown_family_is_said_with_what_the_base_is(cogview4: Path, circles: Path) -> None:
     raw = run_config(cogview4, circles, Path("out"), model={"family": "cogview"}, method={"kind": "lora"})
     with pytest.raises(ConfigError, match=r"model.family: unknown family 'cogview'; difftune has 'cogview4', "
-                                          r"'flux', 'qwenimage', 'sd', 'sd3', 'sdxl', and "
+                                          r"'flux', 'qwenimage', 'qwenimage_edit', 'sd', 'sd3', 'sdxl', and "
                                           r"model.pretrained .* is a CogView4 pipeline: set model.family = 'cogview4'"):
         build_config(raw)
 

@@ -1,10 +1,12 @@
-"""Qwen-Image: the prompt, the latents, the time shift, the transformer call and the
-ControlNet's inputs checked against diffusers' own QwenImagePipeline and
-QwenImageControlNetPipeline on pipelines built here from diffusers' and transformers'
-classes; LoRA, full and ControlNet runs whose results those pipelines load and render."""
+"""Qwen-Image and Qwen-Image-Edit: the prompt, the latents, the time shift, the transformer
+call and the ControlNet's inputs checked against diffusers' own QwenImagePipeline,
+QwenImageControlNetPipeline, QwenImageEditPipeline and QwenImageEditPlusPipeline on
+pipelines built here from diffusers' and transformers' classes; LoRA, full and ControlNet
+runs whose results those pipelines load and render."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from diffusers import (
     QwenImageControlNetModel,
     QwenImageControlNetPipeline,
     QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
 )
@@ -26,6 +29,8 @@ from PIL import Image
 from difftune.config import ConfigError, build_config
 from difftune.families import ModelInputs, family_of_pipeline, get_family
 from difftune.families.qwenimage.tiny import build_tiny_qwenimage, tiny_qwen_vl, write_qwen_tokenizer
+from difftune.families.qwenimage_edit.family import load_processor
+from difftune.families.qwenimage_edit.tiny import build_tiny_qwenimage_edit
 from difftune.training.loop import train
 
 PROMPT = "red circle with blue background"
@@ -59,6 +64,16 @@ def other_qwenimage(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "base"
 
 
+@pytest.fixture(scope="module")
+def tiny_edit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_qwenimage_edit(tmp_path_factory.mktemp("edit") / "tiny-edit", WORDS, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_edit_plus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_qwenimage_edit(tmp_path_factory.mktemp("plus") / "tiny-plus", WORDS, seed=0, plus=True)
+
+
 def _run(base: Path, data: Path, out: Path, family: str = "qwenimage", **method: object) -> dict:
     raw = run_config(base, data, out, train={"max_steps": 2, "checkpoint_every": 2, "learning_rate": 1e-2},
                      validation={"every": 2, "steps": 2, "prompts": [PROMPT]})
@@ -80,7 +95,7 @@ def _pipeline(cls: type, base: Path, **parts: object):
 
 
 def _image(pipe, **call: object) -> np.ndarray:
-    """64x64 in two steps."""
+    """64x64 in two steps (the prompt by name: the edit pipelines take the image first)."""
     return pipe(prompt=PROMPT, num_inference_steps=2, height=64, width=64, output_type="np",
                 generator=torch.Generator().manual_seed(0), **call).images[0]
 
@@ -209,14 +224,19 @@ def test_the_controlnet_sees_what_the_controlnet_pipeline_gives_it(tiny_qwenimag
     assert len(ours) == 1 and torch.allclose(ours[0], seen["output"][0], atol=1e-5) and ours[0].abs().max() > 1e-3
 
 
-def test_the_base_and_the_method_are_checked_before_anything_loads(tiny_qwenimage: Path, circles: Path) -> None:
+def test_the_base_and_the_method_are_checked_before_anything_loads(tiny_qwenimage: Path, tiny_edit: Path,
+                                                                   tiny_edit_plus: Path, circles: Path) -> None:
     from difftune.training.source_checks import check_sources
 
     assert family_of_pipeline(tiny_qwenimage).name == "qwenimage"
+    assert family_of_pipeline(tiny_edit).name == family_of_pipeline(tiny_edit_plus).name == "qwenimage_edit"
     for method, problem in (({"controlnet_single_blocks": 2}, "dual-stream blocks only"),
                             ({"controlnet_double_blocks": 3}, "has 2 blocks")):
         with pytest.raises(ConfigError, match=problem):
             check_sources(build_config(_run(tiny_qwenimage, circles, Path("."), kind="controlnet", **method)))
+    with pytest.raises(Exception, match="family 'qwenimage_edit'"):
+        check_sources(build_config(_run(tiny_edit, circles, Path("."), kind="lora")))
+    check_sources(build_config(_run(tiny_edit, circles, Path("."), "qwenimage_edit", kind="lora")))
 
 
 # --- Qwen-Image runs whose results diffusers loads ------------------------------------------
@@ -249,3 +269,125 @@ def test_a_controlnet_run_loads_into_the_controlnet_pipeline(tiny_qwenimage: Pat
     pipe = _pipeline(QwenImageControlNetPipeline, tiny_qwenimage, controlnet=net)
     control = Image.open(circles / "conditioning_images" / "000000.png").convert("RGB")
     assert _image(pipe, control_image=control).shape == (64, 64, 3)
+
+
+# --- Qwen-Image-Edit ----------------------------------------------------------------------
+
+
+def _reference(seed: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
+    """A random image at the size the edit pipelines encode it (about a megapixel)."""
+    family = get_family("qwenimage_edit")
+    width, height = family.reference_size(size, (64, 64))
+    return Image.fromarray((np.random.default_rng(seed).random((height, width, 3)) * 255).astype(np.uint8))
+
+
+def test_instructions_are_encoded_with_their_references_as_the_edit_pipelines_do(tiny_edit: Path,
+                                                                                 tiny_edit_plus: Path) -> None:
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import CONDITION_IMAGE_SIZE, calculate_dimensions
+
+    family = get_family("qwenimage_edit")
+    first, second = _reference(0), _reference(1, (40, 72))
+    assert first.size == (1184, 896) and second.size == (768, 1376)
+    parts = _load(tiny_edit, "qwenimage_edit")
+    pipe = _pipeline(QwenImageEditPipeline, tiny_edit, processor=load_processor(tiny_edit))
+    # a batch of an edit and a text-to-image row: each as its pipeline encodes it, padded to the longest
+    text = family.encode_edit_prompts(parts, [PROMPT, "green circle"], [[_pixels(first)], []])
+    embeds, mask = pipe.encode_prompt(PROMPT, image=first, device="cpu")
+    plain, _ = QwenImagePipeline(**{k: v for k, v in pipe.components.items() if k != "processor"}).encode_prompt(
+        "green circle", device="cpu")
+    assert mask is None and text["mask"].sum(1).tolist() == [embeds.shape[1], plain.shape[1]]
+    assert torch.equal(text["hidden_states"][:1], embeds)
+    assert torch.equal(text["hidden_states"][1, : plain.shape[1]], plain[0])
+
+    def plus_encoding(pipeline, images: list[Image.Image]) -> torch.Tensor:  # its images as its __call__ sizes them
+        sizes = [calculate_dimensions(CONDITION_IMAGE_SIZE, image.width / image.height) for image in images]
+        shown = [pipeline.image_processor.resize(image, h, w) for image, (w, h) in zip(images, sizes)]
+        return pipeline.encode_prompt(PROMPT, image=shown, device="cpu")[0]
+
+    # a row of two references on an Edit base is encoded as Edit Plus, a row of one as Edit;
+    # any row on an Edit Plus base as Edit Plus
+    rows = family.encode_edit_prompts(parts, [PROMPT, PROMPT], [[_pixels(first)], [_pixels(first), _pixels(second)]])
+    two = plus_encoding(QwenImageEditPlusPipeline(**pipe.components), [first, second])
+    assert rows["mask"].sum(1).tolist() == [embeds.shape[1], two.shape[1]]
+    assert torch.equal(rows["hidden_states"][0, : embeds.shape[1]], embeds[0])
+    assert torch.equal(rows["hidden_states"][1:], two)
+    plus_parts = _load(tiny_edit_plus, "qwenimage_edit")
+    plus = _pipeline(QwenImageEditPlusPipeline, tiny_edit_plus, processor=load_processor(tiny_edit_plus))
+    one = family.encode_edit_prompts(plus_parts, [PROMPT], [[_pixels(first)]])
+    assert torch.equal(one["hidden_states"], plus_encoding(plus, [first]))
+    assert family.max_references(str(tiny_edit)) == 1 and family.max_references(str(tiny_edit_plus)) is None
+
+
+def test_the_references_join_the_transformer_call_as_the_edit_pipeline_joins_them(tiny_edit: Path) -> None:
+    family = get_family("qwenimage_edit")
+    parts = _load(tiny_edit, "qwenimage_edit")
+    pipe = family.pipeline(parts, "edit")
+    assert isinstance(pipe, QwenImageEditPipeline)
+    pipe.set_progress_bar_config(disable=True)
+    seen = _catch(pipe.transformer)
+    reference = _reference(0)
+    with torch.no_grad():
+        pipe(prompt=PROMPT, num_inference_steps=2, output_type="latent",
+             generator=torch.Generator().manual_seed(0), **family.edit_arguments(reference, 64, 32))
+    # the target 64x32 (2x1 patches of the VAE's 16), the reference 1184x896 (37x28)
+    assert seen["img_shapes"] == [[(1, 1, 2), (1, 28, 37)]]
+    noisy, packed = _unpack(seen["hidden_states"][:, :2], 1, 2), seen["hidden_states"][:, 2:]
+    with torch.no_grad():
+        latents = family.encode_images(parts, _pixels(reference)[None] * 2 - 1, None)
+        assert torch.allclose(_unpack(packed, 28, 37), latents, atol=1e-5)  # the reference's latents, as encoded here
+        text = family.encode_edit_prompts(parts, [PROMPT], [[_pixels(reference)]])
+        inputs = ModelInputs(noisy, seen["timestep"] * 1000, text)
+        ours = family.predict(parts, inputs.with_extra(references=[[latents[0]]]))
+        assert torch.allclose(ours, _unpack(seen["output"][:, :2], 1, 2), atol=1e-5)
+        # a batch whose rows differ (one without a reference): each row as it runs alone
+        pair = ModelInputs(noisy.repeat(2, 1, 1, 1), inputs.timesteps.repeat(2),
+                           family.encode_edit_prompts(parts, [PROMPT, PROMPT], [[_pixels(reference)], []]))
+        both = family.predict(parts, pair.with_extra(references=[[latents[0]], []]))
+        alone = family.predict(parts, ModelInputs(noisy, inputs.timesteps, family.encode_prompts(parts, [PROMPT])))
+    assert torch.allclose(both[:1], ours, atol=1e-5) and torch.allclose(both[1:], alone, atol=1e-5)
+
+
+def test_the_edit_pipelines_run_on_the_tiny_bases(tiny_edit: Path, tiny_edit_plus: Path) -> None:
+    family = get_family("qwenimage_edit")
+    references = [_reference(0), _reference(1, (40, 72))]
+    edit = family.load_pipeline(str(tiny_edit), torch.float32, kind="edit")
+    plus = family.load_pipeline(str(tiny_edit_plus), torch.float32, kind="edit")
+    assert type(edit) is QwenImageEditPipeline and type(plus) is QwenImageEditPlusPipeline
+    for pipe, shown in ((edit, references[0]), (plus, references)):  # Plus: one prompt's references
+        pipe.set_progress_bar_config(disable=True)
+        image = pipe(prompt=PROMPT, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0),
+                     **family.edit_arguments(shown, 64, 64)).images[0]
+        assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+def _edits(folder: Path) -> Path:
+    """Four edits (a disc recoloured; the instruction names the new colour), the last row
+    without a reference (it trains as text-to-image)."""
+    from PIL import ImageDraw
+
+    folder.mkdir(parents=True)
+    lines = []
+    for row, (old, new) in enumerate((("red", "blue"), ("blue", "green"), ("green", "red"), ("red", "green"))):
+        for name, colour in ((f"target-{row}.png", new), (f"reference-{row}.png", old)):
+            image = Image.new("RGB", (64, 64), "white")
+            ImageDraw.Draw(image).ellipse((8 + 4 * row, 10, 40 + 4 * row, 42), fill=colour)
+            image.save(folder / name)
+        reference = None if row == 3 else f"reference-{row}.png"
+        lines.append(f'{{"file_name": "target-{row}.png", "reference_image": {json.dumps(reference)}, '
+                     f'"text": "make the circle {new}"}}')
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_an_edit_lora_run_loads_into_the_edit_pipeline_and_changes_the_edit(tiny_edit: Path, tmp_path: Path) -> None:
+    data = _edits(tmp_path / "edits")
+    raw = _run(tiny_edit, data, tmp_path / "run", "qwenimage_edit", kind="edit", lora={"rank": 4})
+    raw["validation"] |= {"prompts": ["make the circle red"], "images": [str(data / "reference-1.png")]}
+    final = train(build_config(raw))
+    assert (tmp_path / "run" / "validation" / "step-000002" / "pair-00-grid.png").is_file()
+    pipe = _pipeline(QwenImageEditPipeline, tiny_edit, processor=load_processor(tiny_edit))
+    reference = Image.open(data / "reference-1.png").convert("RGB")
+    call = get_family("qwenimage_edit").edit_arguments(reference, None, None)  # the size: _image's
+    before = _image(pipe, **call)
+    pipe.load_lora_weights(final)
+    assert not np.allclose(before, _image(pipe, **call), atol=1e-4), "the LoRA changed nothing"
