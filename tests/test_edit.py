@@ -6,6 +6,8 @@ FluxKontextPipeline; rows without a reference; the cache; what is refused."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -129,8 +131,12 @@ def test_an_edit_lora_loads_into_fluxkontextpipeline_and_changes_the_edit(kontex
     pipe.load_lora_weights(str(final))
     after = _edited(pipe, reference)
     assert np.abs(after - before).max() > 1e-3
-    card = (final / "README.md").read_text() if (final / "README.md").is_file() else ""
-    assert "FluxKontextPipeline" in card or not card
+    out = tmp_path / "edited.png"
+    done = subprocess.run([sys.executable, "-m", "difftune", "generate", "--lora", str(tmp_path / "run"),
+                           "--image", str(edits / "reference-1.png"), "--prompt", "make the circle red",
+                           "--steps", "2", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert Image.open(out).size == (64, 64)
 
 
 def test_rows_without_a_reference_train_beside_rows_with_one(kontext: Path, tmp_path: Path) -> None:

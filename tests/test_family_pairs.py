@@ -19,6 +19,7 @@ from diffusers import (
     FluxControlNetModel,
     FluxControlNetPipeline,
     FluxControlPipeline,
+    FluxKontextPipeline,
     FluxPipeline,
     QwenImageControlNetModel,
     QwenImageControlNetPipeline,
@@ -53,8 +54,8 @@ PIPELINES = {
            {"safety_checker": None, "requires_safety_checker": False}),
     "sdxl": ({"text_to_image": StableDiffusionXLPipeline, "controlnet": StableDiffusionXLControlNetPipeline},
              {"add_watermarker": False}),
-    "flux": ({"text_to_image": FluxPipeline, "control": FluxControlPipeline, "controlnet": FluxControlNetPipeline},
-             {}),
+    "flux": ({"text_to_image": FluxPipeline, "control": FluxControlPipeline, "controlnet": FluxControlNetPipeline,
+              "edit": FluxKontextPipeline}, {}),
     "cogview4": ({"text_to_image": CogView4Pipeline, "control": CogView4ControlPipeline}, {}),
     "sd3": ({"text_to_image": StableDiffusion3Pipeline, "controlnet": StableDiffusion3ControlNetPipeline}, {}),
     "qwenimage": ({"text_to_image": QwenImagePipeline, "controlnet": QwenImageControlNetPipeline}, {}),
@@ -74,6 +75,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "dreambooth": {"kind": "dreambooth", "lora": {"rank": 4},
                    "dreambooth": {"instance_prompt": PROMPT, "prior_preservation": True, "num_class_images": 2,
                                   "class_prompt": "circle", "sample_batch_size": 2, "class_generation_steps": 2}},
+    "edit": {"kind": "edit", "lora": {"rank": 4}},
     "textual_inversion": {"kind": "textual_inversion", "textual_inversion": {
         "token": "<blob>", "init_token": "circle", "vectors": 2, "caption": "red {token} with blue background"}},
 }
@@ -81,7 +83,8 @@ METHODS: dict[str, dict[str, Any]] = {
 # conditioning and per-sample geometry.
 DATA = {"controlnet": {"cache_text": True, "cache_latents": True}, "control": {"cache_text": True},
         "lora": {"buckets": True},
-        "full": {"cache_text": True}, "dreambooth": {}, "textual_inversion": {"cache_latents": True}}
+        "full": {"cache_text": True}, "dreambooth": {}, "textual_inversion": {"cache_latents": True},
+        "edit": {"cache_latents": True}}
 PAIRS = [(family, method) for family in sorted(families()) for method in sorted(families()[family].supports)]
 
 
@@ -101,7 +104,12 @@ def test_a_pair_trains_and_diffusers_loads_its_result(family: str, method: str, 
                                                       circles: Path, held_out: Path, tmp_path: Path) -> None:
     base = bases[family]
     controlled = method in ("controlnet", "control")
-    raw = run_config(base, circles, tmp_path / "run", held_out if controlled else None,
+    data = circles
+    if method == "edit":  # references and instructions; one row trains as text-to-image
+        from difftune.data.synthetic import write_fill_circles_edit
+
+        data = write_fill_circles_edit(tmp_path / "edits", 4, 64, seed=0)
+    raw = run_config(base, data, tmp_path / "run", held_out if controlled else None,
                      train={"max_steps": 2, "checkpoint_every": 2}, validation={"every": 2, "steps": 2})
     raw["model"]["family"] = family
     raw["method"] = dict(METHODS[method])
@@ -115,6 +123,9 @@ def test_a_pair_trains_and_diffusers_loads_its_result(family: str, method: str, 
     prompt = PROMPT.replace("circle", "<blob>") if method == "textual_inversion" else PROMPT
     if not controlled:
         raw["validation"]["prompts"] = [prompt]
+    if method == "edit":
+        raw["validation"] |= {"prompts": ["make the circle red"],
+                              "images": [str(data / "reference_images" / "000000.png")]}
     final = train(build_config(raw))
     assert final is not None and (tmp_path / "run" / "validation" / "step-000002" / "pair-00-grid.png").is_file()
     classes, options = PIPELINES[family]
@@ -131,6 +142,19 @@ def test_a_pair_trains_and_diffusers_loads_its_result(family: str, method: str, 
         before = _generate(pipe)
         pipe.load_lora_weights(final)
         assert not np.allclose(before, _generate(pipe), atol=1e-4), "the LoRA changed nothing"
+    elif method == "edit":
+        if family == "qwenimage_edit":  # (its processor without torchvision: see the family)
+            from difftune.families.qwenimage_edit.family import load_processor
+
+            options = {**options, "processor": load_processor(str(base))}
+        pipe = classes["edit"].from_pretrained(base, **options)
+        reference = Image.open(data / "reference_images" / "000000.png").convert("RGB")
+        # Kontext sizes the output and the reference for a megapixel unless told the target's area
+        sized = {"max_area": 64 * 64, "_auto_resize": False} if family == "flux" else {}
+        before = _generate(pipe, image=reference, **sized)
+        pipe.load_lora_weights(final)
+        assert not np.allclose(before, _generate(pipe, image=reference, **sized), atol=1e-4), \
+            "the edit LoRA changed nothing"
     elif method == "textual_inversion":  # through results.py, as difftune generate loads it
         from difftune.families import get_family
         from difftune.results import RESULTS
@@ -148,7 +172,7 @@ def _generate(pipe: Any, prompt: str = PROMPT, **call: Any) -> np.ndarray:
     if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):  # flow matching samples with its own
         pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    return pipe(prompt, num_inference_steps=2, height=64, width=64, output_type="np",
+    return pipe(prompt=prompt, num_inference_steps=2, height=64, width=64, output_type="np",
                 generator=torch.Generator().manual_seed(0), **call).images[0]
 
 

@@ -27,7 +27,14 @@ from difftune.paths import (
 )
 from difftune.results import RESULTS
 from difftune.rundir import model_source, run_config
-from difftune.trained_inputs import attached_result, check_embedding, check_lora, check_run_result, is_control_run
+from difftune.trained_inputs import (
+    attached_result,
+    check_embedding,
+    check_lora,
+    check_run_result,
+    is_control_run,
+    is_edit_run,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MAX_STEPS = 1000
@@ -59,6 +66,9 @@ class Generation:
     control: bool = False
     """A channel-concat Control result (its pipeline takes --image): a Control run given
     as --base, or a Control-LoRA run as --lora."""
+    edit: bool = False
+    """An edit result (its pipeline takes --image as the reference): an edit run given as
+    --base, or its LoRA as --lora."""
     notes: tuple[str, ...] = ()
     """What was taken from a run directory, to say so."""
 
@@ -70,12 +80,13 @@ def plan_generation(request: Generation, given: set[str], overwrite: bool = Fals
     check_output_file("--out", str(request.out), IMAGE_SUFFIXES, overwrite)
     if request.quantize is not None:
         require_quantizer(request.quantize, "--quantize")
-    request = replace(request, control=any(is_control_run(value) for value in (request.base, request.lora)))
+    request = replace(request, control=any(is_control_run(value) for value in (request.base, request.lora)),
+                      edit=any(is_edit_run(value) for value in (request.base, request.lora)))
     if request.controlnet is not None and request.image is None:
         raise InputError("--controlnet needs --image (the conditioning image)")
-    if request.image is not None and request.controlnet is None and not request.control:
-        raise InputError("--image is for a ControlNet (--controlnet) or a Control run (as --base, or its LoRA "
-                         "as --lora)")
+    if request.image is not None and request.controlnet is None and not request.control and not request.edit:
+        raise InputError("--image is for a ControlNet (--controlnet), a Control run or an edit run (as --base, "
+                         "or its LoRA as --lora)")
     if request.control and request.image is None:
         raise InputError("a Control model needs --image (the conditioning image its latents are made from)")
     for flag, value in (("--controlnet", request.controlnet), ("--lora", request.lora), ("--base", request.base),
@@ -249,7 +260,9 @@ def generate(request: Generation, should_stop: Callable[[], bool] = lambda: Fals
     call: dict[str, Any] = {"height": size, "width": size} if size else {}
     if request.image is not None:
         control = _conditioning(request.image, size)
-        call |= {**family.control_arguments(control), "height": control.height, "width": control.width}
+        arguments = (family.edit_arguments(control, control.width, control.height) if request.edit
+                     else family.control_arguments(control))
+        call |= {**arguments, "height": control.height, "width": control.width}
     if request.controlnet is not None:
         call["controlnet_conditioning_scale"] = request.conditioning_scale
     if request.lora is not None and not (request.control and not _reads_lora(family)):
@@ -276,7 +289,7 @@ def generate(request: Generation, should_stop: Callable[[], bool] = lambda: Fals
     if should_stop():
         raise KeyboardInterrupt
     result = pipe(
-        request.prompt,
+        prompt=request.prompt,  # by name: an edit pipeline takes `image` first
         num_inference_steps=request.steps,
         guidance_scale=request.guidance_scale,
         generator=torch.Generator(device).manual_seed(request.seed),
@@ -314,7 +327,8 @@ def _load_pipeline(request: Generation, dtype: Any) -> Any:
             what = f"--lora {request.lora}"
             parts = {family.denoiser_name: _fused_denoiser(family, model_source(request.lora), dtype)}
             what = f"--base {request.base}"
-        pipe = family.load_pipeline(base, dtype, net, kind="control" if request.control else None, **parts)
+        kind = "control" if request.control else "edit" if request.edit else None
+        pipe = family.load_pipeline(base, dtype, net, kind=kind, **parts)
         if request.lora is not None and not fused:
             what = f"--lora {request.lora} (was it trained on another base?)"
             attached_result(request.lora, "lora").attach(family, pipe, Path(model_source(request.lora)))

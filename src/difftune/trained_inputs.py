@@ -27,6 +27,12 @@ def is_control_run(value: str | None) -> bool:
     return run_result(run_config(value)) in ("control", "control_lora")
 
 
+def is_edit_run(value: str | None) -> bool:
+    """Whether a run's result runs in its family's edit pipeline (an edit run or edit
+    LoRA), as its recorded [method] settings say."""
+    return run_result(run_config(value)) in ("edit", "edit_lora")
+
+
 def check_run_result(flag: str, value: str | None) -> None:
     """A run directory given to the flag that takes what it made (a ControlNet run to
     --controlnet, a LoRA run to --lora, a full fine-tune to --base)."""

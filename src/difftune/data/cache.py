@@ -99,6 +99,10 @@ class EncodedSamples(Dataset):
             if "conditioning" in entry:
                 conditioning = entry["conditioning"].float() / 255.0
                 sample["conditioning_pixels"] = conditioning.flip(-1) if plan.flip else conditioning
+            elif f"{side}_conditioning_mean" in entry:  # an edit's reference at a size of its own
+                reference = self.samples.references(plan.row, index)[0]
+                sample["conditioning_pixels"] = self.samples.sized_reference(
+                    reference, self.samples.size_of(index), plan.flip)
             if f"{side}_conditioning_mean" in entry:
                 sample["conditioning_latent_mean"] = entry[f"{side}_conditioning_mean"]
             plan_caption = plan.caption
@@ -281,12 +285,17 @@ def _encode_latents(samples: TrainingSamples, family: Any, parts: Any, store: Ca
         by_size.setdefault(samples.size_of(index), []).append(index)
     chunks = [chunk for group in by_size.values() for chunk in _batches(group, batch_size)]
     for chunk in chunks:
-        plain, flipped, conditionings = [], [], []
+        plain, flipped, conditionings, owns = [], [], [], []
         entries: list[dict[str, torch.Tensor]] = []
         for index in chunk:
             image, conditioning = samples.images(samples.row_numbers[index], index)
             size = samples.size_of(index)
-            pixels, cond, geometry = paired_transform(image, conditioning, size, True, False, None)
+            # an edit's reference at a size of its own is resized whole, not cropped with the target
+            own = conditioning is not None and samples.columns.references and samples.own_size(conditioning.size, size)
+            pixels, cond, geometry = paired_transform(image, None if own else conditioning, size, True, False, None)
+            if own:
+                cond = samples.sized_reference(conditioning, size, False)
+            owns.append(bool(own))
             plain.append(pixels)
             flipped.append(pixels.flip(-1))
             conditionings.append(cond)
@@ -296,15 +305,27 @@ def _encode_latents(samples: TrainingSamples, family: Any, parts: Any, store: Ca
             mean, std = family.latent_distribution(parts, torch.stack(images))
             for entry, m, s in zip(entries, mean, std):
                 entry[f"{side}_mean"], entry[f"{side}_std"] = m, s
-            if conditioning_latents and conditionings[0] is not None:  # the VAE takes [-1, 1]
-                controls = torch.stack([c if side == "plain" else c.flip(-1) for c in conditionings]) * 2 - 1
-                for entry, m in zip(entries, family.latent_distribution(parts, controls)[0]):
-                    entry[f"{side}_conditioning_mean"] = m
-        for index, entry, cond in zip(chunk, entries, conditionings):
-            if cond is not None:
+            if conditioning_latents:
+                _encode_conditionings(family, parts, entries, conditionings, side)
+        for index, entry, cond, own in zip(chunk, entries, conditionings, owns):
+            if cond is not None and not own:  # (one at a size of its own is read again: EncodedSamples)
                 entry["conditioning"] = (cond * 255.0).round().to(torch.uint8)
             store.put(keys[index], entry)
     store.flush()
+
+
+def _encode_conditionings(family: Any, parts: Any, entries: list[dict], conditionings: list[Any], side: str) -> None:
+    """The conditioning images' posterior means (the VAE takes [-1, 1]), one VAE batch per
+    size (an edit's references may have sizes of their own)."""
+    by_shape: dict[tuple, list[int]] = {}
+    for number, cond in enumerate(conditionings):
+        if cond is not None:
+            by_shape.setdefault(tuple(cond.shape), []).append(number)
+    for numbers in by_shape.values():
+        controls = torch.stack([conditionings[n] if side == "plain" else conditionings[n].flip(-1)
+                                for n in numbers]) * 2 - 1
+        for number, mean in zip(numbers, family.latent_distribution(parts, controls)[0]):
+            entries[number][f"{side}_conditioning_mean"] = mean
 
 
 @torch.no_grad()

@@ -152,16 +152,27 @@ class TrainingSamples(Dataset):
         pixels, _, geometry = paired_transform(image, None, size, self.config.center_crop, plan.flip, plan.rng)
         encoded = []
         for reference in references:
-            wanted = self.reference_size(reference.size, size) if self.reference_size else size
-            if tuple(wanted) == tuple(size):
+            if self.own_size(reference.size, size) is None:
                 plan.rng.setstate(state)
                 encoded.append(paired_transform(image, reference, size, self.config.center_crop, plan.flip,
                                                 plan.rng)[1])
             else:
-                resized = reference.resize(tuple(wanted), Image.Resampling.BILINEAR)
-                encoded.append(to_tensor(resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if plan.flip else resized))
+                encoded.append(self.sized_reference(reference, size, plan.flip))
         return {"pixels": pixels, "caption": plan.caption, "key": (epoch, index, 0), "geometry": geometry,
                 "references": encoded}
+
+    def own_size(self, reference: tuple[int, int], size: tuple[int, int]) -> tuple[int, int] | None:
+        """The size a reference is encoded at when it is not its target's (None: the target's,
+        cropped with it)."""
+        wanted = tuple(self.reference_size(reference, size)) if self.reference_size else tuple(size)
+        return None if wanted == tuple(size) else wanted  # type: ignore[return-value]
+
+    def sized_reference(self, reference: Image.Image, size: tuple[int, int], flip: bool) -> torch.Tensor:
+        """A reference encoded at a size of its own (the family's edit pipeline's), resized
+        whole and flipped with its target; pixels in [0, 1]."""
+        wanted = self.own_size(reference.size, size) or size
+        resized = reference.resize(tuple(wanted), Image.Resampling.BILINEAR)
+        return to_tensor(resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else resized)
 
     def reference_counts(self) -> list[int]:
         """How many references each sample's row has (an edit's; read without decoding)."""

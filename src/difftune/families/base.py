@@ -336,9 +336,6 @@ class EditCapability(Protocol):
         ...
 
     prompt_sees_references: bool
-    references_at_target_size: bool
-    """Whether `reference_size` is always the target's (FLUX.1 Kontext as generation runs
-    it), so that a reference is cropped and flipped with its target and can be cached."""
     """Whether the instruction's conditioning depends on the reference images (Qwen-Image-Edit's
     vision-language encoder): then no text cache."""
 

@@ -93,8 +93,6 @@ def reference_problem(config: RunConfig, family: Any, samples: Any, kind: str) -
         return None
     if kind == "text" and family.prompt_sees_references:
         return f"family {family.name!r} encodes each instruction with its reference images"
-    if kind == "latents" and not family.references_at_target_size:
-        return f"family {family.name!r} encodes each reference at its own size, not the target's"
     if kind == "latents" and samples is not None:
         counts = samples.reference_counts()
         odd = sum(count != 1 for count in counts)

@@ -166,7 +166,6 @@ class Flux(LatentFamily):
     # --- edit (FLUX.1 Kontext) ---------------------------------------------------------------
 
     prompt_sees_references = False
-    references_at_target_size = True
 
     def reference_size(self, reference: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
         """The target's size: generation passes the reference at that size and keeps it
