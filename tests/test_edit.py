@@ -183,3 +183,57 @@ def test_what_an_edit_run_refuses(kontext: Path, tiny_base: Path, tmp_path: Path
     raw["data"]["cache_latents"] = True
     with pytest.raises(ConfigError, match="1 of 3 rows have no reference or several"):
         train(build_config(raw))
+
+
+@pytest.mark.parametrize("lora", [None, {"rank": 4}], ids=["full", "lora"])
+def test_a_resumed_edit_run_ends_with_the_same_weights(lora: dict | None, kontext: Path, edits: Path,
+                                                       tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from difftune.training.loop import Run
+
+    def config(out: Path, steps: int) -> dict:
+        raw = _edit_run(kontext, edits, out, **({"lora": lora} if lora else {}))
+        raw["train"] |= {"batch_size": 2, "checkpoint_every": 2, "max_steps": steps}
+        raw["data"] |= {"random_flip": True}
+        raw["validation"] = {"every": 100}
+        return raw
+
+    train(build_config(config(tmp_path / "a", 4)))
+    train(build_config(config(tmp_path / "b", 2)))
+    resumed = Run(build_config(config(tmp_path / "b", 4)))
+    assert resumed.resume_from == tmp_path / "b" / "checkpoints" / "step-000002"
+    resumed.fit()
+    name = "pytorch_lora_weights.safetensors" if lora else "transformer/diffusion_pytorch_model.safetensors"
+    a, b = load_file(tmp_path / "a" / "final" / name), load_file(tmp_path / "b" / "final" / name)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_references_follow_their_targets_into_buckets_and_an_nf4_base_trains(kontext: Path, tmp_path: Path) -> None:
+    """Wide and tall targets in buckets, each reference cropped and flipped with its target
+    (so its latents make as many tokens); the adapters train on a 4-bit frozen base."""
+    from difftune.data.training import open_training_data
+    from difftune.families.flux.family import FAMILY
+
+    data = tmp_path / "shapes"
+    data.mkdir()
+    lines = []
+    for row, size in enumerate(((96, 64), (64, 96), (96, 64), (64, 96))):
+        Image.new("RGB", size, COLOURS[row]).save(data / f"target-{row}.png")
+        Image.new("RGB", (size[0] // 2, size[1] // 2), COLOURS[row - 1]).save(data / f"reference-{row}.png")
+        lines.append(json.dumps({"file_name": f"target-{row}.png", "reference_image": f"reference-{row}.png",
+                                 "text": f"make the circle {COLOURS[row]}"}))
+    (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    raw = _edit_run(kontext, data, tmp_path / "run", lora={"rank": 4})
+    raw["data"] |= {"buckets": True, "bucket_step": 16, "random_flip": True}
+    raw["model"]["quantize"] = "nf4"
+    raw["validation"] = {"every": 100}
+    config = build_config(raw)
+    samples = open_training_data(config.data, 0, True, references=True)
+    samples.reference_size = FAMILY.reference_size
+    for index in range(len(samples)):
+        sample = samples[(0, index)]
+        assert sample["references"][0].shape[1:] == sample["pixels"].shape[1:]  # the target's bucket
+        assert torch.allclose(sample["references"][0][:, 0, 0], torch.tensor(
+            [channel / 255 for channel in Image.new("RGB", (1, 1), COLOURS[index - 1]).getpixel((0, 0))]))
+    assert train(config) is not None

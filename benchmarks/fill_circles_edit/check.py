@@ -34,11 +34,11 @@ def held_out_rows(folder: Path) -> list[dict]:
 def edit_pipeline(base: str, final: Path | None) -> object:
     family = family_of_pipeline(Path(base))
     assert family is not None, f"{base}: not a pipeline of a difftune family"
-    cls = family.pipeline_class("edit")
+    # the family's loader: the class its "edit" pipeline is (Qwen-Image-Edit's processor loads without torchvision)
     if final is not None and (final / "model_index.json").is_file():
-        pipe = cls.from_pretrained(final)
+        pipe = family.load_pipeline(str(final), torch.float32, kind="edit")
     else:
-        pipe = cls.from_pretrained(base)
+        pipe = family.load_pipeline(base, torch.float32, kind="edit")
         if final is not None:
             pipe.load_lora_weights(str(final))
     pipe.set_progress_bar_config(disable=True)

@@ -23,6 +23,12 @@ QWENIMAGE_SIZES: dict[str, dict[str, Any]] = {
     "edit": {"z_dim": 5, "vae_base": 8, "temperal_downsample": (False, True, True, False), "text": 16,
              "text_heads": 2, "mrope": (1, 1, 2), "vision": 16, "heads": 2, "head_dim": 16, "rope": (8, 4, 4),
              "layers": 2},
+    # the fill-circles Qwen-Image-Edit base (benchmarks/fill_circles_edit/train_qwen_base.py):
+    # a VAE of factor 16 with 16 latent channels (the pipelines' one-megapixel references make
+    # 32x32 latent patches, a 128-pixel target 4x4), three blocks of 4 heads of 32
+    "bench": {"z_dim": 16, "vae_base": 8, "temperal_downsample": (False, True, True, False), "text": 32,
+              "text_heads": 2, "mrope": (2, 3, 3), "vision": 16, "heads": 4, "head_dim": 32, "rope": (16, 8, 8),
+              "layers": 3},
 }
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>")
