@@ -8,7 +8,7 @@
    `full` method (rows without a reference: QwenImagePipeline's prompt), then put back into
    the QwenImageEditPipeline folder (with its processor).
 
-    python benchmarks/fill_circles_edit/train_qwen_base.py OUT [--vae-steps 600] [--steps 3000]
+    python benchmarks/fill_circles_edit/train_qwen_base.py OUT [--vae-steps 600] [--steps 3000] [--vae FOLDER]
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def train_vae(vae: AutoencoderKLQwenImage, images: list, steps: int, batch: int,
     """Reconstruction (L1 + L2) with a light KL term; returns the last L1 error."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=5e-4, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, eta_min=1e-5)  # settles the noise
     vae.train()
     for step in range(steps):
         x = crops(images, batch, seed * 100_003 + step)
@@ -58,6 +59,7 @@ def train_vae(vae: AutoencoderKLQwenImage, images: list, steps: int, batch: int,
         loss = l1 + ((recon - x) ** 2).mean() + 1e-6 * posterior.kl().mean()
         loss.backward()
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad()
         if step % 50 == 0 or step == steps - 1:
             print(f"vae step {step}: l1 {l1.item():.4f}", flush=True)
@@ -96,6 +98,7 @@ def main() -> None:
     parser.add_argument("--vae-steps", type=int, default=600)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae", type=Path, help="a VAE folder to go on training from")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     started = time.perf_counter()
@@ -105,8 +108,9 @@ def main() -> None:
         write_fill_circles(data, args.samples, RESOLUTION, args.seed, colours=DEMO_PALETTE)
     initial = build_tiny_qwenimage_edit(work / "initial", WORDS, size="bench", seed=args.seed)
     images = fill_circles_rows(512, RESOLUTION, args.seed + 1, DEMO_PALETTE)["image"]
-    vae = AutoencoderKLQwenImage.from_pretrained(initial, subfolder="vae")
-    vae_l1 = train_vae(vae, images, args.vae_steps, 8, args.seed)
+    vae = (AutoencoderKLQwenImage.from_pretrained(args.vae) if args.vae
+           else AutoencoderKLQwenImage.from_pretrained(initial, subfolder="vae"))
+    vae_l1 = train_vae(vae, images, args.vae_steps, 8, args.seed + (1 if args.vae else 0))
     set_latent_statistics(vae, images)
     vae.save_pretrained(initial / "vae")
     vae_minutes = (time.perf_counter() - started) / 60
