@@ -36,14 +36,12 @@ from difftune.methods.base import (
     family_usage,
     freeze,
     mean_loss,
-    restore_pretrained,
     same_samples,
-    store_pretrained,
     trainable_fp32,
 )
 from difftune.methods.control.spec import ControlMethod
 from difftune.methods.full.method import generate_conditioned, save_pipeline
-from difftune.methods.lora.method import Lora, add_lora, lora_config
+from difftune.methods.lora.method import AdaptersOrWeights, Lora, add_lora, lora_config
 
 
 def widen_input(denoiser: nn.Module, path: str, config: dict[str, Any]) -> None:
@@ -91,7 +89,7 @@ def fused_copy(family: Family, parts: Parts, adapted: nn.Module) -> nn.Module:
     return denoiser
 
 
-class Control(FromSettings):
+class Control(AdaptersOrWeights, FromSettings):
     floor_settings = None  # the control input cannot be switched off by a pipeline setting
     card_tags = ["control"]
     conditioning_latents = True
@@ -127,13 +125,6 @@ class Control(FromSettings):
         return replace(inputs, noisy=torch.cat([inputs.noisy, control], dim=1))
 
     reduce = staticmethod(mean_loss)
-
-    def store(self, name: str, module: nn.Module, folder: Path) -> None:
-        (self.lora.store if self.lora is not None else store_pretrained)(name, module, folder)
-
-    def restore(self, name: str, module: nn.Module, folder: Path) -> None:
-        """build() has widened the projection already, so the saved shapes fit."""
-        (self.lora.restore if self.lora is not None else restore_pretrained)(name, module, folder)
 
     def save(self, family: Family, parts: Parts, trained: Trained, out_dir: Path) -> None:
         if self.lora is None:

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch import nn
 
 from difftune.families.base import Family, ModelInputs, Parts
 from difftune.methods.base import (
@@ -31,14 +30,12 @@ from difftune.methods.base import (
     family_usage,
     freeze,
     mean_loss,
-    restore_pretrained,
     same_samples,
-    store_pretrained,
     trainable_fp32,
 )
 from difftune.methods.edit.spec import EditMethod
 from difftune.methods.full.method import generate_with_trained, save_pipeline
-from difftune.methods.lora.method import Lora, add_lora, lora_config
+from difftune.methods.lora.method import AdaptersOrWeights, Lora, add_lora, lora_config
 
 
 def batch_references(batch: dict[str, Any]) -> list[list[torch.Tensor]]:
@@ -66,7 +63,7 @@ def reference_latents(family: Family, parts: Parts, batch: dict[str, Any], devic
         return encoded
 
 
-class Edit(FromSettings):
+class Edit(AdaptersOrWeights, FromSettings):
     floor_settings: dict[str, Any] | None = None
     """With adapters, the LoRA scale 0: the base's own edit, the metric's floor (set in
     build, where the family names the pipeline argument). A full run has no switch."""
@@ -100,12 +97,6 @@ class Edit(FromSettings):
         return inputs.with_extra(references=latents)
 
     reduce = staticmethod(mean_loss)
-
-    def store(self, name: str, module: nn.Module, folder: Path) -> None:
-        (self.lora.store if self.lora is not None else store_pretrained)(name, module, folder)
-
-    def restore(self, name: str, module: nn.Module, folder: Path) -> None:
-        (self.lora.restore if self.lora is not None else restore_pretrained)(name, module, folder)
 
     def save(self, family: Family, parts: Parts, trained: Trained, out_dir: Path) -> None:
         if self.lora is None:

@@ -33,7 +33,9 @@ from difftune.methods.base import (
     freeze,
     mean_loss,
     no_extra_inputs,
+    restore_pretrained,
     same_samples,
+    store_pretrained,
 )
 from difftune.methods.full.method import generate_text_to_image
 
@@ -161,3 +163,17 @@ class Lora(FromSettings):
     usage = family_usage
 
     generate = staticmethod(generate_text_to_image)
+
+
+class AdaptersOrWeights:
+    """Checkpoints of a method that trains adapters when [method.lora] is given (its `lora`)
+    and whole weights otherwise (Control, edit): the adapter file, or a from_pretrained folder."""
+
+    lora: Lora | None
+
+    def store(self, name: str, module: nn.Module, folder: Path) -> None:
+        (self.lora.store if self.lora is not None else store_pretrained)(name, module, folder)
+
+    def restore(self, name: str, module: nn.Module, folder: Path) -> None:
+        """Into the module as build() made it (Control: its input projection widened already)."""
+        (self.lora.restore if self.lora is not None else restore_pretrained)(name, module, folder)
