@@ -45,6 +45,17 @@ def crops(images: list, count: int, seed: int) -> torch.Tensor:
     return (torch.from_numpy(np.stack(picked)).permute(0, 3, 1, 2) / 127.5 - 1.0)[:, :, None]
 
 
+def decode_unclamped(vae: AutoencoderKLQwenImage, latents: torch.Tensor) -> torch.Tensor:
+    """One frame decoded as AutoencoderKLQwenImage._decode does it, without its final clamp
+    to [-1, 1]: trained through the clamp, a channel pushed past -1 (green's G beside black)
+    gets no gradient back and the colour is lost for good."""
+    vae.clear_cache()
+    vae._conv_idx = [0]
+    out = vae.decoder(vae.post_quant_conv(latents), feat_cache=vae._feat_map, feat_idx=vae._conv_idx)
+    vae.clear_cache()
+    return out
+
+
 def train_vae(vae: AutoencoderKLQwenImage, images: list, steps: int, batch: int, seed: int) -> float:
     """Reconstruction (L1 + L2) with a light KL term; returns the last L1 error."""
     generator = torch.Generator().manual_seed(seed)
@@ -54,7 +65,7 @@ def train_vae(vae: AutoencoderKLQwenImage, images: list, steps: int, batch: int,
     for step in range(steps):
         x = crops(images, batch, seed * 100_003 + step)
         posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=generator)).sample
+        recon = decode_unclamped(vae, posterior.sample(generator=generator))
         l1 = (recon - x).abs().mean()
         loss = l1 + ((recon - x) ** 2).mean() + 1e-6 * posterior.kl().mean()
         loss.backward()
