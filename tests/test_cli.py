@@ -139,4 +139,4 @@ def test_export_and_generate_errors_exit_2(tmp_path: Path, tiny_base: Path, caps
     assert "--controlnet needs --image" in capsys.readouterr().err
     assert main(["generate", "--base", str(tiny_base), "--image", "c.png", "--prompt", "p",
                  "--out", str(tmp_path / "o.png")]) == 2
-    assert "--image is for a ControlNet (--controlnet) or a Control run" in capsys.readouterr().err
+    assert "--image is for a ControlNet (--controlnet), a Control run or an edit run" in capsys.readouterr().err

@@ -4,7 +4,7 @@ prompt length raised from 8 to 16 tokens so that an instruction ("make the circl
 "make" and "the" are spelled letter by letter by its word tokenizer) keeps its colour.
 No weight changes: T5 has relative positions, so a longer prompt needs none.
 
-    python benchmarks/fill_circles_edit/make_kontext_base.py [OUT]   (default runs/fill-circles-base-kontext)
+    python benchmarks/fill_circles_edit/make_kontext_base.py [OUT]   (default assets/fill-circles-base-kontext)
 """
 
 from __future__ import annotations
@@ -34,4 +34,4 @@ def make_kontext_base(out: Path) -> Path:
 
 
 if __name__ == "__main__":
-    print(make_kontext_base(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "runs" / "fill-circles-base-kontext"))
+    print(make_kontext_base(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "assets" / "fill-circles-base-kontext"))
