@@ -96,8 +96,9 @@ def evaluate(base: str, run_dir: Path, held_out: str, steps: int, guidance: floa
         call = family.control_arguments(controls) if runner is pipe else {}
         width, height = controls[0].size  # the held-out size (Flux's pipelines default to 1024-ish)
         images = runner(
-            list(rows["text"]), **call, num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
-            generator=torch.Generator().manual_seed(seed), **family.generation_options(runner), **settings,
+            list(rows["text"]), **call, num_inference_steps=steps, height=height, width=width,
+            generator=torch.Generator().manual_seed(seed), **family.generation_options(runner),
+            **family.guidance_arguments(guidance, len(rows)), **settings,
         ).images
         scores = [metric.score(g, c, t) for g, c, t in zip(images, rows["conditioning_image"], rows["text"])]
         results[label] = mean_scores(scores) | colour_accuracy(images, list(rows["text"]))

@@ -291,11 +291,10 @@ def generate(request: Generation, should_stop: Callable[[], bool] = lambda: Fals
     result = pipe(
         prompt=request.prompt,  # by name: an edit pipeline takes `image` first
         num_inference_steps=request.steps,
-        guidance_scale=request.guidance_scale,
         generator=torch.Generator(device).manual_seed(request.seed),
         callback_on_step_end=stop_between_steps,
-        **family.generation_options(pipe),
-        **call,
+        # --negative-prompt (in call) in place of the family's own
+        **(family.guidance_arguments(request.guidance_scale, 1) | family.generation_options(pipe) | call),
     ).images[0]
     out_path = request.out
     out_path.parent.mkdir(parents=True, exist_ok=True)

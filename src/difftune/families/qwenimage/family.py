@@ -164,6 +164,15 @@ class QwenImage(LatentFamily):
     def generation_options(self, pipeline: Any) -> dict[str, Any]:
         return {"max_sequence_length": MAX_SEQUENCE_LENGTH}
 
+    def guidance_arguments(self, scale: float, prompt_count: int) -> dict[str, Any]:
+        """Qwen-Image's pipelines ignore guidance_scale (it is for guidance-distilled bases) and
+        guide only with true_cfg_scale and a negative prompt: the empty caption, which is what
+        data.proportion_empty_prompts trains the unconditional on (one per prompt: a single
+        string is encoded once, not per prompt)."""
+        if scale <= 1.0:
+            return {"true_cfg_scale": 1.0}
+        return {"true_cfg_scale": scale, "negative_prompt": [""] * prompt_count}
+
     # --- images ----------------------------------------------------------------------------
 
     def latent_distribution(self, parts: Parts, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

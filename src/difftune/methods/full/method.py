@@ -46,6 +46,10 @@ def generate_with_trained(
     copies = {name: inference_copy(module, dtype) for name, module in trained.items()}
     pipeline = family.pipeline(parts.with_modules(copies), kind)
     pipeline.set_progress_bar_config(disable=True)
+    settings = dict(settings)
+    if "guidance_scale" in settings:  # as the family's pipelines take it
+        count = 1 if isinstance(prompt, str) else len(prompt)
+        settings |= family.guidance_arguments(settings.pop("guidance_scale"), count)
     # by name: the edit pipelines take `image` first
     return pipeline(prompt=prompt, **(call or {}), generator=generator, **family.generation_options(pipeline),
                     **settings).images
