@@ -29,6 +29,15 @@ def test_perfect_disc_scores_one() -> None:
     assert scores == {"control_iou": 1.0, "colour_iou": 1.0}
 
 
+def test_a_thick_outline_outlines_the_same_disc() -> None:
+    """Outlines drawn wider (for a VAE that loses thin lines) are drawn inwards: the metric
+    finds the same disc, and the ring is as wide as asked."""
+    thick = draw_conditioning(CIRCLE, 64, width=6)
+    assert METRIC.score(draw_target(CIRCLE, 64), thick, CIRCLE.caption) == {"control_iou": 1.0, "colour_iou": 1.0}
+    row = np.asarray(thick.convert("L"))[CIRCLE.y] > 127
+    assert row.sum() == 2 * 6 and np.asarray(draw_conditioning(CIRCLE, 64).convert("L"))[CIRCLE.y].sum() == 2 * 255
+
+
 @pytest.mark.parametrize("shift", [4, 8, 16])
 def test_shifted_disc_scores_its_true_iou(shift: int) -> None:
     moved = Circle(32 + shift, 32, 16, "red", "blue")

@@ -5,7 +5,8 @@
   benchmarks/fill_circles_edit/train_qwen_base.py; the edit pipeline's processor is left out).
   No weight changes, so git stores the weights once;
 - assets/fill-circles-128: fill-circles at 128 pixels (the base's VAE has factor 16: 4x4
-  transformer tokens), 2000 training rows, 64 held-out, 2 validation outlines.
+  transformer tokens), 2000 training rows, 64 held-out, 2 validation outlines, the outlines
+  8 pixels wide (half a VAE cell: this VAE, trained on discs, loses the default 2-pixel line).
 
     python benchmarks/fill_circles/make_qwen_assets.py
 """
@@ -22,6 +23,7 @@ from difftune.data.synthetic import DEMO_PALETTE, draw_conditioning, random_circ
 ROOT = Path(__file__).resolve().parents[2]
 EDIT_BASE = ROOT / "assets" / "fill-circles-base-qwen-edit"
 RESOLUTION = 128
+OUTLINE = 8
 
 
 def make_qwen_base(out: Path) -> Path:
@@ -36,12 +38,12 @@ def make_qwen_base(out: Path) -> Path:
 
 
 def make_data(out: Path) -> Path:
-    write_fill_circles_parquet(out / "train", 2000, RESOLUTION, seed=0, colours=DEMO_PALETTE)
-    write_fill_circles_parquet(out / "held-out", 64, RESOLUTION, seed=1, colours=DEMO_PALETTE)
+    write_fill_circles_parquet(out / "train", 2000, RESOLUTION, seed=0, colours=DEMO_PALETTE, outline_width=OUTLINE)
+    write_fill_circles_parquet(out / "held-out", 64, RESOLUTION, seed=1, colours=DEMO_PALETTE, outline_width=OUTLINE)
     rng = random.Random(2)
     (out / "validation").mkdir(parents=True, exist_ok=True)
     for index in range(2):
-        draw_conditioning(random_circle(rng, RESOLUTION, DEMO_PALETTE), RESOLUTION).save(
+        draw_conditioning(random_circle(rng, RESOLUTION, DEMO_PALETTE), RESOLUTION, OUTLINE).save(
             out / "validation" / f"{index}.png")
     return out
 
