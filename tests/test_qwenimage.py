@@ -27,6 +27,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 from PIL import Image
 
 from difftune.config import ConfigError, build_config
+from difftune.data.sources import DataError
 from difftune.families import ModelInputs, family_of_pipeline, get_family
 from difftune.families.qwenimage.tiny import build_tiny_qwenimage, tiny_qwen_vl, write_qwen_tokenizer
 from difftune.families.qwenimage_edit.family import load_processor
@@ -392,3 +393,28 @@ def test_an_edit_lora_run_loads_into_the_edit_pipeline_and_changes_the_edit(tiny
     pipe.load_lora_weights(final)
     assert not np.allclose(before, _image(pipe, **call), atol=1e-4), "the LoRA changed nothing"
 
+
+
+def test_a_validation_prompt_with_several_references_shows_them_and_their_edit(
+        tiny_edit: Path, tiny_edit_plus: Path, tiny_qwenimage: Path, tmp_path: Path) -> None:
+    data = _edits(tmp_path / "edits")
+    several = [str(data / "reference-0.png"), str(data / "reference-1.png")]
+    raw = _run(tiny_edit_plus, data, tmp_path / "run", "qwenimage_edit", kind="edit", lora={"rank": 4})
+    raw["validation"] |= {"prompts": ["make the circle red"], "images": [several], "num_images": 1}
+    train(build_config(raw))
+    grid = Image.open(tmp_path / "run" / "validation" / "step-000002" / "pair-00-grid.png")
+    image = Image.open(tmp_path / "run" / "validation" / "step-000002" / "pair-00-image-0.png")
+    assert grid.width >= 3 * image.width  # both references, then the edit
+    prompts = json.loads((tmp_path / "run" / "validation" / "step-000002" / "prompts.json").read_text())
+    assert prompts["pair-00"]["image"] == several
+    # QwenImageEditPipeline takes one reference per prompt: refused before any model loads
+    raw = _run(tiny_edit, data, tmp_path / "one", "qwenimage_edit", kind="edit", lora={"rank": 4})
+    raw["validation"] |= {"prompts": ["make the circle red"], "images": [several]}
+    with pytest.raises(DataError, match=r"validation.images\[0\] lists 2 references, and QwenImageEditPipeline"):
+        train(build_config(raw))
+    assert not (tmp_path / "one" / "checkpoints").exists()
+    # and a method without references takes one conditioning image per prompt
+    raw = _run(tiny_qwenimage, data, tmp_path / "cn", kind="controlnet")
+    raw["validation"] |= {"images": [several]}
+    with pytest.raises(ConfigError, match=r"validation.images\[0\]: a list of images is an edit's several"):
+        build_config(raw)

@@ -1,14 +1,17 @@
 """Train the tiny Qwen-Image-Edit-shaped fill-circles base on the CPU.
 
-1. a random QwenImageEditPipeline at the "bench" sizes (families/qwenimage/tiny.py): a VAE of
-   factor 16, a two-layer Qwen2.5-VL with its vision tower, a three-block transformer;
-2. the VAE trained to reconstruct fill-circles discs (128-pixel images),
-   its per-channel latents_mean / latents_std set from what it encodes;
-3. the transformer trained text-to-image on fill-circles at 128 pixels with difftune's own
+1. a random QwenImageEditPipeline at one of families/qwenimage/tiny.py's sizes ("bench": a VAE
+   of factor 16; "megapixel": of factor 64), a two-layer Qwen2.5-VL with its vision tower, a
+   three-block transformer;
+2. the VAE trained to reconstruct fill-circles discs (drawn at 128 pixels, scaled to
+   --resolution as the data loader scales them, seen in crops), its per-channel
+   latents_mean / latents_std set from what it encodes;
+3. the transformer trained text-to-image on fill-circles at --resolution with difftune's own
    `full` method (rows without a reference: QwenImagePipeline's prompt), then put back into
    the QwenImageEditPipeline folder (with its processor).
 
-    python benchmarks/fill_circles_edit/train_qwen_base.py OUT [--vae-steps 600] [--steps 3000] [--vae FOLDER]
+    python benchmarks/fill_circles_edit/train_qwen_base.py OUT [--size megapixel --resolution 1024]
+        [--vae-steps 600] [--steps 3000] [--vae FOLDER]
 """
 
 from __future__ import annotations
@@ -26,22 +29,23 @@ from diffusers import AutoencoderKLQwenImage
 
 from difftune.config import build_config
 from difftune.data.synthetic import DEMO_PALETTE, fill_circles_rows, write_fill_circles
+from difftune.data.transforms import resize_to_cover
 from difftune.families.qwenimage_edit.tiny import build_tiny_qwenimage_edit
 from difftune.training.loop import train
 
 WORDS = DEMO_PALETTE + ["circle", "with", "background", "make", "the"]
-RESOLUTION = 128
-CROP = 128
+DRAWN = 128
+"""The discs are drawn at 128 pixels (the committed data's size) and scaled up to the resolution."""
 
 
-def crops(images: list, count: int, seed: int) -> torch.Tensor:
-    """Random CROP-pixel crops in [-1, 1], (count, 3, 1, CROP, CROP) (the VAE is 3-D)."""
+def crops(images: list, count: int, size: int, seed: int) -> torch.Tensor:
+    """Random size-pixel crops in [-1, 1], (count, 3, 1, size, size) (the VAE is 3-D)."""
     rng = random.Random(seed)
     picked = []
     for _ in range(count):
         image = images[rng.randrange(len(images))]
-        left, top = rng.randrange(RESOLUTION - CROP + 1), rng.randrange(RESOLUTION - CROP + 1)
-        picked.append(np.asarray(image.crop((left, top, left + CROP, top + CROP)), dtype=np.float32))
+        left, top = rng.randrange(image.width - size + 1), rng.randrange(image.height - size + 1)
+        picked.append(np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32))
     return (torch.from_numpy(np.stack(picked)).permute(0, 3, 1, 2) / 127.5 - 1.0)[:, :, None]
 
 
@@ -56,14 +60,14 @@ def decode_unclamped(vae: AutoencoderKLQwenImage, latents: torch.Tensor) -> torc
     return out
 
 
-def train_vae(vae: AutoencoderKLQwenImage, images: list, steps: int, batch: int, seed: int) -> float:
+def train_vae(vae: AutoencoderKLQwenImage, images: list, steps: int, batch: int, crop: int, seed: int) -> float:
     """Reconstruction (L1 + L2) with a light KL term; returns the last L1 error."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=5e-4, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, eta_min=1e-5)  # settles the noise
     vae.train()
     for step in range(steps):
-        x = crops(images, batch, seed * 100_003 + step)
+        x = crops(images, batch, crop, seed * 100_003 + step)
         posterior = vae.encode(x).latent_dist
         recon = decode_unclamped(vae, posterior.sample(generator=generator))
         l1 = (recon - x).abs().mean()
@@ -80,19 +84,19 @@ def train_vae(vae: AutoencoderKLQwenImage, images: list, steps: int, batch: int,
 
 def set_latent_statistics(vae: AutoencoderKLQwenImage, images: list) -> None:
     """latents_mean / latents_std per channel, as Qwen-Image's VAE config carries them."""
-    pixels = torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) for i in images[:256]]))
+    pixels = torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) for i in images[:128]]))
     with torch.no_grad():
         means = torch.cat([vae.encode((chunk.permute(0, 3, 1, 2) / 127.5 - 1.0)[:, :, None]).latent_dist.mean
-                           for chunk in pixels.split(32)])
+                           for chunk in pixels.split(8)])
     flat = means.transpose(0, 1).reshape(means.shape[1], -1)
     vae.register_to_config(latents_mean=flat.mean(1).tolist(), latents_std=flat.std(1).tolist())
 
 
-def base_config(base: Path, data: Path, out: Path, steps: int) -> dict:
+def base_config(base: Path, data: Path, out: Path, steps: int, resolution: int) -> dict:
     return {
         "model": {"pretrained": str(base), "family": "qwenimage_edit"},
         "method": {"kind": "full"},
-        "data": {"path": str(data), "resolution": RESOLUTION, "proportion_empty_prompts": 0.1,
+        "data": {"path": str(data), "resolution": resolution, "proportion_empty_prompts": 0.1,
                  "cache_latents": True},
         "train": {"output_dir": str(out), "seed": 0, "batch_size": 16, "max_steps": steps, "learning_rate": 5e-4,
                   "lr_scheduler": "cosine", "lr_warmup_steps": 200, "adam_weight_decay": 0.0,
@@ -110,23 +114,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae", type=Path, help="a VAE folder to go on training from")
+    parser.add_argument("--size", default="bench", help="families/qwenimage/tiny.py's QWENIMAGE_SIZES key")
+    parser.add_argument("--resolution", type=int, default=128, help="the targets' size in training")
+    parser.add_argument("--crop", type=int, default=128, help="the VAE's training crops")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     work = args.out / "work"
     data = work / "fill-circles"
     if not (data / "metadata.jsonl").is_file():
-        write_fill_circles(data, args.samples, RESOLUTION, args.seed, colours=DEMO_PALETTE)
-    initial = build_tiny_qwenimage_edit(work / "initial", WORDS, size="bench", seed=args.seed)
-    images = fill_circles_rows(512, RESOLUTION, args.seed + 1, DEMO_PALETTE)["image"]
+        write_fill_circles(data, args.samples, DRAWN, args.seed, colours=DEMO_PALETTE)
+    initial = build_tiny_qwenimage_edit(work / "initial", WORDS, size=args.size, seed=args.seed)
+    images = [resize_to_cover(image, (args.resolution, args.resolution)) for image in
+              fill_circles_rows(512, DRAWN, args.seed + 1, DEMO_PALETTE)["image"]]
     vae = (AutoencoderKLQwenImage.from_pretrained(args.vae) if args.vae
            else AutoencoderKLQwenImage.from_pretrained(initial, subfolder="vae"))
-    vae_l1 = train_vae(vae, images, args.vae_steps, 8, args.seed + (1 if args.vae else 0))
+    vae_l1 = train_vae(vae, images, args.vae_steps, 8, args.crop, args.seed + (1 if args.vae else 0))
     set_latent_statistics(vae, images)
     vae.save_pretrained(initial / "vae")
     vae_minutes = (time.perf_counter() - started) / 60
     print(f"vae done: l1 {vae_l1:.4f}, {vae_minutes:.1f} min", flush=True)
-    final = train(build_config(base_config(initial, data, work / "t2i-run", args.steps)))
+    final = train(build_config(base_config(initial, data, work / "t2i-run", args.steps, args.resolution)))
     base = args.out / "base"
     if base.exists():
         shutil.rmtree(base)
@@ -135,7 +143,8 @@ def main() -> None:
     shutil.copytree(final / "transformer", base / "transformer")
     summary = {"family": "qwenimage_edit", "minutes": round((time.perf_counter() - started) / 60, 1),
                "vae_minutes": round(vae_minutes, 1), "vae_l1": vae_l1, "steps": args.steps,
-               "samples": args.samples, "resolution": RESOLUTION}
+               "samples": args.samples, "resolution": args.resolution,
+               "size": args.size, "crop": args.crop}
     (args.out / "base-training.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary), flush=True)
 

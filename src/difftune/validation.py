@@ -23,8 +23,24 @@ from difftune.methods.base import Method, Trained, evaluating
 @dataclass(frozen=True)
 class ValidationPair:
     prompt: str
-    image_path: str | None
-    image: Image.Image | None
+    image_path: str | list[str] | None
+    image: Image.Image | list[Image.Image] | None
+    """The conditioning image, or an edit prompt's several references (a list)."""
+
+    @property
+    def shown(self) -> list[Image.Image]:
+        """The images the grid shows before the generated ones."""
+        return [] if self.image is None else self.image if isinstance(self.image, list) else [self.image]
+
+
+def open_validation_image(path: str, where: str, resolution: int) -> Image.Image:
+    try:
+        # upright (EXIF orientation), as training saw its conditioning images
+        return open_oriented(Path(path)).resize((resolution, resolution), Image.Resampling.BILINEAR)
+    except FileNotFoundError:
+        raise DataError(f"{where}: no such file {path}") from None
+    except Exception as error:
+        raise DataError(f"{where}: unreadable image {path} ({error})") from None
 
 
 def load_validation_pairs(config: ValidationConfig, resolution: int) -> list[ValidationPair]:
@@ -33,15 +49,13 @@ def load_validation_pairs(config: ValidationConfig, resolution: int) -> list[Val
     for index, (prompt, path) in enumerate(config.pairs()):
         if path is None:
             pairs.append(ValidationPair(prompt, None, None))
-            continue
-        try:
-            # upright (EXIF orientation), as training saw its conditioning images
-            image = open_oriented(Path(path)).resize((resolution, resolution), Image.Resampling.BILINEAR)
-        except FileNotFoundError:
-            raise DataError(f"validation.images[{index}]: no such file {path}") from None
-        except Exception as error:
-            raise DataError(f"validation.images[{index}]: unreadable image {path} ({error})") from None
-        pairs.append(ValidationPair(prompt, path, image))
+        elif isinstance(path, list):  # an edit prompt's several references
+            images = [open_validation_image(one, f"validation.images[{index}][{number}]", resolution)
+                      for number, one in enumerate(path)]
+            pairs.append(ValidationPair(prompt, path, images))
+        else:
+            pairs.append(ValidationPair(prompt, path, open_validation_image(path, f"validation.images[{index}]",
+                                                                            resolution)))
     return pairs
 
 
@@ -113,8 +127,9 @@ def run_validation(
                 images = method.generate(family, parts, trained, pair.prompt, pair.image, settings, generator)
             for number, image in enumerate(images):
                 image.save(out_dir / f"pair-{index:02d}-image-{number}.png")
-            row = ([pair.image] if pair.image is not None else []) + images
-            shown = f"{pair.prompt!r}" + (f" | control: {Path(pair.image_path).name}" if pair.image_path else "")
+            row = pair.shown + images
+            paths = [pair.image_path] if isinstance(pair.image_path, str) else pair.image_path or []
+            shown = f"{pair.prompt!r}" + (f" | control: {', '.join(Path(p).name for p in paths)}" if paths else "")
             captioned(grid(row), shown).save(out_dir / f"pair-{index:02d}-grid.png")
             results.append({"prompt": pair.prompt, "image": pair.image_path, "images": images, "row": row})
     prompts = {f"pair-{i:02d}": {"prompt": r["prompt"], "image": r["image"]} for i, r in enumerate(results)}

@@ -15,8 +15,10 @@ class ValidationConfig(_Section):
     every: int = Field(100, gt=0)
     """Validate every N optimizer steps (and once at the end)."""
     prompts: list[str] = []
-    images: list[PathText] = []
-    """Conditioning image files; one for all prompts, one per prompt, or N with N prompts."""
+    images: list[PathText | list[PathText]] = []
+    """Conditioning image files; one for all prompts, one per prompt, or N with N prompts. For
+    an edit, an entry may be a list: that prompt's several reference images (Qwen-Image-Edit
+    Plus)."""
     num_images: int = Field(4, gt=0, le=64)
     """Images generated per (prompt, conditioning image) pair."""
     steps: int = Field(20, gt=0, le=1000)
@@ -51,8 +53,8 @@ class ValidationConfig(_Section):
             )
         return self
 
-    def pairs(self) -> list[tuple[str, str | None]]:
-        """(prompt, conditioning image path or None) pairs, broadcasting a single one."""
+    def pairs(self) -> list[tuple[str, str | list[str] | None]]:
+        """(prompt, conditioning image path(s) or None) pairs, broadcasting a single one."""
         if not self.images:
             return [(prompt, None) for prompt in self.prompts]
         count = max(len(self.prompts), len(self.images))

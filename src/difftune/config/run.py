@@ -131,6 +131,10 @@ class RunConfig(_Section):
             raise ValueError(
                 f"validation.images: method {method.kind!r} takes no conditioning image (they would be "
                 "ignored); give validation.prompts alone")
+        several = [index for index, entry in enumerate(validation.images) if isinstance(entry, list)]
+        if several and not method.takes_references:
+            raise ValueError(f"validation.images[{several[0]}]: a list of images is an edit's several references; "
+                             f"method {method.kind!r} takes one conditioning image per prompt")
         if validation.prompts and not validation.images and method.needs_conditioning:
             raise ValueError(f"validation.images: method {method.kind!r} needs a conditioning image per prompt")
         if validation.metric != "none" and not method.needs_conditioning:

@@ -25,7 +25,8 @@ def with_absolute_paths(config: RunConfig) -> RunConfig:
         value = raw[section][key]
         if value and (Path(value).exists() or (section, key) == ("train", "output_dir")):
             raw[section][key] = os.path.abspath(value)
-    raw["validation"]["images"] = [os.path.abspath(v) if Path(v).exists() else v for v in raw["validation"]["images"]]
+    raw["validation"]["images"] = [[absolute(v) for v in entry] if isinstance(entry, list) else absolute(entry)
+                                   for entry in raw["validation"]["images"]]
     for dotted in config.method.PATH_KEYS:  # each method's own (method.controlnet, ...)
         *tables, key = dotted.split(".")
         table = raw["method"]
@@ -34,6 +35,11 @@ def with_absolute_paths(config: RunConfig) -> RunConfig:
         if table.get(key) and Path(table[key]).exists():
             table[key] = os.path.abspath(table[key])
     return RunConfig.model_validate(raw)
+
+
+def absolute(value: str) -> str:
+    """A path that exists, made absolute; anything else as it is."""
+    return os.path.abspath(value) if Path(value).exists() else value
 
 
 def to_toml(config: RunConfig) -> str:

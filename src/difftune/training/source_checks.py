@@ -71,12 +71,12 @@ def check_sources(config: RunConfig) -> None:
                             "dataset name)")
     check_class_data(config)
     check_written_folders(config)
-    for index, image in enumerate(config.validation.images):
+    for where, image in validation_image_paths(config):
         problem = image_problem(Path(image))
         if problem == "no such file":
-            raise DataError(f"validation.images[{index}]: no such file {image}")
+            raise DataError(f"{where}: no such file {image}")
         if problem:
-            raise DataError(f"validation.images[{index}]: {image}: {problem}")
+            raise DataError(f"{where}: {image}: {problem}")
     if config.hub.push:
         check_hub_push()
 
@@ -130,10 +130,27 @@ def check_class_data(config: RunConfig) -> None:
                             f"{'; '.join(bad[:5])}. Remove them (missing images are generated again).")
 
 
+def validation_image_paths(config: RunConfig) -> list[tuple[str, str]]:
+    """("validation.images[i]" or "validation.images[i][j]", path) for every image listed."""
+    listed = []
+    for index, entry in enumerate(config.validation.images):
+        if isinstance(entry, list):
+            listed += [(f"validation.images[{index}][{number}]", path) for number, path in enumerate(entry)]
+        else:
+            listed.append((f"validation.images[{index}]", entry))
+    return listed
+
+
 def check_edit_rows(config: RunConfig, checked: CheckedRows) -> None:
-    """No row has more references than the base's edit pipeline takes per prompt."""
+    """No row, and no validation prompt, has more references than the base's edit pipeline
+    takes per prompt."""
     from difftune.families import get_family
 
     family = get_family(config.model.family)
     limit = family.max_references(config.model.pretrained, config.model.revision)
     check_reference_counts(checked, limit, family.pipeline_classes["edit"])
+    for index, entry in enumerate(config.validation.images):
+        if limit is not None and isinstance(entry, list) and len(entry) > limit:
+            raise DataError(f"validation.images[{index}] lists {len(entry)} references, and "
+                            f"{family.pipeline_classes['edit']} takes {limit} per prompt (an Edit Plus base "
+                            "takes several)")

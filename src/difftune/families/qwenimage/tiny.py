@@ -29,6 +29,13 @@ QWENIMAGE_SIZES: dict[str, dict[str, Any]] = {
     "bench": {"z_dim": 16, "vae_base": 8, "temperal_downsample": (False, True, True, False), "text": 32,
               "text_heads": 2, "mrope": (2, 3, 3), "vision": 16, "heads": 4, "head_dim": 32, "rope": (16, 8, 8),
               "layers": 3},
+    # the fill-circles Qwen-Image-Edit base at the pipelines' own sizes: a VAE of factor 64
+    # (no residual blocks in its encoder, 8 channels throughout, so a megapixel encodes in a
+    # tenth of a second on 2 cores), so a one-megapixel reference and a 1024-pixel target are
+    # both 8x8 tokens: the same RoPE grid, as Qwen-Image-Edit itself is trained
+    "megapixel": {"z_dim": 16, "vae_base": 8, "vae_mult": (1,) * 7, "vae_res_blocks": 0,
+                  "temperal_downsample": (False, True, True, False, False, False), "text": 32, "text_heads": 2,
+                  "mrope": (2, 3, 3), "vision": 16, "heads": 4, "head_dim": 32, "rope": (16, 8, 8), "layers": 3},
 }
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>")
@@ -130,7 +137,8 @@ def tiny_parts(dims: dict[str, Any], tokenizer: Any, seed: int) -> dict[str, Any
     torch.manual_seed(seed)
     z_dim, stages = dims["z_dim"], len(dims["temperal_downsample"])
     vae = AutoencoderKLQwenImage(
-        base_dim=dims["vae_base"], z_dim=z_dim, dim_mult=[1] + [2] * stages, num_res_blocks=1, attn_scales=[],
+        base_dim=dims["vae_base"], z_dim=z_dim, dim_mult=list(dims.get("vae_mult", [1] + [2] * stages)),
+        num_res_blocks=dims.get("vae_res_blocks", 1), attn_scales=[],
         temperal_downsample=list(dims["temperal_downsample"]),
         # uneven on purpose: the latents are normalised per channel
         latents_mean=[0.1 * (c - 1) for c in range(z_dim)], latents_std=[1.0 + 0.25 * c for c in range(z_dim)])
