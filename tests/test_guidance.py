@@ -26,14 +26,14 @@ def _images(pipe: QwenImagePipeline, **call: object) -> np.ndarray:
 
 def test_qwen_image_guides_with_true_cfg_and_the_empty_caption_per_prompt() -> None:
     family = get_family("qwenimage")
-    assert family.guidance_arguments(1.0, 2) == {"true_cfg_scale": 1.0}
-    assert family.guidance_arguments(4.0, 2) == {"true_cfg_scale": 4.0, "negative_prompt": ["", ""]}
-    assert get_family("qwenimage_edit").guidance_arguments(3.0, 1)["negative_prompt"] == [""]
-    assert get_family("flux").guidance_arguments(3.5, 2) == {"guidance_scale": 3.5}
     pipe = QwenImagePipeline.from_pretrained(QWEN_BASE)
     pipe.set_progress_bar_config(disable=True)
-    unguided = _images(pipe, **family.guidance_arguments(1.0, 2))
-    guided = _images(pipe, **family.guidance_arguments(4.0, 2))
+    assert family.guidance_arguments(pipe, 1.0, 2) == {"true_cfg_scale": 1.0}
+    assert family.guidance_arguments(pipe, 4.0, 2) == {"true_cfg_scale": 4.0, "negative_prompt": ["", ""]}
+    assert get_family("qwenimage_edit").guidance_arguments(pipe, 3.0, 1)["negative_prompt"] == [""]
+    assert get_family("flux").guidance_arguments(None, 3.5, 2) == {"guidance_scale": 3.5}
+    unguided = _images(pipe, **family.guidance_arguments(pipe, 1.0, 2))
+    guided = _images(pipe, **family.guidance_arguments(pipe, 4.0, 2))
     assert guided.shape == unguided.shape == (2, 64, 64, 3)
     assert not np.allclose(guided, unguided, atol=1e-3), "guidance changed nothing"
     # what diffusers' guidance_scale alone gives Qwen-Image: nothing (it is for distilled bases)

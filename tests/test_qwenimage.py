@@ -263,6 +263,40 @@ def test_a_full_run_saves_a_pipeline_that_loads(tiny_qwenimage: Path, circles: P
     assert np.isfinite(_image(pipe)).all()
 
 
+def test_a_guidance_distilled_base_is_refused_where_diffusers_cannot_run_it(tiny_qwenimage: Path, circles: Path,
+                                                                            tmp_path: Path) -> None:
+    """A transformer with guidance_embeds: where diffusers' Qwen-Image time embedding takes
+    no guidance (0.42), the transformer and QwenImagePipeline fail on it, so the run is
+    refused before anything loads; where it does, training gives it `[model] guidance` and
+    validation gives the pipeline guidance_scale without a true-CFG pass."""
+    import shutil
+
+    from difftune.families.qwenimage.family import runs_guidance_embeds
+    from difftune.training.source_checks import check_sources
+
+    base = tmp_path / "distilled"
+    shutil.copytree(tiny_qwenimage, base)
+    config_file = base / "transformer" / "config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"guidance_embeds": True}))
+    raw = _run(base, circles, tmp_path / "run", kind="lora", lora={"rank": 4})
+    raw["model"]["guidance"] = 2.0
+    raw["validation"] |= {"guidance_scale": 2.0, "num_images": 1}
+    pipe = _pipeline(QwenImagePipeline, base)
+    family = get_family("qwenimage")
+    assert family.guidance_arguments(pipe, 2.0, 1) == {"guidance_scale": 2.0, "true_cfg_scale": 1.0}
+    if not runs_guidance_embeds():
+        with pytest.raises(TypeError):  # what diffusers does with it: why the run is refused
+            _image(pipe, guidance_scale=2.0)
+        with pytest.raises(ConfigError, match="guidance_embeds = true, and diffusers .* cannot run one"):
+            check_sources(build_config(raw))
+        return
+    seen = _catch(pipe.transformer)
+    _image(pipe, guidance_scale=2.0)
+    assert seen["guidance"] is not None
+    train(build_config(raw))
+    assert (tmp_path / "run" / "validation" / "step-000002" / "pair-00-image-0.png").is_file()
+
+
 def test_a_controlnet_run_loads_into_the_controlnet_pipeline(tiny_qwenimage: Path, circles: Path,
                                                              tmp_path: Path) -> None:
     final = train(build_config(_run(tiny_qwenimage, circles, tmp_path / "run", kind="controlnet")))

@@ -106,7 +106,7 @@ def evaluate(base: str, run_dir: Path, held_out: str, steps: int, guidance: floa
             images += runner(
                 texts, **call, num_inference_steps=steps, height=height, width=width,
                 generator=torch.Generator().manual_seed(seed + start), **family.generation_options(runner),
-                **family.guidance_arguments(guidance, len(texts)), **settings,
+                **family.guidance_arguments(runner, guidance, len(texts)), **settings,
             ).images
         scores = [metric.score(g, c, t) for g, c, t in zip(images, rows["conditioning_image"], rows["text"])]
         results[label] = mean_scores(scores) | colour_accuracy(images, list(rows["text"]))

@@ -294,7 +294,7 @@ def generate(request: Generation, should_stop: Callable[[], bool] = lambda: Fals
         generator=torch.Generator(device).manual_seed(request.seed),
         callback_on_step_end=stop_between_steps,
         # --negative-prompt (in call) in place of the family's own
-        **(family.guidance_arguments(request.guidance_scale, 1) | family.generation_options(pipe) | call),
+        **(family.guidance_arguments(pipe, request.guidance_scale, 1) | family.generation_options(pipe) | call),
     ).images[0]
     out_path = request.out
     out_path.parent.mkdir(parents=True, exist_ok=True)

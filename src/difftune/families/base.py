@@ -241,10 +241,11 @@ class FamilyCore(Protocol):
         the prompt as training encoded it (Flux: max_sequence_length)."""
         ...
 
-    def guidance_arguments(self, scale: float, prompt_count: int) -> dict[str, Any]:
-        """The call arguments that guide `prompt_count` prompts at classifier-free guidance
-        `scale` (most pipelines: guidance_scale; Qwen-Image's: true_cfg_scale with a negative
-        prompt, without which they do not guide)."""
+    def guidance_arguments(self, pipeline: Any, scale: float, prompt_count: int) -> dict[str, Any]:
+        """The call arguments that guide `prompt_count` prompts through `pipeline` at guidance
+        `scale` (most pipelines: guidance_scale, classifier-free or, for a guidance-distilled
+        transformer, its guidance input; Qwen-Image's: true_cfg_scale with a negative prompt,
+        without which they do not guide)."""
         ...
 
     def load_pipeline(self, base: str, dtype: Any, controlnet: Any = None, kind: str | None = None,

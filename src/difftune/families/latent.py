@@ -242,7 +242,7 @@ class LatentFamily:
         """Call arguments every generation with the family's pipelines takes (Flux: its T5 length)."""
         return {}
 
-    def guidance_arguments(self, scale: float, prompt_count: int) -> dict[str, Any]:
+    def guidance_arguments(self, pipeline: Any, scale: float, prompt_count: int) -> dict[str, Any]:
         return {"guidance_scale": scale}
 
     def load_pipeline(self, base: str, dtype: Any, controlnet: Any = None, kind: str | None = None,

@@ -77,6 +77,16 @@ def kept_states(hidden: torch.Tensor, mask: torch.Tensor, drop: int, limit: int 
     return {"hidden_states": padded[:, :limit], "mask": kept[:, :limit]}
 
 
+def runs_guidance_embeds() -> bool:
+    """Whether the installed diffusers' Qwen-Image time embedding takes a guidance input (in
+    0.42 the transformer hands it one that its forward does not take)."""
+    import inspect
+
+    from diffusers.models.transformers.transformer_qwenimage import QwenTimestepProjEmbeddings
+
+    return "guidance" in inspect.signature(QwenTimestepProjEmbeddings.forward).parameters
+
+
 class QwenImage(LatentFamily):
     facts = FACTS
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
@@ -102,10 +112,18 @@ class QwenImage(LatentFamily):
                        trainable_text_encoder_names=())
 
     def method_problems(self, method: MethodSettings, base: str, revision: str | None = None) -> list[str]:
-        """A new ControlNet copies `controlnet_double_blocks` of the transformer's blocks (all
-        are dual-stream): at least one, at most as many as it has."""
+        """A guidance-distilled transformer only where diffusers can run one; a new ControlNet
+        copies `controlnet_double_blocks` of the transformer's blocks (all are dual-stream): at
+        least one, at most as many as it has."""
         from difftune.model_files import read_config
 
+        transformer = read_config(base, f"{self.denoiser_name}/config.json", revision) or {}
+        if transformer.get("guidance_embeds") and not runs_guidance_embeds():
+            import diffusers
+
+            return [f"model.pretrained: its transformer has guidance_embeds = true, and diffusers "
+                    f"{diffusers.__version__}'s QwenImageTransformer2DModel cannot run one (its time embedding "
+                    "takes no guidance: QwenImagePipeline fails the same way); train a base without it"]
         if method.result != "controlnet" or method.controlnet is not None:
             return []
         problems = []
@@ -117,7 +135,7 @@ class QwenImage(LatentFamily):
         if wanted == 0:
             problems.append("method.controlnet_double_blocks = 0: a ControlNet of no blocks adds nothing to the "
                             "transformer; copy at least one")
-        has = (read_config(base, f"{self.denoiser_name}/config.json", revision) or {}).get("num_layers")
+        has = transformer.get("num_layers")
         # a count left at its default (4) takes what a smaller base has, with a line (make_controlnet)
         if isinstance(has, int) and wanted > has and wanted != default["controlnet_double_blocks"].default:
             problems.append(f"method.controlnet_double_blocks = {wanted}: the base's transformer has {has} blocks "
@@ -164,11 +182,14 @@ class QwenImage(LatentFamily):
     def generation_options(self, pipeline: Any) -> dict[str, Any]:
         return {"max_sequence_length": MAX_SEQUENCE_LENGTH}
 
-    def guidance_arguments(self, scale: float, prompt_count: int) -> dict[str, Any]:
-        """Qwen-Image's pipelines ignore guidance_scale (it is for guidance-distilled bases) and
-        guide only with true_cfg_scale and a negative prompt: the empty caption, which is what
-        data.proportion_empty_prompts trains the unconditional on (one per prompt: a single
-        string is encoded once, not per prompt)."""
+    def guidance_arguments(self, pipeline: Any, scale: float, prompt_count: int) -> dict[str, Any]:
+        """Qwen-Image's pipelines read guidance_scale only for a guidance-distilled transformer
+        (guidance_embeds: the scale is its input, as `[model] guidance` is in training, and they
+        refuse to run without it). Otherwise they guide only with true_cfg_scale and a negative
+        prompt: the empty caption, which is what data.proportion_empty_prompts trains the
+        unconditional on (one per prompt: a single string is encoded once, not per prompt)."""
+        if pipeline.transformer.config.guidance_embeds:
+            return {"guidance_scale": scale, "true_cfg_scale": 1.0}
         if scale <= 1.0:
             return {"true_cfg_scale": 1.0}
         return {"true_cfg_scale": scale, "negative_prompt": [""] * prompt_count}

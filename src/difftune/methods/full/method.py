@@ -49,7 +49,7 @@ def generate_with_trained(
     settings = dict(settings)
     if "guidance_scale" in settings:  # as the family's pipelines take it
         count = 1 if isinstance(prompt, str) else len(prompt)
-        settings |= family.guidance_arguments(settings.pop("guidance_scale"), count)
+        settings |= family.guidance_arguments(pipeline, settings.pop("guidance_scale"), count)
     # by name: the edit pipelines take `image` first
     return pipeline(prompt=prompt, **(call or {}), generator=generator, **family.generation_options(pipeline),
                     **settings).images
