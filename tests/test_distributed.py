@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import run_config
+from conftest import WORDS, run_config
 
 from difftune.config import build_config, to_toml
 
@@ -97,3 +97,34 @@ def test_two_processes_with_aspect_buckets_and_a_shared_cache(tiny_base: Path, t
     (latents,) = (cache / "latents").iterdir()
     assert len(list(latents.glob("shard-*.safetensors"))) == 2
     assert len(json.loads((latents / "index.json").read_text())["entries"]) == 12
+
+
+def test_two_processes_train_mixed_edit_batches_as_one_process(tmp_path: Path) -> None:
+    """An edit batch whose rows differ in references runs one denoiser call per group: under
+    DDP too (several calls before one backward), and as one process with the double batch."""
+    from test_edit import write_edits
+
+    from difftune.families.flux.tiny import build_tiny_flux
+
+    base = build_tiny_flux(tmp_path / "kontext", WORDS + ["make", "the"], seed=0, t5_length=32)
+    data = write_edits(tmp_path / "edits", 8, missing=(1, 2, 5))  # 3 of the 6 two-row batches mix both kinds
+
+    def edit_run(out: Path, batch: int) -> dict:
+        raw = run_config(base, data, out, train={"max_steps": 3, "checkpoint_every": 10, "cpu_threads": 1,
+                                                 "batch_size": batch},
+                         validation={"every": 10, "steps": 2, "prompts": ["make the circle red"],
+                                     "images": [str(data / "reference-0.png")], "num_images": 1})
+        raw["model"]["family"] = "flux"
+        raw["method"] = {"kind": "edit", "lora": {"rank": 4}}
+        raw["data"]["cache_latents"] = False
+        return raw
+
+    _torchrun(_write(edit_run(tmp_path / "two", 2), tmp_path / "2.toml"), 2)
+    _torchrun(_write(edit_run(tmp_path / "one", 4), tmp_path / "1.toml"), 1)
+    a, b = _losses(tmp_path / "two"), _losses(tmp_path / "one")
+    assert len(a) == len(b) == 3
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(tmp_path / run / "final" / "pytorch_lora_weights.safetensors") for run in ("two", "one"))
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
