@@ -1,5 +1,6 @@
 """End to end on the tiny pipeline: train, checkpoint, validate, resume, load in diffusers."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,26 @@ def test_8bit_adam_keeps_a_lora_base_in_channels_last(tiny_base: Path, circles: 
     conv = unet.down_blocks[0].resnets[0].conv1
     assert conv.base_layer.weight.is_contiguous(memory_format=torch.channels_last)  # frozen: channels_last
     assert conv.lora_A["default"].weight.dim() == 4 and conv.lora_A["default"].weight.is_contiguous()
+
+
+def test_a_run_without_a_terminal_prints_progress_lines_and_each_validations_scores(
+        tiny_base: Path, circles: Path, held_out: Path, tmp_path: Path) -> None:
+    """Piped to a file (nohup, slurm, CI), a run writes plain progress lines every
+    train.log_every steps, and the metric against its floor at each validation."""
+    import io
+
+    from rich.console import Console
+
+    raw = run_config(tiny_base, circles, tmp_path / "run", held_out,
+                     train={"max_steps": 4, "log_every": 2, "checkpoint_every": 4},
+                     validation={"every": 4, "metric": "fill_circles", "metric_data": str(held_out),
+                                 "metric_samples": 2})
+    log = io.StringIO()
+    train(build_config(raw), console=Console(file=log, width=200))
+    lines = log.getvalue().splitlines()
+    progress = [line for line in lines if line.startswith("step ") and "samples/s" in line]
+    assert [line.split()[1] for line in progress] == ["2/4", "4/4"], lines
+    assert re.search(r"loss \d+\.\d{4}  [\d.]+ samples/s  \d+:\d\d:\d\d left", progress[0]), progress
+    assert "step 4/4: saving a checkpoint" in lines, "\n".join(lines)
+    scores = [line for line in lines if line.startswith("validation at step 4: ")]
+    assert len(scores) == 1 and "iou" in scores[0] and "(floor " in scores[0], lines

@@ -60,10 +60,29 @@ def decode_unclamped(vae: AutoencoderKLQwenImage, latents: torch.Tensor) -> torc
     return out
 
 
-def train_vae(vae: AutoencoderKLQwenImage, images: list, steps: int, batch: int, crop: int, seed: int) -> float:
+def start_as_pooling(vae: AutoencoderKLQwenImage) -> None:
+    """A fresh VAE's encoder downsamplers start as 2x2 average pooling (plus a little of their
+    random weights), and its posterior narrow. Without residual blocks (num_res_blocks = 0)
+    nothing renormalises between the stride-2 convolutions, and at PyTorch's initial scale
+    each keeps a third of the variance: after six, the latents are the biases and the VAE
+    learned nothing in 200 steps. A wide initial posterior (std 1) would also drown them."""
+    with torch.no_grad():
+        for conv in vae.encoder.modules():
+            if isinstance(conv, torch.nn.Conv2d) and conv.stride == (2, 2):  # ZeroPad2d((0, 1, 0, 1)) before it
+                channels = torch.arange(conv.weight.shape[0])
+                conv.weight.mul_(0.05)
+                conv.weight[channels, channels, :2, :2] += 0.25
+                conv.bias.zero_()
+        half = vae.quant_conv.weight.shape[0] // 2  # (mean, log-variance) channels
+        vae.quant_conv.weight[half:].zero_()
+        vae.quant_conv.bias[half:].fill_(-10.0)
+
+
+def train_vae(vae: AutoencoderKLQwenImage, images: list, steps: int, batch: int, crop: int, seed: int,
+              lr: float = 5e-4) -> float:
     """Reconstruction (L1 + L2) with a light KL term; returns the last L1 error."""
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=5e-4, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, eta_min=1e-5)  # settles the noise
     vae.train()
     for step in range(steps):
@@ -117,6 +136,8 @@ def main() -> None:
     parser.add_argument("--size", default="bench", help="families/qwenimage/tiny.py's QWENIMAGE_SIZES key")
     parser.add_argument("--resolution", type=int, default=128, help="the targets' size in training")
     parser.add_argument("--crop", type=int, default=128, help="the VAE's training crops")
+    parser.add_argument("--vae-lr", type=float, default=5e-4)
+    parser.add_argument("--vae-batch", type=int, default=8)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     started = time.perf_counter()
@@ -127,9 +148,14 @@ def main() -> None:
     initial = build_tiny_qwenimage_edit(work / "initial", WORDS, size=args.size, seed=args.seed)
     images = [resize_to_cover(image, (args.resolution, args.resolution)) for image in
               fill_circles_rows(512, DRAWN, args.seed + 1, DEMO_PALETTE)["image"]]
-    vae = (AutoencoderKLQwenImage.from_pretrained(args.vae) if args.vae
-           else AutoencoderKLQwenImage.from_pretrained(initial, subfolder="vae"))
-    vae_l1 = train_vae(vae, images, args.vae_steps, 8, args.crop, args.seed + (1 if args.vae else 0))
+    if args.vae:
+        vae = AutoencoderKLQwenImage.from_pretrained(args.vae)
+    else:
+        vae = AutoencoderKLQwenImage.from_pretrained(initial, subfolder="vae")
+        if vae.config.num_res_blocks == 0:
+            start_as_pooling(vae)
+    vae_l1 = train_vae(vae, images, args.vae_steps, args.vae_batch, args.crop, args.seed + (1 if args.vae else 0),
+                       args.vae_lr)
     set_latent_statistics(vae, images)
     vae.save_pretrained(initial / "vae")
     vae_minutes = (time.perf_counter() - started) / 60

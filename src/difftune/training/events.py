@@ -96,9 +96,46 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def progress_bar(console: Console, enabled: bool) -> Progress:
+class PlainProgress:
+    """The progress bar's lines where no terminal shows a bar (a log file, nohup, slurm, CI):
+    one plain line every `every` steps and at the last (step N/M, the mean loss, samples/s,
+    time left), and each status as it starts (validating, saving). Takes the calls a rich
+    Progress takes from the loop."""
+
+    def __init__(self, console: Console, every: int) -> None:
+        self.console, self.every = console, max(1, every)
+        self.total, self.completed, self.fields = 0, 0, {}
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, name: str, total: int, completed: int = 0, **fields: Any) -> int:
+        self.total, self.completed, self.fields = total, completed, fields
+        return 0
+
+    def update(self, task: int, advance: int = 0, **fields: Any) -> None:
+        status = fields.get("status")
+        self.fields |= fields
+        if status:
+            self.console.print(f"step {self.completed}/{self.total}: {status}", highlight=False)
+        if not advance:
+            return
+        self.completed += advance
+        if self.completed % self.every == 0 or self.completed >= self.total:
+            shown = self.fields
+            self.console.print(f"step {self.completed}/{self.total}  loss {shown['loss']}  "
+                               f"{shown['rate']:.1f} samples/s  {shown['eta']}", highlight=False)
+
+
+def progress_bar(console: Console, enabled: bool, every: int = 1) -> Progress | PlainProgress:
     """step N/M, the mean loss of the last 20 steps, samples/s, time left (training time
-    only), and what the run is doing between steps (validating, saving)."""
+    only), and what the run is doing between steps (validating, saving); plain lines every
+    `every` steps where the console is no terminal."""
+    if enabled and not console.is_terminal:
+        return PlainProgress(console, every)
     return Progress(
         TextColumn("[bold]train"),
         BarColumn(),

@@ -91,7 +91,8 @@ class Run:
         self.saved_step = -1  # the step of this process's last checkpoint
         self.stop = stop or StopSignals()
         self.validation = Validation(config, self.run_dir, checked.validation_pairs, checked.metric_set,
-                                     self.accelerator, self.events, lambda: self.stop.requested)
+                                     self.accelerator, self.events, lambda: self.stop.requested,
+                                     lambda line: self.console.print(line, highlight=False, soft_wrap=True))
         self.show: Any = lambda **fields: None  # the progress bar's update, while fit() runs
         trainee = self.trainee
         samples = trainee.method.training_data(trainee.family, trainee.parts, trainee.trained,
@@ -176,7 +177,7 @@ class Run:
             if self.stop.requested:  # during setup: nothing trained, nothing to save
                 self.events.write("stopped", step=state.step, reason=self.stop.signal_name, during="setup")
             else:
-                with progress_bar(self.console, main) as bar, self.threads:
+                with progress_bar(self.console, main, self.config.train.log_every) as bar, self.threads:
                     task = bar.add_task("train", total=self.max_steps, completed=state.step, loss="-",
                                         rate=0.0, eta="", status="")
                     self.show = lambda **kw: bar.update(task, **kw)

@@ -21,11 +21,26 @@ from difftune.training.step import Trainee
 from difftune.validation import ValidationPair, log_to_trackers, run_validation
 
 
+def metrics_line(step: int, metrics: dict[str, float], floor: dict[str, float] | None) -> str:
+    """"validation at step N: shape_iou 0.806 (floor 0.474), ...": what the terminal and a
+    log file show of each validation's scores."""
+    shown = []
+    for name, value in metrics.items():
+        base = (floor or {}).get(name)
+        shown.append(f"{name} {number(value)}" + (f" (floor {number(base)})" if base is not None else ""))
+    return f"validation at step {step}: " + ", ".join(shown)
+
+
+def number(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else str(value)
+
+
 class Validation:
     def __init__(self, config: RunConfig, run_dir: Path, pairs: list[ValidationPair], metric_set: MetricSet | None,
-                 accelerator: Accelerator, events: EventLog, stopping: Callable[[], bool]) -> None:
+                 accelerator: Accelerator, events: EventLog, stopping: Callable[[], bool],
+                 say: Callable[[str], None] = lambda line: None) -> None:
         self.config, self.run_dir, self.pairs, self.metric_set = config, run_dir, pairs, metric_set
-        self.accelerator, self.events, self.stopping = accelerator, events, stopping
+        self.accelerator, self.events, self.stopping, self.say = accelerator, events, stopping, say
         self.floor: dict[str, float] | None = None
 
     @property
@@ -46,6 +61,8 @@ class Validation:
         self.events.write("validation", step=step, path=str(out_dir), pairs=len(results),
                           seconds=round(time.perf_counter() - started, 2), interrupted=self.stopping(), **scores)
         write_report(self.run_dir, self.config)
+        if scores.get("metrics"):
+            self.say(metrics_line(step, scores["metrics"], scores.get("floor")))
         show(status="")
 
     def _score(self, trainee: Trainee, parts: Any, trained: dict[str, torch.nn.Module], out_dir: Path,
