@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from difftune.data.cache_store import CacheStore
-from difftune.data.samples import PriorPreservationSamples, TrainingSamples, collate
+from difftune.data.samples import OWN_SIZE_RESAMPLING, PriorPreservationSamples, TrainingSamples, collate
 from difftune.data.sources import image_source
 from difftune.data.transforms import centre_geometry, paired_transform
 
@@ -239,8 +239,10 @@ def _complete(store: CacheStore, keys: list[str]) -> None:
 
 def _latent_context(samples: TrainingSamples, family: Any, parts: Any) -> str:
     config = samples.config
+    # references at a size of their own (Qwen-Image-Edit's): their resampling too, which has changed
+    own_size = ("references resized with", OWN_SIZE_RESAMPLING.name) if getattr(samples, "reference_size", None) else ()
     return _hash(CACHE_VERSION, family.name, fingerprint(parts.vae), str(next(parts.vae.parameters()).dtype),
-                 config.resolution, config.center_crop, config.random_flip)
+                 config.resolution, config.center_crop, config.random_flip, *own_size)
 
 
 def _text_context(family: Any, parts: Any) -> str:

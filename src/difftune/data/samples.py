@@ -25,6 +25,10 @@ from difftune.config import DataConfig
 from difftune.data.sources import Columns, DataError, open_image, reference_cells
 from difftune.data.transforms import paired_transform, to_tensor
 
+OWN_SIZE_RESAMPLING = Image.Resampling.LANCZOS
+"""How a reference encoded at a size of its own is resized: as diffusers' VaeImageProcessor
+(resample "lanczos"), with which the edit pipelines that size references resize them."""
+
 
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(f"{seed}/{epoch}/{index}")
@@ -169,9 +173,10 @@ class TrainingSamples(Dataset):
 
     def sized_reference(self, reference: Image.Image, size: tuple[int, int], flip: bool) -> torch.Tensor:
         """A reference encoded at a size of its own (the family's edit pipeline's), resized
-        whole and flipped with its target; pixels in [0, 1]."""
+        whole as that pipeline resizes it (diffusers' VaeImageProcessor.resize: Lanczos; the
+        Qwen-Image-Edit pipelines) and flipped with its target; pixels in [0, 1]."""
         wanted = self.own_size(reference.size, size) or size
-        resized = reference.resize(tuple(wanted), Image.Resampling.BILINEAR)
+        resized = reference.resize(tuple(wanted), OWN_SIZE_RESAMPLING)
         return to_tensor(resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else resized)
 
     def reference_counts(self) -> list[int]:
