@@ -222,3 +222,27 @@ def test_a_base_of_another_family_or_an_unfit_part_is_named_before_models_load(t
     with pytest.raises(UserError, match="tokenizers cut prompts at different lengths"):
         plan_run(build_config(raw))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_config_started_from_a_preset_trains_on_a_tiny_base(tiny_sdxl: Path, circles: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    """`difftune presets` lists it, `difftune init sdxl/lora x.toml` copies it with its
+    comments, and the copy trains once its Hub names are set to local folders."""
+    from difftune.cli import main
+
+    assert main(["presets"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("sdxl/lora ") and "LoRA on Stable Diffusion XL" in line for line in listed)
+    config = tmp_path / "x.toml"
+    assert main(["init", "sdxl/lora", str(config)]) == 0
+    assert config.read_text().startswith("# LoRA on Stable Diffusion XL")
+    assert main(["init", "sdxl/lora", str(config)]) == 2  # an existing file is kept
+    assert main(["init", "sdxl/lorra", str(tmp_path / "y.toml")]) == 2
+    assert "no preset 'sdxl/lorra'; there are: sdxl/controlnet" in capsys.readouterr().err.replace("\n", " ")
+    assert not (tmp_path / "y.toml").exists()
+    settings = {"model.pretrained": str(tiny_sdxl), "model.vae": str(tiny_sdxl / "vae"), "data.path": str(circles),
+                "data.resolution": 64, "train.output_dir": str(tmp_path / "run"), "train.mixed_precision": "no",
+                "train.max_steps": 2, "validation.num_images": 1, "validation.steps": 2}
+    overrides = [f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}" for key, value in settings.items()]
+    assert main(["train", str(config), *[part for o in overrides for part in ("--set", o)]]) == 0
+    assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()

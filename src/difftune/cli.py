@@ -191,6 +191,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return run_training(config)
 
 
+def cmd_presets(args: argparse.Namespace) -> int:
+    from difftune.presets import all_presets
+
+    presets = all_presets()
+    width = max(len(preset.name) for preset in presets)
+    for preset in presets:
+        print(f"{preset.name:<{width}}  {preset.summary}")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from difftune.presets import write_preset
+
+    out = Path(args.out) if args.out else Path(args.preset.removesuffix(".toml").replace("/", "-") + ".toml")
+    write_preset(args.preset, out)
+    console.print(f"wrote {out} (the preset {args.preset}, with its comments). Set [model] pretrained, [data] path "
+                  f"and [train] output_dir, then: difftune train {out}", highlight=False, soft_wrap=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="difftune",
@@ -201,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     from difftune.data.cache_folder import add_cache_verb
     from difftune.export.verbs import add_export_verbs
 
-    for add in (_add_train, _add_generate, add_export_verbs, _add_data, add_cache_verb, _add_demo):
+    for add in (_add_train, _add_generate, add_export_verbs, _add_data, add_cache_verb, _add_demo, _add_presets):
         add(verbs)
     return parser
 
@@ -282,6 +302,15 @@ def _add_demo(verbs: Any) -> None:
     demo.add_argument("--output-dir", help="run directory (default runs/demo, or runs/demo-dreambooth)")
     demo.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
     demo.set_defaults(run=cmd_demo)
+
+
+def _add_presets(verbs: Any) -> None:
+    presets = verbs.add_parser("presets", help="list the preset configs, one line each")
+    presets.set_defaults(run=cmd_presets)
+    init = verbs.add_parser("init", help="start a config from a preset (copied with its comments)")
+    init.add_argument("preset", help='a preset\'s name, as `difftune presets` lists it ("sdxl/lora")')
+    init.add_argument("out", nargs="?", help="the .toml file to write (default: FAMILY-METHOD.toml here)")
+    init.set_defaults(run=cmd_init)
 
 
 def main(argv: list[str] | None = None) -> int:
