@@ -60,6 +60,65 @@ def decode_unclamped(vae: AutoencoderKLQwenImage, latents: torch.Tensor) -> torc
     return out
 
 
+def grow_vae(small: AutoencoderKLQwenImage, levels: int = 2) -> AutoencoderKLQwenImage:
+    """A VAE of factor 2 ** levels more than `small`, made from it: each new encoder level
+    (before its last, which has no downsampler) is an identity residual block and 2x2
+    average pooling; each new decoder level (after its first) an identity and a nearest 2x
+    upsampling; every other weight is small's, in place. The trained factor-16 VAE so becomes
+    a factor-64 one that reconstructs 1024-pixel discs at once (l1 0.06 before any step):
+    trained from scratch, the deeper VAE had learned almost nothing in 350 steps."""
+    config = {k: v for k, v in small.config.items() if not k.startswith("_")}
+    mult, flags = list(config["dim_mult"]), list(config["temperal_downsample"])
+    # the new levels run spatially only, so the old ones keep their temporal flags (their time_conv)
+    config |= {"dim_mult": mult + [mult[-1]] * levels, "temperal_downsample": flags + [False] * levels}
+    big = AutoencoderKLQwenImage(**config)
+    per_level = config["num_res_blocks"] + 1  # the encoder's down_blocks: residual blocks, then a downsampler
+    first_new = per_level * (len(mult) - 1)  # where the old last level (no downsampler) began
+
+    def moved(key: str) -> str:
+        parts = key.split(".")
+        if key.startswith("encoder.down_blocks.") and int(parts[2]) >= first_new:
+            parts[2] = str(int(parts[2]) + per_level * levels)
+        elif key.startswith("decoder.up_blocks.") and int(parts[2]) > 0:
+            parts[2] = str(int(parts[2]) + levels)
+        return ".".join(parts)
+
+    state = big.state_dict()
+    state.update({moved(key): value for key, value in small.state_dict().items()})
+    big.load_state_dict(state)
+    with torch.no_grad():
+        for block in big.encoder.down_blocks[first_new:first_new + per_level * levels]:
+            if hasattr(block, "resample"):  # ZeroPad2d((0, 1, 0, 1)), then a stride-2 3x3 convolution
+                average_pooling(block.resample[1])
+            else:
+                block.conv2.weight.zero_()
+                block.conv2.bias.zero_()
+        for up in big.decoder.up_blocks[1:1 + levels]:
+            for block in up.resnets:
+                block.conv2.weight.zero_()
+                block.conv2.bias.zero_()
+                if not isinstance(block.conv_shortcut, torch.nn.Identity):  # channels in -> the first of out
+                    weight = block.conv_shortcut.weight
+                    weight.zero_()
+                    block.conv_shortcut.bias.zero_()
+                    channels = torch.arange(weight.shape[1])
+                    weight[channels, channels] = 1.0
+            conv = up.upsamplers[0].resample[1]  # after a nearest 2x upsampling: the first channels as they are
+            conv.weight.zero_()
+            conv.bias.zero_()
+            channels = torch.arange(conv.weight.shape[0])
+            conv.weight[channels, channels, 1, 1] = 1.0
+    return big
+
+
+def average_pooling(conv: torch.nn.Conv2d) -> None:
+    """A stride-2 3x3 convolution (after ZeroPad2d((0, 1, 0, 1))) as 2x2 average pooling."""
+    conv.weight.zero_()
+    conv.bias.zero_()
+    channels = torch.arange(conv.weight.shape[0])
+    conv.weight[channels, channels, :2, :2] = 0.25
+
+
 def start_as_pooling(vae: AutoencoderKLQwenImage) -> None:
     """A fresh VAE's encoder downsamplers start as 2x2 average pooling (plus a little of their
     random weights), and its posterior narrow. Without residual blocks (num_res_blocks = 0)
@@ -133,6 +192,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae", type=Path, help="a VAE folder to go on training from")
+    parser.add_argument("--grow-from", type=Path, help="a VAE folder to grow by two levels (grow_vae) and train on")
+    parser.add_argument("--transformer", type=Path, help="a transformer folder to start from (else random)")
     parser.add_argument("--size", default="bench", help="families/qwenimage/tiny.py's QWENIMAGE_SIZES key")
     parser.add_argument("--resolution", type=int, default=128, help="the targets' size in training")
     parser.add_argument("--crop", type=int, default=128, help="the VAE's training crops")
@@ -146,9 +207,14 @@ def main() -> None:
     if not (data / "metadata.jsonl").is_file():
         write_fill_circles(data, args.samples, DRAWN, args.seed, colours=DEMO_PALETTE)
     initial = build_tiny_qwenimage_edit(work / "initial", WORDS, size=args.size, seed=args.seed)
+    if args.transformer:
+        shutil.rmtree(initial / "transformer")
+        shutil.copytree(args.transformer, initial / "transformer")
     images = [resize_to_cover(image, (args.resolution, args.resolution)) for image in
               fill_circles_rows(512, DRAWN, args.seed + 1, DEMO_PALETTE)["image"]]
-    if args.vae:
+    if args.grow_from:
+        vae = grow_vae(AutoencoderKLQwenImage.from_pretrained(args.grow_from))
+    elif args.vae:
         vae = AutoencoderKLQwenImage.from_pretrained(args.vae)
     else:
         vae = AutoencoderKLQwenImage.from_pretrained(initial, subfolder="vae")

@@ -29,11 +29,11 @@ QWENIMAGE_SIZES: dict[str, dict[str, Any]] = {
     "bench": {"z_dim": 16, "vae_base": 8, "temperal_downsample": (False, True, True, False), "text": 32,
               "text_heads": 2, "mrope": (2, 3, 3), "vision": 16, "heads": 4, "head_dim": 32, "rope": (16, 8, 8),
               "layers": 3},
-    # the fill-circles Qwen-Image-Edit base at the pipelines' own sizes: a VAE of factor 64
-    # (no residual blocks in its encoder, 8 channels throughout, so a megapixel encodes in a
-    # tenth of a second on 2 cores), so a one-megapixel reference and a 1024-pixel target are
-    # both 8x8 tokens: the same RoPE grid, as Qwen-Image-Edit itself is trained
-    "megapixel": {"z_dim": 16, "vae_base": 8, "vae_mult": (1,) * 7, "vae_res_blocks": 0,
+    # the fill-circles Qwen-Image-Edit base at the pipelines' own sizes: "bench" with two more
+    # levels, a VAE of factor 64, so a one-megapixel reference and a 1024-pixel target are both
+    # 8x8 tokens: the same RoPE grid, as Qwen-Image-Edit itself is trained
+    # (benchmarks/fill_circles_edit/train_qwen_base.py grows it from a "bench" VAE)
+    "megapixel": {"z_dim": 16, "vae_base": 8, "vae_mult": (1, 2, 2, 2, 2, 2, 2),
                   "temperal_downsample": (False, True, True, False, False, False), "text": 32, "text_heads": 2,
                   "mrope": (2, 3, 3), "vision": 16, "heads": 4, "head_dim": 32, "rope": (16, 8, 8), "layers": 3},
 }
