@@ -452,3 +452,22 @@ def test_a_validation_prompt_with_several_references_shows_them_and_their_edit(
     raw["validation"] |= {"images": [several]}
     with pytest.raises(ConfigError, match=r"validation.images\[0\]: a list of images is an edit's several"):
         build_config(raw)
+
+
+def test_validation_keeps_an_edits_references_at_their_size_for_the_pipeline_to_size(tiny_edit: Path,
+                                                                                     tmp_path: Path) -> None:
+    """Training resizes a reference as QwenImageEditPipeline does (to about a megapixel,
+    Lanczos), so validation and the metric hand the pipeline the reference as it is."""
+    from difftune.scoring import load_metric_set
+    from difftune.training.setup import preflight
+
+    data = _edits(tmp_path / "edits")
+    raw = _run(tiny_edit, data, tmp_path / "run", "qwenimage_edit", kind="edit", lora={"rank": 4})
+    raw["validation"] |= {"prompts": ["make the circle red"], "images": [str(data / "reference-1.png")],
+                          "metric": "fill_circles_edit", "metric_data": str(data), "metric_samples": 2}
+    raw["data"]["resolution"] = 32
+    config = build_config(raw)
+    metric_set = load_metric_set(config)
+    assert [image.size for image in metric_set.conditionings] == [(64, 64), (64, 64)]
+    (pair,) = preflight(config).validation_pairs
+    assert pair.image.size == (64, 64)

@@ -69,7 +69,9 @@ def load_metric_set(config: RunConfig) -> MetricSet | None:
         cells = reference_cells(row[columns.conditioning]) if references else [row[columns.conditioning]]
         if not cells:
             raise DataError(f"{where}: no reference image; the edit metric scores an edit of each row's reference")
-        conditionings.append(open_image(cells[0], Path(data.path), where).resize(size))
+        image = open_image(cells[0], Path(data.path), where)
+        # a reference as it is: the family's edit_arguments (or its pipeline) sizes it as training did
+        conditionings.append(image if references else image.resize(size))
         caption = row[columns.caption]
         captions.append(caption[0] if isinstance(caption, list) else caption)
     if not conditionings:
@@ -107,7 +109,8 @@ def score_control(
     if out_dir is not None and generated:
         out_dir.mkdir(parents=True, exist_ok=True)
         shown = slice(0, 8)
-        top, bottom = grid(metric_set.conditionings[shown]), grid(generated[shown])
+        cell = generated[0].size  # a reference kept at its own size is shown at its edit's
+        top, bottom = grid(metric_set.conditionings[shown], cell), grid(generated[shown], cell)
         sheet = Image.new("RGB", (top.width, top.height * 2))
         sheet.paste(top, (0, 0))
         sheet.paste(bottom, (0, top.height))

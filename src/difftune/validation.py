@@ -33,18 +33,21 @@ class ValidationPair:
         return [] if self.image is None else self.image if isinstance(self.image, list) else [self.image]
 
 
-def open_validation_image(path: str, where: str, resolution: int) -> Image.Image:
+def open_validation_image(path: str, where: str, resolution: int | None) -> Image.Image:
+    """Upright (EXIF orientation), as training saw its conditioning images; resized to the
+    square resolution (a conditioning image), or kept at its size (None: an edit's reference)."""
     try:
-        # upright (EXIF orientation), as training saw its conditioning images
-        return open_oriented(Path(path)).resize((resolution, resolution), Image.Resampling.BILINEAR)
+        image = open_oriented(Path(path))
+        return image if resolution is None else image.resize((resolution, resolution), Image.Resampling.BILINEAR)
     except FileNotFoundError:
         raise DataError(f"{where}: no such file {path}") from None
     except Exception as error:
         raise DataError(f"{where}: unreadable image {path} ({error})") from None
 
 
-def load_validation_pairs(config: ValidationConfig, resolution: int) -> list[ValidationPair]:
-    """Open every validation image now, so a bad path fails before any model loads."""
+def load_validation_pairs(config: ValidationConfig, resolution: int | None) -> list[ValidationPair]:
+    """Open every validation image now, so a bad path fails before any model loads
+    (resolution None: each kept at its own size)."""
     pairs = []
     for index, (prompt, path) in enumerate(config.pairs()):
         if path is None:
@@ -59,9 +62,10 @@ def load_validation_pairs(config: ValidationConfig, resolution: int) -> list[Val
     return pairs
 
 
-def grid(images: list[Image.Image]) -> Image.Image:
-    """Images side by side, left to right."""
-    width, height = images[0].size
+def grid(images: list[Image.Image], size: tuple[int, int] | None = None) -> Image.Image:
+    """Images side by side, left to right, each at `size` (default: the largest's, so an
+    edit's small reference is shown at its edit's size)."""
+    width, height = size or (max(image.width for image in images), max(image.height for image in images))
     canvas = Image.new("RGB", (width * len(images), height))
     for column, image in enumerate(images):
         canvas.paste(image.resize((width, height)), (column * width, 0))

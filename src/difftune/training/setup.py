@@ -76,7 +76,8 @@ def preflight(config: RunConfig, rows: CheckedRows | None = None) -> Preflight:
                                  method.fixed_caption, rows, config.method.takes_references)
     if config.method.takes_references:
         samples.reference_size = family.reference_size
-    pairs = load_validation_pairs(config.validation, config.data.resolution)
+    # an edit's references as they are: the family's edit_arguments (or its pipeline) sizes them as training did
+    pairs = load_validation_pairs(config.validation, None if config.method.takes_references else config.data.resolution)
     caches = choose_caches(config, len(samples), family, samples)
     return Preflight(family, method, samples, pairs, load_metric_set(config), caches.notes)
 
