@@ -435,10 +435,13 @@ def test_a_validation_prompt_with_several_references_shows_them_and_their_edit(
     several = [str(data / "reference-0.png"), str(data / "reference-1.png")]
     raw = _run(tiny_edit_plus, data, tmp_path / "run", "qwenimage_edit", kind="edit", lora={"rank": 4})
     raw["validation"] |= {"prompts": ["make the circle red"], "images": [several], "num_images": 1}
+    # the edit (32 px) and its references (64 px, kept at their size) in one tensorboard stack
+    raw["data"]["resolution"] = 32
+    raw["train"]["report_to"] = "tensorboard"
     train(build_config(raw))
     grid = Image.open(tmp_path / "run" / "validation" / "step-000002" / "pair-00-grid.png")
     image = Image.open(tmp_path / "run" / "validation" / "step-000002" / "pair-00-image-0.png")
-    assert grid.width >= 3 * image.width  # both references, then the edit
+    assert grid.width >= 3 * 64 and image.size == (32, 32)  # both references, then the edit, at their size
     prompts = json.loads((tmp_path / "run" / "validation" / "step-000002" / "prompts.json").read_text())
     assert prompts["pair-00"]["image"] == several
     # QwenImageEditPipeline takes one reference per prompt: refused before any model loads

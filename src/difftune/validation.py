@@ -62,13 +62,20 @@ def load_validation_pairs(config: ValidationConfig, resolution: int | None) -> l
     return pairs
 
 
+def one_size(images: list[Image.Image], size: tuple[int, int] | None = None) -> list[Image.Image]:
+    """The images at `size` (default: the largest's, so an edit's reference, kept at its own
+    size, is shown at its edit's): a grid's cells, a tracker's stack."""
+    size = size or (max(image.width for image in images), max(image.height for image in images))
+    return [image if image.size == size else image.resize(size) for image in images]
+
+
 def grid(images: list[Image.Image], size: tuple[int, int] | None = None) -> Image.Image:
-    """Images side by side, left to right, each at `size` (default: the largest's, so an
-    edit's small reference is shown at its edit's size)."""
-    width, height = size or (max(image.width for image in images), max(image.height for image in images))
-    canvas = Image.new("RGB", (width * len(images), height))
-    for column, image in enumerate(images):
-        canvas.paste(image.resize((width, height)), (column * width, 0))
+    """Images side by side, left to right, each at `size` (default: the largest's)."""
+    cells = one_size(images, size)
+    width, height = cells[0].size
+    canvas = Image.new("RGB", (width * len(cells), height))
+    for column, image in enumerate(cells):
+        canvas.paste(image, (column * width, 0))
     return canvas
 
 
@@ -131,7 +138,7 @@ def run_validation(
                 images = method.generate(family, parts, trained, pair.prompt, pair.image, settings, generator)
             for number, image in enumerate(images):
                 image.save(out_dir / f"pair-{index:02d}-image-{number}.png")
-            row = pair.shown + images
+            row = one_size(pair.shown + images)  # trackers stack it
             paths = [pair.image_path] if isinstance(pair.image_path, str) else pair.image_path or []
             shown = f"{pair.prompt!r}" + (f" | control: {', '.join(Path(p).name for p in paths)}" if paths else "")
             captioned(grid(row), shown).save(out_dir / f"pair-{index:02d}-grid.png")

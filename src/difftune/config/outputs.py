@@ -53,6 +53,17 @@ class ValidationConfig(_Section):
             )
         return self
 
+    def listed_images(self) -> list[tuple[str, str]]:
+        """("validation.images[i]", or "[i][j]" in an edit's list of references; path) for
+        every image listed, in order: what messages name."""
+        listed = []
+        for index, entry in enumerate(self.images):
+            if isinstance(entry, list):
+                listed += [(f"validation.images[{index}][{number}]", path) for number, path in enumerate(entry)]
+            else:
+                listed.append((f"validation.images[{index}]", entry))
+        return listed
+
     def pairs(self) -> list[tuple[str, str | list[str] | None]]:
         """(prompt, conditioning image path(s) or None) pairs, broadcasting a single one."""
         if not self.images:

@@ -71,7 +71,7 @@ def check_sources(config: RunConfig) -> None:
                             "dataset name)")
     check_class_data(config)
     check_written_folders(config)
-    for where, image in validation_image_paths(config):
+    for where, image in config.validation.listed_images():
         problem = image_problem(Path(image))
         if problem == "no such file":
             raise DataError(f"{where}: no such file {image}")
@@ -128,17 +128,6 @@ def check_class_data(config: RunConfig) -> None:
         if bad:
             raise DataError(f"{key} {value!r} holds {len(bad)} file(s) that are not readable images: "
                             f"{'; '.join(bad[:5])}. Remove them (missing images are generated again).")
-
-
-def validation_image_paths(config: RunConfig) -> list[tuple[str, str]]:
-    """("validation.images[i]" or "validation.images[i][j]", path) for every image listed."""
-    listed = []
-    for index, entry in enumerate(config.validation.images):
-        if isinstance(entry, list):
-            listed += [(f"validation.images[{index}][{number}]", path) for number, path in enumerate(entry)]
-        else:
-            listed.append((f"validation.images[{index}]", entry))
-    return listed
 
 
 def check_edit_rows(config: RunConfig, checked: CheckedRows) -> None:
