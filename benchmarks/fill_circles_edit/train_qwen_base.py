@@ -66,7 +66,8 @@ def grow_vae(small: AutoencoderKLQwenImage, levels: int = 2) -> AutoencoderKLQwe
     average pooling; each new decoder level (after its first) an identity and a nearest 2x
     upsampling; every other weight is small's, in place. The trained factor-16 VAE so becomes
     a factor-64 one that reconstructs 1024-pixel discs at once (l1 0.06 before any step):
-    trained from scratch, the deeper VAE had learned almost nothing in 350 steps."""
+    trained from scratch (8 channels, no residual blocks, so nothing renormalises between its
+    six stride-2 convolutions), the deeper VAE had learned almost nothing in 350 steps."""
     config = {k: v for k, v in small.config.items() if not k.startswith("_")}
     mult, flags = list(config["dim_mult"]), list(config["temperal_downsample"])
     # the new levels run spatially only, so the old ones keep their temporal flags (their time_conv)
@@ -117,24 +118,6 @@ def average_pooling(conv: torch.nn.Conv2d) -> None:
     conv.bias.zero_()
     channels = torch.arange(conv.weight.shape[0])
     conv.weight[channels, channels, :2, :2] = 0.25
-
-
-def start_as_pooling(vae: AutoencoderKLQwenImage) -> None:
-    """A fresh VAE's encoder downsamplers start as 2x2 average pooling (plus a little of their
-    random weights), and its posterior narrow. Without residual blocks (num_res_blocks = 0)
-    nothing renormalises between the stride-2 convolutions, and at PyTorch's initial scale
-    each keeps a third of the variance: after six, the latents are the biases and the VAE
-    learned nothing in 200 steps. A wide initial posterior (std 1) would also drown them."""
-    with torch.no_grad():
-        for conv in vae.encoder.modules():
-            if isinstance(conv, torch.nn.Conv2d) and conv.stride == (2, 2):  # ZeroPad2d((0, 1, 0, 1)) before it
-                channels = torch.arange(conv.weight.shape[0])
-                conv.weight.mul_(0.05)
-                conv.weight[channels, channels, :2, :2] += 0.25
-                conv.bias.zero_()
-        half = vae.quant_conv.weight.shape[0] // 2  # (mean, log-variance) channels
-        vae.quant_conv.weight[half:].zero_()
-        vae.quant_conv.bias[half:].fill_(-10.0)
 
 
 def train_vae(vae: AutoencoderKLQwenImage, images: list, steps: int, batch: int, crop: int, seed: int,
@@ -218,8 +201,6 @@ def main() -> None:
         vae = AutoencoderKLQwenImage.from_pretrained(args.vae)
     else:
         vae = AutoencoderKLQwenImage.from_pretrained(initial, subfolder="vae")
-        if vae.config.num_res_blocks == 0:
-            start_as_pooling(vae)
     vae_l1 = train_vae(vae, images, args.vae_steps, args.vae_batch, args.crop, args.seed + (1 if args.vae else 0),
                        args.vae_lr)
     set_latent_statistics(vae, images)

@@ -138,7 +138,7 @@ def tiny_parts(dims: dict[str, Any], tokenizer: Any, seed: int) -> dict[str, Any
     z_dim, stages = dims["z_dim"], len(dims["temperal_downsample"])
     vae = AutoencoderKLQwenImage(
         base_dim=dims["vae_base"], z_dim=z_dim, dim_mult=list(dims.get("vae_mult", [1] + [2] * stages)),
-        num_res_blocks=dims.get("vae_res_blocks", 1), attn_scales=[],
+        num_res_blocks=1, attn_scales=[],
         temperal_downsample=list(dims["temperal_downsample"]),
         # uneven on purpose: the latents are normalised per channel
         latents_mean=[0.1 * (c - 1) for c in range(z_dim)], latents_std=[1.0 + 0.25 * c for c in range(z_dim)])
