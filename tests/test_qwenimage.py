@@ -474,3 +474,61 @@ def test_validation_keeps_an_edits_references_at_their_size_for_the_pipeline_to_
     assert [image.size for image in metric_set.conditionings] == [(64, 64), (64, 64)]
     (pair,) = preflight(config).validation_pairs
     assert pair.image.size == (64, 64)
+
+
+def _cached_and_not(raw: dict, tmp_path: Path) -> tuple[dict, dict, dict]:
+    """The run from the text cache and without it: (LoRA weights, losses) each, and the
+    cached run's cache event."""
+    from safetensors.torch import load_file
+
+    from difftune.training.events import read_events
+
+    finals, losses = {}, {}
+    for cached in (False, True):
+        raw["train"]["output_dir"] = str(tmp_path / f"run-{cached}")
+        raw["data"] |= {"cache_text": cached, "encoded_cache_dir": str(tmp_path / "cache")}
+        finals[cached] = load_file(train(build_config(raw)) / "pytorch_lora_weights.safetensors")
+        events = read_events(tmp_path / f"run-{cached}")
+        losses[cached] = [event["loss"] for event in events if event["event"] == "step"]
+    assert max(abs(a - b) for a, b in zip(losses[False], losses[True])) < 1e-5
+    assert all(torch.allclose(finals[False][k], finals[True][k], atol=1e-5) for k in finals[False])
+    return finals, losses, [e for e in read_events(tmp_path / "run-True") if e["event"] == "cache"][-1]
+
+
+def test_prompts_of_different_lengths_train_from_the_text_cache_as_without(tiny_qwenimage: Path, circles: Path,
+                                                                           tmp_path: Path) -> None:
+    """Each prompt is cached unpadded and padded per batch as the encoder pads it: with ""
+    (the template alone) beside captions in a batch, the run is the uncached one."""
+    raw = _run(tiny_qwenimage, circles, tmp_path / "run", kind="lora", lora={"rank": 4})
+    raw["train"] |= {"batch_size": 3, "max_steps": 3}
+    raw["data"] |= {"proportion_empty_prompts": 0.4, "cache_latents": False}
+    raw["validation"] = {"every": 100}
+    _, _, stats = _cached_and_not(raw, tmp_path)
+    captions = {json.loads(line)["text"] for line in (circles / "metadata.jsonl").read_text().splitlines()}
+    assert stats["texts_encoded"] == len(captions | {""})
+
+
+def test_instructions_train_from_the_text_cache_each_with_its_rows_references(tiny_edit: Path,
+                                                                               tmp_path: Path) -> None:
+    """The instruction's encoding sees the row's reference, so the cache keeps one per row and
+    caption (a row without a reference as text-to-image); a batch of all four trains as
+    without the cache, and a second run reads every entry back. A flipped reference is not
+    what the cache holds: cache_text = true is refused then."""
+    data = _edits(tmp_path / "edits")
+    raw = _run(tiny_edit, data, tmp_path / "run", "qwenimage_edit", kind="edit", lora={"rank": 4})
+    raw["train"] |= {"batch_size": 4, "max_steps": 3}
+    raw["data"] |= {"proportion_empty_prompts": 0.5, "cache_latents": False}
+    raw["validation"] = {"every": 100}
+    _, _, stats = _cached_and_not(raw, tmp_path)
+    assert stats["texts_encoded"] == 8  # 4 rows, each its instruction and ""
+    raw["train"]["output_dir"] = str(tmp_path / "again")
+    train(build_config(raw))
+    from difftune.training.events import read_events
+
+    again = [e for e in read_events(tmp_path / "again") if e["event"] == "cache"][-1]
+    assert (again["texts_encoded"], again["texts_reused"]) == (0, 8)
+    raw["data"]["random_flip"] = True
+    raw["train"]["output_dir"] = str(tmp_path / "flipped")
+    with pytest.raises(ConfigError, match="data.cache_text = true: family 'qwenimage_edit' encodes each instruction "
+                                          "with its reference images, which data.random_flip flips"):
+        train(build_config(raw))

@@ -8,7 +8,8 @@ Never stale: every entry's key is a hash of everything that changes it.
 - latents: the VAE weights (a hash of its tensors), its dtype, the family, resolution,
   crop, flip setting, and the bytes of the target and conditioning image files;
 - text: the text-encoder weights and dtype, the tokenizer's vocabulary and length, and
-  the caption text.
+  the caption text; where the encoder reads an edit's references with it (Qwen-Image-Edit),
+  one entry per row and caption, keyed by the references' bytes and size too.
 A changed image, caption or model re-encodes just the entries it changes; the rest are
 read back. Shards are only ever added (and written under a temporary name, then
 renamed), and the index is replaced atomically, so a killed run leaves a usable cache.
@@ -19,7 +20,8 @@ uses until it closes the dataset (`close_cache`), so `difftune cache clear` leav
 What is stored: the VAE posterior's mean and std, not a sample, so each step still
 draws its own latent with the sample's generator (as without the cache); with
 random_flip, both orientations; the conditioning image after its transform, as uint8;
-one embedding per distinct caption, including "" for caption dropout.
+one embedding per distinct caption, including "" for caption dropout (unpadded: a family
+whose batches pad prompts to their longest has them padded in each batch, `stack_padded`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from torch.utils.data import Dataset
 
 from difftune.data.cache_store import CacheStore
 from difftune.data.samples import OWN_SIZE_RESAMPLING, PriorPreservationSamples, TrainingSamples, collate
-from difftune.data.sources import image_source
+from difftune.data.sources import image_source, reference_cells
 from difftune.data.transforms import centre_geometry, paired_transform
 
 logger = logging.getLogger(__name__)
@@ -70,10 +72,13 @@ class EncodedSamples(Dataset):
     the TrainingSamples' own (`plan`), so a cached run sees the same samples."""
 
     def __init__(self, samples: TrainingSamples, latents: CacheStore | None, latent_keys: list[str],
-                 texts: CacheStore | None, text_keys: dict[str, str]) -> None:
+                 texts: CacheStore | None, text_keys: dict[Any, str], per_row: bool = False) -> None:
         self.samples = samples
         self.latents, self.latent_keys = latents, latent_keys
         self.texts, self.text_keys = texts, text_keys
+        self.per_row = per_row
+        """Text entries by (sample index, caption): the instruction's encoding sees the row's
+        references (Qwen-Image-Edit), not by caption alone."""
         self.report = samples.report
         self.sizes = samples.sizes  # aspect buckets, for the batch sampler
 
@@ -99,7 +104,8 @@ class EncodedSamples(Dataset):
             if "conditioning" in entry:
                 conditioning = entry["conditioning"].float() / 255.0
                 sample["conditioning_pixels"] = conditioning.flip(-1) if plan.flip else conditioning
-            elif f"{side}_conditioning_mean" in entry:  # an edit's reference at a size of its own
+            elif f"{side}_conditioning_mean" in entry and self.texts is None:
+                # an edit's reference at a size of its own, read again for the instruction's encoding
                 reference = self.samples.references(plan.row, index)[0]
                 sample["conditioning_pixels"] = self.samples.sized_reference(
                     reference, self.samples.size_of(index), plan.flip)
@@ -107,7 +113,7 @@ class EncodedSamples(Dataset):
                 sample["conditioning_latent_mean"] = entry[f"{side}_conditioning_mean"]
             plan_caption = plan.caption
         if self.texts is not None:
-            sample["text"] = self.texts.get(self.text_keys[plan_caption])
+            sample["text"] = self.texts.get(self.text_keys[(index, plan_caption) if self.per_row else plan_caption])
         return sample
 
     @staticmethod
@@ -181,16 +187,40 @@ def build_cache(
         processes.run_share(lambda: _encode_latents(samples, family, parts, latents, latent_keys,
                                                     mine, batch_size, conditioning_latents))
         _complete(latents, latent_keys)
+    per_row = bool(samples.columns.references) and family.prompt_sees_references
     if cache_text:
-        # sorted: a set's order differs between processes (string hashing is salted per process)
-        text_keys = {caption: _hash(caption) for caption in sorted(samples.caption_options())}
+        text_keys = _instruction_keys(samples) if per_row else _caption_keys(samples)
         texts = CacheStore(folder / "text" / _text_context(family, parts))
         missing = _missing(texts, text_keys, processes)
-        stats["texts_encoded"], stats["texts_reused"] = len(missing), len(text_keys) - len(missing)
+        stats["texts_encoded"], stats["texts_reused"] = len(missing), len(set(text_keys.values())) - len(missing)
         mine = [c for c in missing if _owner(text_keys[c], processes.count) == processes.index]
-        processes.run_share(lambda: _encode_texts(family, parts, texts, text_keys, mine, batch_size))
+        encode = _encode_instructions if per_row else _encode_texts
+        processes.run_share(lambda: encode(samples, family, parts, texts, text_keys, mine, batch_size))
         _complete(texts, list(text_keys.values()))
-    return EncodedSamples(samples, latents, latent_keys, texts, text_keys), stats
+    return EncodedSamples(samples, latents, latent_keys, texts, text_keys, per_row), stats
+
+
+def _caption_keys(samples: TrainingSamples) -> dict[str, str]:
+    """Each caption a sample can draw, by its key."""
+    # sorted: a set's order differs between processes (string hashing is salted per process)
+    return {caption: _hash(caption) for caption in sorted(samples.caption_options())}
+
+
+def _instruction_keys(samples: TrainingSamples) -> dict[tuple[int, str], str]:
+    """(sample index, caption) for every caption each sample can draw, by a key of the caption,
+    the sample's size and the bytes of its references (what the encoder sees of them)."""
+    column = samples.columns.conditioning
+    cells = samples.rows.select_columns([column]).with_format("python")[column]
+    keys = {}
+    for index in range(len(samples)):
+        row = samples.row_numbers[index]
+        digest = hashlib.blake2b(repr(samples.size_of(index)).encode(), digest_size=16)
+        for cell in reference_cells(cells[row]):
+            digest.update(_cell_bytes(cell, samples.root))
+            digest.update(b"|")
+        for caption in sorted(samples.caption_options(index)):
+            keys[(index, caption)] = _hash("instruction", caption, digest.hexdigest())
+    return keys
 
 
 def close_cache(samples: Any) -> None:
@@ -331,10 +361,23 @@ def _encode_conditionings(family: Any, parts: Any, entries: list[dict], conditio
 
 
 @torch.no_grad()
-def _encode_texts(family: Any, parts: Any, store: CacheStore, keys: dict[str, str],
+def _encode_texts(samples: TrainingSamples, family: Any, parts: Any, store: CacheStore, keys: dict[str, str],
                   missing: list[str], batch_size: int) -> None:
     for chunk in _batches(missing, batch_size):
         encoded = family.encode_prompts(parts, chunk)  # {name: (len(chunk), ...)}
         for row, caption in enumerate(chunk):
-            store.put(keys[caption], {name: tensor[row] for name, tensor in encoded.items()})
+            store.put(keys[caption], family.cached_prompt(encoded, row))
+    store.flush()
+
+
+@torch.no_grad()
+def _encode_instructions(samples: TrainingSamples, family: Any, parts: Any, store: CacheStore,
+                         keys: dict[tuple[int, str], str], missing: list[tuple[int, str]], batch_size: int) -> None:
+    """Each (sample, caption)'s instruction encoded with the sample's references, as its steps
+    would encode it (unflipped, centre-cropped: the cache is chosen only then)."""
+    for chunk in _batches(missing, batch_size):
+        references = [samples.unaugmented_references(index) for index, _ in chunk]
+        encoded = family.encode_edit_prompts(parts, [caption for _, caption in chunk], references)
+        for row, item in enumerate(chunk):
+            store.put(keys[item], family.cached_prompt(encoded, row))
     store.flush()

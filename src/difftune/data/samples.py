@@ -229,15 +229,24 @@ class TrainingSamples(Dataset):
         indexing `datasets`' lazy column costs ~0.5 ms a time)."""
         return list(self.rows[self.columns.caption])
 
-    def caption_options(self) -> set[str]:
-        """Every caption a sample can draw, and "" (caption dropout), for a text cache."""
+    def caption_options(self, index: int | None = None) -> set[str]:
+        """Every caption a sample can draw (that of sample `index`, or of any), and "" (caption
+        dropout: always where any sample is meant, for the cache's single "" entry), for a
+        text cache."""
+        dropout = {""} if index is None or self.config.proportion_empty_prompts > 0 else set()
         if self.columns.caption is None:
-            return {self.fixed_caption or "", ""}
-        options = {""}
-        for row in self.row_numbers:
+            return {self.fixed_caption or ""} | dropout
+        options = set(dropout)
+        for row in self.row_numbers if index is None else [self.row_numbers[index]]:
             caption = self._captions[row]
             options.update(caption if isinstance(caption, (list, tuple)) else [caption])
         return {c for c in options if isinstance(c, str)}
+
+    def unaugmented_references(self, index: int) -> list[torch.Tensor]:
+        """Sample `index`'s references as its steps see them unflipped and centre-cropped (a
+        text cache of instructions encoded with them)."""
+        plan = SamplePlan(self.row_numbers[index], False, "", random.Random(0))
+        return self._edit_sample(0, index, plan)["references"]
 
     def _where(self, index: int, column: str) -> str:
         return f"{self.config.path}, row {self.row_numbers[index]}, column {column!r}"
@@ -299,7 +308,7 @@ class PriorPreservationSamples(Dataset):
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Tensors stacked by name; "text" (a family's named conditioning, from a text
-    cache) stacked name by name, whatever the names are."""
+    cache) stacked name by name, whatever the names are (`stack_padded`)."""
     batch: dict[str, Any] = {"captions": [s["caption"] for s in samples], "keys": [s["key"] for s in samples]}
     if "references" in samples[0]:  # an edit: one reference each, of one size, stacks as a conditioning image
         shapes = {tuple(tuple(r.shape) for r in s["references"]) for s in samples}
@@ -311,6 +320,16 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         if key in samples[0]:
             batch[key] = torch.stack([s[key] for s in samples]).contiguous()
     if "text" in samples[0]:
-        batch["text"] = {name: torch.stack([s["text"][name] for s in samples]).contiguous()
-                         for name in samples[0]["text"]}
+        batch["text"] = {name: stack_padded([s["text"][name] for s in samples]) for name in samples[0]["text"]}
     return batch
+
+
+def stack_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Tensors stacked, those shorter in their first dimension zero-padded to the longest: a
+    family that pads each batch's prompts to its longest (Qwen-Image) caches every prompt
+    unpadded, and its mask's zeros mark the padding as its encoder's batches do."""
+    longest = max(tensor.shape[0] for tensor in tensors)
+    if all(tensor.shape[0] == longest for tensor in tensors):
+        return torch.stack(tensors).contiguous()
+    return torch.stack([torch.cat([tensor, tensor.new_zeros(longest - tensor.shape[0], *tensor.shape[1:])])
+                        for tensor in tensors]).contiguous()

@@ -205,6 +205,11 @@ class FamilyCore(Protocol):
         """Everything besides the encoders' weights that changes a prompt's conditioning."""
         ...
 
+    def cached_prompt(self, encoded: dict[str, torch.Tensor], row: int) -> dict[str, torch.Tensor]:
+        """Row `row` of encode_prompts' (or encode_edit_prompts') output as the text cache
+        keeps it (a family that pads each batch to its longest prompt: unpadded)."""
+        ...
+
     def latent_distribution(self, parts: Parts, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The image encoder's posterior (mean, std), before any scaling."""
         ...
@@ -344,7 +349,7 @@ class EditCapability(Protocol):
 
     prompt_sees_references: bool
     """Whether the instruction's conditioning depends on the reference images (Qwen-Image-Edit's
-    vision-language encoder): then no text cache."""
+    vision-language encoder): then the text cache keeps one per row and caption."""
 
     def edit_arguments(self, image: Any, width: int | None, height: int | None) -> dict[str, Any]:
         """The edit pipeline call's keywords for its `image` (one PIL reference, or a list

@@ -156,6 +156,9 @@ class LatentFamily:
         return tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length",
                          truncation=True, return_tensors="pt").input_ids
 
+    def cached_prompt(self, encoded: dict[str, torch.Tensor], row: int) -> dict[str, torch.Tensor]:
+        return {name: tensor[row] for name, tensor in encoded.items()}
+
     def text_cache_identity(self, parts: Parts) -> dict[str, Any]:
         """Each tokenizer as it tokenizes: its whole backend (vocabulary, merges, normalizer,
         post-processor) and the settings padding reads (pad token, length, sides)."""

@@ -91,8 +91,10 @@ def reference_problem(config: RunConfig, family: Any, samples: Any, kind: str) -
     the latent cache holds one reference per row, encoded at the target's size."""
     if not config.method.takes_references:
         return None
-    if kind == "text" and family.prompt_sees_references:
-        return f"family {family.name!r} encodes each instruction with its reference images"
+    if kind == "text" and family.prompt_sees_references and (config.data.random_flip or not config.data.center_crop):
+        # the cache holds each row's instruction encoded with its reference unflipped, centre-cropped
+        return (f"family {family.name!r} encodes each instruction with its reference images, which data."
+                + ("random_flip flips" if config.data.random_flip else "center_crop = false crops at random"))
     if kind == "latents" and samples is not None:
         counts = samples.reference_counts()
         odd = sum(count != 1 for count in counts)

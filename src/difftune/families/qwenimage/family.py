@@ -7,8 +7,8 @@ train_dreambooth_lora_qwen_image.py):
 - the prompt: the template around each caption, Qwen2.5-VL's last hidden states of the
   tokens the mask keeps, the template's system prefix (prompt_template_encode_start_idx
   tokens) dropped, zero-padded to the batch's longest with a mask, cut at the pipeline's
-  max_sequence_length (512, passed to every call). A caption's embedding depends on its
-  batch's padding: no text cache;
+  max_sequence_length (512, passed to every call). The text cache keeps each prompt
+  unpadded, and a cached batch is padded as the encoder's own (data/samples.stack_padded);
 - the latents: the VAE's posterior of one frame (B, C, 1, H, W), normalised per channel by
   the VAE config's latents_mean and latents_std, packed into 2x2 patches;
 - the time: the objective's sigma (the transformer takes timestep / 1000), shifted by the
@@ -168,6 +168,11 @@ class QwenImage(LatentFamily):
         tokens = parts.components["tokenizer"]([template.format(c) for c in captions], max_length=most + drop,
                                                padding=True, truncation=True, return_tensors="pt")
         return self._encode(parts, dict(tokens), drop, MAX_SEQUENCE_LENGTH)
+
+    def cached_prompt(self, encoded: dict[str, torch.Tensor], row: int) -> dict[str, torch.Tensor]:
+        """The row without its batch's padding (the mask's zeros, after what it keeps)."""
+        kept = int(encoded["mask"][row].sum())
+        return {"hidden_states": encoded["hidden_states"][row, :kept], "mask": encoded["mask"][row, :kept]}
 
     def _encode(self, parts: Parts, inputs: dict[str, Any], drop: int, limit: int | None) -> dict[str, Any]:
         """Qwen2.5-VL's last hidden states of the template(s) (and images) in `inputs`."""

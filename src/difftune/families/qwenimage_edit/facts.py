@@ -15,7 +15,7 @@ FACTS = FamilyFacts(
     # (by name); this one's text-to-image pipeline runs what its text-to-image methods train
     pipeline_classes={"text_to_image": "QwenImagePipeline", "edit": "QwenImageEditPipeline",
                       "edit_plus": "QwenImageEditPlusPipeline"},
-    caches_text=False,  # the prompt is padded to the batch's longest, and sees the reference images
+    caches_text=True,  # unpadded, as Qwen-Image's; an instruction per row and caption (it sees the references)
     mixed_precisions=("no", "bf16"),  # run in bf16, as Qwen-Image; its activations overflow fp16
     text_encoder_trainable=False,  # diffusers' Qwen-Image LoRA loader reads the transformer's adapters alone
 )

@@ -12,7 +12,7 @@ As diffusers' QwenImageEditPipeline and QwenImageEditPlusPipeline:
   several references) writes "Picture N: " and each image's vision tokens before the
   instruction, the images at about 384x384 (CONDITION_IMAGE_SIZE) for the encoder;
 - a sample without a reference: encoded and predicted as text-to-image (QwenImagePipeline).
-The instruction's embedding depends on the references: never from a text cache.
+The instruction's embedding depends on the references: the text cache keeps one per row and caption.
 """
 
 from __future__ import annotations

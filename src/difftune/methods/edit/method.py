@@ -7,7 +7,8 @@ Batches carry the references as the conditioning images do for a ControlNet: one
 sample, stacked (`conditioning_pixels`, or their latents from the latent cache), or, when
 rows differ in how many they have, per sample (`references`: a list of pixel tensors each,
 empty for a row that trains as text-to-image). Families whose text encoder sees the image
-(Qwen-Image-Edit) encode the instruction with its references here, never from a text cache.
+(Qwen-Image-Edit) encode the instruction with its references here, unless the text cache
+holds it (one entry per row and caption, data/cache.py).
 
 Full: the whole denoiser trains; final/ is the family's edit pipeline. With [method.lora]:
 adapters on the family's targets; final/ is the LoRA file the edit pipeline's
@@ -90,7 +91,7 @@ class Edit(AdaptersOrWeights, FromSettings):
         self, family: Family, parts: Parts, trained: Trained, batch: dict[str, Any], inputs: ModelInputs
     ) -> ModelInputs:
         latents = reference_latents(family, parts, batch, inputs.noisy.device, inputs.noisy.dtype)
-        if family.prompt_sees_references:
+        if family.prompt_sees_references and "text" not in batch:  # (the text cache holds it per row)
             with torch.no_grad():
                 text = family.encode_edit_prompts(parts, batch["captions"], batch_references(batch))
             inputs = replace(inputs, text={name: tensor.to(inputs.noisy.device) for name, tensor in text.items()})

@@ -101,8 +101,8 @@ class TokenCaptions(TrainingSamples):
         plan = super().plan(epoch, index)
         return replace(plan, caption=self.spell(plan.caption))
 
-    def caption_options(self) -> set[str]:
-        return {self.spell(caption) for caption in super().caption_options()}
+    def caption_options(self, index: int | None = None) -> set[str]:
+        return {self.spell(caption) for caption in super().caption_options(index)}
 
     def spell(self, caption: str) -> str:
         return caption.replace(self.token, self.spelled)
