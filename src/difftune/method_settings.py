@@ -21,10 +21,18 @@ class EmaSettings(Section):
     decay: float = Field(0.9999, gt=0.0, lt=1.0)
     """Upper bound of the decay."""
     min_decay: float = Field(0.0, ge=0.0, lt=1.0)
+    """Lower bound of the decay: each update's decay from the schedule is clamped between
+    min_decay and decay (diffusers' EMAModel; its first update copies the weights even
+    so). 0.0: no floor, the schedule alone sets the early decay."""
     warmup: bool = False
     """Decay 1 - (1 + n / inv_gamma) ** -power (Karras-style warmup) instead of (1 + n) / (10 + n)."""
     inv_gamma: float = Field(1.0, gt=0)
+    """With warmup: the n in 1 - (1 + n / inv_gamma) ** -power is divided by it, so a
+    larger value stretches the warmup over more updates. Ignored without warmup."""
     power: float = Field(2 / 3, gt=0)
+    """With warmup: how fast the decay rises toward decay. With inv_gamma 1, 2/3 reaches
+    0.999 after about 31.6K updates and 0.9999 after 1M; 3/4, for shorter runs, 0.999
+    after 10K. Ignored without warmup."""
     start_step: int = Field(0, ge=0)
     """Optimizer steps before the average starts following the weights."""
     update_every: int = Field(1, gt=0)

@@ -15,6 +15,9 @@ class ValidationConfig(_Section):
     every: int = Field(100, gt=0)
     """Validate every N optimizer steps (and once at the end)."""
     prompts: list[str] = []
+    """Prompts generated at each validation (num_images each). A method that takes a
+    conditioning image (controlnet, control, edit) needs images with them; the others take
+    prompts alone. Empty: no images are generated (a metric, if set, still runs)."""
     images: list[PathText | list[PathText]] = []
     """Conditioning image files; one for all prompts, one per prompt, or N with N prompts. For
     an edit, an entry may be a list: that prompt's several reference images (Qwen-Image-Edit
@@ -24,6 +27,9 @@ class ValidationConfig(_Section):
     steps: int = Field(20, gt=0, le=1000)
     """Inference steps (UniPC)."""
     guidance_scale: float = Field(7.5, ge=0, le=100)
+    """Guidance scale of the validation images: classifier-free, or a guidance-distilled
+    transformer's guidance input (Qwen-Image without one: true_cfg_scale with an empty
+    negative prompt). Also `difftune generate`'s default for the run."""
     seed: int | None = Field(None, ge=0, lt=2**63)
     """Generator seed; defaults to train.seed."""
     metric: Literal["none", "fill_circles", "canny", "fill_circles_edit"] = "none"
@@ -76,6 +82,10 @@ class ValidationConfig(_Section):
 
 class HubConfig(_Section):
     push: bool = False
+    """After training, write the model card (settings, latest validation grids) into
+    final/ and upload final/. Checked before training: the Hub must be reachable and a
+    token set."""
     model_id: str | None = None
     """Repository id; defaults to the output_dir's name."""
     private: bool = False
+    """Create the repository as private (an existing one keeps its visibility)."""

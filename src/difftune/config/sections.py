@@ -84,8 +84,16 @@ class ObjectiveConfig(_Section):
     """How flow matching draws each sample's time before the shift (Esser et al. 2024, sec. 3.1):
     uniform, logit-normal (logit_mean, logit_std), mode (mode_scale) or cosmap."""
     logit_mean: float = 0.0
+    """Logit-normal sampling (timestep_sampling = "logit_normal"): the mean of the normal
+    whose sigmoid is the time; 0.0 centres the times on 0.5, a negative mean favours
+    less noise."""
     logit_std: float = Field(1.0, gt=0)
+    """Logit-normal sampling: the normal's standard deviation (smaller: times closer to
+    the centre)."""
     mode_scale: float = 1.29
+    """Mode sampling (timestep_sampling = "mode"): the scale s in
+    t = 1 - u - s (cos^2(pi u / 2) - 1 + u) for a uniform u; 0 is uniform, a larger s puts
+    more times near the middle (1.29 is the default of diffusers' scripts)."""
     loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
     """Flow matching's per-sample loss weight: none, sigma^-2 or cosmap (Esser et al. 2024)."""
 
@@ -102,6 +110,8 @@ class DataConfig(_Section):
     config_name: str | None = None
     """Dataset configuration name passed to datasets.load_dataset."""
     split: str = "train"
+    """Dataset split to train on (datasets.load_dataset's split, or one split of a
+    save_to_disk DatasetDict); a folder of images with .txt captions has no splits."""
     image_column: str = "image"
     """Target image column; in a metadata.jsonl folder this is the file_name column."""
     conditioning_image_column: str = "conditioning_image"
@@ -143,8 +153,9 @@ class DataConfig(_Section):
     image and conditioning of different sizes, bad caption): stop with the list, or skip
     those rows and log each one. `difftune data check` gives the full report."""
     num_workers: int | None = Field(None, ge=0)
-    """DataLoader worker processes; unset: none on the CPU, up to 8 per GPU (see
-    training.setup.loader_workers)."""
+    """DataLoader worker processes; unset: none on the CPU, where workers only take cores
+    from torch (0, 1, 2 workers: 146, 143, 145 samples/s on the CPU benchmark), up to 8
+    per GPU (see training.setup.loader_workers)."""
     cache_dir: PathText | None = None
     """Where datasets caches downloads."""
     cache_latents: bool | None = None
@@ -199,46 +210,90 @@ class TrainConfig(_Section):
     output_dir: PathText = NonEmpty
     """Run directory: config, events, logs, checkpoints, validation, final weights."""
     seed: int = Field(0, ge=0, lt=2**32)
+    """Seeds accelerate's set_seed, the data order and max_samples subset, augmentation
+    and noise, so a resumed run sees the same batches; also the default validation.seed."""
     batch_size: int = Field(4, gt=0, le=65536)
     """Per-device batch size."""
     gradient_accumulation_steps: int = Field(1, gt=0)
+    """Micro-batches per optimizer step: each step sees batch_size x this x processes
+    samples."""
     max_steps: int | None = Field(None, gt=0, le=10**9)
     """Optimizer steps; overrides epochs when set."""
     epochs: int = Field(1, gt=0, le=10**6)
+    """Passes over the data when max_steps is unset."""
     learning_rate: float = Field(5e-6, gt=0, le=1.0)
+    """Peak learning rate (after warmup; scaled by scale_lr)."""
     scale_lr: bool = False
     """Multiply the LR by batch size x accumulation x processes."""
     lr_scheduler: Literal[LR_SCHEDULERS] = "constant"  # type: ignore[valid-type]
+    """Learning-rate schedule over the run's optimizer steps, built by
+    diffusers.optimization.get_scheduler (as diffusers' training scripts)."""
     lr_warmup_steps: int = Field(500, ge=0)
+    """Warmup length in optimizer steps. The plain "constant" schedule has no warmup, so
+    with the default schedule this is ignored."""
     lr_num_cycles: int = Field(1, gt=0)
+    """Number of hard restarts of "cosine_with_restarts"; the other schedules ignore it."""
     lr_power: float = Field(1.0, gt=0)
+    """Power of the "polynomial" decay (1.0: linear); the other schedules ignore it."""
     adam_beta1: float = Field(0.9, ge=0, lt=1)
+    """AdamW beta1: decay of the running mean of the gradients."""
     adam_beta2: float = Field(0.999, ge=0, lt=1)
+    """AdamW beta2: decay of the running mean of the squared gradients."""
     adam_weight_decay: float = Field(1e-2, ge=0, le=1.0)
+    """AdamW's decoupled weight decay, on every trained parameter."""
     adam_epsilon: float = Field(1e-8, gt=0)
+    """AdamW epsilon, added to the denominator for numerical stability."""
     max_grad_norm: float = Field(1.0, gt=0)
+    """Clip the gradients' total norm to this, on steps where gradients sync (the end of
+    an accumulation window)."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Compute precision. Frozen weights are cast to it; what trains (a whole module, or
+    the adapters in one) stays fp32 under autocast. "fp16" needs a GPU, and families
+    whose activations overflow fp16 (CogView4, Qwen-Image) refuse it."""
     gradient_checkpointing: bool = False
+    """Gradient checkpointing on the modules that train: activations recomputed in the
+    backward pass instead of kept. For an SD1.5 ControlNet at 512 px, batch 2, fp32, it
+    saved 1.1 GB (benchmarks/memory/)."""
     use_8bit_adam: bool = False
-    """bitsandbytes AdamW8bit (install difftune[bnb])."""
+    """bitsandbytes AdamW8bit (install difftune[bnb]; 0.48 or later also runs on the CPU).
+    Its state is 2.04 bytes per parameter against AdamW's 8: 0.74 GB instead of 2.89 GB
+    for an SD1.5 ControlNet (benchmarks/memory/). The trained modules stay contiguous,
+    because bitsandbytes' step undoes channels_last."""
     set_grads_to_none: bool = False
+    """Clear gradients with `optimizer.zero_grad(set_to_none=True)` (freed, not zeroed)."""
     allow_tf32: bool = False
+    """Allow TF32 in CUDA matmuls and cuDNN convolutions; without a CUDA GPU it does
+    nothing."""
     attention: Literal["sdpa", "xformers"] = "sdpa"
+    """"sdpa" keeps diffusers' default attention (torch's scaled_dot_product_attention);
+    "xformers" turns on xFormers' memory-efficient attention in the denoiser and the
+    trained modules (needs xformers installed)."""
     channels_last: bool = True
     """Denoiser and trained modules in channels_last memory format (conv-heavy models run
-    faster so: 15% a step on the CPU benchmark, benchmarks/README.md)."""
+    faster so: a step of the CPU benchmark took 30-37 ms, 48.6 ms without;
+    benchmarks/README.md). On the CPU the denoiser is then read into memory instead of
+    mapped from its file: a mapping would stay resident beside the converted copies
+    (+3.7 GB for SD1.5)."""
     cpu_threads: Literal["auto"] | Annotated[int, Field(gt=0, le=4096)] = "auto"
     """Intra-op threads on the CPU. "auto": as many as cores, fewer while other processes
     keep cores busy (a spinning thread waiting for a descheduled one stalls every step);
     a number fixes it. A launch that sets OMP_NUM_THREADS, or an accelerator, is left alone."""
     compile: bool = False
     """torch.compile the denoiser and trained modules (in place): faster steps after a
-    compile of a minute or more at the start, and again for new shapes (validation)."""
+    compile of a minute or more at the start (87 s on the CPU benchmark box), and again
+    for new shapes (validation). In two cached runs of the CPU benchmark it gained 4% and
+    27% (211 against 202, 225 against 177 samples/s). Off by default: on short runs the
+    compile costs more than it saves; not yet measured on a GPU."""
     checkpoint_every: int = Field(500, gt=0)
+    """Save a checkpoint every N optimizer steps (what resume continues from)."""
     checkpoints_total_limit: int | None = Field(None, gt=0)
+    """Keep at most N complete checkpoints; older ones are pruned only after a new one is
+    complete. Unset: keep all."""
     resume: PathText | None = Field(None, min_length=1)
     """"latest" or a checkpoint folder to continue from."""
     report_to: Literal["tensorboard", "wandb", "all", "none"] = "tensorboard"
+    """Trackers: "tensorboard" (under the run's logs/), "wandb" (needs difftune[wandb]),
+    "all" both, "none" neither; events.jsonl is written either way."""
     max_nonfinite_steps: int = Field(10, ge=0)
     """Optimizer steps in a row with a NaN/inf loss (each skipped) before the run stops."""
     log_every: int = Field(1, gt=0)

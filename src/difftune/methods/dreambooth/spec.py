@@ -26,8 +26,16 @@ class DreamBoothSettings(Section):
     """Caption of the class images and the prompt that generates the missing ones. A list
     is cycled over the generated images, each saved with its prompt in a .txt file."""
     prior_preservation: bool = False
+    """Add the prior-preservation loss: instance and class images train in pairs (an epoch
+    as long as the larger set), so that learning the subject does not make the base forget
+    its class. Needs class_data and class_prompt."""
     prior_loss_weight: float = Field(1.0, ge=0.0)
+    """Weight of the class loss: loss = instance loss + this x class loss (each a mean
+    over its own samples)."""
     num_class_images: int = Field(100, gt=0)
+    """Class images trained on, with prior_preservation: the class folder is filled up to
+    this many with the base model's images before the first step; a fuller folder is cut
+    to a seeded subset."""
     sample_batch_size: int = Field(4, gt=0)
     """Batch size when generating class images."""
     class_generation_steps: int = Field(25, gt=0)
