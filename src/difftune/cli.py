@@ -211,6 +211,12 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    from difftune.watch import serve
+
+    return serve(args.runs, args.host, args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="difftune",
@@ -221,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     from difftune.data.cache_folder import add_cache_verb
     from difftune.export.verbs import add_export_verbs
 
-    for add in (_add_train, _add_generate, add_export_verbs, _add_data, add_cache_verb, _add_demo, _add_presets):
+    for add in (_add_train, _add_generate, add_export_verbs, _add_data, add_cache_verb, _add_demo, _add_presets,
+                _add_watch):
         add(verbs)
     return parser
 
@@ -311,6 +318,23 @@ def _add_presets(verbs: Any) -> None:
     init.add_argument("preset", help='a preset\'s name, as `difftune presets` lists it ("sdxl/lora")')
     init.add_argument("out", nargs="?", help="the .toml file to write (default: FAMILY-METHOD.toml here)")
     init.set_defaults(run=cmd_init)
+
+
+def _add_watch(verbs: Any) -> None:
+    watch = verbs.add_parser("watch", help="a local, read-only web page of runs while they train: curves, "
+                             "validation images, facts",
+                             description="Serve a web page that shows runs as they train: the loss (raw and "
+                             "smoothed), learning rate, samples/s and metric curves, each validation's images "
+                             "with their prompts, and the run's facts (config, ETA, checkpoints, final/). It "
+                             "reads only the run directories (also a finished or synced one) and writes nothing.")
+    watch.add_argument("runs", nargs="*", metavar="RUN",
+                       help="run directories (train.output_dir), compared on one page; default: the current "
+                       "folder if it is a run, else the runs in it, else those in ./runs")
+    watch.add_argument("--port", type=int, default=7860, help="port to serve on (0: any free one)")
+    watch.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (127.0.0.1: this machine only; another address lets anyone "
+                       "who can reach it read the runs)")
+    watch.set_defaults(run=cmd_watch)
 
 
 def main(argv: list[str] | None = None) -> int:

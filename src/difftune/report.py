@@ -87,43 +87,76 @@ def _image_tag(path: Path, height: int = 96) -> str:
             f'style="image-rendering:pixelated;height:{height}px;margin:0 8px 8px 0">')
 
 
-def _number(value: float | None) -> float:
-    """events.jsonl writes a non-finite value as null."""
-    return float("nan") if value is None else float(value)
+def number(value: Any) -> float:
+    """events.jsonl writes a non-finite value as null; anything else not a number (a line
+    edited by hand) reads as NaN too, so one odd value never breaks a page."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return float("nan")
+    return float(value)
 
 
-def _moving_mean(points: list[tuple[float, float]], window: int) -> list[tuple[float, float]]:
-    """Each point's mean over the last `window` finite values (the loss is noisy: each
-    step draws other timesteps)."""
-    smoothed, recent = [], []
-    for x, y in points:
-        if math.isfinite(y):
-            recent = (recent + [y])[-window:]
-        if recent:
-            smoothed.append((x, sum(recent) / len(recent)))
-    return smoothed
+SMOOTHING = 10
+"""The loss curve's smoothing window, in step events."""
+
+
+def step_rows(events: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """One row per step event, the numbers the curves draw: step, loss, the loss's mean over
+    the last SMOOTHING finite values, lr and samples/s (NaN where not a number). Both the
+    report and `difftune watch` draw from these rows."""
+    steps = [e for e in events if e.get("event") == "step" and math.isfinite(number(e.get("step")))]
+    rows, recent = [], []
+    for event in steps:
+        loss = number(event.get("loss"))
+        if math.isfinite(loss):
+            recent = (recent + [loss])[-SMOOTHING:]
+        # By position, not by step: a resumed run logs the steps after its checkpoint again.
+        rows.append({"step": number(event["step"]), "loss": loss,
+                     "smoothed": sum(recent) / len(recent) if recent else float("nan"),
+                     "lr": number(event.get("lr")), "samples_per_s": number(event.get("samples_per_s"))})
+    return rows
 
 
 def _metric_series(validations: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """Each validation metric over the steps, and its floor (control off) as a flat
+    "floor NAME" line from step 0 to the last validation."""
     series: dict[str, list[tuple[float, float]]] = {}
     for event in validations:
-        for name, value in (event.get("metrics") or {}).items():
-            series.setdefault(name, []).append((event["step"], _number(value)))
-    last_step = validations[-1]["step"] if validations else 0
-    floor = next((e["floor"] for e in validations if e.get("floor")), None) or {}
+        metrics = event.get("metrics")
+        for name, value in (metrics.items() if isinstance(metrics, dict) else ()):
+            series.setdefault(str(name), []).append((number(event.get("step")), number(value)))
+    last_step = number(validations[-1].get("step")) if validations else 0
+    floor = next((e["floor"] for e in validations if isinstance(e.get("floor"), dict) and e["floor"]), {})
     for name, value in floor.items():
-        series[f"floor {name}"] = [(0, _number(value)), (last_step, _number(value))]
+        series[f"floor {name}"] = [(0, number(value)), (last_step, number(value))]
     return series
 
 
+def _setting(config: dict[str, Any], section: str, key: str) -> Any:
+    """config[section][key], or "?" where a hand-edited or partial config.toml lacks it."""
+    values = config.get(section)
+    return values.get(key, "?") if isinstance(values, dict) else "?"
+
+
+def config_facts(config: Any) -> list[str]:
+    """What the run trains, on what, and how: a RunConfig, or a config.toml read as a dict
+    (`difftune watch` reads the file, so a run copied from elsewhere shows it too)."""
+    if config is None:
+        return []
+    settings = config if isinstance(config, dict) else config.model_dump()
+
+    def get(section: str, key: str) -> Any:
+        return _setting(settings, section, key)
+
+    return [f"method: {get('method', 'kind')}; base: {get('model', 'pretrained')}",
+            f"data: {get('data', 'path')} at {get('data', 'resolution')} px; batch {get('train', 'batch_size')} x "
+            f"{get('train', 'gradient_accumulation_steps')} accumulation; learning rate "
+            f"{get('train', 'learning_rate')} ({get('train', 'lr_scheduler')}); precision "
+            f"{get('train', 'mixed_precision')}"]
+
+
 def run_facts(events: list[dict[str, Any]], config: Any) -> list[str]:
-    """What the run is and what happened to it, one line each."""
-    facts = []
-    if config is not None:
-        facts += [f"method: {config.method.kind}; base: {config.model.pretrained}",
-                  f"data: {config.data.path} at {config.data.resolution} px; batch {config.train.batch_size} x "
-                  f"{config.train.gradient_accumulation_steps} accumulation; learning rate "
-                  f"{config.train.learning_rate} ({config.train.lr_scheduler}); precision {config.train.mixed_precision}"]
+    """What the run is and what happened to it, one line each (config: see config_facts)."""
+    facts = config_facts(config)
     starts = [e for e in events if e["event"] == "start"]
     if starts:
         first, last = starts[0]["time"], events[-1]["time"]
@@ -159,18 +192,22 @@ def write_report(run_dir: Path, config: Any = None) -> Path:
     body.append("</ul>")
     if steps:
         last = steps[-1]
-        body.append(f"<p>step {last['step']}, loss {_number(last['loss']):.4f}, "
-                    f"{_number(last.get('samples_per_s')):.1f} samples/s, peak memory "
-                    f"{_number(last.get('peak_memory_mb')):.0f} MB</p>")
-        losses = [(e["step"], _number(e["loss"])) for e in steps]
-        body.append(line_chart("training loss", {"loss": losses, "mean of 10": _moving_mean(losses, 10)}, "loss"))
-        body.append(line_chart("learning rate", {"lr": [(e["step"], _number(e.get("lr"))) for e in steps]}, "lr"))
-        body.append(line_chart("throughput", {"samples/s": [(e["step"], _number(e.get("samples_per_s")))
-                                                            for e in steps]}, "samples/s"))
+        body.append(f"<p>step {last['step']}, loss {number(last['loss']):.4f}, "
+                    f"{number(last.get('samples_per_s')):.1f} samples/s, peak memory "
+                    f"{number(last.get('peak_memory_mb')):.0f} MB</p>")
+        rows = step_rows(events)
+
+        def curve(key: str) -> list[tuple[float, float]]:
+            return [(row["step"], row[key]) for row in rows]
+
+        body.append(line_chart("training loss", {"loss": curve("loss"), f"mean of {SMOOTHING}": curve("smoothed")},
+                               "loss"))
+        body.append(line_chart("learning rate", {"lr": curve("lr")}, "lr"))
+        body.append(line_chart("throughput", {"samples/s": curve("samples_per_s")}, "samples/s"))
     if any(e.get("metrics") for e in validations):
         latest = [e for e in validations if e.get("metrics")][-1]
-        summary = ", ".join(f"{k} {_number(v):.3f}" for k, v in (latest.get("metrics") or {}).items())
-        floor = ", ".join(f"{k} {_number(v):.3f}" for k, v in (latest.get("floor") or {}).items())
+        summary = ", ".join(f"{k} {number(v):.3f}" for k, v in (latest.get("metrics") or {}).items())
+        floor = ", ".join(f"{k} {number(v):.3f}" for k, v in (latest.get("floor") or {}).items())
         body.append(f"<p>latest metrics: {summary}; floor (control off): {floor or 'n/a'}</p>")
         body.append(line_chart("control metrics (dashed: floor)", _metric_series(validations), "score", (0.0, 1.0)))
     body.append(_grids(run_dir))
@@ -184,30 +221,56 @@ def write_report(run_dir: Path, config: Any = None) -> Path:
     return path
 
 
-def _grids(run_dir: Path) -> str:
-    folders = sorted((run_dir / "validation").glob("step-*"))
+def validation_steps(run_dir: Path) -> list[dict[str, Any]]:
+    """Each validation/step-NNNNNN/ folder, oldest first: its name, its step (None when the
+    name has no number), each pair's grid with its prompt (prompts.json), and its metric
+    grid (None without a metric). Both the report and `difftune watch` show these."""
+    found = []
+    for folder in sorted((run_dir / "validation").glob("step-*")):
+        if not folder.is_dir():
+            continue
+        prompts = validation_prompts(folder)
+        grids = []
+        for grid_file in sorted(folder.glob("pair-*-grid.png")):
+            pair = prompts.get(grid_file.name.removesuffix("-grid.png"))
+            prompt = pair.get("prompt") if isinstance(pair, dict) else None
+            grids.append({"file": grid_file, "prompt": prompt if isinstance(prompt, str) else ""})
+        metric = folder / "metric-grid.png"
+        digits = folder.name.removeprefix("step-")
+        found.append({"name": folder.name, "step": int(digits) if digits.isdigit() else None, "folder": folder,
+                      "grids": grids, "metric_grid": metric if metric.is_file() else None})
+    return found
+
+
+def floor_grid(run_dir: Path) -> Path | None:
+    """validation/floor/metric-grid.png: the base with its control off (with a metric only)."""
     floor = run_dir / "validation" / "floor" / "metric-grid.png"
+    return floor if floor.is_file() else None
+
+
+def _grids(run_dir: Path) -> str:
+    floor = floor_grid(run_dir)
     rows = ["<h2>validation over time</h2>",
             "<p>Per step: one grid per validation prompt (conditioning, then generated images), "
             "then the held-out metric set (conditionings above, generated below).</p>"]
-    if floor.is_file():
+    if floor is not None:
         rows.append(f"<h3>floor (control off)</h3><div>{_image_tag(floor, 160)}</div>")
-    for folder in folders:
-        prompts = _prompts(folder)
+    for found in validation_steps(run_dir):
         cells = []
-        for grid_file in sorted(folder.glob("pair-*-grid.png")):
-            pair = prompts.get(grid_file.name.removesuffix("-grid.png"), {})
-            caption = html.escape(pair.get("prompt", ""))
-            cells.append(f"<figure style='display:inline-block;margin:0 8px 8px 0'>{_image_tag(grid_file, 140)}"
-                         f"<figcaption>{caption}</figcaption></figure>")
-        if (folder / "metric-grid.png").is_file():
-            cells.append(_image_tag(folder / "metric-grid.png", 160))
-        rows.append(f"<h3>{folder.name}</h3><div>{''.join(cells)}</div>")
+        for grid in found["grids"]:
+            cells.append(f"<figure style='display:inline-block;margin:0 8px 8px 0'>{_image_tag(grid['file'], 140)}"
+                         f"<figcaption>{html.escape(grid['prompt'])}</figcaption></figure>")
+        if found["metric_grid"] is not None:
+            cells.append(_image_tag(found["metric_grid"], 160))
+        rows.append(f"<h3>{html.escape(found['name'])}</h3><div>{''.join(cells)}</div>")
     return "\n".join(rows)
 
 
-def _prompts(folder: Path) -> dict[str, Any]:
+def validation_prompts(folder: Path) -> dict[str, Any]:
+    """A validation step's prompts.json ({"pair-00": {"prompt", "image"}}), or {} when it
+    is missing, unreadable or not an object."""
     try:
-        return json.loads((folder / "prompts.json").read_text())
+        prompts = json.loads((folder / "prompts.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return prompts if isinstance(prompts, dict) else {}
