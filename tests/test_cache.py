@@ -197,3 +197,24 @@ def test_a_resumed_run_keeps_the_caches_its_start_chose(tiny_base: Path, circles
     recorded = tomllib.loads((tmp_path / "run" / "config.toml").read_text())["data"]
     assert (recorded["cache_latents"], recorded["cache_text"]) == (False, False)
     assert not [e for e in read_events(tmp_path / "run") if e["event"] == "cache"]
+
+
+def test_a_vae_whose_decoder_alone_changed_reads_the_same_latents(tiny_base: Path, circles: Path,
+                                                                   tmp_path: Path) -> None:
+    """The latent cache holds the encoder's posterior: a base whose VAE decoder was tuned (as
+    sd-vae-ft-mse tunes SD's) reads every entry back; one whose encoder changed encodes again."""
+    from diffusers import AutoencoderKL
+
+    base = Path(shutil.copytree(tiny_base, tmp_path / "base"))
+    cache = {"cache_latents": True, "cache_text": True, "encoded_cache_dir": str(tmp_path / "cache")}
+    counts = []
+    for run, part in (("a", None), ("b", "decoder"), ("c", "encoder")):
+        if part is not None:
+            vae = AutoencoderKL.from_pretrained(base / "vae")
+            with torch.no_grad():
+                next(getattr(vae, part).parameters()).add_(0.01)
+            vae.save_pretrained(base / "vae")
+        Run(build_config(run_config(base, circles, tmp_path / run, data=cache, train={"max_steps": 1}))).fit()
+        stats = _cache_stats(tmp_path / run)
+        counts.append((stats["latents_encoded"], stats["latents_reused"]))
+    assert counts == [(12, 0), (0, 12), (12, 0)]

@@ -69,8 +69,13 @@ class Generation:
     edit: bool = False
     """An edit result (its pipeline takes --image as the reference): an edit run given as
     --base, or its LoRA as --lora."""
+    scheduler: str | None = None
+    """The scheduler class to sample with in place of the family's sampler: the run's
+    validation.scheduler, or a step-distilled base's own (sampling.py)."""
     notes: tuple[str, ...] = ()
     """What was taken from a run directory, to say so."""
+    from_run: frozenset[str] = frozenset()
+    """The settings taken from a run directory."""
 
 
 def plan_generation(request: Generation, given: set[str], overwrite: bool = False) -> Generation:
@@ -112,7 +117,7 @@ def plan_generation(request: Generation, given: set[str], overwrite: bool = Fals
     if run_config(request.base) is not None and not (base_folder / "model_index.json").is_file():
         raise InputError(f"--base {request.base!r} is a run whose result is not a whole pipeline (a ControlNet "
                          "or a LoRA): give it as --controlnet or --lora, and its base as --base")
-    request = _with_family(request)
+    request = _with_base_sampling(_with_family(request), given)
     from difftune.families import check_base
 
     check_pipeline(base_key, model_source(request.base), _family(request).components)
@@ -133,6 +138,12 @@ def plan_generation(request: Generation, given: set[str], overwrite: bool = Fals
 
 
 def _check_numbers(request: Generation) -> None:
+    if request.scheduler is not None:
+        from difftune.sampling import is_scheduler_class
+
+        if not is_scheduler_class(request.scheduler):
+            raise InputError(f"--scheduler {request.scheduler!r} is not a diffusers scheduler class (such as "
+                             "EulerAncestralDiscreteScheduler, LCMScheduler, UniPCMultistepScheduler)")
     if not 1 <= request.steps <= MAX_STEPS:
         raise InputError(f"--steps must be between 1 and {MAX_STEPS} (got {request.steps})")
     for flag, value in (("--guidance-scale", request.guidance_scale), ("--lora-scale", request.lora_scale),
@@ -156,6 +167,7 @@ def _from_run(request: Generation, run: dict[str, Any] | None, given: set[str]) 
         "resolution": run.get("data", {}).get("resolution"),
         "guidance_scale": run.get("validation", {}).get("guidance_scale"),
         "steps": run.get("validation", {}).get("steps"),
+        "scheduler": run.get("validation", {}).get("scheduler"),
     }
     taken = {k: v for k, v in taken.items() if v is not None and k not in given}
     if request.family is not None:  # --family given
@@ -165,7 +177,24 @@ def _from_run(request: Generation, run: dict[str, Any] | None, given: set[str]) 
         taken.pop("family", None)
     notes = tuple(f"{key.replace('_', ' ')} {value} (from the run)" for key, value in taken.items()
                   if key != "family")
-    return replace(request, **taken, notes=request.notes + notes)
+    return replace(request, **taken, notes=request.notes + notes, from_run=request.from_run | set(taken))
+
+
+def _with_base_sampling(request: Generation, given: set[str]) -> Generation:
+    """A step-distilled base's own steps, guidance and scheduler (sampling.py) where neither
+    the command line nor the run set them."""
+    from difftune.sampling import read_base_sampling
+
+    sampling = read_base_sampling(model_source(request.base))
+    if not sampling.distilled:
+        return request
+    settled = given | request.from_run
+    wanted = {"steps": sampling.steps, "guidance_scale": sampling.guidance_scale, "scheduler": sampling.scheduler}
+    taken = {key: value for key, value in wanted.items() if key not in settled}
+    if not taken:
+        return request
+    said = ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in taken.items())
+    return replace(request, **taken, notes=request.notes + (f"{said} (the base is {sampling.describe()})",))
 
 
 def _with_family(request: Generation) -> Generation:
@@ -278,7 +307,12 @@ def generate(request: Generation, should_stop: Callable[[], bool] = lambda: Fals
         from difftune.quantization import quantize_pipeline
 
         quantize_pipeline(pipe, family.denoiser_name, request.quantize, pipe.dtype)
-    pipe.scheduler = family.sampler(pipe.scheduler)
+    if request.scheduler is None:
+        pipe.scheduler = family.sampler(pipe.scheduler)
+    else:  # from the base's scheduler config (the pipeline's own, whatever its class)
+        from difftune.sampling import scheduler_named
+
+        pipe.scheduler = scheduler_named(request.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
 
     def stop_between_steps(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:

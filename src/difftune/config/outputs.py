@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from difftune.config.sections import PathText, _Section
 
@@ -24,12 +24,20 @@ class ValidationConfig(_Section):
     Plus)."""
     num_images: int = Field(4, gt=0, le=64)
     """Images generated per (prompt, conditioning image) pair."""
-    steps: int = Field(20, gt=0, le=1000)
-    """Inference steps (UniPC)."""
-    guidance_scale: float = Field(7.5, ge=0, le=100)
+    steps: int | None = Field(None, gt=0, le=1000)
+    """Inference steps. Unset: the base's own for a step-distilled base (Turbo 1, LCM 4:
+    sampling.py), else 20. Also `difftune generate`'s default for the run."""
+    guidance_scale: float | None = Field(None, ge=0, le=100)
     """Guidance scale of the validation images: classifier-free, or a guidance-distilled
     transformer's guidance input (Qwen-Image without one: true_cfg_scale with an empty
-    negative prompt). Also `difftune generate`'s default for the run."""
+    negative prompt). Unset: the base's own for a step-distilled base (Turbo 0, LCM 1), else
+    7.5. Also `difftune generate`'s default for the run."""
+    scheduler: str | None = None
+    """The diffusers scheduler class validation samples with, made from the base's scheduler
+    config ("EulerAncestralDiscreteScheduler", "LCMScheduler", "UniPCMultistepScheduler").
+    Unset: the base's own for a step-distilled base (its scheduler config names it), else the
+    family's sampler (UniPC for SD and SDXL, the flow-matching Euler for the transformers).
+    Also what `difftune generate` samples the run's result with."""
     seed: int | None = Field(None, ge=0, lt=2**63)
     """Generator seed; defaults to train.seed."""
     metric: Literal["none", "fill_circles", "canny", "fill_circles_edit"] = "none"
@@ -38,6 +46,18 @@ class ValidationConfig(_Section):
     """Held-out dataset (same columns as [data]) whose conditionings and captions are scored."""
     metric_samples: int = Field(32, gt=0, le=100_000)
     """How many held-out rows the metric scores."""
+
+    @field_validator("scheduler")
+    @classmethod
+    def _a_scheduler_class(cls, name: str | None) -> str | None:
+        if name is None:
+            return None
+        from difftune.sampling import is_scheduler_class  # (imports diffusers: only when one is named)
+
+        if not is_scheduler_class(name):
+            raise ValueError(f"{name!r} is not a diffusers scheduler class (such as \"EulerAncestralDiscreteScheduler\", "
+                             "\"LCMScheduler\", \"UniPCMultistepScheduler\")")
+        return name
 
     @model_validator(mode="after")
     def _metric_needs_data(self) -> ValidationConfig:

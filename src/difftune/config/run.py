@@ -84,6 +84,25 @@ class RunConfig(_Section):
         return raw
 
     @model_validator(mode="after")
+    def _sampling_from_the_base(self) -> RunConfig:
+        """validation.steps, guidance_scale and scheduler left unset: the base's own where it
+        is step-distilled (its scheduler config says so: sampling.py), else 20, 7.5 and the
+        family's sampler; written here, so the run's config.toml records what it used."""
+        validation = self.validation
+        if validation.steps is not None and validation.guidance_scale is not None and validation.scheduler:
+            return self
+        from difftune.sampling import read_base_sampling
+
+        base = read_base_sampling(self.model.pretrained, self.model.revision)
+        if validation.steps is None:
+            validation.steps = base.steps
+        if validation.guidance_scale is None:
+            validation.guidance_scale = base.guidance_scale
+        if validation.scheduler is None and base.scheduler is not None:
+            validation.scheduler = base.scheduler
+        return self
+
+    @model_validator(mode="after")
     def _family_trains_the_method(self) -> RunConfig:
         """What the family trains; a refusal that comes from a base of another family (an
         "sd" left as the default on a CogView4 base) names the base's family instead. (The

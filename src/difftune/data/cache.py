@@ -5,7 +5,7 @@ at every step. With `data.cache_latents` / `data.cache_text`, difftune encodes e
 sample once into safetensors shards and trains from them.
 
 Never stale: every entry's key is a hash of everything that changes it.
-- latents: the VAE weights (a hash of its tensors), its dtype, the family, resolution,
+- latents: the VAE encoder's weights (a hash of its tensors), its dtype, the family, resolution,
   crop, flip setting, and the bytes of the target and conditioning image files;
 - text: the text-encoder weights and dtype, the tokenizer's vocabulary and length, and
   the caption text; where the encoder reads an edit's references with it (Qwen-Image-Edit),
@@ -52,10 +52,19 @@ logger = logging.getLogger(__name__)
 CACHE_VERSION = 3
 
 
-def fingerprint(module: nn.Module) -> str:
-    """A hash of a module's weights: names, dtypes, shapes and bytes."""
+DECODER_PARTS = ("decoder.", "post_quant_conv.")
+"""A diffusers VAE's parts after the latent (every AutoencoderKL* names them so): the latent
+cache holds the encoder's posterior, so a VAE whose decoder alone changed (a fine-tuned
+decoder, such as sd-vae-ft-mse's) reads the same entries."""
+
+
+def fingerprint(module: nn.Module, leave_out: tuple[str, ...] = ()) -> str:
+    """A hash of a module's weights: names, dtypes, shapes and bytes (those whose names start
+    with `leave_out` left out)."""
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in module.state_dict().items():
+        if leave_out and name.startswith(leave_out):
+            continue
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         # the bytes as a view (no copy of each tensor while hashing)
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -271,7 +280,8 @@ def _latent_context(samples: TrainingSamples, family: Any, parts: Any) -> str:
     config = samples.config
     # references at a size of their own (Qwen-Image-Edit's): their resampling too, which has changed
     own_size = ("references resized with", OWN_SIZE_RESAMPLING.name) if getattr(samples, "reference_size", None) else ()
-    return _hash(CACHE_VERSION, family.name, fingerprint(parts.vae), str(next(parts.vae.parameters()).dtype),
+    encoder = fingerprint(parts.vae, DECODER_PARTS)
+    return _hash(CACHE_VERSION, family.name, encoder, str(next(parts.vae.parameters()).dtype),
                  config.resolution, config.center_crop, config.random_flip, *own_size)
 
 

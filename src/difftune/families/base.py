@@ -63,6 +63,10 @@ class Parts:
     weight_options: dict[str, Any] = field(default_factory=dict)
     """How the base's weights were read (revision, variant), to read a part again in full
     precision (a Control-LoRA's fused copy, when the loaded part was quantized)."""
+    sampler: Any = None
+    """The scheduler the pipelines sample with in place of the family's sampler
+    (validation.scheduler: a step-distilled base's own, or the one the config names), made
+    from the base's scheduler config; each pipeline gets a fresh copy (schedulers keep state)."""
 
     @property
     def trainable_text_encoders(self) -> tuple[str, ...]:

@@ -231,13 +231,14 @@ class LatentFamily:
         return type(scheduler).from_config(scheduler.config)
 
     def pipeline(self, parts: Parts, kind: str | None = None) -> Any:
-        """An inference pipeline over the loaded parts (the family's sampler), of `kind`;
+        """An inference pipeline over the loaded parts (the family's sampler, or parts.sampler), of `kind`;
         by default the ControlNet pipeline when the parts hold a "controlnet", else text-to-image."""
         kind = kind or ("controlnet" if "controlnet" in parts.components else "text_to_image")
         cls = self.pipeline_class(kind)
         wanted = inspect.signature(cls.__init__).parameters
         components = {name: part for name, part in parts.components.items() if name in wanted}
-        components["scheduler"] = self.sampler(parts.noise_scheduler)
+        components["scheduler"] = (self.sampler(parts.noise_scheduler) if parts.sampler is None
+                                   else type(parts.sampler).from_config(parts.sampler.config))
         settings = {key: value for key, value in parts.settings.items() if key in wanted}
         return cls(**components, **{**settings, **self.pipeline_options})
 

@@ -58,7 +58,7 @@ from difftune.training.optim import make_lr_scheduler, make_optimizer, total_ste
 from difftune.training.plan import RunPlan, finished_message, main_process_by_environment, plan_run
 from difftune.training.step import Trainee
 from difftune.training.stepping import OptimizerSteps
-from difftune.training.summary import log_cache_choice, log_data_check, log_plan, start_summary
+from difftune.training.summary import log_cache_choice, log_data_check, log_plan, log_sampling, start_summary
 from difftune.training.threads import ThreadGovernor
 from difftune.training.validate import Validation
 
@@ -83,6 +83,7 @@ class Run:
         log_plan(self.plan, self.events, self.console, main)
         if main:
             log_cache_choice(checked.cache_notes, self.events, self.console)
+            log_sampling(config, self.events, self.console)
             log_data_check(checked.samples, self.run_dir, self.events, self.console)
         self.threads = ThreadGovernor(config.train.cpu_threads, self.accelerator.device,
                                       self.accelerator.num_processes, self.events)
@@ -113,6 +114,7 @@ class Run:
         quiet_loading_bars()
         parts = checked.family.load(self.config.model, setup.denoiser_in_memory(self.config, self.accelerator))
         check_weights_loaded(parts.modules(), f"model.pretrained {self.config.model.pretrained!r}")
+        parts = setup.with_sampler(parts, self.config)
         trained = checked.method.build(checked.family, parts)
         check_weights_loaded(trained, "the trained modules (method.controlnet?)")
         setup.place_frozen_parts(parts, self.accelerator)

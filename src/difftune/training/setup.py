@@ -82,6 +82,23 @@ def preflight(config: RunConfig, rows: CheckedRows | None = None) -> Preflight:
     return Preflight(family, method, samples, pairs, load_metric_set(config), caches.notes)
 
 
+def with_sampler(parts: Parts, config: RunConfig) -> Parts:
+    """The parts sampling with validation.scheduler where it is set (a step-distilled base's
+    own, settled from its scheduler config, or the config's choice), made from the base's
+    scheduler config as written (the training scheduler keeps only its own class's keys)."""
+    from dataclasses import replace
+
+    from difftune.model_files import read_config
+    from difftune.sampling import scheduler_named
+
+    name = config.validation.scheduler
+    if name is None:
+        return parts
+    model = config.model
+    written = read_config(model.pretrained, "scheduler/scheduler_config.json", model.revision)
+    return replace(parts, sampler=scheduler_named(name, written or parts.noise_scheduler.config))
+
+
 def check_precision(config: RunConfig) -> None:
     """fp16 mixed precision needs a GPU (accelerate refuses it on the CPU, deep inside)."""
     if config.train.mixed_precision == "fp16" and torch.accelerator.current_accelerator() is None:

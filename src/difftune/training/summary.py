@@ -104,6 +104,32 @@ def _count(n: int) -> str:
     return str(n)
 
 
+def log_sampling(config: Any, events: EventLog, console: Console) -> None:
+    """A step-distilled base (sampling.py): how validation samples it, and a warning where the
+    method fine-tunes every denoiser weight with the diffusion loss, which undoes the
+    distillation (the base then needs many steps again)."""
+    from difftune.sampling import read_base_sampling
+
+    sampling = read_base_sampling(config.model.pretrained, config.model.revision)
+    if not sampling.distilled:
+        return
+    validation = config.validation
+    line = (f"sampling: the base is {sampling.describe()}: validation samples with "
+            f"{validation.scheduler or 'the family sampler'}, {validation.steps} step(s) at guidance "
+            f"{validation.guidance_scale:g} (validation.scheduler, steps and guidance_scale set them)")
+    warning = None
+    if config.method.trains_every_weight:
+        warning = (f"method {config.method.kind!r} trains every denoiser weight of a step-distilled base with the "
+                   "plain diffusion loss, which undoes its few-step sampling (validation at "
+                   f"{validation.steps} step(s) will show it). To keep it, train adapters instead ([method.lora], "
+                   "or method.kind = \"lora\").")
+    events.write("sampling", distilled=sampling.kind, scheduler=validation.scheduler, steps=validation.steps,
+                 guidance_scale=validation.guidance_scale, warning=warning)
+    console.print(line, highlight=False, soft_wrap=True)
+    if warning is not None:
+        console.print(f"warning: {warning}", highlight=False, soft_wrap=True)
+
+
 def log_cache_choice(notes: tuple[str, ...], events: EventLog, console: Console) -> None:
     """How the caches left unset were chosen (training/cache_choice.py), one line each."""
     if not notes:
