@@ -78,13 +78,14 @@ METHODS: dict[str, dict[str, Any]] = {
     "edit": {"kind": "edit", "lora": {"rank": 4}},
     "textual_inversion": {"kind": "textual_inversion", "textual_inversion": {
         "token": "<blob>", "init_token": "circle", "vectors": 2, "caption": "red {token} with blue background"}},
+    "distill": {"kind": "distill", "distill": {"kind": "lcm", "num_ddim_timesteps": 10}, "lora": {"rank": 4}},
 }
 # What else each pair runs with: the caches and buckets go through the family's named
 # conditioning and per-sample geometry.
 DATA = {"controlnet": {"cache_text": True, "cache_latents": True}, "control": {"cache_text": True},
         "lora": {"buckets": True},
         "full": {"cache_text": True}, "dreambooth": {}, "textual_inversion": {"cache_latents": True},
-        "edit": {"cache_latents": True}}
+        "edit": {"cache_latents": True}, "distill": {"cache_text": True}}
 PAIRS = [(family, method) for family in sorted(families()) for method in sorted(families()[family].supports)]
 
 
@@ -137,7 +138,7 @@ def test_a_pair_trains_and_diffusers_loads_its_result(family: str, method: str, 
     elif method == "control":
         pipe = classes["control"].from_pretrained(final, **options)
         assert _generate(pipe, control_image=control).shape == (64, 64, 3)
-    elif method in ("lora", "dreambooth"):
+    elif method in ("lora", "dreambooth", "distill"):
         pipe = classes["text_to_image"].from_pretrained(base, **options)
         before = _generate(pipe)
         pipe.load_lora_weights(final)

@@ -13,6 +13,7 @@ from difftune.strict import Section
 
 if TYPE_CHECKING:
     from difftune.catalog import FamilyFacts
+    from difftune.sampling import BaseSampling
 
 
 class EmaSettings(Section):
@@ -85,6 +86,14 @@ class MethodSettings(Section):
     @property
     def fixed_caption(self) -> str | None:
         """One prompt for every training image (DreamBooth's instance prompt), if any."""
+        return None
+
+    @property
+    def sampling(self) -> BaseSampling | None:
+        """How its result samples where the method decides it (a step-distilled result: LCM-LoRA
+        samples with LCMScheduler in 4 steps at guidance 1), or None: as the base does. The
+        validation settings the config leaves unset take it (config/run.py), and so does
+        `difftune generate` from the run's config."""
         return None
 
     def family_problem(self, family: FamilyFacts) -> str | None:

@@ -85,15 +85,17 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _sampling_from_the_base(self) -> RunConfig:
-        """validation.steps, guidance_scale and scheduler left unset: the base's own where it
-        is step-distilled (its scheduler config says so: sampling.py), else 20, 7.5 and the
-        family's sampler; written here, so the run's config.toml records what it used."""
+        """validation.steps, guidance_scale and scheduler left unset: the method's result's
+        where the method decides how it samples (method.sampling: an LCM-LoRA's), else the
+        base's own where it is step-distilled (its scheduler config says so: sampling.py),
+        else 20, 7.5 and the family's sampler; written here, so the run's config.toml records
+        what it used."""
         validation = self.validation
         if validation.steps is not None and validation.guidance_scale is not None and validation.scheduler:
             return self
         from difftune.sampling import read_base_sampling
 
-        base = read_base_sampling(self.model.pretrained, self.model.revision)
+        base = self.method.sampling or read_base_sampling(self.model.pretrained, self.model.revision)
         if validation.steps is None:
             validation.steps = base.steps
         if validation.guidance_scale is None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
@@ -83,6 +84,31 @@ class Method(Protocol):
         settings: dict[str, Any],
         generator: torch.Generator,
     ) -> list[Image.Image]: ...
+
+
+@dataclass(frozen=True)
+class CleanInputs:
+    """One step's inputs before any noise: what a method that owns its loss starts from."""
+
+    latents: torch.Tensor
+    """The clean latents (scaled, from the cache or the VAE)."""
+    text: dict[str, torch.Tensor]
+    """The family's prompt conditioning, by name."""
+    geometry: torch.Tensor | None
+    generators: list[torch.Generator]
+    """One per sample (training/step.sample_generators): the method draws its noise and
+    timesteps from them, so a sample draws the same in any batch, process or resumed run."""
+
+
+@runtime_checkable
+class OwnsLoss(Protocol):
+    """A method whose loss is its own, not the denoising loss that the step builds from the
+    objective, `condition` and `reduce` (distillation: the denoiser runs several times, as
+    student, teacher and target, at timesteps the method draws). The step hands it the
+    clean inputs and takes the scalar it returns."""
+
+    def loss(self, family: Family, parts: Parts, trained: Trained, batch: dict[str, Any],
+             clean: CleanInputs) -> torch.Tensor: ...
 
 
 class FromSettings:

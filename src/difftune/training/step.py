@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from difftune.families.base import Family, ModelInputs, Parts
-from difftune.methods.base import Method, Trained
+from difftune.methods.base import CleanInputs, Method, OwnsLoss, Trained
 from difftune.objectives import NoisedBatch, Objective, per_sample_mse
 
 
@@ -39,8 +39,15 @@ def sample_generators(device: torch.device, seed: int, keys: list[tuple[int, ...
 
 
 def denoiser_inputs(trainee: Trainee, batch: dict[str, Any], seed: int) -> tuple[ModelInputs, NoisedBatch]:
-    """Everything before the denoiser: latents (from the cache or the VAE), prompt
-    embeddings (from the cache or the text encoders), noise and timesteps."""
+    """Everything before the denoiser: clean_inputs, then the objective's noise and timesteps."""
+    clean = clean_inputs(trainee, batch, seed)
+    noised = trainee.objective.sample(clean.latents, clean.generators)
+    return ModelInputs(noised.noisy, noised.timesteps, clean.text, clean.geometry), noised
+
+
+def clean_inputs(trainee: Trainee, batch: dict[str, Any], seed: int) -> CleanInputs:
+    """Latents (from the cache or the VAE), prompt embeddings (from the cache or the text
+    encoders), geometry and each sample's generator."""
     family = trainee.family
     parts = trainee.step_parts or trainee.parts
     # The denoiser's device: with a latent cache the VAE may have left the accelerator.
@@ -58,13 +65,14 @@ def denoiser_inputs(trainee: Trainee, batch: dict[str, Any], seed: int) -> tuple
         with torch.set_grad_enabled(trainee.trains_text_encoder):
             text = family.encode_prompts(parts, batch["captions"])
     geometry = batch["geometry"].to(device) if "geometry" in batch else None
-    noised = trainee.objective.sample(latents, generators)
-    return ModelInputs(noised.noisy, noised.timesteps, text, geometry), noised
+    return CleanInputs(latents, text, geometry, generators)
 
 
 def training_loss(trainee: Trainee, batch: dict[str, Any], seed: int) -> torch.Tensor:
     family, method = trainee.family, trainee.method
     parts = trainee.step_parts or trainee.parts
+    if isinstance(method, OwnsLoss):  # distillation: its own passes and target (methods/base.OwnsLoss)
+        return method.loss(family, parts, trainee.trained, batch, clean_inputs(trainee, batch, seed))
     inputs, noised = denoiser_inputs(trainee, batch, seed)
     inputs = method.condition(family, parts, trainee.trained, batch, inputs)
     prediction = family.predict(parts, inputs)

@@ -1,0 +1,275 @@
+"""kind = "distill" (LCM-LoRA): one step's loss against a hand computation from diffusers'
+own pieces; a 2-step run on the tiny SD and SDXL bases whose final/ loads with
+load_lora_weights and samples with LCMScheduler in 4 steps at guidance 1; validation and
+generate sample that way; a resumed run equals an unbroken one; bad settings refused
+before any model loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import WORDS, run_config
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    LCMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+from safetensors.torch import load_file
+
+from difftune.cli import main
+from difftune.config import ConfigError, build_config, load_config
+from difftune.families import get_family
+from difftune.families.sdxl.tiny import build_tiny_sdxl
+from difftune.methods import make_method
+from difftune.methods.base import CleanInputs
+from difftune.methods.distill.method import Draws
+from difftune.methods.distill.spec import LCM_TARGETS
+from difftune.rundir import read_events
+from difftune.training.loop import Run, train
+
+PROMPT = "red circle with blue background"
+ROOT = Path(__file__).resolve().parents[1]
+SD_OPTIONS = {"safety_checker": None, "requires_safety_checker": False}
+
+
+def _method(**distill: Any) -> dict[str, Any]:
+    return {"kind": "distill", "distill": {"kind": "lcm", **distill}, "lora": {"rank": 4}}
+
+
+def _raw(base: Path, data: Path, out: Path, family: str = "sd", validate: bool = True, **method: Any) -> dict:
+    raw = run_config(base, data, out, train={"max_steps": 2, "checkpoint_every": 2},
+                     validation={"every": 2 if validate else 100, "prompts": [PROMPT], "num_images": 1})
+    raw["model"]["family"] = family
+    raw["method"] = method or _method()
+    raw["validation"].pop("steps")  # the method's own (4)
+    return raw
+
+
+def _spy(patch: pytest.MonkeyPatch, cls: type) -> list[dict[str, Any]]:
+    """Every call of the pipeline class: its steps, guidance and scheduler."""
+    seen: list[dict[str, Any]] = []
+    original = cls.__call__
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append({"steps": kwargs.get("num_inference_steps"), "guidance": kwargs.get("guidance_scale"),
+                     "scheduler": type(self.scheduler).__name__})
+        return original(self, *args, **kwargs)
+
+    patch.setattr(cls, "__call__", spy)
+    return seen
+
+
+def _lcm_image(pipe: Any) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(PROMPT, num_inference_steps=4, guidance_scale=1.0, height=64, width=64, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images[0]
+
+
+# --- (1) the loss, by hand from diffusers' pieces ---------------------------------------------------
+
+@pytest.mark.parametrize("loss", ["huber", "l2"])
+def test_one_step_loss_equals_a_hand_computation_from_diffusers_pieces(tiny_base: Path, circles: Path,
+                                                                       loss: str) -> None:
+    """Student, guided teacher (the base without adapters), one DDIM step and the EMA-free
+    target, computed independently: DDPMScheduler.add_noise and alphas_cumprod, a separate
+    UNet without adapters as the teacher, the pipeline's own "" encoding, DDIMScheduler.step
+    for the solver and LCMScheduler's boundary scalings."""
+    config = build_config(_raw(tiny_base, circles, Path("out"), **_method(loss=loss, w_min=2.0, w_max=9.0)))
+    family, method = get_family("sd"), make_method(config.method)
+    parts = family.load(config.model)
+    trained = method.build(family, parts)
+    student = trained["unet"]
+    torch.manual_seed(1)
+    with torch.no_grad():  # adapters that change something (lora_B starts at zero)
+        for name, parameter in student.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    latents = torch.randn(2, 4, 16, 16)
+    noise = torch.randn(2, 4, 16, 16)
+    index, w = torch.tensor([0, 7]), torch.tensor([2.5, 8.0])  # index 0: t_n clamps at 0
+    text = family.encode_prompts(parts, ["red circle", "blue circle with red background"])
+    ours = method.distill_loss(family, parts, CleanInputs(latents, text, None, []), Draws(index, noise, w))
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_base, **SD_OPTIONS)  # its own UNet: no adapters
+    ddpm = DDPMScheduler.from_pretrained(tiny_base, subfolder="scheduler")
+    lcm = LCMScheduler.from_config(ddpm.config, timestep_scaling=10.0)
+    ddim = DDIMScheduler.from_config(ddpm.config, set_alpha_to_one=False, clip_sample=False, thresholding=False)
+    ddim.set_timesteps(50)
+    k = ddpm.config.num_train_timesteps // 50
+    start = (torch.arange(1, 51) * k - 1)[index]
+    end = (start - k).clamp_min(0)
+    assert start.tolist() == [19, 159] and end.tolist() == [0, 139]
+    cond, uncond = pipe.encode_prompt(["red circle", "blue circle with red background"], "cpu", 1, True)
+    noisy = ddpm.add_noise(latents, noise, start)
+    a = ddpm.alphas_cumprod
+
+    def x0(eps: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (z - (1 - a[t]).sqrt().view(-1, 1, 1, 1) * eps) / a[t].sqrt().view(-1, 1, 1, 1)
+
+    def boundary(z: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for i in range(len(t)):
+            c_skip, c_out = lcm.get_scalings_for_boundary_condition_discrete(t[i])
+            rows.append(c_skip * z[i] + c_out * x0(eps[i:i + 1], z[i:i + 1], t[i:i + 1])[0])
+        return torch.stack(rows)
+
+    with torch.no_grad():
+        prediction = boundary(noisy, start, student(noisy, start, cond).sample)
+        eps_cond, eps_uncond = pipe.unet(noisy, start, cond).sample, pipe.unet(noisy, start, uncond).sample
+        guided = eps_cond + w.view(-1, 1, 1, 1) * (eps_cond - eps_uncond)  # cond + w (cond - uncond)
+        x_prev = torch.stack([ddim.step(guided[i], int(start[i]), noisy[i]).prev_sample for i in range(2)])
+        target = boundary(x_prev, end, student(x_prev, end, cond).sample)
+    d = prediction - target
+    expected = (torch.sqrt(d**2 + 0.001**2) - 0.001).mean() if loss == "huber" else (d**2).mean()
+    assert torch.isfinite(expected) and float(expected) > 0
+    torch.testing.assert_close(ours.detach(), expected, rtol=1e-4, atol=1e-7)
+    # the student's output has a gradient only into the adapters; the teacher left them on
+    ours.backward()
+    assert all((p.grad is not None) == ("lora_" in n) for n, p in student.named_parameters())
+    assert all(p.requires_grad for n, p in student.named_parameters() if "lora_" in n)
+
+
+def test_draws_are_per_sample_and_in_range(tiny_base: Path, circles: Path) -> None:
+    config = build_config(_raw(tiny_base, circles, Path("out"), **_method(w_min=3.0, w_max=4.0,
+                                                                            num_ddim_timesteps=10)))
+    method = make_method(config.method)
+    latents = torch.zeros(3, 4, 8, 8)
+
+    def generators(*seeds: int) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    draws = method.draw(CleanInputs(latents, {}, None, generators(1, 2, 3)))
+    assert draws.index.shape == (3,) and ((0 <= draws.index) & (draws.index < 10)).all()
+    assert ((3.0 <= draws.guidance) & (draws.guidance <= 4.0)).all()
+    alone = method.draw(CleanInputs(latents[:1], {}, None, generators(2)))  # sample 2, in another batch
+    assert torch.equal(alone.noise[0], draws.noise[1]) and alone.index[0] == draws.index[1]
+
+
+# --- (2), (4) a run on tiny SD: final/ in diffusers, validation and generate with LCM ----------------
+
+@pytest.fixture(scope="module")
+def sd_run(tiny_base: Path, circles: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("distill") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        seen = _spy(patch, StableDiffusionPipeline)
+        config = build_config(_raw(tiny_base, circles, out))
+        final = train(config)
+    return {"config": config, "final": final, "validation": seen, "out": out}
+
+
+def test_a_distilled_lora_loads_in_diffusers_and_samples_with_lcm_in_4_steps(tiny_base: Path,
+                                                                             sd_run: dict[str, Any]) -> None:
+    final = sd_run["final"]
+    assert final is not None and (final / "pytorch_lora_weights.safetensors").is_file()
+    losses = [e["loss"] for e in read_events(sd_run["out"]) if e["event"] == "step"]
+    assert len(losses) == 2 and all(np.isfinite(loss) and loss > 0 for loss in losses)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_base, **SD_OPTIONS)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    before = _lcm_image(pipe)
+    pipe.load_lora_weights(final)
+    after = _lcm_image(pipe)
+    assert np.isfinite(after).all() and after.shape == (64, 64, 3)
+    assert not np.allclose(before, after, atol=1e-4), "the distilled LoRA changed nothing"
+    usage = make_method(sd_run["config"].method).usage(get_family("sd"), "me/lcm-lora", str(tiny_base))
+    assert "pipe.load_lora_weights" in usage and "LCMScheduler.from_config" in usage
+    assert "num_inference_steps=4, guidance_scale=1.0" in usage
+
+
+def test_validation_and_generate_sample_with_lcm_at_4_steps_and_guidance_1(
+        sd_run: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    validation = sd_run["config"].validation
+    assert (validation.scheduler, validation.steps, validation.guidance_scale) == ("LCMScheduler", 4, 1.0)
+    assert sd_run["validation"] and all(call == {"steps": 4, "guidance": 1.0, "scheduler": "LCMScheduler"}
+                                        for call in sd_run["validation"])
+    assert (sd_run["out"] / "validation" / "step-000002").is_dir()
+    recorded = (sd_run["out"] / "config.toml").read_text()
+    assert 'scheduler = "LCMScheduler"' in recorded and "steps = 4" in recorded
+    seen = _spy(monkeypatch, StableDiffusionPipeline)
+    out = tmp_path / "out.png"
+    assert main(["generate", "--lora", str(sd_run["out"]), "--prompt", "red circle", "--out", str(out)]) == 0
+    assert seen == [{"steps": 4, "guidance": 1.0, "scheduler": "LCMScheduler"}] and out.is_file()
+
+
+def test_the_config_still_sets_validation_sampling(tiny_base: Path, circles: Path) -> None:
+    raw = _raw(tiny_base, circles, Path("out"))
+    raw["validation"] |= {"steps": 8, "scheduler": "TCDScheduler"}
+    validation = build_config(raw).validation
+    assert (validation.scheduler, validation.steps, validation.guidance_scale) == ("TCDScheduler", 8, 1.0)
+    validation = build_config(_raw(tiny_base, circles, Path("out"), kind="lora")).validation
+    assert (validation.scheduler, validation.steps, validation.guidance_scale) == (None, 20, 7.5)
+
+
+def test_a_resumed_distill_run_equals_an_unbroken_one(tiny_base: Path, circles: Path, tmp_path: Path) -> None:
+    """The draws (grid index, noise, w) come from each sample's generator and the adapters
+    are checkpointed exactly, so a run resumed at step 1 ends where an unbroken one does."""
+    def config(out: str, steps: int) -> Any:
+        raw = _raw(tiny_base, circles, tmp_path / out, validate=False)
+        raw["train"] |= {"max_steps": steps, "checkpoint_every": 1}
+        return build_config(raw)
+
+    Run(config("a", 3)).fit()
+    Run(config("b", 1)).fit()
+    resumed = Run(config("b", 3))
+    assert resumed.resume_from is not None and resumed.resume_from.name == "step-000001"
+    resumed.fit()
+    a, b = (load_file(tmp_path / out / "final" / "pytorch_lora_weights.safetensors") for out in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+# --- (3) tiny SDXL --------------------------------------------------------------------------------
+
+def test_a_distilled_sdxl_lora_loads_in_diffusers_and_samples_with_lcm(circles: Path, tmp_path: Path) -> None:
+    base = build_tiny_sdxl(tmp_path / "tiny-sdxl", WORDS, seed=0)
+    final = train(build_config(_raw(base, circles, tmp_path / "run", "sdxl", validate=False,
+                                    **_method(w_min=3.0))))
+    assert final is not None and (final / "pytorch_lora_weights.safetensors").is_file()
+    pipe = StableDiffusionXLPipeline.from_pretrained(base, add_watermarker=False)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    before = _lcm_image(pipe)
+    pipe.load_lora_weights(final)
+    after = _lcm_image(pipe)
+    assert np.isfinite(after).all() and not np.allclose(before, after, atol=1e-4)
+
+
+# --- (5) refusals, before any model loads ------------------------------------------------------------
+
+def test_bad_settings_are_refused_when_the_config_loads(tiny_base: Path, circles: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import diffusers
+
+    def no_loading(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(diffusers.UNet2DConditionModel, "from_pretrained", no_loading)
+    with pytest.raises(ConfigError, match=r"w_min \(9\) is above w_max \(6\)"):
+        build_config(_raw(tiny_base, circles, Path("out"), **_method(w_min=9.0, w_max=6.0)))
+    no_lora = _method()
+    del no_lora["lora"]
+    with pytest.raises(ConfigError, match=r"method\.lora"):
+        build_config(_raw(tiny_base, circles, Path("out"), **no_lora))
+    with pytest.raises(ConfigError, match=r"method\.distill"):
+        build_config(_raw(tiny_base, circles, Path("out"), kind="distill", lora={"rank": 4}))
+    with pytest.raises(ConfigError, match=r"method\.distill\.loss"):
+        build_config(_raw(tiny_base, circles, Path("out"), **_method(loss="l1")))
+    flux = _raw(tiny_base, circles, Path("out"), "flux")
+    flux["model"]["pretrained"] = "black-forest-labs/FLUX.1-dev"  # not here: the family's own refusal
+    with pytest.raises(ConfigError, match=r"method.kind = 'distill': family 'flux'.* trains .*lora"):
+        build_config(flux)
+
+
+def test_the_presets_load_as_lcm_distillation() -> None:
+    sd, sdxl = (load_config(ROOT / "configs" / family / "distill_lcm.toml") for family in ("sd", "sdxl"))
+    for config in (sd, sdxl):
+        method = config.method
+        assert method.kind == "distill" and method.distill.kind == "lcm" and method.result == "lora"
+        assert (method.lora.rank, method.lora.alpha, method.distill.loss) == (64, 64, "huber")
+        assert (config.validation.scheduler, config.validation.steps, config.validation.guidance_scale) == (
+            "LCMScheduler", 4, 1.0)
+    assert (sd.method.distill.w_min, sdxl.method.distill.w_min, sdxl.model.family) == (5.0, 3.0, "sdxl")
+    assert sd.method.lora.target_modules == sdxl.method.lora.target_modules == list(LCM_TARGETS)
