@@ -7,7 +7,7 @@ circle C") and scores the result (difftune.metrics.FillCirclesEdit): shape IoU a
 reference's disc, and whether the disc is now colour C. The floor is the base's own edit
 pipeline on the same rows, with the same seeds. Prints both as JSON.
 
-    python benchmarks/fill_circles_edit/check.py RUN_DIR --base BASE [--held-out DIR] [--steps 20]
+    python benchmarks/fill_circles_edit/check.py RUN_DIR --base BASE [--held-out DIR] [--steps 20] [--no-floor]
 """
 
 from __future__ import annotations
@@ -64,12 +64,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-floor", action="store_true", help="score the trained result only")
     args = parser.parse_args()
     family = family_of_pipeline(Path(args.base))
     rows = held_out_rows(args.held_out)
     result = {"rows": len(rows), "steps": args.steps}
     with torch.no_grad():
-        for name, final in (("trained", args.run_dir / "final"), ("floor", None)):
+        for name, final in (("trained", args.run_dir / "final"), ("floor", None))[: 1 if args.no_floor else 2]:
             result[name] = score(edit_pipeline(args.base, final), family, rows, args.held_out, args.size, args.steps,
                                  args.seed)
     print(json.dumps(result, indent=2))
