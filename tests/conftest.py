@@ -129,3 +129,19 @@ def poison_loss(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int]) -> None:
         return loss * float("nan") if calls["n"] in bad_calls else loss
 
     monkeypatch.setattr(stepping, "training_loss", poisoned)
+
+
+def pipeline_calls(monkeypatch: pytest.MonkeyPatch, cls: type) -> list[dict[str, Any]]:
+    """Every call of a diffusers pipeline class from now on: its steps, guidance, scheduler
+    class and timestep spacing (how validation and `difftune generate` sample)."""
+    seen: list[dict[str, Any]] = []
+    original = cls.__call__
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append({"steps": kwargs.get("num_inference_steps"), "guidance": kwargs.get("guidance_scale"),
+                     "scheduler": type(self.scheduler).__name__,
+                     "spacing": self.scheduler.config.get("timestep_spacing")})
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "__call__", spy)
+    return seen

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import WORDS, run_config
+from conftest import WORDS, pipeline_calls, run_config
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -49,20 +49,6 @@ def _raw(base: Path, data: Path, out: Path, family: str = "sd", validate: bool =
     raw["method"] = method or _method()
     raw["validation"].pop("steps")  # the method's own (4)
     return raw
-
-
-def _spy(patch: pytest.MonkeyPatch, cls: type) -> list[dict[str, Any]]:
-    """Every call of the pipeline class: its steps, guidance and scheduler."""
-    seen: list[dict[str, Any]] = []
-    original = cls.__call__
-
-    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
-        seen.append({"steps": kwargs.get("num_inference_steps"), "guidance": kwargs.get("guidance_scale"),
-                     "scheduler": type(self.scheduler).__name__})
-        return original(self, *args, **kwargs)
-
-    patch.setattr(cls, "__call__", spy)
-    return seen
 
 
 def _lcm_image(pipe: Any) -> np.ndarray:
@@ -157,7 +143,7 @@ def test_draws_are_per_sample_and_in_range(tiny_base: Path, circles: Path) -> No
 def sd_run(tiny_base: Path, circles: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("distill") / "run"
     with pytest.MonkeyPatch.context() as patch:
-        seen = _spy(patch, StableDiffusionPipeline)
+        seen = pipeline_calls(patch, StableDiffusionPipeline)
         config = build_config(_raw(tiny_base, circles, out))
         final = train(config)
     return {"config": config, "final": final, "validation": seen, "out": out}
@@ -185,15 +171,16 @@ def test_validation_and_generate_sample_with_lcm_at_4_steps_and_guidance_1(
         sd_run: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     validation = sd_run["config"].validation
     assert (validation.scheduler, validation.steps, validation.guidance_scale) == ("LCMScheduler", 4, 1.0)
-    assert sd_run["validation"] and all(call == {"steps": 4, "guidance": 1.0, "scheduler": "LCMScheduler"}
+    assert sd_run["validation"] and all(call == {"steps": 4, "guidance": 1.0, "scheduler": "LCMScheduler", "spacing": "leading"}
                                         for call in sd_run["validation"])
     assert (sd_run["out"] / "validation" / "step-000002").is_dir()
     recorded = (sd_run["out"] / "config.toml").read_text()
     assert 'scheduler = "LCMScheduler"' in recorded and "steps = 4" in recorded
-    seen = _spy(monkeypatch, StableDiffusionPipeline)
+    seen = pipeline_calls(monkeypatch, StableDiffusionPipeline)
     out = tmp_path / "out.png"
     assert main(["generate", "--lora", str(sd_run["out"]), "--prompt", "red circle", "--out", str(out)]) == 0
-    assert seen == [{"steps": 4, "guidance": 1.0, "scheduler": "LCMScheduler"}] and out.is_file()
+    assert seen == [{"steps": 4, "guidance": 1.0, "scheduler": "LCMScheduler", "spacing": "leading"}]
+    assert out.is_file()
 
 
 def test_the_config_still_sets_validation_sampling(tiny_base: Path, circles: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import WORDS, run_config
+from conftest import WORDS, pipeline_calls, run_config
 from diffusers import (
     EulerAncestralDiscreteScheduler,
     LCMScheduler,
@@ -54,21 +54,6 @@ def lcm_sd(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base
 
 
-def _calls(monkeypatch: pytest.MonkeyPatch, cls: type) -> list[dict[str, Any]]:
-    """Every call of the pipeline class: its steps, guidance and scheduler."""
-    seen: list[dict[str, Any]] = []
-    original = cls.__call__
-
-    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
-        seen.append({"steps": kwargs.get("num_inference_steps"), "guidance": kwargs.get("guidance_scale"),
-                     "scheduler": type(self.scheduler).__name__,
-                     "spacing": self.scheduler.config.get("timestep_spacing")})
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(cls, "__call__", spy)
-    return seen
-
-
 def _run(base: Path, data: Path, out: Path, family: str, **method: Any) -> dict:
     raw = run_config(base, data, out, train={"max_steps": 2, "checkpoint_every": 2},
                      validation={"every": 2, "prompts": ["red circle with blue background"], "num_images": 1})
@@ -85,7 +70,7 @@ def test_the_base_says_how_it_samples() -> None:
 def test_a_lora_on_a_turbo_base_validates_with_its_scheduler_at_guidance_0(turbo_sdxl: Path, circles: Path,
                                                                             tmp_path: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    seen = _calls(monkeypatch, StableDiffusionXLPipeline)
+    seen = pipeline_calls(monkeypatch, StableDiffusionXLPipeline)
     raw = _run(turbo_sdxl, circles, tmp_path / "run", "sdxl")
     config = build_config(raw)
     assert (config.validation.steps, config.validation.guidance_scale, config.validation.scheduler) == (
@@ -107,7 +92,7 @@ def test_a_lora_on_a_turbo_base_validates_with_its_scheduler_at_guidance_0(turbo
 
 def test_the_config_overrides_what_the_base_says(turbo_sdxl: Path, circles: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    seen = _calls(monkeypatch, StableDiffusionXLPipeline)
+    seen = pipeline_calls(monkeypatch, StableDiffusionXLPipeline)
     raw = _run(turbo_sdxl, circles, tmp_path / "run", "sdxl")
     raw["validation"] |= {"steps": 3, "guidance_scale": 2.0, "scheduler": "UniPCMultistepScheduler"}
     train(build_config(raw))
@@ -129,7 +114,7 @@ def test_a_full_fine_tune_of_a_turbo_base_is_warned_about_and_keeps_its_schedule
 
 def test_generate_samples_an_lcm_base_in_4_steps_at_guidance_1(lcm_sd: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    seen = _calls(monkeypatch, StableDiffusionPipeline)
+    seen = pipeline_calls(monkeypatch, StableDiffusionPipeline)
     out = tmp_path / "out.png"
     assert main(["generate", "--base", str(lcm_sd), "--prompt", "red circle", "--out", str(out)]) == 0
     assert seen == [{"steps": 4, "guidance": 1.0, "scheduler": "LCMScheduler", "spacing": "leading"}]
@@ -146,7 +131,7 @@ def test_generate_samples_an_lcm_base_in_4_steps_at_guidance_1(lcm_sd: Path, tmp
 
 def test_a_standard_base_keeps_the_family_sampler(tiny_base: Path, circles: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    seen = _calls(monkeypatch, StableDiffusionPipeline)
+    seen = pipeline_calls(monkeypatch, StableDiffusionPipeline)
     train(build_config(_run(tiny_base, circles, tmp_path / "run", "sd")))
     assert seen and all(call["steps"] == 20 and call["guidance"] == 7.5 and call["scheduler"] ==
                         UniPCMultistepScheduler.__name__ for call in seen)
