@@ -75,7 +75,12 @@ def is_scheduler_class(name: str) -> bool:
 
 
 def scheduler_named(name: str, config: Any) -> Any:
-    """A scheduler of class `name` made from a scheduler config (a base's, whatever its class)."""
+    """A scheduler of class `name` made from a scheduler config (a base's, whatever its class):
+    the keys its class takes (the others, another class's options, would each be warned about)."""
+    import inspect
+
     import diffusers
 
-    return getattr(diffusers, name).from_config(config)
+    cls = getattr(diffusers, name)
+    taken = set(inspect.signature(cls.__init__).parameters)
+    return cls.from_config({key: value for key, value in dict(config).items() if key in taken})
