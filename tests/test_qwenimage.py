@@ -516,7 +516,7 @@ def test_instructions_train_from_the_text_cache_each_with_its_rows_references(ti
     what the cache holds: cache_text = true is refused then."""
     data = _edits(tmp_path / "edits")
     raw = _run(tiny_edit, data, tmp_path / "run", "qwenimage_edit", kind="edit", lora={"rank": 4})
-    raw["train"] |= {"batch_size": 4, "max_steps": 3}
+    raw["train"] |= {"batch_size": 4, "max_steps": 1, "checkpoint_every": 1}  # (a megapixel reference each: slow)
     raw["data"] |= {"proportion_empty_prompts": 0.5, "cache_latents": False}
     raw["validation"] = {"every": 100}
     _, _, stats = _cached_and_not(raw, tmp_path)
