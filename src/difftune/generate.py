@@ -180,6 +180,16 @@ def _from_run(request: Generation, run: dict[str, Any] | None, given: set[str]) 
     return replace(request, **taken, notes=request.notes + notes, from_run=request.from_run | set(taken))
 
 
+def _sampler(request: Generation, family: Any, scheduler: Any) -> Any:
+    """The family's sampler, or the scheduler the request names (the run's or a distilled
+    base's), made from the pipeline's own scheduler config whatever its class."""
+    if request.scheduler is None:
+        return family.sampler(scheduler)
+    from difftune.sampling import scheduler_named
+
+    return scheduler_named(request.scheduler, scheduler.config)
+
+
 def _with_base_sampling(request: Generation, given: set[str]) -> Generation:
     """A step-distilled base's own steps, guidance and scheduler (sampling.py) where neither
     the command line nor the run set them."""
@@ -307,12 +317,7 @@ def generate(request: Generation, should_stop: Callable[[], bool] = lambda: Fals
         from difftune.quantization import quantize_pipeline
 
         quantize_pipeline(pipe, family.denoiser_name, request.quantize, pipe.dtype)
-    if request.scheduler is None:
-        pipe.scheduler = family.sampler(pipe.scheduler)
-    else:  # from the base's scheduler config (the pipeline's own, whatever its class)
-        from difftune.sampling import scheduler_named
-
-        pipe.scheduler = scheduler_named(request.scheduler, pipe.scheduler.config)
+    pipe.scheduler = _sampler(request, family, pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
 
     def stop_between_steps(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:

@@ -3,13 +3,13 @@ settings) and the adapters it trains ([method.lora], required)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
 from difftune.catalog import MethodSpec
 from difftune.method_settings import MethodSettings
-from difftune.methods.lora.spec import LoraSettings, lora_result
+from difftune.methods.lora.spec import AdaptersOut, LoraSettings
 from difftune.strict import Section
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ class DistillSettings(Section):
         return self
 
 
-class DistillMethod(MethodSettings):
+class DistillMethod(AdaptersOut, MethodSettings):
     """kind = "distill": a step-distilled LoRA of the base (LCM-LoRA); only the adapters
     train, and final/ is the LoRA file diffusers' load_lora_weights reads, sampled with
     LCMScheduler in 4 steps at guidance 1."""
@@ -76,16 +76,6 @@ class DistillMethod(MethodSettings):
     diffusers' scripts train rank 64, alpha 64 on every attention, feed-forward, resnet and
     resampling layer of the UNet (the presets list them in target_modules); left out,
     target_modules takes the family's attention projections."""
-
-    RESULT: ClassVar[str] = "lora"
-
-    @property
-    def result(self) -> str:
-        return lora_result(self.lora)
-
-    @property
-    def uses_lora(self) -> bool:
-        return True
 
     @property
     def sampling(self) -> BaseSampling | None:

@@ -3,7 +3,7 @@ methods that train adapters optionally) and what it needs of a family."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
@@ -115,15 +115,12 @@ class OptionalLora(MethodSettings):
         return super().family_problem(family)
 
 
-class LoraMethod(TextEncoderOption):
-    """kind = "lora": adapters on the denoiser (and the text encoders with
-    train_text_encoder); a LoRA file out (LoKr, LoHa: peft's adapter folders)."""
+class AdaptersOut:
+    """The traits of a method whose `lora` table always holds the adapters it trains, and
+    whose result is them: a LoRA file (LoKr, LoHa: peft's adapter folders). Listed before
+    the settings base (a plain class: pydantic takes no field from it)."""
 
-    kind: Literal["lora"] = "lora"
-    lora: LoraSettings = LoraSettings()
-    """Adapter settings (the defaults when the table is absent)."""
-
-    RESULT: ClassVar[str] = "lora"
+    RESULT = "lora"
 
     @property
     def result(self) -> str:
@@ -132,6 +129,15 @@ class LoraMethod(TextEncoderOption):
     @property
     def uses_lora(self) -> bool:
         return True
+
+
+class LoraMethod(AdaptersOut, TextEncoderOption):
+    """kind = "lora": adapters on the denoiser (and the text encoders with
+    train_text_encoder); a LoRA file out (LoKr, LoHa: peft's adapter folders)."""
+
+    kind: Literal["lora"] = "lora"
+    lora: LoraSettings = LoraSettings()
+    """Adapter settings (the defaults when the table is absent)."""
 
 
 SPEC = MethodSpec(kind="lora", description="LoRA adapters (peft: LoRA, DoRA, LoKr, LoHa)", settings=LoraMethod,
