@@ -6,6 +6,7 @@ before any model loads."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from safetensors.torch import load_file
 from difftune.cli import main
 from difftune.config import ConfigError, build_config, load_config
 from difftune.families import get_family
+from difftune.export.lora import export_lora
 from difftune.families.sdxl.tiny import build_tiny_sdxl
 from difftune.methods import make_method
 from difftune.methods.base import CleanInputs
@@ -167,6 +169,21 @@ def test_a_distilled_lora_loads_in_diffusers_and_samples_with_lcm_in_4_steps(tin
     assert "num_inference_steps=4, guidance_scale=1.0" in usage
 
 
+def test_the_kohya_export_of_a_distilled_lora_samples_as_the_diffusers_file(tiny_base: Path, sd_run: dict[str, Any],
+                                                                            tmp_path: Path) -> None:
+    """ComfyUI and A1111 load LCM-LoRAs in kohya's names: the export names the UNet's modules
+    and samples as final/ does."""
+    kohya = load_file(export_lora(sd_run["out"], tmp_path / "lcm-kohya.safetensors"))
+    assert kohya and all(key.startswith("lora_unet_") for key in kohya)
+    images = []
+    for weights in (sd_run["final"], tmp_path / "lcm-kohya.safetensors"):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_base, **SD_OPTIONS)
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+        pipe.load_lora_weights(weights)
+        images.append(_lcm_image(pipe))
+    assert np.abs(images[0] - images[1]).max() < 1e-5
+
+
 def test_validation_and_generate_sample_with_lcm_at_4_steps_and_guidance_1(
         sd_run: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     validation = sd_run["config"].validation
@@ -211,8 +228,28 @@ def test_a_resumed_distill_run_equals_an_unbroken_one(tiny_base: Path, circles: 
 
 # --- (3) tiny SDXL --------------------------------------------------------------------------------
 
-def test_a_distilled_sdxl_lora_loads_in_diffusers_and_samples_with_lcm(circles: Path, tmp_path: Path) -> None:
+def ssd_1b_shaped(base: Path) -> None:
+    """The base's UNet made as SSD-1B's is (segmind/SSD-1B): fewer transformer layers in
+    some blocks, set per layer, and the up blocks' own depths
+    (reverse_transformer_layers_per_block), which diffusers builds from the config."""
+    from diffusers import UNet2DConditionModel
+
+    config = dict(UNet2DConditionModel.load_config(base / "unet"))
+    config |= {"transformer_layers_per_block": [[1, 1], [2, 1]],
+               "reverse_transformer_layers_per_block": [[1, 2, 1], [1, 1, 1]]}
+    unet = UNet2DConditionModel.from_config(config)
+    depths = [len(attention.transformer_blocks) for attention in unet.down_blocks[1].attentions]
+    assert depths == [2, 1] and len(unet.up_blocks[0].attentions[1].transformer_blocks) == 2
+    shutil.rmtree(base / "unet")
+    unet.save_pretrained(base / "unet")
+
+
+@pytest.mark.parametrize("shape", ["sdxl", "ssd-1b"])
+def test_a_distilled_sdxl_lora_loads_in_diffusers_and_samples_with_lcm(circles: Path, tmp_path: Path,
+                                                                       shape: str) -> None:
     base = build_tiny_sdxl(tmp_path / "tiny-sdxl", WORDS, seed=0)
+    if shape == "ssd-1b":
+        ssd_1b_shaped(base)
     final = train(build_config(_raw(base, circles, tmp_path / "run", "sdxl", validate=False,
                                     **_method(w_min=3.0))))
     assert final is not None and (final / "pytorch_lora_weights.safetensors").is_file()
@@ -244,6 +281,11 @@ def test_bad_settings_are_refused_when_the_config_loads(tiny_base: Path, circles
         build_config(_raw(tiny_base, circles, Path("out"), kind="distill", lora={"rank": 4}))
     with pytest.raises(ConfigError, match=r"method\.distill\.loss"):
         build_config(_raw(tiny_base, circles, Path("out"), **_method(loss="l1")))
+    for option, value in (("snr_gamma", 5.0), ("noise_offset", 0.05), ("input_perturbation", 0.1)):
+        raw = _raw(tiny_base, circles, Path("out"))
+        raw["objective"] = {option: value}  # read by the denoising loss, which distill replaces
+        with pytest.raises(ConfigError, match=rf"objective\.{option}: method 'distill' trains with the consistency"):
+            build_config(raw)
     flux = _raw(tiny_base, circles, Path("out"), "flux")
     flux["model"]["pretrained"] = "black-forest-labs/FLUX.1-dev"  # not here: the family's own refusal
     with pytest.raises(ConfigError, match=r"method.kind = 'distill': family 'flux'.* trains .*lora"):

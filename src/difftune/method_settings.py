@@ -57,6 +57,9 @@ class MethodSettings(Section):
     """Whether the conditioning images are references (edit): read from
     data.reference_image_column, optional per row, several per row allowed, and encoded
     at the size the family's edit pipeline gives them."""
+    own_loss: ClassVar[str | None] = None
+    """The loss the method computes itself, if it does (the config then refuses the
+    [objective] options, which it would not read), named for that error."""
     streaming_refused: ClassVar[str | None] = None
     """Why it cannot train from a streamed dataset (data.streaming), if it cannot."""
     RESULT: ClassVar[str] = "pipeline"

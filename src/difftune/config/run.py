@@ -140,10 +140,20 @@ class RunConfig(_Section):
             raise ValueError(problem)
         foreign = [name for kind, names in OBJECTIVE_OPTIONS.items() if kind != family.objective_kind
                    for name in names if getattr(self.objective, name) != ObjectiveConfig.model_fields[name].default]
+        self._objective_read()
         if foreign:
             raise ValueError(f"objective.{foreign[0]}: family {family.name!r} trains with {family.objective_kind}, "
                              f"which has no such option (its options: "
                              f"{', '.join(OBJECTIVE_OPTIONS[family.objective_kind] + COMMON_OPTIONS)})")
+
+    def _objective_read(self) -> None:
+        """A method with its own loss (distill) reads no [objective] option: one set is refused."""
+        own_loss = self.method.own_loss
+        changed = [name for name, field in ObjectiveConfig.model_fields.items()
+                   if getattr(self.objective, name) != field.default]
+        if own_loss and changed:
+            raise ValueError(f"objective.{changed[0]}: method {self.method.kind!r} trains with {own_loss}; "
+                             "it reads no [objective] option (remove the table)")
 
     @model_validator(mode="after")
     def _caches_fit_the_method(self) -> RunConfig:

@@ -3,7 +3,7 @@ settings) and the adapters it trains ([method.lora], required)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -68,6 +68,8 @@ class DistillMethod(AdaptersOut, MethodSettings):
     train, and final/ is the LoRA file diffusers' load_lora_weights reads, sampled with
     LCMScheduler in 4 steps at guidance 1."""
 
+    own_loss: ClassVar[str | None] = ("the consistency loss of [method.distill] (loss, huber_c), with the "
+                                       "teacher predicting as the base's scheduler says")
     kind: Literal["distill"] = "distill"
     distill: DistillSettings
     """Which distillation ("lcm") and its settings."""
