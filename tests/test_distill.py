@@ -123,6 +123,30 @@ def test_one_step_loss_equals_a_hand_computation_from_diffusers_pieces(tiny_base
     assert all(p.requires_grad for n, p in student.named_parameters() if "lora_" in n)
 
 
+def test_start_from_noise_gives_the_top_of_the_grid_pure_noise(tiny_base: Path, circles: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """With start_from_noise, the sample drawn at the grid's top (999) reaches the student and
+    the teacher as the noise alone (as LCMScheduler's first step gets it); the other sample
+    as the scheduler noises its latents."""
+    config = build_config(_raw(tiny_base, circles, Path("out"), **_method(start_from_noise=True)))
+    family, method = get_family("sd"), make_method(config.method)
+    parts = family.load(config.model)
+    method.build(family, parts)
+    seen = []
+    real_predict = family.predict
+    monkeypatch.setattr(family, "predict", lambda parts, inputs: seen.append(inputs) or real_predict(parts, inputs))
+    latents, noise = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
+    text = family.encode_prompts(parts, ["red circle", "blue circle"])
+    method.distill_loss(family, parts, CleanInputs(latents, text, None, []),
+                        Draws(torch.tensor([49, 7]), noise, torch.tensor([3.0, 3.0])))
+    ddpm = DDPMScheduler.from_pretrained(tiny_base, subfolder="scheduler")
+    student, teacher = seen[0], seen[1]
+    assert student.timesteps.tolist() == [999, 159]
+    for inputs in (student, teacher):
+        assert torch.equal(inputs.noisy[0], noise[0])
+        torch.testing.assert_close(inputs.noisy[1], ddpm.add_noise(latents[1:], noise[1:], torch.tensor([159]))[0])
+
+
 def test_draws_are_per_sample_and_in_range(tiny_base: Path, circles: Path) -> None:
     config = build_config(_raw(tiny_base, circles, Path("out"), **_method(w_min=3.0, w_max=4.0,
                                                                             num_ddim_timesteps=10)))

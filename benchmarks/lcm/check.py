@@ -9,6 +9,8 @@ batching):
   UniPC (as difftune validates SD), at guidance 4 (what the base's fill-circles
   benchmarks use: train_base.py's validation, fill_circles/check.py, the demo presets);
 - teacher@4: the same sampler and guidance at 4 steps;
+- teacher_ddim_trailing@4: the teacher at 4 DDIM steps from t = 999 (trailing spacing), a
+  stronger few-step floor than UniPC's leading spacing, whose 4 steps start at t = 801;
 - base_lcm_sampler@4: the base alone sampled as the LCM is (LCMScheduler, 4 steps,
   guidance 1): what the sampler gives without the LoRA;
 - lcm@4: the base + the run's LoRA (load_lora_weights of RUN/final) with LCMScheduler
@@ -119,15 +121,20 @@ def held_out(path: str, count: int | None) -> tuple[list[str], list[Image.Image]
 def variants(base: str, run_dir: Path | None, teacher_steps: int, few_steps: int,
              guidance: float) -> dict[str, tuple]:
     """name -> (pipeline, steps, guidance): loaded as a user of the result would."""
-    from diffusers import LCMScheduler, StableDiffusionPipeline, UniPCMultistepScheduler
+    from diffusers import DDIMScheduler, LCMScheduler, StableDiffusionPipeline, UniPCMultistepScheduler
 
     teacher = StableDiffusionPipeline.from_pretrained(base, torch_dtype=torch.float32)
     teacher.scheduler = UniPCMultistepScheduler.from_config(teacher.scheduler.config)
+    # The teacher's best few-step sampler found here: DDIM from t = 999 ("trailing"), where the
+    # base's leading spacing starts 4 UniPC steps at t = 801, from pure noise that is no sample of t = 801.
+    ddim = StableDiffusionPipeline(**(teacher.components | {
+        "scheduler": DDIMScheduler.from_config(teacher.scheduler.config, timestep_spacing="trailing")}))
     # The base alone sampled as the LCM is (LCMScheduler, guidance 1): what the LoRA adds.
     base_lcm = StableDiffusionPipeline(**(teacher.components | {
         "scheduler": LCMScheduler.from_config(teacher.scheduler.config)}))
     chosen = {f"teacher@{teacher_steps}": (teacher, teacher_steps, guidance),
               f"teacher@{few_steps}": (teacher, few_steps, guidance),
+              f"teacher_ddim_trailing@{few_steps}": (ddim, few_steps, guidance),
               f"base_lcm_sampler@{few_steps}": (base_lcm, few_steps, 1.0)}
     if run_dir is not None:
         lcm = StableDiffusionPipeline.from_pretrained(base, torch_dtype=torch.float32)
@@ -245,7 +252,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=16, help="prompts per pipeline call")
     parser.add_argument("--out", type=Path, default=None, help="the JSON result (default RUN_DIR/lcm-check.json)")
     parser.add_argument("--grid", type=Path, default=None, help="a PNG: a row per prompt (at most 16), a column "
-                        "per variant (teacher@25, teacher@4, base_lcm_sampler@4, lcm@4), the held-out target last")
+                        "per variant (teacher@25, teacher@4, teacher_ddim_trailing@4, base_lcm_sampler@4, lcm@4), "
+                        "the held-out target last")
     parser.add_argument("--sanity", action="store_true", help="score known images only (no run needed)")
     args = parser.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
@@ -281,7 +289,9 @@ def main() -> None:
         lcm = results[f"lcm@{args.few_steps}"]["colour_iou"]
         ratio = lcm / teacher if teacher else float("nan")
         floor = results[f"base_lcm_sampler@{args.few_steps}"]["colour_iou"]
+        ddim_few = results[f"teacher_ddim_trailing@{args.few_steps}"]["colour_iou"]
         summary |= {"lcm_over_teacher": round(ratio, 4), "bar_met": bool(ratio >= BAR),
+                    "teacher_ddim_trailing_few_over_teacher": round(ddim_few / teacher, 4) if teacher else None,
                     "lcm_minus_teacher_few": round(lcm - teacher_few, 4),
                     "lcm_minus_base_lcm_sampler": round(lcm - floor, 4)}
     result = {

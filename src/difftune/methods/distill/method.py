@@ -6,7 +6,8 @@ train_lcm_distill_lora_sdxl.py train it. One step (Algorithm 1 of the LCM paper,
 1. a DDIM solver over num_ddim_timesteps skips k = T // num_ddim_timesteps: each sample
    draws an index n of its grid (T - 1, T - k - 1, ...), t_{n+k} = that timestep and
    t_n = t_{n+k} - k (0 at the first), and a guidance w ~ U[w_min, w_max];
-2. the latents are noised at t_{n+k} (z = sqrt(a) x0 + sqrt(1 - a) eps);
+2. the latents are noised at t_{n+k} (z = sqrt(a) x0 + sqrt(1 - a) eps; with
+   start_from_noise, z = eps at the grid's top, where sampling starts);
 3. the student (the denoiser with its adapters) predicts there; its x0 estimate goes
    through the consistency boundary condition: c_skip z + c_out x0 (sigma_data 0.5, times
    scaled by timestep_scaling), as LCMScheduler samples;
@@ -210,6 +211,8 @@ class LcmDistill(FromSettings):
         start, end = solver.span(draws.index)
         alpha, sigma = solver.alpha_sigma(start, latents)
         noisy = alpha * latents + sigma * draws.noise
+        if settings.start_from_noise:  # the top of the grid from noise alone, as sampling starts
+            noisy = torch.where(per_sample(start == int(solver.timesteps[-1]), noisy), draws.noise, noisy)
         inputs = ModelInputs(noisy, start, clean.text, clean.geometry)
 
         def consistency(output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:

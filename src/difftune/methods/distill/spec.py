@@ -55,6 +55,15 @@ class DistillSettings(Section):
     --timestep_scaling_factor and LCMScheduler's timestep_scaling, 10): c_skip =
     0.25 / ((s t)^2 + 0.25), c_out = s t / sqrt((s t)^2 + 0.25), sigma_data 0.5."""
 
+    start_from_noise: bool = False
+    """At the solver's highest timestep (where few-step sampling starts), the student and
+    the teacher read pure noise, as LCMScheduler's first step does, instead of a training
+    latent noised there. A scaled-linear schedule keeps a trace of the image at its last
+    timestep (SD's terminal SNR is 0.005, not 0: Lin et al. 2024), which in training always
+    agrees with the caption; a student may learn to read colours and layout from it, and
+    at sampling, from noise that has none, follow whatever the noise suggests. False is the
+    scripts' way (every timestep from noised data)."""
+
     @model_validator(mode="after")
     def _guidance_range(self) -> DistillSettings:
         if self.w_min > self.w_max:
