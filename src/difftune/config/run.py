@@ -138,22 +138,17 @@ class RunConfig(_Section):
         problem = self.method.family_problem(family)
         if problem is not None:
             raise ValueError(problem)
-        foreign = [name for kind, names in OBJECTIVE_OPTIONS.items() if kind != family.objective_kind
-                   for name in names if getattr(self.objective, name) != ObjectiveConfig.model_fields[name].default]
-        self._objective_read()
+        changed = [name for name, field in ObjectiveConfig.model_fields.items()
+                   if getattr(self.objective, name) != field.default]
+        if changed and self.method.own_loss:
+            raise ValueError(f"objective.{changed[0]}: method {self.method.kind!r} trains with "
+                             f"{self.method.own_loss}; it reads no [objective] option (remove the table)")
+        own_options = OBJECTIVE_OPTIONS[family.objective_kind] + COMMON_OPTIONS
+        foreign = [name for name in changed if name not in own_options]
         if foreign:
             raise ValueError(f"objective.{foreign[0]}: family {family.name!r} trains with {family.objective_kind}, "
                              f"which has no such option (its options: "
-                             f"{', '.join(OBJECTIVE_OPTIONS[family.objective_kind] + COMMON_OPTIONS)})")
-
-    def _objective_read(self) -> None:
-        """A method with its own loss (distill) reads no [objective] option: one set is refused."""
-        own_loss = self.method.own_loss
-        changed = [name for name, field in ObjectiveConfig.model_fields.items()
-                   if getattr(self.objective, name) != field.default]
-        if own_loss and changed:
-            raise ValueError(f"objective.{changed[0]}: method {self.method.kind!r} trains with {own_loss}; "
-                             "it reads no [objective] option (remove the table)")
+                             f"{', '.join(own_options)})")
 
     @model_validator(mode="after")
     def _caches_fit_the_method(self) -> RunConfig:
