@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from difftune.cli import main
 from difftune.config import ConfigError, build_config, load_config
 from difftune.families import get_family
+from difftune.families.base import ModelInputs
 from difftune.export.lora import export_lora
 from difftune.families.sdxl.tiny import build_tiny_sdxl
 from difftune.methods import make_method
@@ -121,6 +122,35 @@ def test_one_step_loss_equals_a_hand_computation_from_diffusers_pieces(tiny_base
     ours.backward()
     assert all((p.grad is not None) == ("lora_" in n) for n, p in student.named_parameters())
     assert all(p.requires_grad for n, p in student.named_parameters() if "lora_" in n)
+
+
+def test_teacher_substeps_are_evenly_spaced_guided_ddim_steps(tiny_base: Path, circles: Path) -> None:
+    """teacher_substeps = 2 on the grid of 50 (k = 20): the teacher goes from t_{n+k} to t_n
+    in two guided DDIM steps of 10, as diffusers' DDIMScheduler at 100 steps takes them, with
+    a separate UNet without adapters as the teacher."""
+    config = build_config(_raw(tiny_base, circles, Path("out"), **_method(teacher_substeps=2)))
+    family, method = get_family("sd"), make_method(config.method)
+    parts = family.load(config.model)
+    method.build(family, parts)
+    prompts = ["red circle", "blue circle with red background"]
+    start, end, w = torch.tensor([79, 159]), torch.tensor([59, 139]), torch.tensor([2.5, 8.0])
+    noisy = torch.randn(2, 4, 16, 16)
+    text = family.encode_prompts(parts, prompts)
+    with torch.no_grad():
+        ours = method.teacher_step(family, parts, ModelInputs(noisy, start, text), w, end, "epsilon")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_base, **SD_OPTIONS)
+    ddim = DDIMScheduler.from_pretrained(tiny_base, subfolder="scheduler", set_alpha_to_one=False,
+                                         clip_sample=False, thresholding=False)
+    ddim.set_timesteps(100)  # steps of 10
+    cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, True)
+    expected = noisy
+    with torch.no_grad():
+        for offset in (0, 10):
+            t = start - offset
+            eps_cond, eps_uncond = pipe.unet(expected, t, cond).sample, pipe.unet(expected, t, uncond).sample
+            guided = eps_cond + w.view(-1, 1, 1, 1) * (eps_cond - eps_uncond)
+            expected = torch.stack([ddim.step(guided[i], int(t[i]), expected[i]).prev_sample for i in range(2)])
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_start_from_noise_gives_the_top_of_the_grid_pure_noise(tiny_base: Path, circles: Path,

@@ -63,7 +63,7 @@ def _train_planned(plan: Any, stop: Any, main_process: bool) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from difftune.generate import Generation, plan_generation
+    from difftune.generation_plan import Generation, plan_generation
 
     given = {name for name in GENERATE_SETTINGS if getattr(args, name) is not None}
     settings = {name: getattr(args, name) for name in given}

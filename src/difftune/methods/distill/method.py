@@ -14,9 +14,10 @@ train_lcm_distill_lora_sdxl.py train it. One step (Algorithm 1 of the LCM paper,
 4. the teacher (the same denoiser, its adapters switched off: no second copy) predicts for
    the prompt and for the empty one (the family's encoding of "": SD's "" embedding,
    SDXL's zeros), mixes x0 and eps as cond + w (cond - uncond), and takes one DDIM step to
-   t_n;
+   t_n (or teacher_substeps evenly spaced ones);
 5. the target is the student itself at t_n with the boundary condition, without a
-   gradient (no EMA target network, as the LoRA scripts);
+   gradient (no EMA target network, as the LoRA scripts); at t_n = 0 that is the teacher's
+   sample itself;
 6. the loss is pseudo-Huber sqrt(d^2 + c^2) - c or the squared error, averaged.
 final/ is the LoRA file the family's pipeline loads (load_lora_weights), sampled with
 LCMScheduler in 4 steps at guidance 1.
@@ -114,6 +115,12 @@ class DdimSolver:
         """One deterministic DDIM step to t_n (eta 0): sqrt(a_n) x0 + sqrt(1 - a_n) eps."""
         alpha, sigma = self.alpha_sigma(end, x0)
         return alpha * x0 + sigma * noise
+
+
+def samples_of(text: dict[str, torch.Tensor], geometry: torch.Tensor | None,
+               keep: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The text conditioning and geometry of the samples `keep` (a boolean mask) selects."""
+    return {name: value[keep] for name, value in text.items()}, None if geometry is None else geometry[keep]
 
 
 @dataclass(frozen=True)
@@ -223,13 +230,30 @@ class LcmDistill(FromSettings):
         prediction = consistency(family.predict(parts, inputs), start, noisy)
         with torch.no_grad():
             x_prev = self.teacher_step(family, parts, inputs, draws.guidance, end, prediction_type)
-            target_inputs = ModelInputs(x_prev, end, clean.text, clean.geometry)
-            target = consistency(family.predict(parts, target_inputs), end, x_prev)
+            # At t_n = 0 the boundary condition is the identity (c_skip 1, c_out 0): the target
+            # is x_prev itself, so only the other samples pass through the target.
+            target, later = x_prev.clone(), end > 0
+            if bool(later.any()):
+                target_inputs = ModelInputs(x_prev[later], end[later], *samples_of(clean.text, clean.geometry, later))
+                target[later] = consistency(family.predict(parts, target_inputs), end[later], x_prev[later])
         return consistency_loss(prediction, target, settings.loss, settings.huber_c)
 
     def teacher_step(self, family: Family, parts: Parts, inputs: ModelInputs, guidance: torch.Tensor,
                      end: torch.Tensor, prediction_type: str) -> torch.Tensor:
-        """The guided teacher's DDIM step from t_{n+k} to t_n: x0 and eps mixed as
+        """The guided teacher's solution from t_{n+k} to t_n: teacher_substeps DDIM steps
+        at evenly spaced timesteps (one, the scripts' jump, by default)."""
+        substeps, start = self.settings.teacher_substeps, inputs.timesteps
+        sample = inputs.noisy
+        for j in range(1, substeps + 1):
+            here = start - torch.div((start - end) * (j - 1), substeps, rounding_mode="floor")
+            there = start - torch.div((start - end) * j, substeps, rounding_mode="floor")
+            sample = self.guided_ddim_step(family, parts, replace(inputs, noisy=sample, timesteps=here), guidance,
+                                           there, prediction_type)
+        return sample
+
+    def guided_ddim_step(self, family: Family, parts: Parts, inputs: ModelInputs, guidance: torch.Tensor,
+                         end: torch.Tensor, prediction_type: str) -> torch.Tensor:
+        """One guided DDIM step of the teacher to `end`: x0 and eps mixed as
         cond + w (cond - uncond), each from the base without its adapters."""
         assert self.solver is not None
         solver, batch = self.solver, inputs.noisy.shape[0]

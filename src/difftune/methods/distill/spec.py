@@ -37,6 +37,11 @@ class DistillSettings(Section):
     """Steps of the DDIM solver the teacher takes along the probability-flow ODE: it skips
     k = num_train_timesteps // num_ddim_timesteps training timesteps at a time (the scripts'
     --num_ddim_timesteps, 50: k = 20 over SD's 1000)."""
+    teacher_substeps: int = Field(1, ge=1, le=100)
+    """Guided DDIM steps the teacher takes within one solver step (from t_{n+k} to t_n,
+    evenly spaced): 1 is the scripts' single DDIM jump of k. More make the teacher's ODE
+    solution nearer its many-step one (its target, what the student learns to reach, is
+    then that of a finer sampler) on a coarse grid, at two more denoiser passes each."""
     w_min: float = Field(5.0, ge=0.0)
     """Lowest guidance w the teacher is sampled with, drawn per sample uniformly in
     [w_min, w_max]. As the scripts compute it: cond + w (cond - uncond), so w is a
