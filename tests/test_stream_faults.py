@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from difftune.config import build_config
 from difftune.data.sources import Columns, DataError
-from difftune.data.streaming import StreamingSamples, check_stream
+from difftune.data.stream_checks import check_stream
+from difftune.data.streaming import StreamingSamples
 from difftune.data.synthetic import write_fill_circles_webdataset
 from difftune.training.checkpoint import complete_checkpoints
 from difftune.training.events import read_events

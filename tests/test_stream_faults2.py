@@ -15,7 +15,7 @@ import pytest
 from test_stream_faults import COLUMNS, _epoch, _members, _rewrite, _stream
 
 from difftune.data.sources import DataError
-from difftune.data.streaming import check_stream
+from difftune.data.stream_checks import check_stream
 
 
 def _without(shard: Path, name: str) -> None:

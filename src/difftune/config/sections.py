@@ -119,7 +119,8 @@ class DataConfig(_Section):
     reference_image_column: str = "reference_image"
     """Reference image column of an edit run (method kind "edit"): one image, a list of
     images (several references), or empty (the row trains as text-to-image); in a
-    metadata.jsonl folder, paths relative to the folder."""
+    metadata.jsonl folder, paths relative to the folder; in streamed webdataset shards,
+    a member's name ("reference.png": one reference, which a sample may lack)."""
     caption_column: str = "text"
     """Caption column (a string, or a list of strings of which one is drawn)."""
     resolution: int = Field(512, gt=0, le=8192)

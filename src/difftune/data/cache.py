@@ -40,7 +40,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from difftune.data.cache_store import CacheStore
-from difftune.data.samples import OWN_SIZE_RESAMPLING, PriorPreservationSamples, TrainingSamples, collate
+from difftune.data.edit_samples import OWN_SIZE_RESAMPLING
+from difftune.data.samples import PriorPreservationSamples, TrainingSamples, collate
 from difftune.data.sources import image_source, reference_cells
 from difftune.data.transforms import centre_geometry, paired_transform
 

@@ -22,12 +22,9 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from difftune.config import DataConfig
+from difftune.data import edit_samples
 from difftune.data.sources import Columns, DataError, open_image, reference_cells
-from difftune.data.transforms import paired_transform, to_tensor
-
-OWN_SIZE_RESAMPLING = Image.Resampling.LANCZOS
-"""How a reference encoded at a size of its own is resized: as diffusers' VaeImageProcessor
-(resample "lanczos"), with which the edit pipelines that size references resize them."""
+from difftune.data.transforms import paired_transform
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -145,39 +142,25 @@ class TrainingSamples(Dataset):
         return sample
 
     def _edit_sample(self, epoch: int, index: int, plan: SamplePlan) -> dict[str, Any]:
-        """An edit's target and its references (`references`, pixels in [0, 1]): each at the
-        size `reference_size` gives it; at the target's own size, cropped and flipped as
-        the target is (the same box), otherwise resized whole and flipped alike."""
+        """An edit's target and its references (`references`, pixels in [0, 1]), sized,
+        cropped and flipped as edit_samples.edit_pixels says (a stream's rows alike)."""
         row = self.rows[plan.row]
         image = open_image(row[self.columns.image], self.root, self._where(index, self.columns.image))
         references = self.references(plan.row, index)
-        size = self.size_of(index)
-        state = plan.rng.getstate()  # each reference's crop is the target's
-        pixels, _, geometry = paired_transform(image, None, size, self.config.center_crop, plan.flip, plan.rng)
-        encoded = []
-        for reference in references:
-            if self.own_size(reference.size, size) is None:
-                plan.rng.setstate(state)
-                encoded.append(paired_transform(image, reference, size, self.config.center_crop, plan.flip,
-                                                plan.rng)[1])
-            else:
-                encoded.append(self.sized_reference(reference, size, plan.flip))
+        pixels, encoded, geometry = edit_samples.edit_pixels(image, references, self.size_of(index),
+                                                             self.config.center_crop, plan.flip, plan.rng,
+                                                             self.reference_size)
         return {"pixels": pixels, "caption": plan.caption, "key": (epoch, index, 0), "geometry": geometry,
                 "references": encoded}
 
     def own_size(self, reference: tuple[int, int], size: tuple[int, int]) -> tuple[int, int] | None:
         """The size a reference is encoded at when it is not its target's (None: the target's,
         cropped with it)."""
-        wanted = tuple(self.reference_size(reference, size)) if self.reference_size else tuple(size)
-        return None if wanted == tuple(size) else wanted  # type: ignore[return-value]
+        return edit_samples.own_size(self.reference_size, reference, size)
 
     def sized_reference(self, reference: Image.Image, size: tuple[int, int], flip: bool) -> torch.Tensor:
-        """A reference encoded at a size of its own (the family's edit pipeline's), resized
-        whole as that pipeline resizes it (diffusers' VaeImageProcessor.resize: Lanczos; the
-        Qwen-Image-Edit pipelines) and flipped with its target; pixels in [0, 1]."""
-        wanted = self.own_size(reference.size, size) or size
-        resized = reference.resize(tuple(wanted), OWN_SIZE_RESAMPLING)
-        return to_tensor(resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else resized)
+        """A reference encoded at a size of its own, as edit_samples.sized_reference makes it."""
+        return edit_samples.sized_reference(self.reference_size, reference, size, flip)
 
     def reference_counts(self) -> list[int]:
         """How many references each sample's row has (an edit's; read without decoding)."""
@@ -189,10 +172,7 @@ class TrainingSamples(Dataset):
         """An edit row's reference images, as RGB (none: the row trains as text-to-image)."""
         column = self.columns.conditioning
         assert column is not None
-        cells = reference_cells(self.rows[row_number][column])
-        where = self._where(index, column)
-        return [open_image(cell, self.root, where + (f" [{number}]" if len(cells) > 1 else ""))
-                for number, cell in enumerate(cells)]
+        return edit_samples.open_references(self.rows[row_number][column], self.root, self._where(index, column))
 
     def size_of(self, index: int) -> tuple[int, int]:
         """(width, height) the sample trains at."""

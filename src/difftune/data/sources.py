@@ -195,9 +195,20 @@ def undecoded(rows: datasets.Dataset, columns: Columns) -> datasets.Dataset:
     """Image columns left undecoded ({"bytes", "path"}), so decoding happens where a bad
     file can be reported by row and name instead of failing inside `datasets`."""
     for column in (columns.image, columns.conditioning):
-        if column is not None and isinstance(rows.features[column], datasets.Image):
-            rows = rows.cast_column(column, datasets.Image(decode=False))
+        feature = undecoded_feature(rows.features[column]) if column is not None else None
+        if feature is not None:
+            rows = rows.cast_column(column, feature)
     return rows
+
+
+def undecoded_feature(feature: Any) -> Any:
+    """An image column's feature left undecoded: an Image, or a list of them (an edit's
+    several references); None for a column of anything else."""
+    if isinstance(feature, datasets.Image):
+        return datasets.Image(decode=False)
+    if isinstance(feature, datasets.List) and isinstance(feature.feature, datasets.Image):
+        return datasets.List(datasets.Image(decode=False))
+    return None
 
 
 def _short(value: Any) -> str:
@@ -227,6 +238,23 @@ def reference_cells(value: Any) -> list[Any]:
     if isinstance(value, (list, tuple)):
         return [cell for cell in value if reference_cells(cell)]
     return [value]
+
+
+@dataclass(frozen=True)
+class ReferenceLimit:
+    """How many references one row may have: the family's edit pipeline takes that many
+    per prompt (`most`; None: any number). Here, not beside the edit samples: the checks
+    before a run (training.source_checks) use it before torch is imported."""
+
+    most: int | None
+    pipeline: str
+    """The edit pipeline's class name, for messages."""
+
+    def problem(self, count: int) -> str | None:
+        """Why a row with `count` references cannot be trained on, if it cannot."""
+        if self.most is None or count <= self.most:
+            return None
+        return f"{count} reference images, and {self.pipeline} takes {self.most} per prompt"
 
 
 def open_image(value: Any, root: Path, where: str) -> Image.Image:

@@ -11,14 +11,17 @@ webdataset tar shards or from local files, never downloaded or scanned whole.
   run reads its share of them again (checking each row, so that a row skipped as bad
   is passed over again and the resumed run stays on the same rows) and goes on with the rows it would have read next, with
   the same flips, captions and noise (seeded by the sample's place in the epoch).
-- Columns are checked on the first row before any model loads. A webdataset sample
-  lacking a member there is that sample's fault when a later one has it (named by its
-  shard and key, or skipped with data.on_bad = "skip"); when none of the next LOOKAHEAD
-  has it, the column is misnamed, and said to be. A row that cannot be trained on
-  later stops the run naming its place in the stream (and a webdataset row's shard
-  and member), or with data.on_bad = "skip" is passed over (the next row takes its
+- Columns are checked on the first row before any model loads (data.stream_checks). A
+  webdataset sample lacking a member there is that sample's fault when a later one has
+  it (named by its shard and key, or skipped with data.on_bad = "skip"); when none of the
+  next LOOKAHEAD has it, the column is misnamed, and said to be. A row that cannot be
+  trained on later stops the run naming its place in the stream (and a webdataset row's
+  shard and member), or with data.on_bad = "skip" is passed over (the next row takes its
   place) and logged; so is what is left of a damaged shard (data.shards).
   The loop saves a checkpoint of its last finished step before it stops.
+- An edit's row (method kind "edit") carries its references as a row read whole does
+  (none, one or a list: data.edit_samples makes both), so the method sees the same batch;
+  a row with more than the family's edit pipeline takes is a bad row like any other.
 - A share of the stream with no row that can be trained on stops the run, rather than
   reading it again forever; so does a stream datasets cannot read on (a damaged
   parquet file, a lost connection), named, whatever data.on_bad says.
@@ -38,18 +41,22 @@ import datasets
 from torch.utils.data import IterableDataset
 
 from difftune.config import DataConfig
+from difftune.data.edit_samples import ReferenceSize, edit_pixels, open_references
 from difftune.data.samples import collate, draw_caption, sample_rng
 from difftune.data.shards import KEY, PROBLEM, SHARD, list_shards, stream_of_shards
-from difftune.data.sources import Columns, DataError, explain_load_failure, open_image
+from difftune.data.sources import (
+    Columns,
+    DataError,
+    ReferenceLimit,
+    explain_load_failure,
+    open_image,
+    undecoded_feature,
+)
 from difftune.data.transforms import paired_transform
 
 logger = logging.getLogger(__name__)
 
 SKIPPING = 'skipping (data.on_bad = "skip"): %s'
-
-LOOKAHEAD = 100
-"""Samples read past a first one lacking a member before a run starts: a later one with
-it makes that the sample's fault; none with it, a misnamed column."""
 
 
 def open_stream(config: DataConfig) -> datasets.IterableDataset:
@@ -66,69 +73,6 @@ def open_stream(config: DataConfig) -> datasets.IterableDataset:
         raise
     except Exception as error:  # noqa: BLE001 (datasets raises many kinds; each is explained)
         raise DataError(f"data.path {config.path!r}: {explain_load_failure(path, error)}") from None
-
-
-def check_stream(config: DataConfig, needs_conditioning: bool, fixed_caption: str | None) -> Columns:
-    """The configured columns exist in the stream's first row, and its images open."""
-    wanted = {"data.image_column": config.image_column}
-    if fixed_caption is None:
-        wanted["data.caption_column"] = config.caption_column
-    if needs_conditioning:
-        wanted["data.conditioning_image_column"] = config.conditioning_image_column
-    first, lacking = _first_row(config, tuple(wanted.values()))
-    sample = f", sample {first[KEY]} of {first[SHARD]}" if first.get(SHARD) else ""
-    seen = f"no sample of the first {lacking} has it; columns of the first" if lacking > 1 else \
-        "columns of its first row"
-    missing = [f"{key} = {name!r} is not a column of {config.path} ({seen}{sample}: {', '.join(first)})"
-               for key, name in wanted.items() if first.get(name) is None]
-    if missing:
-        raise DataError("\n".join(missing))
-    columns = Columns(image=config.image_column, caption=config.caption_column if fixed_caption is None else None,
-                      conditioning=config.conditioning_image_column if needs_conditioning else None)
-    for column in (columns.image, columns.conditioning):
-        if column is not None and config.on_bad == "error":  # else the run passes over a bad first row
-            where = (f"{first[SHARD]}, member {first[KEY]}.{column} (the stream's first sample)" if first.get(SHARD)
-                     else f"{config.path}, first row, column {column!r}")
-            open_image(first[column], Path(config.path), where)
-    return columns
-
-
-def _first_row(config: DataConfig, wanted: tuple[str, ...]) -> tuple[dict[str, Any], int]:
-    """The stream's first row that is not a damaged shard or sample, and how many
-    samples before it lacked a wanted member. Those stop the run, or with data.on_bad
-    = "skip" are passed over (logged); but when no sample of the first LOOKAHEAD has
-    the member, the first of them is returned: the column is misnamed, not the data."""
-    passed_over, lacking = 0, []
-    stream = undecoded(open_stream(config))
-    for row in named_failures(stream, config.path, lambda: f"after {passed_over + len(lacking)} damaged row(s)"):
-        if row.get(PROBLEM):
-            if config.on_bad == "error":
-                raise DataError(row[PROBLEM])
-            passed_over += 1
-            logger.warning(SKIPPING, row[PROBLEM])
-        elif row.get(SHARD) and any(row.get(name) is None for name in wanted):  # a sample lacking a member
-            lacking.append(row)
-            if len(lacking) > LOOKAHEAD:
-                break
-        else:
-            _pass_over_lacking(lacking, wanted, config.on_bad)
-            return row, len(lacking)
-    if lacking:
-        return lacking[0], len(lacking)
-    if passed_over:
-        raise DataError(f"data.path {config.path!r}: no row of the stream can be trained on (data.on_bad = "
-                        f"\"skip\" passed over {passed_over}, each logged)")
-    raise DataError(f"data.path {config.path!r}: the {config.split!r} split has no rows")
-
-
-def _pass_over_lacking(lacking: list[dict[str, Any]], wanted: tuple[str, ...], on_bad: str) -> None:
-    """Samples lacking a member that a later sample has: the first stops the run, or
-    with data.on_bad = "skip" each is passed over (logged)."""
-    for row in lacking:
-        problem = no_member(row, next(name for name in wanted if row.get(name) is None), "checked before training")
-        if on_bad == "error":
-            raise DataError(problem)
-        logger.warning(SKIPPING, problem)
 
 
 def no_member(row: dict[str, Any], field: str, place: str) -> str:
@@ -174,8 +118,8 @@ def undecoded(stream: datasets.IterableDataset) -> datasets.IterableDataset:
     """The stream with its image columns left as bytes, so that a bad file is reported (or
     skipped) by difftune, naming its row, not raised from inside datasets."""
     for column, feature in (stream.features or {}).items():
-        if isinstance(feature, datasets.Image):
-            stream = stream.cast_column(column, datasets.Image(decode=False))
+        if (kept := undecoded_feature(feature)) is not None:
+            stream = stream.cast_column(column, kept)
     return stream
 
 
@@ -198,7 +142,8 @@ class StreamingSamples(IterableDataset):
     the next iteration begins; each process yields its share, `padded` samples an epoch
     for all processes together."""
 
-    def __init__(self, config: DataConfig, seed: int, columns: Columns, fixed_caption: str | None = None) -> None:
+    def __init__(self, config: DataConfig, seed: int, columns: Columns, fixed_caption: str | None = None,
+                 reference_limit: ReferenceLimit | None = None) -> None:
         self.config = config
         self.seed = seed
         self.columns = columns
@@ -210,6 +155,11 @@ class StreamingSamples(IterableDataset):
         self._trained_this_pass = False  # a row of the current pass could be trained on
         self.report: Any = None  # no whole-data check: the stream is read once, as it trains
         self.sizes = None  # no aspect buckets (sizes are not known ahead)
+        self.reference_limit = reference_limit
+        """How many references an edit row may have (a row with more is bad: it stops the run,
+        or is skipped)."""
+        self.reference_size: ReferenceSize | None = None
+        """An edit's reference size (set as on samples.TrainingSamples; None: the target's)."""
 
     def bind(self, rank: int, processes: int, global_batch: int) -> None:
         """This process's place in the launch; the epoch padded to the global batch."""
@@ -266,6 +216,11 @@ class StreamingSamples(IterableDataset):
         flip = self.config.random_flip and rng.random() < 0.5
         caption, image, conditioning = self._good_row(rows, rng)
         size = (self.config.resolution, self.config.resolution)
+        if self.columns.references:  # made as a row read whole makes it: the same batch for the method
+            pixels, references, geometry = edit_pixels(image, conditioning, size, self.config.center_crop, flip, rng,
+                                                       self.reference_size)
+            return {"pixels": pixels, "caption": caption, "key": (self.epoch, index, 0), "geometry": geometry,
+                    "references": references}
         pixels, conditioning_pixels, geometry = paired_transform(image, conditioning, size, self.config.center_crop,
                                                                  flip, rng)
         sample = {"pixels": pixels, "caption": caption, "key": (self.epoch, index, 0), "geometry": geometry}
@@ -315,7 +270,11 @@ class StreamingSamples(IterableDataset):
         column = self.columns.image
         image = open_image(self._cell(row, place, column), self.root, self._where(row, place, column))
         conditioning = None
-        if (column := self.columns.conditioning) is not None:
+        column = self.columns.conditioning
+        if column is not None and self.columns.references:  # none (no member, an empty cell), one or several
+            conditioning = open_references(row.get(column), self.root, self._where(row, place, column),
+                                           self.reference_limit)
+        elif column is not None:
             conditioning = open_image(self._cell(row, place, column), self.root, self._where(row, place, column))
         return image, conditioning
 

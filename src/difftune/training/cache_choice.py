@@ -38,8 +38,8 @@ def choose_caches(config: RunConfig, sample_count: int, family: Any, samples: An
     """Settle data.cache_latents and data.cache_text (written into config.data)."""
     data = config.data
     for kind, wanted in (("latents", data.cache_latents), ("text", data.cache_text)):
-        refused = reference_problem(config, family, samples, kind)
-        if wanted and refused:
+        refused = wanted and reference_problem(config, family, samples, kind)  # (a stream's are refused earlier)
+        if refused:
             from difftune.config import ConfigError
 
             raise ConfigError([f"data.cache_{kind} = true: {refused}; leave it unset or false"])

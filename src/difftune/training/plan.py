@@ -110,10 +110,10 @@ def plan_run(config: RunConfig, main_process: bool = True) -> RunPlan:
         method = config.method
         plan.data = check_rows(config.data, config.train.seed, method.needs_conditioning, method.fixed_caption,
                                method.takes_references)
-        if method.takes_references:
-            check_edit_rows(config, plan.data)
         if plan.resume_from is not None:
             check_same_data(plan.resume_from, plan.data)
+    if plan.finished_at is None and config.method.takes_references:
+        check_edit_rows(config, plan.data)  # a stream's rows: as they are read
     if main_process and plan.lock is None:
         run_dir.mkdir(parents=True, exist_ok=True)
         plan.lock = take_lock(run_dir)

@@ -40,6 +40,7 @@ from difftune.rundir import RunDir
 from difftune.scoring import MetricSet, load_metric_set
 from difftune.training.cache_choice import choose_caches
 from difftune.training.engines import EngineError, check_fsdp_version, fsdp_requested, switch_cpu_job_to_fsdp2
+from difftune.training.source_checks import reference_limit
 from difftune.validation import ValidationPair, load_validation_pairs
 from difftune.versions import problems_for
 
@@ -72,8 +73,9 @@ def preflight(config: RunConfig, rows: CheckedRows | None = None) -> Preflight:
     check_precision(config)
     check_launch(config)
     check_lora_targets(config, family)
+    limit = reference_limit(config, family) if config.method.takes_references else None
     samples = open_training_data(config.data, config.train.seed, method.needs_conditioning,
-                                 method.fixed_caption, rows, config.method.takes_references)
+                                 method.fixed_caption, rows, config.method.takes_references, limit)
     if config.method.takes_references:
         samples.reference_size = family.reference_size
     # an edit's references as they are: the family's edit_arguments (or its pipeline) sizes them as training did

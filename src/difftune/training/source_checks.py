@@ -7,10 +7,11 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from difftune.config import ConfigError, RunConfig
 from difftune.data.rows import CheckedRows, check_reference_counts
-from difftune.data.sources import IMAGE_SUFFIXES, image_problem
+from difftune.data.sources import IMAGE_SUFFIXES, ReferenceLimit, image_problem
 from difftune.errors import DataError
 from difftune.paths import (
     check_controlnet_fits,
@@ -130,16 +131,23 @@ def check_class_data(config: RunConfig) -> None:
                             f"{'; '.join(bad[:5])}. Remove them (missing images are generated again).")
 
 
-def check_edit_rows(config: RunConfig, checked: CheckedRows) -> None:
-    """No row, and no validation prompt, has more references than the base's edit pipeline
-    takes per prompt."""
+def reference_limit(config: RunConfig, family: Any) -> ReferenceLimit:
+    """How many references a prompt of the base's edit pipeline takes (read from the base)."""
+    return ReferenceLimit(family.max_references(config.model.pretrained, config.model.revision),
+                          family.pipeline_classes["edit"])
+
+
+def check_edit_rows(config: RunConfig, checked: CheckedRows | None) -> None:
+    """No row (of `checked`; a stream's rows are counted as they are read: data.streaming),
+    and no validation prompt, has more references than the base's edit pipeline takes per
+    prompt."""
     from difftune.families import get_family
 
-    family = get_family(config.model.family)
-    limit = family.max_references(config.model.pretrained, config.model.revision)
-    check_reference_counts(checked, limit, family.pipeline_classes["edit"])
+    limit = reference_limit(config, get_family(config.model.family))
+    if checked is not None:
+        check_reference_counts(checked, limit.most, limit.pipeline)
     for index, entry in enumerate(config.validation.images):
-        if limit is not None and isinstance(entry, list) and len(entry) > limit:
+        if isinstance(entry, list) and limit.problem(len(entry)):
             raise DataError(f"validation.images[{index}] lists {len(entry)} references, and "
-                            f"{family.pipeline_classes['edit']} takes {limit} per prompt (an Edit Plus base "
+                            f"{limit.pipeline} takes {limit.most} per prompt (an Edit Plus base "
                             "takes several)")

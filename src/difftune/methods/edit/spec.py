@@ -20,8 +20,6 @@ class EditMethod(OptionalLora):
 
     needs_conditioning: ClassVar[bool] = True
     takes_references: ClassVar[bool] = True
-    streaming_refused: ClassVar[str | None] = (
-        "reads each row's references (none, one or several) from rows read whole")
 
     @property
     def result(self) -> str:
