@@ -31,7 +31,7 @@ The bar: lcm@4's mean colour IoU is at least 90% of teacher@25's (summary.bar_me
 teacher@4 should score clearly lower (its own ratio to teacher@25, and whether it misses
 the same bar).
 
-    python benchmarks/lcm/check.py RUN_DIR [--prompts N] [--out RESULT.json] [--grid GRID.png]
+    python benchmarks/lcm/check.py RUN_DIR [--prompts N] [--seeds-per-prompt K] [--out RESULT.json] [--grid GRID.png]
     python benchmarks/lcm/check.py --out RESULT.json      # the teacher's rows alone, no run
     python benchmarks/lcm/check.py --sanity               # the metric on known images
 
@@ -102,11 +102,15 @@ def prompt_colour_scores(image: Image.Image, prompt: str) -> dict[str, float]:
     }
 
 
-def summarise(scores: list[dict[str, float]]) -> dict[str, float]:
+def summarise(scores: list[dict[str, float]], prompts: int | None = None) -> dict[str, float]:
+    """Means over every image; the colour IoU's standard error over the prompts' own means
+    (image i is prompt i % prompts: several seeds of one prompt are not independent draws)."""
     keys = scores[0].keys()
     means = {key: round(float(np.mean([s[key] for s in scores])), 4) for key in keys}
-    means["colour_iou_stderr"] = round(float(np.std([s["colour_iou"] for s in scores], ddof=1)
-                                             / np.sqrt(len(scores))), 4) if len(scores) > 1 else float("nan")
+    prompts = prompts or len(scores)
+    per_prompt = [np.mean([s["colour_iou"] for s in scores[i::prompts]]) for i in range(prompts)]
+    means["colour_iou_stderr"] = round(float(np.std(per_prompt, ddof=1) / np.sqrt(prompts)), 4) \
+        if prompts > 1 else float("nan")
     return means
 
 
@@ -248,6 +252,9 @@ def main() -> None:
     parser.add_argument("--few-steps", type=int, default=4)
     parser.add_argument("--guidance-scale", type=float, default=4.0, help="the teacher's classifier-free guidance")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds-per-prompt", type=int, default=1,
+                        help="images per caption: with C captions, image i is caption i %% C with seed SEED + i, so "
+                        "the first C images are those of --seeds-per-prompt 1 (more: a smaller standard error)")
     parser.add_argument("--size", type=int, default=32, help="the base's training resolution")
     parser.add_argument("--chunk", type=int, default=16, help="prompts per pipeline call")
     parser.add_argument("--out", type=Path, default=None, help="the JSON result (default RUN_DIR/lcm-check.json)")
@@ -268,6 +275,8 @@ def main() -> None:
 
     started = time.perf_counter()
     prompts, targets = held_out(args.held_out, args.prompts)
+    captions = len(prompts)
+    prompts = prompts * args.seeds_per_prompt
     chosen = variants(args.base, args.run_dir, args.teacher_steps, args.few_steps, args.guidance_scale)
     load_seconds = time.perf_counter() - started
     images, results = {}, {}
@@ -276,10 +285,11 @@ def main() -> None:
         images[name] = generate(pipe, prompts, steps, guidance, args.seed, args.size, args.chunk)
         seconds = time.perf_counter() - begun
         scores = [prompt_colour_scores(image, prompt) for image, prompt in zip(images[name], prompts)]
-        results[name] = summarise(scores) | {
+        results[name] = summarise(scores, captions) | {
             "steps": steps, "guidance_scale": guidance, "generate_seconds": round(seconds, 2),
             "scheduler": type(pipe.scheduler).__name__,
-            "per_prompt_colour_iou": [round(score["colour_iou"], 4) for score in scores]}
+            "per_prompt_colour_iou": [round(float(np.mean([s["colour_iou"] for s in scores[i::captions]])), 4)
+                                      for i in range(captions)]}
     teacher = results[f"teacher@{args.teacher_steps}"]["colour_iou"]
     teacher_few = results[f"teacher@{args.few_steps}"]["colour_iou"]
     teacher_few_ratio = teacher_few / teacher if teacher else float("nan")
@@ -298,7 +308,7 @@ def main() -> None:
         "benchmark": "LCM-LoRA distillation on fill-circles (issue 28)",
         "date": datetime.date.today().isoformat(),
         "command": command,
-        "prompts": len(prompts), "seed": args.seed, "size": args.size,
+        "prompts": captions, "seeds_per_prompt": args.seeds_per_prompt, "seed": args.seed, "size": args.size,
         "base": args.base, "held_out": args.held_out,
         "run": run_record(args.run_dir) if args.run_dir else None,
         "variants": results,
@@ -307,7 +317,7 @@ def main() -> None:
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
     }
     if args.grid:
-        write_grid(args.grid, images | {"target": targets}, min(16, len(prompts)))
+        write_grid(args.grid, images | {"target": targets}, min(16, captions))
         result["grid"] = {"path": str(args.grid), "columns": [*images, "target"]}
     out = args.out or args.run_dir / "lcm-check.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
