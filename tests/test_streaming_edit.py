@@ -1,8 +1,9 @@
 """Edit training (kind "edit") from a stream (data.streaming): a streamed row carries its
 references (none, one or a list) as the row read whole does, so the method sees the same
 batches and the run the same loss; webdataset samples without a reference member train as
-text-to-image; a resumed streaming edit run ends as an unbroken one; a row with more
-references than the family's edit pipeline takes is named, or skipped."""
+text-to-image, and a sample's several references are its numbered members; a resumed
+streaming edit run ends as an unbroken one; a row with more references than the family's
+edit pipeline takes is named, or skipped."""
 
 from __future__ import annotations
 
@@ -234,3 +235,64 @@ def test_streaming_an_edit_keeps_refusing_the_caches(kontext: Path, tmp_path: Pa
     with pytest.raises(ConfigError, match="streaming reads each row as it trains; it cannot be used with "
                                           "cache_latents"):
         build_config(raw)
+
+
+# --- several references a webdataset sample: numbered members ------------------------------------
+
+
+def test_a_webdataset_sample_holds_several_references_as_numbered_members() -> None:
+    from difftune.data.shards import KEY, SHARD, reference_cell
+
+    sample = {KEY: "000007", SHARD: "shard-00000.tar", "png": b"t", "reference.10.png": b"c",
+              "reference.2.png": b"b", "reference.0.png": b"a", "referencex.1.png": b"no", "txt": b"make"}
+    assert reference_cell(sample, "reference.png") == [b"a", b"b", b"c"]  # by number, not by name
+    assert reference_cell({KEY: "1", SHARD: "s.tar", "reference.png": b"one"}, "reference.png") == b"one"
+    assert reference_cell({KEY: "1", SHARD: "s.tar", "png": b"t"}, "reference.png") is None
+    assert reference_cell({"reference_image.0": "kept as it is"}, "reference_image") is None  # no webdataset row
+    with pytest.raises(DataError, match=r"s.tar, sample 1: both a member 1.reference.png and numbered ones "
+                                        r"\(1.reference.0.png\)"):
+        reference_cell({KEY: "1", SHARD: "s.tar", "reference.png": b"x", "reference.0.png": b"y"}, "reference.png")
+
+
+def test_streamed_webdataset_edits_with_numbered_references_train_as_the_parquet_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parquet edits above as webdataset shards: row 0's two references as
+    KEY.reference.1.png and KEY.reference.0.png (written in that order), row 1 without one,
+    rows 2 and 3 as KEY.reference.png. Both streams give the same first batch and loss."""
+    base = build_tiny_qwenimage_edit(tmp_path / "plus", WORDS, seed=0, plus=True)
+    parquet = _parquet_edits(tmp_path / "edits")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with TarWriter(shards / "shard-00000.tar") as archive:
+        for row in range(4):
+            target, reference, text = _edit(row)
+            key = f"{row:06d}"
+            archive.add(f"{key}.png", _png(target))
+            if row == 0:
+                archive.add(f"{key}.reference.1.png", _png(Image.new("RGB", (64, 64), COLOURS[1])))
+                archive.add(f"{key}.reference.0.png", _png(reference))
+            elif row == 1:
+                text = f"{COLOURS[2]} circle with white background"
+            else:
+                archive.add(f"{key}.reference.png", _png(reference))
+            archive.add(f"{key}.txt", text.encode())
+    batches = _seen_batches(monkeypatch)
+    first: dict[str, dict[str, Any]] = {}
+    for name, data, columns in (("parquet", parquet, {}),
+                                ("shards", shards, {"image_column": "png", "reference_image_column": "reference.png",
+                                                    "caption_column": "txt"})):
+        raw = run_config(base, data, tmp_path / f"run-{name}", model={"family": "qwenimage_edit"},
+                         train={"max_steps": 1, "learning_rate": 1e-2, "checkpoint_every": 10})
+        raw["method"] = {"kind": "edit", "lora": {"rank": 4}}
+        raw["validation"] = {"every": 100}
+        raw["data"] |= columns
+        _streamed(raw, samples=4)
+        done = len(batches)
+        assert train(build_config(raw)) is not None
+        first[name] = batches[done]
+    ours, theirs = first["shards"], first["parquet"]
+    assert [len(sample) for sample in ours["references"]] == [2, 0]
+    assert torch.equal(ours["pixels"], theirs["pixels"])
+    for mine, other in zip(ours["references"], theirs["references"]):
+        assert len(mine) == len(other) and all(torch.equal(a, b) for a, b in zip(mine, other))
+    assert _losses(tmp_path / "run-shards") == pytest.approx(_losses(tmp_path / "run-parquet"), rel=1e-6, abs=0)

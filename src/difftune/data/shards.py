@@ -24,6 +24,9 @@ read before it are kept.
 - Members are read, never extracted, so a member's name reaches no folder; links,
   folders and devices are passed over; a member larger than MAX_MEMBER_BYTES is not read.
 - Values stay bytes: the stream decodes only what it trains on (images, the caption).
+- An edit's sample holds one reference as the member its column names
+  (KEY.reference.png) or several as numbered members of that name (KEY.reference.0.png,
+  KEY.reference.1.png, ...), read as a list in their numbers' order (reference_cell).
 - A whole archive ends with tar's end-of-archive block; tarfile stops quietly at a
   missing or damaged header, so an archive without that block is reported truncated.
 """
@@ -89,6 +92,26 @@ def shard_rows(shards: list[str]) -> Iterator[dict[str, Any]]:
     """Every sample of the shards, in order (the generator datasets runs)."""
     for shard in shards:
         yield from read_shard(Path(shard))
+
+
+def reference_cell(sample: dict[str, Any], column: str) -> Any:
+    """A sample's references under `column` ("reference.png"): its member of that name, or
+    its numbered members ("reference.0.png", "reference.1.png", ...) as a list in their
+    numbers' order; None when it has neither. Both at once is refused, naming the sample.
+    A row that is no webdataset sample (parquet, the Hub) has its column's cell as it is."""
+    if not sample.get(SHARD):
+        return sample.get(column)
+    stem, dot, suffix = column.rpartition(".")
+    numbered = re.compile(rf"{re.escape(stem)}\.(\d+)\.{re.escape(suffix)}" if dot else rf"{re.escape(column)}\.(\d+)")
+    found = sorted((int(match.group(1)), name) for name in sample
+                   if sample[name] is not None and (match := numbered.fullmatch(name)))
+    if not found:
+        return sample.get(column)
+    if sample.get(column) is not None:
+        raise DataError(f"{sample.get(SHARD)}, sample {sample.get(KEY)}: both a member {sample.get(KEY)}.{column} and "
+                        f"numbered ones ({', '.join(f'{sample.get(KEY)}.{name}' for _, name in found)}): one "
+                        "reference, or several numbered from 0, not both")
+    return [sample[name] for _, name in found]
 
 
 def split_name(name: str) -> tuple[str | None, str]:

@@ -43,7 +43,7 @@ from torch.utils.data import IterableDataset
 from difftune.config import DataConfig
 from difftune.data.edit_samples import ReferenceSize, edit_pixels, open_references
 from difftune.data.samples import collate, draw_caption, sample_rng
-from difftune.data.shards import KEY, PROBLEM, SHARD, list_shards, stream_of_shards
+from difftune.data.shards import KEY, PROBLEM, SHARD, list_shards, reference_cell, stream_of_shards
 from difftune.data.sources import (
     Columns,
     DataError,
@@ -272,7 +272,7 @@ class StreamingSamples(IterableDataset):
         conditioning = None
         column = self.columns.conditioning
         if column is not None and self.columns.references:  # none (no member, an empty cell), one or several
-            conditioning = open_references(row.get(column), self.root, self._where(row, place, column),
+            conditioning = open_references(reference_cell(row, column), self.root, self._where(row, place, column),
                                            self.reference_limit)
         elif column is not None:
             conditioning = open_image(self._cell(row, place, column), self.root, self._where(row, place, column))
