@@ -102,13 +102,18 @@ def prompt_colour_scores(image: Image.Image, prompt: str) -> dict[str, float]:
     }
 
 
+def per_prompt_colour_iou(scores: list[dict[str, float]], prompts: int) -> list[float]:
+    """Each prompt's mean colour IoU over its seeds (image i is prompt i % prompts)."""
+    return [float(np.mean([s["colour_iou"] for s in scores[i::prompts]])) for i in range(prompts)]
+
+
 def summarise(scores: list[dict[str, float]], prompts: int | None = None) -> dict[str, float]:
     """Means over every image; the colour IoU's standard error over the prompts' own means
-    (image i is prompt i % prompts: several seeds of one prompt are not independent draws)."""
+    (several seeds of one prompt are not independent draws)."""
     keys = scores[0].keys()
     means = {key: round(float(np.mean([s[key] for s in scores])), 4) for key in keys}
     prompts = prompts or len(scores)
-    per_prompt = [np.mean([s["colour_iou"] for s in scores[i::prompts]]) for i in range(prompts)]
+    per_prompt = per_prompt_colour_iou(scores, prompts)
     means["colour_iou_stderr"] = round(float(np.std(per_prompt, ddof=1) / np.sqrt(prompts)), 4) \
         if prompts > 1 else float("nan")
     return means
@@ -288,8 +293,7 @@ def main() -> None:
         results[name] = summarise(scores, captions) | {
             "steps": steps, "guidance_scale": guidance, "generate_seconds": round(seconds, 2),
             "scheduler": type(pipe.scheduler).__name__,
-            "per_prompt_colour_iou": [round(float(np.mean([s["colour_iou"] for s in scores[i::captions]])), 4)
-                                      for i in range(captions)]}
+            "per_prompt_colour_iou": [round(value, 4) for value in per_prompt_colour_iou(scores, captions)]}
     teacher = results[f"teacher@{args.teacher_steps}"]["colour_iou"]
     teacher_few = results[f"teacher@{args.few_steps}"]["colour_iou"]
     teacher_few_ratio = teacher_few / teacher if teacher else float("nan")

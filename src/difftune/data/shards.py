@@ -94,24 +94,36 @@ def shard_rows(shards: list[str]) -> Iterator[dict[str, Any]]:
         yield from read_shard(Path(shard))
 
 
-def reference_cell(sample: dict[str, Any], column: str) -> Any:
-    """A sample's references under `column` ("reference.png"): its member of that name, or
-    its numbered members ("reference.0.png", "reference.1.png", ...) as a list in their
-    numbers' order; None when it has neither. Both at once is refused, naming the sample.
-    A row that is no webdataset sample (parquet, the Hub) has its column's cell as it is."""
+def numbered_members(sample: dict[str, Any], column: str) -> list[str]:
+    """A webdataset sample's numbered members of `column` ("reference.png": "reference.0.png",
+    "reference.1.png", ...), in their numbers' order; none for a row of another source."""
     if not sample.get(SHARD):
-        return sample.get(column)
+        return []
     stem, dot, suffix = column.rpartition(".")
     numbered = re.compile(rf"{re.escape(stem)}\.(\d+)\.{re.escape(suffix)}" if dot else rf"{re.escape(column)}\.(\d+)")
-    found = sorted((int(match.group(1)), name) for name in sample
-                   if sample[name] is not None and (match := numbered.fullmatch(name)))
-    if not found:
+    found = [(int(match.group(1)), name) for name in sample
+             if sample[name] is not None and (match := numbered.fullmatch(name))]
+    return [name for _, name in sorted(found)]
+
+
+def has_references(sample: dict[str, Any], column: str) -> bool:
+    """Whether the row has references under `column` in either form (never raises)."""
+    return sample.get(column) is not None or bool(numbered_members(sample, column))
+
+
+def reference_cell(sample: dict[str, Any], column: str) -> Any:
+    """A row's references under `column`: its cell (one member, "reference.png"), or its
+    numbered members as a list (numbered_members); None when it has neither. Both at once
+    is refused, naming the sample."""
+    names = numbered_members(sample, column)
+    if not names:
         return sample.get(column)
     if sample.get(column) is not None:
-        raise DataError(f"{sample.get(SHARD)}, sample {sample.get(KEY)}: both a member {sample.get(KEY)}.{column} and "
-                        f"numbered ones ({', '.join(f'{sample.get(KEY)}.{name}' for _, name in found)}): one "
-                        "reference, or several numbered from 0, not both")
-    return [sample[name] for _, name in found]
+        key = sample.get(KEY)
+        raise DataError(f"{sample.get(SHARD)}, sample {key}: both a member {key}.{column} and numbered ones "
+                        f"({', '.join(f'{key}.{name}' for name in names)}): one reference, or several numbered "
+                        "from 0, not both")
+    return [sample[name] for name in names]
 
 
 def split_name(name: str) -> tuple[str | None, str]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from difftune.config import DataConfig
 from difftune.data.edit_samples import open_references
-from difftune.data.shards import KEY, PROBLEM, SHARD, reference_cell
+from difftune.data.shards import KEY, PROBLEM, SHARD, has_references, reference_cell
 from difftune.data.sources import Columns, DataError, ReferenceLimit, open_image
 from difftune.data.streaming import SKIPPING, named_failures, no_member, open_stream, undecoded
 
@@ -77,7 +77,7 @@ def _reference_column_problem(config: DataConfig, first: dict[str, Any]) -> str 
     if not first.get(SHARD):
         return None if column in first else (f"data.reference_image_column = {column!r} is not a column of "
                                              f"{config.path} (columns of its first row: {', '.join(first)})")
-    if reference_cell(first, column) is not None or _member_seen(config, column):
+    if has_references(first, column) or _member_seen(config, column):
         return None
     members = ", ".join(name for name in first if not name.startswith("__"))
     return (f"data.reference_image_column = {column!r}: no sample of the first {LOOKAHEAD} of {config.path} has "
@@ -86,11 +86,11 @@ def _reference_column_problem(config: DataConfig, first: dict[str, Any]) -> str 
 
 def _member_seen(config: DataConfig, field: str) -> bool:
     """Whether a sample among the stream's first LOOKAHEAD has the member `field` (or,
-    for references, its numbered members: shards.reference_cell)."""
+    for references, its numbered members: shards.has_references)."""
     rows = named_failures(undecoded(open_stream(config)), config.path, lambda: "while its columns were checked")
     with contextlib.closing(rows):  # left part-read: closed here (named_failures)
         for number, row in enumerate(rows):
-            if reference_cell(row, field) is not None:
+            if has_references(row, field):
                 return True
             if number + 1 >= LOOKAHEAD:
                 break
