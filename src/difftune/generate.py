@@ -34,8 +34,10 @@ def generate(request: Generation, should_stop: Callable[[], bool] = lambda: Fals
     a first Ctrl+C) ends it after loading or between denoising steps."""
     import torch
 
+    from difftune.heap import keep_freed_memory
     from difftune.quiet import quiet_loading_bars
 
+    keep_freed_memory()  # each denoising step frees and allocates the same large blocks
     quiet_loading_bars()
     accelerator = torch.accelerator.current_accelerator()  # CUDA, XPU, MPS...; None on a CPU
     device = accelerator.type if accelerator is not None else "cpu"

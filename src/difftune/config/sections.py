@@ -279,6 +279,11 @@ class TrainConfig(_Section):
     """Intra-op threads on the CPU. "auto": as many as cores, fewer while other processes
     keep cores busy (a spinning thread waiting for a descheduled one stalls every step);
     a number fixes it. A launch that sets OMP_NUM_THREADS, or an accelerator, is left alone."""
+    keep_freed_memory: bool = True
+    """Tell glibc's malloc to keep freed memory for the next step instead of unmapping it
+    (difftune/heap.py): the Qwen-Image-Edit fill-circles preset steps 86 instead of 52
+    samples/s on the 2-core CPU box. The process keeps its peak heap until it exits. Left
+    alone where the launch sets MALLOC_* or GLIBC_TUNABLES, or preloads another allocator."""
     compile: bool = False
     """torch.compile the denoiser and trained modules (in place): faster steps after a
     compile of a minute or more at the start (87 s on the CPU benchmark box), and again

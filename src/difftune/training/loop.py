@@ -41,6 +41,7 @@ from difftune.training.checkpoint import (
     store_trained_weights,
 )
 from difftune.training.ema import WeightAverage
+from difftune.heap import keep_freed_memory
 from difftune.training.final import attempt, keep_weights_and_raise, write_final
 from difftune.training.engines import Engine
 from difftune.training.events import (
@@ -85,6 +86,7 @@ class Run:
             log_cache_choice(checked.cache_notes, self.events, self.console)
             log_sampling(config, self.events, self.console)
             log_data_check(checked.samples, self.run_dir, self.events, self.console)
+        self.events.write("heap", freed_memory=keep_freed_memory(config.train.keep_freed_memory))
         self.threads = ThreadGovernor(config.train.cpu_threads, self.accelerator.device,
                                       self.accelerator.num_processes, self.events)
         self.trainee = self._load_models(checked)
