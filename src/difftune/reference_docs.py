@@ -1,6 +1,7 @@
 """The config and CLI reference pages (docs/reference/), rendered from the code so that
 they cannot drift from it: the config's pydantic sections with each key's type, default
-and attribute docstring, and the argparse parser with each command's help and options.
+and attribute docstring, and the argparse parser with each command's help and options
+(difftune.cli_reference renders that page).
 
     python -m difftune.reference_docs            # writes docs/reference/config.md and cli.md
     python -m difftune.reference_docs --check    # exit 1 when the pages are stale
@@ -36,12 +37,12 @@ USAGE_WIDTH = 88
 # ---------------------------------------------------------------------------- text
 
 
-def _paragraph(text: str | None) -> str:
+def one_paragraph(text: str | None) -> str:
     """A docstring as one line of text (its lines and paragraphs joined by spaces)."""
     return " ".join(inspect.cleandoc(text).split()) if text else ""
 
 
-def _markdown(text: str) -> str:
+def markdown_cell(text: str) -> str:
     """Text for a page or a table cell: outside code spans, `|` would end a cell, `<` open
     an HTML tag and `*` start emphasis."""
     pieces = text.split("`")
@@ -183,16 +184,16 @@ def field_rows(cls: type[BaseModel], prefix: str, skip: tuple[str, ...] = (),
             continue
         table = _table_class(field.annotation)
         kind = f"table `[{prefix}.{name}]`" if table is not None else type_text(field.annotation, field.metadata)
-        meaning = " ".join(filter(None, [(notes or {}).get(name), _paragraph(field.description or docs.get(name))]))
-        rows.append(f"| `{name}` | {_markdown(kind) if table is None else kind} | {default_text(field)} "
-                    f"| {_markdown(meaning)} |")
+        meaning = " ".join(filter(None, [(notes or {}).get(name), one_paragraph(field.description or docs.get(name))]))
+        rows.append(f"| `{name}` | {markdown_cell(kind) if table is None else kind} | {default_text(field)} "
+                    f"| {markdown_cell(meaning)} |")
     return rows
 
 
 def _section(title: str, cls: type[BaseModel], prefix: str, **options: Any) -> list[str]:
     lines = [f"## `[{title}]`", ""]
     if cls.__doc__:
-        lines += [_markdown(_paragraph(cls.__doc__)), ""]
+        lines += [markdown_cell(one_paragraph(cls.__doc__)), ""]
     return lines + field_rows(cls, prefix, **options) + [""]
 
 
@@ -205,7 +206,7 @@ def _families_table() -> list[str]:
         facts = families()[name]
         kinds = ", ".join(f"`{kind}`" for kind in sorted(facts.supports))
         objective = OBJECTIVE_NAMES.get(facts.objective_kind, facts.objective_kind)
-        rows.append(f"| `{name}` | {_markdown(facts.description)} | {objective} | {facts.default_resolution} "
+        rows.append(f"| `{name}` | {markdown_cell(facts.description)} | {objective} | {facts.default_resolution} "
                     f"| {kinds} |")
     return rows
 
@@ -222,10 +223,10 @@ def _method_section() -> list[str]:
     tables: dict[str, tuple[type[BaseModel], list[str]]] = {}
     for kind, spec in methods().items():
         settings = spec.settings
-        lines += [f"### `kind = \"{kind}\"`", "", _markdown(spec.description[:1].upper() + spec.description[1:])
+        lines += [f"### `kind = \"{kind}\"`", "", markdown_cell(spec.description[:1].upper() + spec.description[1:])
                   + ".", ""]
         if settings.__doc__:
-            lines += [_markdown(_paragraph(settings.__doc__)), ""]
+            lines += [markdown_cell(one_paragraph(settings.__doc__)), ""]
         if list(settings.model_fields) == ["kind"]:
             lines += ["No keys besides `kind`.", ""]
             continue
@@ -237,7 +238,7 @@ def _method_section() -> list[str]:
     for name, (table, kinds) in tables.items():
         lines += [f"### `[method.{name}]`", "", "For " + ", ".join(f"`{kind}`" for kind in kinds) + ".", ""]
         if table.__doc__:
-            lines += [_markdown(_paragraph(table.__doc__)), ""]
+            lines += [markdown_cell(one_paragraph(table.__doc__)), ""]
         lines += field_rows(table, f"method.{name}") + [""]
     return lines
 
@@ -277,98 +278,6 @@ def render_config() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-# ---------------------------------------------------------------------------- CLI
-
-
-def _subcommands(parser: argparse.ArgumentParser) -> tuple[argparse.Action | None, dict[str, str]]:
-    """The parser's subparsers action, if any, and each subcommand's help."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action, {choice.dest: choice.help or "" for choice in action._choices_actions}
-    return None, {}
-
-
-def _usage(parser: argparse.ArgumentParser) -> str:
-    formatter = argparse.HelpFormatter(prog=parser.prog, width=USAGE_WIDTH)
-    formatter.add_usage(parser.usage, parser._actions, parser._mutually_exclusive_groups, prefix="")
-    return formatter.format_help().strip()
-
-
-def _argument_rows(parser: argparse.ArgumentParser) -> list[str]:
-    rows = ["| Argument | Takes | Default | Help |", "|---|---|---|---|"]
-    for action in parser._actions:
-        if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
-            continue
-        names = ", ".join(f"`{name}`" for name in action.option_strings) or f"`{action.metavar or action.dest}`"
-        if action.nargs == 0:
-            takes = "flag"
-        elif action.choices is not None:
-            takes = ", ".join(f"`{choice}`" for choice in action.choices)
-        else:
-            named = action.metavar and action.option_strings  # a positional's metavar is its name
-            takes = f"`{action.metavar}`" if named else getattr(action.type, "__name__", "text")
-        if isinstance(action, argparse._AppendAction):
-            takes += ", repeatable"
-        if not action.option_strings and action.nargs == "?":
-            takes += ", optional"
-        if action.required and action.option_strings:
-            default = "*required*"
-        elif action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
-            default = ""
-        else:
-            default = f"`{action.default}`" if action.default != "" else '`""`'
-        text = action.help or ""
-        if "%(" in text:
-            text = text % {**vars(action), "prog": parser.prog}
-        rows.append(f"| {names} | {takes} | {default} | {_markdown(text)} |")
-    return rows if len(rows) > 2 else []
-
-
-def _command(parser: argparse.ArgumentParser, help_text: str, depth: int) -> list[str]:
-    lines = [f"{'#' * min(depth + 1, 6)} `{parser.prog}`", ""]
-    if help_text:
-        lines += [_markdown(help_text[:1].upper() + help_text[1:]) + ".", ""]
-    if parser.description and parser.description != help_text:
-        lines += [_markdown(_paragraph(parser.description)), ""]
-    lines += ["```text", _usage(parser), "```", ""]
-    subparsers, helps = _subcommands(parser)
-    arguments = _argument_rows(parser)
-    if arguments:
-        lines += arguments + [""]
-    if subparsers is not None:
-        lines += ["| Command | What it does |", "|---|---|"]
-        lines += [f"| `{child.prog}` | {_markdown(helps.get(name, ''))} |"
-                  for name, child in subparsers.choices.items()] + [""]
-        for name, child in subparsers.choices.items():
-            lines += _command(child, helps.get(name, ""), depth + 1)
-    return lines
-
-
-def render_cli(parser: argparse.ArgumentParser | None = None) -> str:
-    """docs/reference/cli.md."""
-    from difftune import cli
-
-    parser = parser or cli.build_parser()
-    lines = [
-        "# CLI reference", "",
-        f"<!-- Generated by `{REGENERATE}` from difftune.cli.build_parser: edit the parser's help "
-        "texts, not this page. -->", "",
-        _markdown(_paragraph(parser.description)), "",
-        f"This page is generated from the argument parser (`{REGENERATE}`). Every command also takes "
-        "`-h` / `--help`.", "",
-    ]
-    if cli.main.__doc__:
-        lines += [_markdown(_paragraph(cli.main.__doc__)), ""]
-    subparsers, helps = _subcommands(parser)
-    assert subparsers is not None
-    lines += ["| Command | What it does |", "|---|---|"]
-    lines += [f"| `{child.prog}` | {_markdown(helps.get(name, ''))} |"
-              for name, child in subparsers.choices.items()] + [""]
-    for name, child in subparsers.choices.items():
-        lines += _command(child, helps.get(name, ""), 1)
-    return "\n".join(lines).rstrip() + "\n"
-
-
 # ---------------------------------------------------------------------------- pages
 
 
@@ -379,6 +288,8 @@ def default_out() -> Path:
 
 def pages() -> dict[str, str]:
     """Each generated page's file name and text."""
+    from difftune.cli_reference import render_cli
+
     return {"config.md": render_config(), "cli.md": render_cli()}
 
 
