@@ -8,10 +8,10 @@ Qwen-Image-Edit fill-circles preset, batch 16, allocates a 200 MB attention buff
 every step faults each page in again and the kernel clears it: on the 2-core benchmark box
 40% of the CPU time was the kernel's (clear_page, page faults, munmap) and the preset ran
 52 samples/s. With mmap off and the trim threshold at its maximum, freed blocks are reused
-from the heap: 86 samples/s, the same losses to the last digit.
+from the heap: 92 samples/s, the same losses to the last digit (benchmarks/heap/).
 
-The cost is that the process keeps its peak heap until it exits, which a training run
-reaches on its first step anyway. Left alone: another allocator preloaded (jemalloc,
+The cost is memory: the process keeps its peak heap until it exits, and a heap reused
+without unmapping fragments (the same preset peaked at 13.6 GB against 10.3). Left alone: another allocator preloaded (jemalloc,
 tcmalloc: LD_PRELOAD), malloc tuned by the launch (any MALLOC_* variable or
 GLIBC_TUNABLES), a libc that is not glibc, and train.keep_freed_memory = false.
 """

@@ -281,9 +281,10 @@ class TrainConfig(_Section):
     a number fixes it. A launch that sets OMP_NUM_THREADS, or an accelerator, is left alone."""
     keep_freed_memory: bool = True
     """Tell glibc's malloc to keep freed memory for the next step instead of unmapping it
-    (difftune/heap.py): the Qwen-Image-Edit fill-circles preset steps 86 instead of 52
-    samples/s on the 2-core CPU box. The process keeps its peak heap until it exits. Left
-    alone where the launch sets MALLOC_* or GLIBC_TUNABLES, or preloads another allocator."""
+    (difftune/heap.py): the Qwen-Image-Edit fill-circles preset steps 1.58x faster on the
+    2-core CPU box (the LCM preset 1.11x), for about 3 GB more peak memory (13.6 against
+    10.3 GB; docs/guides/caching.md). Left alone where the launch sets MALLOC_* or
+    GLIBC_TUNABLES, or preloads another allocator."""
     compile: bool = False
     """torch.compile the denoiser and trained modules (in place): faster steps after a
     compile of a minute or more at the start (87 s on the CPU benchmark box), and again
