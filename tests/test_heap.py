@@ -23,6 +23,7 @@ def test_the_launch_decides_when_it_tunes_malloc():
     assert heap.launch_tunes_malloc({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}) == "GLIBC_TUNABLES"
     assert heap.launch_tunes_malloc({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}).startswith("LD_PRELOAD=")
     assert heap.launch_tunes_malloc({"LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4"}).startswith("LD_PRELOAD=")
+    assert heap.launch_tunes_malloc({"LD_PRELOAD": "/usr/lib/libmimalloc.so"}).startswith("LD_PRELOAD=")
 
 
 def test_off_and_tuned_launches_are_left_alone(monkeypatch):

@@ -22,6 +22,7 @@ import ctypes
 import ctypes.util
 import os
 import platform
+from collections.abc import Mapping
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
@@ -31,10 +32,10 @@ LARGEST_TRIM_THRESHOLD = 2**31 - 1
 """mallopt takes an int: keep up to 2 GiB free at the heap's top before giving any back."""
 
 
-def launch_tunes_malloc(environ: dict[str, str] | os._Environ[str] = os.environ) -> str | None:
+def launch_tunes_malloc(environ: Mapping[str, str] = os.environ) -> str | None:
     """What in the environment already decides how memory is allocated, or None."""
     preload = environ.get("LD_PRELOAD", "")
-    if "malloc" in preload or "jemalloc" in preload:
+    if "malloc" in preload:  # jemalloc, tcmalloc, mimalloc
         return f"LD_PRELOAD={preload}"
     for name in sorted(environ):
         if name.startswith("MALLOC_") or name == "GLIBC_TUNABLES":
