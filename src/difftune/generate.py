@@ -43,23 +43,7 @@ def generate(request: Generation, should_stop: Callable[[], bool] = lambda: Fals
     device = accelerator.type if accelerator is not None else "cpu"
     family = request_family(request)
     pipe = _load_pipeline(request, getattr(torch, family.gpu_dtype) if device != "cpu" else torch.float32)
-    size = request.resolution or native_resolution(Path(model_source(request.base)), family.denoiser_name)
-    call: dict[str, Any] = {"height": size, "width": size} if size else {}
-    if request.image is not None:
-        control = _conditioning(request.image, size)
-        arguments = (family.edit_arguments(control, control.width, control.height) if request.edit
-                     else family.control_arguments(control))
-        call |= {**arguments, "height": control.height, "width": control.width}
-    if request.controlnet is not None:
-        call["controlnet_conditioning_scale"] = request.conditioning_scale
-    if request.lora is not None and not (request.control and not reads_lora(family)):
-        call[family.attention_options] = {"scale": request.lora_scale}  # (a fused LoRA has no scale)
-    if request.negative_prompt is not None:
-        import inspect
-
-        if "negative_prompt" not in inspect.signature(pipe.__call__).parameters:
-            raise InputError(f"--negative-prompt: {type(pipe).__name__} takes no negative prompt")
-        call["negative_prompt"] = request.negative_prompt
+    call = _call_arguments(request, family, pipe)
     pipe = pipe.to(device)
     if request.quantize is not None:
         from difftune.quantization import quantize_pipeline
@@ -89,6 +73,29 @@ def generate(request: Generation, should_stop: Callable[[], bool] = lambda: Fals
     result.save(partial, format=_format(out_path))
     partial.replace(out_path)
     return out_path
+
+
+def _call_arguments(request: Generation, family: Any, pipe: Any) -> dict[str, Any]:
+    """The pipeline call's own arguments: the size, the conditioning or edited image, the
+    ControlNet and LoRA scales and the negative prompt, as the request gives them."""
+    size = request.resolution or native_resolution(Path(model_source(request.base)), family.denoiser_name)
+    call: dict[str, Any] = {"height": size, "width": size} if size else {}
+    if request.image is not None:
+        control = _conditioning(request.image, size)
+        arguments = (family.edit_arguments(control, control.width, control.height) if request.edit
+                     else family.control_arguments(control))
+        call |= {**arguments, "height": control.height, "width": control.width}
+    if request.controlnet is not None:
+        call["controlnet_conditioning_scale"] = request.conditioning_scale
+    if request.lora is not None and not (request.control and not reads_lora(family)):
+        call[family.attention_options] = {"scale": request.lora_scale}  # (a fused LoRA has no scale)
+    if request.negative_prompt is not None:
+        import inspect
+
+        if "negative_prompt" not in inspect.signature(pipe.__call__).parameters:
+            raise InputError(f"--negative-prompt: {type(pipe).__name__} takes no negative prompt")
+        call["negative_prompt"] = request.negative_prompt
+    return call
 
 
 def _load_pipeline(request: Generation, dtype: Any) -> Any:

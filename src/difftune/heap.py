@@ -11,9 +11,10 @@ every step faults each page in again and the kernel clears it: on the 2-core ben
 from the heap: 92 samples/s, the same losses to the last digit (benchmarks/heap/).
 
 The cost is memory: the process keeps its peak heap until it exits, and a heap reused
-without unmapping fragments (the same preset peaked at 13.6 GB against 10.3). Left alone: another allocator preloaded (jemalloc,
-tcmalloc: LD_PRELOAD), malloc tuned by the launch (any MALLOC_* variable or
-GLIBC_TUNABLES), a libc that is not glibc, and train.keep_freed_memory = false.
+without unmapping fragments (the same preset peaked at 13.6 GB against 10.3). Left alone:
+another allocator preloaded (jemalloc, tcmalloc, mimalloc: LD_PRELOAD), malloc tuned by
+the launch (any MALLOC_* variable or GLIBC_TUNABLES), a libc that is not glibc, and
+train.keep_freed_memory = false (`difftune generate` honours the launch's settings only).
 """
 
 from __future__ import annotations
