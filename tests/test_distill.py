@@ -153,6 +153,66 @@ def test_teacher_substeps_are_evenly_spaced_guided_ddim_steps(tiny_base: Path, c
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("start_from_noise", [True, False])
+def test_trajectory_targets_are_the_end_of_one_guided_ddim_chain_per_group(tiny_base: Path, circles: Path,
+                                                                          start_from_noise: bool) -> None:
+    """target = "trajectory" on a grid of 4 (k = 250) with 6 samples: two groups (samples
+    0-3 and 4-5), each a chain from its first sample (its noise at t = 999, or its latents
+    noised there, its caption and guidance) down 999, 749, 499, 249 to 0 by diffusers'
+    DDIMScheduler with the guided teacher (a separate UNet without adapters); sample i
+    takes the chain's point i % 4, its target the chain's end."""
+    config = build_config(_raw(tiny_base, circles, Path("out"), **_method(
+        num_ddim_timesteps=4, target="trajectory", start_from_noise=start_from_noise)))
+    family, method = get_family("sd"), make_method(config.method)
+    parts = family.load(config.model)
+    student = method.build(family, parts)["unet"]
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, parameter in student.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    prompts = ["red circle", "x", "x", "x", "blue circle with red background", "x"]
+    latents, noise = torch.randn(6, 4, 16, 16), torch.randn(6, 4, 16, 16)
+    w = torch.tensor([2.5, 0.0, 0.0, 0.0, 8.0, 0.0])  # only the groups' first samples' count
+    text = family.encode_prompts(parts, prompts)
+    ours = method.trajectory_loss(family, parts, CleanInputs(latents, text, None, []),
+                                  Draws(torch.zeros(6, dtype=torch.long), noise, w))
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_base, **SD_OPTIONS)
+    ddpm = DDPMScheduler.from_pretrained(tiny_base, subfolder="scheduler")
+    lcm = LCMScheduler.from_config(ddpm.config, timestep_scaling=10.0)
+    ddim = DDIMScheduler.from_config(ddpm.config, set_alpha_to_one=False, clip_sample=False, thresholding=False,
+                                     timestep_spacing="trailing")
+    ddim.set_timesteps(4)
+    assert ddim.timesteps.tolist() == [999, 749, 499, 249]
+    a = ddpm.alphas_cumprod
+    leaders = [0, 4]
+    cond, uncond = pipe.encode_prompt([prompts[i] for i in leaders], "cpu", 1, True)
+    top = torch.tensor([999, 999])
+    chain = noise[leaders] if start_from_noise else ddpm.add_noise(latents[leaders], noise[leaders], top)
+    points = []
+    with torch.no_grad():
+        for t in ddim.timesteps:
+            points.append(chain)
+            eps_cond, eps_uncond = pipe.unet(chain, t, cond).sample, pipe.unet(chain, t, uncond).sample
+            guided = eps_cond + w[leaders].view(-1, 1, 1, 1) * (eps_cond - eps_uncond)
+            chain = torch.stack([ddim.step(guided[i], int(t), chain[i]).prev_sample for i in range(2)])
+        noisy = torch.stack([points[i % 4][i // 4] for i in range(6)])
+        t = torch.tensor([999, 749, 499, 249, 999, 749])
+        student_text = torch.cat([cond[:1].expand(4, -1, -1), cond[1:].expand(2, -1, -1)])
+        eps = student(noisy, t, student_text).sample
+        rows = []
+        for i in range(6):
+            c_skip, c_out = lcm.get_scalings_for_boundary_condition_discrete(t[i])
+            x0 = (noisy[i] - (1 - a[t[i]]).sqrt() * eps[i]) / a[t[i]].sqrt()
+            rows.append(c_skip * noisy[i] + c_out * x0)
+        d = torch.stack(rows) - chain[[0, 0, 0, 0, 1, 1]]
+    expected = (torch.sqrt(d**2 + 0.001**2) - 0.001).mean()
+    torch.testing.assert_close(ours.detach(), expected, rtol=1e-4, atol=1e-7)
+    ours.backward()
+    assert all((p.grad is not None) == ("lora_" in n) for n, p in student.named_parameters())
+
+
 def test_start_from_noise_gives_the_top_of_the_grid_pure_noise(tiny_base: Path, circles: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """With start_from_noise, the sample drawn at the grid's top (999) reaches the student and
@@ -302,10 +362,12 @@ def ssd_1b_shaped(base: Path) -> None:
 def test_a_distilled_sdxl_lora_loads_in_diffusers_and_samples_with_lcm(circles: Path, tmp_path: Path,
                                                                        shape: str) -> None:
     base = build_tiny_sdxl(tmp_path / "tiny-sdxl", WORDS, seed=0)
-    if shape == "ssd-1b":
+    distill: dict[str, Any] = {"w_min": 3.0}
+    if shape == "ssd-1b":  # and the trajectory targets, with SDXL's pooled text and geometry
         ssd_1b_shaped(base)
+        distill |= {"target": "trajectory", "num_ddim_timesteps": 4}
     final = train(build_config(_raw(base, circles, tmp_path / "run", "sdxl", validate=False,
-                                    **_method(w_min=3.0))))
+                                    **_method(**distill))))
     assert final is not None and (final / "pytorch_lora_weights.safetensors").is_file()
     pipe = StableDiffusionXLPipeline.from_pretrained(base, add_watermarker=False)
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)

@@ -119,7 +119,7 @@ class DdimSolver:
 
 def samples_of(text: dict[str, torch.Tensor], geometry: torch.Tensor | None,
                keep: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """The text conditioning and geometry of the samples `keep` (a boolean mask) selects."""
+    """The text conditioning and geometry of the samples `keep` (a boolean mask or indices) selects."""
     return {name: value[keep] for name, value in text.items()}, None if geometry is None else geometry[keep]
 
 
@@ -207,7 +207,50 @@ class LcmDistill(FromSettings):
 
     def loss(self, family: Family, parts: Parts, trained: Trained, batch: dict[str, Any],
              clean: CleanInputs) -> torch.Tensor:
+        if self.settings.target == "trajectory":
+            return self.trajectory_loss(family, parts, clean, self.draw(clean))
         return self.distill_loss(family, parts, clean, self.draw(clean))
+
+    def consistency(self, output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor,
+                    prediction_type: str) -> torch.Tensor:
+        """The consistency function's value: c_skip z + c_out x0 of the denoiser's output."""
+        assert self.solver is not None
+        x0, _ = self.solver.x0_and_noise(output, timesteps, sample, prediction_type)
+        c_skip, c_out = boundary_scalings(timesteps, self.settings.timestep_scaling)
+        return per_sample(c_skip, sample) * sample + per_sample(c_out, sample) * x0
+
+    def trajectory_loss(self, family: Family, parts: Parts, clean: CleanInputs, draws: Draws) -> torch.Tensor:
+        """target = "trajectory": each group of num_ddim_timesteps samples takes the points
+        of one guided teacher chain down the grid (its first sample's noise, caption, guidance
+        and geometry), the chain's end the target of all of them."""
+        assert self.solver is not None
+        solver, settings = self.solver, self.settings
+        prediction_type = parts.noise_scheduler.config.prediction_type
+        batch, points = clean.latents.shape[0], settings.num_ddim_timesteps
+        position = torch.arange(batch, device=clean.latents.device)
+        leaders = position[::points]
+        group, depth = position // points, position % points  # depth 0: the grid's top
+        text, geometry = samples_of(clean.text, clean.geometry, leaders)
+        top = solver.timesteps[-1:].to(position.device).expand(len(leaders))
+        sample = draws.noise[leaders]
+        if not settings.start_from_noise:
+            alpha, sigma = solver.alpha_sigma(top, sample)
+            sample = alpha * clean.latents[leaders].float() + sigma * sample
+        chain, times, here = [], [], top
+        with torch.no_grad():
+            for _ in range(points):  # the grid's top to 0 (a shorter batch uses the upper points)
+                chain.append(sample)
+                times.append(here)
+                there = (here - solver.skip).clamp_min(0)
+                sample = self.teacher_step(family, parts, ModelInputs(sample, here, text, geometry),
+                                           draws.guidance[leaders], there, prediction_type)
+                here = there
+        noisy = torch.stack(chain)[depth, group]
+        timesteps = torch.stack(times)[depth, group]
+        student_text, student_geometry = samples_of(text, geometry, group)
+        inputs = ModelInputs(noisy, timesteps, student_text, student_geometry)
+        prediction = self.consistency(family.predict(parts, inputs), timesteps, noisy, prediction_type)
+        return consistency_loss(prediction, sample[group], settings.loss, settings.huber_c)
 
     def distill_loss(self, family: Family, parts: Parts, clean: CleanInputs, draws: Draws) -> torch.Tensor:
         """The consistency distillation loss for these draws (the module docstring's steps 2-6)."""
@@ -221,13 +264,7 @@ class LcmDistill(FromSettings):
         if settings.start_from_noise:  # the top of the grid from noise alone, as sampling starts
             noisy = torch.where(per_sample(start == int(solver.timesteps[-1]), noisy), draws.noise, noisy)
         inputs = ModelInputs(noisy, start, clean.text, clean.geometry)
-
-        def consistency(output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-            x0, _ = solver.x0_and_noise(output, timesteps, sample, prediction_type)
-            c_skip, c_out = boundary_scalings(timesteps, settings.timestep_scaling)
-            return per_sample(c_skip, sample) * sample + per_sample(c_out, sample) * x0
-
-        prediction = consistency(family.predict(parts, inputs), start, noisy)
+        prediction = self.consistency(family.predict(parts, inputs), start, noisy, prediction_type)
         with torch.no_grad():
             x_prev = self.teacher_step(family, parts, inputs, draws.guidance, end, prediction_type)
             # At t_n = 0 the boundary condition is the identity (c_skip 1, c_out 0): the target
@@ -235,7 +272,8 @@ class LcmDistill(FromSettings):
             target, later = x_prev.clone(), end > 0
             if bool(later.any()):
                 target_inputs = ModelInputs(x_prev[later], end[later], *samples_of(clean.text, clean.geometry, later))
-                target[later] = consistency(family.predict(parts, target_inputs), end[later], x_prev[later])
+                target[later] = self.consistency(family.predict(parts, target_inputs), end[later], x_prev[later],
+                                                 prediction_type)
         return consistency_loss(prediction, target, settings.loss, settings.huber_c)
 
     def teacher_step(self, family: Family, parts: Parts, inputs: ModelInputs, guidance: torch.Tensor,

@@ -69,6 +69,17 @@ class DistillSettings(Section):
     at sampling, from noise that has none, follow whatever the noise suggests. False is the
     scripts' way (every timestep from noised data)."""
 
+    target: Literal["consistency", "trajectory"] = "consistency"
+    """What the student at a solver timestep learns to reach. "consistency" (the scripts'):
+    the student itself (no gradient) at the next lower timestep, after one teacher jump
+    there, so the solution travels down the grid as the student learns it.
+    "trajectory": the end of the teacher's whole guided DDIM chain down the grid. The
+    samples go in groups of num_ddim_timesteps; each group's first sample starts a chain at
+    the grid's top (its noise, its caption and guidance) and every sample of the group
+    takes one point of that chain, all with the chain's end as their target: the exact
+    target at every timestep from the first step, at the teacher passes of one chain per
+    group (no target pass)."""
+
     @model_validator(mode="after")
     def _guidance_range(self) -> DistillSettings:
         if self.w_min > self.w_max:
