@@ -19,6 +19,9 @@ train_lcm_distill_lora_sdxl.py train it. One step (Algorithm 1 of the LCM paper,
    gradient (no EMA target network, as the LoRA scripts); at t_n = 0 that is the teacher's
    sample itself;
 6. the loss is pseudo-Huber sqrt(d^2 + c^2) - c or the squared error, averaged.
+With target = "trajectory" (trajectory_loss), steps 4-5 are one guided teacher chain per
+group of num_ddim_timesteps samples, from the grid's top to 0: each sample of the group
+starts at one of its points and learns its end (the exact target, not the student's guess).
 final/ is the LoRA file the family's pipeline loads (load_lora_weights), sampled with
 LCMScheduler in 4 steps at guidance 1.
 """

@@ -28,8 +28,9 @@ class DistillSettings(Section):
     examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py and
     train_lcm_distill_lora_sdxl.py train it: the base with its adapters off is the teacher
     (classifier-free guided, one DDIM step), the base with them on the student, and the
-    student itself (no gradient, no EMA copy) gives the target. The result samples in 4 to 8
-    steps with LCMScheduler at guidance 1."""
+    student itself (no gradient, no EMA copy) gives the target (or, with target =
+    "trajectory", the end of the teacher's chain down the grid). The result samples in 4 to
+    8 steps with LCMScheduler at guidance 1."""
 
     kind: Literal["lcm"]
     """Which distillation: "lcm" (latent consistency distillation into a LoRA, LCM-LoRA)."""
