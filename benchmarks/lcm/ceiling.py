@@ -34,7 +34,7 @@ def chain_end(unet, alphas: torch.Tensor, text: torch.Tensor, sample: torch.Tens
     """The guided DDIM chain from `sample` at t through the grid points below t to 0 (the
     last jump ends at alphas_cumprod[0], as the distillation's does)."""
     here = t
-    for point in [p for p in points if p < t] + [0]:
+    for point in sorted((p for p in points if p < t), reverse=True) + [0]:
         current = here
         for there in [here - round((here - point) * j / substeps) for j in range(1, substeps + 1)]:
             timestep = torch.full((sample.shape[0],), current)
