@@ -369,6 +369,12 @@ def test_a_distilled_sdxl_lora_loads_in_diffusers_and_samples_with_lcm(circles: 
     final = train(build_config(_raw(base, circles, tmp_path / "run", "sdxl", validate=False,
                                     **_method(**distill))))
     assert final is not None and (final / "pytorch_lora_weights.safetensors").is_file()
+    summary = next(e for e in read_events(tmp_path / "run") if e["event"] == "start")["summary"]
+    notes = [line for line in summary if line.startswith("note: ") and "trajectory" in line]
+    if shape == "ssd-1b":  # a batch of 2 trains on the top 2 points of each chain of 4
+        assert len(notes) == 1 and "a batch holds 2" in notes[0] and "chain of 4" in notes[0]
+    else:
+        assert notes == []
     pipe = StableDiffusionXLPipeline.from_pretrained(base, add_watermarker=False)
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     before = _lcm_image(pipe)

@@ -106,6 +106,11 @@ class MethodSettings(Section):
                     "(diffusers loads no text-encoder weights for it)")
         return None
 
+    def batch_notes(self, batch_size: int) -> list[str]:
+        """What the run should know about its settings at this per-process batch size (said
+        before the first step; the run trains as configured)."""
+        return []
+
     def model_folders(self) -> dict[str, str]:
         """Models the method reads besides the base (method.controlnet), by key, for the
         plan's checks that each exists and fits the base."""

@@ -74,7 +74,8 @@ def start_summary(run: Any, step: int) -> list[str]:
         + (f" or tensorboard --logdir {shlex.quote(str(run.run_dir / 'logs'))}"
            if train.report_to in ("tensorboard", "all") else ""),
     ]
-    return lines + small_data_notes(run, samples)
+    method_notes = [f"note: {note}" for note in config.method.batch_notes(train.batch_size)]
+    return lines + small_data_notes(run, samples) + method_notes
 
 
 def small_data_notes(run: Any, samples: int) -> list[str]:

@@ -105,6 +105,17 @@ class DistillMethod(AdaptersOut, MethodSettings):
     resampling layer of the UNet (the presets list them in target_modules); left out,
     target_modules takes the family's attention projections."""
 
+    def batch_notes(self, batch_size: int) -> list[str]:
+        """Trajectory targets walk one chain of num_ddim_timesteps guided jumps per group of
+        that many samples: a smaller batch pays for the whole chain and uses its top."""
+        points = self.distill.num_ddim_timesteps
+        if self.distill.target != "trajectory" or batch_size >= points:
+            return []
+        return [f"method.distill.target = \"trajectory\" walks a chain of {points} guided teacher jumps for "
+                f"each group of {points} samples, and a batch holds {batch_size}: every step pays for the whole "
+                f"chain and trains on its top {batch_size} point(s) (a batch of at least {points} or a coarser "
+                "method.distill.num_ddim_timesteps uses all of it)"]
+
     @property
     def sampling(self) -> BaseSampling | None:
         """An LCM-LoRA samples as an LCM does: LCMScheduler, 4 steps, guidance 1."""
