@@ -153,18 +153,21 @@ def test_teacher_substeps_are_evenly_spaced_guided_ddim_steps(tiny_base: Path, c
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("start_from_noise", [True, False])
+@pytest.mark.parametrize(("start_from_noise", "prediction_type"), [(True, "epsilon"), (False, "v_prediction")])
 def test_trajectory_targets_are_the_end_of_one_guided_ddim_chain_per_group(tiny_base: Path, circles: Path,
-                                                                          start_from_noise: bool) -> None:
+                                                                          start_from_noise: bool,
+                                                                          prediction_type: str) -> None:
     """target = "trajectory" on a grid of 4 (k = 250) with 6 samples: two groups (samples
     0-3 and 4-5), each a chain from its first sample (its noise at t = 999, or its latents
     noised there, its caption and guidance) down 999, 749, 499, 249 to 0 by diffusers'
     DDIMScheduler with the guided teacher (a separate UNet without adapters); sample i
-    takes the chain's point i % 4, its target the chain's end."""
+    takes the chain's point i % 4, its target the chain's end. The UNet's output read as
+    epsilon, or as v where the base's scheduler says v_prediction (SD 2.x)."""
     config = build_config(_raw(tiny_base, circles, Path("out"), **_method(
         num_ddim_timesteps=4, target="trajectory", start_from_noise=start_from_noise)))
     family, method = get_family("sd"), make_method(config.method)
     parts = family.load(config.model)
+    parts.noise_scheduler.register_to_config(prediction_type=prediction_type)
     student = method.build(family, parts)["unet"]
     torch.manual_seed(2)
     with torch.no_grad():
@@ -182,7 +185,7 @@ def test_trajectory_targets_are_the_end_of_one_guided_ddim_chain_per_group(tiny_
     ddpm = DDPMScheduler.from_pretrained(tiny_base, subfolder="scheduler")
     lcm = LCMScheduler.from_config(ddpm.config, timestep_scaling=10.0)
     ddim = DDIMScheduler.from_config(ddpm.config, set_alpha_to_one=False, clip_sample=False, thresholding=False,
-                                     timestep_spacing="trailing")
+                                     timestep_spacing="trailing", prediction_type=prediction_type)
     ddim.set_timesteps(4)
     assert ddim.timesteps.tolist() == [999, 749, 499, 249]
     a = ddpm.alphas_cumprod
@@ -204,7 +207,8 @@ def test_trajectory_targets_are_the_end_of_one_guided_ddim_chain_per_group(tiny_
         rows = []
         for i in range(6):
             c_skip, c_out = lcm.get_scalings_for_boundary_condition_discrete(t[i])
-            x0 = (noisy[i] - (1 - a[t[i]]).sqrt() * eps[i]) / a[t[i]].sqrt()
+            alpha, sigma = a[t[i]].sqrt(), (1 - a[t[i]]).sqrt()
+            x0 = (noisy[i] - sigma * eps[i]) / alpha if prediction_type == "epsilon" else alpha * noisy[i] - sigma * eps[i]
             rows.append(c_skip * noisy[i] + c_out * x0)
         d = torch.stack(rows) - chain[[0, 0, 0, 0, 1, 1]]
     expected = (torch.sqrt(d**2 + 0.001**2) - 0.001).mean()

@@ -55,6 +55,9 @@ def ideal_student_scores(base: str, prompts: list[str], grid: int, substeps: int
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    if pipe.scheduler.config.prediction_type != "epsilon":
+        raise SystemExit(f"{base}: ceiling.py reads the UNet's output as epsilon; this base predicts "
+                         f"{pipe.scheduler.config.prediction_type!r}")
     unet, alphas = pipe.unet, pipe.scheduler.alphas_cumprod.float()
     cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, True, negative_prompt=[""] * len(prompts))
     text = torch.cat([cond, uncond])
