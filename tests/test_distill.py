@@ -208,7 +208,10 @@ def test_trajectory_targets_are_the_end_of_one_guided_ddim_chain_per_group(tiny_
         for i in range(6):
             c_skip, c_out = lcm.get_scalings_for_boundary_condition_discrete(t[i])
             alpha, sigma = a[t[i]].sqrt(), (1 - a[t[i]]).sqrt()
-            x0 = (noisy[i] - sigma * eps[i]) / alpha if prediction_type == "epsilon" else alpha * noisy[i] - sigma * eps[i]
+            if prediction_type == "epsilon":
+                x0 = (noisy[i] - sigma * eps[i]) / alpha
+            else:  # the output is v
+                x0 = alpha * noisy[i] - sigma * eps[i]
             rows.append(c_skip * noisy[i] + c_out * x0)
         d = torch.stack(rows) - chain[[0, 0, 0, 0, 1, 1]]
     expected = (torch.sqrt(d**2 + 0.001**2) - 0.001).mean()
