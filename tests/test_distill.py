@@ -330,11 +330,15 @@ def test_the_config_still_sets_validation_sampling(tiny_base: Path, circles: Pat
     assert (validation.scheduler, validation.steps, validation.guidance_scale) == (None, 20, 7.5)
 
 
-def test_a_resumed_distill_run_equals_an_unbroken_one(tiny_base: Path, circles: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", ["consistency", "trajectory"])
+def test_a_resumed_distill_run_equals_an_unbroken_one(tiny_base: Path, circles: Path, tmp_path: Path,
+                                                      target: str) -> None:
     """The draws (grid index, noise, w) come from each sample's generator and the adapters
-    are checkpointed exactly, so a run resumed at step 1 ends where an unbroken one does."""
+    are checkpointed exactly, so a run resumed at step 1 ends where an unbroken one does
+    (with trajectory targets too: a batch of 2 is one chain on a grid of 2)."""
     def config(out: str, steps: int) -> Any:
-        raw = _raw(tiny_base, circles, tmp_path / out, validate=False)
+        raw = _raw(tiny_base, circles, tmp_path / out, validate=False,
+                   **_method(target=target, num_ddim_timesteps=2 if target == "trajectory" else 50))
         raw["train"] |= {"max_steps": steps, "checkpoint_every": 1}
         return build_config(raw)
 
