@@ -210,9 +210,10 @@ class LcmDistill(FromSettings):
 
     def loss(self, family: Family, parts: Parts, trained: Trained, batch: dict[str, Any],
              clean: CleanInputs) -> torch.Tensor:
+        draws = self.draw(clean)  # the grid index too with trajectory targets: the same draws either way
         if self.settings.target == "trajectory":
-            return self.trajectory_loss(family, parts, clean, self.draw(clean))
-        return self.distill_loss(family, parts, clean, self.draw(clean))
+            return self.trajectory_loss(family, parts, clean, draws)
+        return self.distill_loss(family, parts, clean, draws)
 
     def consistency(self, output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor,
                     prediction_type: str) -> torch.Tensor:
